@@ -1,0 +1,29 @@
+# Two commands on a fresh machine: `make demo` (the embedded default run) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ddkit-installed
+# torch pinned to the build this machine carries (a CUDA build that also runs on the CPU).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: demo test bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ddkit plugins
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/aggregators.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

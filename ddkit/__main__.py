@@ -1,0 +1,5 @@
+import sys
+
+from ddkit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""The ``ddkit`` command. Each subcommand is one module in :mod:`ddkit.commands` that defines
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; modules are discovered, not listed."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+import ddkit.commands
+from ddkit.errors import DDKitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddkit", description="Data and knowledge distillation for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"ddkit {ddkit.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(ddkit.commands.__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"ddkit.commands.{info.name}")
+        cmd = sub.add_parser(info.name.replace("_", "-"), help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "_run"):
+        parser.print_help()
+        return 0
+    try:
+        return int(args._run(args) or 0)
+    except DDKitError as err:
+        print(f"ddkit {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ddkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""``ddkit config show RECIPE [key=value ...]``: print the resolved, validated recipe."""
+from __future__ import annotations
+
+import argparse
+
+from ddkit.config import load_config, to_yaml, validate_config
+from ddkit.plugin_manager import get_registry
+
+HELP = "show a recipe resolved with its defaults and overrides, after validation"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    show = actions.add_parser("show", help=HELP)
+    show.add_argument("recipe", help="a YAML recipe, e.g. configs/mnist_dd.yaml")
+    show.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. run.seed=1")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.recipe, args.overrides)
+    validate_config(cfg, get_registry(), source=args.recipe)
+    print(to_yaml(cfg), end="")
+    return 0

@@ -1,0 +1,116 @@
+"""Recipes: OmegaConf YAML with ``defaults`` includes, ``key=value`` overrides and validation.
+
+A recipe's strategy blocks (``aggregator: {name: wbf, iou_thr: 0.55}``) are validated against the registry, at any
+depth, by their key: see :data:`STRATEGY_SLOTS`. Errors name the file, the field and the fix.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ddkit.errors import ConfigError
+from ddkit.io import atomic_write_text
+from ddkit.registry import Registry
+
+# A key of this name anywhere in a recipe holds a strategy block (or a list of them for the plural keys).
+STRATEGY_SLOTS: dict[str, str] = {
+    "task": "tasks",
+    "dataset": "datasets",
+    "model": "models",
+    "transforms": "transforms",
+    "aggregator": "aggregators",
+    "selector": "selectors",
+    "losses": "losses",
+}
+# The sections a recipe may have; a stage adds its own here when it is written.
+TOP_LEVEL_KEYS: set[str] = {"defaults", "run", "task", "data", "teacher", "student", "label", "evaluate",
+                            "bench", "fuse", "kd", "baselines", "rounds"}
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load a YAML recipe, merge its ``defaults`` (paths relative to it, merged first) and the dotlist overrides."""
+    path = Path(path)
+    cfg = _load_with_defaults(path, seen=())
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. run.seed=1)")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"command-line overrides: {_first_line(err)}") from None
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: cannot resolve interpolation: {_first_line(err)}") from None
+    return cfg
+
+
+def _load_with_defaults(path: Path, seen: tuple[Path, ...]) -> DictConfig:
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'defaults' include cycle: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # yaml errors carry the line and column
+        raise ConfigError(f"{path}: not valid YAML: {_first_line(err)}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got a list")
+    includes = cfg.pop("defaults", None)
+    if includes is None:
+        return cfg
+    if not isinstance(includes, ListConfig) or not all(isinstance(i, str) for i in includes):
+        raise ConfigError(f"{path}: 'defaults' must be a list of recipe paths relative to this file")
+    base = OmegaConf.create()
+    for include in includes:
+        inc_path = (path.parent / include)
+        if inc_path.suffix == "":
+            inc_path = inc_path.with_suffix(".yaml")
+        base = OmegaConf.merge(base, _load_with_defaults(inc_path, seen + (path.resolve(),)))
+    return OmegaConf.merge(base, cfg)
+
+
+def validate_config(cfg: DictConfig, registry: Registry, source: str = "recipe") -> None:
+    """Check the top-level sections and every strategy block; raise :class:`ConfigError` on the first problem."""
+    for key in cfg.keys():
+        if key not in TOP_LEVEL_KEYS:
+            hint = difflib.get_close_matches(str(key), sorted(TOP_LEVEL_KEYS), n=1)
+            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{source}: unknown section {key!r}.{did_you_mean} "
+                              f"Valid sections: {', '.join(sorted(TOP_LEVEL_KEYS))}")
+    _validate_node(cfg, registry, source, "")
+
+
+def _validate_node(node: Any, registry: Registry, source: str, path: str) -> None:
+    if isinstance(node, DictConfig):
+        for key, value in node.items_ex(resolve=False) if hasattr(node, "items_ex") else node.items():
+            sub = f"{path}.{key}" if path else str(key)
+            kind = STRATEGY_SLOTS.get(str(key))
+            if kind is not None and value is not None:
+                blocks = value if isinstance(value, ListConfig) else [value]
+                for i, block in enumerate(blocks):
+                    where = f"{source}: {sub}[{i}]" if isinstance(value, ListConfig) else f"{source}: {sub}"
+                    registry.params(kind, block, where=where)
+            else:
+                _validate_node(value, registry, source, sub)
+    elif isinstance(node, ListConfig):
+        for i, value in enumerate(node):
+            _validate_node(value, registry, source, f"{path}[{i}]")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def save_config(cfg: DictConfig, run_dir: str | Path, name: str = "config.yaml") -> Path:
+    """Write the resolved recipe into the run folder (atomically)."""
+    return atomic_write_text(Path(run_dir) / name, to_yaml(cfg))
+
+
+def _first_line(err: Exception) -> str:
+    return " ".join(str(err).strip().splitlines()[:3])

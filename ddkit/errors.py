@@ -1,0 +1,24 @@
+"""Errors a user can act on. The CLI prints them as one line, without a traceback."""
+
+
+class DDKitError(Exception):
+    """Base class of every error caused by user input (config, data, plugin set-up)."""
+
+
+class ConfigError(DDKitError, ValueError):
+    """A recipe or a strategy block is malformed: the message names the file, the field and the fix."""
+
+
+class UnknownStrategyError(ConfigError, KeyError):
+    """A strategy name is not registered for its kind."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class PluginClashError(DDKitError):
+    """Two plugins register the same name for one kind."""
+
+
+class DataError(DDKitError, ValueError):
+    """A dataset or annotation file is malformed: the message names the file, the record and the field."""

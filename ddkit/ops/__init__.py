@@ -1,0 +1,1 @@
+"""Pure tensor functions in the style of torchvision.ops."""

@@ -1,0 +1,1 @@
+"""Builtin datasets (see the training engine)."""

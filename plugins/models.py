@@ -1,0 +1,1 @@
+"""Builtin models (see the training engine)."""

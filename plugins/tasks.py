@@ -1,0 +1,1 @@
+"""Builtin tasks (see the training engine)."""

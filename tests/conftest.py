@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def example_plugin_path(tmp_path_factory) -> Path:
+    """The test plugin package installed (with real entry-point metadata) into a folder of its own."""
+    target = tmp_path_factory.mktemp("example_plugin")
+    build = tmp_path_factory.mktemp("example_plugin_src")
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(REPO / "tests" / "plugin_pkg")],
+                   check=True, cwd=build, capture_output=True)
+    return target
+
+
+@pytest.fixture
+def with_example_plugin(example_plugin_path, monkeypatch):
+    """Put the installed example plugin on sys.path (and PYTHONPATH for subprocesses) for one test."""
+    monkeypatch.syspath_prepend(str(example_plugin_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(example_plugin_path),
+                                                                    os.environ.get("PYTHONPATH")])))
+    import importlib
+
+    importlib.invalidate_caches()
+    yield example_plugin_path
+    for name in [m for m in sys.modules if m.startswith("ddkit_example_plugin")]:
+        del sys.modules[name]

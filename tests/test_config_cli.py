@@ -1,0 +1,131 @@
+"""Recipes (defaults, overrides, validation, saving) and the CLI's user-facing behaviour."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ddkit import ConfigError, get_registry
+from ddkit.cli import main
+from ddkit.config import load_config, save_config, validate_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def recipe(tmp_path) -> Path:
+    _write(tmp_path / "base.yaml", "run: {seed: 0, name: base}\nlabel:\n  aggregator: {name: prob_mean}\n")
+    return _write(tmp_path / "child.yaml", "defaults: [base]\nrun: {name: child}\n")
+
+
+def test_defaults_are_merged_then_overrides(recipe):
+    cfg = load_config(recipe, ["run.seed=3", "label.batch_size=8"])
+    assert cfg.run.name == "child" and cfg.run.seed == 3 and cfg.label.batch_size == 8
+    assert cfg.label.aggregator.name == "prob_mean" and "defaults" not in cfg
+
+
+def test_save_config_round_trips(recipe, tmp_path):
+    cfg = load_config(recipe, ["run.seed=5"])
+    path = save_config(cfg, tmp_path / "run")
+    assert yaml.safe_load(path.read_text())["run"] == {"seed": 5, "name": "child"}
+    assert not list((tmp_path / "run").glob(".*tmp"))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("run: {seed: 0}\nlable: {}\n", ["unknown section 'lable'", "Did you mean 'label'"]),
+    ("label:\n  aggregator: {name: prob_meen}\n", ["label.aggregator", "Did you mean 'prob_mean'"]),
+    ("label:\n  selector: {name: score_threshold, thr: 0.5}\n", ["label.selector", "unknown key 'thr'",
+                                                                 "Valid keys: threshold"]),
+    ("label:\n  selector: {name: score_threshold, threshold: high}\n", ["'threshold' = 'high'", "float"]),
+    ("label:\n  selector: {name: score_threshold, threshold: 2.0}\n", ["threshold must be in [0, 1]"]),
+    ("label:\n  transforms: [{name: identity}, {name: nope}]\n", ["label.transforms[1]", "Unknown transform 'nope'"]),
+])
+def test_validation_errors_name_file_field_and_fix(tmp_path, text, words):
+    path = _write(tmp_path / "r.yaml", text)
+    with pytest.raises(ConfigError) as err:
+        validate_config(load_config(path), get_registry(), source=str(path))
+    msg = str(err.value)
+    assert msg.startswith(str(path))
+    for word in words:
+        assert word in msg, msg
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path / "bad.yaml", "run: {seed: [1, 2\n"))
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(_write(tmp_path / "ok.yaml", "run: {seed: 0}\n"), ["run.seed"])
+    a = _write(tmp_path / "a.yaml", "defaults: [b]\n")
+    _write(tmp_path / "b.yaml", "defaults: [a]\n")
+    with pytest.raises(ConfigError, match="include cycle"):
+        load_config(a)
+
+
+def test_cli_config_show_prints_resolved_yaml(recipe, capsys):
+    assert main(["config", "show", str(recipe), "run.seed=7"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["run"] == {"seed": 7, "name": "child"}
+
+
+@pytest.mark.parametrize("text, override, word", [
+    ("label:\n  selector: {name: score_threshold, thrsh: 1}\n", None, "unknown key 'thrsh'"),
+    ("label:\n  selector: {name: score_threshold}\n", "label.selector.threshold=abc", "'threshold' = 'abc'"),
+    ("label:\n  aggregator: {name: wfb}\n", None, "Unknown aggregator 'wfb'"),
+])
+def test_cli_user_errors_are_one_line_without_traceback(tmp_path, text, override, word):
+    path = _write(tmp_path / "r.yaml", text)
+    args = [sys.executable, "-m", "ddkit", "config", "show", str(path)] + ([override] if override else [])
+    proc = subprocess.run(args, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ddkit config: error:") and word in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_version_and_help():
+    out = subprocess.run([sys.executable, "-m", "ddkit", "--version"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("ddkit ")
+    out = subprocess.run([sys.executable, "-m", "ddkit", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "plugins" in out.stdout and "config" in out.stdout
+
+
+def test_cli_plugins_lists_every_kind_with_provider(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    for kind in ("transforms", "aggregators", "selectors", "losses", "tasks", "datasets", "models"):
+        assert f"\n{kind} (" in "\n" + out
+    assert "[ddkit]" in out
+
+
+def test_cli_plugins_json_includes_third_party(with_example_plugin, monkeypatch):
+    monkeypatch.setenv("DDKIT_DISABLE_PLUGINS", "example_clash")
+    proc = subprocess.run([sys.executable, "-m", "ddkit", "plugins", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    mine = [r for r in rows if r["name"] == "best_per_class"]
+    assert mine == [{"kind": "aggregators", "name": "best_per_class", "provider": "ddkit-example-plugin",
+                     "plugin": "example", "summary": mine[0]["summary"], "params": ["min_score"]}]
+
+
+def test_cli_reports_a_plugin_clash_as_a_user_error(with_example_plugin):
+    proc = subprocess.run([sys.executable, "-m", "ddkit", "plugins"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Two plugins register the transform 'identity'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_resolves_and_validates(recipe):
+    cfg = load_config(recipe)
+    validate_config(cfg, get_registry(), source=str(recipe))

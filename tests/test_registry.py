@@ -1,0 +1,147 @@
+"""The plugin system: discovery through entry points, blocking, clashes, and the registry's errors."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from ddkit import ConfigError, PluginClashError, UnknownStrategyError
+from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
+from ddkit.registry import Entry, Registry
+from ddkit.types import KINDS, AggregatorSpec, TransformSpec
+
+
+def test_builtins_come_from_entry_points_of_the_ddkit_distribution():
+    registry = registry_from_plugin_manager(make_plugin_manager())
+    for kind in KINDS:
+        entries = registry.entries(kind)
+        assert entries, f"no builtin {kind}"
+        assert all(e.provider == "ddkit" and e.plugin.startswith("builtin_") for e in entries)
+
+
+def test_no_plugins_without_entry_points():
+    registry = registry_from_plugin_manager(make_plugin_manager(load_entry_points=False))
+    assert all(not registry.names(kind) for kind in KINDS)
+
+
+def test_builtin_package_name_is_unambiguous():
+    import ddkit_plugins
+
+    assert ddkit_plugins.__name__ == "ddkit_plugins"
+    assert ddkit_plugins.__file__.replace("\\", "/").endswith("plugins/__init__.py")
+
+
+def test_disable_builtins_by_entry_point_name(monkeypatch):
+    monkeypatch.setenv("DDKIT_DISABLE_PLUGINS", "builtin_aggregators, builtin_losses")
+    registry = registry_from_plugin_manager(make_plugin_manager())
+    assert registry.names("aggregators") == [] and registry.names("losses") == []
+    assert registry.names("transforms")
+
+
+def test_third_party_plugin_is_discovered_with_its_provider(with_example_plugin, monkeypatch):
+    monkeypatch.setenv("DDKIT_DISABLE_PLUGINS", "example_clash")
+    registry = registry_from_plugin_manager(make_plugin_manager())
+    entry = registry.get("aggregators", "best_per_class")
+    assert entry.provider == "ddkit-example-plugin" and entry.plugin == "example"
+    agg = registry.build("aggregators", {"name": "best_per_class", "min_score": 0.5})
+    assert agg.min_score == 0.5
+
+
+def test_third_party_plugin_can_be_blocked(with_example_plugin, monkeypatch):
+    monkeypatch.setenv("DDKIT_DISABLE_PLUGINS", "example,example_clash")
+    registry = registry_from_plugin_manager(make_plugin_manager())
+    assert "best_per_class" not in registry.names("aggregators")
+
+
+def test_clash_names_both_providers(with_example_plugin):
+    with pytest.raises(PluginClashError) as err:
+        registry_from_plugin_manager(make_plugin_manager())
+    msg = str(err.value)
+    assert "'identity'" in msg and "ddkit-example-plugin" in msg and "(from ddkit)" in msg
+    assert "DDKIT_DISABLE_PLUGINS" in msg
+
+
+@dataclass
+class _Params:
+    iou_thr: float = 0.55
+    conf_type: Literal["avg", "max"] = "avg"
+    weights: list[float] | None = None
+    top: int = 3
+
+
+def _toy_registry() -> Registry:
+    def factory(**kw):
+        return kw
+
+    reg = Registry()
+    for name in ("wbf", "nms", "soft_nms"):
+        reg.add(Entry(AggregatorSpec(name=name, factory=factory, params=_Params, summary="s"), "pkg", "p"))
+    return reg
+
+
+def test_build_fills_defaults_and_validates():
+    reg = _toy_registry()
+    assert reg.build("aggregator", {"name": "wbf", "iou_thr": 0.7}) == {
+        "iou_thr": 0.7, "conf_type": "avg", "weights": None, "top": 3}
+    assert reg.build("aggregators", "nms")["iou_thr"] == 0.55  # a bare name is a block
+    assert reg.build("aggregators", {"name": "wbf", "iou_thr": 1})["iou_thr"] == 1  # int where float is fine
+
+
+def test_unknown_name_suggests_closest_and_lists_all():
+    with pytest.raises(UnknownStrategyError) as err:
+        _toy_registry().build("aggregators", {"name": "wfb"})
+    assert str(err.value) == "Unknown aggregator 'wfb'. Did you mean 'wbf'? Available: nms, soft_nms, wbf"
+
+
+@pytest.mark.parametrize("block, words", [
+    ({"name": "wbf", "iou": 0.5}, ["unknown key 'iou'", "Did you mean 'iou_thr'", "Valid keys: iou_thr"]),
+    ({"name": "wbf", "iou_thr": "high"}, ["'iou_thr' = 'high'", "float"]),
+    ({"name": "wbf", "conf_type": "mean"}, ["'conf_type' = 'mean'", "Literal"]),
+    ({"name": "wbf", "weights": [1, "a"]}, ["'weights'"]),
+    ({"name": "wbf", "top": 2.5}, ["'top' = 2.5", "int"]),
+    ({"name": "wbf", "top": True}, ["'top' = True", "int"]),
+    ({"iou_thr": 0.5}, ["needs a 'name' key"]),
+])
+def test_bad_blocks_name_the_key(block, words):
+    with pytest.raises(ConfigError) as err:
+        _toy_registry().build("aggregators", block, where="r.yaml: label.aggregator")
+    msg = str(err.value)
+    assert msg.startswith("r.yaml: label.aggregator")
+    for word in words:
+        assert word in msg
+
+
+def test_params_post_init_errors_become_config_errors():
+    @dataclass
+    class P:
+        k: int = 1
+
+        def __post_init__(self):
+            if self.k < 1:
+                raise ValueError("k must be >= 1")
+
+    reg = Registry([Entry(TransformSpec(name="t", factory=lambda k: k, params=P, summary="s"), "x", "x")])
+    with pytest.raises(ConfigError, match="transform 't': k must be >= 1"):
+        reg.build("transforms", {"name": "t", "k": 0})
+
+
+def test_unknown_kind():
+    with pytest.raises(ConfigError, match="Unknown strategy kind 'aggregatorz'"):
+        _toy_registry().names("aggregatorz")
+
+
+def test_spec_of_wrong_type_is_rejected():
+    import pluggy
+
+    from ddkit import hookimpl
+
+    class Bad:
+        @hookimpl
+        def ddkit_transforms(self):
+            yield AggregatorSpec(name="x", factory=int, summary="s")
+
+    pm = make_plugin_manager([Bad()], load_entry_points=False)
+    assert isinstance(pm, pluggy.PluginManager)
+    with pytest.raises(PluginClashError, match="must yield TransformSpec"):
+        registry_from_plugin_manager(pm)
