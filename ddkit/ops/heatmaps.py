@@ -89,9 +89,9 @@ def spatial_softmax(maps: Tensor) -> Tensor:
     """Softmax over the ``h * w`` cells of each ``[..., h, w]`` map: every map becomes a probability distribution."""
     if maps.ndim < 2:
         raise ValueError(f"maps must be [..., h, w], got {tuple(maps.shape)}")
-    flat = maps.reshape(*maps.shape[:-2], -1)
-    if flat.shape[-1] == 0:
-        return maps.clone()
+    if maps.numel() == 0:
+        return maps.clone() if maps.is_floating_point() else maps.float()
+    flat = maps.reshape(*maps.shape[:-2], maps.shape[-2] * maps.shape[-1])
     return torch.softmax(flat.float(), dim=-1).reshape(maps.shape).to(
         maps.dtype if maps.is_floating_point() else torch.float32)
 

@@ -1,0 +1,87 @@
+"""``ddkit fuse PRED.json [PRED.json ...] --images COCO.json --method wbf -o OUT.json``: fuse detectors' results."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ddkit.errors import ConfigError, DataError
+
+HELP = "fuse COCO results files of several detectors with any box aggregator (wbf, nms, soft_nms, ...)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("predictions", nargs="+", metavar="PRED.json",
+                        help="COCO results files ([{image_id, category_id, bbox, score}, ...]), one per model")
+    parser.add_argument("--images", required=True, metavar="COCO.json",
+                        help="COCO file whose 'images' give each image's height and width")
+    parser.add_argument("--method", default="wbf", help="a registered box aggregator (default: wbf)")
+    parser.add_argument("--iou-thr", type=float, default=None, help="the aggregator's iou_thr")
+    parser.add_argument("--weights", type=float, nargs="+", default=None,
+                        help="one weight per input file (the aggregator's 'weights' parameter)")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="any other aggregator parameter, e.g. --param conf_type=max (repeatable)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT.json", help="the fused COCO results file")
+    parser.add_argument("--gt", nargs="?", const="", default=None, metavar="GT.json",
+                        help="evaluate every input and the fused result with pycocotools against this ground "
+                             "truth (default when given without a path: the --images file); the metrics go to "
+                             "OUT.eval.json")
+    parser.add_argument("--box-tolerance", type=float, default=None,
+                        help="pixels a box may stick out of its image before it is reported; boxes within it are "
+                             "clamped to the image (default 0: every box outside is an error)")
+
+
+def _method_cfg(args: argparse.Namespace) -> dict:
+    from omegaconf import OmegaConf
+
+    cfg: dict = {"name": args.method}
+    bad = [p for p in args.param if "=" not in p]
+    if bad:
+        raise ConfigError(f"--param {bad[0]!r} is not of the form key=value (e.g. conf_type=max)")
+    if args.param:
+        try:
+            cfg.update(OmegaConf.to_container(OmegaConf.from_dotlist(list(args.param))))
+        except Exception as err:  # omegaconf grammar errors
+            raise ConfigError(f"--param: {err}") from None
+    if args.iou_thr is not None:
+        cfg["iou_thr"] = args.iou_thr
+    if args.weights is not None:
+        if len(args.weights) != len(args.predictions):
+            raise ConfigError(f"--weights has {len(args.weights)} values for {len(args.predictions)} input files")
+        cfg["weights"] = list(args.weights)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.coco_eval import coco_evaluate, format_metrics_table
+    from ddkit.engine.fuse import DEFAULT_BOX_TOLERANCE, fuse_results, load_coco_file, load_results_file
+    from ddkit.io import atomic_write_json
+
+    method = _method_cfg(args)
+    coco = load_coco_file(args.images)
+    preds = [load_results_file(p) for p in args.predictions]
+    tol = DEFAULT_BOX_TOLERANCE if args.box_tolerance is None else args.box_tolerance
+    fused = fuse_results(preds, coco, method, sources=list(args.predictions), box_tolerance=tol)
+    out = Path(args.output)
+    atomic_write_json(out, fused, indent=None)
+    n_in = sum(len(p) for p in preds)
+    print(f"fused {n_in} detections from {len(preds)} files into {len(fused)} with {json.dumps(method)} -> {out}")
+    if args.gt is not None:
+        gt = coco if args.gt == "" else load_coco_file(args.gt)
+        if "annotations" not in gt:
+            raise ConfigError(f"{args.gt or args.images}: has no 'annotations'; pass the ground truth with --gt GT.json")
+        ids = [img["id"] for img in coco["images"]]
+        gt_ids = {img.get("id") for img in gt.get("images", [])}
+        missing = [i for i in ids if i not in gt_ids]
+        if missing:
+            raise DataError(f"{args.gt}: the ground truth lacks {len(missing)} image(s) of {args.images}, e.g. "
+                            f"id {missing[0]}")
+        rows = {}
+        for path, p in zip(args.predictions, preds):
+            rows[str(path)] = coco_evaluate(gt, p, image_ids=ids)
+        rows[f"fused ({args.method})"] = coco_evaluate(gt, fused, image_ids=ids)
+        print(format_metrics_table(rows))
+        eval_path = out.with_name(out.stem + ".eval.json")
+        atomic_write_json(eval_path, {"method": method, "image_ids": ids, "metrics": rows})
+        print(f"metrics -> {eval_path}")
+    return 0

@@ -1,0 +1,53 @@
+"""``ddkit label RECIPE [key=value ...]``: pseudo-label unlabeled images with a teacher (multi-transform inference,
+aggregation, count-matched selection), written as COCO JSON (or image labels) into ``<run.out_dir>/label``.
+
+Re-running the same command resumes: finished shards are skipped. ``--shard I/N`` labels only part ``I`` of ``N``
+(run the command once more without ``--shard`` to merge); under ``torchrun --nproc-per-node N`` every rank labels
+its part and rank 0 merges.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ddkit.config import load_config
+from ddkit.engine.label import quality_table, run_label
+from ddkit.engine.shards import parse_shard_arg
+
+HELP = "pseudo-label unlabeled images with a teacher: multi-transform inference, aggregation, selection"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a YAML recipe with run, data, teacher {checkpoint} and label sections")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. label.shards=8")
+    parser.add_argument("--shard", metavar="I/N", help="label only part I of N (0-based) and do not merge")
+    parser.add_argument("--max-shards", type=int, metavar="K", help="stop after labelling K shards (resume later)")
+    parser.add_argument("--keep-raw", action="store_true", default=None,
+                        help="also keep every view's predictions (raw_predictions.pt, for ddkit bench)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.recipe, args.overrides)
+    worker = parse_shard_arg(args.shard) if args.shard else None
+    result = run_label(cfg, keep_raw=args.keep_raw, worker=worker, max_shards=args.max_shards,
+                       progress=not args.no_progress, source=args.recipe)
+    if not result.complete:
+        print(f"labelled {len(result.shards_done)} shard(s) into {result.out_dir / 'shards'}; "
+              f"run without --shard/--max-shards to finish and merge")
+        return 0
+    s = result.summary or {}
+    images = s.get("images", {})
+    print(f"pseudo-labels: {result.pseudo_path}")
+    print(f"images: {images.get('labelled')} labelled, {images.get('skipped')} skipped"
+          + (f" (see {result.skipped_path})" if images.get("skipped") else ""))
+    per_image = s.get("instances_per_image", {})
+    print(f"instances per image: labeled {per_image.get('labeled', 0):.3f}, pseudo {per_image.get('pseudo', 0):.3f} "
+          f"(aggregated {per_image.get('aggregated', 0):.3f})")
+    print("thresholds: " + json.dumps(s.get("thresholds", {})))
+    if result.quality:
+        print("pseudo-label quality (single untransformed view vs multi-transform ensemble):")
+        print(quality_table(result.quality))
+    return 0

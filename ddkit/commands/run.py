@@ -1,0 +1,29 @@
+"""``ddkit run RECIPE [overrides]``: teacher -> label -> student -> evaluate, resumable, with a report."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ddkit.config import load_config
+
+HELP = "run a distillation recipe end to end (teacher, labelling, student, baselines, report)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a YAML recipe, e.g. configs/mnist_dd.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.seed=1")
+    parser.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="redo this stage (and every later one) even if it is complete; repeatable")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.run import results_markdown, run_recipe
+
+    cfg = load_config(args.recipe, args.overrides)
+    summary = run_recipe(cfg, source=args.recipe, force=args.force,
+                         progress=False if args.no_progress else sys.stderr.isatty() or None)
+    print()
+    print(results_markdown(summary))
+    print(f"\nrun folder: {summary['run_dir']}  (report: {summary['run_dir']}/report.html)")
+    return 0

@@ -1,0 +1,62 @@
+"""``ddkit train RECIPE [key=value ...]``: train the recipe's teacher (or ``--stage student``) for any task.
+
+The run folder is ``<run.out_dir>/<stage>``: ``config.yaml`` (the resolved recipe), ``metrics.jsonl``,
+``train.log``, ``checkpoints/last.pt`` (every ``train.checkpoint_every`` iterations and at the end) and
+``model.pt`` (student-only weights). ``--resume`` continues a stopped or killed run from its last checkpoint and
+ends with the same weights and metrics as an uninterrupted run. Under ``torchrun --nproc-per-node N -m ddkit train``
+every process trains on its share of each batch (gloo on CPU, NCCL on GPU).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+from ddkit.config import load_config
+
+HELP = "train a teacher or a student (KD losses, pseudo-labels) from a recipe; resumable, DDP with torchrun"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="a YAML recipe, e.g. configs/train_mnist_teacher.yaml")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. teacher.train.iterations=100")
+    parser.add_argument("--stage", choices=("teacher", "student"),
+                        help="which section to train (default: teacher if the recipe has one, else student)")
+    parser.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: run.device, else auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _init_distributed() -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend)
+    return True
+
+
+def run(args: argparse.Namespace) -> int:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    cfg = load_config(args.recipe, args.overrides)
+    started = _init_distributed()
+    try:
+        from ddkit.engine.train import run_train
+
+        result = run_train(cfg, stage=args.stage, resume=args.resume, source=args.recipe, device=args.device,
+                           progress=False if args.no_progress else None)
+    finally:
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps({k: result[k] for k in ("run_dir", "model_path", "checkpoint", "iterations",
+                                                 "total_iterations", "finished", "metrics")}))
+    return 0

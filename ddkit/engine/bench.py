@@ -1,0 +1,949 @@
+"""``ddkit bench``: benchmark aggregation x selection choices on a split whose ground truth is known.
+
+The raw multi-transform predictions are computed once (by labelling with raw predictions kept, or given as a file,
+or generated synthetically), then a grid is evaluated: every registered aggregator of the matching input type (with
+the parameter variants the recipe lists; unlisted ones run with their defaults or their spec's examples) x every
+registered selector (likewise). Third-party aggregators and selectors join the grid as soon as they are installed.
+
+Per cell, for boxes (``instances``):
+
+* ``AP``, ``AP50``, ``AR`` (AR@100): COCO metrics (pycocotools) of the *aggregated* predictions (before selection);
+* ``precision``, ``recall``: of the *selected* pseudo-labels against the ground truth; a pseudo-label is a true
+  positive when it matches a not yet matched ground-truth box of the same class with IoU >= 0.5, greedily in
+  descending score order (the matched box is the one of highest IoU); crowd boxes are left out of the ground truth;
+* ``inst_per_image``: selected pseudo-labels per image (``gt_per_image`` is the ground truth's);
+* ``agg_ms_per_image``: wall-clock aggregation time per image (the aggregator's ``batch`` over all images when it
+  has one), in milliseconds.
+
+For class probabilities (``probs``): ``accuracy`` of the hard labels of every image, ``selected_accuracy`` of the
+kept ones, ``coverage`` (fraction of images kept) and ``agg_ms_per_image``.
+
+Raw predictions file (``.pt``, loadable with ``torch.load(weights_only=True)``), see :func:`save_raw`::
+
+    {"format": "ddkit.raw_predictions", "version": 1,
+     "prediction_type": "instances" | "probs",
+     "categories": [{"id": 1, "name": "person"}, ...],
+     "views": ["identity", "hflip", ...],             # optional names of the views
+     "images": [{"image_id": int, "image_size": [H, W],
+                 "views": [{"boxes": f32 [N, 4] xyxy pixels of the original frame, "scores": f32 [N],
+                            "labels": i64 [N] category ids}, ...]           # instances
+                 # or "probs": f32 [V, C] (one row per view, columns ordered like categories)  # probs
+                 "target": {"boxes", "labels"} | {"label"}                  # optional ground truth
+                 }, ...]}
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ddkit.errors import ConfigError, DataError
+from ddkit.types import Instances
+
+log = logging.getLogger("ddkit.bench")
+
+RAW_FORMAT = "ddkit.raw_predictions"
+RAW_VERSION = 1
+INSTANCE_METRICS = ("AP", "AP50", "AR", "precision", "recall", "inst_per_image", "agg_inst_per_image",
+                    "gt_per_image", "agg_ms_per_image")
+PROBS_METRICS = ("accuracy", "selected_accuracy", "coverage", "selected", "agg_ms_per_image")
+LOWER_IS_BETTER = ("agg_ms_per_image",)
+
+
+# ------------------------------------------------------------------------------------------------ raw predictions
+@dataclass
+class RawImage:
+    """The raw per-view predictions of one image, mapped back to its original frame.
+
+    Attributes:
+        image_id: the dataset's image id.
+        image_size: ``(H, W)`` of the original image.
+        views: per view :class:`Instances` (``instances`` type), else ``None``.
+        probs: ``[V, C]`` class probabilities (``probs`` type), else ``None``.
+        target: optional ground truth: ``{"boxes" [M, 4], "labels" [M]}`` or ``{"label": int}``.
+    """
+
+    image_id: int
+    image_size: tuple[int, int]
+    views: list[Instances] | None = None
+    probs: Tensor | None = None
+    target: dict[str, Any] | None = None
+
+
+@dataclass
+class RawPredictions:
+    prediction_type: str  # "instances" or "probs"
+    images: list[RawImage]
+    categories: list[dict[str, Any]] = field(default_factory=list)
+    view_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_views(self) -> int:
+        if self.view_names:
+            return len(self.view_names)
+        first = self.images[0] if self.images else None
+        if first is None:
+            return 0
+        return len(first.views) if first.views is not None else int(first.probs.shape[0])
+
+
+def save_raw(raw: RawPredictions, path: str | Path) -> Path:
+    """Write raw predictions in the documented format (atomically)."""
+    from ddkit.io import atomic_torch_save
+
+    images = []
+    for img in raw.images:
+        rec: dict[str, Any] = {"image_id": int(img.image_id), "image_size": [int(s) for s in img.image_size]}
+        if raw.prediction_type == "instances":
+            rec["views"] = [{"boxes": v.boxes.float().cpu(), "scores": v.scores.float().cpu(),
+                             "labels": v.labels.long().cpu()} for v in img.views]
+        else:
+            rec["probs"] = img.probs.float().cpu()
+        if img.target is not None:
+            rec["target"] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in img.target.items()}
+        images.append(rec)
+    return atomic_torch_save({"format": RAW_FORMAT, "version": RAW_VERSION, "prediction_type": raw.prediction_type,
+                              "categories": list(raw.categories), "views": list(raw.view_names),
+                              "images": images}, path)
+
+
+def _as_tensor(v: Any, dtype: torch.dtype, shape_tail: tuple[int, ...] = ()) -> Tensor:
+    t = torch.as_tensor(v, dtype=dtype)
+    if shape_tail and t.numel() == 0:
+        t = t.reshape(0, *shape_tail)
+    return t
+
+
+def raw_from_dict(data: Mapping[str, Any], source: str = "raw predictions") -> RawPredictions:
+    """Parse the documented raw format (see the module docstring)."""
+    if not isinstance(data, Mapping) or "images" not in data:
+        raise DataError(f"{source}: not a ddkit raw-predictions file (a mapping with 'images')")
+    fmt = data.get("format", RAW_FORMAT)
+    if fmt != RAW_FORMAT:
+        raise DataError(f"{source}: format {fmt!r} is not {RAW_FORMAT!r}")
+    images = []
+    ptype = data.get("prediction_type")
+    for i, rec in enumerate(data["images"]):
+        try:
+            size = tuple(int(s) for s in rec["image_size"])
+            img = RawImage(image_id=int(rec["image_id"]), image_size=size, target=rec.get("target"))
+            if "probs" in rec:
+                img.probs = _as_tensor(rec["probs"], torch.float32)
+                if img.probs.ndim != 2:
+                    raise ValueError(f"probs must be [V, C], got {tuple(img.probs.shape)}")
+                ptype = ptype or "probs"
+            else:
+                img.views = [Instances(_as_tensor(v["boxes"], torch.float32, (4,)),
+                                       _as_tensor(v["scores"], torch.float32).reshape(-1),
+                                       _as_tensor(v["labels"], torch.int64).reshape(-1), image_size=size)
+                             for v in rec["views"]]
+                ptype = ptype or "instances"
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"{source}: images[{i}] is malformed ({type(err).__name__}: {err})") from None
+        images.append(img)
+    if ptype not in ("instances", "probs"):
+        raise DataError(f"{source}: prediction_type must be 'instances' or 'probs', got {ptype!r}")
+    return RawPredictions(ptype, images, list(data.get("categories") or []), list(data.get("views") or []))
+
+
+RAW_FILE = "raw_predictions.pt"
+
+
+def raw_file(path: str | Path) -> Path:
+    """The raw-predictions file a path names: the file itself, or ``raw_predictions.pt`` in the folder or its
+    ``label/`` (a labelling run folder)."""
+    path = Path(path)
+    if path.is_dir():
+        for cand in (path / RAW_FILE, path / "label" / RAW_FILE):
+            if cand.is_file():
+                return cand
+        raise DataError(f"{path}: no {RAW_FILE} in it or in its label/ folder; label with label.keep_raw: true")
+    return path
+
+
+def load_raw(path: str | Path) -> RawPredictions:
+    """Read raw predictions (``weights_only=True``): a ``.pt`` file in the documented format, or a folder holding
+    ``raw_predictions.pt`` directly or in its ``label/`` (a labelling run folder: ``ddkit label`` with
+    ``label.keep_raw: true`` writes ``<run.out_dir>/label/raw_predictions.pt``)."""
+    path = raw_file(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such raw-predictions file")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle / zip errors
+        raise DataError(f"{path}: cannot be read as a raw-predictions file: {err}") from None
+    return raw_from_dict(data, str(path))
+
+
+# ------------------------------------------------------------------------------------------------ synthetic data
+def make_synthetic_detection(num_images: int = 40, num_views: int = 6, num_categories: int = 3, seed: int = 0,
+                             max_objects: int = 6, box_jitter: float = 0.06, miss_rate: float = 0.15,
+                             false_positives: float = 1.5, duplicate_rate: float = 0.2,
+                             confusion_rate: float = 0.05) -> tuple[dict[str, Any], RawPredictions]:
+    """Ground truth plus jittered per-view detections, as multi-transform inference of a noisy detector would give.
+
+    Every object has an "easiness" ``e ~ U(0.3, 0.95)``; each view finds it with probability ``(1 - miss_rate)``
+    scaled by ``0.5 + 0.5 e``, with score ``e`` plus noise, its box jittered by ``box_jitter`` x its size (plus a
+    small per-view offset), sometimes a duplicate, sometimes the wrong class; each view adds Poisson
+    ``false_positives`` random low-scoring boxes. Boxes are clipped to the image (they are synthetic).
+
+    Returns:
+        ``(gt, raw)``: a COCO ground-truth dict (category ids ``1..num_categories``) and the raw predictions, whose
+        images also carry their ``target``.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+
+    def u(lo: float = 0.0, hi: float = 1.0, n: int | tuple = ()) -> Tensor:
+        shape = (n,) if isinstance(n, int) else n
+        return lo + (hi - lo) * torch.rand(shape, generator=g, dtype=torch.float64)
+
+    def randint(lo: int, hi: int) -> int:  # inclusive
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    categories = [{"id": c, "name": f"class{c}"} for c in range(1, num_categories + 1)]
+    gt: dict[str, Any] = {"images": [], "annotations": [], "categories": categories}
+    images: list[RawImage] = []
+    ann_id = 1
+    for i in range(num_images):
+        iid = i + 1
+        H, W = randint(240, 480), randint(320, 640)
+        n = randint(1, max_objects)
+        wh = torch.stack([u(0.08, 0.45, n) * W, u(0.08, 0.45, n) * H], 1)
+        xy = torch.stack([u(0, 1, n) * (W - wh[:, 0]), u(0, 1, n) * (H - wh[:, 1])], 1)
+        gt_boxes = torch.cat([xy, xy + wh], 1)
+        gt_labels = torch.randint(1, num_categories + 1, (n,), generator=g)
+        easiness = u(0.3, 0.95, n)
+        gt["images"].append({"id": iid, "height": H, "width": W, "file_name": f"synthetic_{iid:06d}.png"})
+        for b, c in zip(gt_boxes.tolist(), gt_labels.tolist()):
+            gt["annotations"].append({"id": ann_id, "image_id": iid, "category_id": int(c), "iscrowd": 0,
+                                      "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                                      "area": (b[2] - b[0]) * (b[3] - b[1])})
+            ann_id += 1
+        views = []
+        for _ in range(num_views):
+            offset = torch.randn(2, generator=g, dtype=torch.float64) * 0.01
+            boxes, scores, labels = [], [], []
+            for k in range(n):
+                if float(u()) > (1 - miss_rate) * (0.5 + 0.5 * float(easiness[k])):
+                    continue
+                copies = 2 if float(u()) < duplicate_rate else 1
+                for copy in range(copies):
+                    size = (gt_boxes[k, 2:] - gt_boxes[k, :2]).repeat(2)
+                    noise = torch.randn(4, generator=g, dtype=torch.float64) * box_jitter * (1 + copy)
+                    boxes.append(gt_boxes[k] + (noise + offset.repeat(2)) * size)
+                    s = float(easiness[k]) + 0.08 * float(torch.randn(1, generator=g)) - 0.2 * copy
+                    label = int(gt_labels[k])
+                    if float(u()) < confusion_rate and num_categories > 1:
+                        label = (label % num_categories) + 1
+                        s -= 0.2
+                    scores.append(min(0.99, max(0.01, s)))
+                    labels.append(label)
+            n_fp = int(torch.poisson(torch.tensor([float(false_positives)]), generator=g))
+            for _ in range(n_fp):
+                w, h = float(u(0.05, 0.3)) * W, float(u(0.05, 0.3)) * H
+                x, y = float(u()) * (W - w), float(u()) * (H - h)
+                boxes.append(torch.tensor([x, y, x + w, y + h], dtype=torch.float64))
+                scores.append(float(u(0.02, 0.5)))
+                labels.append(randint(1, num_categories))
+            if boxes:
+                bx = torch.stack(boxes)
+                bx[:, 0::2] = bx[:, 0::2].clamp(0, W)
+                bx[:, 1::2] = bx[:, 1::2].clamp(0, H)
+                bx[:, 2] = torch.maximum(bx[:, 2], bx[:, 0] + 1).clamp(max=W)
+                bx[:, 3] = torch.maximum(bx[:, 3], bx[:, 1] + 1).clamp(max=H)
+                bx[:, 0] = torch.minimum(bx[:, 0], bx[:, 2] - 1)
+                bx[:, 1] = torch.minimum(bx[:, 1], bx[:, 3] - 1)
+                inst = Instances(bx.float(), torch.tensor(scores, dtype=torch.float32),
+                                 torch.tensor(labels, dtype=torch.int64), image_size=(H, W))
+            else:
+                inst = Instances.empty(image_size=(H, W))
+            views.append(inst)
+        images.append(RawImage(iid, (H, W), views=views,
+                               target={"boxes": gt_boxes.float(), "labels": gt_labels.long()}))
+    raw = RawPredictions("instances", images, categories, [f"view{v}" for v in range(num_views)])
+    return gt, raw
+
+
+def make_synthetic_classification(num_images: int = 200, num_views: int = 6, num_categories: int = 5,
+                                  seed: int = 0, noise: float = 1.5) -> RawPredictions:
+    """Per-view class probabilities of a noisy classifier: ``softmax(s * onehot(y) + noise * N(0, 1))`` with an
+    image-level strength ``s ~ U(0, 3)`` (some images are hard). Each image's ``target`` is ``{"label": y}``."""
+    g = torch.Generator().manual_seed(int(seed))
+    categories = [{"id": c, "name": f"class{c}"} for c in range(num_categories)]
+    images = []
+    for i in range(num_images):
+        y = int(torch.randint(0, num_categories, (1,), generator=g))
+        strength = 3.0 * float(torch.rand(1, generator=g))
+        logits = noise * torch.randn(num_views, num_categories, generator=g)
+        logits[:, y] += strength
+        images.append(RawImage(i + 1, (32, 32), probs=logits.softmax(-1), target={"label": y}))
+    return RawPredictions("probs", images, categories, [f"view{v}" for v in range(num_views)])
+
+
+# ------------------------------------------------------------------------------------------------ ground truth
+@dataclass
+class GroundTruth:
+    """The benched split's ground truth: per image boxes/labels (crowd boxes removed) and the COCO dict; or, for
+    classification, one label per image."""
+
+    boxes: dict[int, Tensor] = field(default_factory=dict)
+    labels: dict[int, Tensor] = field(default_factory=dict)
+    coco: dict[str, Any] | None = None
+    class_labels: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def from_coco(cls, coco: Mapping[str, Any]) -> "GroundTruth":
+        gt = cls(coco=dict(coco))
+        for img in coco.get("images", []):
+            gt.boxes[int(img["id"])] = []
+            gt.labels[int(img["id"])] = []
+        for ann in coco.get("annotations", []):
+            if ann.get("iscrowd", 0):
+                continue
+            x, y, w, h = (float(v) for v in ann["bbox"])
+            gt.boxes.setdefault(int(ann["image_id"]), []).append([x, y, x + w, y + h])
+            gt.labels.setdefault(int(ann["image_id"]), []).append(int(ann["category_id"]))
+        gt.boxes = {k: torch.tensor(v, dtype=torch.float32).reshape(-1, 4) for k, v in gt.boxes.items()}
+        gt.labels = {k: torch.tensor(v, dtype=torch.int64).reshape(-1) for k, v in gt.labels.items()}
+        return gt
+
+    @classmethod
+    def from_raw_targets(cls, raw: RawPredictions) -> "GroundTruth":
+        missing = [img.image_id for img in raw.images if img.target is None]
+        if missing:
+            raise DataError(f"raw predictions carry no ground truth ('target') for image {missing[0]} (and "
+                            f"{len(missing) - 1} more); give bench.gt: a COCO json")
+        if raw.prediction_type == "probs":
+            return cls(class_labels={img.image_id: int(torch.as_tensor(img.target["label"]))
+                                     for img in raw.images})
+        coco: dict[str, Any] = {"images": [], "annotations": [], "categories": list(raw.categories)}
+        ann_id = 1
+        for img in raw.images:
+            H, W = img.image_size
+            coco["images"].append({"id": img.image_id, "height": H, "width": W})
+            boxes = torch.as_tensor(img.target["boxes"], dtype=torch.float64).reshape(-1, 4)
+            labels = torch.as_tensor(img.target["labels"]).reshape(-1).tolist()
+            crowd = torch.as_tensor(img.target.get("iscrowd", [0] * len(labels))).reshape(-1).tolist()
+            for b, c, cr in zip(boxes.tolist(), labels, crowd):
+                coco["annotations"].append({"id": ann_id, "image_id": img.image_id, "category_id": int(c),
+                                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": int(cr),
+                                            "area": (b[2] - b[0]) * (b[3] - b[1])})
+                ann_id += 1
+        if not coco["categories"]:
+            ids = sorted({a["category_id"] for a in coco["annotations"]})
+            coco["categories"] = [{"id": c, "name": str(c)} for c in ids]
+        return cls.from_coco(coco)
+
+    def num_instances(self) -> int:
+        return int(sum(len(v) for v in self.labels.values()))
+
+
+def labeled_stats_from_gt(gt: GroundTruth, image_ids: Sequence[int], category_ids: Sequence[int]):
+    """:class:`~ddkit.engine.select.LabeledStats` of the benched split itself (the counts a selector matches)."""
+    from ddkit.engine.select import LabeledStats
+
+    counts = {int(c): 0 for c in category_ids}
+    if gt.class_labels:
+        for iid in image_ids:
+            c = gt.class_labels[int(iid)]
+            counts[c] = counts.get(c, 0) + 1
+    else:
+        for iid in image_ids:
+            for c in gt.labels.get(int(iid), torch.zeros(0, dtype=torch.int64)).tolist():
+                counts[int(c)] = counts.get(int(c), 0) + 1
+    return LabeledStats(num_images=len(image_ids), instances=counts)
+
+
+# ------------------------------------------------------------------------------------------------ matching
+def greedy_match(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
+                 iou_thr: float = 0.5) -> Tensor:
+    """True-positive mask ``[N]``: in descending score order (stable), each prediction takes the unmatched
+    ground-truth box of its class with the highest IoU, if that IoU is >= ``iou_thr``."""
+    from torchvision.ops import box_iou
+
+    tp = torch.zeros(len(scores), dtype=torch.bool)
+    if len(scores) == 0 or len(gt_labels) == 0:
+        return tp
+    iou = box_iou(boxes.double(), gt_boxes.double())
+    iou[labels[:, None] != gt_labels[None, :]] = -1.0
+    taken = torch.zeros(len(gt_labels), dtype=torch.bool)
+    for i in torch.argsort(scores, descending=True, stable=True).tolist():
+        row = iou[i].masked_fill(taken, -1.0)
+        j = int(torch.argmax(row))
+        if float(row[j]) >= iou_thr:
+            taken[j] = True
+            tp[i] = True
+    return tp
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+@dataclass
+class Variant:
+    """One strategy configuration of the grid: ``label`` (shown in tables), ``name`` and the config ``block``."""
+
+    label: str
+    name: str
+    block: dict[str, Any]
+
+
+def _plain(x: Any) -> Any:
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(x, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(x, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return x
+
+
+def _variant_label(name: str, params: Mapping[str, Any]) -> str:
+    if not params:
+        return name
+    return name + "(" + ",".join(f"{k}={_fmt_value(v)}" for k, v in params.items()) + ")"
+
+
+def _fmt_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _all_defaults(params: type | None) -> bool:
+    import dataclasses
+
+    return params is None or all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+                                 for f in dataclasses.fields(params) if f.init)
+
+
+def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *, input_type: str | None = None,
+                  exclude: Iterable[str] = (), include_unlisted: bool = True,
+                  where: str = "bench") -> tuple[list[Variant], list[str]]:
+    """The grid axis of one kind: every registered strategy (of ``input_type`` for aggregators) with the variants
+    ``listed`` gives it (``{name: [params, ...]}``; ``None`` or ``[]``: defaults), the unlisted ones with their
+    defaults (or, when some parameter has no default, their spec's examples). Returns ``(variants, notes)`` where notes say what was skipped and why."""
+    from ddkit.testing import example_blocks
+
+    listed = dict(_plain(listed) or {})
+    exclude = set(_plain(list(exclude)) or [])
+    notes: list[str] = []
+    entries = {e.spec.name: e for e in registry.entries(kind)}
+    for name in listed:
+        if name not in entries:
+            registry.get(kind, name)  # raises with the available names and a suggestion
+    variants: list[Variant] = []
+    for name, entry in entries.items():
+        if name in exclude:
+            continue
+        if input_type is not None and getattr(entry.spec, "input", input_type) != input_type:
+            if name in listed:
+                raise ConfigError(f"{where}: {kind[:-1]} {name!r} takes {entry.spec.input}, but these raw "
+                                  f"predictions are {input_type}")
+            continue
+        if name in listed:
+            blocks = listed[name] or [{}]
+            if isinstance(blocks, Mapping):
+                blocks = [blocks]
+            if not isinstance(blocks, list) or not all(isinstance(b, Mapping) for b in blocks):
+                raise ConfigError(f"{where}.{kind}.{name}: expected a list of parameter blocks, e.g. "
+                                  f"[{{iou_thr: 0.55}}], got {blocks!r}")
+        elif include_unlisted:
+            # defaults when every parameter has one, else the spec's examples
+            blocks = [{}] if _all_defaults(entry.spec.params) else example_blocks(entry)
+            if not blocks:
+                notes.append(f"{kind[:-1]} {name!r} skipped: it needs parameters; list it under bench.{kind}")
+                continue
+        else:
+            continue
+        for params in blocks:
+            params = {k: v for k, v in dict(params).items() if k != "name"}
+            block = {"name": name, **params}
+            registry.params(kind, block, where=f"{where}.{kind}.{name}")  # validate now, with a good message
+            variants.append(Variant(_variant_label(name, params), name, block))
+    return variants, notes
+
+
+@dataclass
+class BenchResult:
+    """Rows of the grid (one dict per aggregator x selector cell) and what the bench ran on."""
+
+    prediction_type: str
+    rows: list[dict[str, Any]]
+    sort_by: str
+    num_images: int
+    num_views: int
+    notes: list[str] = field(default_factory=list)
+
+    def sorted_rows(self) -> list[dict[str, Any]]:
+        return sort_rows(self.rows, self.sort_by)
+
+
+def sort_rows(rows: Sequence[Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
+    if rows and key not in rows[0]:
+        raise ConfigError(f"bench.sort_by: {key!r} is not a metric of this bench; choose one of "
+                          f"{', '.join(k for k, v in rows[0].items() if isinstance(v, (int, float)))}")
+    sign = 1.0 if key in LOWER_IS_BETTER else -1.0
+
+    def k(row: Mapping[str, Any]) -> tuple:
+        v = row.get(key)
+        bad = v is None or (isinstance(v, float) and math.isnan(v))
+        return (bad, sign * float(v) if not bad else 0.0)
+
+    return [dict(r) for r in sorted(rows, key=k)]
+
+
+def _time_aggregation(fn, repeats: int) -> tuple[Any, float]:
+    best = math.inf
+    out = None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
+def run_bench(raw: RawPredictions, gt: GroundTruth | None = None, *, aggregators: Mapping[str, Any] | None = None,
+              selectors: Mapping[str, Any] | None = None, exclude_aggregators: Iterable[str] = (),
+              exclude_selectors: Iterable[str] = (), include_unlisted: bool = True, labeled: Any = None,
+              sort_by: str | None = None, iou_thr: float = 0.5, timing_repeats: int = 1, registry: Any = None,
+              progress: bool = False) -> BenchResult:
+    """Evaluate the aggregator x selector grid on raw predictions with known ground truth.
+
+    Args:
+        raw: the raw per-view predictions.
+        gt: the ground truth (default: the raw file's per-image ``target``).
+        aggregators, selectors: ``{name: [params, ...]}`` variants (see :func:`grid_variants`).
+        labeled: :class:`~ddkit.engine.select.LabeledStats` that count-matching selectors match (default: the
+            benched split's own ground truth, i.e. the counts a labeled set drawn from the same distribution has).
+        sort_by: the metric the table is sorted by (default ``AP``, or ``accuracy`` for probs).
+        iou_thr: IoU of a true-positive pseudo-label.
+        timing_repeats: aggregation is timed this many times; the fastest counts.
+    """
+    from ddkit.plugin_manager import get_registry
+
+    registry = registry or get_registry()
+    if not raw.images:
+        raise DataError("raw predictions hold no image")
+    gt = gt if gt is not None else GroundTruth.from_raw_targets(raw)
+    ptype = raw.prediction_type
+    aggs, notes = grid_variants(registry, "aggregators", aggregators, input_type=ptype, exclude=exclude_aggregators,
+                                include_unlisted=include_unlisted)
+    sels, sel_notes = grid_variants(registry, "selectors", selectors, exclude=exclude_selectors,
+                                    include_unlisted=include_unlisted)
+    notes += sel_notes
+    if not aggs:
+        raise ConfigError(f"bench: no aggregator of input type {ptype!r} is registered (or all are excluded)")
+    if not sels:
+        raise ConfigError("bench: no selector is registered (or all are excluded)")
+    image_ids = [img.image_id for img in raw.images]
+    if ptype == "instances":
+        missing = [i for i in image_ids if i not in gt.boxes]
+        if missing:
+            raise DataError(f"bench: the ground truth has no image {missing[0]} ({len(missing)} raw images lack "
+                            f"ground truth)")
+        cat_ids = [int(c["id"]) for c in (gt.coco or {}).get("categories", [])] or \
+            sorted({int(c) for v in gt.labels.values() for c in v.tolist()})
+    else:
+        missing = [i for i in image_ids if i not in gt.class_labels]
+        if missing:
+            raise DataError(f"bench: no ground-truth label for image {missing[0]} ({len(missing)} in all)")
+        cat_ids = [int(c["id"]) for c in raw.categories] or list(range(int(raw.images[0].probs.shape[1])))
+    if labeled is None:
+        labeled = labeled_stats_from_gt(gt, image_ids, cat_ids)
+    sort_by = sort_by or ("AP" if ptype == "instances" else "accuracy")
+    fn = _bench_instances if ptype == "instances" else _bench_probs
+    rows = fn(raw, gt, aggs, sels, labeled, registry, iou_thr, timing_repeats, progress)
+    result = BenchResult(ptype, rows, sort_by, len(raw.images), raw.num_views, notes)
+    result.sorted_rows()  # validates sort_by
+    return result
+
+
+def _select(selector: Any, preds: list, labeled: Any, who: str) -> tuple[list[Tensor], Any]:
+    from ddkit.engine.select import ListStream, check_selection
+
+    fitted = selector.fit(labeled, ListStream(preds)) if hasattr(selector, "fit") else None
+    keeps = [check_selection(p, selector.select(p), who).keep for p in preds]
+    return keeps, fitted
+
+
+def _bench_instances(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progress) -> list[dict[str, Any]]:
+    from ddkit.engine.coco_eval import coco_evaluate
+    from ddkit.engine.fuse import aggregate_images, instances_to_results
+    from ddkit.engine.select import ScoredPredictions
+
+    ids = [img.image_id for img in raw.images]
+    sizes = [tuple(img.image_size) for img in raw.images]
+    views = [img.views for img in raw.images]
+    n = len(ids)
+    gt_total = sum(len(gt.labels.get(i, ())) for i in ids)
+    rows = []
+    for agg_v in aggs:
+        agg = registry.build("aggregators", agg_v.block, where=f"bench aggregator {agg_v.label}")
+        fused, seconds = _time_aggregation(lambda: aggregate_images(agg, views, sizes), repeats)
+        results = [r for iid, inst in zip(ids, fused) for r in instances_to_results(iid, inst)]
+        coco = coco_evaluate(gt.coco, results, image_ids=ids)
+        preds = [ScoredPredictions(inst.scores.float(), inst.labels.long()) for inst in fused]
+        tps_all = [greedy_match(inst.boxes, inst.scores, inst.labels, gt.boxes[i], gt.labels[i], iou_thr)
+                   for i, inst in zip(ids, fused)]
+        if progress:
+            log.info("bench: %s AP %.3f (%.2f ms/image)", agg_v.label, coco["AP"], 1000 * seconds / n)
+        for sel_v in sels:
+            selector = registry.build("selectors", sel_v.block, where=f"bench selector {sel_v.label}")
+            keeps, fitted = _select(selector, preds, labeled, sel_v.label)
+            kept = tp = 0
+            for inst, keep, iid in zip(fused, keeps, ids):
+                kept += int(keep.sum())
+                # matching is recomputed on the kept subset: a kept box may take a ground truth that a dropped,
+                # higher-scoring box took in the full set
+                tp += int(greedy_match(inst.boxes[keep], inst.scores[keep], inst.labels[keep], gt.boxes[iid],
+                                       gt.labels[iid], iou_thr).sum())
+            rows.append({
+                "aggregator": agg_v.label, "selector": sel_v.label,
+                "AP": coco["AP"], "AP50": coco["AP50"], "AR": coco["AR@100"],
+                "precision": tp / kept if kept else float("nan"),
+                "recall": tp / gt_total if gt_total else float("nan"),
+                "inst_per_image": kept / n, "agg_inst_per_image": sum(len(f) for f in fused) / n,
+                "gt_per_image": gt_total / n, "agg_ms_per_image": 1000.0 * seconds / n,
+                "tp": tp, "kept": kept,
+                "agg_recall": int(sum(int(t.sum()) for t in tps_all)) / gt_total if gt_total else float("nan"),
+                "aggregator_name": agg_v.name, "aggregator_block": json.dumps(agg_v.block),
+                "selector_name": sel_v.name, "selector_block": json.dumps(sel_v.block),
+                "thresholds": json.dumps(fitted, default=str),
+            })
+    return rows
+
+
+def _bench_probs(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progress) -> list[dict[str, Any]]:
+    from ddkit.engine.select import ScoredPredictions
+
+    ids = [img.image_id for img in raw.images]
+    shapes = {tuple(img.probs.shape) for img in raw.images}
+    if len(shapes) != 1:
+        raise DataError(f"bench: images have probs of different shapes {sorted(shapes)[:3]}; every image needs the "
+                        f"same views and classes")
+    probs = torch.stack([img.probs for img in raw.images], 1)  # [V, N, C]
+    truth = torch.tensor([gt.class_labels[i] for i in ids], dtype=torch.int64)
+    n = len(ids)
+    column_ids = None
+    if raw.categories and len(raw.categories) == probs.shape[2]:
+        column_ids = torch.tensor([int(c["id"]) for c in raw.categories], dtype=torch.int64)
+    rows = []
+    for agg_v in aggs:
+        agg = registry.build("aggregators", agg_v.block, where=f"bench aggregator {agg_v.label}")
+        (labels, scores), seconds = _time_aggregation(lambda: agg(probs), repeats)
+        labels, scores = torch.as_tensor(labels).long().reshape(-1), torch.as_tensor(scores).float().reshape(-1)
+        if column_ids is not None:  # probs columns -> dataset category ids
+            labels = column_ids[labels]
+        correct = labels == truth
+        preds = [ScoredPredictions(scores[i:i + 1], labels[i:i + 1]) for i in range(n)]
+        for sel_v in sels:
+            selector = registry.build("selectors", sel_v.block, where=f"bench selector {sel_v.label}")
+            keeps, fitted = _select(selector, preds, labeled, sel_v.label)
+            keep = torch.cat(keeps)
+            k = int(keep.sum())
+            rows.append({
+                "aggregator": agg_v.label, "selector": sel_v.label,
+                "accuracy": float(correct.double().mean()),
+                "selected_accuracy": float(correct[keep].double().mean()) if k else float("nan"),
+                "coverage": k / n, "selected": k, "agg_ms_per_image": 1000.0 * seconds / n,
+                "aggregator_name": agg_v.name, "aggregator_block": json.dumps(agg_v.block),
+                "selector_name": sel_v.name, "selector_block": json.dumps(sel_v.block),
+                "thresholds": json.dumps(fitted, default=str),
+            })
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+def _fmt_cell(key: str, v: Any) -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "-"
+        if key in ("AP", "AP50", "AR", "precision", "recall", "accuracy", "selected_accuracy", "coverage",
+                   "agg_recall"):
+            return f"{100 * v:.1f}"
+        if key == "agg_ms_per_image":
+            return f"{v:.3f}"
+        return f"{v:.2f}"
+    return str(v)
+
+
+def markdown_table(result: BenchResult) -> str:
+    """The grid as a markdown table, sorted by ``result.sort_by`` (percentages for rates, ms for time)."""
+    metrics = INSTANCE_METRICS if result.prediction_type == "instances" else PROBS_METRICS
+    cols = ("aggregator", "selector") + metrics
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("aggregator", "selector") else "---:"
+                                                             for c in cols) + "|"]
+    for row in result.sorted_rows():
+        lines.append("| " + " | ".join(_fmt_cell(c, row.get(c)) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(result: BenchResult) -> str:
+    rows = result.sorted_rows()
+    buf = io.StringIO()
+    if rows:
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _save_fig(fig, path: Path) -> Path:
+    from ddkit.io import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_results(result: BenchResult, out_dir: Path) -> list[Path]:
+    """Two PNGs: quality vs aggregation time (one point per aggregator variant) and the selection's
+    precision/recall (boxes) or selected accuracy/coverage (classes), one point per cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.rows
+    boxes = result.prediction_type == "instances"
+    quality = "AP" if boxes else "accuracy"
+    aggs = list(dict.fromkeys(r["aggregator"] for r in rows))
+    sels = list(dict.fromkeys(r["selector"] for r in rows))
+    cmap = plt.get_cmap("tab10" if len(aggs) <= 10 else "tab20")
+    markers = "osD^v<>pPX*hH8"
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, a in enumerate(aggs):
+        r = next(r for r in rows if r["aggregator"] == a)
+        ax.scatter(r["agg_ms_per_image"], 100 * r[quality], color=cmap(i % 20), label=a, s=40,
+                   marker=markers[i % len(markers)])
+    ax.set_xlabel("aggregation time per image (ms)")
+    ax.set_ylabel(f"{quality} (%)")
+    ax.set_title(f"{quality} of aggregated predictions vs aggregation time")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    paths.append(_save_fig(fig, out_dir / f"bench_{quality.lower()}_vs_time.png"))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    xk, yk = ("recall", "precision") if boxes else ("coverage", "selected_accuracy")
+    for r in rows:
+        i, j = aggs.index(r["aggregator"]), sels.index(r["selector"])
+        x, y = r[xk], r[yk]
+        if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
+            continue
+        ax.scatter(100 * x, 100 * y, color=cmap(i % 20), marker=markers[j % len(markers)], s=40)
+    for i, a in enumerate(aggs):
+        ax.scatter([], [], color=cmap(i % 20), marker="o", label=a)
+    for j, s in enumerate(sels):
+        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=s)
+    ax.set_xlabel(f"{xk} of selected pseudo-labels (%)")
+    ax.set_ylabel(f"{yk} of selected pseudo-labels (%)")
+    ax.set_title("selection: " + ("precision vs recall" if boxes else "accuracy vs coverage"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    paths.append(_save_fig(fig, out_dir / ("bench_selection_pr.png" if boxes else "bench_selection_accuracy.png")))
+    plt.close(fig)
+    return paths
+
+
+def write_outputs(result: BenchResult, out_dir: str | Path, title: str = "") -> dict[str, Path]:
+    """``bench.csv``, ``bench.md``, ``bench.json`` and the PNG plots into ``out_dir`` (atomic writes)."""
+    from ddkit.io import atomic_write_json, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = markdown_table(result)
+    head = f"# {title}\n\n" if title else ""
+    info = (f"{result.num_images} images, {result.num_views} views, {len({r['aggregator'] for r in result.rows})} "
+            f"aggregator variants x {len({r['selector'] for r in result.rows})} selector variants, "
+            f"sorted by {result.sort_by}\n\n")
+    paths = {
+        "csv": atomic_write_text(out_dir / "bench.csv", csv_text(result)),
+        "markdown": atomic_write_text(out_dir / "bench.md", head + info + md + "\n"),
+        "json": atomic_write_json(out_dir / "bench.json", {
+            "prediction_type": result.prediction_type, "sort_by": result.sort_by, "num_images": result.num_images,
+            "num_views": result.num_views, "notes": result.notes,
+            "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                     for r in result.sorted_rows()]}),
+    }
+    for p in plot_results(result, out_dir):
+        paths[p.stem] = p
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+@dataclass
+class BenchConfig:
+    """The ``bench`` section of a recipe.
+
+    Attributes:
+        raw: path of a raw-predictions ``.pt`` (labelling with ``keep_raw: true`` writes one); or
+        synthetic: ``{kind: detection | classification, num_images, num_views, num_categories, seed, ...}``
+            generates ground truth + jittered per-view predictions (written to the run folder); or neither, and
+            the recipe's ``label`` section is run with raw predictions kept (needs ``data`` with ground truth).
+        gt: COCO json of the split's ground truth (default: the raw file's per-image targets).
+        labeled: what count-matching selectors match: a COCO json of the labeled set, a labelling
+            ``summary.json``, or ``split`` (the benched split's own ground truth). Default: the ``summary.json`` next
+            to the raw predictions (labelling's labeled set) when there is one, else ``split``.
+        aggregators, selectors: ``{name: [params, ...]}``; registered ones not listed run with their defaults.
+        exclude_aggregators, exclude_selectors: names left out of the grid.
+        include_unlisted: also bench registered strategies not listed (default true).
+        sort_by: the metric the table is sorted by (``AP``; ``accuracy`` for classification).
+        iou_thr: IoU of a true-positive pseudo-label; timing_repeats: fastest of this many timed passes.
+    """
+
+    raw: str | None = None
+    synthetic: dict[str, Any] | None = None
+    gt: str | None = None
+    labeled: str | None = None
+    aggregators: dict[str, Any] = field(default_factory=dict)
+    selectors: dict[str, Any] = field(default_factory=dict)
+    exclude_aggregators: list[str] = field(default_factory=list)
+    exclude_selectors: list[str] = field(default_factory=list)
+    include_unlisted: bool = True
+    sort_by: str | None = None
+    iou_thr: float = 0.5
+    timing_repeats: int = 1
+
+
+SYNTHETIC_KINDS = {"detection": make_synthetic_detection, "classification": make_synthetic_classification}
+
+
+def parse_bench_config(section: Any, source: str = "recipe") -> BenchConfig:
+    import dataclasses
+    import difflib
+
+    block = _plain(section) or {}
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{source}: bench must be a mapping, got {type(block).__name__}")
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    for key in block:
+        if key not in fields:
+            hint = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            did = f" Did you mean {hint[0]!r}?" if hint else ""
+            raise ConfigError(f"{source}: bench.{key} is not a bench key.{did} Valid keys: {', '.join(sorted(fields))}")
+    cfg = BenchConfig(**{k: v for k, v in block.items() if v is not None})
+    if cfg.raw is not None and cfg.synthetic is not None:
+        raise ConfigError(f"{source}: give bench.raw or bench.synthetic, not both")
+    for key in ("aggregators", "selectors"):
+        if not isinstance(getattr(cfg, key), Mapping):
+            raise ConfigError(f"{source}: bench.{key} must map names to lists of parameter blocks, e.g. "
+                              f"{{wbf: [{{iou_thr: 0.55}}]}}")
+    return cfg
+
+
+def synthetic_raw(spec: Mapping[str, Any], source: str = "recipe") -> tuple[dict[str, Any] | None, RawPredictions]:
+    """``(gt_coco or None, raw)`` from a ``bench.synthetic`` block."""
+    import inspect
+
+    spec = dict(spec)
+    kind = spec.pop("kind", "detection")
+    if kind not in SYNTHETIC_KINDS:
+        raise ConfigError(f"{source}: bench.synthetic.kind must be one of {', '.join(SYNTHETIC_KINDS)}, got {kind!r}")
+    fn = SYNTHETIC_KINDS[kind]
+    valid = list(inspect.signature(fn).parameters)
+    bad = [k for k in spec if k not in valid]
+    if bad:
+        raise ConfigError(f"{source}: bench.synthetic.{bad[0]} is not a parameter of the {kind} generator; "
+                          f"valid: {', '.join(valid)}")
+    out = fn(**spec)
+    return out if isinstance(out, tuple) else (None, out)
+
+
+def _raw_from_labelling(cfg: Any, run_dir: Path, source: str, registry: Any = None) -> Path:
+    """Run the recipe's labelling stage with raw predictions kept (``ddkit.engine.label.run_label``); its files go
+    to ``run_dir/label`` as ``ddkit label`` would write them (a finished labelling there is resumed, not redone).
+    Returns the path of the kept ``raw_predictions.pt``."""
+    from ddkit.engine.label import run_label
+
+    result = run_label(cfg, run_dir=run_dir, keep_raw=True, registry=registry, source=source)
+    if not result.complete or result.raw_path is None:
+        raise DataError(f"{source}: labelling did not finish, so no raw predictions were kept; re-run to resume")
+    return Path(result.raw_path)
+
+
+def load_labeled_stats(path: str | Path):
+    """:class:`~ddkit.engine.select.LabeledStats` from a labelling ``summary.json`` (its ``labeled`` block) or from
+    a COCO json of the labeled set (instances per category per image)."""
+    from ddkit.engine.coco_eval import load_coco_dict
+    from ddkit.engine.select import LabeledStats
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"bench.labeled: {path} does not exist (give a COCO json of the labeled set, a labelling "
+                          f"summary.json, or 'split')")
+    data = load_coco_dict(path)
+    if isinstance(data.get("labeled"), Mapping):  # ddkit label's summary.json
+        lab = data["labeled"]
+        return LabeledStats(num_images=int(lab["num_images"]),
+                            instances={int(k): int(v) for k, v in lab["instances"].items()},
+                            num_keypoints=lab.get("num_keypoints"),
+                            visible_keypoints=int(lab.get("visible_keypoints") or 0))
+    if "annotations" not in data:
+        raise ConfigError(f"bench.labeled: {path} is neither a COCO json nor a labelling summary.json")
+    lab = GroundTruth.from_coco(data)
+    cats = [int(c["id"]) for c in data.get("categories", [])]
+    return labeled_stats_from_gt(lab, [int(i["id"]) for i in data.get("images", [])], cats)
+
+
+def bench_from_config(cfg: Any, run_dir: str | Path, source: str = "recipe", registry: Any = None,
+                      progress: bool = True) -> tuple[BenchResult, dict[str, Path]]:
+    """Run ``ddkit bench`` for a loaded recipe; write every artifact to ``run_dir/bench``."""
+    from ddkit.engine.coco_eval import load_coco_dict
+
+    run_dir = Path(run_dir)
+    out_dir = run_dir / "bench"
+    bcfg = parse_bench_config(cfg.get("bench") if hasattr(cfg, "get") else None, source)
+    gt_coco = None
+    raw_path: Path | None = None
+    title = "ddkit bench"
+    if bcfg.synthetic is not None:
+        gt_coco, raw = synthetic_raw(bcfg.synthetic, source)
+        title += " (SYNTHETIC data: generated ground truth and jittered per-view predictions)"
+        save_raw(raw, out_dir / RAW_FILE)
+        if gt_coco is not None:
+            from ddkit.io import atomic_write_json
+
+            atomic_write_json(out_dir / "gt.json", gt_coco, indent=None)
+    elif bcfg.raw is not None:
+        raw_path = raw_file(bcfg.raw)
+        raw = load_raw(raw_path)
+    else:
+        raw_path = _raw_from_labelling(cfg, run_dir, source, registry)
+        raw = load_raw(raw_path)
+    if bcfg.gt is not None:
+        gt_coco = load_coco_dict(bcfg.gt)
+    if raw.prediction_type == "instances" and gt_coco is not None:
+        gt = GroundTruth.from_coco(gt_coco)
+    else:
+        gt = GroundTruth.from_raw_targets(raw)
+    labeled = None
+    if bcfg.labeled == "split":
+        labeled = None
+    elif bcfg.labeled is not None:
+        labeled = load_labeled_stats(bcfg.labeled)
+    elif raw_path is not None and (raw_path.parent / "summary.json").is_file():
+        labeled = load_labeled_stats(raw_path.parent / "summary.json")
+    if progress:
+        log.info("bench: count matching matches %s", "the benched split's own counts" if labeled is None else
+                 f"a labeled set of {labeled.num_images} images")
+    result = run_bench(raw, gt, aggregators=bcfg.aggregators, selectors=bcfg.selectors,
+                       exclude_aggregators=bcfg.exclude_aggregators, exclude_selectors=bcfg.exclude_selectors,
+                       include_unlisted=bcfg.include_unlisted, labeled=labeled, sort_by=bcfg.sort_by,
+                       iou_thr=bcfg.iou_thr, timing_repeats=bcfg.timing_repeats, registry=registry,
+                       progress=progress)
+    paths = write_outputs(result, out_dir, title)
+    return result, paths

@@ -1,0 +1,130 @@
+"""Checkpoints that rebuild their model from the file alone and load with ``torch.load(weights_only=True)``.
+
+Two formats, both plain dicts of tensors and primitive containers:
+
+* ``ddkit-model-v1`` (``ddkit export``, ``<run>/model.pt``): ``task`` (the task's config block), ``model_cfg`` (the
+  model's config block), ``info`` (the dataset's :class:`~ddkit.types.DatasetInfo` as a dict) and ``model`` (the
+  state dict). Student-only: no optimizer, no adaptation layers, no teacher.
+* ``ddkit-checkpoint-v1`` (``<run>/checkpoints/last.pt``, written atomically by the trainer): the same keys plus
+  ``optimizer``, ``scheduler``, ``scaler``, ``sampler``, ``rng``, ``losses`` (loss terms' own parameters, e.g. hint
+  adaptation layers), ``iteration`` and ``total_iterations``.
+
+:func:`load_model` accepts either file, or a run folder (``model.pt`` first, then ``checkpoints/last.pt``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ddkit.engine.task import Task, model_info, unwrap_model
+from ddkit.errors import ConfigError, DataError
+from ddkit.io import atomic_torch_save
+from ddkit.types import DatasetInfo
+
+CHECKPOINT_FORMAT = "ddkit-checkpoint-v1"
+MODEL_FORMAT = "ddkit-model-v1"
+LAST = "last.pt"
+
+
+def info_to_dict(info: DatasetInfo) -> dict[str, Any]:
+    return _plain(dataclasses.asdict(info))
+
+
+def info_from_dict(d: Mapping[str, Any]) -> DatasetInfo:
+    names = {f.name for f in dataclasses.fields(DatasetInfo)}
+    return DatasetInfo(**{k: v for k, v in d.items() if k in names})
+
+
+def _plain(obj: Any) -> Any:
+    """Containers of primitives only (tuples -> lists), so the file loads with ``weights_only=True``."""
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if obj is None or isinstance(obj, (bool, int, float, str, torch.Tensor)):
+        return obj
+    if hasattr(obj, "item"):  # numpy scalar
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} in a weights-only checkpoint")
+
+
+def cpu_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in unwrap_model(module).state_dict().items()}
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """The student-only record: task, model config, dataset info and weights."""
+    model_cfg, info, task_cfg = model_info(model)
+    return {"format": MODEL_FORMAT, "task": _plain(task_cfg), "model_cfg": _plain(model_cfg),
+            "info": info_to_dict(info), "model": cpu_state_dict(model)}
+
+
+def save_model(model: nn.Module, path: str | Path) -> Path:
+    """Write student-only weights (``ddkit-model-v1``) atomically."""
+    return atomic_torch_save(model_record(model), path)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **state: Any) -> Path:
+    """Write a full training checkpoint atomically; ``state`` holds optimizer/scheduler/sampler/rng/... entries."""
+    record = model_record(model)
+    record["format"] = CHECKPOINT_FORMAT
+    record.update({k: v for k, v in state.items()})
+    return atomic_torch_save(record, path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or the best file in a run folder (``model.pt``, then ``checkpoints/last.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        for candidate in (path / "model.pt", path / "checkpoints" / LAST):
+            if candidate.is_file():
+                return candidate
+        raise ConfigError(f"{path}: no model.pt or checkpoints/{LAST} in this run folder")
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a ddkit file with ``weights_only=True``; raise :class:`DataError` naming the file if it is not one."""
+    path = resolve_checkpoint(path)
+    try:
+        record = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path}: cannot load as a weights-only checkpoint: {str(err).splitlines()[0]}") from None
+    if not isinstance(record, dict) or record.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
+        raise DataError(f"{path}: not a ddkit checkpoint (no 'format' key of {MODEL_FORMAT} or {CHECKPOINT_FORMAT}); "
+                        "plain state dicts are loaded through a model's 'pretrained' key instead")
+    return record
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               registry: Any = None) -> tuple[Task, nn.Module, DatasetInfo]:
+    """Rebuild ``(task, model, info)`` from a ddkit checkpoint or exported model alone; the model is in eval mode.
+
+    Args:
+        path: a ``.pt`` written by the trainer or ``ddkit export``, or a run folder.
+        device: where to put the model.
+        registry: the registry to build the task and model from (default: the installed plugins).
+    """
+    from ddkit.plugin_manager import get_registry
+
+    registry = registry or get_registry()
+    record = load_checkpoint(path)
+    task = registry.build("tasks", record["task"], where=f"{path}: task")
+    info = info_from_dict(record["info"])
+    model_cfg = dict(record["model_cfg"])
+    if model_cfg.get("pretrained"):
+        model_cfg["pretrained"] = None  # the weights come from this file, not from the original init checkpoint
+    model = task.build_model(model_cfg, info)
+    missing, unexpected = model.load_state_dict(record["model"], strict=False)
+    if missing or unexpected:
+        raise DataError(f"{path}: weights do not fit the model {model_cfg.get('name')!r}: missing "
+                        f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return task, model.to(device).eval(), info

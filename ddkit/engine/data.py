@@ -1,0 +1,284 @@
+"""Dataset helpers of the engine: targets without decoding images, splits, hidden labels, readability checks.
+
+``split_dataset`` cuts any dataset into labeled / unlabeled / test parts by fraction and seed (stratified by class
+for classification). The unlabeled part is a :class:`HiddenLabels` view: training code sees only images and
+``image_id``; ``.ground_truth`` keeps the labels for measuring pseudo-label quality.
+
+``build_data(cfg.data)`` resolves a recipe's ``data`` section, in either layout::
+
+    data: {dataset: {name: mnist5k}, split: {labeled: 0.1, unlabeled: 0.7, test: 0.2, seed: 0}}
+    data: {train: {dataset: {...}}, unlabeled: {dataset: {...}}, test: {dataset: {...}}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from ddkit.errors import ConfigError, DataError
+from ddkit.types import DatasetInfo
+
+log = logging.getLogger("ddkit.data")
+
+LABEL_KEYS = ("label", "boxes", "labels", "keypoints", "area", "iscrowd")
+
+
+def get_target(dataset: Any, index: int) -> dict[str, Any]:
+    """The target of item ``index`` without decoding its image when the dataset offers ``get_target``."""
+    fn = getattr(dataset, "get_target", None)
+    if fn is not None:
+        return fn(index)
+    return dataset[index][1]
+
+
+def get_info(dataset: Any) -> DatasetInfo:
+    info = getattr(dataset, "info", None)
+    if not isinstance(info, DatasetInfo):
+        raise ConfigError(f"{type(dataset).__name__} has no .info (DatasetInfo); every ddkit dataset needs one")
+    return info
+
+
+class Subset(Dataset):
+    """Items ``indices`` of ``dataset``; keeps ``.info`` and the fast ``get_target``."""
+
+    def __init__(self, dataset: Any, indices: Sequence[int]):
+        self.dataset = dataset
+        self.indices = [int(i) for i in indices]
+        self.info = get_info(dataset)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        return get_target(self.dataset, self.indices[i])
+
+
+class HiddenLabels(Dataset):
+    """A view of a dataset without its labels: targets keep only ``image_id`` (and non-label keys such as ``size``).
+
+    Attributes:
+        ground_truth: the same items with their labels, for measuring pseudo-label quality only.
+    """
+
+    def __init__(self, dataset: Any):
+        self.ground_truth = dataset
+        self.info = get_info(dataset)
+
+    def __len__(self) -> int:
+        return len(self.ground_truth)
+
+    @staticmethod
+    def _hide(target: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in target.items() if k not in LABEL_KEYS}
+
+    def __getitem__(self, i: int):
+        image, target = self.ground_truth[i]
+        return image, self._hide(target)
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        return self._hide(get_target(self.ground_truth, i))
+
+
+class ConcatDataset(Dataset):
+    """Several datasets of one task back to back (labeled first); ``.info`` is the first one's."""
+
+    def __init__(self, datasets: Sequence[Any]):
+        if not datasets:
+            raise ValueError("ConcatDataset needs at least one dataset")
+        self.datasets = list(datasets)
+        self.info = get_info(self.datasets[0])
+        self.offsets = [0]
+        for ds in self.datasets:
+            self.offsets.append(self.offsets[-1] + len(ds))
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _locate(self, i: int) -> tuple[Any, int]:
+        if i < 0:
+            i += len(self)
+        for k in range(len(self.datasets)):
+            if i < self.offsets[k + 1]:
+                return self.datasets[k], i - self.offsets[k]
+        raise IndexError(i)
+
+    def __getitem__(self, i: int):
+        ds, j = self._locate(i)
+        return ds[j]
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        ds, j = self._locate(i)
+        return get_target(ds, j)
+
+
+@dataclass
+class Splits:
+    """The parts of a dataset a recipe trains, labels and evaluates on (``unlabeled`` hides its labels)."""
+
+    labeled: Any
+    unlabeled: HiddenLabels | None
+    test: Any | None
+    info: DatasetInfo
+
+
+def is_classification(dataset: Any) -> bool:
+    return len(dataset) > 0 and "label" in get_target(dataset, 0)
+
+
+def split_indices(dataset: Any, fractions: Sequence[float], seed: int = 0,
+                  stratify: bool | None = None) -> list[list[int]]:
+    """Disjoint index lists, one per fraction (their sum must be <= 1), chosen at random with ``seed``.
+
+    With ``stratify`` (default: for classification datasets) each class is split by the same fractions, so every
+    part keeps the class balance; otherwise the whole index range is permuted once.
+    """
+    if any(f < 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise ConfigError(f"split fractions must be >= 0 and sum to at most 1, got {list(fractions)}")
+    n = len(dataset)
+    stratify = is_classification(dataset) if stratify is None else stratify
+    gen = torch.Generator().manual_seed(int(seed))
+    if stratify:
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(int(get_target(dataset, i)["label"]), []).append(i)
+    else:
+        groups = {0: list(range(n))}
+    parts: list[list[int]] = [[] for _ in fractions]
+    for key in sorted(groups):
+        members = groups[key]
+        perm = torch.randperm(len(members), generator=gen).tolist()
+        counts = _allocate(len(members), fractions)
+        start = 0
+        for p, count in enumerate(counts):
+            parts[p].extend(members[j] for j in perm[start:start + count])
+            start += count
+    return [sorted(p) for p in parts]
+
+
+def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
+    """Round ``n * f`` per fraction (largest remainder) without exceeding ``n * sum(f)``."""
+    raw = [n * f for f in fractions]
+    counts = [int(r) for r in raw]
+    target = min(n, round(sum(raw)))
+    order = sorted(range(len(raw)), key=lambda k: raw[k] - counts[k], reverse=True)
+    for k in order:
+        if sum(counts) >= target:
+            break
+        if raw[k] > counts[k]:
+            counts[k] += 1
+    return counts
+
+
+def split_dataset(dataset: Any, labeled: float, unlabeled: float = 0.0, test: float = 0.0, seed: int = 0,
+                  stratify: bool | None = None) -> Splits:
+    """Split ``dataset`` into labeled / unlabeled (labels hidden) / test parts by fraction and seed."""
+    lab, unl, tst = split_indices(dataset, [labeled, unlabeled, test], seed=seed, stratify=stratify)
+    if not lab:
+        raise ConfigError(f"the labeled split of {len(dataset)} items with fraction {labeled} is empty")
+    return Splits(labeled=Subset(dataset, lab), unlabeled=HiddenLabels(Subset(dataset, unl)) if unl else None,
+                  test=Subset(dataset, tst) if tst else None, info=get_info(dataset))
+
+
+@dataclass
+class SplitParams:
+    labeled: float = 1.0
+    unlabeled: float = 0.0
+    test: float = 0.0
+    seed: int = 0
+    stratify: bool | None = None
+
+
+def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "data") -> Splits:
+    """Build the datasets a recipe's ``data`` section names (see the module docstring)."""
+    from ddkit.registry import _to_plain
+
+    if registry is None:
+        from ddkit.plugin_manager import get_registry
+
+        registry = get_registry()
+    cfg = _to_plain(data_cfg) or {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{where} must be a mapping, got {cfg!r}")
+    if "dataset" in cfg:
+        unknown = set(cfg) - {"dataset", "split"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} next to 'dataset'. Valid keys: dataset, "
+                              "split (or use the layout train/unlabeled/test: {dataset: ...})")
+        dataset = registry.build("datasets", cfg["dataset"], where=f"{where}.dataset")
+        split = cfg.get("split") or {}
+        names = [f.name for f in dataclasses.fields(SplitParams)]
+        bad = [k for k in split if k not in names]
+        if bad:
+            raise ConfigError(f"{where}.split: unknown key {bad[0]!r}. Valid keys: {', '.join(names)}")
+        p = SplitParams(**split)
+        return split_dataset(dataset, p.labeled, p.unlabeled, p.test, p.seed, p.stratify)
+    parts = {}
+    for key in cfg:
+        if key not in ("train", "unlabeled", "test"):
+            raise ConfigError(f"{where}: unknown key {key!r}. Valid keys: dataset, split, or train, unlabeled, test")
+        block = cfg[key]
+        if not isinstance(block, dict) or "dataset" not in block:
+            raise ConfigError(f"{where}.{key} must be {{dataset: {{name: ...}}}}")
+        parts[key] = registry.build("datasets", block["dataset"], where=f"{where}.{key}.dataset")
+    if "train" not in parts:
+        raise ConfigError(f"{where}: needs either 'dataset' (with 'split') or 'train: {{dataset: ...}}'")
+    unl = parts.get("unlabeled")
+    return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
+                  test=parts.get("test"), info=get_info(parts["train"]))
+
+
+# ---------------------------------------------------------------------------------------------- image reading
+def check_image(path: str | Path) -> str | None:
+    """``None`` if the file decodes as an image, else the reason it does not."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            im.verify()
+        with Image.open(path) as im:  # verify() misses truncated pixel data; a full decode finds it
+            im.load()
+        return None
+    except Exception as err:  # noqa: BLE001 - any decoder failure means unreadable
+        return f"{type(err).__name__}: {err}"
+
+
+def check_images(paths: Iterable[str | Path], progress: bool = False) -> list[tuple[str, str]]:
+    """``[(path, reason), ...]`` for every file in ``paths`` that cannot be read as an image."""
+    paths = list(paths)
+    if progress:
+        from tqdm.auto import tqdm
+
+        paths = tqdm(paths, desc="checking images", unit="img", leave=False)
+    bad = []
+    for p in paths:
+        reason = check_image(p)
+        if reason is not None:
+            bad.append((str(p), reason))
+    return bad
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file as float ``[3, H, W]`` in ``[0, 1]`` (RGB); :class:`DataError` naming the file if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
+            w, h = im.size
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{path}: cannot read image: {type(err).__name__}: {err}") from None
+    return arr.view(h, w, 3).permute(2, 0, 1).float().div_(255.0)
+
+
+def report_skipped(skipped: Sequence[tuple[str, str]], source: str) -> None:
+    if skipped:
+        log.warning("%s: skipped %d unreadable image(s): %s", source, len(skipped),
+                    "; ".join(f"{p} ({r})" for p, r in skipped[:5]) + (" ..." if len(skipped) > 5 else ""))

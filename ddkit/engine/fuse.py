@@ -1,0 +1,296 @@
+"""Fuse COCO *results* files of several detectors (or of one detector under several transforms) into one.
+
+Each input file is one "view" (model) of the aggregator; every image's boxes are fused in pixel coordinates with
+the image size taken from the COCO images file. Any registered aggregator of input type ``instances`` works
+(``wbf``, ``nms``, ``soft_nms``, ``nmw``, ``box_voting`` or a third-party one).
+
+Input is validated before anything is fused: an image id missing from the COCO file, a box outside its image, a
+non-finite score or a malformed entry is reported with the file, the index and the entry itself (never clipped or
+dropped silently), as a :class:`~ddkit.errors.DataError`.
+
+Python API::
+
+    from ddkit.engine.fuse import fuse_results
+    fused = fuse_results([preds_a, preds_b], coco["images"], {"name": "wbf", "iou_thr": 0.55})
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from ddkit.errors import ConfigError, DataError
+from ddkit.types import Instances
+
+MAX_REPORTED = 20  # problems listed in an error message; the rest are counted
+# Pixels a box may stick out of its image before it is reported. 0 by default: nothing is clipped silently; with an
+# explicit tolerance (``--box-tolerance``) boxes within it are clamped to the image (float rounding of clipped boxes).
+DEFAULT_BOX_TOLERANCE = 0.0
+
+
+@dataclass
+class Problem:
+    """One bad entry of a results file."""
+
+    source: str
+    index: int | None
+    message: str
+    entry: Any = None
+
+    def __str__(self) -> str:
+        where = self.source if self.index is None else f"{self.source}[{self.index}]"
+        text = f"{where}: {self.message}"
+        if self.entry is not None:
+            shown = json.dumps(self.entry, default=str) if not isinstance(self.entry, str) else self.entry
+            if len(shown) > 200:
+                shown = shown[:197] + "..."
+            text += f": {shown}"
+        return text
+
+
+def problems_error(problems: Sequence[Problem], what: str = "bad predictions",
+                   limit: int = MAX_REPORTED) -> DataError:
+    """One :class:`DataError` listing the problems, one per line, at most ``limit`` of them."""
+    lines = [f"{len(problems)} {what} (nothing was fused):"]
+    lines += [f"  {p}" for p in problems[:limit]]
+    if len(problems) > limit:
+        lines.append(f"  ... and {len(problems) - limit} more")
+    return DataError("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+def image_sizes(coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                source: str = "images") -> dict[int, tuple[int, int]]:
+    """``{image_id: (height, width)}`` from a COCO dict or its ``images`` list."""
+    images = coco_images.get("images") if isinstance(coco_images, Mapping) else coco_images
+    if not isinstance(images, (list, tuple)):
+        raise DataError(f"{source}: a COCO file needs an 'images' list of {{id, height, width}}")
+    sizes: dict[int, tuple[int, int]] = {}
+    problems = []
+    for i, img in enumerate(images):
+        try:
+            iid, h, w = img["id"], img["height"], img["width"]
+            if not all(_is_int(v) for v in (iid, h, w)) or h <= 0 or w <= 0:
+                raise TypeError
+        except (TypeError, KeyError):
+            problems.append(Problem(f"{source}:images", i, "needs integer id, height > 0 and width > 0", img))
+            continue
+        sizes[int(iid)] = (int(h), int(w))
+    if problems:
+        raise problems_error(problems, "bad image records")
+    return sizes
+
+
+def load_coco_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(data, dict) or "images" not in data:
+        raise DataError(f"{path}: not a COCO file (a mapping with an 'images' list)")
+    return data
+
+
+def load_results_file(path: str | Path) -> list[Any]:
+    """Read a COCO results file (a JSON list); entries are validated by :func:`validate_results`."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    if isinstance(data, dict) and "annotations" in data:
+        raise DataError(f"{path}: this is a COCO ground-truth file; fuse takes results files (a JSON list of "
+                        f"{{image_id, category_id, bbox, score}})")
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a COCO results file is a JSON list of {{image_id, category_id, bbox, score}}, "
+                        f"got {type(data).__name__}")
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def validate_results(entries: Sequence[Any], sizes: Mapping[int, tuple[int, int]], source: str,
+                     category_ids: Iterable[int] | None = None,
+                     box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> list[Problem]:
+    """Every problem of a results list (empty: all good).
+
+    Checked per entry: a mapping with ``image_id`` (int, in ``sizes``), ``category_id`` (int, among
+    ``category_ids`` when given), ``bbox`` (4 finite numbers, ``w, h >= 0``, inside the image up to
+    ``box_tolerance`` pixels) and ``score`` (a finite number).
+    """
+    cats = None if category_ids is None else {int(c) for c in category_ids}
+    problems: list[Problem] = []
+    for i, e in enumerate(entries):
+        if not isinstance(e, Mapping):
+            problems.append(Problem(source, i, "not an object {image_id, category_id, bbox, score}", e))
+            continue
+        missing = [k for k in ("image_id", "category_id", "bbox", "score") if k not in e]
+        if missing:
+            problems.append(Problem(source, i, f"missing {', '.join(missing)}", e))
+            continue
+        iid, cid, bbox, score = e["image_id"], e["category_id"], e["bbox"], e["score"]
+        if not _is_int(iid):
+            problems.append(Problem(source, i, "image_id is not an integer", e))
+            continue
+        if int(iid) not in sizes:
+            problems.append(Problem(source, i, f"image_id {iid} is not in the COCO images file", e))
+            continue
+        if not _is_int(cid):
+            problems.append(Problem(source, i, "category_id is not an integer", e))
+            continue
+        if cats is not None and int(cid) not in cats:
+            problems.append(Problem(source, i, f"category_id {cid} is not a category of the COCO file", e))
+            continue
+        if not _is_num(score) or not math.isfinite(score):
+            problems.append(Problem(source, i, "score is not a finite number", e))
+            continue
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+            problems.append(Problem(source, i, "bbox is not a list of 4 numbers [x, y, w, h]", e))
+            continue
+        if not all(math.isfinite(v) for v in bbox):
+            problems.append(Problem(source, i, "bbox has a non-finite value", e))
+            continue
+        x, y, w, h = (float(v) for v in bbox)
+        if w < 0 or h < 0:
+            problems.append(Problem(source, i, "bbox has a negative width or height", e))
+            continue
+        height, width = sizes[int(iid)]
+        tol = box_tolerance
+        if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+            problems.append(Problem(source, i, f"bbox is outside image {iid} of size {width}x{height} (w x h)", e))
+    return problems
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+def results_to_instances(entries: Sequence[Mapping[str, Any]], sizes: Mapping[int, tuple[int, int]],
+                         image_ids: Iterable[int] | None = None) -> dict[int, Instances]:
+    """Group validated results by image: ``{image_id: Instances}`` (xyxy pixels, labels = category ids), one for
+    every id of ``image_ids`` (default: the ids in ``entries``), empty where an image has no entry."""
+    grouped: dict[int, list[Mapping[str, Any]]] = {}
+    for e in entries:
+        grouped.setdefault(int(e["image_id"]), []).append(e)
+    ids = sorted(grouped) if image_ids is None else list(image_ids)
+    out = {}
+    for iid in ids:
+        rows = grouped.get(int(iid), [])
+        size = sizes[int(iid)]
+        if not rows:
+            out[int(iid)] = Instances.empty(image_size=size)
+            continue
+        xywh = torch.tensor([[float(v) for v in r["bbox"]] for r in rows], dtype=torch.float64)
+        boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
+        # validated entries stick out by at most the tolerance the caller allowed: clamp those few hundredths
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, size[1])
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, size[0])
+        boxes = boxes.float()
+        scores = torch.tensor([float(r["score"]) for r in rows], dtype=torch.float32)
+        labels = torch.tensor([int(r["category_id"]) for r in rows], dtype=torch.int64)
+        out[int(iid)] = Instances(boxes, scores, labels, image_size=size)
+    return out
+
+
+def instances_to_results(image_id: int, inst: Instances) -> list[dict[str, Any]]:
+    """COCO results entries (``bbox`` as ``[x, y, w, h]``) of one image's instances."""
+    boxes = inst.boxes.detach().double().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    scores = inst.scores.detach().double().cpu().tolist()
+    labels = inst.labels.detach().cpu().tolist()
+    return [{"image_id": int(image_id), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
+            for b, s, c in zip(xywh, scores, labels)]
+
+
+# ------------------------------------------------------------------------------------------------ aggregation
+def build_instance_aggregator(method_cfg: Mapping[str, Any] | str, registry: Any = None) -> Any:
+    """Build an aggregator of input type ``instances`` from a config block (``"wbf"`` or ``{name: wbf, ...}``)."""
+    from ddkit.plugin_manager import get_registry
+
+    registry = registry or get_registry()
+    entry, _ = registry.params("aggregators", method_cfg, where="fuse method")
+    if getattr(entry.spec, "input", "instances") != "instances":
+        names = [s.name for s in registry.specs("aggregators") if getattr(s, "input", "instances") == "instances"]
+        raise ConfigError(f"aggregator {entry.spec.name!r} ensembles {entry.spec.input}, not boxes; "
+                          f"use one of: {', '.join(names)}")
+    return registry.build("aggregators", method_cfg, where="fuse method")
+
+
+def aggregate_images(agg: Any, views_per_image: Sequence[Sequence[Instances]],
+                     sizes: Sequence[tuple[int, int]]) -> list[Instances]:
+    """Run an instance aggregator over many images: ``agg.batch`` when it has one, else one call per image."""
+    views_per_image = [list(v) for v in views_per_image]
+    sizes = [tuple(int(x) for x in s) for s in sizes]
+    if not views_per_image:
+        return []
+    batch = getattr(agg, "batch", None)
+    if callable(batch):
+        out = list(batch(views_per_image, sizes))
+    else:
+        out = [agg(views, size) for views, size in zip(views_per_image, sizes)]
+    if len(out) != len(views_per_image):
+        raise RuntimeError(f"aggregator returned {len(out)} results for {len(views_per_image)} images")
+    return out
+
+
+def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
+                 coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+                 method_cfg: Mapping[str, Any] | str, *, sources: Sequence[str] | None = None,
+                 registry: Any = None, box_tolerance: float = DEFAULT_BOX_TOLERANCE,
+                 check_categories: bool = True) -> list[dict[str, Any]]:
+    """Fuse several COCO results lists (one per model/view) image by image.
+
+    Args:
+        pred_lists: one COCO results list per model: ``[{image_id, category_id, bbox [x,y,w,h], score}, ...]``.
+        coco_images: a COCO dict (its ``images`` give each image's ``height`` and ``width``; its ``categories``,
+            when present, the valid category ids) or the ``images`` list itself.
+        method_cfg: an aggregator block, e.g. ``{"name": "wbf", "iou_thr": 0.55, "weights": [2, 1]}``.
+        sources: names of the inputs in error messages (default ``input0``, ``input1``, ...).
+        box_tolerance: pixels a box may stick out of its image before it is reported.
+        check_categories: report category ids that the COCO dict's ``categories`` does not list.
+
+    Returns:
+        the fused COCO results list, sorted by image id (then as the aggregator ordered them).
+
+    Raises:
+        DataError: listing every bad entry (file, index, the entry); nothing is fused then.
+    """
+    if not pred_lists:
+        raise ConfigError("fuse needs at least one predictions list")
+    sources = list(sources) if sources is not None else [f"input{i}" for i in range(len(pred_lists))]
+    sizes = image_sizes(coco_images)
+    cats = None
+    if check_categories and isinstance(coco_images, Mapping) and coco_images.get("categories"):
+        cats = [c["id"] for c in coco_images["categories"]]
+    problems: list[Problem] = []
+    for preds, src in zip(pred_lists, sources):
+        if not isinstance(preds, (list, tuple)):
+            problems.append(Problem(src, None, "not a list of results"))
+            continue
+        problems += validate_results(preds, sizes, src, cats, box_tolerance)
+    if problems:
+        raise problems_error(problems)
+    agg = build_instance_aggregator(method_cfg, registry)
+    ids = sorted({int(e["image_id"]) for preds in pred_lists for e in preds})
+    per_view = [results_to_instances(preds, sizes, ids) for preds in pred_lists]
+    views = [[pv[iid] for pv in per_view] for iid in ids]
+    fused = aggregate_images(agg, views, [sizes[i] for i in ids])
+    out: list[dict[str, Any]] = []
+    for iid, inst in zip(ids, fused):
+        out += instances_to_results(iid, inst)
+    return out

@@ -1,0 +1,351 @@
+"""``ddkit run``: a recipe from labeled + unlabeled data to a better student, stage by stage, in one run folder.
+
+Stages, each a folder of ``<run.out_dir>`` with a ``stage.json`` marker written (atomically) when it completes::
+
+    teacher                 train the teacher on the labeled part              (recipe section ``teacher``)
+    label                   multi-transform pseudo-labelling of the unlabeled  (``label``)
+    student                 retrain a student on labeled + pseudo, mixed       (``student``)
+    label_r2, student_r2    ``rounds: 2``: the student of round k labels for round k + 1
+    baseline_labeled        the student's model on the labeled part alone      (``baselines.labeled_only``)
+    baseline_full           ... on labeled + unlabeled with its true labels    (``baselines.fully_labeled``)
+    kd_<variant>            knowledge distillation variants of the student     (``kd.variants``)
+    tta_<stage>             multi-transform evaluation of a model on the test part (``evaluate.tta``)
+
+A stage whose marker exists and whose inputs (the recipe sections it reads, hashed) are unchanged is skipped;
+``force`` redoes a stage and every stage after it. An interrupted stage resumes from its own checkpoints or shards.
+The results table, ``results.json`` and ``report.html`` are rewritten at the end of every run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ddkit.config import save_config, validate_config
+from ddkit.engine.checkpoint import load_model
+from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
+from ddkit.engine.label import label_dataset
+from ddkit.engine.pseudo import load_pseudo_dataset
+from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
+from ddkit.errors import ConfigError
+from ddkit.io import atomic_write_json, atomic_write_text
+from ddkit.registry import Registry, _to_plain
+
+log = logging.getLogger("ddkit.run")
+
+RUN_KEYS = {"name", "out_dir", "seed", "device"}
+BASELINE_KEYS = {"labeled_only", "fully_labeled"}
+EVALUATE_KEYS = {"tta", "transforms", "aggregator"}
+KD_LOSSES = {"soft_target", "hint"}
+
+
+@dataclass
+class Stage:
+    name: str
+    inputs: tuple[str, ...]  # recipe sections whose content decides the stage's output
+    fn: Callable[[], dict[str, Any]]
+
+
+def _section(cfg: DictConfig, key: str) -> Any:
+    return _to_plain(cfg.get(key)) if cfg.get(key) is not None else None
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Runner:
+    """Runs the stages of one recipe; see the module docstring."""
+
+    def __init__(self, cfg: DictConfig, source: str = "recipe", registry: Registry | None = None,
+                 force: Sequence[str] = (), progress: bool | None = None):
+        if registry is None:
+            from ddkit.plugin_manager import get_registry
+
+            registry = get_registry()
+        validate_config(cfg, registry, source=source)
+        self.cfg, self.source, self.registry, self.progress = cfg, source, registry, progress
+        self.run = _section(cfg, "run") or {}
+        self._check_keys("run", self.run, RUN_KEYS)
+        self.out = Path(self.run.get("out_dir") or f"runs/{self.run.get('name') or 'ddkit'}")
+        self.seed = int(self.run.get("seed", 0) or 0)
+        self.device = resolve_device(self.run.get("device", "auto"))
+        for key in ("task", "data", "teacher"):
+            if cfg.get(key) is None:
+                raise ConfigError(f"{source}: ddkit run needs a {key!r} section")
+        self.teacher_cfg = _section(cfg, "teacher")
+        self.student_cfg = _section(cfg, "student")
+        self.label_cfg = _section(cfg, "label")
+        self.baselines = _section(cfg, "baselines") or {}
+        self._check_keys("baselines", self.baselines, BASELINE_KEYS)
+        self.evaluate_cfg = _section(cfg, "evaluate") or {}
+        self._check_keys("evaluate", self.evaluate_cfg, EVALUATE_KEYS)
+        self.kd = _section(cfg, "kd") or {}
+        self._check_keys("kd", self.kd, {"variants"})
+        self.rounds = int(cfg.get("rounds") or 1)
+        if self.rounds < 1:
+            raise ConfigError(f"{source}: rounds must be >= 1, got {self.rounds}")
+        if self.student_cfg is not None and self.label_cfg is None:
+            raise ConfigError(f"{source}: a 'student' section needs a 'label' section (data distillation); "
+                              f"for knowledge distillation alone use kd.variants")
+        for name, block in (("teacher", self.teacher_cfg), ("student", self.student_cfg)):
+            if block is not None:
+                parse_train_config(block.get("train"), where=f"{source}: {name}.train")
+        # Everything is known good: now build the task and read the data (nothing is read before this point).
+        self.task = registry.build("tasks", cfg.task, where=f"{source}: task")
+        self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
+        if self.splits.test is None:
+            raise ConfigError(f"{source}: data.split needs a test part (e.g. test: 0.2) to measure the results")
+        self.stages = self._plan()
+        unknown = [s for s in force if s not in {st.name for st in self.stages}]
+        if unknown:
+            raise ConfigError(f"--force {unknown[0]!r}: no such stage in this recipe. Stages: "
+                              f"{', '.join(st.name for st in self.stages)}")
+        self.force_from = min((i for i, st in enumerate(self.stages) if st.name in force), default=None)
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def _check_keys(self, section: str, block: Mapping[str, Any], valid: set[str]) -> None:
+        unknown = sorted(set(block) - valid)
+        if unknown:
+            raise ConfigError(f"{self.source}: {section}: unknown key {unknown[0]!r}. Valid keys: "
+                              f"{', '.join(sorted(valid))}")
+
+    # ---------------------------------------------------------------------------------------------- the plan
+    def _plan(self) -> list[Stage]:
+        base = ("task", "data", "run.seed")
+        stages = [Stage("teacher", base + ("teacher",), self._train_teacher)]
+        if self.student_cfg is not None:
+            for r in range(1, self.rounds + 1):
+                sfx = "" if r == 1 else f"_r{r}"
+                prev = "teacher" if r == 1 else ("student" if r == 2 else f"student_r{r - 1}")
+                stages.append(Stage(f"label{sfx}", base + ("teacher", "student", "label") if r > 1 else
+                                    base + ("teacher", "label"), lambda p=prev, s=sfx: self._label(p, s)))
+                stages.append(Stage(f"student{sfx}", base + ("teacher", "label", "student"),
+                                    lambda s=sfx: self._train_student(s)))
+        if self.baselines.get("labeled_only"):
+            stages.append(Stage("baseline_labeled", base + ("teacher", "student"), self._baseline_labeled))
+        if self.baselines.get("fully_labeled"):
+            stages.append(Stage("baseline_full", base + ("teacher", "student"), self._baseline_full))
+        for variant in (self.kd.get("variants") or {}):
+            stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", "kd"),
+                                lambda v=variant: self._kd(v)))
+        if self.evaluate_cfg.get("tta"):
+            for st in [s.name for s in stages if not s.name.startswith("label")]:
+                stages.append(Stage(f"tta_{st}", base + ("teacher", "student", "label", "kd", "evaluate"),
+                                    lambda s=st: self._tta(s)))
+        return stages
+
+    # ------------------------------------------------------------------------------------------------ running
+    def execute(self) -> dict[str, Any]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out)
+        for i, stage in enumerate(self.stages):
+            folder = self.out / stage.name
+            marker = folder / "stage.json"
+            key = _digest({k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs})
+            forced = self.force_from is not None and i >= self.force_from
+            if marker.is_file() and not forced:
+                done = json.loads(marker.read_text())
+                if done.get("inputs") == key:
+                    log.info("stage %s: complete, skipped (--force %s to redo)", stage.name, stage.name)
+                    print(f"[ddkit run] {stage.name}: done earlier, skipped")
+                    self.results[stage.name] = done["result"]
+                    continue
+            if forced and folder.exists():
+                shutil.rmtree(folder)  # redo from scratch, not resume
+            elif marker.is_file():  # inputs changed: the old outputs are stale
+                shutil.rmtree(folder)
+            print(f"[ddkit run] {stage.name}: running")
+            t0 = time.perf_counter()
+            result = stage.fn()
+            result["seconds"] = round(time.perf_counter() - t0, 2)
+            self.results[stage.name] = result
+            atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
+        summary = self.summarize()
+        atomic_write_json(self.out / "results.json", summary)
+        atomic_write_text(self.out / "results.md", results_markdown(summary) + "\n")
+        try:
+            from ddkit.engine.report import write_report
+
+            write_report(self.out, summary, info=self.splits.info, task_name=self.task.name,
+                         unlabeled=self.splits.unlabeled)
+        except ImportError:  # pragma: no cover - the report module is part of ddkit
+            pass
+        return summary
+
+    # ---------------------------------------------------------------------------------------------- the stages
+    def _train(self, stage: str, model_cfg: Any, train_cfg: Any, train_sets: list[Any], losses: Any = None,
+               teacher: Any = None) -> dict[str, Any]:
+        torch.manual_seed(self.seed)
+        model = self.task.build_model(model_cfg, self.splits.info)
+        out = train_model(self.task, model, train_sets, train_cfg, self.out / stage, teacher=teacher,
+                          losses=losses, eval_set=self.splits.test, resume=True, seed=self.seed,
+                          device=self.device, progress=self.progress)
+        if not out.get("finished"):
+            raise ConfigError(f"stage {stage} stopped before the end of its schedule (max_iterations?); "
+                              f"re-run to resume it")
+        return {"model": out["model_path"], "metrics": out["metrics"], "iterations": out["iterations"],
+                "train_time_s": out.get("train_time_s")}
+
+    def _train_teacher(self) -> dict[str, Any]:
+        t = self.teacher_cfg
+        return self._train("teacher", t["model"], t.get("train"), [self.splits.labeled], t.get("losses"))
+
+    def _model_path(self, stage: str) -> Path:
+        return Path(self.results[stage]["model"])
+
+    def _label(self, teacher_stage: str, sfx: str) -> dict[str, Any]:
+        if self.splits.unlabeled is None:
+            raise ConfigError(f"{self.source}: data.split needs an unlabeled part for data distillation")
+        path = self._model_path(teacher_stage)
+        _, teacher, _ = load_model(path, device=self.device, registry=self.registry)
+        res = label_dataset(self.task, teacher, self.splits.info, self.splits.unlabeled, self.splits.labeled,
+                            self.label_cfg, self.out / f"label{sfx}", teacher_checkpoint=path,
+                            device=self.device, progress=bool(self.progress), registry=self.registry,
+                            seed=self.seed)
+        return {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality,
+                "teacher": str(path)}
+
+    def _teacher_for(self, losses: Any, init: str) -> Path | None:
+        names = {(b if isinstance(b, str) else b.get("name")) for b in (losses or [])}
+        return self._model_path("teacher") if names & KD_LOSSES or init == "teacher" else None
+
+    def _train_student(self, sfx: str) -> dict[str, Any]:
+        s = self.student_cfg
+        pseudo = load_pseudo_dataset(self.results[f"label{sfx}"]["pseudo_labels"], source=self.splits.unlabeled)
+        pseudo.info = self.splits.info
+        init = parse_train_config(s.get("train")).init
+        return self._train(f"student{sfx}", s["model"], s.get("train"), [self.splits.labeled, pseudo],
+                           s.get("losses"), teacher=self._teacher_for(s.get("losses"), init))
+
+    def _student_like(self) -> dict[str, Any]:
+        return self.student_cfg or self.teacher_cfg
+
+    def _baseline_labeled(self) -> dict[str, Any]:
+        """The student's model on the labeled part alone, with the teacher's schedule (the paper's baseline)."""
+        s = self._student_like()
+        return self._train("baseline_labeled", s["model"], self.teacher_cfg.get("train"), [self.splits.labeled])
+
+    def _baseline_full(self) -> dict[str, Any]:
+        """The upper bound: the unlabeled part with its true labels, as many iterations as the student."""
+        if self.splits.unlabeled is None:
+            raise ConfigError(f"{self.source}: baselines.fully_labeled needs an unlabeled part with hidden labels")
+        s = self._student_like()
+        tcfg = parse_train_config(s.get("train"))
+        full = ConcatDataset([self.splits.labeled, self.splits.unlabeled.ground_truth])
+        iters = total_iterations(tcfg, [len(self.splits.labeled), len(self.splits.unlabeled)])
+        block = {**(s.get("train") or {}), "iterations": iters, "scale_with_data": False, "epochs": None}
+        return self._train("baseline_full", s["model"], block, [full])
+
+    def _kd(self, variant: str) -> dict[str, Any]:
+        v = (self.kd.get("variants") or {})[variant] or {}
+        bad = sorted(set(v) - {"losses", "train", "model"})
+        if bad:
+            raise ConfigError(f"{self.source}: kd.variants.{variant}: unknown key {bad[0]!r}. Valid keys: "
+                              f"losses, model, train")
+        s = self._student_like()
+        train = {**(s.get("train") or {}), **(v.get("train") or {})}
+        losses = v.get("losses") or [{"name": "hard_label"}]
+        return self._train(f"kd_{variant}", v.get("model") or s["model"], train, [self.splits.labeled], losses,
+                           teacher=self._teacher_for(losses, parse_train_config(train).init))
+
+    def _tta(self, stage: str) -> dict[str, Any]:
+        """Evaluate a stage's model on the test part with the multi-transform ensemble, beside one view."""
+        path = self._model_path(stage)
+        _, model, _ = load_model(path, device=self.device, registry=self.registry)
+        label = dict(self.label_cfg or {})
+        for key in ("transforms", "aggregator"):
+            if self.evaluate_cfg.get(key) is not None:
+                label[key] = self.evaluate_cfg[key]
+        if not label.get("transforms"):
+            raise ConfigError(f"{self.source}: evaluate.tta needs evaluate.transforms (or label.transforms)")
+        keep = {"transforms", "aggregator", "batch_size", "keypoints"}
+        label = {k: v for k, v in label.items() if k in keep}
+        label.update(selector={"name": "score_threshold", "threshold": 0.0}, quality=True)
+        res = label_dataset(self.task, model, self.splits.info, HiddenLabels(self.splits.test), self.splits.labeled,
+                            label, self.out / f"tta_{stage}", teacher_checkpoint=path, device=self.device,
+                            registry=self.registry, seed=self.seed)
+        quality = res.quality or {}
+        return {"single": quality.get("single"), "ensemble": quality.get("ensemble")}
+
+    # ------------------------------------------------------------------------------------------------ results
+    def summarize(self) -> dict[str, Any]:
+        classification = self.task.name == "classification"
+        metric = "error" if classification else "AP"
+        names = {"teacher": "teacher", "baseline_labeled": "baseline (labeled only)",
+                 "student": "student (data distillation)", "baseline_full": "fully labeled (upper bound)"}
+        rows = []
+        for stage, res in self.results.items():
+            if "metrics" not in res:
+                continue
+            label = names.get(stage) or (f"student round {stage.split('_r')[-1]}" if stage.startswith("student_r")
+                                         else f"student {stage[3:]} (KD)" if stage.startswith("kd_") else stage)
+            row = {"model": label, "stage": stage}
+            m = res["metrics"] or {}
+            if classification:
+                row["error %"] = round(100 * float(m.get("error", float("nan"))), 2)
+                row["accuracy %"] = round(100 * float(m.get("accuracy", float("nan"))), 2)
+            else:
+                for k in ("AP", "AP50", "AP75"):
+                    if k in m:
+                        row[k] = round(100 * float(m[k]), 2)
+            tta = self.results.get(f"tta_{stage}")
+            if tta and tta.get("ensemble"):
+                key = "accuracy" if classification else "AP"
+                single, ens = tta["single"].get(key), tta["ensemble"].get(key)
+                if single is not None and ens is not None:
+                    scale = 100 if classification or ens <= 1 else 1
+                    row[f"{key} 1 view"] = round(scale * float(single), 2)
+                    row[f"{key} TTA"] = round(scale * float(ens), 2)
+            row["iterations"] = res.get("iterations")
+            rows.append(row)
+        summary: dict[str, Any] = {"task": self.task.name, "metric": metric, "rows": rows,
+                                   "seed": self.seed, "run_dir": str(self.out)}
+        by = {r["stage"]: r for r in rows}
+        key = "error %" if classification else "AP"
+        if all(s in by for s in ("baseline_labeled", "student", "baseline_full")):
+            base, dd, full = by["baseline_labeled"][key], by["student"][key], by["baseline_full"][key]
+            if base != full:
+                summary["gap_closed"] = round((base - dd) / (base - full), 3)
+        if "kd_alone" in by and classification:
+            alone = by["kd_alone"]["error %"]
+            summary["kd_relative_error_reduction"] = {
+                r["stage"]: round((alone - r["error %"]) / alone, 3) for r in rows
+                if r["stage"].startswith("kd_") and r["stage"] != "kd_alone" and alone > 0}
+        label = self.results.get("label")
+        if label and label.get("quality"):
+            summary["pseudo_label_quality"] = {k: label["quality"].get(k) for k in ("single", "ensemble")}
+        return summary
+
+
+def results_markdown(summary: Mapping[str, Any]) -> str:
+    """The results table as markdown (what ``ddkit run`` prints at the end)."""
+    rows = summary.get("rows") or []
+    if not rows:
+        return "(no results)"
+    cols = [c for c in rows[0] if c != "stage"]
+    for r in rows[1:]:
+        cols += [c for c in r if c not in cols and c != "stage"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c == "model" else "---:" for c in cols) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r.get(c)) for c in cols) + " |")
+    if "gap_closed" in summary:
+        lines.append(f"\nShare of the baseline -> fully labeled gap closed by data distillation: "
+                     f"{100 * summary['gap_closed']:.0f} %")
+    for stage, red in (summary.get("kd_relative_error_reduction") or {}).items():
+        lines.append(f"\n{stage}: {100 * red:.0f} % relative error reduction over the student alone")
+    return "\n".join(lines)
+
+
+def run_recipe(cfg: DictConfig, source: str = "recipe", force: Sequence[str] = (), progress: bool | None = None,
+               registry: Registry | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage of a recipe; return the summary written to ``results.json``."""
+    return Runner(cfg, source=source, registry=registry, force=force, progress=progress).execute()

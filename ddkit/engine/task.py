@@ -1,0 +1,164 @@
+"""The Task protocol: everything that differs between classification, detection and keypoint detection.
+
+A task is a strategy of kind ``tasks`` (``ddkit.build("tasks", {"name": "detection"})``). The engine (train, label,
+evaluate) only talks to this protocol, never to a concrete task, so a plugin can add a new problem type.
+
+Data conventions (shared by every dataset and task):
+
+* a dataset item is ``(image, target)``: ``image`` a float tensor ``[C, H, W]`` in ``[0, 1]``, ``target`` a dict with
+  ``target["image_id"]: int`` and
+
+  - classification: ``target["label"]: int`` (a category id of ``DatasetInfo.categories``);
+  - detection: ``target["boxes"]: float32 [N, 4]`` (``xyxy`` pixels) and ``target["labels"]: int64 [N]`` (dataset
+    category ids, not contiguous model labels); optional ``area [N]`` and ``iscrowd [N]`` (COCO);
+  - keypoints: also ``target["keypoints"]: float32 [N, K, 3]`` ``(x, y, visibility)``, visibility 0/1/2 as in COCO.
+
+* a *batch* is what :meth:`Task.collate` returns: a dict with ``"images"`` (a stacked ``[B, C, H, W]`` tensor for
+  classification, a list of ``[C, H, W]`` tensors for detection), ``"targets"`` (the list of target dicts) and
+  ``"index"`` (``int64 [B]``: each sample's index in the training set, ``-1`` when unknown; the teacher-output cache
+  is keyed by it). A classification batch also has ``"labels"`` (``int64 [B]``, contiguous model labels).
+
+* the mapping between dataset category ids and contiguous model labels lives in the task; the model remembers
+  its dataset's categories (:func:`model_info`) so that a model loaded from a checkpoint predicts category ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from ddkit.types import DatasetInfo, Instances
+
+Batch = dict[str, Any]
+
+
+@dataclass
+class TrainOutputs:
+    """What one training forward of a student produces.
+
+    Attributes:
+        losses: the task's native supervised loss terms (``{"ce": ...}`` or torchvision's detection losses); their
+            sum is the ``hard_label`` loss.
+        logits: ``[B, C]`` class logits for soft-target distillation, or ``None`` where the task has none.
+    """
+
+    losses: dict[str, Tensor]
+    logits: Tensor | None = None
+
+
+@runtime_checkable
+class Task(Protocol):
+    """One problem type: model building, batching, native loss, inference and evaluation.
+
+    Attributes:
+        name: the registry name (``classification``, ``detection``, ``keypoints``).
+        prediction_type: ``"probs"`` (``predict`` returns class probabilities) or ``"instances"``.
+    """
+
+    name: str
+    prediction_type: str
+
+    def config(self) -> dict[str, Any]:
+        """The config block (``{"name": ..., **params}``, plain types) that rebuilds this task."""
+
+    def build_model(self, model_cfg: Mapping[str, Any], info: DatasetInfo) -> nn.Module:
+        """Build a model of kind ``models`` for this task and dataset (num classes / keypoints from ``info``).
+
+        The model carries its config and dataset info (see :func:`model_info`). ``pretrained`` weights come only
+        from a local checkpoint path; nothing is downloaded.
+        """
+
+    def collate(self, samples: Sequence[tuple[Tensor, dict[str, Any]]]) -> Batch:
+        """A list of dataset items -> a batch (see the module docstring)."""
+
+    def to_device(self, batch: Batch, device: torch.device | str) -> Batch:
+        """Move a batch's tensors to ``device``."""
+
+    def training_forward(self, model: nn.Module, batch: Batch) -> TrainOutputs:
+        """One forward pass of ``model`` (in train mode, with grad) that yields the native losses and logits."""
+
+    def loss(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        """The native supervised loss on a batch with hard labels (ground truth or pseudo-labels alike)."""
+
+    def feature_forward(self, model: nn.Module, batch: Batch) -> Tensor | None:
+        """A teacher-side forward (caller sets eval mode and no grad) that runs at least the layers hints use.
+
+        Returns the class logits ``[B, C]`` where the task has them (used by soft targets), else ``None``.
+        """
+
+    def predict(self, model: nn.Module, images: Sequence[Tensor]) -> list[Tensor] | list[Instances]:
+        """Eval mode, no grad. ``images`` are ``[C, H, W]`` in ``[0, 1]``.
+
+        Returns per image either class probabilities ``[C]`` (ordered like ``info.categories``) or
+        :class:`~ddkit.types.Instances` whose labels are dataset category ids and coordinates are in the frame of
+        the input image.
+        """
+
+    def evaluate(self, model: nn.Module, dataset: Any, batch_size: int = 8) -> dict[str, float]:
+        """Predict on every item of ``dataset`` and score against its targets (see :meth:`evaluate_predictions`)."""
+
+    def evaluate_predictions(self, preds: Sequence[Any], dataset: Any) -> dict[str, float]:
+        """Score predictions aligned with ``dataset``'s items: accuracy/error or COCO AP (pycocotools)."""
+
+    def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
+        """Horizontally flip a training sample (boxes and keypoints too, using ``info.flip_indices``)."""
+
+
+@runtime_checkable
+class KeypointTask(Task, Protocol):
+    """A task whose model has a keypoint head on RoIs (torchvision's KeypointRCNN)."""
+
+    def keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
+        """Run the keypoint head on given boxes.
+
+        Args:
+            images: ``[C, H, W]`` images in ``[0, 1]``.
+            rois: per image ``[N, 4]`` ``xyxy`` boxes in the image's pixel frame.
+
+        Returns:
+            per image ``[N, K, h, w]`` heatmap logits, each map covering its RoI (the RoI's frame, not the image's).
+        """
+
+    def heatmaps_to_keypoints(self, heatmaps: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
+        """Per image ``[N, K, h, w]`` heatmaps of ``[N, 4]`` RoIs -> ``[N, K, 3]`` ``(x, y, score)`` in pixels.
+
+        The score is the heatmap's maximum logit at the keypoint (as torchvision and Detectron report it).
+        """
+
+
+# ----------------------------------------------------------------------------------------------------------- helpers
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel / DataParallel / torch.compile wrapper."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def attach_model_info(model: nn.Module, model_cfg: Mapping[str, Any], info: DatasetInfo,
+                      task_cfg: Mapping[str, Any]) -> nn.Module:
+    """Remember on the model (as plain attributes) how to rebuild it: its config, dataset info and task config."""
+    model.ddkit_model_cfg = dict(model_cfg)
+    model.ddkit_info = info
+    model.ddkit_task_cfg = dict(task_cfg)
+    return model
+
+
+def model_info(model: nn.Module) -> tuple[dict[str, Any], DatasetInfo, dict[str, Any]]:
+    """``(model_cfg, info, task_cfg)`` attached by :meth:`Task.build_model`; raises if the model was built otherwise."""
+    inner = unwrap_model(model)
+    try:
+        return inner.ddkit_model_cfg, inner.ddkit_info, inner.ddkit_task_cfg
+    except AttributeError:
+        raise ValueError("this model was not built by a ddkit task (Task.build_model); its config and dataset "
+                         "info are unknown") from None
+
+
+def category_ids(model: nn.Module) -> list[int]:
+    """The dataset category ids in the order of the model's contiguous labels."""
+    return [int(c["id"]) for c in model_info(model)[1].categories]

@@ -1,0 +1,58 @@
+"""Contract checks for loss terms (kind ``losses``): the attributes the trainer reads and a finite, differentiable
+value on a toy classification step.
+
+    from ddkit.testing.losses import check_loss_term
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddkit.engine.losses import LossContext, SetupContext
+from ddkit.engine.task import Task
+from ddkit.types import DatasetInfo
+
+TEACHER_OUTPUTS = ("none", "logits", "features")
+
+
+def toy_classification(num_classes: int = 3) -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:
+    """A classification task, an MLP student and teacher (``hidden=[8]``: module paths ``1``, ``3``) and a batch."""
+    from ddkit.plugin_manager import build
+
+    task = build("tasks", {"name": "classification"})
+    info = DatasetInfo([{"id": i, "name": str(i)} for i in range(num_classes)], extra={"image_shape": [1, 4, 4]})
+    torch.manual_seed(0)
+    student = task.build_model({"name": "mlp", "hidden": [8]}, info)
+    teacher = task.build_model({"name": "mlp", "hidden": [12]}, info).eval()
+    samples = [(torch.rand(1, 4, 4), {"image_id": i, "label": i % num_classes, "_index": i}) for i in range(6)]
+    return task, student, teacher, task.collate(samples)
+
+
+def check_loss_term(term: Any) -> torch.Tensor:
+    """The trainer's view of a term: ``weight``, ``teacher_outputs``, optional ``setup``, ``compute`` -> scalar with
+    a gradient for the student."""
+    assert isinstance(getattr(term, "weight", None), (int, float)) and term.weight >= 0, "term.weight must be >= 0"
+    assert getattr(term, "teacher_outputs", None) in TEACHER_OUTPUTS, \
+        f"term.teacher_outputs must be one of {TEACHER_OUTPUTS}"
+    assert callable(getattr(term, "compute", None)), "term.compute(ctx) is missing"
+    task, student, teacher, batch = toy_classification()
+    extra = None
+    if hasattr(term, "setup"):
+        extra = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
+    student.train()
+    out = task.training_forward(student, batch)
+    with torch.no_grad():
+        t_logits = task.feature_forward(teacher, batch)
+    ctx = LossContext(task, student, teacher, batch, out, 0, 10, lambda: t_logits)
+    value = term.compute(ctx)
+    assert isinstance(value, torch.Tensor) and value.ndim == 0, "compute must return a scalar tensor"
+    assert torch.isfinite(value), "the loss is not finite"
+    value.backward()
+    params = list(student.parameters()) + (list(extra.parameters()) if isinstance(extra, nn.Module) else [])
+    assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in params), \
+        "the loss gives no gradient to the student (or its adapter)"
+    if hasattr(term, "close"):
+        term.close()
+    return value.detach()

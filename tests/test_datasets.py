@@ -1,0 +1,227 @@
+"""Datasets: the real fixtures (COCO, YOLO, MNIST, digits), validation errors, unreadable images, synthetic data,
+splits and hidden labels; the contract over every registered dataset."""
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.engine.data import HiddenLabels, build_data, check_images, get_target, split_dataset
+from ddkit.errors import ConfigError, DataError
+from ddkit.testing import example_blocks, registered
+from ddkit.testing.datasets import check_dataset
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+COCO_JSON = DATA / "coco-val2017-mini" / "test_coco.json"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data fixtures are not beside the repository")
+
+
+@pytest.mark.parametrize("entry", registered("datasets"), ids=lambda e: e.spec.name)
+def test_every_registered_dataset_meets_the_contract(entry):
+    blocks = example_blocks(entry)
+    if not blocks:
+        pytest.skip(f"{entry.spec.name} needs files (tested below with a temporary folder)")
+    for block in blocks:
+        for value in block.values():
+            if isinstance(value, str) and "/" in value and not Path(value).exists():
+                pytest.skip(f"example path {value} is not here")
+        ds = ddkit.build("datasets", {"name": entry.spec.name, **block})
+        check_dataset(ds)
+
+
+# ---------------------------------------------------------------------------------------------------------- COCO
+@needs_data
+def test_coco_fixture_loads_boxes_and_keypoints():
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(COCO_JSON)})
+    assert len(ds) == 4 and ds.skipped == []
+    assert ds.info.num_keypoints == 17 and ds.info.categories == [{"id": 1, "name": "person"}]
+    assert ds.info.flip_indices == [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
+    assert ds.info.keypoint_sigmas[0] == pytest.approx(0.026)
+    assert sum(len(get_target(ds, i)["boxes"]) for i in range(4)) == 14
+    raw = json.loads(COCO_JSON.read_text())
+    ann = raw["annotations"][0]
+    idx = sorted(im["id"] for im in raw["images"]).index(ann["image_id"])
+    t = get_target(ds, idx)
+    x, y, w, h = ann["bbox"]
+    j = [round(b[0].item(), 2) for b in t["boxes"]].index(round(x, 2))
+    torch.testing.assert_close(t["boxes"][j], torch.tensor([x, y, x + w, y + h]))
+    torch.testing.assert_close(t["keypoints"][j].reshape(-1), torch.tensor(ann["keypoints"], dtype=torch.float32))
+    image, _ = ds[idx]
+    assert image.shape[0] == 3 and tuple(image.shape[1:]) == t["size"]
+
+
+def _bad_coco(tmp_path: Path, mutate) -> Path:
+    data = json.loads(COCO_JSON.read_text())
+    mutate(data)
+    for im in data["images"]:
+        src = COCO_JSON.parent / im["file_name"]
+        if src.exists():
+            shutil.copy(src, tmp_path / im["file_name"])
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@needs_data
+@pytest.mark.parametrize("mutate,field", [
+    (lambda d: d["annotations"][2].__setitem__("bbox", [10, 10, -5, 20]), "bbox"),
+    (lambda d: d["annotations"][2].__setitem__("bbox", [10, 10, 5]), "bbox"),
+    (lambda d: d["annotations"][2].__setitem__("category_id", 99), "category_id"),
+    (lambda d: d["annotations"][2].__setitem__("keypoints", [0] * 50), "keypoints"),
+    (lambda d: d["annotations"][2].__setitem__("image_id", 12345), "image_id"),
+])
+def test_coco_validation_names_file_annotation_and_field(tmp_path, mutate, field):
+    path = _bad_coco(tmp_path, mutate)
+    ann_id = json.loads(COCO_JSON.read_text())["annotations"][2]["id"]
+    with pytest.raises(DataError) as err:
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    msg = str(err.value)
+    assert str(path) in msg and f"annotation id {ann_id}" in msg and field in msg
+
+
+@needs_data
+def test_unreadable_and_missing_images_are_skipped_and_reported(tmp_path, caplog):
+    path = _bad_coco(tmp_path, lambda d: None)
+    data = json.loads(path.read_text())
+    broken, missing = data["images"][0]["file_name"], data["images"][1]["file_name"]
+    (tmp_path / broken).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / missing).unlink()
+    with caplog.at_level("WARNING"):
+        ds = ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert len(ds) == 2
+    assert sorted(Path(p).name for p, _ in ds.skipped) == sorted([broken, missing])
+    assert "skipped 2 unreadable" in caplog.text
+    assert [Path(p).name for p, _ in check_images([tmp_path / broken, tmp_path / data["images"][2]["file_name"]])] \
+        == [broken]
+    check_dataset(ds)
+
+
+# ---------------------------------------------------------------------------------------------------------- YOLO
+@needs_data
+def test_yolo_boxes_and_pose():
+    det = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "train"})
+    assert len(det) == 4 and det.info.num_classes == 80 and det.info.num_keypoints is None
+    pose = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8-pose"), "split": "train"})
+    assert pose.info.num_keypoints == 17 and pose.info.flip_indices[1] == 2
+    first = sorted((DATA / "coco8-pose" / "labels" / "train").glob("*.txt"))[0]
+    row = [float(v) for v in first.read_text().split()]
+    i = [f.stem for f in pose.files].index(first.stem)
+    image, t = pose[i]
+    h, w = image.shape[-2:]
+    cx, cy, bw, bh = row[1] * w, row[2] * h, row[3] * w, row[4] * h
+    torch.testing.assert_close(t["boxes"][0], torch.tensor([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]))
+    torch.testing.assert_close(t["keypoints"][0, 0], torch.tensor([row[5] * w, row[6] * h, row[7]]))
+    assert sum(len(get_target(pose, k)["boxes"]) for k in range(len(pose))) >= 4
+
+
+@needs_data
+def test_yolo_label_with_wrong_length_is_an_error(tmp_path):
+    root = tmp_path / "y"
+    shutil.copytree(DATA / "coco8", root)
+    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("0 0.5 0.5 0.2\n")
+    with pytest.raises(DataError, match=rf"{label.name}: line 1: 4 values, expected 5"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+
+
+# ------------------------------------------------------------------------------------------------- image folder
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        for k in range(3):
+            Image.new("RGB", (10 + k, 8), color).save(tmp_path / cls / f"{k}.png")
+    (tmp_path / "dog" / "broken.png").write_bytes(b"nope")
+    ds = ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path), "image_size": [8, 8]})
+    assert len(ds) == 6 and len(ds.skipped) == 1
+    assert [c["name"] for c in ds.info.categories] == ["cat", "dog"]
+    check_dataset(ds)
+    image, target = ds[5]
+    assert target["label"] == 1 and image.shape == (3, 8, 8) and image[2].mean() > 0.9
+
+
+# ----------------------------------------------------------------------------------------------- bundled digits
+def test_mnist5k_is_the_real_digits_with_a_stratified_split():
+    ds = ddkit.build("datasets", {"name": "mnist5k"})
+    assert len(ds) == 5000 and ds[0][0].shape == (1, 28, 28)
+    assert Counter(get_target(ds, i)["label"] for i in range(5000)) == Counter({c: 500 for c in range(10)})
+    train = ddkit.build("datasets", {"name": "mnist5k", "split": "train"})
+    test = ddkit.build("datasets", {"name": "mnist5k", "split": "test"})
+    assert len(train) == 4000 and len(test) == 1000
+    assert Counter(get_target(test, i)["label"] for i in range(1000)) == Counter({c: 100 for c in range(10)})
+    assert not {get_target(train, i)["image_id"] for i in range(4000)} & \
+        {get_target(test, i)["image_id"] for i in range(1000)}
+    # a real digit: ink in the middle, blank corners
+    img = ds[2500][0][0]
+    assert img[10:18, 10:18].mean() > img[:4, :4].mean() + 0.05
+
+
+def test_digits():
+    ds = ddkit.build("datasets", {"name": "digits"})
+    assert len(ds) == 1797 and ds[0][0].shape == (1, 8, 8) and float(ds[0][0].max()) <= 1.0
+
+
+# -------------------------------------------------------------------------------------------------- synthetic
+def test_synthetic_shapes_are_deterministic_and_boxes_enclose_the_shapes():
+    a = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 5, "image_size": 64, "max_object": 30})
+    b = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 5, "image_size": 64, "max_object": 30})
+    for i in range(5):
+        ia, ta = a[i]
+        ib, tb = b[i]
+        assert torch.equal(ia, ib) and torch.equal(ta["boxes"], tb["boxes"])
+        bg = ia[:, 0, 0]
+        for box in ta["boxes"].long():
+            x0, y0, x1, y1 = box.tolist()
+            inside = ia[:, y0:y1, x0:x1]
+            assert (inside - bg[:, None, None]).abs().amax() > 0.2  # the shape's colour is there
+    c = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 5, "seed": 1})
+    assert not torch.equal(c[0][0], ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 5})[0][0])
+
+
+def test_synthetic_figures_keypoints_flip_consistently():
+    ds = ddkit.build("datasets", {"name": "synthetic_figures", "num_images": 3})
+    task = ddkit.build("tasks", "keypoints")
+    image, t = ds[0]
+    kps = t["keypoints"][0]
+    assert kps[2, 0] > kps[3, 0]  # the figure's left hand is on the image's right
+    flipped, ft = task.hflip(image, t, ds.info)
+    fk = ft["keypoints"][0]
+    assert fk[2, 0] > fk[3, 0]  # still true after a flip: left/right labels were swapped
+    torch.testing.assert_close(fk[3, 0], image.shape[-1] - kps[2, 0])
+    torch.testing.assert_close(ft["boxes"][0, 0], image.shape[-1] - t["boxes"][0, 2])
+
+
+# ------------------------------------------------------------------------------------------------------ splits
+def test_split_is_stratified_deterministic_and_hides_unlabeled_labels():
+    ds = ddkit.build("datasets", {"name": "digits"})
+    a = split_dataset(ds, labeled=0.1, unlabeled=0.7, test=0.2, seed=0)
+    b = split_dataset(ds, labeled=0.1, unlabeled=0.7, test=0.2, seed=0)
+    c = split_dataset(ds, labeled=0.1, unlabeled=0.7, test=0.2, seed=1)
+    assert a.labeled.indices == b.labeled.indices and a.labeled.indices != c.labeled.indices
+    parts = [set(a.labeled.indices), set(a.unlabeled.ground_truth.indices), set(a.test.indices)]
+    assert sum(map(len, parts)) == len(ds) and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    per_class = Counter(get_target(a.labeled, i)["label"] for i in range(len(a.labeled)))
+    full = Counter(get_target(ds, i)["label"] for i in range(len(ds)))
+    for cls, n in full.items():
+        assert abs(per_class[cls] - 0.1 * n) <= 1
+    assert isinstance(a.unlabeled, HiddenLabels)
+    image, target = a.unlabeled[0]
+    assert set(target) == {"image_id"} and "label" in a.unlabeled.ground_truth[0][1]
+
+
+def test_build_data_layouts_and_errors():
+    s = build_data({"dataset": {"name": "digits"}, "split": {"labeled": 0.5, "test": 0.5}})
+    assert s.unlabeled is None and len(s.labeled) + len(s.test) == 1797
+    t = build_data({"train": {"dataset": {"name": "digits", "split": "train"}},
+                    "test": {"dataset": {"name": "digits", "split": "test"}}})
+    assert len(t.labeled) + len(t.test) == 1797
+    with pytest.raises(ConfigError, match="unknown key 'labelled'"):
+        build_data({"dataset": {"name": "digits"}, "split": {"labelled": 0.5}})
+    with pytest.raises(ConfigError, match="sum to at most 1"):
+        build_data({"dataset": {"name": "digits"}, "split": {"labeled": 0.8, "test": 0.5}})

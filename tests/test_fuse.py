@@ -1,0 +1,281 @@
+"""``ddkit fuse``: parity with ensemble_boxes / ddkit.ops.ensemble WBF, evaluation equal to pycocotools by hand,
+and bad input reported entry by entry (never clipped)."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ddkit import ConfigError, DataError
+from ddkit.cli import main
+from ddkit.engine.fuse import fuse_results, validate_results
+from ddkit.testing import registered
+
+SHARED = Path(__file__).parents[1].parent / "shared" / "data"
+COCO_MINI = SHARED / "coco-val2017-mini" / "test_coco.json"
+
+
+def _random_case(seed=0, n_models=3, n_images=5):
+    """A COCO images dict and one results list per model: boxes clustered around a few objects (so that fusion
+    merges), random scores, two categories, all inside their image."""
+    rng = np.random.default_rng(seed)
+    images = [{"id": 10 + i, "height": int(rng.integers(200, 500)), "width": int(rng.integers(300, 700))}
+              for i in range(n_images)]
+    coco = {"images": images, "categories": [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]}
+    preds = [[] for _ in range(n_models)]
+    for img in images:
+        H, W = img["height"], img["width"]
+        for _ in range(int(rng.integers(1, 5))):
+            w, h = rng.uniform(0.1, 0.4) * W, rng.uniform(0.1, 0.4) * H
+            x, y = rng.uniform(0, W - w), rng.uniform(0, H - h)
+            cat = int(rng.choice([1, 3]))
+            for m in range(n_models):
+                for _ in range(int(rng.integers(0, 3))):
+                    b = np.array([x, y, x + w, y + h]) + rng.normal(0, 0.05, 4) * [w, h, w, h]
+                    b[0::2] = np.clip(b[0::2], 0, W)
+                    b[1::2] = np.clip(b[1::2], 0, H)
+                    if b[2] - b[0] < 1 or b[3] - b[1] < 1:
+                        continue
+                    preds[m].append({"image_id": img["id"], "category_id": cat if rng.random() > 0.1 else 4 - cat,
+                                     "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]],
+                                     "score": float(rng.uniform(0.05, 1.0))})
+    return coco, preds
+
+
+def _normalized_rows(entries, sizes):
+    """Per image: rows (label, score, x1, y1, x2, y2) with the box divided by the image size, sorted."""
+    out = {}
+    for e in entries:
+        H, W = sizes[e["image_id"]]
+        x, y, w, h = e["bbox"]
+        out.setdefault(e["image_id"], []).append((e["category_id"], e["score"], x / W, y / H, (x + w) / W,
+                                                  (y + h) / H))
+    return {k: np.array(sorted(v)) for k, v in out.items()}
+
+
+def _ensemble_boxes_wbf(coco, preds, weights, iou_thr, conf_type):
+    from ensemble_boxes import weighted_boxes_fusion
+
+    out = []
+    for img in coco["images"]:
+        H, W = img["height"], img["width"]
+        boxes, scores, labels = [], [], []
+        for p in preds:
+            mine = [e for e in p if e["image_id"] == img["id"]]
+            boxes.append([[e["bbox"][0] / W, e["bbox"][1] / H, (e["bbox"][0] + e["bbox"][2]) / W,
+                           (e["bbox"][1] + e["bbox"][3]) / H] for e in mine])
+            scores.append([e["score"] for e in mine])
+            labels.append([e["category_id"] for e in mine])
+        if not any(len(s) for s in scores):
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            b, s, lab = weighted_boxes_fusion([np.array(x).reshape(-1, 4) for x in boxes], scores, labels,
+                                              weights=weights, iou_thr=iou_thr, skip_box_thr=0.0,
+                                              conf_type=conf_type)
+        for bb, ss, ll in zip(b, s, lab):
+            out.append({"image_id": img["id"], "category_id": int(ll), "score": float(ss),
+                        "bbox": [bb[0] * W, bb[1] * H, (bb[2] - bb[0]) * W, (bb[3] - bb[1]) * H]})
+    return out
+
+
+@pytest.mark.parametrize("weights,iou_thr,conf_type", [([2, 1, 1], 0.55, "avg"), (None, 0.6, "max")])
+def test_cli_reproduces_weighted_boxes_fusion(tmp_path, capsys, weights, iou_thr, conf_type):
+    coco, preds = _random_case(seed=1)
+    (tmp_path / "images.json").write_text(json.dumps(coco))
+    files = []
+    for i, p in enumerate(preds):
+        files.append(tmp_path / f"model{i}.json")
+        files[-1].write_text(json.dumps(p))
+    out = tmp_path / "fused.json"
+    args = ["fuse", *map(str, files), "--images", str(tmp_path / "images.json"), "--method", "wbf",
+            "--iou-thr", str(iou_thr), "--param", f"conf_type={conf_type}", "-o", str(out)]
+    if weights:
+        args += ["--weights", *map(str, weights)]
+    assert main(args) == 0, capsys.readouterr().err
+    fused = json.loads(out.read_text())
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    expected = _ensemble_boxes_wbf(coco, preds, weights, iou_thr, conf_type)
+    assert len(fused) == len(expected) and len(fused) < sum(map(len, preds))  # boxes were merged
+    got, want = _normalized_rows(fused, sizes), _normalized_rows(expected, sizes)
+    assert got.keys() == want.keys()
+    for iid in want:
+        np.testing.assert_allclose(got[iid], want[iid], atol=1e-5)
+
+    # and the library's own op (ensemble_boxes parity, normalised coordinates) gives the same boxes
+    from ddkit.ops import ensemble
+
+    fn = ensemble.weighted_boxes_fusion
+    lib = []
+    for img in coco["images"]:
+        H, W = sizes[img["id"]]
+        args_ = [[], [], []]
+        for p in preds:
+            mine = [e for e in p if e["image_id"] == img["id"]]
+            args_[0].append(np.array([[e["bbox"][0] / W, e["bbox"][1] / H, (e["bbox"][0] + e["bbox"][2]) / W,
+                                       (e["bbox"][1] + e["bbox"][3]) / H] for e in mine]).reshape(-1, 4))
+            args_[1].append(np.array([e["score"] for e in mine]))
+            args_[2].append(np.array([e["category_id"] for e in mine]))
+        b, s, lab = fn(*args_, weights=weights, iou_thr=iou_thr, skip_box_thr=0.0, conf_type=conf_type)
+        b, s, lab = (np.asarray(x) for x in (b, s, lab))
+        lib += [{"image_id": img["id"], "category_id": int(ll), "score": float(ss),
+                 "bbox": [bb[0] * W, bb[1] * H, (bb[2] - bb[0]) * W, (bb[3] - bb[1]) * H]}
+                for bb, ss, ll in zip(b, s, lab)]
+    lib_rows = _normalized_rows(lib, sizes)
+    for iid in want:
+        np.testing.assert_allclose(got[iid], lib_rows[iid], atol=1e-5)
+
+
+def _cocoeval_by_hand(gt_path, results):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(str(gt_path))
+        ev = COCOeval(gt, gt.loadRes(copy.deepcopy(results)), "bbox")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev.stats
+
+
+def _jittered_gt(seed):
+    """Detections made from the real ground truth: jittered boxes, a missed person, a false positive."""
+    rng = np.random.default_rng(seed)
+    coco = json.loads(COCO_MINI.read_text())
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    out = []
+    for i, ann in enumerate(coco["annotations"]):
+        if rng.random() < 0.15:
+            continue
+        H, W = sizes[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        b = np.array([x, y, x + w, y + h]) + rng.normal(0, 0.06, 4) * [w, h, w, h]
+        b[0::2] = np.clip(b[0::2], 0, W)
+        b[1::2] = np.clip(b[1::2], 0, H)
+        out.append({"image_id": ann["image_id"], "category_id": 1, "score": float(rng.uniform(0.3, 1.0)),
+                    "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    for iid, (H, W) in sizes.items():
+        out.append({"image_id": iid, "category_id": 1, "score": float(rng.uniform(0.0, 0.6)),
+                    "bbox": [0.1 * W, 0.1 * H, 0.2 * W, 0.2 * H]})
+    return out
+
+
+def test_cli_evaluation_matches_pycocotools(tmp_path, capsys):
+    files = []
+    for seed in (0, 1, 2):
+        files.append(tmp_path / f"det{seed}.json")
+        files[-1].write_text(json.dumps(_jittered_gt(seed)))
+    out = tmp_path / "fused.json"
+    rc = main(["fuse", *map(str, files), "--images", str(COCO_MINI), "--method", "soft_nms", "--gt", "-o", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "fused.eval.json").read_text())
+    assert list(report["metrics"]) == [*map(str, files), "fused (soft_nms)"]
+    aps = []
+    for name, path in [*((str(f), f) for f in files), ("fused (soft_nms)", out)]:
+        stats = _cocoeval_by_hand(COCO_MINI, json.loads(path.read_text()))
+        m = report["metrics"][name]
+        for key, idx in (("AP", 0), ("AP50", 1), ("AP75", 2), ("APs", 3), ("APm", 4), ("APl", 5), ("AR@100", 8)):
+            assert m[key] == pytest.approx(stats[idx], abs=1e-9), (name, key)
+        assert f"{100 * m['AP']:.1f}" in printed
+        aps.append(stats[0])
+    assert 0.1 < min(aps) and len(set(aps)) == len(aps)  # the inputs and the fusion differ
+
+
+def _write(tmp_path, name, obj):
+    path = tmp_path / name
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def test_bad_entries_are_reported_not_clipped(tmp_path, capsys):
+    good = {"image_id": 785, "category_id": 1, "bbox": [10.0, 10.0, 50.0, 60.0], "score": 0.9}
+    bad = [
+        good,
+        {**good, "image_id": 999},                                  # 1: unknown image
+        {**good, "bbox": [600.0, 10.0, 50.0, 60.0]},                # 2: x + w = 650 > 640
+        {**good, "score": float("nan")},                            # 3: non-finite score
+        {**good, "bbox": [10.0, 10.0, 50.0]},                       # 4: 3 numbers
+        {k: v for k, v in good.items() if k != "score"},            # 5: missing score
+        "not an entry",                                             # 6
+        {**good, "category_id": 7},                                 # 7: not a category of the file
+        {**good, "bbox": [10.0, -3.0, 5.0, 5.0]},                   # 8: y < 0
+    ]
+    pred = _write(tmp_path, "bad.json", bad)
+    other = _write(tmp_path, "ok.json", [good])
+    out = tmp_path / "fused.json"
+    rc = main(["fuse", str(other), str(pred), "--images", str(COCO_MINI), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    lines = err.strip().splitlines()
+    assert "8 bad predictions" in lines[0] and len(lines) == 9
+    for i, text in [(1, "image_id 999 is not in the COCO images file"), (2, "outside image 785"),
+                    (3, "score is not a finite number"), (4, "not a list of 4 numbers"), (5, "missing score"),
+                    (6, "not an object"), (7, "category_id 7"), (8, "outside image 785")]:
+        line = next(ln for ln in lines if f"bad.json[{i}]:" in ln)
+        assert text in line, line
+    assert '"bbox": [600.0, 10.0, 50.0, 60.0]' in next(ln for ln in lines if "bad.json[2]:" in ln)
+    assert "ok.json" not in err
+
+    # an explicit tolerance accepts boxes a hair outside (and clamps them); nothing else changes
+    edge = _write(tmp_path, "edge.json", [{**good, "bbox": [600.0, 10.0, 40.005, 60.0]}])
+    assert main(["fuse", str(edge), "--images", str(COCO_MINI), "-o", str(out)]) == 2
+    assert main(["fuse", str(edge), "--images", str(COCO_MINI), "--box-tolerance", "0.01", "--method", "nms",
+                 "-o", str(out)]) == 0
+    x, y, w, h = json.loads(out.read_text())[0]["bbox"]
+    assert x + w == pytest.approx(640.0)
+
+
+def test_problem_list_is_capped(tmp_path, capsys):
+    entries = [{"image_id": 1000 + i, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5} for i in range(27)]
+    rc = main(["fuse", str(_write(tmp_path, "p.json", entries)), "--images", str(COCO_MINI), "-o",
+               str(tmp_path / "o.json")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "27 bad predictions" in lines[0]
+    assert len(lines) == 22 and lines[-1].strip() == "... and 7 more"
+
+
+def test_cli_user_errors(tmp_path, capsys):
+    ok = _write(tmp_path, "ok.json", [{"image_id": 785, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.5}])
+    out = str(tmp_path / "o.json")
+    base = ["fuse", str(ok), str(ok), "--images", str(COCO_MINI), "-o", out]
+    assert main(base + ["--weights", "1"]) == 2
+    assert "--weights has 1 values for 2 input files" in capsys.readouterr().err
+    assert main(base + ["--method", "prob_mean"]) == 2
+    assert "ensembles probs, not boxes" in capsys.readouterr().err
+    assert main(base + ["--method", "wbff"]) == 2
+    assert "Did you mean 'wbf'" in capsys.readouterr().err
+    assert main(base + ["--param", "not_a_key=1"]) == 2
+    assert "unknown key 'not_a_key'" in capsys.readouterr().err
+    assert main(["fuse", str(COCO_MINI), "--images", str(COCO_MINI), "-o", out]) == 2
+    assert "ground-truth file" in capsys.readouterr().err
+
+
+INSTANCE_AGGS = [e.spec.name for e in registered("aggregators") if e.spec.input == "instances"]
+
+
+@pytest.mark.parametrize("name", INSTANCE_AGGS)
+def test_fuse_results_with_every_box_aggregator(name):
+    coco, preds = _random_case(seed=2, n_models=2)
+    fused = fuse_results(preds, coco, {"name": name})
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    assert fused and not validate_results(fused, sizes, "fused", [1, 3])  # in the images, finite, well formed
+    assert {e["image_id"] for e in fused} <= {e["image_id"] for p in preds for e in p}
+    assert all(0 <= e["score"] <= 1 + 1e-6 and not math.isnan(e["score"]) for e in fused)
+
+
+def test_fuse_results_api_errors():
+    coco, preds = _random_case(seed=3, n_models=2)
+    with pytest.raises(ConfigError):
+        fuse_results([], coco, "wbf")
+    broken = [list(preds[0]), [dict(preds[1][0], score="high")]]
+    with pytest.raises(DataError, match=r"input1\[0\]: score is not a finite number"):
+        fuse_results(broken, coco, "wbf")
