@@ -9,6 +9,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -39,10 +40,13 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override {bad[0]!r} is not of the form key=value (e.g. run.seed=1)")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-        except OmegaConfBaseException as err:
-            raise ConfigError(f"command-line overrides: {_first_line(err)}") from None
+        for override in overrides:
+            key, value = override.split("=", 1)
+            try:  # update (not merge a dotlist) so that list items can be overridden: label.transforms.0.name=x
+                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value else None, merge=True,
+                                 force_add=True)
+            except (OmegaConfBaseException, TypeError, ValueError, yaml.YAMLError) as err:
+                raise ConfigError(f"override {override!r}: {_first_line(err)}") from None
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:

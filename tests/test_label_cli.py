@@ -136,6 +136,21 @@ def test_bad_recipe_fails_before_any_image_is_read(tmp_path, teacher, capsys, mo
     assert not (tmp_path / "run" / "label" / "shards").exists()
 
 
+def test_strategies_are_built_before_the_data(tmp_path, teacher, monkeypatch, capsys):
+    """A COCO dataset checks its images when it is built: a bad label section must fail before that."""
+    import ddkit_plugins.datasets as datasets
+
+    monkeypatch.setattr(datasets, "check_images", lambda *a, **k: pytest.fail("the images were checked"))
+    monkeypatch.setattr(datasets, "read_image", lambda *a, **k: pytest.fail("an image was read"))
+    coco = REPO.parent / "shared" / "data" / "coco-val2017-mini" / "test_coco.json"
+    cfg = json.loads(recipe(tmp_path, teacher).read_text())
+    cfg["data"] = {"train": {"dataset": {"name": "coco", "annotations": str(coco)}}}
+    cfg["label"]["aggregator"] = {"name": "heatmap_mean"}  # valid block, wrong input type: found when built
+    (tmp_path / "coco.yaml").write_text(json.dumps(cfg))
+    assert main(["label", str(tmp_path / "coco.yaml"), "--no-progress"]) == 2
+    assert "ensembles heatmaps" in capsys.readouterr().err
+
+
 def test_shard_option_then_merge(tmp_path, teacher, capsys):
     r = str(recipe(tmp_path, teacher, shards=3))
     assert main(["label", r, "--shard", "1/2", "--no-progress"]) == 0

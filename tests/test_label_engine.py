@@ -239,7 +239,7 @@ def test_keypoint_count_match_drops_low_keypoints(tmp_path):
     thr = coco["info"]["thresholds"]
     assert thr["keypoint_instances"] == len(vis) > 5 and thr["keypoint_target"] == int(3.0 * len(vis))
     assert sum(vis) == thr["keypoint_target"]  # no ties among these float scores
-    assert kpi["labeled"] == 3.0 and kpi["pseudo"] == pytest.approx(3.0) and min(vis) < 7 < max(vis) + 2
+    assert kpi["labeled"] == 3.0 and kpi["pseudo"] == pytest.approx(3.0) and min(vis) < 7
     # the dropped keypoints are the low-scoring ones: every visible one scores >= the threshold
     rec = load_shard(tmp_path / "shards" / "shard-00000-of-00001.pt")
     assert float((rec["ensemble"]["keypoints"][..., 2] >= thr["keypoint"]).sum()) >= sum(vis)

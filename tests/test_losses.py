@@ -238,3 +238,23 @@ def test_soft_target_is_refused_for_detection(tmp_path):
     with pytest.raises(ConfigError, match="soft_target needs class logits"):
         train_model(task, model, ds, {"iterations": 1, "batch_size": 2}, tmp_path, teacher=teacher,
                     losses=[{"name": "soft_target"}], progress=False)
+
+
+def test_hint_between_detector_backbones(tmp_path):
+    """Chen et al. 2017 style: a hint between detector backbones (captured by hooks inside torchvision's model)."""
+    task = ddkit.build("tasks", "detection")
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 4, "image_size": 64,
+                                  "max_object": 30})
+    cfg = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "representation_size": 32,
+           "box_batch_size_per_image": 16}
+    torch.manual_seed(0)
+    teacher = task.build_model({**cfg, "min_size": 96, "max_size": 96}, ds.info)  # larger maps: resized hint
+    student = task.build_model(cfg, ds.info)
+    res = train_model(task, student, ds, {"iterations": 3, "batch_size": 2, "log_every": 1}, tmp_path,
+                      teacher=teacher, losses=[{"name": "hard_label"},
+                                               {"name": "hint", "teacher_layer": "backbone.body.layer3",
+                                                "student_layer": "backbone.body.layer2"}], progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
+    assert all(r["losses"]["hint"] > 0 for r in logs) and res["finished"]
+    adapter = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["losses"][1]
+    assert adapter["weight"].shape == (64, 32, 1, 1)  # 1x1 conv: student layer2 (32 ch) -> teacher layer3 (64 ch)

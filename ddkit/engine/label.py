@@ -41,8 +41,7 @@ from torch import Tensor, nn
 
 from ddkit.engine.data import HiddenLabels, LABEL_KEYS, get_target, read_image
 from ddkit.engine.pseudo import COCO, IMAGE_LABELS, PseudoLabelWriter
-from ddkit.engine.select import (LabeledStats, ScoredPredictions, SelectionCounter, check_selection,
-                                 json_threshold)
+from ddkit.engine.select import LabeledStats, ScoredPredictions, SelectionCounter, check_selection
 from ddkit.engine.shards import (ShardSet, fingerprint, load_shard, pack_instances, pack_probs, pack_targets,
                                  save_shard, shard_bounds, unpack_instances, worker_shards)
 from ddkit.errors import ConfigError, DataError
@@ -1159,22 +1158,25 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     rank = int(os.environ.get("RANK", "0")) if worker is None else 0
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    if cfg.get("data") is None and _block(lcfg.selector)["name"].startswith("count_match"):
+        raise ConfigError(f"{source}: selector {_block(lcfg.selector)['name']!r} matches the labeled set's counts; "
+                          f"the recipe needs a data section with the labeled set")
     task, model, info = load_model(teacher_path, device="cpu", registry=registry)
     if cfg.get("task") is not None:
         want = _block(cfg.task)["name"]
         if want != task.name:
             raise ConfigError(f"{source}: task {want!r} does not match the teacher checkpoint's task {task.name!r}")
+    # every strategy is built before the data: a dataset may read (verify) its images when it is built
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else {}
+    has_unlabeled = bool(data_cfg.get("unlabeled")) or bool((data_cfg.get("split") or {}).get("unlabeled"))
+    quality_possible = lcfg.coco is not None or (lcfg.images is None and has_unlabeled)
+    strategies = build_strategies(lcfg, task, info, registry, where=f"{source}: label",
+                                  need_single=lcfg.quality is not False and quality_possible)
     splits = build_data(cfg.data, registry=registry, where=f"{source}: data") if cfg.get("data") is not None \
         else None
     unlabeled = None if splits is None else splits.unlabeled
     if splits is not None and [int(c["id"]) for c in splits.info.categories] != [int(c["id"]) for c in info.categories]:
         raise ConfigError(f"{source}: the data's categories differ from the teacher's")
-    quality_possible = (lcfg.coco is not None) or (lcfg.images is None and unlabeled is not None)
-    strategies = build_strategies(lcfg, task, info, registry, where=f"{source}: label",
-                                  need_single=lcfg.quality is not False and quality_possible)
-    if splits is None and _block(lcfg.selector)["name"].startswith("count_match"):
-        raise ConfigError(f"{source}: selector {_block(lcfg.selector)['name']!r} matches the labeled set's counts; "
-                          f"the recipe needs a data section with the labeled set")
     if rank == 0:
         from ddkit.config import save_config
 

@@ -210,6 +210,14 @@ def _mix(*values: int) -> int:
     return int.from_bytes(h, "little") % (2 ** 63)
 
 
+def _reseed(value: int, dev: torch.device) -> None:
+    """Seed the generators that dropout and friends use, cheaply: ``torch.manual_seed`` also visits every lazy
+    accelerator backend (capturing a stack trace each), which costs a millisecond per call."""
+    torch.default_generator.manual_seed(value)
+    if dev.type == "cuda":
+        torch.cuda.manual_seed(value)
+
+
 def _samples(batch: list[Any]) -> list[Any]:  # DataLoader collate_fn: keep the list; the task collates later
     return batch
 
@@ -457,7 +465,7 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
 
     # ---- resume
     start = 0
-    window: dict[str, float] = {}
+    window: dict[str, torch.Tensor] = {}  # float64 sums on the device: no host sync per iteration
     window_n = 0
     last = ckpt_dir / LAST
     if resume and last.is_file():
@@ -475,7 +483,8 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
             raise ConfigError(f"cannot resume {last}: it was for {state.get('total_iterations')} iterations, this "
                               f"run has {total} (the schedule or the data changed)")
         start = int(state["iteration"])
-        window = dict(state.get("log_window", {}).get("sums", {}))
+        window = {k: torch.tensor(v, dtype=torch.float64, device=dev)
+                  for k, v in state.get("log_window", {}).get("sums", {}).items()}
         window_n = int(state.get("log_window", {}).get("n", 0))
         if is_main:
             _truncate_jsonl(metrics_path, start)
@@ -522,7 +531,7 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
             path, student, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
             scaler=scaler.state_dict() if use_amp else {}, sampler={**sampler.state_dict(), "step": it},
             rng={"torch": torch.get_rng_state(), "seed": seed}, iteration=it, total_iterations=total,
-            losses=[m.state_dict() for m in extras], log_window={"sums": dict(window), "n": window_n},
+            losses=[m.state_dict() for m in extras], log_window={"sums": {k: float(v) for k, v in window.items()}, "n": window_n},
             train_cfg=dataclasses.asdict(cfg), loss_names=list(names),
         )
         return path
@@ -549,6 +558,7 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
 
         bar = tqdm(total=stop, initial=start, desc=f"train {task.name}", unit="it", dynamic_ncols=True)
     metrics: dict[str, float] = {}
+    check_every_step = dev.type != "cuda"  # on GPU the check waits for the log step (no host sync per iteration)
     t0 = time.perf_counter()
     t_window = t0
     samples_seen = 0
@@ -556,7 +566,7 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
     loader_iter = iter(loader)
     try:
         for it in range(start, stop):
-            torch.manual_seed(_mix(seed, rank, it))
+            _reseed(_mix(seed, rank, it), dev)
             samples = next(loader_iter)
             if cfg.hflip > 0:
                 g = torch.Generator().manual_seed(_mix(seed, rank, it, "hflip"))
@@ -583,7 +593,7 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
                     values[names[i]] = value
                     weighted = terms[i].weight * value
                     loss = weighted if loss is None else loss + weighted
-            if not bool(torch.isfinite(loss.detach())):
+            if check_every_step and not bool(torch.isfinite(loss.detach())):
                 detail = ", ".join(f"{k} {_float(v):.4g}" for k, v in values.items())
                 raise TrainingDiverged(f"the loss became {_float(loss)} at iteration {it} ({detail}); lower "
                                        f"train.lr (now {cfg.lr}), raise train.warmup or set train.clip_grad_norm")
@@ -603,16 +613,20 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
             samples_seen += len(samples) * world
 
             # ---- logging (window means; the window is checkpointed so that resumed logs are identical)
-            window["loss"] = window.get("loss", 0.0) + _float(loss)
-            for k, v in {**values, **ctx.logs}.items():
-                window[k] = window.get(k, 0.0) + _float(v)
+            for k, v in {"loss": loss, **values, **ctx.logs}.items():
+                v = v.detach().double()
+                window[k] = window[k] + v if k in window else v
             window_n += 1
             done = it + 1
             if bar is not None:
                 bar.update(1)
             if cfg.log_every and done % cfg.log_every == 0 or done == total:
                 now = time.perf_counter()
-                means = {k: v / max(window_n, 1) for k, v in window.items()}
+                means = {k: float(v) / max(window_n, 1) for k, v in window.items()}
+                if not math.isfinite(means["loss"]):
+                    raise TrainingDiverged(f"the loss became {means['loss']} between iterations {done - window_n} "
+                                           f"and {done}; lower train.lr (now {cfg.lr}), raise train.warmup or set "
+                                           "train.clip_grad_norm")
                 rec = {"iteration": done, "lr": optimizer.param_groups[0]["lr"], "loss": means.pop("loss"),
                        "losses": means, "samples_per_s": round(samples_seen / max(now - t_window, 1e-9), 2)}
                 if is_main:
@@ -623,10 +637,10 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
                              + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
                              + f")  {rec['samples_per_s']:.0f} samples/s", echo=bar is None)
                 window, window_n, t_window, samples_seen = {}, 0, now, 0
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < total and eval_set is not None:
+                metrics = evaluate(done)  # before the checkpoint: a resumed run never misses this record
             if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < stop and is_main:
                 checkpoint(done)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < total and eval_set is not None:
-                metrics = evaluate(done)
         it = stop
     except KeyboardInterrupt:
         if is_main and it > start:
@@ -641,6 +655,8 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
             if close is not None:
                 close()
     train_time = time.perf_counter() - t0
+    if world > 1:
+        _check_ranks_in_sync(student, extras, dev, world, file_log if is_main else None)
 
     finished = stop >= total
     ckpt_path = None
@@ -667,6 +683,19 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
             "total_iterations": total, "finished": finished, "metrics": metrics,
             "train_time_s": train_time, "samples_per_s": (stop - start) * cfg.batch_size / max(train_time, 1e-9),
             "losses": names}
+
+
+def _check_ranks_in_sync(student: nn.Module, extras: nn.Module, dev: torch.device, world: int, note) -> None:
+    """After DDP training every rank must hold the same weights; compare a float64 checksum across ranks."""
+    params = list(unwrap_model(student).parameters()) + list(extras.parameters())
+    value = torch.stack([p.detach().double().sum() + (p.detach().double() ** 2).sum() for p in params]).sum()
+    gathered = [torch.zeros((), dtype=torch.float64, device=dev) for _ in range(world)]
+    torch.distributed.all_gather(gathered, value.to(dev))
+    values = [float(v) for v in gathered]
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"DDP ranks ended with different weights (checksums {values})")
+    if note is not None:
+        note(f"DDP: the {world} ranks hold identical weights (checksum {values[0]:.6g})")
 
 
 def load_checkpoint_path(path: str | Path) -> Path:

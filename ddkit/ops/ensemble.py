@@ -46,12 +46,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .boxes import order_box_corners
-
 __all__ = [
     "weighted_boxes_fusion", "nms", "soft_nms", "nms_method", "non_maximum_weighted",
     "weighted_boxes_fusion_batch", "nms_batch", "soft_nms_batch", "non_maximum_weighted_batch",
-    "wbf_tensor", "nmw_tensor", "nms_tensor", "soft_nms_tensor", "box_voting_tensor",
+    "wbf_tensor", "nmw_tensor", "nms_tensor", "soft_nms_tensor", "box_voting_tensor", "CONF_TYPES",
 ]
 
 CONF_TYPES: Tuple[str, ...] = ("avg", "max", "box_and_model_avg", "absent_model_aware_avg")
@@ -62,11 +60,14 @@ ImageInput = Tuple[Sequence[Any], Sequence[Any], Sequence[Any]]
 Result = Tuple[np.ndarray, np.ndarray, np.ndarray]
 Weights = Optional[Union[Sequence[float], np.ndarray, Tensor]]
 Device = Optional[Union[str, torch.device]]
+Array = Any   # a numpy array (CPU backend) or a torch tensor (CUDA backend)
 
-_F64 = torch.float64
 _SLOTS = 1 << 20          # dense (group x rank) slots per chunk of the sequential loops
-_PAIRS = 1 << 22          # candidate pairs per chunk of the pairwise IoU computation
-_SMALL_QUICKSORT = 15     # numba's quicksort switches to insertion sort below this size
+_SMALL_CHUNK = 1 << 15    # below this many slots a chunk is not split by size (fewer loop steps matter more)
+_SMALL_QUICKSORT = 15     # numba's quicksort is an insertion sort up to this many elements
+
+#: Run the CPU computations with torch instead of numpy (the code path of CUDA tensors; used by the tests).
+FORCE_TORCH = False
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -142,33 +143,284 @@ def _weights(weights: Weights, n_models: np.ndarray) -> Optional[np.ndarray]:
     return w
 
 
-def _torch_float(np_dtype: np.dtype) -> torch.dtype:
-    return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32}.get(np.dtype(np_dtype), _F64)
+# ----------------------------------------------------------------------------------------------------- backends
+# Everything below runs on arrays of one backend: numpy on the CPU (single-threaded, cheap per call; torch's CPU
+# indexing and its OpenMP threads cost far more on this workload) and torch on CUDA. Both do the same IEEE
+# operations in the same order, so they give the same bits (except `exp`, see the module docstring).
+class _Numpy:
+    """numpy backend (CPU)."""
+
+    f16, f32, f64, i8, i64, bool_ = np.float16, np.float32, np.float64, np.int8, np.int64, np.bool_
+    device = torch.device("cpu")
+
+    @staticmethod
+    def asarray(x: Any) -> np.ndarray:
+        """A tensor or numpy array as a backend array (no copy when possible)."""
+        return x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x)
+
+    @staticmethod
+    def numpy(x: np.ndarray) -> np.ndarray:
+        return x
+
+    def tensor(self, x: np.ndarray, device: torch.device) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+    @staticmethod
+    def dtype_of(np_dtype: Any) -> Any:
+        return np.dtype(np_dtype).type
+
+    @staticmethod
+    def np_dtype(x: np.ndarray) -> np.dtype:
+        return x.dtype
+
+    @staticmethod
+    def is_float(x: np.ndarray) -> bool:
+        return x.dtype.kind == "f"
+
+    @staticmethod
+    def zeros(shape: Any, dtype: Any) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    @staticmethod
+    def full(shape: Any, value: Any, dtype: Any) -> np.ndarray:
+        return np.full(shape, value, dtype)
+
+    @staticmethod
+    def arange(*args: int) -> np.ndarray:
+        return np.arange(*args)
+
+    @staticmethod
+    def cast(x: np.ndarray, dtype: Any) -> np.ndarray:
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    @staticmethod
+    def copy(x: np.ndarray) -> np.ndarray:
+        return x.copy()
+
+    @staticmethod
+    def take(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return x.take(idx, axis=0)
+
+    @staticmethod
+    def argsort(x: np.ndarray, stable: bool = False) -> np.ndarray:
+        return np.argsort(x, kind="stable" if stable else "quicksort")
+
+    @staticmethod
+    def cumsum(x: np.ndarray) -> np.ndarray:
+        return x.cumsum()
+
+    @staticmethod
+    def diff_to(starts: np.ndarray, end: int) -> np.ndarray:
+        return np.diff(starts, append=end)
+
+    @staticmethod
+    def repeat(x: np.ndarray, counts: np.ndarray, total: int) -> np.ndarray:
+        return np.repeat(x, counts)
+
+    @staticmethod
+    def concat(xs: Sequence[np.ndarray], axis: int = 0) -> np.ndarray:
+        return np.concatenate(xs, axis)
+
+    @staticmethod
+    def stack(xs: Sequence[np.ndarray], axis: int = 0) -> np.ndarray:
+        return np.stack(xs, axis)
+
+    @staticmethod
+    def contiguous(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x)
+
+    @staticmethod
+    def clip0(x: np.ndarray) -> np.ndarray:
+        return np.maximum(x, 0)
+
+    @staticmethod
+    def clip(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        return np.clip(x, lo, hi)
+
+    @staticmethod
+    def gather1(x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(x, idx, 1)
+
+    @staticmethod
+    def bincount(x: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+        """Sums of ``weights`` per bin, float64, added in input order."""
+        return np.bincount(x, weights=weights, minlength=n).astype(np.float64, copy=False)
+
+    @staticmethod
+    def segment_min(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+        return np.minimum.reduceat(values, starts) if len(starts) else values[:0]
+
+    @staticmethod
+    def unique_inverse(x: np.ndarray) -> np.ndarray:
+        return np.unique(x, return_inverse=True)[1].reshape(-1)
+
+    @staticmethod
+    def unique_rows_inverse(x: np.ndarray) -> np.ndarray:
+        return np.unique(x, axis=0, return_inverse=True)[1].reshape(-1)
+
+    @staticmethod
+    def nonzero(m: np.ndarray) -> np.ndarray:
+        return m.nonzero()[0]
+
+    maximum = staticmethod(np.maximum)
+    minimum = staticmethod(np.minimum)
+    where = staticmethod(np.where)
+    exp = staticmethod(np.exp)
+    trunc = staticmethod(np.trunc)
+    isnan = staticmethod(np.isnan)
+    isfinite = staticmethod(np.isfinite)
+
+
+class _Torch:
+    """torch backend (CUDA tensors, or the CPU when ``FORCE_TORCH``)."""
+
+    f16, f32, f64, i8, i64, bool_ = torch.float16, torch.float32, torch.float64, torch.int8, torch.long, torch.bool
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def asarray(self, x: Any) -> Tensor:
+        if isinstance(x, Tensor):
+            return x.detach().to(self.device)
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+
+    @staticmethod
+    def numpy(x: Tensor) -> np.ndarray:
+        return x.detach().cpu().numpy()
+
+    @staticmethod
+    def tensor(x: Tensor, device: torch.device) -> Tensor:
+        return x.to(device)
+
+    @staticmethod
+    def dtype_of(np_dtype: Any) -> torch.dtype:
+        return {np.dtype(np.float16): torch.float16, np.dtype(np.float32): torch.float32,
+                np.dtype(np.float64): torch.float64}.get(np.dtype(np_dtype), torch.float64)
+
+    @staticmethod
+    def np_dtype(x: Tensor) -> np.dtype:
+        return torch.empty(0, dtype=x.dtype).numpy().dtype
+
+    @staticmethod
+    def is_float(x: Tensor) -> bool:
+        return x.is_floating_point()
+
+    def zeros(self, shape: Any, dtype: Any) -> Tensor:
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def full(self, shape: Any, value: Any, dtype: Any) -> Tensor:
+        return torch.full(shape if isinstance(shape, tuple) else (shape,), value, dtype=dtype, device=self.device)
+
+    def arange(self, *args: int) -> Tensor:
+        return torch.arange(*args, device=self.device)
+
+    @staticmethod
+    def cast(x: Tensor, dtype: Any) -> Tensor:
+        return x.to(dtype)
+
+    @staticmethod
+    def copy(x: Tensor) -> Tensor:
+        return x.clone()
+
+    @staticmethod
+    def take(x: Tensor, idx: Tensor) -> Tensor:
+        return torch.index_select(x, 0, idx)
+
+    @staticmethod
+    def argsort(x: Tensor, stable: bool = False) -> Tensor:
+        return torch.sort(x, stable=stable).indices
+
+    @staticmethod
+    def cumsum(x: Tensor) -> Tensor:
+        return torch.cumsum(x, 0)
+
+    @staticmethod
+    def diff_to(starts: Tensor, end: int) -> Tensor:
+        return torch.diff(starts, append=torch.tensor([end], device=starts.device))
+
+    @staticmethod
+    def repeat(x: Tensor, counts: Tensor, total: int) -> Tensor:
+        return torch.repeat_interleave(x, counts, output_size=total)
+
+    @staticmethod
+    def concat(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
+        return torch.cat(list(xs), axis)
+
+    @staticmethod
+    def stack(xs: Sequence[Tensor], axis: int = 0) -> Tensor:
+        return torch.stack(list(xs), axis)
+
+    @staticmethod
+    def contiguous(x: Tensor) -> Tensor:
+        return x.contiguous()
+
+    @staticmethod
+    def clip0(x: Tensor) -> Tensor:
+        return x.clamp(min=0)
+
+    @staticmethod
+    def clip(x: Tensor, lo: float, hi: float) -> Tensor:
+        return x.clamp(lo, hi)
+
+    @staticmethod
+    def gather1(x: Tensor, idx: Tensor) -> Tensor:
+        return torch.gather(x, 1, idx)
+
+    def bincount(self, x: Tensor, weights: Tensor, n: int) -> Tensor:
+        return torch.zeros(n, dtype=torch.float64, device=self.device).index_add_(0, x, weights.to(torch.float64))
+
+    def segment_min(self, values: Tensor, starts: Tensor) -> Tensor:
+        n = values.shape[0]
+        seg = torch.zeros(n, dtype=torch.long, device=self.device)
+        seg[starts[1:]] = 1
+        seg = torch.cumsum(seg, 0)
+        return torch.zeros(starts.shape[0], dtype=values.dtype, device=self.device).scatter_reduce(
+            0, seg, values, reduce="amin", include_self=False)
+
+    @staticmethod
+    def unique_inverse(x: Tensor) -> Tensor:
+        return torch.unique(x, return_inverse=True)[1]
+
+    @staticmethod
+    def unique_rows_inverse(x: Tensor) -> Tensor:
+        return torch.unique(x, dim=0, return_inverse=True)[1]
+
+    @staticmethod
+    def nonzero(m: Tensor) -> Tensor:
+        return torch.nonzero(m).squeeze(1)
+
+    maximum = staticmethod(torch.maximum)
+    minimum = staticmethod(torch.minimum)
+    where = staticmethod(torch.where)
+    exp = staticmethod(torch.exp)
+    trunc = staticmethod(torch.trunc)
+    isnan = staticmethod(torch.isnan)
+    isfinite = staticmethod(torch.isfinite)
+
+
+Backend = Union[_Numpy, _Torch]
+_NUMPY = _Numpy()
+
+
+def _backend(device: torch.device) -> Backend:
+    if device.type == "cpu" and not FORCE_TORCH:
+        return _NUMPY
+    return _Torch(device)
 
 
 # ----------------------------------------------------------------------------------------------------- inputs
 @dataclass
 class _Batch:
-    boxes: Tensor       # [N, 4] as given (concatenated dtype)
-    scores: Tensor      # [N]
-    labels: Tensor      # [N]
-    model: Tensor       # [N] int64
-    img: Tensor         # [N] int64
+    xp: Backend
+    boxes: Array        # [N, 4] as given (concatenated dtype; float)
+    scores: Array       # [N] float
+    labels: Array       # [N]
+    model: Array        # [N] int64
+    img: Array          # [N] int64
     n_images: int
     n_models: np.ndarray  # [n_images]
     labels_dtype: np.dtype
-    device: torch.device
-
-
-def _as_array(x: Any, what: str) -> Union[np.ndarray, Tensor]:
-    if isinstance(x, np.ndarray):
-        return x
-    if isinstance(x, Tensor):
-        return x.detach()
-    try:
-        return np.asarray(x)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{what} could not be converted to an array: {e}") from None
+    device: torch.device  # where results go (tensor cores)
 
 
 def _numel(x: Union[np.ndarray, Tensor]) -> int:
@@ -183,6 +435,15 @@ def _length(x: Any, what: str) -> int:
     if n < 0 or isinstance(x, (str, bytes, dict)) or not hasattr(x, "__getitem__"):
         raise ValueError(f"{what} must be a list with one entry per model, got {type(x).__name__}")
     return n
+
+
+def _as_array(x: Any, what: str) -> Union[np.ndarray, Tensor]:
+    if isinstance(x, (np.ndarray, Tensor)):
+        return x.detach() if isinstance(x, Tensor) else x
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} could not be converted to an array: {e}") from None
 
 
 def _model_arrays(b: Any, s: Any, lab: Any, i: int, t: int, single: bool
@@ -205,6 +466,29 @@ def _model_arrays(b: Any, s: Any, lab: Any, i: int, t: int, single: bool
         if k != n:
             raise ValueError(f"{pre}{name}[{t}] has {k} entries but boxes_list[{t}] has {n} boxes")
     return b, s.reshape(-1), lab.reshape(-1)
+
+
+def _finish(xp: Backend, boxes: Array, scores: Array, labels: Array, model: Array, img: Array, n_images: int,
+            n_models: np.ndarray, device: torch.device, what: Tuple[str, str, str]) -> _Batch:
+    """Common dtype fixes and checks of the concatenated inputs."""
+    for name, x in zip(what, (boxes, scores, labels)):
+        if xp.np_dtype(x).kind not in "biuf":
+            raise ValueError(f"{name} must hold real numbers, got dtype {xp.np_dtype(x)}")
+    labels_dtype = xp.np_dtype(labels)
+    if not xp.is_float(boxes) or xp.np_dtype(boxes).itemsize < 4:
+        boxes = xp.cast(boxes, xp.f64)
+    if not xp.is_float(scores) or xp.np_dtype(scores).itemsize < 4:
+        scores = xp.cast(scores, xp.f64)
+    if labels_dtype.kind == "b":
+        labels = xp.cast(labels, xp.i64)
+    if boxes.shape[0]:
+        if bool(xp.isnan(boxes).any()):
+            raise ValueError(f"{what[0]} contains NaN coordinates")
+        if bool(xp.isnan(scores).any()):
+            raise ValueError(f"{what[1]} contains NaN scores")
+        if xp.is_float(labels) and not bool(xp.isfinite(labels).all()):
+            raise ValueError(f"{what[2]} contains NaN or infinite labels")
+    return _Batch(xp, boxes, scores, labels, model, img, n_images, n_models, labels_dtype, device)
 
 
 def _collect(batch: Any, device: Device, single: bool) -> _Batch:
@@ -244,55 +528,32 @@ def _collect(batch: Any, device: Device, single: bool) -> _Batch:
             parts_s.append(s)
             parts_l.append(lab)
             counts.append(b.shape[0])
+    target = torch.device(device) if device is not None else (tensor_device or torch.device("cpu"))
+    xp = _backend(target)
+    cnt = np.asarray(counts, dtype=np.int64)
     pair_img = np.repeat(np.arange(len(batch), dtype=np.int64), n_models)
     pair_model = np.arange(len(counts), dtype=np.int64) - np.repeat(np.cumsum(n_models) - n_models, n_models)
-    dev = torch.device(device) if device is not None else (tensor_device or torch.device("cpu"))
-    if tensor_device is None:
-        cat_np = []
-        for name, parts, shape in (("boxes_list", parts_b, (0, 4)), ("scores_list", parts_s, (0,)),
-                                   ("labels_list", parts_l, (0,))):
-            try:
-                x = np.concatenate(parts) if parts else np.zeros(shape)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"{name} must hold numbers: {e}") from None
-            if x.dtype.kind not in "biuf":
-                raise ValueError(f"{name} must hold numbers, got dtype {x.dtype}")
-            cat_np.append(x)
-        nb, ns, nl = cat_np
-        labels_dtype = nl.dtype
-        if nb.dtype.kind != "f" or nb.dtype == np.float16:
-            nb = nb.astype(np.float64)
-        if ns.dtype.kind != "f" or ns.dtype == np.float16:
-            ns = ns.astype(np.float64)
-        if nl.dtype.kind == "b":
-            nl = nl.astype(np.int64)
-        tb, ts, tl = (torch.from_numpy(np.ascontiguousarray(a)).to(dev) for a in (nb, ns, nl))
-    else:
-        def cat(parts: List[Any], shape: Tuple[int, ...]) -> Tensor:
-            ts_ = [p if isinstance(p, Tensor) else torch.from_numpy(np.ascontiguousarray(p)) for p in parts]
-            ts_ = [p.to(dev) for p in ts_]
-            for p in ts_:
-                if p.is_complex():
-                    raise ValueError("inputs must hold real numbers")
-            return torch.cat(ts_) if ts_ else torch.zeros(shape, dtype=_F64, device=dev)
-        tb, ts, tl = cat(parts_b, (0, 4)), cat(parts_s, (0,)), cat(parts_l, (0,))
-        labels_dtype = torch.empty(0, dtype=tl.dtype).numpy().dtype
-        if not tb.is_floating_point() or tb.dtype in (torch.float16, torch.bfloat16):
-            tb = tb.to(_F64)
-        if not ts.is_floating_point() or ts.dtype in (torch.float16, torch.bfloat16):
-            ts = ts.to(_F64)
-        if tl.dtype == torch.bool:
-            tl = tl.long()
-    if tb.numel() and torch.isnan(tb).any():
-        raise ValueError("boxes_list contains NaN coordinates")
-    if ts.numel() and torch.isnan(ts).any():
-        raise ValueError("scores_list contains NaN scores")
-    if tl.is_floating_point() and tl.numel() and not torch.isfinite(tl).all():
-        raise ValueError("labels_list contains NaN or infinite labels")
-    cnt = np.asarray(counts, dtype=np.int64)
-    img = torch.from_numpy(np.repeat(pair_img, cnt)).to(dev)
-    model = torch.from_numpy(np.repeat(pair_model, cnt)).to(dev)
-    return _Batch(tb, ts, tl, model, img, len(batch), n_models, np.dtype(labels_dtype), dev)
+    img = xp.asarray(np.repeat(pair_img, cnt))
+    model = xp.asarray(np.repeat(pair_model, cnt))
+    cat = []
+    for name, parts, shape in (("boxes_list", parts_b, (0, 4)), ("scores_list", parts_s, (0,)),
+                               ("labels_list", parts_l, (0,))):
+        if not parts:
+            cat.append(xp.asarray(np.zeros(shape)))
+            continue
+        try:
+            if tensor_device is None and isinstance(xp, _Numpy):
+                cat.append(np.concatenate(parts))
+            else:
+                ts = [xp.asarray(p) for p in parts]
+                if isinstance(xp, _Numpy):
+                    cat.append(np.concatenate(ts))
+                else:
+                    cat.append(torch.cat(ts))
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"{name} must hold real numbers: {e}") from None
+    return _finish(xp, cat[0], cat[1], cat[2], model, img, len(batch), n_models, target,
+                   ("boxes_list", "scores_list", "labels_list"))
 
 
 def _tensor_batch(boxes: Tensor, scores: Tensor, labels: Tensor, model_idx: Optional[Tensor] = None,
@@ -307,79 +568,25 @@ def _tensor_batch(boxes: Tensor, scores: Tensor, labels: Tensor, model_idx: Opti
     for name, x in (("scores", scores), ("labels", labels)):
         if x.dim() != 1 or x.shape[0] != n:
             raise ValueError(f"{name} must have shape [N] = [{n}], got {tuple(x.shape)}")
-    dev = boxes.device
     if model_idx is None:
-        model = torch.zeros(n, dtype=torch.long, device=dev)
+        model = np.zeros(n, dtype=np.int64)
         m = 1 if n_models is None else int(n_models)
     else:
         if not isinstance(model_idx, Tensor) or model_idx.dim() != 1 or model_idx.shape[0] != n:
             raise ValueError(f"model_idx must be a tensor of shape [N] = [{n}]")
         if model_idx.is_floating_point() or model_idx.is_complex():
             raise ValueError("model_idx must hold integers")
-        model = model_idx.detach().to(dev).long()
+        model = model_idx.detach().cpu().numpy().astype(np.int64)
         m = int(n_models) if n_models is not None else (int(model.max()) + 1 if n else 0)
         if n and (int(model.min()) < 0 or int(model.max()) >= m):
             raise ValueError(f"model_idx must be in [0, n_models) = [0, {m})")
-    tb = boxes.detach()
-    ts = scores.detach().to(dev)
-    tl = labels.detach().to(dev)
-    if not tb.is_floating_point():
-        tb = tb.to(_F64)
-    if not ts.is_floating_point():
-        ts = ts.to(_F64)
-    if n and torch.isnan(tb).any():
-        raise ValueError("boxes contains NaN coordinates")
-    if n and torch.isnan(ts).any():
-        raise ValueError("scores contains NaN")
-    if tl.is_floating_point() and n and not torch.isfinite(tl).all():
-        raise ValueError("labels contains NaN or infinite values")
-    return _Batch(tb, ts, tl, model, torch.zeros(n, dtype=torch.long, device=dev), 1, np.array([m]),
-                  np.dtype(np.int64), dev)
-
-
-# ------------------------------------------------------------------------------------------ tensor primitives
-# torch's advanced indexing (x[idx], x[mask], x[idx] = v) is slow on the CPU: every hot path uses these instead.
-def _take(x: Tensor, idx: Tensor) -> Tensor:
-    return torch.index_select(x, 0, idx)
-
-
-def _nz(mask: Tensor) -> Tensor:
-    """int64 indices of the true entries of a 1-D mask."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return torch.nonzero(mask).squeeze(1)
-
-
-def _compress(x: Tensor, mask: Tensor) -> Tensor:
-    return _take(x, _nz(mask))
-
-
-def _repeat(values: Tensor, counts: Tensor, total: int) -> Tensor:
-    if values.device.type == "cpu":
-        return torch.from_numpy(np.repeat(values.numpy(), counts.numpy()))
-    return torch.repeat_interleave(values, counts, output_size=total)
-
-
-def _argsort(x: Tensor, stable: bool = False) -> Tensor:
-    """Ascending argsort; numpy on the CPU (faster than torch.sort there), torch.sort elsewhere."""
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.argsort(x.numpy(), kind="stable" if stable else "quicksort"))
-    return torch.sort(x, stable=stable).indices
+    xp = _backend(boxes.device)
+    return _finish(xp, xp.asarray(boxes), xp.asarray(scores), xp.asarray(labels), xp.asarray(model),
+                   xp.asarray(np.zeros(n, dtype=np.int64)), 1, np.array([m]), boxes.device,
+                   ("boxes", "scores", "labels"))
 
 
 # ------------------------------------------------------------------------------------------- sorting helpers
-def _dense_key(key: Tensor, n: int) -> Tensor:
-    """A non-negative int64 key with ``(key.max() + 1) * n`` safely below 2**63 (same order)."""
-    if key.numel() == 0:
-        return key
-    lo, hi = int(key.min()), int(key.max())
-    if lo >= 0 and (hi + 1) * max(n, 1) < 2 ** 62:
-        return key
-    if (hi - lo + 1) * max(n, 1) < 2 ** 62:
-        return key - lo
-    return torch.unique(key, return_inverse=True)[1]
-
-
 def _numba_argsort(a: np.ndarray) -> np.ndarray:
     """``np.argsort`` as numba compiles it (numba's quicksort), which ``ensemble_boxes.nms`` runs: same tie order."""
     vals = a.tolist()
@@ -439,35 +646,46 @@ def _numba_argsort(a: np.ndarray) -> np.ndarray:
     return np.asarray(r, dtype=np.int64)
 
 
-def _group_order(key: Tensor, score: Tensor, tie: str, tie_values: Optional[np.ndarray] = None) -> Tensor:
+def _dense_key(xp: Backend, key: Array, n: int) -> Array:
+    """A non-negative int64 key with ``(key.max() + 1) * n`` safely below 2**63 (same order)."""
+    if key.shape[0] == 0:
+        return key
+    lo, hi = int(key.min()), int(key.max())
+    if lo >= 0 and (hi + 1) * max(n, 1) < 2 ** 62:
+        return key
+    if (hi - lo + 1) * max(n, 1) < 2 ** 62:
+        return key - lo
+    return xp.unique_inverse(key)
+
+
+def _group_order(xp: Backend, key: Array, score: Array, tie: str, tie_values: Optional[np.ndarray] = None) -> Array:
     """Permutation sorting by ``key`` ascending, then ``score`` descending.
 
     ``tie`` says how equal ``(key, score)`` are ordered, the inputs being in their natural (scan) order:
     ``"stable"``: by index; ``"numpy"``: the whole group is ordered by ``np.argsort(tie_values[group])[::-1]`` (what
     ``ensemble_boxes`` does, tie order included); ``"numba"``: likewise with numba's quicksort; ``"any"``: arbitrary.
     """
-    n = key.numel()
-    dev = key.device
+    n = key.shape[0]
     if n <= 1:
-        return torch.arange(n, device=dev)
-    key = _dense_key(key, n)
-    r = _argsort(score)
-    drank = torch.empty_like(r).index_copy_(0, r, torch.arange(n - 1, -1, -1, device=dev))
-    order = _argsort(key * n + drank)
+        return xp.arange(n)
+    key = _dense_key(xp, key, n)
+    r = xp.argsort(score)
+    drank = xp.zeros(n, xp.i64)
+    drank[r] = xp.arange(n - 1, -1, -1)
+    order = xp.argsort(key * n + drank)
     if tie == "any":
         return order
-    ks, ss = _take(key, order), _take(score, order)
+    ks, ss = xp.take(key, order), xp.take(score, order)
     eq = (ss[1:] == ss[:-1]) & (ks[1:] == ks[:-1])
     if not bool(eq.any()):
         return order
     if tie == "stable":
-        start = torch.ones(n, dtype=torch.bool, device=dev)
+        start = xp.full(n, True, xp.bool_)
         start[1:] = ~eq
-        run = torch.cumsum(start, 0)
-        return _take(order, _argsort(run * n + order))
-    ks_np = ks.cpu().numpy()
-    tied = np.unique(ks_np[1:][eq.cpu().numpy()])
-    order_np = order.cpu().numpy().copy()
+        return xp.take(order, xp.argsort(xp.cumsum(start) * n + order))
+    ks_np = xp.numpy(ks)
+    tied = np.unique(ks_np[1:][xp.numpy(eq)])
+    order_np = xp.numpy(order).copy()
     lo = np.searchsorted(ks_np, tied, side="left")
     sizes = np.searchsorted(ks_np, tied, side="right") - lo
     for size in np.unique(sizes).tolist():
@@ -482,54 +700,53 @@ def _group_order(key: Tensor, score: Tensor, tie: str, tie_values: Optional[np.n
         else:
             p = np.stack([_numba_argsort(row) for row in v])
         order_np[idx] = np.take_along_axis(members, p[:, ::-1], axis=1)
-    return torch.from_numpy(order_np).to(dev)
+    return xp.asarray(order_np)
 
 
-def _stable_key_order(key: Tensor) -> Tensor:
+def _stable_key_order(xp: Backend, key: Array) -> Array:
     """Stable ascending argsort of an integer key (made unique with the index, so a quicksort is stable)."""
-    n = key.numel()
+    n = key.shape[0]
     if n <= 1:
-        return torch.arange(n, device=key.device)
-    key = _dense_key(key, n)
-    return _argsort(key * n + torch.arange(n, device=key.device))
+        return xp.arange(n)
+    key = _dense_key(xp, key, n)
+    return xp.argsort(key * n + xp.arange(n))
 
 
 @dataclass
 class _Segments:
-    starts: Tensor   # [G] first sorted position of every group
-    sizes: Tensor    # [G]
-    gidx: Tensor     # [N] group of every sorted position
-    rank: Tensor     # [N] rank inside its group
+    starts: Array   # [G] first sorted position of every group
+    sizes: Array    # [G]
+    gidx: Array     # [N] group of every sorted position
+    rank: Array     # [N] rank inside its group
 
 
-def _segments(key_sorted: Tensor) -> _Segments:
-    n = key_sorted.numel()
-    dev = key_sorted.device
-    new = torch.ones(n, dtype=torch.bool, device=dev)
+def _segments(xp: Backend, key_sorted: Array) -> _Segments:
+    n = key_sorted.shape[0]
+    new = xp.full(n, True, xp.bool_)
     if n > 1:
         new[1:] = key_sorted[1:] != key_sorted[:-1]
-    starts = _nz(new).to(dev)
-    sizes = torch.diff(starts, append=torch.tensor([n], device=dev))
-    gidx = torch.cumsum(new, 0) - 1
-    rank = torch.arange(n, device=dev) - _take(starts, gidx)
+    starts = xp.nonzero(new)
+    sizes = xp.diff_to(starts, n)
+    gidx = xp.cumsum(new) - 1
+    rank = xp.arange(n) - xp.take(starts, gidx)
     return _Segments(starts, sizes, gidx, rank)
 
 
-def _chunks(sizes: Tensor, ratio: bool) -> List[Tuple[Tensor, np.ndarray]]:
-    """Groups in decreasing size, cut in chunks of at most ``_SLOTS`` dense slots (and, with ``ratio``, of sizes
-    within a factor 2 when the largest is above 8): ``[(group ids, their sizes), ...]``."""
-    sizes_np = sizes.cpu().numpy()
+def _chunks(xp: Backend, sizes: Array, ratio: bool, min_size: int = 1) -> List[Tuple[Array, np.ndarray]]:
+    """Groups of at least ``min_size`` in decreasing size, cut in chunks of at most ``_SLOTS`` dense slots (and,
+    with ``ratio``, of sizes within a factor 2 when the largest is above 8 and the chunk is not small):
+    ``[(group ids, their sizes), ...]``."""
+    sizes_np = xp.numpy(sizes)
     perm = np.argsort(-sizes_np, kind="stable")
     ss = sizes_np[perm]
-    perm_t = torch.from_numpy(perm).to(sizes.device)
     out = []
-    a, g = 0, len(ss)
+    a, g = 0, int(np.searchsorted(-ss, -min_size, side="right"))
     while a < g:
         s = int(ss[a])
         b = min(g, a + max(1, _SLOTS // max(s, 1)))
-        if ratio and s > 8:
+        if ratio and s > 8 and (b - a) * s > _SMALL_CHUNK:
             b = min(b, max(a + 1, int(np.searchsorted(-ss, -(s / 2.0), side="left"))))
-        out.append((perm_t[a:b], ss[a:b]))
+        out.append((xp.asarray(perm[a:b]), ss[a:b]))
         a = b
     return out
 
@@ -539,118 +756,84 @@ def _active(ss: np.ndarray, steps: int) -> List[int]:
     return np.searchsorted(-ss, -np.arange(steps), side="left").tolist()
 
 
-def _dense(starts: Tensor, ss: np.ndarray, groups: Tensor) -> Tuple[Tensor, Tensor, int]:
-    """Dense ``[Gc * S]`` sorted positions (0 past a group's end) and validity mask, flattened row-major."""
-    dev = starts.device
+def _chunk_layout(xp: Backend, starts: Array, ss: np.ndarray, groups: Array) -> Tuple[Array, Array, int]:
+    """Dense ``[Gc, S]`` sorted positions of a chunk of groups (0 past a group's end) and the validity mask."""
     s = int(ss[0])
-    ar = torch.arange(s, device=dev)
-    sz = torch.from_numpy(ss).to(dev)
-    valid = ar[None, :] < sz[:, None]
-    pos = torch.where(valid, _take(starts, groups)[:, None] + ar[None, :], 0)
-    return pos.reshape(-1), valid.reshape(-1), s
+    ar = xp.arange(s)
+    valid = ar[None, :] < xp.asarray(ss)[:, None]
+    pos = xp.where(valid, xp.take(starts, groups)[:, None] + ar[None, :], 0)
+    return pos, valid, s
 
 
 # ----------------------------------------------------------------------------------------------- IoU helpers
-def _areas(c: Tensor) -> Tensor:
+def _areas(c: Array) -> Array:
     return (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
 
 
-def _pair_edges(coords: Tensor, area: Tensor, seg: _Segments, thr: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Every pair ``(i, j)`` of sorted positions of one group with ``i`` before ``j`` and
-    ``IoU = inter / (area_i + area_j - inter) > thr``: ``(i, j, iou)``."""
-    dev = coords.device
+def _order_corners(xp: Backend, b: Array) -> Array:
+    """``(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))``: ensemble_boxes swaps reversed corners."""
+    return xp.concat([xp.minimum(b[:, 0:2], b[:, 2:4]), xp.maximum(b[:, 0:2], b[:, 2:4])], 1)
+
+
+def _greedy_rounds(xp: Backend, coords: Array, area: Array, seg: _Segments, thr: float, track: bool
+                   ) -> Tuple[Array, Optional[Array], Optional[Array]]:
+    """Greedy NMS of every group at once (boxes sorted by group, then processing order).
+
+    One round per kept box of the busiest group: in each group the first undecided box is kept, and every later
+    undecided box whose ``IoU = inter / (area_kept + area_box - inter)`` with it is ``> thr`` is suppressed. With
+    ``track`` (non-maximum weighted), a suppressed box stays until every kept box before it has been compared with
+    it, recording the largest IoU (``> thr``, first kept box on ties) and that box: ``(keep, best_iou, cluster)``."""
     n = coords.shape[0]
-    empty = torch.zeros(0, dtype=torch.long, device=dev)
-    none = (empty, empty, torch.zeros(0, dtype=coords.dtype, device=dev))
-    if n == 0:
-        return none
-    rank = seg.rank
-    cum = torch.cumsum(rank, 0)
-    cum_np = cum.cpu().numpy()
-    total = int(cum_np[-1])
-    if total == 0:
-        return none
-    x1, y1, x2, y2 = (coords[:, k].contiguous() for k in range(4))
-    gstart = _take(seg.starts, seg.gidx)
-    bounds = [0] + np.searchsorted(cum_np, np.arange(_PAIRS, total, _PAIRS), side="left").tolist() + [n]
-    out_i, out_j, out_v = [], [], []
-    for ja, jb in zip(bounds[:-1], bounds[1:]):
-        if jb <= ja:
-            continue
-        r = rank[ja:jb]
-        p = int(cum_np[jb - 1] - (cum_np[ja - 1] if ja else 0))
-        if p == 0:
-            continue
-        jj = _repeat(torch.arange(ja, jb, device=dev), r, p)
-        ii = _repeat(gstart[ja:jb] - (torch.cumsum(r, 0) - r), r, p) + torch.arange(p, device=dev)
-        xa = torch.maximum(_take(x1, ii), _take(x1, jj))
-        ya = torch.maximum(_take(y1, ii), _take(y1, jj))
-        xb = torch.minimum(_take(x2, ii), _take(x2, jj))
-        yb = torch.minimum(_take(y2, ii), _take(y2, jj))
-        inter = (xb - xa).clamp_(min=0).mul_((yb - ya).clamp_(min=0))
-        iou = inter / (_take(area, ii) + _take(area, jj) - inter)
-        m = _nz(iou > thr)
-        out_i.append(_take(ii, m))
-        out_j.append(_take(jj, m))
-        out_v.append(_take(iou, m))
-    if not out_i:
-        return none
-    return torch.cat(out_i), torch.cat(out_j), torch.cat(out_v)
+    keep = xp.zeros(n, xp.bool_)
+    best = xp.full(n, -1.0, xp.f64) if track else None
+    cluster = xp.arange(n) if track else None
+    x1, y1, x2, y2 = (xp.contiguous(coords[:, k]) for k in range(4))
+    alive = xp.arange(n)                        # positions still compared, by group then rank
+    und = xp.full(n, True, xp.bool_)            # undecided, over `alive`
+    while alive.shape[0]:
+        m = alive.shape[0]
+        g = xp.take(seg.gidx, alive)
+        new = xp.full(m, True, xp.bool_)
+        new[1:] = g[1:] != g[:-1]
+        starts = xp.nonzero(new)
+        sid = xp.cumsum(new) - 1
+        und_i = xp.cast(und, xp.i64)
+        cu = xp.cumsum(und_i)
+        rel = cu - xp.take(xp.take(cu, starts) - xp.take(und_i, starts), sid)
+        heads = xp.nonzero(und & (rel == 1))    # first undecided box of each group: kept
+        head_of = xp.full(starts.shape[0], m, xp.i64)
+        head_of[xp.take(sid, heads)] = heads
+        hp = xp.take(head_of, sid)
+        keep[xp.take(alive, heads)] = True
+        later = xp.nonzero(xp.arange(m) > hp)    # after the group's kept box (none if it has no undecided box)
+        w = xp.take(alive, later)
+        h = xp.take(alive, xp.take(hp, later))
+        xa = xp.maximum(xp.take(x1, h), xp.take(x1, w))
+        ya = xp.maximum(xp.take(y1, h), xp.take(y1, w))
+        xb = xp.minimum(xp.take(x2, h), xp.take(x2, w))
+        yb = xp.minimum(xp.take(y2, h), xp.take(y2, w))
+        inter = xp.clip0(xb - xa) * xp.clip0(yb - ya)
+        iou = inter / (xp.take(area, h) + xp.take(area, w) - inter)
+        hit = iou > thr
+        if track:
+            upd = xp.nonzero(hit & (iou > xp.take(best, w)))
+            wu = xp.take(w, upd)
+            best[wu] = xp.take(iou, upd)
+            cluster[wu] = xp.take(h, upd)
+            und = xp.take(und, later) & ~hit
+            alive = w
+        else:
+            alive = xp.take(w, xp.nonzero(~hit))
+            und = xp.full(alive.shape[0], True, xp.bool_)
+    return keep, best, cluster
 
 
-def _greedy_keep(n: int, ei: Tensor, ej: Tensor, device: torch.device) -> Tensor:
-    """Greedy NMS on a DAG of suppression edges ``ei -> ej`` (``ei`` earlier): a box is kept iff no kept box has an
-    edge to it. Resolved layer by layer (no loop over boxes)."""
-    state = torch.zeros(n, dtype=torch.int8, device=device)   # 0 undecided, 1 kept, 2 suppressed
-    blocked = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, ej, True)
-    state.masked_fill_(~blocked, 1)
-    while ei.numel():
-        hit = torch.zeros(n, dtype=torch.bool, device=device)
-        hit.index_fill_(0, _compress(ej, _take(state, ei) == 1), True)
-        state.masked_fill_(hit & (state == 0), 2)
-        live = _nz((_take(state, ej) == 0) & (_take(state, ei) != 2))
-        ei, ej = _take(ei, live), _take(ej, live)
-        blocked = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, ej, True)
-        state.masked_fill_((state == 0) & ~blocked, 1)
-    return state == 1
-
-
-def _seq_accumulate(coords: Tensor, wgt: Tensor, starts: Tensor, sizes: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per segment of consecutive rows, ``acc = float32(acc + w * c)`` and ``conf = conf + w`` row after row, as
-    ``ensemble_boxes`` accumulates a fused box in a float32 array: ``(acc [K, 4] float32, conf [K] float64)``."""
-    dev = coords.device
-    k = sizes.numel()
-    if k == 0:
-        return torch.zeros((0, 4), dtype=torch.float32, device=dev), torch.zeros(0, dtype=_F64, device=dev)
-    sizes_np = sizes.cpu().numpy()
-    perm = np.argsort(-sizes_np, kind="stable")
-    ss = sizes_np[perm]
-    perm_t = torch.from_numpy(perm).to(dev)
-    st = _take(starts, perm_t)
-    a_acc = torch.zeros((k, 4), dtype=torch.float32, device=dev)
-    a_conf = torch.zeros(k, dtype=_F64, device=dev)
-    for r, a in enumerate(_active(ss, int(ss[0]))):
-        rows = st[:a] + r
-        w = _take(wgt, rows)
-        a_acc[:a] = (a_acc[:a].to(_F64) + w[:, None] * _take(coords, rows)).float()
-        a_conf[:a] = a_conf[:a] + w
-    acc = torch.empty_like(a_acc).index_copy_(0, perm_t, a_acc)
-    conf = torch.empty_like(a_conf).index_copy_(0, perm_t, a_conf)
-    return acc, conf
-
-
-def _exp(x: Tensor) -> Tensor:
-    if x.device.type == "cpu":
-        return torch.from_numpy(np.exp(x.numpy()))
-    return torch.exp(x)
-
-
-def _split(img: Tensor, n_images: int, arrays: Sequence[Tensor]) -> List[List[np.ndarray]]:
-    """Split image-sorted result tensors into per-image numpy arrays."""
-    counts = torch.bincount(img, minlength=n_images).cpu().numpy() if img.numel() else np.zeros(n_images, np.int64)
-    ends = np.cumsum(counts).tolist()
+def _split(xp: Backend, img: Array, n_images: int, arrays: Sequence[Array]) -> List[List[np.ndarray]]:
+    """Split image-sorted results into per-image numpy arrays."""
+    img_np = xp.numpy(img)
+    ends = np.searchsorted(img_np, np.arange(1, n_images + 1), side="left").tolist()
     starts = [0] + ends[:-1]
-    nps = [a.cpu().numpy() for a in arrays]
+    nps = [xp.numpy(a) for a in arrays]
     return [[a[i:j] for a in nps] for i, j in zip(starts, ends)]
 
 
@@ -667,397 +850,388 @@ def _warn(fn: str, swapped: int, clipped: int, zero: int) -> None:
 # ------------------------------------------------------------------------------------- fusion (WBF and NMW)
 @dataclass
 class _Fusion:
-    coords: Tensor   # [n, 4] float64, corners ordered (and clipped for the drop-ins)
-    b1: Tensor       # [n] float64 weighted score
-    wv: Tensor       # [n] float64 model weight
-    model: Tensor    # [n]
-    lab: Tensor      # [n] int64
-    img: Tensor      # [n]
-    scan: Tensor     # [n] position in the input (scan order)
+    coords: Array   # [n, 4] float64, corners ordered (and clipped for the drop-ins)
+    b1: Array       # [n] float64 weighted score
+    wv: Array       # [n] float64 model weight
+    model: Array    # [n]
+    lab: Array      # [n] int64
+    img: Array      # [n]
+    scan: Array     # [n] position in the input (scan order)
 
 
 def _fusion_inputs(bt: _Batch, wn: Optional[np.ndarray], thr: float, clip: bool, fn: Optional[str]) -> _Fusion:
     """``prefilter_boxes`` of ensemble_boxes, vectorized: drop scores < thr, swap reversed corners, clip to [0, 1]
     (drop-ins), drop zero-area boxes, weight the scores (``float(score) * weights[t]``, in numpy's dtypes)."""
-    dev = bt.device
+    xp = bt.xp
     sc = bt.scores
     keep = ~(sc < thr)
-    c = bt.boxes.to(_F64)
-    oc = order_box_corners(c)
+    c = xp.cast(bt.boxes, xp.f64)
+    oc = _order_corners(xp, c)
     out = None
     if clip:
         out = (oc < 0) | (oc > 1)
-        oc = oc.clamp(0, 1)
+        oc = xp.clip(oc, 0, 1)
     zero = _areas(oc) == 0
-    if fn is not None and c.numel():
+    if fn is not None and c.shape[0]:
         swapped = int((keep & ((c[:, 2] < c[:, 0]) | (c[:, 3] < c[:, 1]))).sum())
         clipped = int((keep[:, None] & out).sum()) if out is not None else 0
         _warn(fn, swapped, clipped, int((keep & zero).sum()))
-    idx = _nz(keep & ~zero)
-    lab = _take(bt.labels, idx)
-    if lab.is_floating_point():
-        lab = torch.trunc(lab)
-    lab = lab.long()
-    model = _take(bt.model, idx)
-    s = _take(sc, idx).to(_F64)
+    idx = xp.nonzero(keep & ~zero)
+    lab = xp.take(bt.labels, idx)
+    if xp.is_float(lab):
+        lab = xp.trunc(lab)
+    lab = xp.cast(lab, xp.i64)
+    model = xp.take(bt.model, idx)
+    s = xp.cast(xp.take(sc, idx), xp.f64)
     if wn is None:
-        b1, wv = s, torch.ones_like(s)
+        b1, wv = s, xp.full(s.shape[0], 1.0, xp.f64)
     else:
-        wv = _take(torch.from_numpy(wn.astype(np.float64)).to(dev), model)
-        cdt = _torch_float(np.result_type(1.0, wn.dtype))
-        b1 = (s.to(cdt) * wv.to(cdt)).to(_F64)
-    return _Fusion(_take(oc, idx), b1, wv, model, lab, _take(bt.img, idx), idx)
+        wv = xp.take(xp.asarray(wn.astype(np.float64)), model)
+        cdt = xp.dtype_of(np.result_type(1.0, wn.dtype))
+        b1 = xp.cast(xp.cast(s, cdt) * xp.cast(wv, cdt), xp.f64)
+    return _Fusion(xp.take(oc, idx), b1, wv, model, lab, xp.take(bt.img, idx), idx)
 
 
-def _pair_key(img: Tensor, lab: Tensor, n_images: int) -> Tensor:
+def _pair_key(xp: Backend, img: Array, lab: Array, n_images: int) -> Array:
     """An int64 key ordering ``(image, label)`` pairs lexicographically."""
-    if lab.numel() == 0:
-        return lab.long()
+    if lab.shape[0] == 0:
+        return lab
     lo = int(lab.min())
     span = int(lab.max()) - lo + 1
     if n_images * span < 2 ** 40:
         return img * span + (lab - lo)
-    return torch.unique(torch.stack([img, lab], 1), dim=0, return_inverse=True)[1]
+    return xp.unique_rows_inverse(xp.stack([img, lab], 1))
 
 
-def _fusion_groups(fu: _Fusion, n_images: int, tie: str) -> Tuple[_Fusion, _Segments, Tensor]:
+def _fusion_groups(xp: Backend, fu: _Fusion, n_images: int, tie: str) -> Tuple[_Fusion, _Segments, Array]:
     """Sort by (image, label) then weighted score descending (ties as ``tie``); returns the sorted inputs, their
     groups, and per group the scan position of its first box (the label's position in ensemble_boxes' dict)."""
-    key = _pair_key(fu.img, fu.lab, n_images)
-    tv = fu.b1.cpu().numpy() if tie in ("numpy", "numba") else None
-    order = _group_order(key, fu.b1, tie, tv)
-    s = _Fusion(*(_take(getattr(fu, f), order) for f in ("coords", "b1", "wv", "model", "lab", "img", "scan")))
-    seg = _segments(_take(key, order))
-    first = torch.zeros(seg.sizes.numel(), dtype=torch.long, device=key.device)
-    first = first.scatter_reduce(0, seg.gidx, s.scan, reduce="amin", include_self=False)
+    key = _pair_key(xp, fu.img, fu.lab, n_images)
+    tv = xp.numpy(fu.b1) if tie in ("numpy", "numba") else None
+    order = _group_order(xp, key, fu.b1, tie, tv)
+    s = _Fusion(*(xp.take(getattr(fu, f), order) for f in ("coords", "b1", "wv", "model", "lab", "img", "scan")))
+    seg = _segments(xp, xp.take(key, order))
+    first = xp.segment_min(s.scan, seg.starts)
     return s, seg, first
 
 
-def _final_order(img: Tensor, score: Tensor, concat: Tensor, tie: str, np_dtype: type) -> Tensor:
+def _final_order(xp: Backend, img: Array, score: Array, concat: Array, tie: str, np_dtype: type) -> Array:
     """Order clusters by image, then score descending; ties as ``np.argsort(scores)[::-1]`` on the image's
     clusters in ``concat`` order (``tie="numpy"``) or by ``concat`` order (``"stable"``)."""
-    pre = _stable_key_order(concat)
-    sc = _take(score, pre)
-    tv = sc.cpu().numpy().astype(np_dtype) if tie == "numpy" else None
-    return _take(pre, _group_order(_take(img, pre), sc, tie, tv))
+    order = _group_order(xp, img, score, "any")
+    if order.shape[0] > 1:
+        si, ss = xp.take(img, order), xp.take(score, order)
+        if not bool(((ss[1:] == ss[:-1]) & (si[1:] == si[:-1])).any()):
+            return order
+    pre = _stable_key_order(xp, concat)
+    sc = xp.take(score, pre)
+    tv = xp.numpy(sc).astype(np_dtype) if tie == "numpy" else None
+    return xp.take(pre, _group_order(xp, xp.take(img, pre), sc, tie, tv))
 
 
-def _wbf_assign(fu: _Fusion, seg: _Segments, thr: float, need_ws: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def _wbf_assign(xp: Backend, fu: _Fusion, seg: _Segments, thr: float, need_ws: bool
+                ) -> Tuple[Array, Array, Array, Array]:
     """The sequential greedy clustering of WBF, all groups at once: one loop step per rank, not per box.
 
     Step ``j`` takes the ``j``-th box of every group, computes its IoU with the group's current fused boxes, and
-    joins the best one if its IoU is ``> thr`` (first one on ties) or opens a cluster; the fused box is updated as
+    joins the best one if that IoU is ``> thr`` (first one on ties), or opens a cluster; the fused box is updated as
     ensemble_boxes does (float32 accumulation of ``score * box``, divided by the float64 summed score).
 
     Returns per sorted position the position of its cluster's first box (``seed``), and per seed position the fused
     box, the summed weighted score and the summed model weight."""
     coords, b1, wv = fu.coords, fu.b1, fu.wv
     n = coords.shape[0]
-    dev = coords.device
-    seed_of = torch.empty(n, dtype=torch.long, device=dev)
-    f_out = torch.empty((n, 4), dtype=_F64, device=dev)
-    conf_out = torch.empty(n, dtype=_F64, device=dev)
-    ws_out = torch.empty(n, dtype=_F64, device=dev)
-    if n == 0:
-        return seed_of, f_out, conf_out, ws_out
-    for groups, ss in _chunks(seg.sizes, ratio=True):
-        pflat, vflat, s = _dense(seg.starts, ss, groups)
+    # a group of one box is one cluster: these defaults are only overwritten for larger groups
+    seed_of = xp.arange(n)
+    f_out, conf_out, ws_out = xp.copy(coords), xp.copy(b1), xp.copy(wv)
+    coords_t = coords.T
+    inf = float("inf")
+    for groups, ss in (_chunks(xp, seg.sizes, ratio=True, min_size=2) if n else []):
+        pos, valid, s = _chunk_layout(xp, seg.starts, ss, groups)
         gc = len(ss)
-        cc = _take(coords, pflat).view(gc, s, 4)
-        bb = _take(b1, pflat).view(gc, s)
-        ww = _take(wv, pflat).view(gc, s) if need_ws else None
-        area_c = (cc[..., 2] - cc[..., 0]) * (cc[..., 3] - cc[..., 1])
-        ft = torch.zeros((4, gc * s), dtype=_F64, device=dev)      # fused boxes, coordinate-major
-        f4 = ft.view(4, gc, s)
-        area = torch.zeros(gc * s, dtype=_F64, device=dev)
-        area2 = area.view(gc, s)
-        acc = torch.zeros((gc * s, 4), dtype=torch.float32, device=dev)
-        conf = torch.zeros(gc * s, dtype=_F64, device=dev)
-        wsum = torch.zeros(gc * s, dtype=_F64, device=dev) if need_ws else conf
-        notseed = torch.ones((gc, s), dtype=torch.bool, device=dev)
-        asg = torch.zeros((gc, s), dtype=torch.long, device=dev)
-        row_base = torch.arange(gc, device=dev) * s
+        # cluster state indexed by the rank of the cluster's first box; until box j is processed, column j holds
+        # box j itself (its coordinates, area, score, weight), which is also the state of the cluster it may open
+        fx = xp.contiguous(coords_t[:, pos])                         # [4, gc, s] fused boxes, coordinate-major
+        area = xp.contiguous((fx[2] - fx[0]) * (fx[3] - fx[1]))      # inf once a box has joined a cluster
+        conf = xp.contiguous(b1[pos])                                # summed weighted scores
+        acc = xp.contiguous(xp.cast(conf[None] * fx, xp.f32))        # float32 sums of score * box
+        wsum = xp.contiguous(wv[pos]) if need_ws else conf
+        notseed = xp.zeros((gc, s), xp.bool_)
+        asg = xp.zeros((gc, s), xp.i64)
+        fx2, acc2 = fx.reshape(4, -1), acc.reshape(4, -1)
+        conf1, area1, ws1 = conf.reshape(-1), area.reshape(-1), wsum.reshape(-1)
+        rows = xp.arange(gc)
         for j, a in enumerate(_active(ss, s)):
-            c = cc[:a, j]
-            sc = bb[:a, j]
             if j == 0:
-                join = torch.zeros(a, dtype=torch.bool, device=dev)
-                slot = torch.zeros(a, dtype=torch.long, device=dev)
-            else:
-                xa = torch.maximum(f4[0, :a, :j], c[:, 0:1])
-                ya = torch.maximum(f4[1, :a, :j], c[:, 1:2])
-                xb = torch.minimum(f4[2, :a, :j], c[:, 2:3])
-                yb = torch.minimum(f4[3, :a, :j], c[:, 3:4])
-                inter = (xb - xa).clamp_(min=0).mul_((yb - ya).clamp_(min=0))
-                iou = inter / (area2[:a, :j] + area_c[:a, j:j + 1] - inter)
-                iou.masked_fill_(notseed[:a, :j], -1.0)
-                best_iou, best = iou.max(1)
-                join = best_iou > thr
-                slot = torch.where(join, best, j)
-            asg[:a, j] = slot
+                continue
+            c = fx[:, :a, j:j + 1]
+            xa = xp.maximum(fx[0, :a, :j], c[0])
+            ya = xp.maximum(fx[1, :a, :j], c[1])
+            xb = xp.minimum(fx[2, :a, :j], c[2])
+            yb = xp.minimum(fx[3, :a, :j], c[3])
+            inter = xp.clip0(xb - xa) * xp.clip0(yb - ya)
+            iou = inter / (area[:a, :j] + area[:a, j:j + 1] - inter)   # 0 against boxes that joined a cluster
+            best = iou.argmax(1)
+            join = iou[rows[:a], best] > thr
             notseed[:a, j] = join
-            fidx = row_base[:a] + slot
-            new_acc = (_take(acc, fidx).to(_F64) + sc[:, None] * c).float()
-            acc.index_copy_(0, fidx, new_acc)
-            new_conf = _take(conf, fidx) + sc
-            conf.index_copy_(0, fidx, new_conf)
+            asg[:a, j] = xp.where(join, best, j)
+            jr = xp.nonzero(join)
+            if jr.shape[0] == 0:
+                continue
+            fi = jr * s + xp.take(best, jr)         # the joined clusters
+            fj = jr * s + j                         # the joining boxes
+            sc = conf1[fj]
+            new_acc = xp.cast(xp.cast(acc2[:, fi], xp.f64) + sc * fx2[:, fj], xp.f32)
+            acc2[:, fi] = new_acc
+            new_conf = conf1[fi] + sc
+            conf1[fi] = new_conf
             if need_ws:
-                wsum.index_copy_(0, fidx, _take(wsum, fidx) + ww[:a, j])
-            avg = (new_acc.to(_F64) / new_conf[:, None]).float().to(_F64)
-            avg = torch.where((new_conf == 0)[:, None], torch.index_select(ft, 1, fidx).t(), avg)
-            new_f = torch.where(join[:, None], avg, c)
-            ft.index_copy_(1, fidx, new_f.t())
-            area.index_copy_(0, fidx, (new_f[:, 2] - new_f[:, 0]) * (new_f[:, 3] - new_f[:, 1]))
-        vidx = _nz(vflat)
-        seed_flat = torch.gather(pflat.view(gc, s), 1, asg).reshape(-1)
-        seed_of.index_copy_(0, _take(pflat, vidx), _take(seed_flat, vidx))
-        sidx = _nz(~notseed.reshape(-1) & vflat)
-        ps = _take(pflat, sidx)
-        f_out.index_copy_(0, ps, torch.index_select(ft, 1, sidx).t())
-        conf_out.index_copy_(0, ps, _take(conf, sidx))
-        if need_ws:
-            ws_out.index_copy_(0, ps, _take(wsum, sidx))
+                ws1[fi] = ws1[fi] + ws1[fj]
+            avg = xp.cast(xp.cast(xp.cast(new_acc, xp.f64) / new_conf, xp.f32), xp.f64)
+            avg = xp.where(new_conf == 0, fx2[:, fi], avg)
+            fx2[:, fi] = avg
+            area1[fi] = (avg[2] - avg[0]) * (avg[3] - avg[1])
+            area1[fj] = inf
+        seed_of[pos[valid]] = xp.gather1(pos, asg)[valid]
+        sm = ~notseed & valid
+        ps = pos[sm]
+        f_out[ps] = fx[:, sm].T
+        conf_out[ps] = conf[sm]
+        ws_out[ps] = wsum[sm]
     return seed_of, f_out, conf_out, ws_out
 
 
-def _model_sums(presence: Tensor, wn: Optional[np.ndarray], m_img: Tensor) -> Tuple[Tensor, Tensor]:
+def _model_sums(xp: Backend, presence: Array, wn: Optional[np.ndarray], m_img: Array) -> Tuple[Array, Array]:
     """Per cluster: the summed weight of the models present (``clustered_boxes[idx, 2].sum()``) and of the models
     absent (``weights[mask].sum()``), with numpy's own summation on the same arrays as ensemble_boxes."""
-    dev = presence.device
     if wn is None:
-        present = presence.sum(1).to(_F64)
-        return present, m_img.to(_F64) - present
+        present = xp.cast(presence.sum(1), xp.f64)
+        return present, xp.cast(m_img, xp.f64) - present
     m = presence.shape[1]
     if m <= 62:
-        code = (presence.long() << torch.arange(m, device=dev)).sum(1)
-        uniq, inv = torch.unique(code, return_inverse=True)
-        masks = [[(c >> k) & 1 == 1 for k in range(m)] for c in uniq.cpu().tolist()]
+        code = (xp.cast(presence, xp.i64) * xp.asarray(np.left_shift(1, np.arange(m, dtype=np.int64)))).sum(1)
+        inv = xp.unique_inverse(code)
+        uniq = np.unique(xp.numpy(code))
+        masks = [[(int(c) >> k) & 1 == 1 for k in range(m)] for c in uniq.tolist()]
     else:
-        uniq_rows, inv = torch.unique(presence, dim=0, return_inverse=True)
-        masks = uniq_rows.cpu().numpy().tolist()
+        inv = xp.unique_rows_inverse(presence)
+        masks = np.unique(xp.numpy(presence), axis=0).tolist()
     wf = wn.astype(np.float64)
     pres = np.array([float(wf[np.asarray(mk, dtype=bool)].sum()) for mk in masks], dtype=np.float64)
     absn = np.array([float(wn[~np.asarray(mk, dtype=bool)].sum()) for mk in masks], dtype=np.float64)
-    return _take(torch.from_numpy(pres).to(dev), inv), _take(torch.from_numpy(absn).to(dev), inv)
+    return xp.take(xp.asarray(pres), inv), xp.take(xp.asarray(absn), inv)
 
 
 def _wbf(bt: _Batch, wn: Optional[np.ndarray], iou_thr: float, skip_box_thr: float, conf_type: str,
-         allows_overflow: bool, clip: bool, tie: str, fn: Optional[str]) -> Tuple[Tensor, ...]:
+         allows_overflow: bool, clip: bool, tie: str, fn: Optional[str]) -> Tuple[Array, ...]:
     """WBF for a whole batch. Returns image-sorted ``(boxes f64, scores f64, labels f64, label int64, img)``."""
+    xp = bt.xp
     fu = _fusion_inputs(bt, wn, skip_box_thr, clip, fn)
-    dev = bt.device
-    s, seg, first = _fusion_groups(fu, bt.n_images, tie)
-    n = s.b1.numel()
+    s, seg, first = _fusion_groups(xp, fu, bt.n_images, tie)
+    n = s.b1.shape[0]
     need_ws = conf_type in ("box_and_model_avg", "absent_model_aware_avg")
-    seed_of, f_out, conf_out, ws_out = _wbf_assign(s, seg, iou_thr, need_ws)
-    seeds = _nz(seed_of == torch.arange(n, device=dev))
-    k = seeds.numel()
-    inv = torch.full((n,), -1, dtype=torch.long, device=dev).index_copy_(0, seeds, torch.arange(k, device=dev))
-    cl = _take(inv, seed_of)
-    cnt = torch.bincount(cl, minlength=k) if n else torch.zeros(0, dtype=torch.long, device=dev)
-    nf = cnt.to(_F64)
+    seed_of, f_out, conf_out, ws_out = _wbf_assign(xp, s, seg, iou_thr, need_ws)
+    seeds = xp.nonzero(seed_of == xp.arange(n))
+    k = seeds.shape[0]
+    inv = xp.full(n, -1, xp.i64)
+    inv[seeds] = xp.arange(k)
+    cl = xp.take(inv, seed_of)
+    cnt = xp.cast(xp.bincount(cl, xp.full(n, 1.0, xp.f64), k), xp.i64)
+    nf = xp.cast(cnt, xp.f64)
     single = cnt == 1
-    img = _take(s.img, seeds)
-    b1_seed = _take(s.b1, seeds)
-    m_img = _take(torch.from_numpy(bt.n_models).to(dev), img)
+    img = xp.take(s.img, seeds)
+    b1_seed = xp.take(s.b1, seeds)
+    m_img = xp.take(xp.asarray(bt.n_models), img)
     if wn is None:
-        wsum_img, wmax_img = m_img.to(_F64), torch.ones(k, dtype=_F64, device=dev)
+        wsum_img, wmax_img = xp.cast(m_img, xp.f64), xp.full(k, 1.0, xp.f64)
     else:
-        wsum_img = torch.full((k,), float(wn.sum()), dtype=_F64, device=dev)
-        wmax_img = torch.full((k,), float(wn.max()), dtype=_F64, device=dev)
+        wsum_img = xp.full(k, float(wn.sum()), xp.f64)
+        wmax_img = xp.full(k, float(wn.max()), xp.f64)
+    f32 = (lambda x: xp.cast(xp.cast(x, xp.f32), xp.f64))
     if conf_type == "max":
-        ws1 = torch.where(single, b1_seed, b1_seed.float().to(_F64))
+        ws1 = xp.where(single, b1_seed, f32(b1_seed))
     else:
-        ws1 = torch.where(single, b1_seed, (_take(conf_out, seeds) / nf).float().to(_F64))
+        ws1 = xp.where(single, b1_seed, f32(xp.take(conf_out, seeds) / nf))
     if need_ws:
-        ws2 = torch.where(single, _take(s.wv, seeds), _take(ws_out, seeds).float().to(_F64))
+        ws2 = xp.where(single, xp.take(s.wv, seeds), f32(xp.take(ws_out, seeds)))
         mm = max(int(bt.n_models.max()) if len(bt.n_models) else 0, 1)
-        presence = torch.zeros(k * mm, dtype=torch.bool, device=dev).index_fill_(0, cl * mm + s.model, True)
-        present, absent = _model_sums(presence.view(k, mm), wn, m_img)
+        presence = xp.zeros(k * mm, xp.bool_)
+        presence[cl * mm + s.model] = True
+        present, absent = _model_sums(xp, presence.reshape(k, mm), wn, m_img)
         if conf_type == "box_and_model_avg":
-            t = torch.where(ws2 == 0, torch.zeros_like(ws1), ws1 * nf / ws2)
+            t = xp.where(ws2 == 0, 0.0, ws1 * nf / xp.where(ws2 == 0, 1.0, ws2))
             score = t * present / wsum_img
         else:
             score = ws1 * nf / (ws2 + absent)
     elif conf_type == "max":
         score = ws1 / wmax_img
     elif not allows_overflow:
-        score = ws1 * torch.minimum(m_img, cnt).to(_F64) / wsum_img
+        score = ws1 * xp.cast(xp.minimum(m_img, cnt), xp.f64) / wsum_img
     else:
         score = ws1 * nf / wsum_img
-    lab = _take(s.lab, seeds)
-    lab_f = torch.where(single, lab.to(_F64), lab.float().to(_F64))
-    concat = _take(first, _take(seg.gidx, seeds)) * (n + 1) + _take(seg.rank, seeds)
-    order = _final_order(img, score, concat, tie, np.float64)
-    return (_take(_take(f_out, seeds), order), _take(score, order), _take(lab_f, order), _take(lab, order),
-            _take(img, order))
+    lab = xp.take(s.lab, seeds)
+    lab_f = xp.where(single, xp.cast(lab, xp.f64), f32(lab))
+    concat = xp.take(first, xp.take(seg.gidx, seeds)) * (n + 1) + xp.take(seg.rank, seeds)
+    order = _final_order(xp, img, score, concat, tie, np.float64)
+    return (xp.take(xp.take(f_out, seeds), order), xp.take(score, order), xp.take(lab_f, order),
+            xp.take(lab, order), xp.take(img, order))
 
 
 def _nmw(bt: _Batch, wn: Optional[np.ndarray], iou_thr: float, skip_box_thr: float, clip: bool, tie: str,
-         fn: Optional[str]) -> Tuple[Tensor, ...]:
+         fn: Optional[str]) -> Tuple[Array, ...]:
     """Non-maximum weighted for a whole batch. Returns image-sorted ``(boxes f32, scores f32, labels f32, label
     int64, img)``."""
+    xp = bt.xp
     if wn is not None:
         wn = wn / wn.max()
     fu = _fusion_inputs(bt, wn, skip_box_thr, clip, fn)
-    dev = bt.device
-    s, seg, first = _fusion_groups(fu, bt.n_images, tie)
-    n = s.b1.numel()
-    ei, ej, iou = _pair_edges(s.coords, _areas(s.coords), seg, iou_thr)
-    keep = _greedy_keep(n, ei, ej, dev)
-    # every other box joins the earlier seed it overlaps most (first one on ties)
-    m = _nz(_take(keep, ei))
-    ei, ej, iou = _take(ei, m), _take(ej, m), _take(iou, m)
-    best = torch.full((n,), -1.0, dtype=_F64, device=dev).scatter_reduce(0, ej, iou, reduce="amax")
-    top = _nz(iou == _take(best, ej))
-    cluster = torch.full((n,), n, dtype=torch.long, device=dev)
-    cluster = cluster.scatter_reduce(0, _take(ej, top), _take(ei, top), reduce="amin")
-    cluster = torch.where(keep, torch.arange(n, device=dev), cluster)
-    wgt = s.b1 * torch.where(keep, torch.ones_like(best), best)
-    mo = _stable_key_order(cluster)
-    cseg = _segments(_take(cluster, mo))
-    acc, conf = _seq_accumulate(_take(s.coords, mo), _take(wgt, mo), cseg.starts, cseg.sizes)
-    seeds = _take(mo, cseg.starts)
-    fused = torch.where((conf == 0)[:, None], _take(s.coords, seeds).float(),
-                        (acc.to(_F64) / conf[:, None]).float())
-    score = _take(s.b1, seeds).float()
-    lab = _take(s.lab, seeds)
-    img = _take(s.img, seeds)
-    concat = _take(first, _take(seg.gidx, seeds)) * (n + 1) + _take(seg.rank, seeds)
-    order = _final_order(img, score, concat, tie, np.float32)
-    return (_take(fused, order), _take(score, order), _take(lab.float(), order), _take(lab, order),
-            _take(img, order))
+    s, seg, first = _fusion_groups(xp, fu, bt.n_images, tie)
+    n = s.b1.shape[0]
+    # seeds: greedy NMS; every other box joins the earlier seed it overlaps most (the first one on ties)
+    keep, best, cluster = _greedy_rounds(xp, s.coords, _areas(s.coords), seg, iou_thr, track=True)
+    wgt = s.b1 * xp.where(keep, 1.0, best)
+    # weighted means (ensemble_boxes accumulates them in float32; float64 here, a difference below 1e-6)
+    conf = xp.bincount(cluster, wgt, n)
+    acc = xp.stack([xp.bincount(cluster, wgt * s.coords[:, k], n) for k in range(4)], 1)
+    seeds = xp.nonzero(keep)
+    acc, conf = xp.take(acc, seeds), xp.take(conf, seeds)
+    fused = xp.where((conf == 0)[:, None], xp.take(s.coords, seeds),
+                     acc / xp.where(conf == 0, 1.0, conf)[:, None])
+    fused = xp.cast(fused, xp.f32)
+    score = xp.cast(xp.take(s.b1, seeds), xp.f32)
+    lab = xp.take(s.lab, seeds)
+    img = xp.take(s.img, seeds)
+    concat = xp.take(first, xp.take(seg.gidx, seeds)) * (n + 1) + xp.take(seg.rank, seeds)
+    order = _final_order(xp, img, score, concat, tie, np.float32)
+    return (xp.take(fused, order), xp.take(score, order), xp.take(xp.cast(lab, xp.f32), order),
+            xp.take(lab, order), xp.take(img, order))
 
 
 # -------------------------------------------------------------------------------------------- NMS and soft-NMS
 def _nms_prepare(bt: _Batch, weights: Optional[np.ndarray], fn: Optional[str], clip: bool
-                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                 ) -> Tuple[Array, Array, Array, Array, Array]:
     """``nms_method``'s weighting and ``prepare_boxes``: returns the kept input positions, boxes (clipped, corners
     ordered), weighted scores, a group key (image, label) and the image of each box."""
-    dev = bt.device
+    xp = bt.xp
     boxes = bt.boxes
-    if boxes.dtype != torch.float32:
-        boxes = boxes.to(_F64)
+    if xp.np_dtype(boxes) != np.float32:
+        boxes = xp.cast(boxes, xp.f64)
     sc = bt.scores
     if weights is not None:
-        rdt = _torch_float(np.result_type(torch.empty(0, dtype=sc.dtype).numpy().dtype, weights.dtype))
-        wt = torch.from_numpy(weights.astype(np.float64)).to(dev).to(rdt)
-        wsum = torch.tensor(weights.sum(), device=dev).to(rdt)
-        sc = (sc.to(rdt) * _take(wt, bt.model)) / wsum
+        rdt = xp.dtype_of(np.result_type(xp.np_dtype(sc), weights.dtype))
+        wt = xp.cast(xp.asarray(weights.astype(np.float64)), rdt)
+        wsum = xp.cast(xp.asarray(np.asarray(weights.sum()).reshape(1)), rdt)
+        sc = (xp.cast(sc, rdt) * xp.take(wt, bt.model)) / wsum
     n_clip = 0
     if clip:
-        if boxes.numel():
+        if boxes.shape[0]:
             n_clip = int(((boxes < 0) | (boxes > 1)).sum())
-        boxes = boxes.clamp(0, 1)
-    swapped = int(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).sum()) if boxes.numel() else 0
-    boxes = order_box_corners(boxes)
+        boxes = xp.clip(boxes, 0, 1)
+    swapped = int(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).sum()) if boxes.shape[0] else 0
+    boxes = _order_corners(xp, boxes)
     ok = _areas(boxes) > 0
     if fn is not None:
         _warn(fn, swapped, n_clip, int((~ok).sum()))
-    idx = _nz(ok)
-    lab = _take(bt.labels, idx)
-    img = _take(bt.img, idx)
-    if lab.is_floating_point() and lab.numel():
-        if bool((lab == torch.trunc(lab)).all()) and float(lab.abs().max()) < 2 ** 53:
-            lab = lab.long()
+    idx = xp.nonzero(ok)
+    lab = xp.take(bt.labels, idx)
+    img = xp.take(bt.img, idx)
+    if xp.is_float(lab) and lab.shape[0]:
+        if bool((lab == xp.trunc(lab)).all()) and float(abs(lab).max()) < 2 ** 53:
+            lab = xp.cast(lab, xp.i64)
         else:
-            lab = torch.unique(lab, return_inverse=True)[1]
-    key = _pair_key(img, lab.long(), bt.n_images)
-    return idx, _take(boxes, idx), _take(sc, idx), key, img
+            lab = xp.unique_inverse(lab)
+    key = _pair_key(xp, img, xp.cast(lab, xp.i64), bt.n_images)
+    return idx, xp.take(boxes, idx), xp.take(sc, idx), key, img
 
 
-def _hard_nms(boxes: Tensor, scores: Tensor, key: Tensor, iou_thr: float, tie: str) -> Tuple[Tensor, Tensor]:
+def _hard_nms(xp: Backend, boxes: Array, scores: Array, key: Array, iou_thr: float, tie: str) -> Tuple[Array, Array]:
     """Greedy NMS per key group, boxes in decreasing score. Returns the sorted order and the keep mask over it."""
-    tv = scores.cpu().numpy() if tie in ("numpy", "numba") else None
-    order = _group_order(key, scores, tie, tv)
-    seg = _segments(_take(key, order))
-    c = _take(boxes, order).to(_F64)
-    ei, ej, _ = _pair_edges(c, _areas(c), seg, iou_thr)
-    return order, _greedy_keep(order.numel(), ei, ej, boxes.device)
+    tv = xp.numpy(scores) if tie in ("numpy", "numba") else None
+    order = _group_order(xp, key, scores, tie, tv)
+    seg = _segments(xp, xp.take(key, order))
+    c = xp.cast(xp.take(boxes, order), xp.f64)
+    return order, _greedy_rounds(xp, c, _areas(c), seg, iou_thr, track=False)[0]
 
 
-def _soft_nms_groups(boxes: Tensor, scores: Tensor, key: Tensor, method: int, iou_thr: float, sigma: float
-                     ) -> Tuple[Tensor, Tensor]:
+def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, method: int, iou_thr: float,
+                     sigma: float) -> Tuple[Array, Array]:
     """``cpu_soft_nms_float`` of ensemble_boxes for every key group at once (one loop step per rank).
 
     Boxes of a group are taken in input order; step ``i`` swaps in the highest remaining score (first one on ties,
     none if the current one is not lower) and decays the later ones. Returns the input positions in selection order
     (grouped by key) and their final scores."""
-    dev = boxes.device
-    n = scores.numel()
-    sd = scores.dtype
-    order = _stable_key_order(key)
-    seg = _segments(_take(key, order))
-    c = _take(boxes, order).to(_F64)
-    sc = _take(scores, order)
-    sel = torch.empty(n, dtype=torch.long, device=dev)
-    final = torch.empty(n, dtype=sd, device=dev)
-    for groups, ss in _chunks(seg.sizes, ratio=True):
-        pflat, vflat, s = _dense(seg.starts, ss, groups)
+    n = scores.shape[0]
+    order = _stable_key_order(xp, key)
+    seg = _segments(xp, xp.take(key, order))
+    c = xp.cast(xp.take(boxes, order), xp.f64)
+    sc = xp.take(scores, order)
+    sd = sc.dtype
+    sel = xp.zeros(n, xp.i64)          # groups of one box: selected first
+    final = xp.copy(sc)
+    for groups, ss in (_chunks(xp, seg.sizes, ratio=True, min_size=2) if n else []):
+        pos, valid, s = _chunk_layout(xp, seg.starts, ss, groups)
         gc = len(ss)
-        xt = _take(c, pflat).masked_fill_(~vflat[:, None], 0.0).t().contiguous()   # [4, gc * s]
-        x4 = xt.view(4, gc, s)
-        ar = (xt[2] - xt[0]) * (xt[3] - xt[1])
-        ar2 = ar.view(gc, s)
-        scr = _take(sc, pflat).masked_fill_(~vflat, float("-inf"))
-        scr2 = scr.view(gc, s)
-        perm = pflat.clone()
-        row_base = torch.arange(gc, device=dev) * s
+        x = xp.where(valid[None], c.T[:, pos], 0.0)      # [4, gc, s] coordinate-major; 0 past a group's end
+        ar = (x[2] - x[0]) * (x[3] - x[1])
+        scr = xp.where(valid, sc[pos], float("-inf"))
+        perm = pos
+        rows = xp.arange(gc)
         act = _active(ss, s + 1)
         for i in range(s - 1):
             a = act[i + 1]
             if a == 0:
                 break
-            mx, mp = scr2[:a, i + 1:].max(1)
-            q = torch.where(scr2[:a, i] < mx, mp + (i + 1), i)
-            fi = row_base[:a] + i
-            fq = row_base[:a] + q
-            for t in (scr, perm, ar):
-                vi, vq = _take(t, fi), _take(t, fq)
-                t.index_copy_(0, fi, vq)
-                t.index_copy_(0, fq, vi)
-            vi, vq = torch.index_select(xt, 1, fi), torch.index_select(xt, 1, fq)
-            xt.index_copy_(1, fi, vq)
-            xt.index_copy_(1, fq, vi)
-            xx1 = torch.maximum(x4[1, :a, i:i + 1], x4[1, :a, i + 1:])
-            yy1 = torch.maximum(x4[0, :a, i:i + 1], x4[0, :a, i + 1:])
-            xx2 = torch.minimum(x4[3, :a, i:i + 1], x4[3, :a, i + 1:])
-            yy2 = torch.minimum(x4[2, :a, i:i + 1], x4[2, :a, i + 1:])
-            inter = (xx2 - xx1).clamp_(min=0).mul_((yy2 - yy1).clamp_(min=0))
-            ovr = inter / (ar2[:a, i:i + 1] + ar2[:a, i + 1:] - inter)
+            rest = scr[:a, i + 1:]
+            mp = rest.argmax(1)
+            sw = xp.nonzero(scr[:a, i] <= rest[rows[:a], mp])
+            if sw.shape[0]:
+                q = xp.take(mp, sw) + (i + 1)
+                for t in (scr, perm, ar):
+                    ti, tq = t[sw, i], t[sw, q]
+                    t[sw, i] = tq
+                    t[sw, q] = ti
+                ti, tq = x[:, sw, i], x[:, sw, q]
+                x[:, sw, i] = tq
+                x[:, sw, q] = ti
+            xx1 = xp.maximum(x[1, :a, i:i + 1], x[1, :a, i + 1:])
+            yy1 = xp.maximum(x[0, :a, i:i + 1], x[0, :a, i + 1:])
+            xx2 = xp.minimum(x[3, :a, i:i + 1], x[3, :a, i + 1:])
+            yy2 = xp.minimum(x[2, :a, i:i + 1], x[2, :a, i + 1:])
+            inter = xp.clip0(xx2 - xx1) * xp.clip0(yy2 - yy1)
+            ovr = inter / (ar[:a, i:i + 1] + ar[:a, i + 1:] - inter)
             if method == 1:
-                w = torch.where(ovr > iou_thr, 1.0 - ovr, torch.ones_like(ovr))
+                w = xp.where(ovr > iou_thr, 1.0 - ovr, 1.0)
             elif method == 2:
-                w = _exp(-(ovr * ovr) / sigma)
+                w = xp.exp(-(ovr * ovr) / sigma)
             else:
-                w = torch.where(ovr > iou_thr, torch.zeros_like(ovr), torch.ones_like(ovr))
-            rest = scr2[:a, i + 1:]
-            scr2[:a, i + 1:] = (w * rest.to(_F64)).to(sd) if sd != _F64 else w * rest
-        vidx = _nz(vflat)
-        p = _take(perm, vidx)
-        sel.index_copy_(0, p, vidx % s)
-        final.index_copy_(0, p, _take(scr, vidx))
+                w = xp.where(ovr > iou_thr, 0.0 * ovr, 1.0)
+            scr[:a, i + 1:] = xp.cast(w * scr[:a, i + 1:], sd)
+        p = perm[valid]
+        sel[p] = (rows[:, None] * 0 + xp.arange(s)[None, :])[valid]
+        final[p] = scr[valid]
     # positions in (group, selection) order
-    out = torch.empty(n, dtype=torch.long, device=dev)
-    out.index_copy_(0, _take(seg.starts, seg.gidx) + sel, torch.arange(n, device=dev))
-    return _take(order, out), _take(final, out)
+    out = xp.zeros(n, xp.i64)
+    out[xp.take(seg.starts, seg.gidx) + sel] = xp.arange(n)
+    return xp.take(order, out), xp.take(final, out)
 
 
 def _nms_run(bt: _Batch, weights: Optional[np.ndarray], method: int, iou_thr: float, sigma: float, thresh: float,
-             clip: bool, tie: str, fn: Optional[str]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+             clip: bool, tie: str, fn: Optional[str]) -> Tuple[Array, Array, Array, Array, Array]:
     """``nms_method`` for a batch: image-sorted ``(boxes, scores (as weighted, not decayed), labels, decayed
     scores, img)``, grouped by label in increasing order, each group in keep order."""
+    xp = bt.xp
     idx, boxes, sc, key, img = _nms_prepare(bt, weights, fn, clip)
     if method == 3:
-        order, keep = _hard_nms(boxes, sc, key, iou_thr, tie)
-        sel = _compress(order, keep)
-        dec = _take(sc, sel)
+        order, keep = _hard_nms(xp, boxes, sc, key, iou_thr, tie)
+        sel = xp.take(order, xp.nonzero(keep))
+        dec = xp.take(sc, sel)
     else:
-        order, final = _soft_nms_groups(boxes, sc, key, method, iou_thr, sigma)
-        m = _nz(final > thresh)
-        sel = _take(order, m)
-        dec = _take(final, m)
-    return _take(boxes, sel), _take(sc, sel), _take(_take(bt.labels, idx), sel), dec, _take(img, sel)
+        order, final = _soft_nms_groups(xp, boxes, sc, key, method, iou_thr, sigma)
+        m = xp.nonzero(final > thresh)
+        sel = xp.take(order, m)
+        dec = xp.take(final, m)
+    return (xp.take(boxes, sel), xp.take(sc, sel), xp.take(xp.take(bt.labels, idx), sel), dec,
+            xp.take(img, sel))
 
 
 # -------------------------------------------------------------------------------------------- drop-in functions
@@ -1071,7 +1245,7 @@ def _wbf_batch(batch: Any, weights: Weights, iou_thr: Any, skip_box_thr: Any, co
     wn = _weights(weights, bt.n_models)
     boxes, scores, labels, _, img = _wbf(bt, wn, iou_thr, skip_box_thr, conf_type, allows_overflow, True, "numpy",
                                          fn)
-    return [tuple(p) for p in _split(img, bt.n_images, [boxes, scores, labels])]
+    return [tuple(p) for p in _split(bt.xp, img, bt.n_images, [boxes, scores, labels])]
 
 
 def weighted_boxes_fusion(boxes_list: Sequence[Any], scores_list: Sequence[Any], labels_list: Sequence[Any],
@@ -1139,7 +1313,7 @@ def _nmw_batch(batch: Any, weights: Weights, iou_thr: Any, skip_box_thr: Any, de
     wn = _weights(weights, bt.n_models)
     boxes, scores, labels, _, img = _nmw(bt, wn, iou_thr, skip_box_thr, True, "numpy", fn)
     out = []
-    for b, s, lab in _split(img, bt.n_images, [boxes, scores, labels]):
+    for b, s, lab in _split(bt.xp, img, bt.n_images, [boxes, scores, labels]):
         out.append((b, s, lab) if len(s) else (np.zeros((0, 4)), np.zeros((0,)), np.zeros((0,))))
     return out
 
@@ -1199,7 +1373,7 @@ def _nms_batch(batch: Any, method: Any, iou_thr: Any, sigma: Any, thresh: Any, w
     boxes, scores, labels, _, img = _nms_run(bt, wn, method, iou_thr, sigma, thresh, True,
                                              "numba" if method == 3 else "stable", fn)
     out = []
-    for b, s, lab in _split(img, bt.n_images, [boxes, scores, labels]):
+    for b, s, lab in _split(bt.xp, img, bt.n_images, [boxes, scores, labels]):
         out.append((b, s, lab.astype(bt.labels_dtype, copy=False)))
     return out
 
@@ -1287,7 +1461,7 @@ def soft_nms_batch(batch: Sequence[ImageInput], method: int = 2, iou_thr: float 
 
 # ------------------------------------------------------------------------------------------------ tensor cores
 def _out_dtype(x: Tensor) -> torch.dtype:
-    return x.dtype if x.is_floating_point() else _F64
+    return x.dtype if x.is_floating_point() else torch.float64
 
 
 def wbf_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, model_idx: Tensor, n_models: int,
@@ -1325,7 +1499,9 @@ def wbf_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, model_idx: Tensor,
     bt = _tensor_batch(boxes, scores, labels, model_idx, int(n_models))
     wn = _weights(weights, bt.n_models)
     b, s, _, lab, _ = _wbf(bt, wn, iou_thr, skip_box_thr, conf_type, allows_overflow, False, "stable", None)
-    return b.to(_out_dtype(boxes)), s.to(_out_dtype(scores)), lab.to(labels.dtype)
+    xp, dev = bt.xp, bt.device
+    return (xp.tensor(b, dev).to(_out_dtype(boxes)), xp.tensor(s, dev).to(_out_dtype(scores)),
+            xp.tensor(lab, dev).to(labels.dtype))
 
 
 def nmw_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, model_idx: Optional[Tensor] = None,
@@ -1348,27 +1524,33 @@ def nmw_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, model_idx: Optiona
 
     Returns:
         (Tensor[K, 4], Tensor[K], Tensor[K]): boxes, scores, labels by decreasing score (dtypes of the inputs;
-        computed in float32 precision like ``ensemble_boxes``).
+        boxes and scores computed in float32 precision like ``ensemble_boxes``).
     """
     iou_thr = _unit("iou_thr", iou_thr)
     skip_box_thr = _real("skip_box_thr", skip_box_thr)
     bt = _tensor_batch(boxes, scores, labels, model_idx, n_models)
     wn = _weights(weights, bt.n_models)
     b, s, _, lab, _ = _nmw(bt, wn, iou_thr, skip_box_thr, False, "stable", None)
-    return b.to(_out_dtype(boxes)), s.to(_out_dtype(scores)), lab.to(labels.dtype)
+    xp, dev = bt.xp, bt.device
+    return (xp.tensor(b, dev).to(_out_dtype(boxes)), xp.tensor(s, dev).to(_out_dtype(scores)),
+            xp.tensor(lab, dev).to(labels.dtype))
 
 
-def _label_key(labels: Tensor) -> Tensor:
-    if labels.is_floating_point():
-        return torch.unique(labels, return_inverse=True)[1]
-    return labels.long()
+def _core_inputs(bt: _Batch) -> Tuple[Array, Array, Array]:
+    """Corner-ordered float64 boxes, the positions of the non-degenerate ones and a group key per box."""
+    xp = bt.xp
+    b = _order_corners(xp, xp.cast(bt.boxes, xp.f64))
+    lab = bt.labels
+    key = xp.unique_inverse(lab) if xp.is_float(lab) else xp.cast(lab, xp.i64)
+    return b, xp.nonzero(_areas(b) > 0), key
 
 
 def nms_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thr: float = 0.5) -> Tensor:
     """Class-wise greedy NMS (like :func:`torchvision.ops.batched_nms` with ``idxs=labels``).
 
     By decreasing score (ties: lower index first), a box is kept unless a kept box of the same label overlaps it
-    with ``IoU > iou_thr``. Reversed corners are swapped; zero-area boxes are never kept.
+    with ``IoU > iou_thr``. Reversed corners are swapped; zero-area boxes are never kept. All labels (and, with
+    labels offset per image, all images) are processed at once.
 
     Args:
         boxes (Tensor[N, 4]): ``(x1, y1, x2, y2)`` boxes.
@@ -1377,15 +1559,17 @@ def nms_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thr: float = 0
         iou_thr (float): IoU threshold in ``[0, 1]``.
 
     Returns:
-        Tensor[K] int64: indices of the kept boxes by decreasing score.
+        Tensor[K] int64: indices of the kept boxes by decreasing score (on the device of ``boxes``).
     """
     iou_thr = _unit("iou_thr", iou_thr)
     bt = _tensor_batch(boxes, scores, labels)
-    b = order_box_corners(bt.boxes.to(_F64))
-    idx = (_areas(b) > 0).nonzero().squeeze(1)
-    order, keep = _hard_nms(b[idx], bt.scores[idx], _label_key(bt.labels[idx]), iou_thr, "stable")
-    kept = torch.sort(idx[order[keep]]).values
-    return kept[_group_order(torch.zeros_like(kept), bt.scores[kept], "stable")]
+    xp = bt.xp
+    b, idx, key = _core_inputs(bt)
+    order, keep = _hard_nms(xp, xp.take(b, idx), xp.take(bt.scores, idx), xp.take(key, idx), iou_thr, "stable")
+    kept = xp.take(idx, xp.take(order, xp.nonzero(keep)))
+    kept = xp.take(kept, xp.argsort(kept))
+    kept = xp.take(kept, _group_order(xp, xp.zeros(kept.shape[0], xp.i64), xp.take(bt.scores, kept), "stable"))
+    return xp.tensor(kept, bt.device)
 
 
 def soft_nms_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, method: int = 2, iou_thr: float = 0.5,
@@ -1408,7 +1592,7 @@ def soft_nms_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, method: int =
 
     Returns:
         (Tensor[K] int64, Tensor[K]): indices of the kept boxes and their decayed scores, by decreasing decayed
-        score.
+        score (ties: by label, then selection order).
     """
     method = _method(method)
     iou_thr = _unit("iou_thr", iou_thr)
@@ -1418,13 +1602,14 @@ def soft_nms_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, method: int =
         keep = nms_tensor(boxes, scores, labels, iou_thr)
         return keep, scores[keep]
     bt = _tensor_batch(boxes, scores, labels)
-    b = order_box_corners(bt.boxes.to(_F64))
-    idx = (_areas(b) > 0).nonzero().squeeze(1)
-    order, final = _soft_nms_groups(b[idx], bt.scores[idx], _label_key(bt.labels[idx]), method, iou_thr, sigma)
-    m = final > thresh
-    sel, dec = idx[order[m]], final[m]
-    o = _group_order(torch.zeros_like(sel), dec, "stable")
-    return sel[o], dec[o].to(_out_dtype(scores))
+    xp = bt.xp
+    b, idx, key = _core_inputs(bt)
+    order, final = _soft_nms_groups(xp, xp.take(b, idx), xp.take(bt.scores, idx), xp.take(key, idx), method,
+                                    iou_thr, sigma)
+    m = xp.nonzero(final > thresh)
+    sel, dec = xp.take(idx, xp.take(order, m)), xp.take(final, m)
+    o = _group_order(xp, xp.zeros(sel.shape[0], xp.i64), dec, "stable")
+    return xp.tensor(xp.take(sel, o), bt.device), xp.tensor(xp.take(dec, o), bt.device).to(_out_dtype(scores))
 
 
 def box_voting_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, nms_thr: float = 0.5,
@@ -1444,43 +1629,42 @@ def box_voting_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, nms_thr: fl
         vote_thr (float): voting IoU threshold in ``[0, 1]``.
 
     Returns:
-        (Tensor[K, 4], Tensor[K], Tensor[K]): voted boxes, scores and labels of the kept boxes by decreasing score.
+        (Tensor[K, 4], Tensor[K], Tensor[K]): voted boxes (corners ordered), scores and labels of the kept boxes by
+        decreasing score.
     """
     nms_thr = _unit("nms_thr", nms_thr)
     vote_thr = _unit("vote_thr", vote_thr)
+    keep_t = nms_tensor(boxes, scores, labels, nms_thr)
     bt = _tensor_batch(boxes, scores, labels)
-    dev = bt.device
-    b = order_box_corners(bt.boxes.to(_F64))
-    idx = (_areas(b) > 0).nonzero().squeeze(1)
-    keep = nms_tensor(boxes, scores, labels, nms_thr)
-    b, s = b[idx], bt.scores[idx].to(_F64)
-    key = _label_key(bt.labels[idx])
-    inv = torch.full((bt.boxes.shape[0],), -1, dtype=torch.long, device=dev)
-    inv[idx] = torch.arange(idx.numel(), device=dev)
-    kk = inv[keep]
-    # every kept box against every box of its label
-    order = _stable_key_order(key)
-    seg = _segments(key[order])
-    where_in_sorted = torch.empty_like(order)
-    where_in_sorted[order] = torch.arange(order.numel(), device=dev)
-    g = seg.gidx[where_in_sorted[kk]]
-    sizes = seg.sizes[g]
-    total = int(sizes.sum()) if kk.numel() else 0
-    voted = b[kk].clone()
+    xp = bt.xp
+    b, idx, key = _core_inputs(bt)
+    keep = xp.asarray(keep_t)
+    s = xp.cast(bt.scores, xp.f64)
+    # every kept box against every non-degenerate box of its label
+    order = xp.take(idx, _stable_key_order(xp, xp.take(key, idx)))
+    seg = _segments(xp, xp.take(key, order))
+    where = xp.full(bt.boxes.shape[0], -1, xp.i64)
+    where[order] = xp.arange(order.shape[0])
+    g = xp.take(seg.gidx, xp.take(where, keep))
+    sizes = xp.take(seg.sizes, g)
+    k = keep.shape[0]
+    total = int(sizes.sum()) if k else 0
+    voted = xp.take(b, keep)
     if total:
-        rep = torch.repeat_interleave(torch.arange(kk.numel(), device=dev), sizes, output_size=total)
-        off = torch.cumsum(sizes, 0) - sizes
-        member = order[seg.starts[g[rep]] + torch.arange(total, device=dev) - off[rep]]
-        top, oth = b[kk[rep]], b[member]
-        xa = torch.maximum(top[:, 0], oth[:, 0])
-        ya = torch.maximum(top[:, 1], oth[:, 1])
-        xb = torch.minimum(top[:, 2], oth[:, 2])
-        yb = torch.minimum(top[:, 3], oth[:, 3])
-        inter = (xb - xa).clamp(min=0) * (yb - ya).clamp(min=0)
+        rep = xp.repeat(xp.arange(k), sizes, total)
+        off = xp.cumsum(sizes) - sizes
+        member = xp.take(order, xp.take(xp.take(seg.starts, g), rep) + xp.arange(total) - xp.take(off, rep))
+        top, oth = xp.take(voted, rep), xp.take(b, member)
+        xa = xp.maximum(top[:, 0], oth[:, 0])
+        ya = xp.maximum(top[:, 1], oth[:, 1])
+        xb = xp.minimum(top[:, 2], oth[:, 2])
+        yb = xp.minimum(top[:, 3], oth[:, 3])
+        inter = xp.clip0(xb - xa) * xp.clip0(yb - ya)
         iou = inter / (_areas(top) + _areas(oth) - inter)
-        m = iou >= vote_thr
-        w = s[member[m]]
-        num = torch.zeros((kk.numel(), 4), dtype=_F64, device=dev).index_add_(0, rep[m], w[:, None] * oth[m])
-        den = torch.zeros(kk.numel(), dtype=_F64, device=dev).index_add_(0, rep[m], w)
-        voted = torch.where((den != 0)[:, None], num / den[:, None], voted)
-    return voted.to(_out_dtype(boxes)), scores[keep], labels[keep]
+        m = xp.nonzero(iou >= vote_thr)
+        rm, w = xp.take(rep, m), xp.take(s, xp.take(member, m))
+        num = xp.stack([xp.bincount(rm, w * xp.take(oth[:, c], m), k) for c in range(4)], 1)
+        den = xp.bincount(rm, w, k)
+        voted = xp.where((den != 0)[:, None], num / xp.where(den == 0, 1.0, den)[:, None], voted)
+    dev = bt.device
+    return xp.tensor(voted, dev).to(_out_dtype(boxes)), scores[keep_t], labels[keep_t]

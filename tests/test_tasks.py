@@ -1,0 +1,213 @@
+"""Tasks train and evaluate on small real or synthetic data; COCO AP of ground truth is 1; the Task protocol and the
+models contract over every registered strategy."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.engine.data import get_target, split_dataset
+from ddkit.engine.task import category_ids
+from ddkit.engine.train import train_model
+from ddkit.errors import ConfigError, DataError
+from ddkit.testing import build_examples, example_blocks, registered
+from ddkit.testing.models import check_model, info_for_task
+from ddkit.testing.tasks import check_task
+from ddkit.types import DatasetInfo, Instances
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+COCO_JSON = DATA / "coco-val2017-mini" / "test_coco.json"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data fixtures are not beside the repository")
+
+TINY_RCNN = {"backbone": "tiny", "min_size": 64, "max_size": 64, "anchor_sizes": [16, 32, 64, 128, 256],
+             "representation_size": 64, "box_batch_size_per_image": 32, "rpn_post_nms_top_n_train": 200,
+             "rpn_post_nms_top_n_test": 100}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_classification_trains_and_evaluates_on_real_digits(tmp_path):
+    task = ddkit.build("tasks", "classification")
+    splits = split_dataset(ddkit.build("datasets", "digits"), labeled=0.5, test=0.2, seed=0)
+    torch.manual_seed(0)
+    model = task.build_model({"name": "lenet", "channels": [8, 16], "hidden": 32}, splits.info)
+    res = train_model(task, model, splits.labeled, {"iterations": 120, "batch_size": 32, "lr": 0.05,
+                                                    "log_every": 40}, tmp_path, eval_set=splits.test, progress=False)
+    assert res["finished"] and res["metrics"]["accuracy"] > 0.85
+    assert res["metrics"]["error"] == pytest.approx(1 - res["metrics"]["accuracy"])
+    losses = _losses(tmp_path)
+    assert losses[-1] < losses[0] / 2
+
+
+def test_detection_trains_and_evaluates_on_synthetic_shapes(tmp_path):
+    task = ddkit.build("tasks", "detection")
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 8, "image_size": 64, "num_classes": 2,
+                                  "min_object": 14, "max_object": 30, "max_objects": 2})
+    torch.manual_seed(0)
+    model = task.build_model({"name": "fasterrcnn", **TINY_RCNN}, ds.info)
+    res = train_model(task, model, ds, {"iterations": 60, "batch_size": 4, "lr": 0.02, "warmup": 10,
+                                        "clip_grad_norm": 10.0, "log_every": 20}, tmp_path, eval_set=ds,
+                      progress=False)
+    m = res["metrics"]
+    assert set(m) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert m["AP50"] > 0.5, m  # 8 training images: the detector must at least fit them
+    losses = _losses(tmp_path)
+    assert losses[-1] < losses[0]
+
+
+def test_keypoints_train_and_evaluate_on_synthetic_figures(tmp_path):
+    task = ddkit.build("tasks", "keypoints")
+    ds = ddkit.build("datasets", {"name": "synthetic_figures", "num_images": 8, "image_size": 64, "min_height": 30,
+                                  "max_height": 60, "max_figures": 1})
+    torch.manual_seed(0)
+    model = task.build_model({"name": "keypointrcnn", **TINY_RCNN, "keypoint_head": [32, 32]}, ds.info)
+    res = train_model(task, model, ds, {"iterations": 60, "batch_size": 4, "lr": 0.02, "warmup": 10,
+                                        "clip_grad_norm": 10.0, "log_every": 20, "hflip": 0.5}, tmp_path,
+                      eval_set=ds, progress=False)
+    m = res["metrics"]
+    assert {"AP", "AP50", "bbox_AP"} <= set(m)
+    assert m["AP"] > 0.3, m
+    losses = _losses(tmp_path)
+    assert losses[-1] < losses[0]
+
+
+# ------------------------------------------------------------------------------------------------ COCO AP
+class _AsPredictions:
+    @staticmethod
+    def of(ds, keypoints: bool) -> list[Instances]:
+        preds = []
+        for i in range(len(ds)):
+            t = get_target(ds, i)
+            n = len(t["boxes"])
+            kps = None
+            keep = torch.ones(n, dtype=torch.bool)
+            if keypoints:
+                kps = t["keypoints"].clone()
+                keep = (kps[..., 2] > 0).any(1)  # people without labeled keypoints are ignored by COCO OKS eval
+                kps[..., 2] = 1.0
+            preds.append(Instances(t["boxes"], torch.ones(n), t["labels"], kps, t.get("size"))[keep])
+        return preds
+
+
+@needs_data
+def test_coco_ground_truth_as_predictions_scores_ap_1():
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(COCO_JSON)})
+    det = ddkit.build("tasks", "detection").evaluate_predictions(_AsPredictions.of(ds, False), ds)
+    assert det["AP"] == pytest.approx(1.0) and det["AP50"] == pytest.approx(1.0)
+    kp = ddkit.build("tasks", "keypoints").evaluate_predictions(_AsPredictions.of(ds, True), ds)
+    assert kp["AP"] == pytest.approx(1.0) and kp["AP50"] == pytest.approx(1.0)
+
+
+@needs_data
+def test_coco_ap_drops_with_shifted_keypoints_and_missing_boxes():
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(COCO_JSON)})
+    preds = _AsPredictions.of(ds, True)
+    shifted = [Instances(p.boxes, p.scores, p.labels, p.keypoints + torch.tensor([15.0, 0.0, 0.0]), p.image_size)
+               for p in preds]
+    kp = ddkit.build("tasks", "keypoints").evaluate_predictions(shifted, ds)
+    assert kp["AP"] < 0.9
+    half = [p[torch.arange(len(p)) % 2 == 0] for p in preds]
+    det = ddkit.build("tasks", "detection").evaluate_predictions(half, ds)
+    assert 0.2 < det["AP"] < 0.8
+
+
+def test_classification_accuracy_by_hand():
+    task = ddkit.build("tasks", "classification")
+    ds = ddkit.build("datasets", "digits")
+    sub = split_dataset(ds, labeled=0.01, seed=0).labeled
+    labels = [get_target(sub, i)["label"] for i in range(len(sub))]
+    preds = [torch.nn.functional.one_hot(torch.tensor((y + (i % 2)) % 10), 10).float()
+             for i, y in enumerate(labels)]
+    m = task.evaluate_predictions(preds, sub)
+    expected = sum(1 for i in range(len(labels)) if i % 2 == 0) / len(labels)
+    assert m["accuracy"] == pytest.approx(expected) and m["num_samples"] == len(labels)
+
+
+# ---------------------------------------------------------------------------------------- category mapping
+def test_detection_maps_noncontiguous_category_ids():
+    task = ddkit.build("tasks", "detection")
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64, "max_object": 30})
+    info = DatasetInfo([{"id": 7, "name": "a"}, {"id": 3, "name": "b"}, {"id": 42, "name": "c"}])
+    model = task.build_model({"name": "fasterrcnn", **TINY_RCNN}, info)
+    assert category_ids(model) == [7, 3, 42]
+    targets = [{"image_id": 0, "boxes": torch.tensor([[1.0, 1, 20, 20], [5, 5, 30, 40]]),
+                "labels": torch.tensor([42, 7])}]
+    mapped = task._model_targets(model, targets)
+    assert mapped[0]["labels"].tolist() == [3, 1]
+    with pytest.raises(DataError, match="category id 5"):
+        task._model_targets(model, [{"image_id": 0, "boxes": torch.tensor([[1.0, 1, 9, 9]]),
+                                     "labels": torch.tensor([5])}])
+    model.roi_heads.score_thresh = 0.0
+    preds = task.predict(model, [ds[0][0]])
+    assert set(preds[0].labels.tolist()) <= {7, 3, 42}
+
+
+def test_models_of_another_task_are_refused():
+    task = ddkit.build("tasks", "classification")
+    with pytest.raises(ConfigError, match="is for task 'detection'"):
+        task.build_model({"name": "fasterrcnn"}, info_for_task("classification"))
+    with pytest.raises(ConfigError, match="category ids 0..C-1"):
+        task.build_model({"name": "mlp"}, DatasetInfo([{"id": 1, "name": "a"}], extra={"image_shape": [1, 2, 2]}))
+
+
+# ------------------------------------------------------------------------------------------------ pretrained
+def test_pretrained_only_from_a_local_file(tmp_path):
+    task = ddkit.build("tasks", "classification")
+    info = info_for_task("classification", image_shape=(3, 32, 32))
+    with pytest.raises(ConfigError, match="never downloads"):
+        task.build_model({"name": "timm", "model_name": "resnet18", "pretrained": str(tmp_path / "none.pth")}, info)
+    torch.manual_seed(0)
+    source = task.build_model({"name": "timm", "model_name": "resnet18"}, info)
+    torch.save(source.state_dict(), tmp_path / "r18.pth")
+    torch.manual_seed(1)
+    loaded = task.build_model({"name": "timm", "model_name": "resnet18", "pretrained": str(tmp_path / "r18.pth")},
+                              info)
+    for k, v in source.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    other = info_for_task("classification", num_classes=5, image_shape=(3, 32, 32))
+    with pytest.warns(UserWarning, match="different shape"):  # a new class head keeps its own init
+        task.build_model({"name": "timm", "model_name": "resnet18", "pretrained": str(tmp_path / "r18.pth")}, other)
+
+
+# ------------------------------------------------------------------------------------------------ contracts
+def _task_case(name: str):
+    if name == "classification":
+        return ddkit.build("datasets", "digits"), {"name": "mlp", "hidden": [16]}
+    if name == "detection":
+        return (ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 4, "image_size": 64,
+                                         "max_object": 30}), {"name": "fasterrcnn", **TINY_RCNN})
+    return (ddkit.build("datasets", {"name": "synthetic_figures", "num_images": 4, "image_size": 64,
+                                     "min_height": 30, "max_height": 60}),
+            {"name": "keypointrcnn", **TINY_RCNN, "keypoint_head": [16]})
+
+
+@pytest.mark.parametrize("entry", registered("tasks"), ids=lambda e: e.spec.name)
+def test_every_registered_task_meets_the_protocol(entry):
+    if entry.spec.name not in ("classification", "detection", "keypoints"):
+        pytest.skip("a third-party task: test it with ddkit.testing.tasks.check_task and its own data")
+    dataset, model_cfg = _task_case(entry.spec.name)
+    for task in build_examples(entry):
+        check_task(task, dataset, model_cfg)
+
+
+@pytest.mark.parametrize("entry", registered("models"), ids=lambda e: e.spec.name)
+def test_every_registered_model_builds_for_its_task_and_runs(entry):
+    blocks = example_blocks(entry)
+    if entry.spec.name == "timm":
+        blocks = [{"model_name": "resnet18"}]
+    for block in blocks:
+        check_model(entry, block)
