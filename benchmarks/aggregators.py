@@ -14,7 +14,7 @@ and ddkit's :func:`~ddkit.ops.ensemble.nms_tensor` (all images in one call, labe
 
 Usage::
 
-    python benchmarks/aggregators.py                 # 1,000 images (about two minutes, mostly ensemble_boxes)
+    python benchmarks/aggregators.py                 # 1,000 images (about a minute, mostly ensemble_boxes)
     python benchmarks/aggregators.py --images 200    # quicker
 """
 from __future__ import annotations

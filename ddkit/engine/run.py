@@ -93,9 +93,8 @@ class Runner:
         self.rounds = int(cfg.get("rounds") or 1)
         if self.rounds < 1:
             raise ConfigError(f"{source}: rounds must be >= 1, got {self.rounds}")
-        if self.student_cfg is not None and self.label_cfg is None:
-            raise ConfigError(f"{source}: a 'student' section needs a 'label' section (data distillation); "
-                              f"for knowledge distillation alone use kd.variants")
+        if self.student_cfg is None and (self.label_cfg is not None or self.kd):
+            raise ConfigError(f"{source}: 'label' and 'kd' need a 'student' section (its model and train blocks)")
         for name, block in (("teacher", self.teacher_cfg), ("student", self.student_cfg)):
             if block is not None:
                 parse_train_config(block.get("train"), where=f"{source}: {name}.train")
@@ -122,7 +121,7 @@ class Runner:
     def _plan(self) -> list[Stage]:
         base = ("task", "data", "run.seed")
         stages = [Stage("teacher", base + ("teacher",), self._train_teacher)]
-        if self.student_cfg is not None:
+        if self.label_cfg is not None:  # data distillation
             for r in range(1, self.rounds + 1):
                 sfx = "" if r == 1 else f"_r{r}"
                 prev = "teacher" if r == 1 else ("student" if r == 2 else f"student_r{r - 1}")

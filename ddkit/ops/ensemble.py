@@ -5,19 +5,24 @@ Two layers:
 * **Drop-in functions** with the names, signatures and semantics of ``ensemble_boxes`` 1.0.9 for one image
   (:func:`weighted_boxes_fusion`, :func:`nms`, :func:`soft_nms`, :func:`nms_method`, :func:`non_maximum_weighted`):
   inputs are per-model lists of normalized ``[0, 1]`` boxes, scores and labels (numpy arrays, lists or tensors),
-  outputs are numpy arrays. They return the same boxes in the same order as ``ensemble_boxes`` (ties included: where
-  ``ensemble_boxes`` sorts with ``numpy.argsort`` or numba's quicksort we call the same sort on the same values), with
-  coordinates and scores equal to float rounding. Their ``*_batch`` twins take a list of per-image
-  ``(boxes_list, scores_list, labels_list)`` tuples, process all images at once (CPU or CUDA tensors; no Python loop
-  over boxes) and return exactly what the one-image functions return for each image.
+  outputs are numpy arrays of ``ensemble_boxes``' dtypes. They return the same boxes in the same order as
+  ``ensemble_boxes``, ties included (where it sorts with ``numpy.argsort`` or numba's quicksort, the same sort runs
+  on the same values); WBF, NMS and soft-NMS reproduce its arithmetic bit for bit (float32 accumulations included).
+  Their ``*_batch`` twins take a list of per-image ``(boxes_list, scores_list, labels_list)`` tuples and process all
+  images at once, with no Python loop over boxes (greedy clusterings run one vectorized step per rank or per kept
+  box, for every ``(image, label)`` group together), and return exactly what the one-image functions return.
 * **Tensor cores** (:func:`wbf_tensor`, :func:`nmw_tensor`, :func:`nms_tensor`, :func:`soft_nms_tensor`,
-  :func:`box_voting_tensor`) for one image in any coordinate system (pixels, no clipping), on the tensor's device.
-  To process several images in one call, give every ``(image, label)`` pair its own label, as with the ``idxs`` of
-  :func:`torchvision.ops.batched_nms`.
+  :func:`box_voting_tensor`) for one image in any coordinate system (pixels; no clipping), results on the input's
+  device, ties broken by input order. For several images in one call give every ``(image, label)`` pair its own
+  label, as with the ``idxs`` of :func:`torchvision.ops.batched_nms`.
+
+CPU inputs are computed with numpy (single-threaded: cheaper per call than torch on the CPU, and unaffected by
+OpenMP thread contention); CUDA tensors (or ``device="cuda"``) with torch on the GPU. Both backends run the same
+IEEE operations in the same order (``FORCE_TORCH = True`` runs the torch path on the CPU, as the tests do).
 
 Deliberate differences from ``ensemble_boxes`` (everything else is reproduced, including its quirks: clipping to
 ``[0, 1]`` and swapping of reversed corners in the drop-ins, ``allows_overflow=False`` not bounding scores by 1 when
-weights differ, soft-NMS returning the *input* scores of the boxes it keeps):
+weights differ, soft-NMS returning the *input* scores of the boxes it keeps, NMW returning float32 arrays):
 
 * bad arguments raise :class:`ValueError` naming the argument instead of printing and calling ``exit()`` (unknown
   ``conf_type``) or silently replacing them (wrong number of ``weights``); thresholds are checked (``iou_thr`` in
@@ -27,13 +32,14 @@ weights differ, soft-NMS returning the *input* scores of the boxes it keeps):
 * empty input (no model, no box, or nothing left after filtering) returns empty arrays of shapes ``[0, 4]``, ``[0]``,
   ``[0]`` where ``ensemble_boxes`` crashes (``nms``, ``soft_nms``, ``non_maximum_weighted`` without models);
 * a cluster whose boxes all have zero weighted score (zero model weight or zero score) keeps the coordinates of its
-  first box where ``ensemble_boxes`` computes ``0 / 0 = NaN`` coordinates (after which it merges every later box of
-  that label into the NaN cluster); with ``conf_type='box_and_model_avg'`` such a cluster scores 0, not NaN;
+  first box where ``ensemble_boxes`` computes ``0 / 0 = NaN`` coordinates (WBF then merges every later box of that
+  label into the NaN cluster); with ``conf_type='box_and_model_avg'`` such a cluster scores 0, not NaN;
+* NMW accumulates its weighted means in float64 (``ensemble_boxes``: float32), a difference below 1e-6;
 * the one warning per fixed box of ``ensemble_boxes`` becomes one summary warning per call;
 * integer boxes or scores are returned as float64;
 * for float32 inputs, NMS computes IoUs in float64 (``ensemble_boxes`` mixes float32 and float64 inside numba), so a
-  keep/suppress decision can differ only for an IoU within ~1e-7 of ``iou_thr``. Gaussian soft-NMS on CUDA uses
-  ``torch.exp`` (on the CPU we call ``numpy.exp`` like ``ensemble_boxes``), which may differ in the last bit.
+  keep/suppress decision can differ only for an IoU within ~1e-7 of ``iou_thr``; gaussian soft-NMS on CUDA uses
+  ``torch.exp`` (the CPU path calls ``numpy.exp`` like ``ensemble_boxes``), which may differ in the last bit.
 """
 from __future__ import annotations
 
@@ -64,6 +70,7 @@ Array = Any   # a numpy array (CPU backend) or a torch tensor (CUDA backend)
 
 _SLOTS = 1 << 20          # dense (group x rank) slots per chunk of the sequential loops
 _SMALL_CHUNK = 1 << 15    # below this many slots a chunk is not split by size (fewer loop steps matter more)
+_SMALL_PAIRS = 1 << 16    # NMS of at most this many same-group pairs: all pairs at once (fewer numpy calls)
 _SMALL_QUICKSORT = 15     # numba's quicksort is an insertion sort up to this many elements
 
 #: Run the CPU computations with torch instead of numpy (the code path of CUDA tensors; used by the tests).
@@ -772,6 +779,8 @@ def _areas(c: Array) -> Array:
 
 def _order_corners(xp: Backend, b: Array) -> Array:
     """``(min(x1, x2), min(y1, y2), max(x1, x2), max(y1, y2))``: ensemble_boxes swaps reversed corners."""
+    if not bool((b[:, 2:4] < b[:, 0:2]).any()):
+        return b
     return xp.concat([xp.minimum(b[:, 0:2], b[:, 2:4]), xp.maximum(b[:, 0:2], b[:, 2:4])], 1)
 
 
@@ -828,6 +837,37 @@ def _greedy_rounds(xp: Backend, coords: Array, area: Array, seg: _Segments, thr:
     return keep, best, cluster
 
 
+def _greedy_pairs(xp: Backend, coords: Array, area: Array, seg: _Segments, thr: float) -> Array:
+    """Greedy NMS of every group at once for small inputs: the IoU of every pair of boxes of a group, then the keep
+    decisions resolved layer by layer (a box is kept iff no kept earlier box overlaps it with ``IoU > thr``)."""
+    n = coords.shape[0]
+    rank = seg.rank
+    p = int(rank.sum()) if n else 0
+    if p == 0:
+        return xp.full(n, True, xp.bool_)
+    j = xp.repeat(xp.arange(n), rank, p)
+    i = xp.repeat(xp.take(seg.starts, seg.gidx) - (xp.cumsum(rank) - rank), rank, p) + xp.arange(p)
+    a, b = xp.take(coords, i), xp.take(coords, j)
+    inter = xp.clip0(xp.minimum(a[:, 2], b[:, 2]) - xp.maximum(a[:, 0], b[:, 0])) * \
+        xp.clip0(xp.minimum(a[:, 3], b[:, 3]) - xp.maximum(a[:, 1], b[:, 1]))
+    m = xp.nonzero(inter / (xp.take(area, i) + xp.take(area, j) - inter) > thr)
+    ei, ej = xp.take(i, m), xp.take(j, m)
+    state = xp.zeros(n, xp.i8)                  # 0 undecided, 1 kept, 2 suppressed
+    blocked = xp.zeros(n, xp.bool_)
+    blocked[ej] = True
+    state[~blocked] = 1
+    while ei.shape[0]:
+        hit = xp.zeros(n, xp.bool_)
+        hit[xp.take(ej, xp.nonzero(xp.take(state, ei) == 1))] = True
+        state[hit & (state == 0)] = 2
+        live = xp.nonzero((xp.take(state, ej) == 0) & (xp.take(state, ei) != 2))
+        ei, ej = xp.take(ei, live), xp.take(ej, live)
+        blocked = xp.zeros(n, xp.bool_)
+        blocked[ej] = True
+        state[(state == 0) & ~blocked] = 1
+    return state == 1
+
+
 def _split(xp: Backend, img: Array, n_images: int, arrays: Sequence[Array]) -> List[List[np.ndarray]]:
     """Split image-sorted results into per-image numpy arrays."""
     img_np = xp.numpy(img)
@@ -839,12 +879,12 @@ def _split(xp: Backend, img: Array, n_images: int, arrays: Sequence[Array]) -> L
 
 def _warn(fn: str, swapped: int, clipped: int, zero: int) -> None:
     if swapped:
-        warnings.warn(f"{fn}: {swapped} boxes had x2 < x1 or y2 < y1; their corners were swapped", stacklevel=4)
+        warnings.warn(f"{fn}: {swapped} boxes had x2 < x1 or y2 < y1; their corners were swapped", stacklevel=6)
     if clipped:
         warnings.warn(f"{fn}: {clipped} box coordinates were outside [0, 1] and were clipped (normalize the boxes "
-                      f"to [0, 1])", stacklevel=4)
+                      f"to [0, 1])", stacklevel=6)
     if zero:
-        warnings.warn(f"{fn}: {zero} zero-area boxes were skipped", stacklevel=4)
+        warnings.warn(f"{fn}: {zero} zero-area boxes were skipped", stacklevel=6)
 
 
 # ------------------------------------------------------------------------------------- fusion (WBF and NMW)
@@ -870,7 +910,8 @@ def _fusion_inputs(bt: _Batch, wn: Optional[np.ndarray], thr: float, clip: bool,
     out = None
     if clip:
         out = (oc < 0) | (oc > 1)
-        oc = xp.clip(oc, 0, 1)
+        if bool(out.any()):
+            oc = xp.clip(oc, 0, 1)
     zero = _areas(oc) == 0
     if fn is not None and c.shape[0]:
         swapped = int((keep & ((c[:, 2] < c[:, 0]) | (c[:, 3] < c[:, 1]))).sum())
@@ -1123,10 +1164,10 @@ def _nms_prepare(bt: _Batch, weights: Optional[np.ndarray], fn: Optional[str], c
         wsum = xp.cast(xp.asarray(np.asarray(weights.sum()).reshape(1)), rdt)
         sc = (xp.cast(sc, rdt) * xp.take(wt, bt.model)) / wsum
     n_clip = 0
-    if clip:
-        if boxes.shape[0]:
-            n_clip = int(((boxes < 0) | (boxes > 1)).sum())
-        boxes = xp.clip(boxes, 0, 1)
+    if clip and boxes.shape[0]:
+        n_clip = int(((boxes < 0) | (boxes > 1)).sum())
+        if n_clip:
+            boxes = xp.clip(boxes, 0, 1)
     swapped = int(((boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])).sum()) if boxes.shape[0] else 0
     boxes = _order_corners(xp, boxes)
     ok = _areas(boxes) > 0
@@ -1150,6 +1191,8 @@ def _hard_nms(xp: Backend, boxes: Array, scores: Array, key: Array, iou_thr: flo
     order = _group_order(xp, key, scores, tie, tv)
     seg = _segments(xp, xp.take(key, order))
     c = xp.cast(xp.take(boxes, order), xp.f64)
+    if int(seg.rank.sum() if order.shape[0] else 0) <= _SMALL_PAIRS:
+        return order, _greedy_pairs(xp, c, _areas(c), seg, iou_thr)
     return order, _greedy_rounds(xp, c, _areas(c), seg, iou_thr, track=False)[0]
 
 
@@ -1183,7 +1226,7 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
                 break
             rest = scr[:a, i + 1:]
             mp = rest.argmax(1)
-            sw = xp.nonzero(scr[:a, i] <= rest[rows[:a], mp])
+            sw = xp.nonzero(scr[:a, i] < rest[rows[:a], mp])
             if sw.shape[0]:
                 q = xp.take(mp, sw) + (i + 1)
                 for t in (scr, perm, ar):
