@@ -549,14 +549,12 @@ def _collect(batch: Any, device: Device, single: bool) -> _Batch:
             cat.append(xp.asarray(np.zeros(shape)))
             continue
         try:
-            if tensor_device is None and isinstance(xp, _Numpy):
-                cat.append(np.concatenate(parts))
+            if tensor_device is None:                   # numpy inputs: one concatenation (and one transfer)
+                cat.append(xp.asarray(np.concatenate(parts)))
+            elif isinstance(xp, _Numpy):
+                cat.append(np.concatenate([xp.asarray(p) for p in parts]))
             else:
-                ts = [xp.asarray(p) for p in parts]
-                if isinstance(xp, _Numpy):
-                    cat.append(np.concatenate(ts))
-                else:
-                    cat.append(torch.cat(ts))
+                cat.append(torch.cat([xp.asarray(p) for p in parts]))
         except (TypeError, ValueError, RuntimeError) as e:
             raise ValueError(f"{name} must hold real numbers: {e}") from None
     return _finish(xp, cat[0], cat[1], cat[2], model, img, len(batch), n_models, target,
