@@ -9,6 +9,8 @@ detectors, 0 being background) inside the task; predictions carry dataset catego
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import contextlib
 import io
 from dataclasses import dataclass
@@ -144,7 +146,7 @@ class ClassificationTask(_BaseTask):
         return model(batch["images"])
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, images: Sequence[Tensor]) -> list[Tensor]:
+    def predict(self, model: nn.Module, images: Sequence[Tensor], native_size: bool = False) -> list[Tensor]:
         model.eval()
         device = next(unwrap_model(model).parameters()).device
         x = torch.stack(list(images)).to(device)
@@ -172,6 +174,30 @@ class DetectionParams:
     def __post_init__(self) -> None:
         if self.min_box_size < 0:
             raise ValueError(f"min_box_size must be >= 0, got {self.min_box_size}")
+
+
+def _groups(images: Sequence[Tensor], by_size: bool) -> list[tuple[tuple[int, int] | None, list[int]]]:
+    """Indices of ``images`` grouped by ``(H, W)`` when ``by_size``, else one group with size ``None``."""
+    if not by_size:
+        return [(None, list(range(len(images))))]
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(tuple(im.shape[-2:]), []).append(i)
+    return list(groups.items())
+
+
+@contextmanager
+def _at_size(transform: nn.Module, size: tuple[int, int] | None):
+    """Make torchvision's GeneralizedRCNNTransform keep images of ``size`` as they are (``None``: no change)."""
+    if size is None:
+        yield
+        return
+    old = transform.min_size, transform.max_size
+    transform.min_size, transform.max_size = (min(size),), max(size)
+    try:
+        yield
+    finally:
+        transform.min_size, transform.max_size = old
 
 
 def _coco_eval(gt: dict, results: list[dict], iou_type: str, sigmas: list[float] | None = None) -> list[float]:
@@ -257,11 +283,19 @@ class DetectionTask(_BaseTask):
         return Instances(out["boxes"].cpu().float(), out["scores"].cpu().float(), labels, kps, size)
 
     @torch.no_grad()
-    def predict(self, model: nn.Module, images: Sequence[Tensor]) -> list[Instances]:
+    def predict(self, model: nn.Module, images: Sequence[Tensor], native_size: bool = False) -> list[Instances]:
+        """``native_size``: run at each input's own size instead of resizing it to the model's ``min_size``
+        (multi-scale inference: the test-time transform chose the size)."""
         model.eval()
-        device = next(unwrap_model(model).parameters()).device
-        outs = unwrap_model(model)([im.to(device) for im in images])
-        return [self._to_instances(model, o, tuple(im.shape[-2:])) for o, im in zip(outs, images)]
+        inner = unwrap_model(model)
+        device = next(inner.parameters()).device
+        results: list[Instances | None] = [None] * len(images)
+        for size, idx in _groups(images, native_size):
+            with _at_size(inner.transform, size):
+                outs = inner([images[i].to(device) for i in idx])
+            for i, o in zip(idx, outs):
+                results[i] = self._to_instances(model, o, tuple(images[i].shape[-2:]))
+        return results
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def coco_ground_truth(self, dataset: Any) -> dict[str, Any]:
@@ -350,7 +384,14 @@ class KeypointTask(DetectionTask):
         return out
 
     @torch.no_grad()
-    def keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
+    def keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor],
+                          native_size: bool = False) -> list[Tensor]:
+        if native_size and len({tuple(im.shape[-2:]) for im in images}) > 1:
+            return [m for im, r in zip(images, rois) for m in self.keypoint_heatmaps(model, [im], [r], True)]
+        with _at_size(unwrap_model(model).transform, tuple(images[0].shape[-2:]) if native_size and images else None):
+            return self._keypoint_heatmaps(model, images, rois)
+
+    def _keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
         model.eval()
         inner = unwrap_model(model)
         heads = inner.roi_heads

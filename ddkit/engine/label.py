@@ -494,7 +494,7 @@ class Labeller:
         with torch.no_grad():
             for members in groups.values():
                 with self.timer("model"):
-                    preds = self.task.predict(self.model, [view_images[v][b] for v, b in members])
+                    preds = self.task.predict(self.model, [view_images[v][b] for v, b in members], native_size=True)
                 if len(preds) != len(members):
                     raise RuntimeError(f"task {self.task.name!r}: predict returned {len(preds)} results for "
                                        f"{len(members)} images")
@@ -518,7 +518,8 @@ class Labeller:
                                                          image_size=sizes[b]), sizes[b]).boxes.to(self.device)
                         for b in todo]
             with torch.no_grad(), self.timer("model"):
-                maps = self.task.keypoint_heatmaps(self.model, [view_images[v][b] for b in todo], rois)
+                maps = self.task.keypoint_heatmaps(self.model, [view_images[v][b] for b in todo], rois,
+                                                   native_size=True)
             with self.timer("inverse"):
                 maps_per_view.append([view.inverse_heatmaps(m) for m in maps])
         out = list(ens)

@@ -119,8 +119,10 @@ class Task(Protocol):
         Returns the class logits ``[B, C]`` where the task has them (used by soft targets), else ``None``.
         """
 
-    def predict(self, model: nn.Module, images: Sequence[Tensor]) -> list[Tensor] | list[Instances]:
-        """Eval mode, no grad. ``images`` are ``[C, H, W]`` in ``[0, 1]``.
+    def predict(self, model: nn.Module, images: Sequence[Tensor], native_size: bool = False
+                ) -> list[Tensor] | list[Instances]:
+        """Eval mode, no grad. ``images`` are ``[C, H, W]`` in ``[0, 1]``. ``native_size``: a detector runs at the
+        input's own size instead of resizing it to its ``min_size`` (the labelling engine's scale views set it).
 
         Returns per image either class probabilities ``[C]`` (ordered like ``info.categories``) or
         :class:`~ddkit.types.Instances` whose labels are dataset category ids and coordinates are in the frame of
@@ -141,7 +143,8 @@ class Task(Protocol):
 class KeypointTask(Task, Protocol):
     """A task whose model has a keypoint head on RoIs (torchvision's KeypointRCNN)."""
 
-    def keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
+    def keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor],
+                          native_size: bool = False) -> list[Tensor]:
         """Run the keypoint head on given boxes.
 
         Args:
