@@ -17,13 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/ddkit plugins
+	$(VENV)/bin/ddkit run configs/mnist_dd.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/aggregators.py
+	$(PY) benchmarks/aggregators.py && $(PY) benchmarks/label_throughput.py && $(PY) benchmarks/kd_throughput.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

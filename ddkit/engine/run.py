@@ -231,6 +231,8 @@ class Runner:
     def _baseline_labeled(self) -> dict[str, Any]:
         """The student's model on the labeled part alone, with the teacher's schedule (the paper's baseline)."""
         s = self._student_like()
+        if s["model"] == self.teacher_cfg["model"] and not self.teacher_cfg.get("losses"):
+            return {**self.results["teacher"], "same_as": "teacher"}  # the same training: do not repeat it
         return self._train("baseline_labeled", s["model"], self.teacher_cfg.get("train"), [self.splits.labeled])
 
     def _baseline_full(self) -> dict[str, Any]:

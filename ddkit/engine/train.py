@@ -78,6 +78,8 @@ class TrainConfig:
         amp: mixed precision; ``null`` = on when training on CUDA.
         ratio: labeled : pseudo-labeled samples per minibatch (expected), e.g. ``[6, 4]``.
         hflip: probability of a random horizontal flip of a training sample (boxes and keypoints too).
+        translate: shift each training image by a random whole number of pixels in ``[-translate, translate]``
+            on each axis, zero fill (classification only: small images such as digits).
         init: the student's initial weights: ``scratch`` or ``teacher`` (copy the teacher's weights).
         teacher_cache: cache teacher logits per sample (see the module docstring); ``teacher_cache_dir`` where.
         checkpoint_every, eval_every, log_every: in iterations (0 = only at the end).
@@ -105,6 +107,7 @@ class TrainConfig:
     amp: bool | None = None
     ratio: list[float] = field(default_factory=lambda: [6.0, 4.0])
     hflip: float = 0.0
+    translate: int = 0
     init: Literal["scratch", "teacher"] = "scratch"
     teacher_cache: bool = False
     teacher_cache_dir: str | None = None
@@ -132,6 +135,7 @@ class TrainConfig:
             (len(self.ratio) >= 1 and all(r >= 0 for r in self.ratio) and sum(self.ratio) > 0,
              f"ratio must be non-negative weights, got {self.ratio}"),
             (0 <= self.hflip <= 1, f"hflip must be a probability, got {self.hflip}"),
+            (self.translate >= 0, f"translate must be >= 0 pixels, got {self.translate}"),
             (min(self.checkpoint_every, self.eval_every, self.log_every, self.eval_batch_size,
                  self.num_workers) >= 0, "checkpoint_every, eval_every, log_every, eval_batch_size, num_workers "
                                          "must be >= 0"),
@@ -216,6 +220,17 @@ def _reseed(value: int, dev: torch.device) -> None:
     torch.default_generator.manual_seed(value)
     if dev.type == "cuda":
         torch.cuda.manual_seed(value)
+
+
+def shift_image(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``[C, H, W]`` moved ``dx`` pixels right and ``dy`` down; uncovered pixels are 0."""
+    out = torch.zeros_like(image)
+    h, w = image.shape[-2:]
+    if abs(dx) >= w or abs(dy) >= h:
+        return out
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        image[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
 
 
 def _samples(batch: list[Any]) -> list[Any]:  # DataLoader collate_fn: keep the list; the task collates later
@@ -495,11 +510,14 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
 
     # ---- teacher cache
     cache = None
+    if cfg.translate > 0 and task.name != "classification":
+        raise ConfigError(f"train.translate shifts images without moving boxes or keypoints: classification only, "
+                          f"not {task.name!r}; set translate: 0")
     if cfg.teacher_cache and teacher is not None and any(getattr(t, "teacher_outputs", "") == "logits"
                                                           for t in terms):
-        if cfg.hflip > 0:
+        if cfg.hflip > 0 or cfg.translate > 0:
             raise ConfigError("train.teacher_cache is only valid without random augmentation: the cached teacher "
-                              "outputs are for the unaugmented images; set hflip: 0 or teacher_cache: false")
+                              "outputs are for the unaugmented images; set hflip: 0, translate: 0 or teacher_cache: false")
         sha = teacher_sha or state_sha256(teacher)
         cache_dir = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else run_dir / "teacher_cache"
         cache = TeacherCache.build(task, teacher, _Indexed(concat), sha, cache_dir, eval_bs, dev, progress, rank)
@@ -572,6 +590,10 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
                 g = torch.Generator().manual_seed(_mix(seed, rank, it, "hflip"))
                 flips = (torch.rand(len(samples), generator=g) < cfg.hflip).tolist()
                 samples = [task.hflip(im, t, info) if f else (im, t) for (im, t), f in zip(samples, flips)]
+            if cfg.translate > 0:
+                g = torch.Generator().manual_seed(_mix(seed, rank, it, "translate"))
+                shifts = torch.randint(-cfg.translate, cfg.translate + 1, (len(samples), 2), generator=g).tolist()
+                samples = [(shift_image(im, dx, dy), t) for (im, t), (dx, dy) in zip(samples, shifts)]
             batch = task.to_device(task.collate(samples), dev)
             active = active_terms(it)
             need_features = teacher is not None and any(terms[i].teacher_outputs == "features" for i in active)

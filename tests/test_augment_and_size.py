@@ -23,3 +23,19 @@ def test_detector_runs_at_the_views_own_size_when_asked():
     assert sorted(seen) == [(64, 64), (128, 96)]
     assert model.transform.min_size == (64,) and model.transform.max_size == 64  # restored
     assert [p.image_size for p in preds] == [(128, 96), (64, 64)]
+
+
+def test_shift_image_moves_pixels_and_zero_fills():
+    from ddkit.engine.train import shift_image
+
+    image = torch.arange(1, 13, dtype=torch.float32).view(1, 3, 4)
+    out = shift_image(image, 1, -1)
+    expected = torch.zeros(1, 3, 4)
+    for y in range(3):
+        for x in range(4):
+            sy, sx = y + 1, x - 1  # out[y, x] = image[y - dy, x - dx]
+            if 0 <= sy < 3 and 0 <= sx < 4:
+                expected[0, y, x] = image[0, sy, sx]
+    assert torch.equal(out, expected)
+    assert torch.equal(shift_image(image, 0, 0), image)
+    assert not shift_image(image, 4, 0).any()

@@ -1,0 +1,124 @@
+"""``ddkit run``: stages in order, skipped when complete, redone with --force or when their inputs change."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ddkit import ConfigError
+from ddkit.config import load_config
+from ddkit.engine.run import Runner, run_recipe
+
+RECIPE = """
+run: {{name: tiny, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: classification}}
+data:
+  dataset: {{name: digits}}
+  split: {{labeled: 0.1, unlabeled: 0.5, test: 0.2, seed: 0}}
+teacher:
+  model: {{name: mlp, hidden: [32]}}
+  train: {{iterations: 40, batch_size: 32, lr: 0.1, log_every: 20}}
+label:
+  transforms: [{{name: identity}}, {{name: translate, shifts: [[1, 0], [-1, 0]]}}]
+  aggregator: {{name: prob_mean}}
+  selector: {{name: count_match}}
+  batch_size: 64
+student:
+  model: {{name: mlp, hidden: [32]}}
+  train: {{iterations: 40, batch_size: 32, lr: 0.1, ratio: [6, 4], log_every: 20}}
+baselines: {{labeled_only: true, fully_labeled: true}}
+kd:
+  variants:
+    alone: {{losses: [{{name: hard_label}}]}}
+    soft: {{losses: [{{name: hard_label}}, {{name: soft_target, temperature: 2.0}}]}}
+evaluate: {{tta: true}}
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    path = tmp / "tiny.yaml"
+    path.write_text(RECIPE.format(out=tmp / "out"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(recipe):
+    return run_recipe(load_config(recipe), source=str(recipe), progress=False)
+
+
+def test_every_stage_runs_and_writes_its_artifacts(first_run, recipe):
+    out = Path(first_run["run_dir"])
+    stages = ["teacher", "label", "student", "baseline_labeled", "baseline_full", "kd_alone", "kd_soft",
+              "tta_teacher", "tta_student"]
+    for stage in stages:
+        assert (out / stage / "stage.json").is_file(), stage
+    assert (out / "config.yaml").is_file() and (out / "report.html").is_file()
+    assert json.loads((out / "results.json").read_text()) == first_run
+    rows = {r["stage"]: r for r in first_run["rows"]}
+    assert set(rows) >= {"teacher", "student", "baseline_labeled", "baseline_full", "kd_alone", "kd_soft"}
+    for r in rows.values():
+        assert 0 <= r["error %"] <= 100 and abs(r["error %"] + r["accuracy %"] - 100) < 0.02
+    base, dd, full = (rows[s]["error %"] for s in ("baseline_labeled", "student", "baseline_full"))
+    if base != full:
+        assert first_run["gap_closed"] == pytest.approx((base - dd) / (base - full), abs=1e-3)
+    # the baseline is the teacher's training (same model, same schedule): reused, not repeated
+    assert rows["baseline_labeled"]["error %"] == rows["teacher"]["error %"]
+    # test-time augmentation is reported beside the single view, from the tta stage's quality report
+    tta = json.loads((out / "tta_student" / "stage.json").read_text())["result"]
+    assert rows["student"]["accuracy TTA"] == round(100 * tta["ensemble"]["accuracy"], 2)
+    assert rows["student"]["accuracy 1 view"] == round(100 * tta["single"]["accuracy"], 2)
+    # the student trained on labeled + pseudo-labeled data read back from the label stage
+    pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
+    assert pseudo and (out / "student" / "model.pt").is_file()
+
+
+def test_rerun_skips_complete_stages(first_run, recipe, capsys):
+    out = Path(first_run["run_dir"])
+    mtime = (out / "student" / "model.pt").stat().st_mtime_ns
+    again = run_recipe(load_config(recipe), source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert printed.count("done earlier, skipped") == 9 and "running" not in printed
+    assert (out / "student" / "model.pt").stat().st_mtime_ns == mtime
+    assert again["rows"] == first_run["rows"]
+
+
+def test_force_redoes_a_stage_and_what_follows(first_run, recipe, capsys):
+    out = Path(first_run["run_dir"])
+    teacher_mtime = (out / "teacher" / "model.pt").stat().st_mtime_ns
+    again = run_recipe(load_config(recipe), source=str(recipe), force=["baseline_full"], progress=False)
+    printed = capsys.readouterr().out
+    assert "baseline_full: running" in printed and "kd_alone: running" in printed
+    assert "teacher: done earlier" in printed and "student: done earlier" in printed
+    assert (out / "teacher" / "model.pt").stat().st_mtime_ns == teacher_mtime
+    # same seed, same data: the redone stage reproduces its result
+    assert {r["stage"]: r for r in again["rows"]}["baseline_full"] == \
+        {r["stage"]: r for r in first_run["rows"]}["baseline_full"]
+
+
+def test_changed_inputs_redo_only_the_stages_that_read_them(first_run, recipe, capsys):
+    cfg = load_config(recipe, ["kd.variants.soft.losses.1.temperature=3.0"])
+    run_recipe(cfg, source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert "kd_soft: running" in printed and "kd_alone: running" in printed  # both read the kd section
+    assert "student: done earlier" in printed and "label: done earlier" in printed
+
+
+def test_bad_recipes_fail_before_any_work(tmp_path, recipe):
+    with pytest.raises(ConfigError, match="--force 'studnet': no such stage"):
+        Runner(load_config(recipe), force=["studnet"])
+    with pytest.raises(ConfigError, match="baselines: unknown key 'labelled_only'"):
+        Runner(load_config(recipe, ["baselines.labelled_only=true"]))
+    with pytest.raises(ConfigError, match="unknown key 'iters'"):
+        Runner(load_config(recipe, ["student.train.iters=3"]))
+
+
+def test_cli_prints_the_results_table(first_run, recipe):
+    proc = subprocess.run([sys.executable, "-m", "ddkit", "run", str(recipe), "--no-progress"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "| model | error % |" in proc.stdout and "student (data distillation)" in proc.stdout
