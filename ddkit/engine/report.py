@@ -355,6 +355,11 @@ def _curves_section(run_dir: Path, results: Mapping[str, Any], plots: Path, rel:
         flat = [float(v) for ys in lo_hi for v in ys if math.isfinite(float(v))]
         if positive and flat and max(flat) / max(min(flat), 1e-12) > 20:
             ax.set_yscale("log")
+            # plain tick labels: mathtext is off in the report (names may hold "$"), so 10^k would print raw
+            from matplotlib.ticker import FuncFormatter
+
+            ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
         ax.legend(fontsize=7)
     else:
         ax.text(0.5, 0.5, "no training logs", ha="center", va="center", transform=ax.transAxes)
