@@ -82,7 +82,7 @@ class FakeTask:
         self.calls = 0
         self.images_seen = 0
 
-    def predict(self, model, images):
+    def predict(self, model, images, native_size=False):
         self.calls += 1
         self.images_seen += len(images)
         return [model.detect(im) for im in images]
@@ -91,7 +91,7 @@ class FakeTask:
 class FakeKeypointTask(FakeTask):
     name = "keypoints"
 
-    def keypoint_heatmaps(self, model, images, rois):
+    def keypoint_heatmaps(self, model, images, rois, native_size=False):
         return [model.heatmaps(im, r) for im, r in zip(images, rois)]
 
 
