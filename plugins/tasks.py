@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-import contextlib
-import io
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -21,7 +19,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddkit import ConfigError, DataError, DatasetInfo, Instances, hookimpl
-from ddkit.engine.task import TrainOutputs, attach_model_info, category_ids, get_target, unwrap_model
+from ddkit.engine.task import (TrainOutputs, attach_model_info, category_ids, coco_evaluate, get_target,
+                               unwrap_model)
 from ddkit.types import TaskSpec
 
 
@@ -200,26 +199,11 @@ def _at_size(transform: nn.Module, size: tuple[int, int] | None):
         transform.min_size, transform.max_size = old
 
 
-def _coco_eval(gt: dict, results: list[dict], iou_type: str, sigmas: list[float] | None = None) -> list[float]:
-    import numpy as np
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    n = 10 if iou_type == "keypoints" else 12
+def _coco_eval(gt: dict, results: list[dict], iou_type: str, sigmas: list[float] | None = None) -> dict[str, float]:
+    """COCO AP of ``results``; 0 everywhere when there is nothing to score (pycocotools would give -1)."""
     if not results or not gt["annotations"]:
-        return [0.0] * n
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_gt = COCO()
-        coco_gt.dataset = gt
-        coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(results)
-        ev = COCOeval(coco_gt, coco_dt, iou_type)
-        if sigmas is not None:
-            ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    return [float(v) for v in ev.stats]
+        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0}
+    return coco_evaluate(gt, results, iou_type, sigmas=sigmas)
 
 
 class DetectionTask(_BaseTask):
@@ -345,7 +329,7 @@ class DetectionTask(_BaseTask):
             raise ValueError(f"{len(preds)} predictions for {len(dataset)} items")
         gt = self.coco_ground_truth(dataset)
         stats = _coco_eval(gt, self._results(preds, False), "bbox")
-        return dict(zip(("AP", "AP50", "AP75", "APs", "APm", "APl"), stats[:6]))
+        return {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
 
     def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
         w = image.shape[-1]
@@ -379,7 +363,7 @@ class KeypointTask(DetectionTask):
         gt = self.coco_ground_truth(dataset)
         sigmas = dataset.info.keypoint_sigmas
         stats = _coco_eval(gt, self._results(preds, True), "keypoints", sigmas)
-        out = dict(zip(("AP", "AP50", "AP75", "APm", "APl"), stats[:5]))
+        out = {k: stats[k] for k in ("AP", "AP50", "AP75", "APm", "APl")}
         out.update({f"bbox_{k}": v for k, v in box.items()})
         return out
 

@@ -211,3 +211,19 @@ def test_every_registered_model_builds_for_its_task_and_runs(entry):
         blocks = [{"model_name": "resnet18"}]
     for block in blocks:
         check_model(entry, block)
+
+
+def test_coco_evaluate_uses_the_given_keypoint_sigmas():
+    """Keypoint AP of a 3-keypoint set depends on its OKS sigmas: a loose sigma forgives an offset a tight one does
+    not."""
+    from ddkit.engine.coco_eval import coco_evaluate
+
+    gt = {"images": [{"id": 1, "height": 100, "width": 100}],
+          "categories": [{"id": 1, "name": "f", "keypoints": ["a", "b", "c"], "skeleton": []}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 10, 60, 60], "area": 3600,
+                           "iscrowd": 0, "num_keypoints": 3, "keypoints": [20, 20, 2, 40, 40, 2, 60, 60, 2]}]}
+    pred = [{"image_id": 1, "category_id": 1, "bbox": [10, 10, 60, 60], "score": 0.9,
+             "keypoints": [24, 20, 1, 44, 40, 1, 64, 60, 1]}]
+    tight = coco_evaluate(gt, pred, "keypoints", sigmas=[0.01] * 3)["AP"]
+    loose = coco_evaluate(gt, pred, "keypoints", sigmas=[1.0] * 3)["AP"]
+    assert loose == pytest.approx(1.0) and tight < 0.5

@@ -56,7 +56,8 @@ def make_coco(gt: str | Path | Mapping[str, Any] | Any):
 
 def coco_evaluate(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Mapping[str, Any]],
                   iou_type: str = "bbox", image_ids: Iterable[int] | None = None,
-                  max_dets: Sequence[int] | None = None) -> dict[str, float]:
+                  max_dets: Sequence[int] | None = None,
+                  sigmas: Sequence[float] | None = None) -> dict[str, float]:
     """Evaluate COCO *results* (``[{image_id, category_id, bbox [x, y, w, h], score}, ...]``; ``keypoints`` for
     ``iou_type="keypoints"``) against ground truth.
 
@@ -66,6 +67,7 @@ def coco_evaluate(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Ma
         iou_type: ``"bbox"`` or ``"keypoints"``.
         image_ids: evaluate only these images (default: every image of ``gt``).
         max_dets: pycocotools' ``maxDets`` (default ``[1, 10, 100]`` for bbox, ``[20]`` for keypoints).
+        sigmas: per-keypoint OKS sigmas (default: COCO's 17), for keypoint sets other than COCO's.
 
     Returns:
         the named summary statistics (see the module docstring).
@@ -89,6 +91,10 @@ def coco_evaluate(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Ma
             ev.params.imgIds = ids
             if max_dets is not None:
                 ev.params.maxDets = list(max_dets)
+            if sigmas is not None:
+                import numpy as np
+
+                ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
             ev.evaluate()
             ev.accumulate()
             ev.summarize()

@@ -54,11 +54,12 @@ from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ddkit.engine.coco_eval import coco_evaluate
 from ddkit.engine.data import check_images, get_target, read_image, report_skipped, split_indices
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo, Instances
 
-__all__ = ["Task", "KeypointTask", "TrainOutputs", "Batch", "LossTerm", "LossContext", "SetupContext", "FeatureHook",
+__all__ = ["coco_evaluate", "Task", "KeypointTask", "TrainOutputs", "Batch", "LossTerm", "LossContext", "SetupContext", "FeatureHook",
            "get_submodule", "unwrap_model", "attach_model_info", "model_info", "category_ids", "get_target",
            "read_image", "check_images", "report_skipped", "split_indices"]
 
