@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Sequence
@@ -37,6 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DDKitError as err:
         print(f"ddkit {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `ddkit plugins | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"ddkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

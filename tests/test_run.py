@@ -124,3 +124,25 @@ def test_cli_prints_the_results_table(first_run, recipe):
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "| model | error % |" in proc.stdout and "student (data distillation)" in proc.stdout
+
+
+def test_rounds_the_student_labels_for_the_next_round(first_run, recipe, capsys):
+    """``rounds: 2``: round 1 is reused; the round-1 student labels the unlabeled part for a second student."""
+    out = Path(first_run["run_dir"])
+    summary = run_recipe(load_config(recipe, ["rounds=2"]), source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert "label: done earlier" in printed and "student: done earlier" in printed
+    assert "label_r2: running" in printed and "student_r2: running" in printed
+    label_r2 = json.loads((out / "label_r2" / "stage.json").read_text())["result"]
+    assert Path(label_r2["teacher"]) == out / "student" / "model.pt"  # labelled by the round-1 student
+    pseudo_r1 = json.loads((out / "label" / "pseudo_labels.json").read_text())
+    pseudo_r2 = json.loads(Path(label_r2["pseudo_labels"]).read_text())
+    assert pseudo_r2["info"]["teacher_sha256"] != pseudo_r1["info"]["teacher_sha256"]
+    rows = {r["stage"]: r for r in summary["rows"]}
+    assert rows["student_r2"]["model"] == "student round 2"
+    base, full, r1, r2 = (rows[s]["error %"] for s in ("baseline_labeled", "baseline_full", "student", "student_r2"))
+    if base != full:  # the headline is the last round's student; each round is listed
+        assert summary["gap_closed"] == pytest.approx((base - r2) / (base - full), abs=1e-3)
+        assert summary["gap_closed_by_round"]["student"] == pytest.approx((base - r1) / (base - full), abs=1e-3)
+    with pytest.raises(ConfigError, match="rounds must be an integer >= 1, got 0"):
+        Runner(load_config(recipe, ["rounds=0"]))

@@ -28,16 +28,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _init_distributed() -> bool:
-    import torch
+def _init_distributed(device: str | None) -> bool:
+    """NCCL when the processes train on GPUs (one each), gloo when the recipe or --device says cpu."""
     import torch.distributed as dist
+
+    from ddkit.engine.train import resolve_device
 
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return False
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend)
+    dev = resolve_device(device or "auto")
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     return True
 
 
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     cfg = load_config(args.recipe, args.overrides)
-    started = _init_distributed()
+    started = _init_distributed(args.device or (cfg.get("run") or {}).get("device"))
     try:
         from ddkit.engine.train import run_train
 

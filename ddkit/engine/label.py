@@ -745,8 +745,9 @@ class _Quality:
         out: dict[str, Any] = {}
         bbox = coco_evaluate(gt_coco, self.results, "bbox")
         out.update({"AP": bbox["AP"], "AP50": bbox["AP50"], "AP75": bbox["AP75"], "AR@100": bbox["AR@100"]})
-        if self.info.num_keypoints == 17 and any("keypoints" in r for r in self.results):
-            kp = coco_evaluate(gt_coco, [r for r in self.results if "keypoints" in r], "keypoints")
+        sigmas = self.info.keypoint_sigmas  # None: COCO's 17, pycocotools' default
+        if (sigmas is not None or self.info.num_keypoints == 17) and any("keypoints" in r for r in self.results):
+            kp = coco_evaluate(gt_coco, [r for r in self.results if "keypoints" in r], "keypoints", sigmas=sigmas)
             out.update({"kp_AP": kp["AP"], "kp_AP50": kp["AP50"]})
         out.update({"precision": self.tp / self.n_sel if self.n_sel else None,
                     "recall": self.tp / self.n_gt if self.n_gt else None,

@@ -90,9 +90,10 @@ class Runner:
         self._check_keys("evaluate", self.evaluate_cfg, EVALUATE_KEYS)
         self.kd = _section(cfg, "kd") or {}
         self._check_keys("kd", self.kd, {"variants"})
-        self.rounds = int(cfg.get("rounds") or 1)
-        if self.rounds < 1:
-            raise ConfigError(f"{source}: rounds must be >= 1, got {self.rounds}")
+        rounds = cfg.get("rounds")
+        self.rounds = 1 if rounds is None else rounds
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
+            raise ConfigError(f"{source}: rounds must be an integer >= 1, got {self.rounds!r}")
         if self.student_cfg is None and (self.label_cfg is not None or self.kd):
             raise ConfigError(f"{source}: 'label' and 'kd' need a 'student' section (its model and train blocks)")
         for name, block in (("teacher", self.teacher_cfg), ("student", self.student_cfg)):
@@ -294,28 +295,34 @@ class Runner:
             if classification:
                 row["error %"] = round(100 * float(m.get("error", float("nan"))), 2)
                 row["accuracy %"] = round(100 * float(m.get("accuracy", float("nan"))), 2)
-            else:
-                for k in ("AP", "AP50", "AP75"):
+            else:  # keypoints: AP is keypoint AP (OKS), box AP beside it
+                for k, name in (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("bbox_AP", "box AP")):
                     if k in m:
-                        row[k] = round(100 * float(m[k]), 2)
+                        row[name] = round(100 * float(m[k]), 2)
             tta = self.results.get(f"tta_{stage}")
             if tta and tta.get("ensemble"):
-                key = "accuracy" if classification else "AP"
+                # the same metric as the row's main one (quality reports keypoint AP as kp_AP)
+                key = "accuracy" if classification else "kp_AP" if self.task.name == "keypoints" else "AP"
                 single, ens = tta["single"].get(key), tta["ensemble"].get(key)
                 if single is not None and ens is not None:
                     scale = 100 if classification or ens <= 1 else 1
-                    row[f"{key} 1 view"] = round(scale * float(single), 2)
-                    row[f"{key} TTA"] = round(scale * float(ens), 2)
+                    name = "AP" if key == "kp_AP" else key
+                    row[f"{name} 1 view"] = round(scale * float(single), 2)
+                    row[f"{name} TTA"] = round(scale * float(ens), 2)
             row["iterations"] = res.get("iterations")
             rows.append(row)
         summary: dict[str, Any] = {"task": self.task.name, "metric": metric, "rows": rows,
                                    "seed": self.seed, "run_dir": str(self.out)}
         by = {r["stage"]: r for r in rows}
         key = "error %" if classification else "AP"
-        if all(s in by for s in ("baseline_labeled", "student", "baseline_full")):
-            base, dd, full = by["baseline_labeled"][key], by["student"][key], by["baseline_full"][key]
+        final = "student" if self.rounds == 1 else f"student_r{self.rounds}"  # the last round's student
+        if all(s in by for s in ("baseline_labeled", final, "baseline_full")):
+            base, full = by["baseline_labeled"][key], by["baseline_full"][key]
             if base != full:
-                summary["gap_closed"] = round((base - dd) / (base - full), 3)
+                summary["gap_closed"] = round((base - by[final][key]) / (base - full), 3)
+                if self.rounds > 1:
+                    summary["gap_closed_by_round"] = {
+                        s: round((base - by[s][key]) / (base - full), 3) for s in by if s.startswith("student")}
         if "kd_alone" in by and classification:
             alone = by["kd_alone"]["error %"]
             summary["kd_relative_error_reduction"] = {
@@ -341,6 +348,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     if "gap_closed" in summary:
         lines.append(f"\nShare of the baseline -> fully labeled gap closed by data distillation: "
                      f"{100 * summary['gap_closed']:.0f} %")
+        for stage, gap in (summary.get("gap_closed_by_round") or {}).items():
+            lines.append(f"  {stage}: {100 * gap:.0f} %")
     for stage, red in (summary.get("kd_relative_error_reduction") or {}).items():
         lines.append(f"\n{stage}: {100 * red:.0f} % relative error reduction over the student alone")
     return "\n".join(lines)

@@ -202,10 +202,15 @@ def dist_info() -> tuple[int, int]:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
     if device in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= count:
+            raise ConfigError(f"torchrun started local rank {local_rank} but only {count} GPU(s) are visible: run "
+                              f"--nproc-per-node {count} (one process per GPU) or set run.device=cpu")
+        return torch.device("cuda", local_rank)
     return torch.device(device)
 
 
