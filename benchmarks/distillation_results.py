@@ -2,6 +2,7 @@
 
     python benchmarks/distillation_results.py                 # seeds 0 1 2, both recipes
     python benchmarks/distillation_results.py --seeds 0 --only kd
+    python benchmarks/distillation_results.py --only dd --set run.device=cuda    # any recipe override
 
 Each (recipe, seed) is one ``ddkit run`` into ``runs/<recipe>/seed<k>`` (finished stages are skipped on a re-run);
 this script only reads their ``results.json`` and prints mean +- standard deviation over the seeds.
@@ -19,11 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"dd": "configs/mnist_dd.yaml", "kd": "configs/mnist_kd.yaml"}
 
 
-def run(recipe: str, seed: int) -> dict:
-    cmd = [sys.executable, "-m", "ddkit", "run", recipe, f"run.seed={seed}", "--no-progress"]
+def run(recipe: str, seed: int, overrides: list[str]) -> dict:
+    out = REPO / "runs" / Path(recipe).stem / f"seed{seed}"
+    cmd = [sys.executable, "-m", "ddkit", "run", recipe, f"run.seed={seed}", f"run.out_dir={out}", *overrides,
+           "--no-progress"]
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-    name = Path(recipe).stem
-    return json.loads((REPO / "runs" / name / f"seed{seed}" / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
 
 
 def mean_sd(values: list[float]) -> str:
@@ -55,11 +57,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--only", choices=sorted(RECIPES))
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides for every run")
     args = parser.parse_args()
     for key, recipe in RECIPES.items():
         if args.only and key != args.only:
             continue
-        results = [run(recipe, s) for s in args.seeds]
+        results = [run(recipe, s, args.set) for s in args.seeds]
         print(f"\n## {recipe} (real MNIST digits, seeds {args.seeds})\n")
         print(table(results, "gap_closed" if key == "dd" else "kd"))
 

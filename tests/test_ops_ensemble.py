@@ -440,8 +440,13 @@ def test_accepts_lists_and_tensors_and_keeps_dtypes() -> None:
     assert E.nms(*int_labels)[2].dtype == np.int64
 
 
-def test_torch_backend_equals_numpy_backend() -> None:
-    """The torch code path (the one CUDA tensors take) gives the same bits as the numpy CPU path."""
+# the GPU joins the device-parametrised tests where there is one (CI has none: nothing is skipped there)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_backend_equals_numpy_backend(device: str) -> None:
+    """The torch code path (forced on the CPU; the one CUDA tensors take) gives the numpy CPU path's results."""
     cs = cases(80, 40) + cases(81, 6, big=True)
     runs = [(E.weighted_boxes_fusion_batch, dict(conf_type="box_and_model_avg", weights=[1, 2, 1, 3][:1])),
             (E.non_maximum_weighted_batch, {}), (E.nms_batch, {}), (E.soft_nms_batch, dict(method=1)),
@@ -450,13 +455,14 @@ def test_torch_backend_equals_numpy_backend() -> None:
         subset = [c for c in cs if len(c[0]) == 1] if "weights" in kw else cs
         ref = bfn(subset, **kw)
         try:
-            E.FORCE_TORCH = True
-            got = bfn(subset, **kw)
+            E.FORCE_TORCH = device == "cpu"
+            got = bfn(subset, **kw, device=device)
         finally:
             E.FORCE_TORCH = False
+        exact = bfn is not E.soft_nms_batch and device == "cpu"  # GPU reductions may sum in another order
         for a, b in zip(ref, got):
             for x, y in zip(a, b):
-                np.testing.assert_allclose(x, y, rtol=0, atol=1e-12 if bfn is E.soft_nms_batch else 0)
+                np.testing.assert_allclose(x, y, rtol=0, atol=0 if exact else 1e-12)
                 assert x.shape == y.shape
 
 
@@ -489,8 +495,9 @@ def test_numba_argsort_port() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ tensor cores
-def test_tensor_cores_match_drop_ins_in_range() -> None:
-    """Inside [0, 1] with distinct scores, the tensor cores compute what the drop-ins compute."""
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_cores_match_drop_ins_in_range(device: str) -> None:
+    """Inside [0, 1] with distinct scores, the tensor cores compute what the drop-ins compute (on every device)."""
     rng = np.random.default_rng(100)
     for _ in range(25):
         bl, sl, ll = rand_case(rng)
@@ -502,22 +509,25 @@ def test_tensor_cores_match_drop_ins_in_range() -> None:
         scores = torch.from_numpy(np.concatenate(sl)) if bl else torch.zeros(0, dtype=torch.float64)
         labels = torch.from_numpy(np.concatenate(ll)) if bl else torch.zeros(0, dtype=torch.long)
         model = torch.from_numpy(np.repeat(np.arange(len(bl)), [len(b) for b in bl]))
+        boxes, scores, labels, model = (t.to(device) for t in (boxes, scores, labels, model))
         w = list(rng.uniform(0.5, 2, len(bl)))
         for ct in CONF_TYPES:
             tb, ts, tl = E.wbf_tensor(boxes, scores, labels, model, len(bl), weights=w, conf_type=ct)
             db, ds, dl = E.weighted_boxes_fusion(bl, sl, ll, weights=w, conf_type=ct)
-            assert_same((db, ds, dl), (tb.numpy(), ts.numpy(), tl.numpy()))
-            assert tl.dtype == torch.long
+            assert tb.device.type == device and tl.dtype == torch.long
+            assert_same((db, ds, dl), (tb.cpu().numpy(), ts.cpu().numpy(), tl.cpu().numpy()))
         tb, ts, tl = E.nmw_tensor(boxes, scores, labels, model, len(bl), weights=w)
-        assert_same(E.non_maximum_weighted(bl, sl, ll, weights=w), (tb.numpy(), ts.numpy(), tl.numpy()))
+        assert_same(E.non_maximum_weighted(bl, sl, ll, weights=w), (tb.cpu().numpy(), ts.cpu().numpy(),
+                                                                    tl.cpu().numpy()))
         for method in (1, 2):
             keep, dec = E.soft_nms_tensor(boxes, scores, labels, method=method)
             db, ds, dl = E.soft_nms(bl, sl, ll, method=method)
-            assert sorted(map(tuple, boxes[keep].numpy().round(12))) == sorted(map(tuple, db.round(12)))
+            assert sorted(map(tuple, boxes[keep].cpu().numpy().round(12))) == sorted(map(tuple, db.round(12)))
             assert bool((dec[:-1] >= dec[1:]).all()) and bool((dec <= scores[keep]).all())
 
 
-def test_nms_tensor_matches_torchvision_in_pixels() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_nms_tensor_matches_torchvision_in_pixels(device: str) -> None:
     torchvision = pytest.importorskip("torchvision")
     g = torch.Generator().manual_seed(0)
     for _ in range(20):
@@ -527,6 +537,7 @@ def test_nms_tensor_matches_torchvision_in_pixels() -> None:
         boxes = torch.cat([xy, xy + wh], 1)
         scores = torch.rand(n, generator=g, dtype=torch.float64)
         labels = torch.randint(0, 5, (n,), generator=g)
+        boxes, scores, labels = boxes.to(device), scores.to(device), labels.to(device)
         for thr in (0.3, 0.5, 0.7):
             ref = torchvision.ops.batched_nms(boxes, scores, labels, thr)
             assert torch.equal(E.nms_tensor(boxes, scores, labels, thr), ref)

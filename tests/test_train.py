@@ -159,7 +159,7 @@ def test_divergence_is_reported_with_a_fix(digits, tmp_path):
         model[-1].weight.fill_(float("nan"))
     # the CPU checks every step; on CUDA the check waits for the logging window (no sync per step)
     with pytest.raises(TrainingDiverged, match=r"loss became nan (at iteration 0|between iterations 0 and 5)"
-                                               r" .*lower train.lr"):
+                                               r"\b.*lower train.lr"):
         train_model(task, model, digits.labeled, {"iterations": 5, "batch_size": 8}, tmp_path, progress=False)
 
 
