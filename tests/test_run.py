@@ -72,6 +72,7 @@ def test_every_stage_runs_and_writes_its_artifacts(first_run, recipe):
     tta = json.loads((out / "tta_student" / "stage.json").read_text())["result"]
     assert rows["student"]["accuracy TTA"] == round(100 * tta["ensemble"]["accuracy"], 2)
     assert rows["student"]["accuracy 1 view"] == round(100 * tta["single"]["accuracy"], 2)
+    assert rows["baseline_labeled"]["accuracy TTA"] == rows["teacher"]["accuracy TTA"]
     # the student trained on labeled + pseudo-labeled data read back from the label stage
     pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
     assert pseudo and (out / "student" / "model.pt").is_file()
@@ -83,7 +84,8 @@ def test_rerun_skips_complete_stages(first_run, recipe, capsys):
     again = run_recipe(load_config(recipe), source=str(recipe), progress=False)
     printed = capsys.readouterr().out
     stages = len(list(out.glob("*/stage.json")))
-    assert stages == 13  # 7 trainings/labellings + a tta evaluation of each of the 6 models
+    assert stages == 12  # 7 trainings/labellings + a tta evaluation of each of the 5 distinct models
+    assert not (out / "tta_baseline_labeled").exists()  # the baseline is the teacher: evaluated once
     assert printed.count("done earlier, skipped") == stages and "running" not in printed
     assert (out / "student" / "model.pt").stat().st_mtime_ns == mtime
     assert again["rows"] == first_run["rows"]

@@ -139,6 +139,8 @@ class Runner:
                                 lambda v=variant: self._kd(v)))
         if self.evaluate_cfg.get("tta"):
             for st in [s.name for s in stages if not s.name.startswith("label")]:
+                if st == "baseline_labeled" and self._baseline_is_teacher():
+                    continue  # the same model as the teacher's: its TTA row is the teacher's
                 stages.append(Stage(f"tta_{st}", base + ("teacher", "student", "label", "kd", "evaluate"),
                                     lambda s=st: self._tta(s)))
         return stages
@@ -229,10 +231,14 @@ class Runner:
     def _student_like(self) -> dict[str, Any]:
         return self.student_cfg or self.teacher_cfg
 
+    def _baseline_is_teacher(self) -> bool:
+        """Whether the labeled-only baseline is the teacher's own training (same model, plain losses)."""
+        return self._student_like()["model"] == self.teacher_cfg["model"] and not self.teacher_cfg.get("losses")
+
     def _baseline_labeled(self) -> dict[str, Any]:
         """The student's model on the labeled part alone, with the teacher's schedule (the paper's baseline)."""
         s = self._student_like()
-        if s["model"] == self.teacher_cfg["model"] and not self.teacher_cfg.get("losses"):
+        if self._baseline_is_teacher():
             return {**self.results["teacher"], "same_as": "teacher"}  # the same training: do not repeat it
         return self._train("baseline_labeled", s["model"], self.teacher_cfg.get("train"), [self.splits.labeled])
 
@@ -299,7 +305,7 @@ class Runner:
                 for k, name in (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("bbox_AP", "box AP")):
                     if k in m:
                         row[name] = round(100 * float(m[k]), 2)
-            tta = self.results.get(f"tta_{stage}")
+            tta = self.results.get(f"tta_{res.get('same_as', stage)}")
             if tta and tta.get("ensemble"):
                 # the same metric as the row's main one (quality reports keypoint AP as kp_AP)
                 key = "accuracy" if classification else "kp_AP" if self.task.name == "keypoints" else "AP"
