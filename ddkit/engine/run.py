@@ -44,7 +44,6 @@ log = logging.getLogger("ddkit.run")
 RUN_KEYS = {"name", "out_dir", "seed", "device"}
 BASELINE_KEYS = {"labeled_only", "fully_labeled"}
 EVALUATE_KEYS = {"tta", "transforms", "aggregator"}
-KD_LOSSES = {"soft_target", "hint"}
 
 
 @dataclass
@@ -217,8 +216,12 @@ class Runner:
                 "teacher": str(path)}
 
     def _teacher_for(self, losses: Any, init: str) -> Path | None:
-        names = {(b if isinstance(b, str) else b.get("name")) for b in (losses or [])}
-        return self._model_path("teacher") if names & KD_LOSSES or init == "teacher" else None
+        """The teacher checkpoint when a loss term reads the teacher (any plugin's) or the student starts from it."""
+        terms = [self.registry.build("losses", b, where=f"{self.source}: losses") for b in (losses or [])]
+        needs = any(getattr(t, "teacher_outputs", "none") != "none" for t in terms)
+        for t in terms:
+            getattr(t, "close", lambda: None)()
+        return self._model_path("teacher") if needs or init == "teacher" else None
 
     def _train_student(self, sfx: str) -> dict[str, Any]:
         s = self.student_cfg

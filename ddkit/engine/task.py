@@ -33,7 +33,9 @@ term's unweighted value under its name. A term is any object with:
 
 * ``weight: float``;
 * ``teacher_outputs: str``: ``"none"`` (no teacher needed), ``"logits"`` (the teacher's class logits, which the
-  trainer may serve from its per-sample cache) or ``"features"`` (a teacher forward on every batch, for hooks);
+  trainer may serve from its per-sample cache), ``"features"`` (a teacher forward on every batch, for hooks) or
+  ``"model"`` (the term runs the teacher itself, e.g. on the student's RoIs);
+* ``tasks: tuple[str, ...]`` (optional): the task kinds the term supports (default: any);
 * ``stage_fraction: float`` (optional, default 0): when > 0 the term is a *first-stage* term, as FitNets' hint
   stage: during the first ``stage_fraction`` of the iterations only first-stage terms are active, afterwards
   only the others;

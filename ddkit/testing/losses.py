@@ -14,7 +14,7 @@ from ddkit.engine.losses import LossContext, SetupContext
 from ddkit.engine.task import Task
 from ddkit.types import DatasetInfo
 
-TEACHER_OUTPUTS = ("none", "logits", "features")
+TEACHER_OUTPUTS = ("none", "logits", "features", "model")
 
 
 def toy_classification(num_classes: int = 3) -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:
@@ -30,14 +30,31 @@ def toy_classification(num_classes: int = 3) -> tuple[Task, nn.Module, nn.Module
     return task, student, teacher, task.collate(samples)
 
 
+def toy_detection() -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:
+    """A detection task, tiny Faster R-CNN student and teacher (frozen BN) and a batch of two generated images."""
+    from ddkit.plugin_manager import build
+
+    task = build("tasks", {"name": "detection"})
+    ds = build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
+    cfg = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "representation_size": 32,
+           "box_batch_size_per_image": 16, "norm": "frozen_bn"}
+    torch.manual_seed(0)
+    student, teacher = task.build_model(cfg, ds.info), task.build_model(cfg, ds.info).eval()
+    samples = [(image, {**target, "_index": i}) for i, (image, target) in enumerate(ds[i] for i in range(2))]
+    return task, student, teacher, task.collate(samples)
+
+
 def check_loss_term(term: Any) -> torch.Tensor:
     """The trainer's view of a term: ``weight``, ``teacher_outputs``, optional ``setup``, ``compute`` -> scalar with
-    a gradient for the student."""
+    a gradient for the student; on a toy classification step, or a detection step for a term whose ``tasks``
+    attribute (optional: the task kinds it supports) leaves classification out."""
     assert isinstance(getattr(term, "weight", None), (int, float)) and term.weight >= 0, "term.weight must be >= 0"
     assert getattr(term, "teacher_outputs", None) in TEACHER_OUTPUTS, \
         f"term.teacher_outputs must be one of {TEACHER_OUTPUTS}"
     assert callable(getattr(term, "compute", None)), "term.compute(ctx) is missing"
-    task, student, teacher, batch = toy_classification()
+    tasks = getattr(term, "tasks", None)
+    task, student, teacher, batch = toy_classification() if not tasks or "classification" in tasks \
+        else toy_detection()
     extra = None
     if hasattr(term, "setup"):
         extra = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))

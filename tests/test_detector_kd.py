@@ -1,0 +1,120 @@
+"""detector_kd (Chen et al. 2017 for two-stage detectors): its terms against a slow reference, zero against an
+identical teacher, training end to end on generated shapes, and clear refusals."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.engine.task import SetupContext, LossContext
+from ddkit.engine.train import train_model
+from ddkit.errors import ConfigError
+from ddkit_plugins.losses import detector_kd_terms
+
+CFG = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "representation_size": 32,
+       "box_batch_size_per_image": 16, "norm": "frozen_bn"}
+
+
+def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin):
+    """Loops over RoIs and classes, in float64 Python."""
+    soft = 0.0
+    for srow, trow in zip(s_logits.tolist(), t_logits.tolist()):
+        zs = sum(math.exp(v / T) for v in srow)
+        zt = sum(math.exp(v / T) for v in trow)
+        for c, (a, b) in enumerate(zip(srow, trow)):
+            ps, pt = math.exp(a / T) / zs, math.exp(b / T) / zt
+            soft += (bg if c == 0 else 1.0) * pt * (math.log(pt) - math.log(ps))
+    soft = soft / len(s_logits) * T * T if len(s_logits) else 0.0
+    errs = []
+    for r in range(len(labels)):
+        c = int(labels[r])
+        if c == 0:
+            continue
+        rs, rt, y = s_deltas[r, 4 * c:4 * c + 4], t_deltas[r, 4 * c:4 * c + 4], targets[r]
+        es, et = float(((rs - y) ** 2).sum()), float(((rt - y) ** 2).sum())
+        errs.append(es if es + margin > et else 0.0)
+    return soft, (sum(errs) / len(errs) if errs else 0.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_terms_match_a_slow_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    r, c = [0, 1, 7, 30, 5, 12][seed], 4
+    s_logits, t_logits = torch.randn(r, c, generator=g) * 3, torch.randn(r, c, generator=g) * 3
+    s_deltas, t_deltas = torch.randn(r, 4 * c, generator=g), torch.randn(r, 4 * c, generator=g)
+    labels = torch.randint(0, c, (r,), generator=g) if seed != 4 else torch.zeros(r, dtype=torch.long)  # 4: no fg
+    targets = torch.randn(r, 4, generator=g)
+    if seed == 5:  # ties: the teacher exactly as good as the student on every RoI
+        t_deltas = s_deltas.clone()
+    for T, bg, margin in ((1.0, 1.5, 0.0), (3.0, 1.0, 0.5), (0.5, 2.0, 0.0)):
+        soft, bounded = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin)
+        ref_soft, ref_bounded = reference_terms(s_logits.double(), t_logits.double(), s_deltas.double(),
+                                                t_deltas.double(), labels, targets.double(), T, bg, margin)
+        assert float(soft) == pytest.approx(ref_soft, rel=1e-4, abs=1e-5)
+        assert float(bounded) == pytest.approx(ref_bounded, rel=1e-4, abs=1e-6)
+        if seed == 5:
+            assert float(bounded) == (pytest.approx(ref_bounded) if margin > 0 else 0.0)
+
+
+def test_soft_term_gradient_flows_to_the_student_only():
+    s = torch.randn(5, 3, requires_grad=True)
+    t = torch.randn(5, 3, requires_grad=True)
+    d = torch.randn(5, 12, requires_grad=True)
+    soft, bounded = detector_kd_terms(s, t, d, torch.zeros(5, 12), torch.tensor([0, 1, 2, 1, 0]), torch.ones(5, 4))
+    (soft + bounded).backward()
+    assert s.grad.abs().sum() > 0 and d.grad.abs().sum() > 0 and t.grad is None
+
+
+def _setup(student, teacher, batch, task):
+    term = ddkit.build("losses", {"name": "detector_kd"})
+    term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
+    return term
+
+
+def test_an_identical_teacher_gives_zero_and_close_restores_the_student():
+    from ddkit.testing.losses import toy_detection
+
+    task, student, _, batch = toy_detection()
+    teacher = copy.deepcopy(student).eval()
+    term = _setup(student, teacher, batch, task)
+    student.train()
+    out = task.training_forward(student, batch)
+    value = term.compute(LossContext(task, student, teacher, batch, out, 0, 10))
+    assert abs(float(value.detach())) < 1e-5
+    term.close()
+    assert "select_training_samples" not in student.roi_heads.__dict__ and not student.roi_heads.box_predictor._forward_hooks
+
+
+def test_trains_a_student_with_the_detector_losses(tmp_path):
+    task = ddkit.build("tasks", "detection")
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 6, "image_size": 64})
+    torch.manual_seed(0)
+    teacher = task.build_model({**CFG, "min_size": 96, "max_size": 96}, ds.info)  # another input size: RoIs scaled
+    student = task.build_model(CFG, ds.info)
+    before = copy.deepcopy(student.state_dict())
+    res = train_model(task, student, ds, {"iterations": 3, "batch_size": 2, "log_every": 1}, tmp_path,
+                      teacher=teacher, losses=[{"name": "hard_label"}, {"name": "detector_kd"}], progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
+    assert res["finished"] and len(logs) == 3
+    for r in logs:
+        assert {"detector_kd", "detector_kd/soft", "detector_kd/bounded"} <= set(r["losses"])
+        assert all(math.isfinite(v) for v in r["losses"].values()) and r["losses"]["detector_kd/soft"] > 0
+    assert any(not torch.equal(v, student.state_dict()[k].cpu()) for k, v in before.items())
+    assert "select_training_samples" not in student.roi_heads.__dict__  # the trainer closed the term
+
+
+def test_refuses_one_stage_detectors_and_other_categories():
+    from ddkit.testing.losses import toy_detection
+
+    task, student, teacher, batch = toy_detection()
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
+    retina = task.build_model({"name": "retinanet", "backbone": "tiny", "min_size": 64, "max_size": 64}, ds.info)
+    with pytest.raises(ConfigError, match="two-stage detectors .*the student"):
+        _setup(retina, teacher, batch, task)
+    other = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64, "num_classes": 2})
+    with pytest.raises(ConfigError, match="must share the dataset's categories"):
+        _setup(student, task.build_model(CFG, other.info), batch, task)
