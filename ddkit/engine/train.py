@@ -37,6 +37,7 @@ import math
 import os
 import time
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -636,7 +637,12 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            if use_amp:  # the scaler skips the steps whose gradients overflowed: expected, not worth a warning
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    scheduler.step()
+            else:
+                scheduler.step()
             samples_seen += len(samples) * world
 
             # ---- logging (window means; the window is checkpointed so that resumed logs are identical)
