@@ -332,11 +332,13 @@ class Runner:
                 if self.rounds > 1:
                     summary["gap_closed_by_round"] = {
                         s: round((base - by[s][key]) / (base - full), 3) for s in by if s.startswith("student")}
+        variants = [r for r in rows if r["stage"].startswith("kd_") and r["stage"] != "kd_alone"]
         if "kd_alone" in by and classification:
             alone = by["kd_alone"]["error %"]
             summary["kd_relative_error_reduction"] = {
-                r["stage"]: round((alone - r["error %"]) / alone, 3) for r in rows
-                if r["stage"].startswith("kd_") and r["stage"] != "kd_alone" and alone > 0}
+                r["stage"]: round((alone - r["error %"]) / alone, 3) for r in variants if alone > 0}
+        elif "kd_alone" in by and "AP" in by["kd_alone"]:
+            summary["kd_ap_gain"] = {r["stage"]: round(r["AP"] - by["kd_alone"]["AP"], 2) for r in variants}
         label = self.results.get("label")
         if label and label.get("quality"):
             summary["pseudo_label_quality"] = {k: label["quality"].get(k) for k in ("single", "ensemble")}
@@ -361,6 +363,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
             lines.append(f"  {stage}: {100 * gap:.0f} %")
     for stage, red in (summary.get("kd_relative_error_reduction") or {}).items():
         lines.append(f"\n{stage}: {100 * red:.0f} % relative error reduction over the student alone")
+    for stage, gain in (summary.get("kd_ap_gain") or {}).items():
+        lines.append(f"\n{stage}: {gain:+.2f} AP over the student alone")
     return "\n".join(lines)
 
 
