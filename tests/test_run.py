@@ -141,7 +141,7 @@ def test_rounds_the_student_labels_for_the_next_round(first_run, recipe, capsys)
     pseudo_r2 = json.loads(Path(label_r2["pseudo_labels"]).read_text())
     assert pseudo_r2["info"]["teacher_sha256"] != pseudo_r1["info"]["teacher_sha256"]
     rows = {r["stage"]: r for r in summary["rows"]}
-    assert rows["student_r2"]["model"] == "student round 2"
+    assert rows["student"]["model"] == "student round 1" and rows["student_r2"]["model"] == "student round 2"
     base, full, r1, r2 = (rows[s]["error %"] for s in ("baseline_labeled", "baseline_full", "student", "student_r2"))
     if base != full:  # the headline is the last round's student; each round is listed
         assert summary["gap_closed"] == pytest.approx((base - r2) / (base - full), abs=1e-3)

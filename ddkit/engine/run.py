@@ -292,7 +292,8 @@ class Runner:
         classification = self.task.name == "classification"
         metric = "error" if classification else "AP"
         names = {"teacher": "teacher", "baseline_labeled": "baseline (labeled only)",
-                 "student": "student (data distillation)", "baseline_full": "fully labeled (upper bound)"}
+                 "student": "student (data distillation)" if self.rounds == 1 else "student round 1",
+                 "baseline_full": "fully labeled (upper bound)"}
         rows = []
         for stage, res in self.results.items():
             if "metrics" not in res:
