@@ -14,10 +14,11 @@ import ddkit
 from ddkit.engine.task import SetupContext, LossContext
 from ddkit.engine.train import train_model
 from ddkit.errors import ConfigError
+from ddkit.testing.losses import TINY_FASTERRCNN as CFG, toy_detection
 from ddkit_plugins.losses import detector_kd_terms
 
-CFG = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "representation_size": 32,
-       "box_batch_size_per_image": 16, "norm": "frozen_bn"}
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
+
 
 
 def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin):
@@ -57,8 +58,8 @@ def test_terms_match_a_slow_reference(seed):
                                                 t_deltas.double(), labels, targets.double(), T, bg, margin)
         assert float(soft) == pytest.approx(ref_soft, rel=1e-4, abs=1e-5)
         assert float(bounded) == pytest.approx(ref_bounded, rel=1e-4, abs=1e-6)
-        if seed == 5:
-            assert float(bounded) == (pytest.approx(ref_bounded) if margin > 0 else 0.0)
+        if seed == 5:  # a tie counts only with a margin: then every foreground RoI's student error does
+            assert float(bounded) > 0 if margin > 0 else float(bounded) == 0.0
 
 
 def test_soft_term_gradient_flows_to_the_student_only():
@@ -77,8 +78,6 @@ def _setup(student, teacher, batch, task):
 
 
 def test_an_identical_teacher_gives_zero_and_close_restores_the_student():
-    from ddkit.testing.losses import toy_detection
-
     task, student, _, batch = toy_detection()
     teacher = copy.deepcopy(student).eval()
     term = _setup(student, teacher, batch, task)
@@ -109,8 +108,6 @@ def test_trains_a_student_with_the_detector_losses(tmp_path):
 
 
 def test_refuses_one_stage_detectors_and_other_categories():
-    from ddkit.testing.losses import toy_detection
-
     task, student, teacher, batch = toy_detection()
     ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
     retina = task.build_model({"name": "retinanet", "backbone": "tiny", "min_size": 64, "max_size": 64}, ds.info)

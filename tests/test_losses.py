@@ -13,16 +13,10 @@ from ddkit.engine.data import split_dataset
 from ddkit.engine.train import train_model
 from ddkit.errors import ConfigError
 from ddkit.testing import build_examples, registered
-from ddkit.testing.losses import check_loss_term
+from ddkit.testing.losses import TINY_FASTERRCNN, check_loss_term
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread avoids OpenMP oversubscription on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 def _softmax(row, t):
@@ -229,12 +223,15 @@ def test_kd_terms_without_a_teacher_are_refused(digits, tmp_path):
                     losses=[{"name": "soft_target"}], progress=False)
 
 
+def _shapes():
+    """The detection task and four generated 64 x 64 images."""
+    return ddkit.build("tasks", "detection"), ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 4,
+                                                                      "image_size": 64, "max_object": 30})
+
+
 def test_soft_target_is_refused_for_detection(tmp_path):
-    task = ddkit.build("tasks", "detection")
-    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 4, "image_size": 64,
-                                  "max_object": 30})
-    cfg = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "representation_size": 32,
-           "box_batch_size_per_image": 16}
+    task, ds = _shapes()
+    cfg = TINY_FASTERRCNN
     model, teacher = task.build_model(cfg, ds.info), task.build_model(cfg, ds.info)
     with pytest.raises(ConfigError, match="soft_target needs class logits"):
         train_model(task, model, ds, {"iterations": 1, "batch_size": 2}, tmp_path, teacher=teacher,
@@ -243,11 +240,8 @@ def test_soft_target_is_refused_for_detection(tmp_path):
 
 def test_hint_between_detector_backbones(tmp_path):
     """Chen et al. 2017 style: a hint between detector backbones (captured by hooks inside torchvision's model)."""
-    task = ddkit.build("tasks", "detection")
-    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 4, "image_size": 64,
-                                  "max_object": 30})
-    cfg = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "representation_size": 32,
-           "box_batch_size_per_image": 16}
+    task, ds = _shapes()
+    cfg = TINY_FASTERRCNN
     torch.manual_seed(0)
     teacher = task.build_model({**cfg, "min_size": 96, "max_size": 96}, ds.info)  # larger maps: resized hint
     student = task.build_model(cfg, ds.info)

@@ -27,12 +27,7 @@ TINY_RCNN = {"backbone": "tiny", "min_size": 64, "max_size": 64, "anchor_sizes":
              "rpn_post_nms_top_n_test": 100}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 def _losses(run: Path) -> list[float]:

@@ -311,8 +311,8 @@ class Runner:
                         row[name] = round(100 * float(m[k]), 2)
             tta = self.results.get(f"tta_{res.get('same_as', stage)}")
             if tta and tta.get("ensemble"):
-                # the same metric as the row's main one (quality reports keypoint AP as kp_AP)
-                key = "accuracy" if classification else "kp_AP" if self.task.name == "keypoints" else "AP"
+                # the row's main metric: keypoint AP where the quality report has one (it calls it kp_AP)
+                key = "accuracy" if classification else "kp_AP" if "kp_AP" in tta["ensemble"] else "AP"
                 single, ens = tta["single"].get(key), tta["ensemble"].get(key)
                 if single is not None and ens is not None:
                     scale = 100 if classification or ens <= 1 else 1

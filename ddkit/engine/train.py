@@ -637,11 +637,9 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
                 torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
             scaler.step(optimizer)
             scaler.update()
-            if use_amp:  # the scaler skips the steps whose gradients overflowed: expected, not worth a warning
-                with warnings.catch_warnings():
+            with warnings.catch_warnings():
+                if use_amp:  # the scaler skips the steps whose gradients overflowed: expected, not worth a warning
                     warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                    scheduler.step()
-            else:
                 scheduler.step()
             samples_seen += len(samples) * world
 

@@ -30,17 +30,23 @@ def toy_classification(num_classes: int = 3) -> tuple[Task, nn.Module, nn.Module
     return task, student, teacher, task.collate(samples)
 
 
+# a Faster R-CNN small enough for a unit test on 64 x 64 images (frozen BN: the same output in train and eval mode)
+TINY_FASTERRCNN = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64,
+                   "representation_size": 32, "box_batch_size_per_image": 16, "norm": "frozen_bn"}
+
+
 def toy_detection() -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:
-    """A detection task, tiny Faster R-CNN student and teacher (frozen BN) and a batch of two generated images."""
+    """A detection task, tiny Faster R-CNN student and teacher and a batch of two generated 64 x 64 images."""
     from ddkit.plugin_manager import build
 
     task = build("tasks", {"name": "detection"})
     ds = build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
-    cfg = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "representation_size": 32,
-           "box_batch_size_per_image": 16, "norm": "frozen_bn"}
     torch.manual_seed(0)
-    student, teacher = task.build_model(cfg, ds.info), task.build_model(cfg, ds.info).eval()
-    samples = [(image, {**target, "_index": i}) for i, (image, target) in enumerate(ds[i] for i in range(2))]
+    student, teacher = task.build_model(TINY_FASTERRCNN, ds.info), task.build_model(TINY_FASTERRCNN, ds.info).eval()
+    samples = []
+    for i in range(2):
+        image, target = ds[i]
+        samples.append((image, {**target, "_index": i}))
     return task, student, teacher, task.collate(samples)
 
 
