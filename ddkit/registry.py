@@ -10,11 +10,12 @@ import difflib
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypeVar
 
 from ddkit.errors import ConfigError, PluginClashError, UnknownStrategyError
 from ddkit.types import KINDS, StrategySpec
 
+T = TypeVar("T")
 _SINGULAR = {kind: kind[:-1] for kind in KINDS}
 
 
@@ -115,28 +116,55 @@ class Registry:
         return entry.spec.factory(**kwargs, **runtime)
 
 
+def unknown_key_error(where: str, key: Any, valid: Iterable[str]) -> ConfigError:
+    """The one error for a misspelt key: names it, suggests the closest valid key and lists them all."""
+    valid = list(valid)
+    hint = difflib.get_close_matches(str(key), valid, n=1)
+    did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
+    return ConfigError(f"{where}: unknown key {key!r}.{did_you_mean} Valid keys: {', '.join(valid)}")
+
+
+def check_keys(block: Mapping[str, Any], valid: Iterable[str], where: str) -> None:
+    """Raise :func:`unknown_key_error` for the first key of ``block`` that is not in ``valid``."""
+    valid = list(valid)
+    for key in block:
+        if key not in valid:
+            raise unknown_key_error(where, key, valid)
+
+
+def parse_section(cls: type[T], block: Any, where: str) -> T:
+    """Validate a recipe section (or a strategy's parameters) against the dataclass ``cls`` and build it.
+
+    Every section parser goes through here, so an unknown key, a value of the wrong type and a value the dataclass
+    refuses (``__post_init__`` raising ``ValueError``) give the same one-line :class:`ConfigError` everywhere.
+    """
+    if isinstance(block, cls):
+        return block
+    block = _to_plain(block)
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise ConfigError(f"{where} must be a mapping of settings, got {block!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    check_keys(block, fields, where)
+    hints = typing.get_type_hints(cls)
+    for key, value in block.items():
+        if not _matches(value, hints.get(key, Any)):
+            raise ConfigError(f"{where}: key {key!r} = {value!r} is not of type {_type_name(hints[key])}")
+    try:
+        return cls(**block)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
 def validate_params(spec: StrategySpec, block: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Check ``block``'s keys and value types against ``spec.params``; return all parameters with defaults."""
     if spec.params is None:
         if block:
             raise ConfigError(f"{where} takes no parameters; remove {', '.join(sorted(block))}")
         return {}
-    fields = {f.name: f for f in dataclasses.fields(spec.params) if f.init}
-    unknown = [k for k in block if k not in fields]
-    if unknown:
-        key = unknown[0]
-        hint = difflib.get_close_matches(key, list(fields), n=1)
-        did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
-        raise ConfigError(f"{where}: unknown key {key!r}.{did_you_mean} Valid keys: {', '.join(fields)}")
-    hints = typing.get_type_hints(spec.params)
-    for key, value in block.items():
-        if not _matches(value, hints.get(key, Any)):
-            raise ConfigError(f"{where}: key {key!r} = {value!r} is not of type {_type_name(hints[key])}")
-    try:
-        params = spec.params(**block)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
-    return {name: getattr(params, name) for name in fields}
+    params = parse_section(spec.params, dict(block), where)
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(spec.params) if f.init}
 
 
 def _to_plain(cfg: Any) -> Any:

@@ -45,7 +45,9 @@ from ddkit.engine.select import LabeledStats, ScoredPredictions, SelectionCounte
 from ddkit.engine.shards import (ShardSet, fingerprint, load_shard, pack_instances, pack_probs, pack_targets,
                                  save_shard, shard_bounds, unpack_instances, worker_shards)
 from ddkit.errors import ConfigError, DataError
+from ddkit.engine.checkpoint import resolve_checkpoint
 from ddkit.io import atomic_write_json, atomic_write_text, file_sha256
+from ddkit.runtime import join_process_group, resolve_device, state_sha256
 from ddkit.types import DatasetInfo, Instances
 
 log = logging.getLogger("ddkit.label")
@@ -965,22 +967,6 @@ def _summary(stats: LabeledStats, counter: SelectionCounter, thresholds: Mapping
 
 
 # ================================================================================================== the runner
-def _dist() -> tuple[int, int, bool]:
-    """``(rank, world_size, started_here)``: joins the torchrun group (gloo) when ``WORLD_SIZE > 1``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    import datetime
-
-    import torch.distributed as dist
-
-    started = False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=12))
-        started = True
-    return dist.get_rank(), dist.get_world_size(), started
-
-
 def label_dataset(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: Any, labeled: Any,
                   label_cfg: Mapping[str, Any] | LabelConfig, out_dir: str | Path, *,
                   teacher_checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
@@ -1010,13 +996,13 @@ def label_dataset(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: A
     need_single = cfg.quality is not False and source.has_ground_truth
     if strategies is None:
         strategies = build_strategies(cfg, task, info, registry, need_single=need_single)
-    rank, world, started = _dist() if worker is None else (worker[0], worker[1], False)
+    rank, world, started = join_process_group() if worker is None else (worker[0], worker[1], False)
     distributed = worker is None and world > 1
     n_total = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
     if n_total == 0:
         raise DataError(f"no unlabeled images to label in {source.describe()}")
     num_shards = cfg.shards or max(1, math.ceil(n_total / cfg.shard_size))
-    teacher_sha = file_sha256(teacher_checkpoint) if teacher_checkpoint else _state_sha(teacher)
+    teacher_sha = file_sha256(teacher_checkpoint) if teacher_checkpoint else state_sha256(teacher)
     fp = fingerprint({"teacher": teacher_sha, "transforms": strategies.view_blocks,
                       "aggregator": strategies.aggregator_block, "keypoints": strategies.keypoint_block,
                       "source": source.describe(), "n": n_total, "shards": num_shards,
@@ -1109,17 +1095,6 @@ def _make_source(cfg: LabelConfig, unlabeled: Any, info: DatasetInfo) -> Source:
     return DatasetSource(unlabeled, name="unlabeled")
 
 
-def _state_sha(model: nn.Module) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(model.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes() if v.dtype != torch.bfloat16 else
-                 v.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _version() -> str:
     import ddkit
 
@@ -1156,7 +1131,7 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     teacher_path = (cfg.get("teacher") or {}).get("checkpoint")
     if not teacher_path:
         raise ConfigError(f"{source}: teacher.checkpoint is required (a model.pt or a run folder)")
-    device = _device(run.get("device", "cpu"))
+    device = resolve_device(run.get("device", "cpu"))
     rank = int(os.environ.get("RANK", "0")) if worker is None else 0
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -1184,22 +1159,7 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
 
         save_config(cfg, out_root / "label")
     result = label_dataset(task, model, info, unlabeled, None if splits is None else splits.labeled, lcfg,
-                           out_root / "label", teacher_checkpoint=_checkpoint_file(teacher_path), device=device,
+                           out_root / "label", teacher_checkpoint=resolve_checkpoint(teacher_path), device=device,
                            worker=worker, max_shards=max_shards, progress=progress, registry=registry,
                            strategies=strategies, seed=int(run.get("seed", 0) or 0))
     return result
-
-
-def _checkpoint_file(path: str | Path) -> Path:
-    from ddkit.engine.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(path)
-
-
-def _device(name: Any) -> torch.device:
-    name = str(name or "cpu")
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"run.device={name!r} but no CUDA device is available; use run.device=cpu")
-    return torch.device(name)

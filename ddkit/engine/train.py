@@ -45,13 +45,15 @@ from typing import Any, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, save_checkpoint, save_model
+from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, resolve_checkpoint, save_checkpoint, save_model
 from ddkit.engine.data import ConcatDataset, get_info, get_target
 from ddkit.engine.losses import LossContext, SetupContext
 from ddkit.engine.sampler import MixedRatioSampler
 from ddkit.engine.task import Task, TrainOutputs, model_info, unwrap_model
 from ddkit.errors import ConfigError, DDKitError
 from ddkit.io import atomic_torch_save, file_sha256
+from ddkit.registry import parse_section
+from ddkit.runtime import dist_info, resolve_device, state_sha256
 
 log = logging.getLogger("ddkit.train")
 
@@ -148,29 +150,7 @@ class TrainConfig:
 
 def parse_train_config(block: Mapping[str, Any] | TrainConfig | None, where: str = "train") -> TrainConfig:
     """Validate a ``train:`` block: an unknown key names the valid keys, a bad value names its key."""
-    import difflib
-
-    from ddkit.registry import _matches, _to_plain, _type_name
-
-    if isinstance(block, TrainConfig):
-        return block
-    block = _to_plain(block) or {}
-    if not isinstance(block, dict):
-        raise ConfigError(f"{where} must be a mapping of training settings, got {block!r}")
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    for key in block:
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            did_you_mean = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{where}: unknown key {key!r}.{did_you_mean} Valid keys: {', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(TrainConfig)
-    for key, value in block.items():
-        if not _matches(value, hints[key]):
-            raise ConfigError(f"{where}: key {key!r} = {value!r} is not of type {_type_name(hints[key])}")
-    try:
-        return TrainConfig(**block)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
+    return parse_section(TrainConfig, block, where)
 
 
 def lr_factor(iteration: int, total: int, cfg: TrainConfig) -> float:
@@ -195,26 +175,6 @@ def total_iterations(cfg: TrainConfig, sizes: Sequence[int]) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` without torch.distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto``: this process's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
-    if device in (None, "auto"):
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-        if local_rank >= count:
-            raise ConfigError(f"torchrun started local rank {local_rank} but only {count} GPU(s) are visible: run "
-                              f"--nproc-per-node {count} (one process per GPU) or set run.device=cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device(device)
-
-
 def _mix(*values: int) -> int:
     h = hashlib.blake2b(repr(values).encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") % (2 ** 63)
@@ -255,16 +215,6 @@ class _Indexed(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         image, target = self.dataset[i]
         return image, {**target, "_index": i}
-
-
-def state_sha256(model: nn.Module) -> str:
-    """A digest of a model's weights (the teacher-cache key when the teacher is not a file)."""
-    h = hashlib.sha256()
-    for k, v in sorted(unwrap_model(model).state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-                 if v.numel() else b"")
-    return h.hexdigest()
 
 
 def _dataset_fingerprint(dataset: Any) -> str:
@@ -440,7 +390,7 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
     if isinstance(teacher, (str, Path)):
         teacher_path = Path(teacher)
         _, teacher, _ = load_model(teacher_path, device=dev)
-        teacher_sha = teacher_sha or file_sha256(load_checkpoint_path(teacher_path))
+        teacher_sha = teacher_sha or file_sha256(resolve_checkpoint(teacher_path))
     if teacher is not None:
         teacher = teacher.to(dev).eval()
         for p in teacher.parameters():
@@ -727,12 +677,6 @@ def _check_ranks_in_sync(student: nn.Module, extras: nn.Module, dev: torch.devic
         raise RuntimeError(f"DDP ranks ended with different weights (checksums {values})")
     if note is not None:
         note(f"DDP: the {world} ranks hold identical weights (checksum {values[0]:.6g})")
-
-
-def load_checkpoint_path(path: str | Path) -> Path:
-    from ddkit.engine.checkpoint import resolve_checkpoint
-
-    return resolve_checkpoint(path)
 
 
 class _FileLog:
