@@ -36,6 +36,10 @@ class _BaseTask:
     name = ""
     prediction_type = ""
     model_tasks: tuple[str, ...] = ()
+    has_keypoints = False
+    supports_translate = False
+    headline = "AP"
+    higher_is_better = True
 
     def __init__(self, **params: Any):
         self.params = params
@@ -113,6 +117,9 @@ class ClassificationTask(_BaseTask):
     name = "classification"
     prediction_type = "probs"
     model_tasks = ("classification",)
+    supports_translate = True  # whole-pixel shifts keep a digit's label
+    headline = "error %"
+    higher_is_better = False
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__(label_smoothing=label_smoothing)
@@ -163,6 +170,13 @@ class ClassificationTask(_BaseTask):
 
     def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
         return image.flip(-1), target
+
+    def table_row(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        return {"error %": round(100 * float(metrics.get("error", float("nan"))), 2),
+                "accuracy %": round(100 * float(metrics.get("accuracy", float("nan"))), 2)}
+
+    def quality_metric(self, quality: Mapping[str, Any]) -> str:
+        return "accuracy"
 
 
 # ----------------------------------------------------------------------------------------------------- detection
@@ -239,7 +253,7 @@ class DetectionTask(_BaseTask):
             m = {"boxes": boxes[keep].reshape(-1, 4),
                  "labels": torch.tensor([lut[int(c)] for c in labels[keep].tolist()], dtype=torch.int64,
                                         device=boxes.device)}
-            if self.name == "keypoints":
+            if self.has_keypoints:
                 m["keypoints"] = t["keypoints"][keep].float()
             out.append(m)
         return out
@@ -285,7 +299,7 @@ class DetectionTask(_BaseTask):
     def coco_ground_truth(self, dataset: Any) -> dict[str, Any]:
         """The dataset's targets as a COCO ground-truth dict (image ids are item positions)."""
         info = dataset.info
-        k = info.num_keypoints if self.name == "keypoints" else None
+        k = info.num_keypoints if self.has_keypoints else None
         images, anns = [], []
         for i in range(len(dataset)):
             t = get_target(dataset, i)
@@ -324,6 +338,15 @@ class DetectionTask(_BaseTask):
                 res.append(r)
         return res
 
+    def table_row(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """AP columns in %; for keypoints ``AP`` is keypoint AP (OKS) and ``box AP`` stands beside it."""
+        names = (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("bbox_AP", "box AP"))
+        return {name: round(100 * float(metrics[k]), 2) for k, name in names if k in metrics}
+
+    def quality_metric(self, quality: Mapping[str, Any]) -> str:
+        """The labelling quality report calls keypoint AP ``kp_AP``; box AP ``AP``."""
+        return "kp_AP" if "kp_AP" in quality else "AP"
+
     def evaluate_predictions(self, preds: Sequence[Instances], dataset: Any) -> dict[str, float]:
         if len(preds) != len(dataset):
             raise ValueError(f"{len(preds)} predictions for {len(dataset)} items")
@@ -352,6 +375,7 @@ class KeypointTask(DetectionTask):
 
     name = "keypoints"
     model_tasks = ("keypoints",)
+    has_keypoints = True
 
     def check_info(self, info: DatasetInfo) -> None:
         super().check_info(info)

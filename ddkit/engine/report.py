@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ddkit.engine.pseudo import IMAGE_LABELS
 from ddkit.io import atomic_write_bytes, atomic_write_text
 from ddkit.types import DatasetInfo
 
@@ -722,7 +723,7 @@ def _spread(items: list[Any], n: int) -> list[Any]:
 def _images_plot(data: Mapping[str, Any], label_dir: Path, run_dir: Path, info: DatasetInfo | None,
                  task_name: str, unlabeled: Any, max_images: int, path: Path) -> tuple[bool, str]:
     """Draw the grid; ``(drawn, note)``."""
-    classification = data.get("ddkit_format") == "image-labels" or task_name == "classification"
+    classification = data.get("ddkit_format") == IMAGE_LABELS  # one label per image, no boxes to draw
     images = [im for im in data.get("images") or [] if isinstance(im, Mapping) and "id" in im]
     anns: dict[int, list[Mapping[str, Any]]] = {}
     for a in data.get("annotations") or []:

@@ -88,7 +88,8 @@ class Runner:
         self.evaluate_cfg = _section(cfg, "evaluate") or {}
         self._check_keys("evaluate", self.evaluate_cfg, EVALUATE_KEYS)
         self.kd = _section(cfg, "kd") or {}
-        self._check_keys("kd", self.kd, {"variants"})
+        self._check_keys("kd", self.kd, {"variants", "baseline"})
+        self.kd_baseline = self._kd_baseline_variant()
         rounds = cfg.get("rounds")
         self.rounds = 1 if rounds is None else rounds
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
@@ -110,6 +111,20 @@ class Runner:
                               f"{', '.join(st.name for st in self.stages)}")
         self.force_from = min((i for i, st in enumerate(self.stages) if st.name in force), default=None)
         self.results: dict[str, dict[str, Any]] = {}
+
+    def _kd_baseline_variant(self) -> str | None:
+        """The KD variant the others are measured against: ``kd.baseline`` when the recipe names one, else the one
+        variant whose loss terms read no teacher (the student alone), else none."""
+        variants = self.kd.get("variants") or {}
+        named = self.kd.get("baseline")
+        if named is not None:
+            if named not in variants:
+                raise ConfigError(f"{self.source}: kd.baseline {named!r} is not a kd variant; variants: "
+                                  f"{', '.join(variants) or 'none'}")
+            return named
+        alone = [v for v, block in variants.items()
+                 if not self._reads_teacher((block or {}).get("losses") or [{"name": "hard_label"}])]
+        return alone[0] if len(alone) == 1 else None
 
     def _check_keys(self, section: str, block: Mapping[str, Any], valid: set[str]) -> None:
         unknown = sorted(set(block) - valid)
@@ -215,13 +230,17 @@ class Runner:
         return {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality,
                 "teacher": str(path)}
 
-    def _teacher_for(self, losses: Any, init: str) -> Path | None:
-        """The teacher checkpoint when a loss term reads the teacher (any plugin's) or the student starts from it."""
+    def _reads_teacher(self, losses: Any) -> bool:
+        """Whether any loss term (any plugin's) reads the teacher: asked of the built terms, never their names."""
         terms = [self.registry.build("losses", b, where=f"{self.source}: losses") for b in (losses or [])]
         needs = any(getattr(t, "teacher_outputs", "none") != "none" for t in terms)
         for t in terms:
             getattr(t, "close", lambda: None)()
-        return self._model_path("teacher") if needs or init == "teacher" else None
+        return needs
+
+    def _teacher_for(self, losses: Any, init: str) -> Path | None:
+        """The teacher checkpoint when a loss term reads the teacher or the student starts from it."""
+        return self._model_path("teacher") if self._reads_teacher(losses) or init == "teacher" else None
 
     def _train_student(self, sfx: str) -> dict[str, Any]:
         s = self.student_cfg
@@ -289,8 +308,6 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ results
     def summarize(self) -> dict[str, Any]:
-        classification = self.task.name == "classification"
-        metric = "error" if classification else "AP"
         names = {"teacher": "teacher", "baseline_labeled": "baseline (labeled only)",
                  "student": "student (data distillation)" if self.rounds == 1 else "student round 1",
                  "baseline_full": "fully labeled (upper bound)"}
@@ -300,31 +317,14 @@ class Runner:
                 continue
             label = names.get(stage) or (f"student round {stage.split('_r')[-1]}" if stage.startswith("student_r")
                                          else f"student {stage[3:]} (KD)" if stage.startswith("kd_") else stage)
-            row = {"model": label, "stage": stage}
-            m = res["metrics"] or {}
-            if classification:
-                row["error %"] = round(100 * float(m.get("error", float("nan"))), 2)
-                row["accuracy %"] = round(100 * float(m.get("accuracy", float("nan"))), 2)
-            else:  # keypoints: AP is keypoint AP (OKS), box AP beside it
-                for k, name in (("AP", "AP"), ("AP50", "AP50"), ("AP75", "AP75"), ("bbox_AP", "box AP")):
-                    if k in m:
-                        row[name] = round(100 * float(m[k]), 2)
-            tta = self.results.get(f"tta_{res.get('same_as', stage)}")
-            if tta and tta.get("ensemble"):
-                # the row's main metric: keypoint AP where the quality report has one (it calls it kp_AP)
-                key = "accuracy" if classification else "kp_AP" if "kp_AP" in tta["ensemble"] else "AP"
-                single, ens = tta["single"].get(key), tta["ensemble"].get(key)
-                if single is not None and ens is not None:
-                    scale = 100 if classification or ens <= 1 else 1
-                    name = "AP" if key == "kp_AP" else key
-                    row[f"{name} 1 view"] = round(scale * float(single), 2)
-                    row[f"{name} TTA"] = round(scale * float(ens), 2)
+            row = {"model": label, "stage": stage, **self.task.table_row(res["metrics"] or {})}
+            row.update(self._tta_columns(self.results.get(f"tta_{res.get('same_as', stage)}")))
             row["iterations"] = res.get("iterations")
             rows.append(row)
-        summary: dict[str, Any] = {"task": self.task.name, "metric": metric, "rows": rows,
+        key = self.task.headline
+        summary: dict[str, Any] = {"task": self.task.name, "metric": key.removesuffix(" %"), "rows": rows,
                                    "seed": self.seed, "run_dir": str(self.out)}
         by = {r["stage"]: r for r in rows}
-        key = "error %" if classification else "AP"
         final = "student" if self.rounds == 1 else f"student_r{self.rounds}"  # the last round's student
         if all(s in by for s in ("baseline_labeled", final, "baseline_full")):
             base, full = by["baseline_labeled"][key], by["baseline_full"][key]
@@ -333,17 +333,37 @@ class Runner:
                 if self.rounds > 1:
                     summary["gap_closed_by_round"] = {
                         s: round((base - by[s][key]) / (base - full), 3) for s in by if s.startswith("student")}
-        variants = [r for r in rows if r["stage"].startswith("kd_") and r["stage"] != "kd_alone"]
-        if "kd_alone" in by and classification:
-            alone = by["kd_alone"]["error %"]
-            summary["kd_relative_error_reduction"] = {
-                r["stage"]: round((alone - r["error %"]) / alone, 3) for r in variants if alone > 0}
-        elif "kd_alone" in by and "AP" in by["kd_alone"]:
-            summary["kd_ap_gain"] = {r["stage"]: round(r["AP"] - by["kd_alone"]["AP"], 2) for r in variants}
+        summary.update(self._kd_gains(by, key))
         label = self.results.get("label")
         if label and label.get("quality"):
             summary["pseudo_label_quality"] = {k: label["quality"].get(k) for k in ("single", "ensemble")}
         return summary
+
+    def _tta_columns(self, tta: Mapping[str, Any] | None) -> dict[str, float]:
+        """``<metric> 1 view`` and ``<metric> TTA`` columns from a TTA stage's quality report (the task says which
+        metric; keypoint AP is called ``kp_AP`` there and ``AP`` in the table)."""
+        if not tta or not tta.get("ensemble"):
+            return {}
+        key = self.task.quality_metric(tta["ensemble"])
+        single, ens = tta["single"].get(key), tta["ensemble"].get(key)
+        if single is None or ens is None:
+            return {}
+        scale = 100 if ens <= 1 else 1
+        name = key.removeprefix("kp_")
+        return {f"{name} 1 view": round(scale * float(single), 2), f"{name} TTA": round(scale * float(ens), 2)}
+
+    def _kd_gains(self, by: Mapping[str, Mapping[str, Any]], key: str) -> dict[str, Any]:
+        """Each KD variant against the recipe's baseline variant (``kd.baseline``): the relative cut of a
+        lower-is-better metric (error), the gain of a higher-is-better one (AP)."""
+        base_stage = f"kd_{self.kd_baseline}" if self.kd_baseline else None
+        if base_stage not in by or key not in by[base_stage]:
+            return {}
+        alone = by[base_stage][key]
+        variants = [r for r in by.values() if r["stage"].startswith("kd_") and r["stage"] != base_stage]
+        if self.task.higher_is_better:
+            return {"kd_ap_gain": {r["stage"]: round(r[key] - alone, 2) for r in variants}}
+        return {"kd_relative_error_reduction": {r["stage"]: round((alone - r[key]) / alone, 3)
+                                                for r in variants if alone > 0}}
 
 
 def results_markdown(summary: Mapping[str, Any]) -> str:

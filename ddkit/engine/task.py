@@ -87,12 +87,22 @@ class Task(Protocol):
     """One problem type: model building, batching, native loss, inference and evaluation.
 
     Attributes:
-        name: the registry name (``classification``, ``detection``, ``keypoints``).
+        name: the registry name (``classification``, ``detection``, ``keypoints``); for messages only: the engine
+            never compares it, it reads the capabilities below.
         prediction_type: ``"probs"`` (``predict`` returns class probabilities) or ``"instances"``.
+        has_keypoints: targets and predictions carry keypoints ``[N, K, 3]``.
+        supports_translate: whole-pixel random shifts keep a sample's target valid (the ``translate``
+            augmentation; classification of small images).
+        headline: the results-table column that ranks models (``"error %"``, ``"AP"``), one of
+            :meth:`table_row`'s keys; ``higher_is_better`` its direction.
     """
 
     name: str
     prediction_type: str
+    has_keypoints: bool
+    supports_translate: bool
+    headline: str
+    higher_is_better: bool
 
     def config(self) -> dict[str, Any]:
         """The config block (``{"name": ..., **params}``, plain types) that rebuilds this task."""
@@ -140,6 +150,13 @@ class Task(Protocol):
 
     def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
         """Horizontally flip a training sample (boxes and keypoints too, using ``info.flip_indices``)."""
+
+    def table_row(self, metrics: Mapping[str, float]) -> dict[str, float]:
+        """:meth:`evaluate`'s metrics as the results table's columns (percent, rounded), ``headline`` among them."""
+
+    def quality_metric(self, quality: Mapping[str, Any]) -> str:
+        """The key of a labelling quality report (``quality.json``'s ``single`` / ``ensemble``) that measures
+        this task's TTA (e.g. ``accuracy``, ``AP``, ``kp_AP``)."""
 
 
 @runtime_checkable
