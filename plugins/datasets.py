@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
-import json
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -26,42 +25,33 @@ import torch
 from torch import Tensor
 
 from ddkit import ConfigError, DataError, DatasetInfo, hookimpl
+from ddkit.engine.box_rule import BoxCheck
+from ddkit.engine.coco_file import read_coco_file
+from ddkit.engine.keypoint_meta import COCO_SIGMAS, flip_indices_from_names, resolve_keypoint_meta  # noqa: F401
 from ddkit.engine.task import check_images, read_image, report_skipped, split_indices
 from ddkit.types import DatasetSpec
 
-COCO_SIGMAS = [0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
-               0.087, 0.089, 0.089]
-COCO_FLIP = [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13, 16, 15]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # offline fixtures (examples only)
 
 
-def flip_indices_from_names(names: list[str]) -> list[int]:
-    """Pair ``left_x`` with ``right_x`` (and ``l_``/``r_``); unpaired keypoints map to themselves."""
-    index = {n: i for i, n in enumerate(names)}
-    out = []
-    for i, n in enumerate(names):
-        mirror = n
-        for a, b in (("left", "right"), ("right", "left"), ("l_", "r_"), ("r_", "l_")):
-            if n.startswith(a):
-                mirror = b + n[len(a):]
-                break
-        out.append(index.get(mirror, i))
-    return out
+def _sigmas_option(sigmas: list[float] | None, keypoint_sigmas: list[float] | None, where: str) -> list[float] | None:
+    """``sigmas`` and its older name ``keypoint_sigmas``: at most one of them."""
+    if sigmas is not None and keypoint_sigmas is not None:
+        raise ConfigError(f"{where}: set sigmas or keypoint_sigmas (the same option), not both")
+    return sigmas if sigmas is not None else keypoint_sigmas
 
 
-def default_sigmas(k: int) -> list[float]:
-    return list(COCO_SIGMAS) if k == 17 else [0.05] * k
-
-
-def _check_sigmas(sigmas: list[float] | None, k: int | None, where: str) -> list[float] | None:
-    if k is None:
-        return None
-    if sigmas is None:
-        return default_sigmas(k)
-    if len(sigmas) != k:
-        raise ConfigError(f"{where}: keypoint_sigmas has {len(sigmas)} values for {k} keypoints")
-    return list(sigmas)
+def _keypoint_info(k: int | None, where: str, names: list[str] | None = None, dataset_flip: list[int] | None = None,
+                   flip_indices: list[int] | None = None, sigmas: list[float] | None = None) -> dict[str, Any]:
+    """The keypoint fields of a DatasetInfo (``num_keypoints``, ``flip_indices``, ``keypoint_sigmas``, ``extra``)."""
+    if not k:
+        if flip_indices is not None or sigmas is not None:
+            raise ConfigError(f"{where}: flip_indices / sigmas given but the dataset has no keypoints")
+        return {"num_keypoints": None, "flip_indices": None, "keypoint_sigmas": None, "extra": {}}
+    meta = resolve_keypoint_meta(k, where, names=names, dataset_flip=dataset_flip, flip_indices=flip_indices,
+                                 sigmas=sigmas)
+    return {"num_keypoints": k, "flip_indices": meta.flip_indices, "keypoint_sigmas": meta.sigmas, "extra": meta.extra}
 
 
 def _empty_det_target(image_id: int, k: int | None) -> dict[str, Any]:
@@ -110,84 +100,61 @@ class CocoParams:
     keypoints: bool | None = None
     check_images: bool = True
     keypoint_sigmas: list[float] | None = None
+    sigmas: list[float] | None = None
+    flip_indices: list[int] | None = None
+    allow_outside_root: bool = False
 
 
 class CocoDataset(_TargetsDataset):
-    """COCO JSON (``images``, ``annotations``, ``categories``) + an image folder (default: the JSON's folder).
+    """COCO JSON (``images``, ``annotations``, ``categories``) + an image folder (default: the JSON's folder), read
+    and validated by :func:`ddkit.engine.coco_file.read_coco_file` (boxes clipped / dropped by the box rule).
 
-    Keypoints are read when ``keypoints`` is true, or by default when a category lists ``keypoints``. Validation
-    raises :class:`~ddkit.errors.DataError` naming the file, the annotation id and the field.
+    Keypoints are read when ``keypoints`` is true, or by default when a category lists ``keypoints``. Flip pairs come
+    from ``flip_indices`` or the keypoint names; OKS sigmas from ``sigmas`` (alias ``keypoint_sigmas``) or COCO's 17.
+    ``allow_outside_root`` accepts ``file_name`` values outside the image folder.
     """
 
     def __init__(self, annotations: str, images: str | None = None, keypoints: bool | None = None,
-                 check_images: bool = True, keypoint_sigmas: list[float] | None = None):
-        path = Path(annotations)
-        if not path.is_file():
-            raise DataError(f"{path}: annotation file not found")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise DataError(f"{path}: not valid JSON: {err}") from None
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data.get(key), list):
-                raise DataError(f"{path}: missing list {key!r}")
-        root = Path(images) if images else path.parent
-        cats = sorted(data["categories"], key=lambda c: c["id"])
-        kp_names = next((c.get("keypoints") for c in cats if c.get("keypoints")), None)
+                 check_images: bool = True, keypoint_sigmas: list[float] | None = None,
+                 sigmas: list[float] | None = None, flip_indices: list[int] | None = None,
+                 allow_outside_root: bool = False):
+        coco = read_coco_file(annotations, images, allow_outside_root=allow_outside_root)
+        path = coco.path
+        kp_names = coco.keypoint_names
         use_kps = bool(kp_names) if keypoints is None else keypoints
         if use_kps and not kp_names:
             raise DataError(f"{path}: keypoints requested but no category lists 'keypoints'")
         k = len(kp_names) if use_kps else None
-        cat_ids = {int(c["id"]) for c in cats}
-        by_image: dict[int, list[dict]] = {}
-        image_ids = set()
-        for img in data["images"]:
-            image_ids.add(int(img["id"]))
-        for ann in data["annotations"]:
-            aid = ann.get("id", "?")
-            where = f"{path}: annotation id {aid}"
-            if ann.get("image_id") not in image_ids:
-                raise DataError(f"{where}: field image_id {ann.get('image_id')!r} is not an image id")
-            if ann.get("category_id") not in cat_ids:
-                raise DataError(f"{where}: field category_id {ann.get('category_id')!r} is not in categories "
-                                f"{sorted(cat_ids)[:10]}")
-            bbox = ann.get("bbox")
-            if (not isinstance(bbox, list) or len(bbox) != 4 or not all(isinstance(v, (int, float)) for v in bbox)
-                    or not all(math.isfinite(v) for v in bbox) or bbox[2] < 0 or bbox[3] < 0):
-                raise DataError(f"{where}: field bbox {bbox!r} must be [x, y, w, h] with finite values and w, h >= 0")
-            if use_kps:
-                kp = ann.get("keypoints", [0] * (3 * k))
-                if not isinstance(kp, list) or len(kp) != 3 * k:
-                    n = len(kp) if isinstance(kp, list) else type(kp).__name__
-                    raise DataError(f"{where}: field keypoints has length {n}, expected {3 * k} "
-                                    f"({k} keypoints x 3)")
-            by_image.setdefault(int(ann["image_id"]), []).append(ann)
+        by_image = coco.annotations_by_image()
         self.files, self.targets = [], []
-        for img in sorted(data["images"], key=lambda im: im["id"]):
+        for img in sorted(coco.images, key=lambda im: im["id"]):
             iid = int(img["id"])
-            anns = by_image.get(iid, [])
-            t = _empty_det_target(iid, k)
-            if anns:
-                xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-                t["boxes"] = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-                t["labels"] = torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64)
-                t["area"] = torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns])
-                t["iscrowd"] = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)
-                if k is not None:
-                    t["keypoints"] = torch.tensor([a.get("keypoints", [0] * (3 * k)) for a in anns],
-                                                  dtype=torch.float32).view(-1, k, 3)
-            if "height" in img and "width" in img:
-                t["size"] = (int(img["height"]), int(img["width"]))
-            self.files.append(root / img["file_name"])
-            self.targets.append(t)
+            self.files.append(coco.image_path(img))
+            self.targets.append(_coco_target(iid, by_image[iid], k, (int(img["height"]), int(img["width"]))))
+        kinfo = _keypoint_info(k, str(path), names=kp_names if k else None, flip_indices=flip_indices,
+                               sigmas=_sigmas_option(sigmas, keypoint_sigmas, str(path)))
         self.info = DatasetInfo(
-            categories=[{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in cats],
-            num_keypoints=k,
-            flip_indices=flip_indices_from_names(list(kp_names)) if k else None,
-            keypoint_sigmas=_check_sigmas(keypoint_sigmas, k, str(path)),
-            extra={"keypoint_names": list(kp_names) if k else None, "source": str(path)},
+            categories=[{"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
+                        for c in sorted(coco.categories, key=lambda c: c["id"])],
+            num_keypoints=k, flip_indices=kinfo["flip_indices"], keypoint_sigmas=kinfo["keypoint_sigmas"],
+            extra={"keypoint_names": list(kp_names) if k else None, "source": str(path), **kinfo["extra"]},
         )
         self._drop_unreadable(check_images, str(path))
+
+
+def _coco_target(iid: int, anns: list[dict[str, Any]], k: int | None, size: tuple[int, int]) -> dict[str, Any]:
+    t = _empty_det_target(iid, k)
+    if anns:
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
+        t["boxes"] = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+        t["labels"] = torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64)
+        t["area"] = torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns])
+        t["iscrowd"] = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)
+        if k is not None:
+            t["keypoints"] = torch.tensor([a.get("keypoints", [0] * (3 * k)) for a in anns],
+                                          dtype=torch.float32).view(-1, k, 3)
+    t["size"] = size
+    return t
 
 
 # --------------------------------------------------------------------------------------------------------- YOLO
@@ -198,88 +165,144 @@ class YoloParams:
     data_yaml: str | None = None
     check_images: bool = True
     keypoint_sigmas: list[float] | None = None
+    sigmas: list[float] | None = None
+    flip_indices: list[int] | None = None
+
+
+def _read_yolo_yaml(base: Path, data_yaml: str | None) -> tuple[Path | None, dict[str, Any]]:
+    import yaml
+
+    ypath = Path(data_yaml) if data_yaml else next(iter(sorted(base.glob("*.yaml"))), None)
+    if ypath is None:
+        return None, {}
+    if not ypath.is_file():
+        raise DataError(f"{ypath}: data_yaml not found")
+    try:
+        meta = yaml.safe_load(ypath.read_text()) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise DataError(f"{ypath}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{ypath}: a YOLO data yaml is a mapping (names, kpt_shape, flip_idx)")
+    names = meta.get("names")
+    if isinstance(names, list):
+        meta["names"] = names = dict(enumerate(names))
+    if names is not None and (not isinstance(names, dict) or not all(isinstance(c, int) for c in names)):
+        raise DataError(f"{ypath}: field names must be a list or a mapping {{class index: name}}")
+    kpt = meta.get("kpt_shape")
+    if kpt is not None and (not isinstance(kpt, list) or len(kpt) != 2 or not all(isinstance(v, int) for v in kpt)
+                            or kpt[0] < 1 or kpt[1] not in (2, 3)):
+        raise DataError(f"{ypath}: field kpt_shape must be [K, 2] or [K, 3], got {kpt!r}")
+    return ypath, meta
+
+
+def _parse_yolo_line(line: str, where: str, k: int | None, dims: int, names: dict | None) -> list[float]:
+    """One label row ``cls cx cy w h [x y (v)]*K`` (normalised) -> floats; DataError naming ``where`` (file:line)."""
+    vals = line.split()
+    expect = 5 + (k * dims if k else 0)
+    if len(vals) != expect:
+        raise DataError(f"{where}: {len(vals)} values, expected {expect} "
+                        f"(cls cx cy w h" + (f" + {k}x{dims} keypoints)" if k else ")"))
+    try:
+        row = [float(v) for v in vals]
+    except ValueError:
+        raise DataError(f"{where}: not numbers: {line.strip()!r}") from None
+    if not all(math.isfinite(v) for v in row):
+        raise DataError(f"{where}: non-finite value (nan/inf): {line.strip()!r}")
+    if not row[0].is_integer() or row[0] < 0:
+        raise DataError(f"{where}: class {vals[0]!r} is not a class index (an integer >= 0)")
+    if names is not None and int(row[0]) not in names:
+        raise DataError(f"{where}: class {int(row[0])} is not in the yaml's names (0..{max(names)})")
+    if row[3] < 0 or row[4] < 0:
+        raise DataError(f"{where}: negative box width or height: {line.strip()!r}")
+    if k and dims == 3 and any(v not in (0.0, 1.0, 2.0) for v in row[7::3]):
+        raise DataError(f"{where}: keypoint visibility must be 0, 1 or 2: {line.strip()!r}")
+    return row
+
+
+def _yolo_target(idx: int, rows: list[list[float]], size: tuple[int, int], k: int | None, dims: int,
+                 check: BoxCheck, lab: Path, lines: list[int]) -> dict[str, Any]:
+    """Denormalise the rows of one label file (box rule applied: clipped / dropped rows counted in ``check``)."""
+    h, w = size
+    t = _empty_det_target(idx, k)
+    t["size"] = (h, w)
+    if not rows or w <= 0:  # w == 0: unreadable image, skipped later
+        return t
+    r = torch.tensor(rows, dtype=torch.float64)
+    cx, cy, bw, bh = r[:, 1] * w, r[:, 2] * h, r[:, 3] * w, r[:, 4] * h
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+    boxes, keep = check.apply(boxes, (h, w), lambda i: f"{lab}: line {lines[i]}")
+    r = r[keep].float()
+    t["boxes"] = boxes
+    t["labels"] = r[:, 0].long()
+    t["area"] = (boxes[:, 2:] - boxes[:, :2]).prod(1)
+    t["iscrowd"] = torch.zeros(len(r), dtype=torch.int64)
+    if k:
+        kp = r[:, 5:].view(-1, k, dims)
+        xy = kp[..., :2] * torch.tensor([w, h], dtype=torch.float32)
+        vis = kp[..., 2:3] if dims == 3 else (xy.abs().sum(-1, keepdim=True) > 0).float() * 2
+        t["keypoints"] = torch.cat([xy * (vis > 0), vis], -1)
+    return t
+
+
+def _image_size(f: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    try:
+        with Image.open(f) as im:
+            w, h = im.size
+        return h, w
+    except Exception:  # noqa: BLE001 - reported by the readability check
+        return 0, 0
 
 
 class YoloDataset(_TargetsDataset):
     """Ultralytics YOLO layout: ``root/images/<split>/*.jpg`` and ``root/labels/<split>/*.txt`` with rows
     ``cls cx cy w h [x y v]*K`` (normalised). Category ids are the YOLO class indices; names, ``kpt_shape`` and
-    ``flip_idx`` come from the ``*.yaml`` in ``root`` (or ``data_yaml``)."""
+    ``flip_idx`` come from the ``*.yaml`` in ``root`` (or ``data_yaml``). A malformed row is one error naming the
+    file and line; boxes follow the box rule (:mod:`ddkit.engine.box_rule`)."""
 
     def __init__(self, root: str, split: str = "train", data_yaml: str | None = None, check_images: bool = True,
-                 keypoint_sigmas: list[float] | None = None):
-        import yaml
-        from PIL import Image
-
+                 keypoint_sigmas: list[float] | None = None, sigmas: list[float] | None = None,
+                 flip_indices: list[int] | None = None):
         base = Path(root)
         img_dir, lab_dir = base / "images" / split, base / "labels" / split
         if not img_dir.is_dir():
             raise DataError(f"{img_dir}: no such image folder (YOLO layout root/images/{split})")
-        ypath = Path(data_yaml) if data_yaml else next(iter(sorted(base.glob("*.yaml"))), None)
-        meta = {}
-        if ypath is not None:
-            meta = yaml.safe_load(ypath.read_text()) or {}
+        ypath, meta = _read_yolo_yaml(base, data_yaml)
         names = meta.get("names")
-        if isinstance(names, list):
-            names = dict(enumerate(names))
         kpt_shape = meta.get("kpt_shape")
-        k = int(kpt_shape[0]) if kpt_shape else None
-        dims = int(kpt_shape[1]) if kpt_shape else 0
+        k, dims = (int(kpt_shape[0]), int(kpt_shape[1])) if kpt_shape else (None, 0)
         files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_EXTS)}) in the YOLO image folder")
         self.files, self.targets = [], []
-        seen_classes = set()
+        check = BoxCheck(str(lab_dir))
+        seen_classes: set[int] = set()
         for idx, f in enumerate(files):
-            try:
-                with Image.open(f) as im:
-                    w, h = im.size
-            except Exception:  # noqa: BLE001 - reported by the readability check below
-                w = h = 0
             lab = lab_dir / (f.stem + ".txt")
-            rows = []
+            rows, lines = [], []
             if lab.is_file():
-                for ln, line in enumerate(lab.read_text().splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    vals = line.split()
-                    expect = 5 + (k * dims if k else 0)
-                    if len(vals) != expect:
-                        raise DataError(f"{lab}: line {ln}: {len(vals)} values, expected {expect} "
-                                        f"(cls cx cy w h" + (f" + {k}x{dims} keypoints)" if k else ")"))
-                    try:
-                        rows.append([float(v) for v in vals])
-                    except ValueError:
-                        raise DataError(f"{lab}: line {ln}: not numbers: {line!r}") from None
-            t = _empty_det_target(idx, k)
-            t["size"] = (h, w)
-            if rows:
-                r = torch.tensor(rows)
-                cls = r[:, 0].long()
-                if names is not None and any(int(c) not in names for c in cls):
-                    raise DataError(f"{lab}: class {int(cls.max())} is not in the names of {ypath}")
-                seen_classes.update(cls.tolist())
-                cx, cy, bw, bh = r[:, 1] * w, r[:, 2] * h, r[:, 3] * w, r[:, 4] * h
-                t["boxes"] = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
-                t["labels"] = cls
-                t["area"] = bw * bh
-                t["iscrowd"] = torch.zeros(len(rows), dtype=torch.int64)
-                if k:
-                    kp = r[:, 5:].view(-1, k, dims)
-                    xy = kp[..., :2] * torch.tensor([w, h], dtype=torch.float32)
-                    vis = kp[..., 2:3] if dims == 3 else (xy.abs().sum(-1, keepdim=True) > 0).float() * 2
-                    xy = xy * (vis > 0)
-                    t["keypoints"] = torch.cat([xy, vis], -1)
+                try:
+                    text = lab.read_text()
+                except (OSError, UnicodeDecodeError) as err:
+                    raise DataError(f"{lab}: cannot read label file: {err}") from None
+                for ln, line in enumerate(text.splitlines(), 1):
+                    if line.strip():
+                        rows.append(_parse_yolo_line(line, f"{lab}: line {ln}", k, dims, names))
+                        lines.append(ln)
+            t = _yolo_target(idx, rows, _image_size(f), k, dims, check, lab, lines)
+            seen_classes.update(t["labels"].tolist())
             self.files.append(f)
             self.targets.append(t)
+        check.warn()
         if names is None:
             names = {c: str(c) for c in sorted(seen_classes)}
-        flip = meta.get("flip_idx")
-        if k and flip is not None and len(flip) != k:
-            raise DataError(f"{ypath}: flip_idx has {len(flip)} entries for {k} keypoints")
+        kinfo = _keypoint_info(k, str(ypath or base), dataset_flip=meta.get("flip_idx"), flip_indices=flip_indices,
+                               sigmas=_sigmas_option(sigmas, keypoint_sigmas, str(base)))
         self.info = DatasetInfo(
             categories=[{"id": int(c), "name": str(n)} for c, n in sorted(names.items())],
-            num_keypoints=k,
-            flip_indices=(list(flip) if flip is not None else list(range(k))) if k else None,
-            keypoint_sigmas=_check_sigmas(keypoint_sigmas, k, str(base)),
-            extra={"source": str(base)},
+            num_keypoints=kinfo["num_keypoints"], flip_indices=kinfo["flip_indices"],
+            keypoint_sigmas=kinfo["keypoint_sigmas"], extra={"source": str(base), **kinfo["extra"]},
         )
         self._drop_unreadable(check_images, str(img_dir))
 

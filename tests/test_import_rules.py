@@ -9,7 +9,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # What a plugin (builtin or third-party) may import from ddkit.
-PUBLIC_API = ("ddkit", "ddkit.types", "ddkit.errors", "ddkit.io", "ddkit.ops", "ddkit.engine.task", "ddkit.engine.select")
+PUBLIC_API = ("ddkit", "ddkit.types", "ddkit.errors", "ddkit.io", "ddkit.ops", "ddkit.engine.task", "ddkit.engine.select",
+              "ddkit.engine.coco_file", "ddkit.engine.box_rule", "ddkit.engine.keypoint_meta")
 
 
 def _imports(path: Path) -> list[str]:

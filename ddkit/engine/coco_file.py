@@ -1,0 +1,236 @@
+"""The one validating reader of COCO files: training data (the ``coco`` dataset), ``label.coco`` images and ground
+truth, pseudo-labels read back.
+
+``read_coco_file(path, image_root)`` -> :class:`CocoFile` whose ``images``, ``annotations`` and ``categories`` are
+checked lists of dicts. Every problem is one :class:`~ddkit.errors.DataError` line naming the file, the record and
+the field:
+
+* ``images`` records need ``id`` (int), ``file_name`` (str), ``width`` and ``height`` (positive ints);
+* ids of images, annotations and categories are unique (the error names the id and both record indices);
+* an annotation's ``image_id`` / ``category_id`` name an existing image / category; ``bbox`` is 4 finite numbers;
+  ``w, h >= 0``; ``keypoints`` (when the category has keypoint names) ``3 * K`` finite numbers; ``num_keypoints`` is filled from
+  the visibilities when absent (crowdpose-style files), so pycocotools can evaluate them;
+* a ``file_name`` that leaves the image root (``../../x.jpg``, an absolute path elsewhere) is refused unless
+  ``allow_outside_root``;
+* boxes follow :mod:`ddkit.engine.box_rule` (clipped to the image, empty ones dropped with their annotation, one
+  warning per file); the returned ``bbox`` are the clipped ones.
+"""
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ddkit.engine.box_rule import BOX_TOLERANCE, BoxCheck
+from ddkit.errors import DataError
+
+IMAGE_FIELDS = ("id", "file_name", "width", "height")
+_SINGULAR = {"images": "image", "annotations": "annotation", "categories": "category"}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _is_size(v: Any) -> bool:
+    return _is_num(v) and math.isfinite(v) and float(v).is_integer() and v > 0
+
+
+@dataclass
+class CocoFile:
+    """A validated COCO file. ``image_root`` is where ``file_name`` is resolved; ``data`` holds the other
+    top-level keys (``info``, ``licenses``, ...)."""
+
+    path: Path
+    image_root: Path
+    images: list[dict[str, Any]]
+    annotations: list[dict[str, Any]]
+    categories: list[dict[str, Any]]
+    data: dict[str, Any] = field(default_factory=dict)
+    boxes_clipped: int = 0
+    boxes_dropped: int = 0
+
+    def annotations_by_image(self) -> dict[int, list[dict[str, Any]]]:
+        """``{image_id: [annotation, ...]}`` with an entry (maybe empty) for every image, in file order."""
+        out: dict[int, list[dict[str, Any]]] = {int(im["id"]): [] for im in self.images}
+        for ann in self.annotations:
+            out[int(ann["image_id"])].append(ann)
+        return out
+
+    def image_path(self, record: Mapping[str, Any]) -> Path:
+        return self.image_root / str(record["file_name"])
+
+    @property
+    def keypoint_names(self) -> list[str] | None:
+        """The keypoint names of the first category (by id) that lists them, else ``None``."""
+        for cat in sorted(self.categories, key=lambda c: c["id"]):
+            if cat.get("keypoints"):
+                return [str(n) for n in cat["keypoints"]]
+        return None
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise DataError(f"{path}: not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a COCO file is a JSON object with 'images', 'annotations' and 'categories', "
+                        f"got a {type(data).__name__}")
+    return data
+
+
+def _records(data: dict[str, Any], key: str, path: Path, required: bool) -> list[dict[str, Any]]:
+    value = data.get(key)
+    if value is None and not required:
+        return []
+    if not isinstance(value, list):
+        raise DataError(f"{path}: missing list {key!r}" if value is None else
+                        f"{path}: field {key!r} must be a list, got {type(value).__name__}")
+    for i, rec in enumerate(value):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: {key}[{i}] must be an object, got {json.dumps(rec)[:60]}")
+    return value
+
+
+def _unique_ids(records: list[dict[str, Any]], key: str, path: Path, required: bool) -> dict[int, int]:
+    """``{id: record index}``; an error for a missing / non-integer (when ``required``) or duplicate id."""
+    seen: dict[int, int] = {}
+    for i, rec in enumerate(records):
+        if "id" not in rec and not required:
+            continue
+        rid = rec.get("id")
+        if not _is_int(rid):
+            what = "missing field 'id'" if "id" not in rec else f"field 'id' must be an integer, got {rid!r}"
+            raise DataError(f"{path}: {key}[{i}]: {what}")
+        if int(rid) in seen:
+            raise DataError(f"{path}: {_SINGULAR[key]} id {rid} is not unique: {key}[{seen[int(rid)]}] and {key}[{i}] "
+                            f"both use it; give every record its own id")
+        seen[int(rid)] = i
+    return seen
+
+
+def _check_images(images: list[dict[str, Any]], path: Path, root: Path, allow_outside_root: bool) -> None:
+    root_abs = os.path.normpath(os.path.abspath(root))
+    for i, im in enumerate(images):
+        for f in IMAGE_FIELDS:
+            if f not in im:
+                raise DataError(f"{path}: images[{i}] (id {im.get('id', '?')}): missing field {f!r}; image records "
+                                f"need {', '.join(IMAGE_FIELDS)}")
+        if not isinstance(im["file_name"], str) or not im["file_name"]:
+            raise DataError(f"{path}: images[{i}] (id {im['id']}): field 'file_name' must be a non-empty string")
+        for f in ("width", "height"):
+            if not _is_size(im[f]):
+                raise DataError(f"{path}: images[{i}] (id {im['id']}): field {f!r} must be a positive integer, "
+                                f"got {im[f]!r}")
+        if not allow_outside_root:
+            full = os.path.normpath(os.path.join(root_abs, im["file_name"]))
+            if os.path.commonpath([root_abs, full]) != root_abs:
+                raise DataError(f"{path}: images[{i}] (id {im['id']}): file_name {im['file_name']!r} is outside the "
+                                f"image root {root_abs}; move the image there or set allow_outside_root: true")
+
+
+def _check_categories(cats: list[dict[str, Any]], path: Path) -> None:
+    for i, cat in enumerate(cats):
+        kps = cat.get("keypoints")
+        if kps is not None and (not isinstance(kps, list) or not all(isinstance(n, str) for n in kps)):
+            raise DataError(f"{path}: categories[{i}] (id {cat['id']}): field 'keypoints' must be a list of names")
+
+
+def _check_annotation(ann: dict[str, Any], i: int, path: Path, images: dict[int, int],
+                      cat_k: dict[int, int]) -> None:
+    where = f"{path}: annotation id {ann.get('id', '?')} (annotations[{i}])"
+    if ann.get("image_id") not in images or not _is_int(ann.get("image_id")):
+        raise DataError(f"{where}: field image_id {ann.get('image_id')!r} is not an image id of the file")
+    if ann.get("category_id") not in cat_k or not _is_int(ann.get("category_id")):
+        raise DataError(f"{where}: field category_id {ann.get('category_id')!r} is not in categories "
+                        f"{sorted(cat_k)[:10]}")
+    bbox = ann.get("bbox")
+    if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
+        raise DataError(f"{where}: field bbox {bbox!r} must be [x, y, w, h] (4 numbers)")
+    if not all(math.isfinite(v) for v in bbox):
+        raise DataError(f"{where}: field bbox {bbox!r} has a non-finite value")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise DataError(f"{where}: field bbox {bbox!r} has a negative width or height ([x, y, w, h] with w, h >= 0)")
+    for f in ("iscrowd", "area"):
+        if f in ann and not (_is_num(ann[f]) and math.isfinite(ann[f])):
+            raise DataError(f"{where}: field {f!r} must be a number, got {ann[f]!r}")
+    k = cat_k[ann["category_id"]]
+    if k and "keypoints" in ann:
+        kp = ann["keypoints"]
+        if not isinstance(kp, list) or len(kp) != 3 * k or not all(_is_num(v) and math.isfinite(v) for v in kp):
+            n = len(kp) if isinstance(kp, list) else type(kp).__name__
+            raise DataError(f"{where}: field keypoints must be {3 * k} finite numbers ({k} keypoints x 3), got "
+                            f"{n} values" + ("" if not isinstance(kp, list) or len(kp) != 3 * k else " (non-finite)"))
+        if "num_keypoints" not in ann:  # crowdpose-style files: pycocotools needs it
+            ann["num_keypoints"] = sum(1 for v in kp[2::3] if v > 0)
+
+
+def _apply_box_rule(path: Path, images: list[dict[str, Any]], anns: list[dict[str, Any]],
+                    index: dict[int, int], tolerance: float) -> tuple[list[dict[str, Any]], BoxCheck]:
+    """Clip every bbox to its image, drop the annotations whose box is empty (one warning for the file)."""
+    check = BoxCheck(str(path), tolerance)
+    if not anns:
+        return anns, check
+    xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
+    xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    sizes = torch.tensor([[images[index[a["image_id"]]]["height"], images[index[a["image_id"]]]["width"]]
+                          for a in anns], dtype=torch.float64)
+    boxes, keep = check.apply(xyxy, sizes, lambda i: f"annotation id {anns[i].get('id', '?')} (annotations[{i}], "
+                                                     f"image {anns[i]['image_id']})")
+    out = []
+    kept = [a for a, k in zip(anns, keep.tolist()) if k]
+    for ann, b, orig in zip(kept, boxes.tolist(), xyxy[keep].tolist()):
+        if b != [float(v) for v in orig]:
+            ann = {**ann, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
+        out.append(ann)
+    check.warn()
+    return out, check
+
+
+def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, allow_outside_root: bool = False,
+                   need_annotations: bool = True, box_tolerance: float = BOX_TOLERANCE) -> CocoFile:
+    """Read and validate a COCO file (see the module docstring).
+
+    Args:
+        path: the JSON file.
+        image_root: the folder ``file_name`` is relative to (default: the JSON's folder).
+        allow_outside_root: accept ``file_name`` values that leave ``image_root``.
+        need_annotations: ``False`` accepts a file with only ``images`` (an image list to label).
+        box_tolerance: pixels a box may stick out of its image silently (see :mod:`ddkit.engine.box_rule`).
+
+    Raises:
+        DataError: one line naming the file, the record and the field.
+    """
+    path = Path(path)
+    data = _load_json(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    images = _records(data, "images", path, required=True)
+    anns = _records(data, "annotations", path, required=need_annotations)
+    cats = _records(data, "categories", path, required=need_annotations or bool(anns))
+    img_index = _unique_ids(images, "images", path, required=True)
+    _unique_ids(anns, "annotations", path, required=False)
+    _unique_ids(cats, "categories", path, required=True)
+    _check_images(images, path, root, allow_outside_root)
+    _check_categories(cats, path)
+    cat_k = {int(c["id"]): len(c.get("keypoints") or []) for c in cats}
+    anns = [dict(a) for a in anns]
+    for i, ann in enumerate(anns):
+        _check_annotation(ann, i, path, img_index, cat_k)
+    anns, check = _apply_box_rule(path, images, anns, img_index, box_tolerance)
+    rest = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
+    return CocoFile(path=path, image_root=root, images=images, annotations=anns, categories=cats, data=rest,
+                    boxes_clipped=check.clipped, boxes_dropped=check.dropped)

@@ -1,0 +1,151 @@
+"""Keypoint metadata that never goes silently wrong: flip pairs from names, OKS sigmas.
+
+* :func:`flip_indices_from_names` pairs left/right keypoints in the common naming schemes (``left_shoulder`` /
+  ``right_shoulder``, ``l_knee``, ``LShoulder``, ``shoulder_left``, ``Left Shoulder``, ``knee-L``, ...). When names
+  have a side but their mirror is missing, or no name has a side at all, it returns ``None``: the pairs are unknown
+  and must come from an explicit ``flip_indices`` option (a flip would otherwise swap the wrong points).
+* :func:`resolve_keypoint_meta` is what every keypoint dataset calls: explicit options first, then the dataset's
+  own metadata (names, YOLO ``flip_idx``), then known defaults (COCO's 17 sigmas), with one warning per process and
+  a note in ``DatasetInfo.extra`` when a default is used or the pairs are unknown.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from ddkit.errors import ConfigError
+from ddkit.ops.geometry import check_flip_indices
+
+log = logging.getLogger("ddkit.data")
+
+COCO_KEYPOINTS = ("nose", "left_eye", "right_eye", "left_ear", "right_ear", "left_shoulder", "right_shoulder",
+                  "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_hip", "right_hip", "left_knee",
+                  "right_knee", "left_ankle", "right_ankle")
+COCO_SIGMAS = (0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062, 0.107, 0.107, 0.087,
+               0.087, 0.089, 0.089)
+DEFAULT_SIGMA = 0.05  # one sigma for every keypoint of a set ddkit does not know (OKS is then only indicative)
+#: ``DatasetInfo.extra`` keys: why the flip pairs are unknown / which default sigmas were assumed.
+FLIP_UNKNOWN = "flip_indices_unknown"
+SIGMAS_DEFAULT = "keypoint_sigmas_default"
+
+_SIDES = {"left": "L", "l": "L", "right": "R", "r": "R"}
+_SPLIT = re.compile(r"[\s_\-.:/]+|(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+_warned: set[str] = set()
+
+
+def _side_and_stem(name: str) -> tuple[str | None, str]:
+    """``("L" | "R" | None, stem)``: the side token (first or last word) removed, the rest lower-cased."""
+    words = [w.lower() for w in _SPLIT.split(name.strip()) if w]
+    for pos in (0, -1):
+        if len(words) > 1 and words[pos] in _SIDES:
+            side = _SIDES[words[pos]]
+            rest = words[1:] if pos == 0 else words[:-1]
+            return side, " ".join(rest)
+    # leftshoulder / rightknee written as one lower-case word
+    low = name.strip().lower()
+    for prefix in ("left", "right"):
+        if low.startswith(prefix) and len(low) > len(prefix) and low[len(prefix)].isalpha():
+            return _SIDES[prefix], low[len(prefix):]
+    return None, " ".join(words)
+
+
+def flip_indices_from_names(names: Sequence[str]) -> list[int] | None:
+    """Each keypoint's mirror index from its name; ``None`` when the pairs cannot be found (a sided name without
+    its mirror, two names claiming one mirror, or no sided name at all among ``K > 1`` keypoints).
+
+    Example: ``["nose", "LEye", "REye"] -> [0, 2, 1]``; ``["a", "b"] -> None``.
+    """
+    parsed = [_side_and_stem(str(n)) for n in names]
+    index: dict[tuple[str, str], int] = {}
+    for i, key in enumerate(parsed):
+        if key[0] is not None:
+            if key in index:
+                return None
+            index[key] = i
+    if not index:
+        return [0] if len(parsed) == 1 else None
+    out = []
+    for i, (side, stem) in enumerate(parsed):
+        if side is None:
+            out.append(i)
+            continue
+        mirror = index.get(("R" if side == "L" else "L", stem))
+        if mirror is None:
+            return None
+        out.append(mirror)
+    return out
+
+
+def _is_coco17(names: Sequence[str] | None, k: int) -> bool:
+    if k != 17:
+        return False
+    if names is None:
+        return True  # Ultralytics' convention for an unnamed 17-point set (coco8-pose, COCO-pose)
+    return [_side_and_stem(n) for n in names] == [_side_and_stem(n) for n in COCO_KEYPOINTS]
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
+
+
+@dataclass
+class KeypointMeta:
+    """Resolved keypoint metadata of a dataset (what goes into :class:`~ddkit.types.DatasetInfo`)."""
+
+    flip_indices: list[int] | None
+    sigmas: list[float]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = None,
+                          dataset_flip: Sequence[int] | None = None, flip_indices: Sequence[int] | None = None,
+                          sigmas: Sequence[float] | None = None) -> KeypointMeta:
+    """Flip pairs and OKS sigmas of a ``K``-keypoint dataset.
+
+    Args:
+        k: number of keypoints.
+        where: the dataset (file or folder) named in messages.
+        names: keypoint names from the dataset (COCO ``categories[].keypoints``), if any.
+        dataset_flip: pairs the dataset declares itself (YOLO ``flip_idx``).
+        flip_indices, sigmas: the explicit dataset options (they win).
+
+    Raises:
+        ConfigError: an explicit or declared value of the wrong length / not a pairing.
+    """
+    extra: dict[str, Any] = {}
+    flip: list[int] | None
+    try:
+        if flip_indices is not None:
+            flip = check_flip_indices(list(flip_indices), k, name=f"{where}: flip_indices")
+        elif dataset_flip is not None:
+            flip = check_flip_indices(list(dataset_flip), k, name=f"{where}: flip_idx")
+        elif names is not None:
+            flip = flip_indices_from_names(names)
+            if flip is None:
+                extra[FLIP_UNKNOWN] = (f"{where}: no left/right pairs found in the keypoint names {list(names)[:6]}"
+                                       f"{'...' if k > 6 else ''}; set the dataset option flip_indices")
+        else:
+            flip = None
+            extra[FLIP_UNKNOWN] = f"{where}: the {k} keypoints have no names and no flip_idx; set flip_indices"
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if sigmas is not None:
+        if len(sigmas) != k or not all(isinstance(s, (int, float)) and s > 0 for s in sigmas):
+            raise ConfigError(f"{where}: sigmas must be {k} positive numbers (one per keypoint), got {list(sigmas)}")
+        out_sigmas = [float(s) for s in sigmas]
+    elif _is_coco17(names, k):
+        out_sigmas = list(COCO_SIGMAS)
+        if names is None:
+            extra[SIGMAS_DEFAULT] = f"{where}: 17 unnamed keypoints: COCO's OKS sigmas assumed (set sigmas if not)"
+    else:
+        out_sigmas = [DEFAULT_SIGMA] * k
+        extra[SIGMAS_DEFAULT] = (f"{where}: OKS sigmas unknown for these {k} keypoints: {DEFAULT_SIGMA} used for "
+                                 f"each, so keypoint AP is only indicative; set the dataset option sigmas")
+    for key in (FLIP_UNKNOWN, SIGMAS_DEFAULT):
+        if key in extra:
+            warn_once(extra[key])
+    return KeypointMeta(flip, out_sigmas, extra)
