@@ -42,8 +42,16 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _finite(v: Any) -> bool:
+    """A finite real number (not a bool; ints too large for a float are not)."""
+    try:
+        return _is_num(v) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def _is_size(v: Any) -> bool:
-    return _is_num(v) and math.isfinite(v) and float(v).is_integer() and v > 0
+    return _finite(v) and float(v).is_integer() and 0 < v < 2 ** 31
 
 
 @dataclass
@@ -79,7 +87,7 @@ class CocoFile:
         return None
 
 
-def _load_json(path: Path) -> dict[str, Any]:
+def _load_json(path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found")
     try:
@@ -87,9 +95,6 @@ def _load_json(path: Path) -> dict[str, Any]:
             data = json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise DataError(f"{path}: not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: a COCO file is a JSON object with 'images', 'annotations' and 'categories', "
-                        f"got a {type(data).__name__}")
     return data
 
 
@@ -153,25 +158,25 @@ def _check_categories(cats: list[dict[str, Any]], path: Path) -> None:
 def _check_annotation(ann: dict[str, Any], i: int, path: Path, images: dict[int, int],
                       cat_k: dict[int, int]) -> None:
     where = f"{path}: annotation id {ann.get('id', '?')} (annotations[{i}])"
-    if ann.get("image_id") not in images or not _is_int(ann.get("image_id")):
+    if not _is_int(ann.get("image_id")) or ann["image_id"] not in images:
         raise DataError(f"{where}: field image_id {ann.get('image_id')!r} is not an image id of the file")
-    if ann.get("category_id") not in cat_k or not _is_int(ann.get("category_id")):
+    if not _is_int(ann.get("category_id")) or ann["category_id"] not in cat_k:
         raise DataError(f"{where}: field category_id {ann.get('category_id')!r} is not in categories "
                         f"{sorted(cat_k)[:10]}")
     bbox = ann.get("bbox")
     if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
         raise DataError(f"{where}: field bbox {bbox!r} must be [x, y, w, h] (4 numbers)")
-    if not all(math.isfinite(v) for v in bbox):
+    if not all(_finite(v) for v in bbox):
         raise DataError(f"{where}: field bbox {bbox!r} has a non-finite value")
     if bbox[2] < 0 or bbox[3] < 0:
         raise DataError(f"{where}: field bbox {bbox!r} has a negative width or height ([x, y, w, h] with w, h >= 0)")
     for f in ("iscrowd", "area"):
-        if f in ann and not (_is_num(ann[f]) and math.isfinite(ann[f])):
+        if f in ann and not _finite(ann[f]):
             raise DataError(f"{where}: field {f!r} must be a number, got {ann[f]!r}")
     k = cat_k[ann["category_id"]]
     if k and "keypoints" in ann:
         kp = ann["keypoints"]
-        if not isinstance(kp, list) or len(kp) != 3 * k or not all(_is_num(v) and math.isfinite(v) for v in kp):
+        if not isinstance(kp, list) or len(kp) != 3 * k or not all(_finite(v) for v in kp):
             n = len(kp) if isinstance(kp, list) else type(kp).__name__
             raise DataError(f"{where}: field keypoints must be {3 * k} finite numbers ({k} keypoints x 3), got "
                             f"{n} values" + ("" if not isinstance(kp, list) or len(kp) != 3 * k else " (non-finite)"))
@@ -216,7 +221,18 @@ def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, al
         DataError: one line naming the file, the record and the field.
     """
     path = Path(path)
-    data = _load_json(path)
+    return validate_coco(_load_json(path), path, image_root, allow_outside_root=allow_outside_root,
+                         need_annotations=need_annotations, box_tolerance=box_tolerance)
+
+
+def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = None, *,
+                  allow_outside_root: bool = False, need_annotations: bool = True,
+                  box_tolerance: float = BOX_TOLERANCE) -> CocoFile:
+    """:func:`read_coco_file` for a COCO dict already loaded from ``path`` (the dict is not modified)."""
+    path = Path(path)
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: a COCO file is a JSON object with 'images', 'annotations' and 'categories', "
+                        f"got a {type(data).__name__}")
     root = Path(image_root) if image_root is not None else path.parent
     images = _records(data, "images", path, required=True)
     anns = _records(data, "annotations", path, required=need_annotations)

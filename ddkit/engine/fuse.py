@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ddkit.engine.box_rule import CLIPPED, OK, box_rule
 from ddkit.errors import ConfigError, DataError
 from ddkit.types import Instances
 
@@ -127,6 +128,14 @@ def _is_num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
+def _finite(v: Any) -> bool:
+    """A finite real number (not a bool; an int too large for a float is not)."""
+    try:
+        return _is_num(v) and math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def validate_results(entries: Sequence[Any], sizes: Mapping[int, tuple[int, int]], source: str,
                      category_ids: Iterable[int] | None = None,
                      box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> list[Problem]:
@@ -134,10 +143,12 @@ def validate_results(entries: Sequence[Any], sizes: Mapping[int, tuple[int, int]
 
     Checked per entry: a mapping with ``image_id`` (int, in ``sizes``), ``category_id`` (int, among
     ``category_ids`` when given), ``bbox`` (4 finite numbers, ``w, h >= 0``, inside the image up to
-    ``box_tolerance`` pixels) and ``score`` (a finite number).
+    ``box_tolerance`` pixels: :func:`ddkit.engine.box_rule.box_rule`, refusing what a reader would clip or
+    drop) and ``score`` (a finite number in ``[0, 1]``).
     """
     cats = None if category_ids is None else {int(c) for c in category_ids}
     problems: list[Problem] = []
+    boxes: list[tuple[int, Any, list[float]]] = []
     for i, e in enumerate(entries):
         if not isinstance(e, Mapping):
             problems.append(Problem(source, i, "not an object {image_id, category_id, bbox, score}", e))
@@ -159,24 +170,45 @@ def validate_results(entries: Sequence[Any], sizes: Mapping[int, tuple[int, int]
         if cats is not None and int(cid) not in cats:
             problems.append(Problem(source, i, f"category_id {cid} is not a category of the COCO file", e))
             continue
-        if not _is_num(score) or not math.isfinite(score):
+        if not _finite(score):
             problems.append(Problem(source, i, "score is not a finite number", e))
+            continue
+        if not 0.0 <= score <= 1.0:
+            problems.append(Problem(source, i, f"score {score} is outside [0, 1] (scores are fused as "
+                                               f"probabilities; rescale them first)", e))
             continue
         if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_num(v) for v in bbox):
             problems.append(Problem(source, i, "bbox is not a list of 4 numbers [x, y, w, h]", e))
             continue
-        if not all(math.isfinite(v) for v in bbox):
+        if not all(_finite(v) for v in bbox):
             problems.append(Problem(source, i, "bbox has a non-finite value", e))
             continue
         x, y, w, h = (float(v) for v in bbox)
         if w < 0 or h < 0:
             problems.append(Problem(source, i, "bbox has a negative width or height", e))
             continue
-        height, width = sizes[int(iid)]
-        tol = box_tolerance
-        if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
-            problems.append(Problem(source, i, f"bbox is outside image {iid} of size {width}x{height} (w x h)", e))
-    return problems
+        boxes.append((i, e, [x, y, x + w, y + h]))
+    problems += _box_problems(boxes, sizes, source, box_tolerance)
+    return sorted(problems, key=lambda p: p.index)
+
+
+def _box_problems(boxes: Sequence[tuple[int, Any, list[float]]], sizes: Mapping[int, tuple[int, int]], source: str,
+                  tolerance: float) -> list[Problem]:
+    """The box rule (:mod:`ddkit.engine.box_rule`) over ``(index, entry, xyxy)`` rows; fuse refuses what a training
+    reader would clip (beyond ``tolerance``) or drop."""
+    if not boxes:
+        return []
+    xyxy = torch.tensor([b for _, _, b in boxes], dtype=torch.float64)
+    hw = torch.tensor([sizes[int(e["image_id"])] for _, e, _ in boxes], dtype=torch.float64)
+    _, status = box_rule(xyxy, hw, tolerance)
+    out = []
+    for (i, e, _), st, (h, w) in zip(boxes, status.tolist(), hw.long().tolist()):
+        if st == CLIPPED:
+            out.append(Problem(source, i, f"bbox is outside image {e['image_id']} of size {w}x{h} (w x h)", e))
+        elif st != OK:
+            out.append(Problem(source, i, f"bbox is empty (zero width or height) or wholly outside image "
+                                          f"{e['image_id']} of size {w}x{h} (w x h)", e))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ conversion

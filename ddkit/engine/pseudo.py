@@ -172,6 +172,11 @@ class PseudoLabelDataset(Dataset):
         self.source = source
         root = image_root if image_root is not None else (data.get("info") or {}).get("image_root")
         self.image_root = None if root is None else Path(root)
+        if not self.classification:  # the one COCO validation and box rule of every reader
+            from ddkit.engine.coco_file import validate_coco
+
+            coco = validate_coco(data, self.path, self.image_root, allow_outside_root=True, need_annotations=False)
+            data = {**data, "annotations": coco.annotations}
         anns: dict[int, list[dict[str, Any]]] = {}
         for ann in data.get("annotations", []):
             anns.setdefault(int(ann["image_id"]), []).append(ann)
