@@ -11,7 +11,6 @@ for classification). The unlabeled part is a :class:`HiddenLabels` view: trainin
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,10 +194,19 @@ class SplitParams:
     seed: int = 0
     stratify: bool | None = None
 
+    def __post_init__(self) -> None:
+        parts = {"labeled": self.labeled, "unlabeled": self.unlabeled, "test": self.test}
+        for key, value in parts.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"{key} = {value} must be a fraction in [0, 1]")
+        if sum(parts.values()) > 1 + 1e-9:
+            shown = " + ".join(f"{k} {v:g}" for k, v in parts.items() if v)
+            raise ValueError(f"fractions must sum to at most 1: {shown} = {sum(parts.values()):g}; lower one of them")
+
 
 def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "data") -> Splits:
     """Build the datasets a recipe's ``data`` section names (see the module docstring)."""
-    from ddkit.registry import _to_plain
+    from ddkit.registry import _to_plain, parse_section
 
     if registry is None:
         from ddkit.plugin_manager import get_registry
@@ -212,13 +220,9 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         if unknown:
             raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} next to 'dataset'. Valid keys: dataset, "
                               "split (or use the layout train/unlabeled/test: {dataset: ...})")
+        p = parse_section(SplitParams, cfg.get("split") or {}, f"{where}.split")  # before reading any data
         dataset = registry.build("datasets", cfg["dataset"], where=f"{where}.dataset")
-        split = cfg.get("split") or {}
-        names = [f.name for f in dataclasses.fields(SplitParams)]
-        bad = [k for k in split if k not in names]
-        if bad:
-            raise ConfigError(f"{where}.split: unknown key {bad[0]!r}. Valid keys: {', '.join(names)}")
-        p = SplitParams(**split)
+        _check_not_empty(dataset, f"{where}.dataset")
         return split_dataset(dataset, p.labeled, p.unlabeled, p.test, p.seed, p.stratify)
     parts = {}
     for key in cfg:
@@ -228,11 +232,20 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         if not isinstance(block, dict) or "dataset" not in block:
             raise ConfigError(f"{where}.{key} must be {{dataset: {{name: ...}}}}")
         parts[key] = registry.build("datasets", block["dataset"], where=f"{where}.{key}.dataset")
+        _check_not_empty(parts[key], f"{where}.{key}.dataset")
     if "train" not in parts:
         raise ConfigError(f"{where}: needs either 'dataset' (with 'split') or 'train: {{dataset: ...}}'")
     unl = parts.get("unlabeled")
     return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
                   test=parts.get("test"), info=get_info(parts["train"]))
+
+
+def _check_not_empty(dataset: Any, where: str) -> None:
+    """An empty dataset (an empty folder, a file without images, every image unreadable) names the field and path."""
+    if len(dataset) == 0:
+        info = getattr(dataset, "info", None)
+        source = (info.extra.get("source") if isinstance(info, DatasetInfo) else None) or type(dataset).__name__
+        raise DataError(f"{where}: {source} has no (readable) images; point it at a folder or file with images")
 
 
 # ---------------------------------------------------------------------------------------------- image reading
