@@ -14,22 +14,42 @@ from ddkit.errors import DDKitError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(prog="ddkit", description="Data and knowledge distillation for PyTorch.")
     parser.add_argument("--version", action="version", version=f"ddkit {ddkit.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = {}
     for info in sorted(pkgutil.iter_modules(ddkit.commands.__path__), key=lambda i: i.name):
         if info.name.startswith("_"):
             continue
         module = importlib.import_module(f"ddkit.commands.{info.name}")
-        cmd = sub.add_parser(info.name.replace("_", "-"), help=module.HELP, description=module.HELP)
+        name = info.name.replace("_", "-")
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
-    return parser
+        cmd.set_defaults(_run=module.run, command=name)
+        commands[name] = cmd
+    return parser, commands
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Options may stand anywhere among a command's positionals (``ddkit train R a=1 --no-progress b=2``):
+    argparse's intermixed parsing, for every command without sub-actions of its own."""
+    parser, commands = _build()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cmd = commands.get(argv[0]) if argv else None
+    if cmd is None or cmd._subparsers is not None:
+        return parser.parse_args(argv)
+    return cmd.parse_intermixed_args(argv[1:])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(argv)
+    if not hasattr(args, "_run"):
+        build_parser().print_help()
+        return 0
     if not hasattr(args, "_run"):
         parser.print_help()
         return 0

@@ -43,8 +43,9 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         for override in overrides:
             key, value = override.split("=", 1)
             try:  # update (not merge a dotlist) so that list items can be overridden: label.transforms.0.name=x
-                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value) if value else None, merge=True,
-                                 force_add=True)
+                value = yaml.safe_load(value) if value else None
+                _drop_replaced_block(cfg, key.strip(), value)
+                OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
             except (OmegaConfBaseException, TypeError, ValueError, yaml.YAMLError) as err:
                 raise ConfigError(f"override {override!r}: {_first_line(err)}") from None
     try:
@@ -75,8 +76,51 @@ def _load_with_defaults(path: Path, seen: tuple[Path, ...]) -> DictConfig:
         inc_path = (path.parent / include)
         if inc_path.suffix == "":
             inc_path = inc_path.with_suffix(".yaml")
-        base = OmegaConf.merge(base, _load_with_defaults(inc_path, seen + (path.resolve(),)))
-    return OmegaConf.merge(base, cfg)
+        base = _merge(base, _load_with_defaults(inc_path, seen + (path.resolve(),)))
+    return _merge(base, cfg)
+
+
+def _block_name(node: Any) -> Any:
+    if isinstance(node, DictConfig):
+        return dict(node.items_ex(resolve=False)).get("name")
+    return node if isinstance(node, str) and not node.startswith("${") else None
+
+
+def _merge(base: DictConfig, over: DictConfig) -> DictConfig:
+    """``OmegaConf.merge``, except that a strategy block whose ``name`` changes replaces the old block instead of
+    inheriting its strategy-specific keys (``model: {name: timm}`` over ``{name: mlp, hidden: [...]}``)."""
+    base = base.copy()
+    _drop_renamed(base, over)
+    return OmegaConf.merge(base, over)
+
+
+def _drop_renamed(base: Any, over: Any) -> None:
+    if not isinstance(base, DictConfig) or not isinstance(over, DictConfig):
+        return
+    olds = dict(base.items_ex(resolve=False))
+    for key, new in over.items_ex(resolve=False):  # unresolved: interpolations resolve once, at the end
+        if key not in olds:
+            continue
+        old = olds[key]
+        if str(key) in STRATEGY_SLOTS and _block_name(new) is not None and _block_name(new) != _block_name(old):
+            del base[key]
+        else:
+            _drop_renamed(old, new)
+
+
+def _drop_replaced_block(cfg: DictConfig, key: str, value: Any) -> None:
+    """Before an override ``X.name=new`` (or ``X={name: new, ...}``) of a strategy block ``X`` named otherwise,
+    empty ``X`` so that the old strategy's keys do not merge into the new one."""
+    path, _, last = key.rpartition(".")
+    if last == "name":
+        block_path, new_name = path, value
+    elif last in STRATEGY_SLOTS or path.rpartition(".")[2] in STRATEGY_SLOTS:  # X={...} or X.0={...}
+        block_path, new_name = key, _block_name(OmegaConf.create(value)) if isinstance(value, dict) else value
+    else:
+        return
+    old = OmegaConf.select(cfg, block_path, default=None) if block_path else None
+    if isinstance(old, DictConfig) and new_name is not None and old.get("name") != new_name:
+        OmegaConf.update(cfg, block_path, {"name": new_name}, merge=False, force_add=True)
 
 
 def validate_config(cfg: DictConfig, registry: Registry, source: str = "recipe") -> None:

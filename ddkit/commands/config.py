@@ -1,9 +1,9 @@
-"""``ddkit config show RECIPE [key=value ...]``: print the resolved, validated recipe."""
+"""``ddkit config show RECIPE [key=value ...] [--defaults]``: print the resolved, validated recipe."""
 from __future__ import annotations
 
 import argparse
 
-from ddkit.config import load_config, to_yaml, validate_config
+from ddkit.config import load_config, to_yaml
 from ddkit.plugin_manager import get_registry
 
 HELP = "show a recipe resolved with its defaults and overrides, after validation"
@@ -14,10 +14,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     show = actions.add_parser("show", help=HELP)
     show.add_argument("recipe", help="a YAML recipe, e.g. configs/mnist_dd.yaml")
     show.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. run.seed=1")
+    show.add_argument("--defaults", action="store_true",
+                      help="write out every default (strategy parameters, run and train blocks)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.recipe import validate_recipe, with_defaults
+
     cfg = load_config(args.recipe, args.overrides)
-    validate_config(cfg, get_registry(), source=args.recipe)
-    print(to_yaml(cfg), end="")
+    registry = get_registry()
+    validate_recipe(cfg, registry, source=args.recipe)
+    print(to_yaml(with_defaults(cfg, registry) if args.defaults else cfg), end="")
     return 0

@@ -29,21 +29,18 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddkit.config import save_config, validate_config
+from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
 from ddkit.engine.label import label_dataset
 from ddkit.engine.pseudo import load_pseudo_dataset
+from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
 from ddkit.errors import ConfigError
 from ddkit.io import atomic_write_json, atomic_write_text
 from ddkit.registry import Registry, _to_plain
 
 log = logging.getLogger("ddkit.run")
-
-RUN_KEYS = {"name", "out_dir", "seed", "device"}
-BASELINE_KEYS = {"labeled_only", "fully_labeled"}
-EVALUATE_KEYS = {"tta", "transforms", "aggregator"}
 
 
 @dataclass
@@ -70,10 +67,9 @@ class Runner:
             from ddkit.plugin_manager import get_registry
 
             registry = get_registry()
-        validate_config(cfg, registry, source=source)
+        validate_recipe(cfg, registry, source=source)
         self.cfg, self.source, self.registry, self.progress = cfg, source, registry, progress
         self.run = _section(cfg, "run") or {}
-        self._check_keys("run", self.run, RUN_KEYS)
         self.out = Path(self.run.get("out_dir") or f"runs/{self.run.get('name') or 'ddkit'}")
         self.seed = int(self.run.get("seed", 0) or 0)
         self.device = resolve_device(self.run.get("device", "auto"))
@@ -84,21 +80,12 @@ class Runner:
         self.student_cfg = _section(cfg, "student")
         self.label_cfg = _section(cfg, "label")
         self.baselines = _section(cfg, "baselines") or {}
-        self._check_keys("baselines", self.baselines, BASELINE_KEYS)
         self.evaluate_cfg = _section(cfg, "evaluate") or {}
-        self._check_keys("evaluate", self.evaluate_cfg, EVALUATE_KEYS)
         self.kd = _section(cfg, "kd") or {}
-        self._check_keys("kd", self.kd, {"variants", "baseline"})
         self.kd_baseline = self._kd_baseline_variant()
-        rounds = cfg.get("rounds")
-        self.rounds = 1 if rounds is None else rounds
-        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 1:
-            raise ConfigError(f"{source}: rounds must be an integer >= 1, got {self.rounds!r}")
+        self.rounds = cfg.get("rounds") or 1
         if self.student_cfg is None and (self.label_cfg is not None or self.kd):
             raise ConfigError(f"{source}: 'label' and 'kd' need a 'student' section (its model and train blocks)")
-        for name, block in (("teacher", self.teacher_cfg), ("student", self.student_cfg)):
-            if block is not None:
-                parse_train_config(block.get("train"), where=f"{source}: {name}.train")
         # Everything is known good: now build the task and read the data (nothing is read before this point).
         self.task = registry.build("tasks", cfg.task, where=f"{source}: task")
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
@@ -125,12 +112,6 @@ class Runner:
         alone = [v for v, block in variants.items()
                  if not self._reads_teacher((block or {}).get("losses") or [{"name": "hard_label"}])]
         return alone[0] if len(alone) == 1 else None
-
-    def _check_keys(self, section: str, block: Mapping[str, Any], valid: set[str]) -> None:
-        unknown = sorted(set(block) - valid)
-        if unknown:
-            raise ConfigError(f"{self.source}: {section}: unknown key {unknown[0]!r}. Valid keys: "
-                              f"{', '.join(sorted(valid))}")
 
     # ---------------------------------------------------------------------------------------------- the plan
     def _plan(self) -> list[Stage]:
@@ -162,7 +143,7 @@ class Runner:
     # ------------------------------------------------------------------------------------------------ running
     def execute(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out)
+        save_config(with_defaults(self.cfg, self.registry), self.out)
         for i, stage in enumerate(self.stages):
             folder = self.out / stage.name
             marker = folder / "stage.json"
@@ -277,10 +258,6 @@ class Runner:
 
     def _kd(self, variant: str) -> dict[str, Any]:
         v = (self.kd.get("variants") or {})[variant] or {}
-        bad = sorted(set(v) - {"losses", "train", "model"})
-        if bad:
-            raise ConfigError(f"{self.source}: kd.variants.{variant}: unknown key {bad[0]!r}. Valid keys: "
-                              f"losses, model, train")
         s = self._student_like()
         train = {**(s.get("train") or {}), **(v.get("train") or {})}
         losses = v.get("losses") or [{"name": "hard_label"}]

@@ -1,0 +1,140 @@
+"""A whole recipe checked before anything runs: every section through its own parser, every strategy block through
+the registry, the same one-line errors from ``ddkit config show``, ``train``, ``label``, ``run`` and ``bench``.
+
+:func:`validate_recipe` reads no data and writes nothing; :func:`with_defaults` fills every default in (what
+``ddkit config show --defaults`` prints and what a run saves as ``config.yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from omegaconf import DictConfig, OmegaConf
+
+from ddkit.config import STRATEGY_SLOTS, validate_config
+from ddkit.engine.bench import parse_bench_config
+from ddkit.engine.label import parse_label_config
+from ddkit.engine.train import parse_train_config
+from ddkit.errors import ConfigError
+from ddkit.registry import Registry, _to_plain, check_keys, parse_section
+
+__all__ = ["RunConfig", "validate_recipe", "with_defaults", "MODEL_SECTION_KEYS"]
+
+MODEL_SECTION_KEYS = ("model", "train", "losses")
+
+
+@dataclass
+class RunConfig:
+    """The ``run:`` section.
+
+    Attributes:
+        name: the run's name (``runs/<name>`` when ``out_dir`` is not given).
+        out_dir: the run folder.
+        seed: the seed of splits, initialisation and batches.
+        device: ``auto`` (a GPU when there is one), ``cpu``, ``cuda``, ``cuda:1``.
+    """
+
+    name: str | None = None
+    out_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class BaselinesConfig:
+    """The ``baselines:`` section: the student's model on the labeled part alone, and with the unlabeled part's
+    true labels (the upper bound)."""
+
+    labeled_only: bool = False
+    fully_labeled: bool = False
+
+
+@dataclass
+class EvaluateConfig:
+    """The ``evaluate:`` section: multi-transform (TTA) evaluation of every model on the test part."""
+
+    tta: bool = False
+    transforms: list[Any] | None = None
+    aggregator: Any = None
+
+
+@dataclass
+class KDConfig:
+    """The ``kd:`` section: knowledge-distillation variants of the student (``{name: {losses, train, model}}``),
+    and the variant the others are measured against (default: the one whose losses read no teacher)."""
+
+    variants: dict[str, Any] = dataclasses.field(default_factory=dict)
+    baseline: str | None = None
+
+
+def _model_section(block: Any, where: str) -> None:
+    if not isinstance(block, Mapping):
+        raise ConfigError(f"{where} must be a mapping with {', '.join(MODEL_SECTION_KEYS)}")
+    check_keys(block, MODEL_SECTION_KEYS, where)
+    parse_train_config(block.get("train"), where=f"{where}.train")
+
+
+def _rounds(value: Any, where: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
+
+
+def _kd(block: Any, where: str) -> None:
+    kd = parse_section(KDConfig, block, where)
+    for name, variant in kd.variants.items():
+        check_keys(variant or {}, MODEL_SECTION_KEYS, f"{where}.variants.{name}")
+
+
+# section -> its check; ``task``, ``data`` and ``fuse`` are strategy blocks / data blocks checked elsewhere
+SECTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
+    "run": lambda b, w: parse_section(RunConfig, b, w),
+    "teacher": _model_section,
+    "student": _model_section,
+    "label": parse_label_config,
+    "bench": parse_bench_config,
+    "baselines": lambda b, w: parse_section(BaselinesConfig, b, w),
+    "evaluate": lambda b, w: parse_section(EvaluateConfig, b, w),
+    "kd": _kd,
+    "rounds": _rounds,
+}
+
+
+def validate_recipe(cfg: DictConfig, registry: Registry, source: str = "recipe") -> None:
+    """Check every section and strategy block of ``cfg``; raise :class:`ConfigError` naming the first problem."""
+    validate_config(cfg, registry, source=source)
+    for key, check in SECTION_CHECKS.items():
+        if cfg.get(key) is not None:
+            check(_to_plain(cfg.get(key)), f"{source}: {key}")
+
+
+def _filled_block(block: Any, kind: str, registry: Registry) -> Any:
+    entry, params = registry.params(kind, block)
+    return {"name": entry.spec.name, **params}
+
+
+def _fill(node: Any, registry: Registry) -> Any:
+    if isinstance(node, Mapping):
+        out = {}
+        for key, value in node.items():
+            kind = STRATEGY_SLOTS.get(str(key))
+            if kind is not None and value is not None:
+                out[key] = ([_filled_block(b, kind, registry) for b in value] if isinstance(value, list)
+                            else _filled_block(value, kind, registry))
+            else:
+                out[key] = _fill(value, registry)
+        return out
+    if isinstance(node, list):
+        return [_fill(v, registry) for v in node]
+    return node
+
+
+def with_defaults(cfg: DictConfig, registry: Registry) -> DictConfig:
+    """The recipe with every default written out: strategy parameters, ``run``, and each ``train`` block."""
+    plain = _fill(_to_plain(cfg), registry)
+    if "run" in plain or "teacher" in plain or "student" in plain:
+        plain["run"] = dataclasses.asdict(parse_section(RunConfig, plain.get("run"), "run"))
+    for section in ("teacher", "student"):
+        if isinstance(plain.get(section), dict):
+            plain[section]["train"] = dataclasses.asdict(parse_train_config(plain[section].get("train")))
+    return OmegaConf.create(plain)
