@@ -4,6 +4,8 @@
 """
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 import os
 from typing import Any, Iterable
 
@@ -28,7 +30,11 @@ def make_plugin_manager(extra_plugins: Iterable[Any] = (), load_entry_points: bo
     """A plugin manager with ddkit's hook specs, the installed entry-point plugins and ``extra_plugins``."""
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
+    known = sorted({ep.name for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)})
     for name in disabled_plugins():
+        if load_entry_points and name not in known:  # a typo would silently disable nothing
+            logging.getLogger("ddkit").warning("%s: no plugin named %r; installed plugins: %s", DISABLE_ENV, name,
+                                               ", ".join(known))
         pm.set_blocked(name)
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)

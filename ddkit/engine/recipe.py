@@ -15,13 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 from ddkit.config import STRATEGY_SLOTS, validate_config
 from ddkit.engine.bench import parse_bench_config
 from ddkit.engine.label import parse_label_config
-from ddkit.engine.train import parse_train_config
+from ddkit.engine.train import SECTION_KEYS, parse_train_config
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry, _to_plain, check_keys, parse_section
 
-__all__ = ["RunConfig", "validate_recipe", "with_defaults", "MODEL_SECTION_KEYS"]
+__all__ = ["RunConfig", "validate_recipe", "with_defaults"]
 
-MODEL_SECTION_KEYS = ("model", "train", "losses")
+KD_VARIANT_KEYS = ("model", "train", "losses")
 
 
 @dataclass
@@ -68,11 +68,16 @@ class KDConfig:
     baseline: str | None = None
 
 
-def _model_section(block: Any, where: str) -> None:
-    if not isinstance(block, Mapping):
-        raise ConfigError(f"{where} must be a mapping with {', '.join(MODEL_SECTION_KEYS)}")
-    check_keys(block, MODEL_SECTION_KEYS, where)
-    parse_train_config(block.get("train"), where=f"{where}.train")
+def _model_section(stage: str) -> Callable[[Any, str], None]:
+    """The check of a ``teacher`` / ``student`` section: its keys (those ``ddkit train`` reads) and its train block."""
+    def check(block: Any, where: str) -> None:
+        valid = sorted(SECTION_KEYS[stage])
+        if not isinstance(block, Mapping):
+            raise ConfigError(f"{where} must be a mapping with keys {', '.join(valid)}")
+        check_keys(block, valid, where)
+        parse_train_config(block.get("train"), where=f"{where}.train")
+
+    return check
 
 
 def _rounds(value: Any, where: str) -> None:
@@ -83,14 +88,15 @@ def _rounds(value: Any, where: str) -> None:
 def _kd(block: Any, where: str) -> None:
     kd = parse_section(KDConfig, block, where)
     for name, variant in kd.variants.items():
-        check_keys(variant or {}, MODEL_SECTION_KEYS, f"{where}.variants.{name}")
+        check_keys(variant or {}, KD_VARIANT_KEYS, f"{where}.variants.{name}")
+        parse_train_config((variant or {}).get("train"), where=f"{where}.variants.{name}.train")
 
 
 # section -> its check; ``task``, ``data`` and ``fuse`` are strategy blocks / data blocks checked elsewhere
 SECTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "run": lambda b, w: parse_section(RunConfig, b, w),
-    "teacher": _model_section,
-    "student": _model_section,
+    "teacher": _model_section("teacher"),
+    "student": _model_section("student"),
     "label": parse_label_config,
     "bench": parse_bench_config,
     "baselines": lambda b, w: parse_section(BaselinesConfig, b, w),
