@@ -232,7 +232,7 @@ def _yolo_target(idx: int, rows: list[list[float]], size: tuple[int, int], k: in
     boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
     boxes, keep = check.apply(boxes, (h, w), lambda i: f"{lab}: line {lines[i]}")
     r = r[keep].float()
-    t["boxes"] = boxes
+    t["boxes"] = boxes.float()
     t["labels"] = r[:, 0].long()
     t["area"] = (boxes[:, 2:] - boxes[:, :2]).prod(1)
     t["iscrowd"] = torch.zeros(len(r), dtype=torch.int64)

@@ -43,8 +43,9 @@ def box_rule(boxes: Tensor, sizes: Tensor, tolerance: float = BOX_TOLERANCE) -> 
     Returns:
         ``(clipped [N, 4], status [N] int64)`` with ``status`` one of :data:`OK`, :data:`CLIPPED`, :data:`DROPPED`,
         :data:`NONFINITE`; ``clipped`` holds the boxes clipped to their image (rows of dropped / non-finite boxes are
-        meaningless).
+        meaningless), in ``boxes``' dtype (float32 for integer input).
     """
+    dtype = boxes.dtype if boxes.is_floating_point() else torch.float32
     boxes = boxes.reshape(-1, 4).to(torch.float64)
     sizes = torch.as_tensor(sizes, dtype=torch.float64).reshape(-1, 2).expand(len(boxes), 2)
     h, w = sizes[:, 0], sizes[:, 1]
@@ -58,7 +59,7 @@ def box_rule(boxes: Tensor, sizes: Tensor, tolerance: float = BOX_TOLERANCE) -> 
     status[moved] = CLIPPED
     status[(x2 - x1 <= 0) | (y2 - y1 <= 0)] = DROPPED
     status[~finite] = NONFINITE
-    return out.to(torch.float32), status
+    return out.to(dtype), status
 
 
 class BoxCheck:

@@ -31,8 +31,9 @@ def load_coco_dict(gt: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 def make_coco(gt: str | Path | Mapping[str, Any] | Any):
     """A ``pycocotools.coco.COCO`` object from a path, a dict or an existing ``COCO`` (returned as is).
 
-    Annotations lacking ``area`` (box area is used) or ``iscrowd`` (0) are completed in a copy, so synthetic ground
-    truth needs only ``image_id``, ``category_id``, ``bbox`` and ``id``.
+    Annotations lacking ``area`` (box area is used), ``iscrowd`` (0) or ``num_keypoints`` (counted from the
+    visibilities: crowdpose-style files) are completed in a copy, so synthetic ground truth needs only
+    ``image_id``, ``category_id``, ``bbox`` and ``id``.
     """
     from pycocotools.coco import COCO
 
@@ -47,6 +48,8 @@ def make_coco(gt: str | Path | Mapping[str, Any] | Any):
         ann.setdefault("iscrowd", 0)
         if "area" not in ann and "bbox" in ann:
             ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        if "keypoints" in ann and "num_keypoints" not in ann:  # crowdpose-style files; pycocotools needs it
+            ann["num_keypoints"] = sum(1 for v in ann["keypoints"][2::3] if v > 0)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):

@@ -1,0 +1,271 @@
+"""The one validating COCO reader (ddkit.engine.coco_file) and the box rule (ddkit.engine.box_rule): every class of
+bad input with several members gives one DataError line naming the file and the field; impossible boxes are
+clipped / dropped with one warning, never silently; pseudo-labels read back follow the same rule."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.engine.box_rule import CLIPPED, DROPPED, NONFINITE, OK, BoxCheck, box_rule
+from ddkit.engine.coco_eval import coco_evaluate
+from ddkit.engine.coco_file import read_coco_file, validate_coco
+from ddkit.engine.data import get_target
+from ddkit.engine.pseudo import load_pseudo_dataset
+from ddkit.errors import DataError
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+COCO_JSON = DATA / "coco-val2017-mini" / "test_coco.json"
+pytestmark = pytest.mark.skipif(not COCO_JSON.is_file(), reason="shared/data fixtures are not beside the repository")
+
+
+def _coco(tmp_path: Path, mutate=None, images: bool = False) -> Path:
+    data = json.loads(COCO_JSON.read_text())
+    if mutate is not None:
+        mutate(data)
+    if images:
+        for im in json.loads(COCO_JSON.read_text())["images"]:
+            shutil.copy(COCO_JSON.parent / im["file_name"], tmp_path / im["file_name"])
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _error(path: Path, **kw) -> str:
+    with pytest.raises(DataError) as err:
+        read_coco_file(path, **kw)
+    msg = str(err.value)
+    assert str(path) in msg and "\n" not in msg and "Traceback" not in msg
+    return msg
+
+
+def test_the_fixture_reads_unchanged():
+    coco = read_coco_file(COCO_JSON)
+    raw = json.loads(COCO_JSON.read_text())
+    assert [a["bbox"] for a in coco.annotations] == [a["bbox"] for a in raw["annotations"]]
+    assert coco.boxes_clipped == coco.boxes_dropped == 0 and len(coco.keypoint_names) == 17
+    by_image = coco.annotations_by_image()
+    assert set(by_image) == {im["id"] for im in raw["images"]} and sum(map(len, by_image.values())) == 14
+    assert coco.image_path(raw["images"][0]) == COCO_JSON.parent / raw["images"][0]["file_name"]
+
+
+# ------------------------------------------------------------------------------------------- duplicate ids
+@pytest.mark.parametrize("key,what", [("images", "image"), ("annotations", "annotation"), ("categories", "category")])
+def test_duplicate_ids_name_the_id_and_both_records(tmp_path, key, what):
+    def dup(d):
+        if key == "categories":
+            d["categories"].append({**d["categories"][0], "name": "other"})
+        else:
+            d[key][2]["id"] = d[key][0]["id"]
+
+    path = _coco(tmp_path, dup)
+    rid = json.loads(COCO_JSON.read_text())[key][0]["id"]
+    second = 1 if key == "categories" else 2
+    msg = _error(path)
+    assert f"{what} id {rid} is not unique" in msg and f"{key}[0]" in msg and f"{key}[{second}]" in msg
+
+
+def test_duplicate_image_ids_never_train_on_the_wrong_boxes(tmp_path):
+    path = _coco(tmp_path, lambda d: d["images"][1].__setitem__("id", d["images"][0]["id"]), images=True)
+    with pytest.raises(DataError, match="image id .* is not unique"):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+
+
+# ------------------------------------------------------------------------------------ incomplete image records
+@pytest.mark.parametrize("field", ["id", "file_name", "width", "height"])
+def test_image_record_without_a_field(tmp_path, field):
+    msg = _error(_coco(tmp_path, lambda d: d["images"][3].pop(field)))
+    assert "images[3]" in msg and f"missing field {field!r}" in msg
+
+
+@pytest.mark.parametrize("field,value", [("width", 0), ("height", -3), ("width", "640"), ("id", "785"),
+                                         ("file_name", 17), ("height", 1.5)])
+def test_image_record_with_a_bad_value(tmp_path, field, value):
+    msg = _error(_coco(tmp_path, lambda d: d["images"][1].__setitem__(field, value)))
+    assert "images[1]" in msg and field in msg
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda d: d.pop("images"), "'images'"),
+    (lambda d: d.__setitem__("annotations", {"a": 1}), "'annotations'"),
+    (lambda d: d["annotations"].__setitem__(0, "x"), "annotations[0]"),
+    (lambda d: d["annotations"][0].__setitem__("image_id", [1]), "image_id"),
+    (lambda d: d["annotations"][0].__setitem__("category_id", None), "category_id"),
+    (lambda d: d["annotations"][0].__setitem__("keypoints", [1] * 50 + [float("nan")]), "keypoints"),
+    (lambda d: d["annotations"][0].__setitem__("iscrowd", "no"), "iscrowd"),
+    (lambda d: d["categories"][0].__setitem__("keypoints", "nose"), "keypoints"),
+])
+def test_malformed_structure_is_one_line(tmp_path, mutate, field):
+    assert field in _error(_coco(tmp_path, mutate))
+
+
+def test_not_json_and_not_an_object(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{\"images\": [")
+    assert "not valid JSON" in _error(bad)
+    bad.write_text("[1, 2]")
+    assert "JSON object" in _error(bad)
+    assert "not found" in _error(tmp_path / "missing.json")
+
+
+# ------------------------------------------------------------------------------------- file_name outside root
+@pytest.mark.parametrize("name", ["../../x.jpg", "sub/../../x.jpg", "/etc/passwd"])
+def test_file_name_outside_the_image_root_is_refused(tmp_path, name):
+    path = _coco(tmp_path, lambda d: d["images"][2].__setitem__("file_name", name))
+    msg = _error(path)
+    assert "images[2]" in msg and "outside the image root" in msg and "allow_outside_root" in msg
+    coco = read_coco_file(path, allow_outside_root=True)
+    assert coco.images[2]["file_name"] == name
+
+
+def test_allow_outside_root_is_a_dataset_option(tmp_path):
+    inner = tmp_path / "json"
+    inner.mkdir()
+    path = _coco(inner, lambda d: [im.__setitem__("file_name", "../" + im["file_name"]) for im in d["images"]])
+    _coco(tmp_path, images=True)
+    with pytest.raises(DataError, match="outside the image root"):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(path), "allow_outside_root": True})
+    assert len(ds) == 4 and ds.skipped == []
+    # an absolute file_name inside the root is fine
+    absolute = _coco(tmp_path, lambda d: [im.__setitem__("file_name", str(tmp_path / im["file_name"]))
+                                          for im in d["images"]])
+    assert len(read_coco_file(absolute).images) == 4
+
+
+# ----------------------------------------------------------------------------------------- impossible boxes
+def test_box_rule_against_a_slow_reference():
+    gen = torch.Generator().manual_seed(0)
+    boxes = torch.rand(500, 4, generator=gen) * 140 - 20
+    boxes[::7, 2] = boxes[::7, 0]  # zero width
+    boxes[3, 1] = float("nan")
+    boxes[5, 2] = float("inf")
+    sizes = torch.randint(50, 100, (500, 2), generator=gen)
+    out, status = box_rule(boxes, sizes, tolerance=1.0)
+    for b, s, o, st in zip(boxes.tolist(), sizes.tolist(), out.tolist(), status.tolist()):
+        h, w = s
+        if not all(abs(v) < float("inf") for v in b):
+            assert st == NONFINITE
+            continue
+        c = [min(max(b[0], 0), w), min(max(b[1], 0), h), min(max(b[2], 0), w), min(max(b[3], 0), h)]
+        if c[2] - c[0] <= 0 or c[3] - c[1] <= 0:
+            expect = DROPPED
+        else:
+            expect = CLIPPED if max(abs(x - y) for x, y in zip(b, c)) > 1.0 else OK
+            assert o == pytest.approx(c, abs=1e-4)
+        assert st == expect, (b, s)
+    assert {OK, CLIPPED, DROPPED, NONFINITE} <= set(status.tolist())
+
+
+def test_box_check_counts_and_names_the_first_offender(caplog):
+    check = BoxCheck("f.json")
+    boxes = torch.tensor([[0, 0, 10, 10], [-5, 0, 10, 10], [200, 200, 210, 210], [5, 5, 5, 9], [-0.5, 0, 100.5, 50]])
+    with caplog.at_level(logging.WARNING):
+        kept, keep = check.apply(boxes, (50, 100), lambda i: f"box #{i}")
+        check.warn()
+    assert keep.tolist() == [True, True, False, False, True]
+    torch.testing.assert_close(kept, torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [0, 0, 100, 50.]]))
+    assert (check.clipped, check.dropped) == (1, 2)
+    assert "f.json: clipped 1 box(es)" in caplog.text and "first: box #1" in caplog.text
+    assert "dropped 2 instance(s)" in caplog.text and "first: box #2" in caplog.text
+    with pytest.raises(DataError, match=r"f.json: box #0: bbox has a non-finite value"):
+        check.apply(torch.tensor([[float("nan"), 0, 1, 1]]), (50, 100), lambda i: f"box #{i}")
+
+
+@pytest.mark.parametrize("bbox,clipped,dropped", [
+    ([5000, 5000, 10, 10], 0, 1),      # wholly outside a 640x425 image
+    ([-100, -100, 50, 50], 0, 1),      # wholly outside, the other side
+    ([10, 10, 0, 20], 0, 1),           # zero width
+    ([600, 10, 100, 10], 1, 0),        # sticks out 60 px: clipped to x2 = 640
+    ([-20, 400, 50, 50], 1, 0),        # both sides
+    ([0, 0, 640.4, 425.3], 0, 0),      # within the 1 px tolerance: silent
+])
+def test_impossible_boxes_are_clipped_or_dropped_with_a_warning(tmp_path, caplog, bbox, clipped, dropped):
+    raw = json.loads(COCO_JSON.read_text())
+    first = raw["images"][0]  # 000000000785.jpg, 640x425
+    assert (first["width"], first["height"]) == (640, 425)
+    ann_id = next(a["id"] for a in raw["annotations"] if a["image_id"] == first["id"])
+    path = _coco(tmp_path, lambda d: next(a for a in d["annotations"] if a["id"] == ann_id).__setitem__("bbox", bbox),
+                 images=True)
+    with caplog.at_level(logging.WARNING):
+        coco = read_coco_file(path)
+        ds = ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert (coco.boxes_clipped, coco.boxes_dropped) == (clipped, dropped)
+    assert len(coco.annotations) == 14 - dropped
+    n_boxes = sum(len(get_target(ds, i)["boxes"]) for i in range(len(ds)))
+    assert n_boxes == 14 - dropped
+    if clipped or dropped:
+        assert str(path) in caplog.text and f"annotation id {ann_id}" in caplog.text
+        assert ("clipped 1" in caplog.text) == bool(clipped) and ("dropped 1" in caplog.text) == bool(dropped)
+    else:
+        assert "clipped" not in caplog.text and "dropped" not in caplog.text
+    for t in (get_target(ds, i) for i in range(len(ds))):
+        h, w = t["size"]
+        assert (t["boxes"][:, 2] <= w).all() and (t["boxes"][:, 3] <= h).all() and (t["boxes"] >= 0).all()
+        assert len(t["keypoints"]) == len(t["boxes"]) == len(t["labels"])
+
+
+@pytest.mark.parametrize("bbox", [[float("nan"), 1, 2, 3], [1, 2, float("inf"), 3], [1, 2, 3, -4], [1, 2, 3]])
+def test_non_finite_or_malformed_boxes_are_errors(tmp_path, bbox):
+    msg = _error(_coco(tmp_path, lambda d: d["annotations"][4].__setitem__("bbox", bbox)))
+    assert "annotations[4]" in msg and "bbox" in msg
+
+
+# ------------------------------------------------------------------------------------------ crowdpose style
+def test_crowdpose_style_file_without_num_keypoints_loads_and_evaluates(tmp_path):
+    path = _coco(tmp_path, lambda d: [a.pop("num_keypoints") for a in d["annotations"]])
+    coco = read_coco_file(path)
+    raw = json.loads(COCO_JSON.read_text())
+    assert [a["num_keypoints"] for a in coco.annotations] == [a["num_keypoints"] for a in raw["annotations"]]
+    results = [{"image_id": a["image_id"], "category_id": 1, "score": 0.5 + 0.01 * i, "bbox": a["bbox"],
+                "keypoints": [v + (i % 3) for v in a["keypoints"]]} for i, a in enumerate(raw["annotations"])]
+    crowd = json.loads(path.read_text())
+    got = coco_evaluate(crowd, results, "keypoints")  # raised pycocotools' KeyError 'num_keypoints' before
+    assert got == coco_evaluate(raw, results, "keypoints")
+
+
+# --------------------------------------------------------------------------------- pseudo-labels read back
+def _pseudo(tmp_path: Path, anns: list[dict]) -> Path:
+    data = {"info": {"image_root": str(tmp_path)}, "categories": [{"id": 1, "name": "a"}],
+            "images": [{"id": 1, "file_name": "a.png", "height": 50, "width": 100, "ddkit_index": 0}],
+            "annotations": anns}
+    path = tmp_path / "pseudo_labels.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_pseudo_labels_read_back_follow_the_box_rule(tmp_path, caplog):
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [90, 10, 30, 10], "score": 0.9},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [300, 10, 5, 5], "score": 0.8},
+            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.7}]
+    with caplog.at_level(logging.WARNING):
+        ds = load_pseudo_dataset(_pseudo(tmp_path, anns))
+    t = ds.get_target(0)
+    torch.testing.assert_close(t["boxes"], torch.tensor([[90., 10, 100, 20], [1, 2, 4, 6]]))
+    assert "clipped 1" in caplog.text and "dropped 1" in caplog.text and "annotation id 2" in caplog.text
+
+
+@pytest.mark.parametrize("ann,field", [
+    ({"id": 1, "image_id": 1, "category_id": 1, "bbox": [float("nan"), 1, 2, 2]}, "bbox"),
+    ({"id": 1, "image_id": 9, "category_id": 1, "bbox": [1, 1, 2, 2]}, "image_id"),
+    ({"id": 1, "image_id": 1, "category_id": 4, "bbox": [1, 1, 2, 2]}, "category_id"),
+])
+def test_bad_pseudo_labels_are_errors(tmp_path, ann, field):
+    path = _pseudo(tmp_path, [ann])
+    with pytest.raises(DataError) as err:
+        load_pseudo_dataset(path)
+    assert str(path) in str(err.value) and field in str(err.value)
+
+
+def test_validate_coco_does_not_modify_its_input(tmp_path):
+    data = json.loads(COCO_JSON.read_text())
+    data["annotations"][0]["bbox"] = [600, 10, 100, 10]
+    del data["annotations"][1]["num_keypoints"]
+    before = json.dumps(data)
+    coco = validate_coco(data, COCO_JSON)
+    assert json.dumps(data) == before and coco.boxes_clipped == 1

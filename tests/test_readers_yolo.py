@@ -1,0 +1,141 @@
+"""The YOLO reader (plugins/datasets.py YoloDataset): one line per malformed label row (file, line number, what is
+wrong), the shared box rule, bad yaml and empty folders named."""
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.engine.data import build_data, get_target
+from ddkit.errors import ConfigError, DataError
+
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (DATA / "coco8").is_dir(), reason="shared/data fixtures are not here")
+
+
+def _copy(tmp_path: Path, name: str = "coco8") -> Path:
+    root = tmp_path / name
+    shutil.copytree(DATA / name, root)
+    return root
+
+
+def _first_label(root: Path) -> Path:
+    return sorted((root / "labels" / "train").glob("*.txt"))[0]
+
+
+@pytest.mark.parametrize("line,what", [
+    ("0 0.5 0.5 0.2", "4 values, expected 5"),
+    ("0 0.5 0.5 0.2 0.1 0.3", "6 values, expected 5"),
+    ("0 0.5 abc 0.2 0.1", "not numbers"),
+    ("0 nan 0.5 0.2 0.1", "non-finite"),
+    ("0 0.5 0.5 inf 0.1", "non-finite"),
+    ("1.5 0.5 0.5 0.2 0.1", "not a class index"),
+    ("-1 0.5 0.5 0.2 0.1", "not a class index"),
+    ("80 0.5 0.5 0.2 0.1", "class 80 is not in the yaml's names"),
+    ("0 0.5 0.5 -0.2 0.1", "negative box width or height"),
+])
+def test_malformed_label_lines_name_file_and_line(tmp_path, line, what):
+    root = _copy(tmp_path)
+    label = _first_label(root)
+    label.write_text("0 0.5 0.5 0.2 0.1\n\n" + line + "\n")
+    with pytest.raises(DataError) as err:
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    msg = str(err.value)
+    assert f"{label}: line 3: " in msg and what in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("vis,what", [("3", "visibility must be 0, 1 or 2"), ("0.5", "visibility")])
+def test_pose_rows_are_checked(tmp_path, vis, what):
+    root = _copy(tmp_path, "coco8-pose")
+    label = _first_label(root)
+    rows = label.read_text().splitlines()
+    vals = rows[0].split()
+    vals[7] = vis
+    label.write_text("\n".join([" ".join(vals)] + rows[1:]) + "\n")
+    with pytest.raises(DataError, match=rf"{label}: line 1: .*{what}"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    label.write_text("0 0.5 0.5 0.2 0.1\n")  # no keypoints in a pose dataset
+    with pytest.raises(DataError, match=rf"{label}: line 1: 5 values, expected 56"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+
+
+@pytest.mark.parametrize("row,clipped,dropped", [
+    ("0 1.5 0.5 0.2 0.2", 0, 1),        # wholly right of the image
+    ("0 -0.5 -0.5 0.2 0.2", 0, 1),      # wholly above-left
+    ("0 0.5 0.5 0 0.2", 0, 1),          # zero width
+    ("0 0.95 0.5 0.2 0.2", 1, 0),       # sticks out on the right
+    ("0 0.5 0.5 1.2 1.2", 1, 0),        # larger than the image
+])
+def test_box_rule_in_the_yolo_reader(tmp_path, caplog, row, clipped, dropped):
+    root = _copy(tmp_path)
+    label = _first_label(root)
+    n_before = len([ln for ln in label.read_text().splitlines() if ln.strip()])
+    label.write_text(label.read_text().rstrip("\n") + "\n" + row + "\n")
+    with caplog.at_level(logging.WARNING):
+        ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    i = [f.stem for f in ds.files].index(label.stem)
+    t = get_target(ds, i)
+    h, w = t["size"]
+    assert len(t["boxes"]) == len(t["labels"]) == len(t["area"]) == n_before + 1 - dropped
+    assert t["boxes"].dtype == torch.float32
+    assert (t["boxes"] >= 0).all() and (t["boxes"][:, 2] <= w).all() and (t["boxes"][:, 3] <= h).all()
+    assert (f"clipped {clipped}" in caplog.text) == bool(clipped)
+    assert (f"dropped {dropped}" in caplog.text) == bool(dropped)
+    assert f"{label}: line {n_before + 1}" in caplog.text
+
+
+def test_yaml_problems_are_named(tmp_path):
+    root = _copy(tmp_path)
+    yaml_path = root / "coco8.yaml"
+    yaml_path.write_text("names: [a, b\n")
+    with pytest.raises(DataError, match=rf"{yaml_path}: not valid YAML"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    yaml_path.write_text("names: 3\n")
+    with pytest.raises(DataError, match="field names must be"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    yaml_path.write_text("names: [a]\nkpt_shape: [17, 4]\n")
+    with pytest.raises(DataError, match="kpt_shape must be"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    with pytest.raises(DataError, match="data_yaml not found"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root), "data_yaml": str(root / "nope.yaml")})
+
+
+def test_empty_image_folders_are_named(tmp_path):
+    root = _copy(tmp_path)
+    for f in (root / "images" / "train").iterdir():
+        f.unlink()
+    with pytest.raises(DataError, match=rf"{root / 'images' / 'train'}: no images"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    with pytest.raises(DataError, match=rf"{root / 'images' / 'test'}: no such image folder"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root), "split": "test"})
+    folder = tmp_path / "folder"
+    (folder / "cat").mkdir(parents=True)
+    (folder / "dog").mkdir()
+    with pytest.raises(DataError, match=rf"{folder}: no readable images"):
+        build_data({"train": {"dataset": {"name": "image_folder", "root": str(folder)}}})
+
+
+def test_every_image_unreadable_names_the_data_field(tmp_path):
+    root = _copy(tmp_path)
+    for f in (root / "images" / "val").iterdir():
+        f.write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"data.test.dataset: .*coco8 has no \(readable\) images"):
+        build_data({"train": {"dataset": {"name": "yolo", "root": str(root)}},
+                    "test": {"dataset": {"name": "yolo", "root": str(root), "split": "val"}}})
+
+
+@pytest.mark.parametrize("split,field", [
+    ({"labeled": 0.8, "test": 0.5}, "labeled 0.8 + test 0.5 = 1.3"),
+    ({"labeled": 0.5, "unlabeled": 0.4, "test": 0.2}, "= 1.1"),
+    ({"labeled": -0.1}, "labeled = -0.1"),
+    ({"labeled": 0.5, "test": 1.5}, "test = 1.5"),
+    ({"labeled": "half"}, "'labeled'"),
+])
+def test_split_fractions_name_the_field(split, field):
+    with pytest.raises(ConfigError) as err:
+        build_data({"dataset": {"name": "digits"}, "split": split})
+    assert str(err.value).startswith("data.split: ") and field in str(err.value)
