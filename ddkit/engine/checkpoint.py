@@ -91,16 +91,36 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a ddkit file with ``weights_only=True``; raise :class:`DataError` naming the file if it is not one."""
+PASS_INSTEAD = ("pass a model.pt or checkpoints/last.pt written by ddkit train / ddkit export, or their run folder "
+                "(plain state dicts go to a model's 'pretrained' key)")
+
+
+def _unreadable(path: Path, err: Exception) -> str:
+    """Why torch could not load ``path`` with ``weights_only=True``, in words (torch's own advice to retry with
+    ``weights_only=False`` would run arbitrary code from the file: never repeated)."""
+    text = str(err)
+    if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+        return "it holds Python objects, not only tensors and plain containers: it is not a ddkit checkpoint"
+    if "zip" in text.lower() or "central directory" in text or isinstance(err, (EOFError, RuntimeError)):
+        return "it is truncated or not a torch file (an interrupted copy or write?)"
+    return f"it cannot be read ({type(err).__name__})"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    fresh_hint: str | None = None) -> dict[str, Any]:
+    """Load a ddkit file with ``weights_only=True``; raise :class:`DataError` naming the file if it is not one.
+
+    ``fresh_hint``: what to do instead (default: which files to pass), e.g. for a run's own checkpoint.
+    """
     path = resolve_checkpoint(path)
+    hint = fresh_hint or PASS_INSTEAD
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise DataError(f"{path}: cannot load as a weights-only checkpoint: {str(err).splitlines()[0]}") from None
+        raise DataError(f"{path}: cannot load: {_unreadable(path, err)}; {hint}") from None
     if not isinstance(record, dict) or record.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise DataError(f"{path}: not a ddkit checkpoint (no 'format' key of {MODEL_FORMAT} or {CHECKPOINT_FORMAT}); "
-                        "plain state dicts are loaded through a model's 'pretrained' key instead")
+                        f"{hint}")
     return record
 
 
@@ -120,8 +140,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     task = registry.build("tasks", record["task"], where=f"{path}: task")
     info = info_from_dict(record["info"])
     model_cfg = dict(record["model_cfg"])
-    if model_cfg.get("pretrained"):
-        model_cfg["pretrained"] = None  # the weights come from this file, not from the original init checkpoint
+    for key in [k for k in model_cfg if k.startswith("pretrained")]:
+        model_cfg[key] = None  # the weights come from this file: no init file, no download (pretrained_backbone too)
     model = task.build_model(model_cfg, info)
     missing, unexpected = model.load_state_dict(record["model"], strict=False)
     if missing or unexpected:

@@ -1,0 +1,187 @@
+"""The training loop: :meth:`Trainer.run_step` plus hooks (see :mod:`ddkit.engine.hooks`).
+
+The trainer holds what a step needs (model, loss terms and their extras, optimizer, LR scheduler, AMP and DDP
+wrappers, the data iterator, the teacher's outputs, augmentation); everything else (logging, evaluation,
+checkpoints, the final export) is a hook. :meth:`Trainer.state_dict` / :meth:`Trainer.load_state_dict` are the one
+place where the checkpoint is written and read: each part stores itself under its own key.
+
+Determinism: the global RNG is re-seeded from ``(seed, rank, iteration)`` before every step and the sampler is a
+pure function of the step, so a resumed run repeats the very RNG calls of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ddkit.engine.amp import Amp
+from ddkit.engine.augment import Augment, mix_seed
+from ddkit.engine.ddp import DDP
+from ddkit.engine.hooks import HookBase, _float, diverged
+from ddkit.engine.losses import LossContext
+from ddkit.engine.task import Task, TrainOutputs, unwrap_model
+from ddkit.engine.teacher_cache import TeacherOutputs
+from ddkit.engine.train_config import TrainConfig
+
+
+def _reseed(value: int, dev: torch.device) -> None:
+    """Seed the generators that dropout and friends use, cheaply: ``torch.manual_seed`` also visits every lazy
+    accelerator backend (capturing a stack trace each), which costs a millisecond per call."""
+    torch.default_generator.manual_seed(value)
+    if dev.type == "cuda":
+        torch.cuda.manual_seed(value)
+
+
+@dataclasses.dataclass
+class StepParts:
+    """What one optimisation step is made of (built by :func:`ddkit.engine.train.train_model`)."""
+
+    task: Task
+    student: nn.Module
+    terms: list[Any]
+    names: list[str]
+    extras: nn.ModuleList
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: Any
+    amp: Amp
+    ddp: DDP
+    teacher: nn.Module | None
+    teacher_outputs: TeacherOutputs
+    augment: Augment
+
+
+class Trainer:
+    """``train(start, stop)`` runs ``run_step`` for each iteration between the hooks' calls."""
+
+    def __init__(self, parts: StepParts, cfg: TrainConfig, total: int, seed: int, rank: int,
+                 device: torch.device, loader: Any, runlog: Any = None, static: dict[str, Any] | None = None,
+                 hooks: Sequence[HookBase] = ()):
+        self.parts, self.cfg, self.total, self.seed, self.rank, self.device = parts, cfg, total, seed, rank, device
+        self.task, self.student, self.optimizer, self.ddp = parts.task, parts.student, parts.optimizer, parts.ddp
+        self.is_main = rank == 0
+        self.loader, self.runlog, self.static = loader, runlog, dict(static or {})
+        self.params = [p for p in parts.student.parameters() if p.requires_grad] + list(parts.extras.parameters())
+        self.train_module = parts.ddp.wrap(parts.student, any(getattr(t, "stage_fraction", 0) > 0
+                                                               for t in parts.terms))
+        stage_iters = {i: round(getattr(t, "stage_fraction", 0.0) * total) for i, t in enumerate(parts.terms)}
+        self._stage_iters = {i: n for i, n in stage_iters.items() if n > 0}
+        self.check_every_step = device.type != "cuda"  # on GPU the log step checks (no host sync per iteration)
+        self.hooks: list[HookBase] = []
+        self.register_hooks(hooks)
+        self.start = self.stop = self.iter = 0
+        self.metrics: dict[str, float] = {}
+        self.checkpoint_path: Path | None = None
+        self.model_path: Path | None = None
+        self.train_time = 0.0
+        self.step_values: dict[str, torch.Tensor] = {}
+        self.step_samples = 0
+
+    def register_hooks(self, hooks: Sequence[HookBase]) -> None:
+        for h in hooks:
+            h.trainer = self
+            self.hooks.append(h)
+
+    # ------------------------------------------------------------------------------------------------- state
+    def state_dict(self, iteration: int) -> dict[str, Any]:
+        """The checkpoint's training state at ``iteration`` (the model itself is added by the checkpoint writer)."""
+        p = self.parts
+        state = {"optimizer": p.optimizer.state_dict(), "scheduler": p.scheduler.state_dict(),
+                 Amp.state_key: p.amp.state_dict(), "sampler": {**p.sampler.state_dict(), "step": iteration},
+                 "rng": {"torch": torch.get_rng_state(), "seed": self.seed}, "iteration": iteration,
+                 "total_iterations": self.total, "losses": [m.state_dict() for m in p.extras], **self.static}
+        state.update({h.state_key: h.state_dict() for h in self.hooks if h.state_key})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> int:
+        """Restore a checkpoint's training state; returns the iteration to continue from."""
+        p = self.parts
+        unwrap_model(p.student).load_state_dict(state["model"])
+        p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.amp.load_state_dict(state.get(Amp.state_key))
+        p.sampler.load_state_dict(state["sampler"])
+        for module, sd in zip(p.extras, state.get("losses", [])):
+            if sd:
+                module.load_state_dict(sd)
+        for h in self.hooks:
+            if h.state_key:
+                h.load_state_dict(state.get(h.state_key))
+        return int(state["iteration"])
+
+    # -------------------------------------------------------------------------------------------------- loop
+    def active_terms(self, it: int) -> list[int]:
+        """The loss terms of iteration ``it``: first-stage terms (``stage_fraction``) first, then the others."""
+        n = len(self.parts.terms)
+        if not self._stage_iters:
+            return list(range(n))
+        in_stage = [i for i, stop in self._stage_iters.items() if it < stop]
+        return in_stage or [i for i in range(n) if i not in self._stage_iters]
+
+    def _loss(self, ctx: LossContext, active: list[int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms, names = self.parts.terms, self.parts.names
+        values: dict[str, torch.Tensor] = {}
+        loss = None
+        for i in active:
+            value = terms[i].compute(ctx)
+            values[names[i]] = value
+            weighted = terms[i].weight * value
+            loss = weighted if loss is None else loss + weighted
+        return loss, values
+
+    def run_step(self) -> None:
+        """One optimisation step at ``self.iter``; leaves the step's loss values in ``self.step_values``."""
+        p, it, dev = self.parts, self.iter, self.device
+        _reseed(mix_seed(self.seed, self.rank, it), dev)
+        samples = p.augment(next(self._data), it)
+        batch = p.task.to_device(p.task.collate(samples), dev)
+        active = self.active_terms(it)
+        with p.amp.autocast():
+            out: TrainOutputs = p.task.training_forward(self.train_module, batch)
+            teacher_logits = p.teacher_outputs(p.task, batch, active, dev)
+            ctx = LossContext(p.task, self.train_module, p.teacher, batch, out, it, self.total,
+                              (lambda tl=teacher_logits: tl))
+            loss, values = self._loss(ctx, active)
+        if self.check_every_step and not bool(torch.isfinite(loss.detach())):
+            detail = ", ".join(f"{k} {_float(v):.4g}" for k, v in values.items())
+            raise diverged(f"{_float(loss)} at iteration {it} ({detail})", self.cfg.lr)
+        p.optimizer.zero_grad(set_to_none=True)
+        p.amp.backward(loss)
+        p.ddp.average_grads(p.extras)
+        p.amp.step(p.optimizer, p.scheduler, self.params, self.cfg.clip_grad_norm)
+        self.step_values = {"loss": loss, **values, **ctx.logs}
+        self.step_samples = len(samples) * p.ddp.world
+
+    def train(self, start: int, stop: int) -> None:
+        """Iterations ``[start, stop)``; ``after_train`` hooks run only when the loop completes."""
+        self.start, self.stop, self.iter = start, stop, start
+        self.parts.sampler.set_step(start)
+        self._data = iter(self.loader)
+        for h in self.hooks:
+            h.before_train()
+        t0 = time.perf_counter()
+        try:
+            for self.iter in range(start, stop):
+                for h in self.hooks:
+                    h.before_step()
+                self.run_step()
+                for h in self.hooks:
+                    h.after_step()
+            self.iter = stop
+        except KeyboardInterrupt:
+            for h in self.hooks:
+                h.on_interrupt()
+            raise
+        finally:
+            for h in self.hooks:
+                h.close()
+            for term in self.parts.terms:
+                getattr(term, "close", lambda: None)()
+        self.train_time = time.perf_counter() - t0
+        self.ddp.check_in_sync(self.student, self.parts.extras, self.runlog if self.is_main else None)
+        for h in self.hooks:
+            h.after_train()
