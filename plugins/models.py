@@ -2,19 +2,24 @@
 
 Every factory takes its config parameters plus the runtime keyword ``info`` (the dataset's
 :class:`~ddkit.types.DatasetInfo`), from which it reads the number of classes, the number of keypoints and, for
-classification, the image shape (``info.extra["image_shape"] = [C, H, W]``). Nothing is downloaded: ``pretrained``
-is a path to a local checkpoint (a ddkit checkpoint, a plain state dict, or a dict with ``state_dict``/``model``).
+classification, the image shape (``info.extra["image_shape"] = [C, H, W]``).
+
+``pretrained`` (see :mod:`ddkit_plugins.pretrained`): ``true`` or a weights name loads the model library's own
+weights through its own API and cache (torchvision weights enums and the torch hub cache, timm's
+``create_model(pretrained=True)``); a path loads a local file. Detectors take ImageNet weights for their backbone
+(``pretrained_backbone``) and, for the (detector, backbone) pairs torchvision trained on COCO, whole-detector
+weights (``pretrained``) whose class head is kept only when the dataset's classes are COCO's. torchvision itself
+pairs pretrained detectors with ``norm: frozen_bn``.
 
 Detectors are torchvision's (Faster R-CNN, RetinaNet, FCOS, Keypoint R-CNN) on a ResNet or MobileNetV3 FPN backbone
-built with ``weights=None``; their labels are contiguous ``1..C`` (0 is background), mapped from the dataset's
-category ids by the task.
+laid out as torchvision's own builders lay them out; their labels are contiguous ``1..C`` (0 is background), mapped
+from the dataset's category ids by the task.
 """
 from __future__ import annotations
 
 import math
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -23,48 +28,8 @@ from torch import nn
 from ddkit import ConfigError, DataError, DatasetInfo, hookimpl
 from ddkit.types import ModelSpec
 
-
-# ---------------------------------------------------------------------------------------------- weights from disk
-def _state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"pretrained: {path} is not a local file. ddkit never downloads weights; pass the path of "
-                          "a checkpoint on disk (a ddkit .pt, a state dict, or a dict with 'state_dict'/'model')")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise DataError(f"{path}: cannot load weights: {str(err).splitlines()[0]}") from None
-    for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise DataError(f"{path}: not a state dict of tensors")
-    return obj
-
-
-def load_pretrained(module: nn.Module, path: str | Path, prefixes: tuple[str, ...] = ("module.",)) -> nn.Module:
-    """Load matching weights from a local file; tensors whose shape differs (e.g. a new class head) are skipped
-    with a warning. Raises :class:`DataError` when nothing matches."""
-    state = _state_dict_from_file(path)
-    own = module.state_dict()
-    loaded, skipped = {}, []
-    for key, value in state.items():
-        for prefix in ("",) + prefixes:
-            if key.startswith(prefix) and key[len(prefix):] in own:
-                name = key[len(prefix):]
-                if own[name].shape == value.shape:
-                    loaded[name] = value
-                else:
-                    skipped.append(name)
-                break
-    if not loaded:
-        raise DataError(f"{path}: no tensor matches the model's parameters (first model keys: "
-                        f"{list(own)[:3]}, first file keys: {list(state)[:3]})")
-    if skipped:
-        warnings.warn(f"{path}: skipped {len(skipped)} tensors of a different shape: {skipped[:4]}", stacklevel=2)
-    module.load_state_dict(loaded, strict=False)
-    return module
+from .pretrained import (call_torchvision_builder, categories_match, load_matching, load_pretrained,
+                         timm_create, torchvision_state_dict, torchvision_weights, wants_library_weights)
 
 
 def _image_shape(info: DatasetInfo) -> tuple[int, int, int]:
@@ -152,25 +117,112 @@ class LeNet(nn.Module):
 @dataclass
 class TimmParams:
     model_name: str = "resnet18"
-    pretrained: str | None = None
+    pretrained: bool | str | None = None
     drop_rate: float = 0.0
     kwargs: dict = field(default_factory=dict)
 
 
 def build_timm(model_name="resnet18", pretrained=None, drop_rate=0.0, kwargs=None, *, info: DatasetInfo) -> nn.Module:
-    """Any timm architecture by name, randomly initialised; ``pretrained`` is a local checkpoint path (timm's
-    ``pretrained=True`` would download, so it is never used)."""
+    """Any timm architecture by name (``resnet18`` or ``resnet18.a1_in1k``). ``pretrained: true`` or a tag loads
+    timm's weights with ``timm.create_model(pretrained=True)`` (its cache; timm resizes the classifier to the
+    dataset's classes and the input conv to its channels); a path loads a local file."""
     import timm
 
-    if model_name not in timm.list_models():
+    arch = model_name.partition(".")[0]
+    if arch not in timm.list_models():
         import difflib
 
-        hint = difflib.get_close_matches(model_name, timm.list_models(), n=1)
+        hint = difflib.get_close_matches(arch, timm.list_models(), n=1)
         raise ConfigError(f"unknown timm model {model_name!r}." + (f" Did you mean {hint[0]!r}?" if hint else ""))
     chans = int(info.extra.get("image_shape", [3])[0])
-    model = timm.create_model(model_name, pretrained=False, num_classes=info.num_classes, in_chans=chans,
-                              drop_rate=drop_rate, **dict(kwargs or {}))
+    kw = dict(num_classes=info.num_classes, in_chans=chans, drop_rate=drop_rate, **dict(kwargs or {}))
+    if wants_library_weights(pretrained):
+        return timm_create(model_name, pretrained, **kw)
+    model = timm.create_model(arch, pretrained=False, **kw)
     if pretrained:
+        load_pretrained(model, pretrained)
+    return model
+
+
+@dataclass
+class TorchvisionParams:
+    arch: str = "resnet18"
+    pretrained: bool | str | None = None
+    kwargs: dict = field(default_factory=dict)
+
+
+def _last_layer(model: nn.Module, width: int) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, layer) of the last Linear (or 1x1 Conv2d, SqueezeNet) with ``width`` outputs."""
+    found = None
+    for parent in model.modules():
+        for attr, child in parent.named_children():
+            if (isinstance(child, nn.Linear) and child.out_features == width) or \
+                    (isinstance(child, nn.Conv2d) and child.out_channels == width and child.kernel_size == (1, 1)):
+                found = (parent, attr, child)
+    if found is None:
+        raise ConfigError(f"cannot find the {width}-way classifier layer of {type(model).__name__} to resize")
+    return found
+
+
+def _resize_classifier(model: nn.Module, old: int, new: int) -> None:
+    """Replace the ``old``-way output layer by a freshly initialised ``new``-way one (the ImageNet head does not fit
+    the dataset's classes)."""
+    parent, attr, layer = _last_layer(model, old)
+    if isinstance(layer, nn.Linear):
+        fresh: nn.Module = nn.Linear(layer.in_features, new, bias=layer.bias is not None)
+    else:
+        fresh = nn.Conv2d(layer.in_channels, new, 1)
+    setattr(parent, attr, fresh)
+
+
+def _adapt_input_channels(model: nn.Module, chans: int) -> None:
+    """Make the first 3-channel conv take ``chans`` channels as timm's ``adapt_input_conv`` does: grey images sum
+    the RGB filters; more channels repeat them, scaled by 3 / chans."""
+    for parent in model.modules():
+        for attr, conv in parent.named_children():
+            if isinstance(conv, nn.Conv2d) and conv.in_channels == 3:
+                new = nn.Conv2d(chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                                conv.groups, conv.bias is not None)
+                with torch.no_grad():
+                    w = conv.weight
+                    if chans == 1:
+                        new.weight.copy_(w.sum(1, keepdim=True))
+                    else:
+                        new.weight.copy_(w.repeat(1, (chans + 2) // 3, 1, 1)[:, :chans] * (3 / chans))
+                    if conv.bias is not None:
+                        new.bias.copy_(conv.bias)
+                setattr(parent, attr, new)
+                return
+    raise ConfigError(f"{type(model).__name__}: no 3-channel input conv to adapt to {chans} channels")
+
+
+def build_torchvision(arch="resnet18", pretrained=None, kwargs=None, *, info: DatasetInfo) -> nn.Module:
+    """A torchvision classifier by builder name (``resnet18``, ``mobilenet_v3_small``, ``efficientnet_b0``, ...).
+
+    ``pretrained: true`` or a weights name (``IMAGENET1K_V1``) builds it with ``get_model(arch, weights=...)``
+    (torch hub cache), then gives it a fresh head for the dataset's classes; a path loads a local file. Images with
+    other than 3 channels get the first conv adapted (grey: summed RGB filters).
+    """
+    from torchvision import models
+
+    names = models.list_models(module=models)
+    if arch not in names:
+        import difflib
+
+        hint = difflib.get_close_matches(arch, names, n=1)
+        raise ConfigError(f"unknown torchvision classifier {arch!r}." + (f" Did you mean {hint[0]!r}?" if hint else ""))
+    if wants_library_weights(pretrained):
+        weights = torchvision_weights(arch, pretrained)
+        model = call_torchvision_builder(arch, weights, **dict(kwargs or {}))
+        width = len(weights.meta["categories"])
+        if width != info.num_classes:
+            _resize_classifier(model, width, info.num_classes)
+    else:
+        model = models.get_model(arch, weights=None, num_classes=info.num_classes, **dict(kwargs or {}))
+    chans = int(info.extra.get("image_shape", [3])[0])
+    if chans != 3:
+        _adapt_input_channels(model, chans)
+    if pretrained and not wants_library_weights(pretrained):
         load_pretrained(model, pretrained)
     return model
 
@@ -190,8 +242,8 @@ class DetectorParams:
     anchor_sizes: list[int] | None = None
     detections_per_img: int = 100
     score_thresh: float = 0.05
-    pretrained: str | None = None
-    pretrained_backbone: str | None = None
+    pretrained: bool | str | None = None
+    pretrained_backbone: bool | str | None = None
 
     def __post_init__(self) -> None:
         if self.min_size <= 0 or self.max_size < self.min_size:
@@ -234,7 +286,7 @@ def _norm_layer(norm: str):
     return nn.BatchNorm2d
 
 
-def _build_backbone(backbone: str, norm: str, trainable_layers: int | None, pretrained_backbone: str | None,
+def _build_backbone(backbone: str, norm: str, trainable_layers: int | None, pretrained_backbone: bool | str | None,
                     extra_blocks: Any = None, returned_layers: list[int] | None = None) -> nn.Module:
     from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 
@@ -254,8 +306,15 @@ def _build_backbone(backbone: str, norm: str, trainable_layers: int | None, pret
                 p.requires_grad_(True)
     else:  # pragma: no cover - the Literal type already rejects it
         raise ConfigError(f"unknown backbone {backbone!r}")
-    if pretrained_backbone:
-        load_pretrained(net.body, pretrained_backbone, prefixes=("features.", "backbone.body.", "body.", "module."))
+    prefixes = ("features.", "backbone.body.", "body.", "module.")
+    if wants_library_weights(pretrained_backbone):
+        if backbone == "tiny":
+            raise ConfigError("pretrained_backbone: the 'tiny' backbone has no library weights; use a resnet or "
+                              "mobilenet_v3 backbone, or a local weights file")
+        weights = torchvision_weights(backbone, pretrained_backbone, what="pretrained_backbone")
+        load_matching(net.body, torchvision_state_dict(weights, "pretrained_backbone"), str(weights), prefixes)
+    elif pretrained_backbone:
+        load_pretrained(net.body, pretrained_backbone, prefixes=prefixes)
     return net
 
 
@@ -306,8 +365,59 @@ def _anchor_generator(backbone: nn.Module, anchor_sizes: list[int] | None, per_l
     return AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * levels)
 
 
-def _finish(model: nn.Module, pretrained: str | None) -> nn.Module:
-    if pretrained:
+# (detector, backbone) -> the torchvision builder whose COCO weights fit ddkit's layout of that pair (a test checks
+# the layouts tensor by tensor), and per detector the class-dependent tensors.
+COCO_BUILDERS = {
+    ("fasterrcnn", "resnet50"): "fasterrcnn_resnet50_fpn",
+    ("fasterrcnn", "mobilenet_v3_large"): "fasterrcnn_mobilenet_v3_large_fpn",
+    ("retinanet", "resnet50"): "retinanet_resnet50_fpn",
+    ("fcos", "resnet50"): "fcos_resnet50_fpn",
+    ("keypointrcnn", "resnet50"): "keypointrcnn_resnet50_fpn",
+}
+CLASS_HEADS = {"fasterrcnn": ("roi_heads.box_predictor.",), "keypointrcnn": ("roi_heads.box_predictor.",),
+               "retinanet": ("head.classification_head.cls_logits.",),
+               "fcos": ("head.classification_head.cls_logits.",)}
+KEYPOINT_HEAD = "roi_heads.keypoint_predictor."
+
+
+def _head_to_skip(detector: str, weights: Any, info: DatasetInfo) -> tuple[str, ...]:
+    """The head tensors that keep their own init: the class head unless the dataset's classes are the weights'
+    (e.g. 'person' for Keypoint R-CNN), the keypoint head unless the keypoints are the weights' (count, and names
+    where the dataset has them)."""
+    skip = () if categories_match(weights, info.categories) else CLASS_HEADS[detector]
+    theirs = weights.meta.get("keypoint_names")
+    if theirs is not None:
+        ours = info.extra.get("keypoint_names")
+        if info.num_keypoints != len(theirs) or (ours is not None and list(ours) != list(theirs)):
+            skip += (KEYPOINT_HEAD,)
+    return skip
+
+
+def load_coco_detector(model: nn.Module, detector: str, backbone: str, value: bool | str,
+                       info: DatasetInfo) -> nn.Module:
+    """Load torchvision's COCO weights for ``detector`` on ``backbone`` into ``model``: everything but the heads
+    sized for other classes / keypoints (those keep their fresh init)."""
+    builder = COCO_BUILDERS.get((detector, backbone))
+    if builder is None:
+        pairs = ", ".join(b for d, b in COCO_BUILDERS if d == detector)
+        raise ConfigError(f"pretrained: torchvision has COCO weights for {detector} with backbone {pairs}, not "
+                          f"{backbone!r}; use pretrained_backbone: true (ImageNet backbone) or a local weights file")
+    weights = torchvision_weights(builder, value)
+    skip = _head_to_skip(detector, weights, info)
+    loaded = load_matching(model, torchvision_state_dict(weights), str(weights), skip=skip)
+    missed = [k for k in model.state_dict() if k not in loaded and not k.startswith(skip)
+              and not k.endswith("num_batches_tracked")]
+    if missed:
+        warnings.warn(f"{weights}: {len(missed)} tensors of the model were not in the weights: {missed[:4]}",
+                      stacklevel=2)
+    return model
+
+
+def _finish(model: nn.Module, pretrained: bool | str | None, detector: str, backbone: str,
+            info: DatasetInfo) -> nn.Module:
+    if wants_library_weights(pretrained):
+        load_coco_detector(model, detector, backbone, pretrained, info)
+    elif pretrained:
         load_pretrained(model, pretrained)
     return model
 
@@ -343,7 +453,7 @@ def build_fasterrcnn(backbone="resnet18", norm="bn", trainable_layers=None, min_
                                             detections_per_img, score_thresh, representation_size,
                                             box_batch_size_per_image, rpn_batch_size_per_image,
                                             rpn_post_nms_top_n_train, rpn_post_nms_top_n_test))
-    return _finish(model, pretrained)
+    return _finish(model, pretrained, "fasterrcnn", backbone, info)
 
 
 def build_keypointrcnn(backbone="resnet18", norm="bn", trainable_layers=None, min_size=800, max_size=1333,
@@ -364,7 +474,7 @@ def build_keypointrcnn(backbone="resnet18", norm="bn", trainable_layers=None, mi
     model = KeypointRCNN(body, keypoint_head=KeypointRCNNHeads(body.out_channels, list(keypoint_head)),
                          keypoint_predictor=KeypointRCNNPredictor(list(keypoint_head)[-1], info.num_keypoints),
                          **kwargs)
-    return _finish(model, pretrained)
+    return _finish(model, pretrained, "keypointrcnn", backbone, info)
 
 
 def build_retinanet(backbone="resnet18", norm="bn", trainable_layers=None, min_size=800, max_size=1333,
@@ -377,9 +487,9 @@ def build_retinanet(backbone="resnet18", norm="bn", trainable_layers=None, min_s
         body = _build_backbone(backbone, norm, trainable_layers, pretrained_backbone,
                                extra_blocks=LastLevelP6P7(128, 64), returned_layers=[2, 3, 4])
     elif backbone.startswith("resnet"):
-        out = 512 if backbone in ("resnet18", "resnet34") else 2048
+        # P6 from P5 as torchvision's retinanet_resnet50_fpn, so its COCO weights load whole
         body = _build_backbone(backbone, norm, trainable_layers, pretrained_backbone,
-                               extra_blocks=LastLevelP6P7(out, 256), returned_layers=[2, 3, 4])
+                               extra_blocks=LastLevelP6P7(256, 256), returned_layers=[2, 3, 4])
     else:
         body = _build_backbone(backbone, norm, trainable_layers, pretrained_backbone)
     sizes = anchor_sizes or [32, 64, 128, 256, 512]
@@ -396,7 +506,7 @@ def build_retinanet(backbone="resnet18", norm="bn", trainable_layers=None, min_s
     anchors = AnchorGenerator(per_level, ((0.5, 1.0, 2.0),) * levels)
     model = RetinaNet(body, num_classes=info.num_classes + 1, min_size=min_size, max_size=max_size,
                       anchor_generator=anchors, detections_per_img=detections_per_img, score_thresh=score_thresh)
-    return _finish(model, pretrained)
+    return _finish(model, pretrained, "retinanet", backbone, info)
 
 
 def build_fcos(backbone="resnet18", norm="bn", trainable_layers=None, min_size=800, max_size=1333,
@@ -423,7 +533,7 @@ def build_fcos(backbone="resnet18", norm="bn", trainable_layers=None, min_size=8
     anchors = AnchorGenerator(per_level, ((1.0,),) * levels)
     model = FCOS(body, num_classes=info.num_classes + 1, min_size=min_size, max_size=max_size,
                  anchor_generator=anchors, detections_per_img=detections_per_img, score_thresh=score_thresh)
-    return _finish(model, pretrained)
+    return _finish(model, pretrained, "fcos", backbone, info)
 
 
 # ------------------------------------------------------------------------------------------------------ register
@@ -440,7 +550,10 @@ def ddkit_models():
     yield ModelSpec(name="lenet", factory=LeNet, params=LeNetParams, task="classification",
                     summary="small conv net for small images (MNIST, digits)")
     yield ModelSpec(name="timm", factory=build_timm, params=TimmParams, task="classification",
-                    summary="any timm architecture by name; pretrained only from a local checkpoint")
+                    summary="any timm architecture by name; pretrained: true / a tag (timm's weights) or a file")
+    yield ModelSpec(name="torchvision", factory=build_torchvision, params=TorchvisionParams, task="classification",
+                    summary="a torchvision classifier by builder name; pretrained: true / IMAGENET1K_V1 or a file",
+                    examples=({"arch": "mobilenet_v3_small"},))
     yield ModelSpec(name="fasterrcnn", factory=build_fasterrcnn, params=RCNNParams, task="detection",
                     summary="torchvision Faster R-CNN, ResNet/MobileNetV3 FPN backbone", examples=_RCNN_EXAMPLE)
     yield ModelSpec(name="retinanet", factory=build_retinanet, params=DetectorParams, task="detection",

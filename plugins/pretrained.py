@@ -1,0 +1,189 @@
+"""Pretrained weights the way each model library does it.
+
+A model's ``pretrained`` (and a detector's ``pretrained_backbone``) key takes:
+
+* ``true``: the library's default weights (torchvision's ``DEFAULT``, timm's default tag);
+* a weights name: torchvision ``IMAGENET1K_V1`` / ``COCO_V1`` (or ``ResNet18_Weights.IMAGENET1K_V1``), a timm tag
+  such as ``a1_in1k``;
+* a path to a local file (a ddkit checkpoint, a state dict, or a dict with ``state_dict``/``model``).
+
+Library weights come through the library's own API and cache: torchvision's weights enums and the torch hub cache
+(``$TORCH_HOME/hub/checkpoints/<file name of the weights url>``), timm's ``create_model(pretrained=True)`` and the
+Hugging Face cache. Offline, a weights file that is not in the cache is a one-line :class:`DataError` that names the
+url, the cache path and the local-file alternative.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from ddkit import ConfigError, DataError
+
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
+_LOCAL_HINT = "or set pretrained to a local weights file (a state dict or a ddkit .pt)"
+
+
+def is_local(value: Any) -> bool:
+    """True when a ``pretrained`` value names a file rather than library weights: an existing path, or a string
+    with a path separator or a weights-file suffix."""
+    if not isinstance(value, (str, Path)) or isinstance(value, bool):
+        return False
+    text = str(value)
+    return Path(text).expanduser().is_file() or "/" in text or "\\" in text or text.endswith(WEIGHT_SUFFIXES)
+
+
+def wants_library_weights(value: Any) -> bool:
+    """``true`` or a weights name (not a path, not false/None/empty)."""
+    return value is True or (isinstance(value, str) and bool(value) and not is_local(value))
+
+
+# ------------------------------------------------------------------------------------------------ local files
+def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local weights file (``weights_only`` load; ``model``/``state_dict`` entries unwrapped)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"pretrained: {path} is not a local file. ddkit never downloads a path; pass the path of "
+                          "a checkpoint on disk (a ddkit .pt, a state dict, or a dict with 'state_dict'/'model'), "
+                          "or pretrained: true / a weights name for the model library's own weights")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path}: cannot load weights: {str(err).splitlines()[0]}") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                  prefixes: tuple[str, ...] = ("module.",), skip: tuple[str, ...] = ()) -> set[str]:
+    """Copy the tensors of ``state`` whose name (after stripping one of ``prefixes``) and shape match ``module``'s.
+
+    Names starting with one of ``skip`` keep the module's own initialisation (a class head sized for other
+    classes). Other tensors of a different shape are skipped with a warning. Returns the module's loaded names;
+    raises :class:`DataError` when nothing matches.
+    """
+    own = module.state_dict()
+    loaded, skipped = {}, []
+    for key, value in state.items():
+        for prefix in ("",) + prefixes:
+            name = key[len(prefix):]
+            if key.startswith(prefix) and name in own:
+                if name.startswith(skip):
+                    pass  # a head for other classes keeps its own init
+                elif own[name].shape == value.shape:
+                    loaded[name] = value
+                else:
+                    skipped.append(name)
+                break
+    if not loaded:
+        raise DataError(f"{source}: no tensor matches the model's parameters (first model keys: "
+                        f"{list(own)[:3]}, first file keys: {list(state)[:3]})")
+    if skipped:
+        warnings.warn(f"{source}: skipped {len(skipped)} tensors of a different shape: {skipped[:4]}", stacklevel=3)
+    module.load_state_dict(loaded, strict=False)
+    return set(loaded)
+
+
+def load_pretrained(module: nn.Module, path: str | Path, prefixes: tuple[str, ...] = ("module.",)) -> nn.Module:
+    """Load matching weights from a local file; tensors whose shape differs (e.g. a new class head) are skipped
+    with a warning. Raises :class:`DataError` when nothing matches."""
+    load_matching(module, state_dict_from_file(path), str(path), prefixes)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------- torchvision
+def torchvision_weights(builder: str, value: bool | str, what: str = "pretrained") -> Any:
+    """The torchvision weights enum member that ``value`` names for the model builder ``builder``.
+
+    ``true`` is ``DEFAULT``; a member name (``IMAGENET1K_V1``) or a full name (``ResNet18_Weights.IMAGENET1K_V1``)
+    picks one. An unknown name is a :class:`ConfigError` listing the valid ones.
+    """
+    from torchvision.models import get_model_weights
+
+    try:
+        enum = get_model_weights(builder)
+    except (ValueError, KeyError):
+        raise ConfigError(f"{what}: torchvision has no pretrained weights for {builder!r}; {_LOCAL_HINT}") from None
+    name = "DEFAULT" if value is True else str(value).split(".")[-1]
+    prefix = str(value).rsplit(".", 1)[0] if "." in str(value) else enum.__name__
+    if name not in enum.__members__ or prefix != enum.__name__:
+        raise ConfigError(f"{what}: {value!r} is not a weights name of torchvision's {builder}; valid: true, "
+                          f"{', '.join(enum.__members__)} (or {enum.__name__}.<name>), {_LOCAL_HINT}")
+    return enum[name]
+
+
+def torch_hub_cache_file(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` keeps ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+def offline_error(what: str, url: str, cache: Path | str, err: BaseException) -> DataError:
+    """The one-line error for weights that could be neither downloaded nor found in the library's cache."""
+    reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+    return DataError(f"{what}: cannot download {url} ({reason}); put the file at {cache} (the library's cache) "
+                     f"{_LOCAL_HINT}")
+
+
+def torchvision_state_dict(weights: Any, what: str = "pretrained") -> dict[str, torch.Tensor]:
+    """``weights.get_state_dict`` (torch hub cache, downloaded once, hash-checked) with a one-line offline error."""
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True, weights_only=True)
+    except (OSError, RuntimeError) as err:
+        raise offline_error(f"{what} {weights}", weights.url, torch_hub_cache_file(weights.url), err) from None
+
+
+def call_torchvision_builder(builder: str, weights: Any, what: str = "pretrained", **kwargs: Any) -> nn.Module:
+    """``torchvision.models.get_model(builder, weights=weights, **kwargs)`` with the one-line offline error."""
+    from torchvision import models
+
+    try:
+        return models.get_model(builder, weights=weights, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if weights is None:
+            raise
+        raise offline_error(f"{what} {weights}", weights.url, torch_hub_cache_file(weights.url), err) from None
+
+
+def categories_match(weights: Any, categories: Iterable[Mapping[str, Any]], offset: int = 1) -> bool:
+    """Whether the dataset's class names are the weights' classes (from index ``offset``, past the background):
+    only then does a class head keep the library's weights."""
+    names = [str(c.get("name", "")).lower() for c in categories]
+    theirs = [str(c).lower() for c in weights.meta.get("categories", [])[offset:]]
+    return bool(names) and names == theirs
+
+
+# ------------------------------------------------------------------------------------------------------- timm
+def timm_create(model_name: str, value: bool | str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(<arch>.<tag>, pretrained=True, **kwargs)``: timm resizes the classifier and the input
+    conv itself. ``value`` is ``true`` (the default tag, or the one in ``model_name``) or a tag (``a1_in1k``)."""
+    import timm
+
+    arch = model_name.partition(".")[0]
+    full = f"{arch}.{value}" if isinstance(value, str) else model_name
+    try:
+        cfg = timm.models.get_pretrained_cfg(full, allow_unregistered=False)
+    except RuntimeError:  # timm: "Invalid pretrained tag"
+        cfg = None
+    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file):
+        tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{arch}.*")]
+        raise ConfigError(f"pretrained: timm has no weights {full!r}; tags of {arch}: "
+                          f"{', '.join(tags) or 'none'}; {_LOCAL_HINT}")
+    try:
+        return timm.create_model(full, pretrained=True, **kwargs)
+    except (OSError, RuntimeError) as err:
+        if cfg.hf_hub_id:
+            from huggingface_hub import constants
+
+            url, cache = f"https://huggingface.co/{cfg.hf_hub_id}", Path(constants.HF_HUB_CACHE)
+        else:
+            url, cache = cfg.url, torch_hub_cache_file(cfg.url)
+        raise offline_error(f"pretrained timm {full}", url, cache, err) from None

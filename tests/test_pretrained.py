@@ -1,0 +1,230 @@
+"""Pretrained weights through each library's own API and cache, never the network.
+
+The "downloaded" files are models built with random weights and saved under the exact name the library's cache
+uses (``$TORCH_HOME/hub/checkpoints/<file of the weights url>``, the Hugging Face cache layout for timm); a test
+then checks, tensor by tensor, that those weights arrived in the model ddkit built.
+"""
+from __future__ import annotations
+
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+import ddkit
+from ddkit import ConfigError, DataError
+from ddkit.engine.checkpoint import load_model, save_model
+from ddkit.testing.models import info_for_task
+from ddkit_plugins import models as builtin_models
+from ddkit_plugins.pretrained import is_local, torch_hub_cache_file
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch) -> Path:
+    """An empty torch hub cache; any download attempt fails as it does offline."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known (test: offline)")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    return tmp_path / "torch"
+
+
+def _distinct(state: dict[str, torch.Tensor], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every float tensor replaced by positive random values, so a buffer left at its init (BN: 0 / 1) cannot pass
+    for a loaded one; FrozenBatchNorm-style files carry no ``num_batches_tracked``."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: torch.rand(v.shape, generator=g) + 0.5 if v.is_floating_point() else v
+            for k, v in state.items() if not k.endswith("num_batches_tracked")}
+
+
+def _cache(weights, state: dict[str, torch.Tensor]) -> Path:
+    path = torch_hub_cache_file(weights.url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def _build(task: str, cfg: dict, **info_kw):
+    return ddkit.build("tasks", task).build_model(cfg, info_for_task(task, **info_kw))
+
+
+# ------------------------------------------------------------------------------------------------ classifiers
+def test_torchvision_classifier_loads_the_cached_imagenet_weights_with_a_new_head(torch_home):
+    weights = torchvision.models.MobileNet_V3_Small_Weights.IMAGENET1K_V1
+    file = _distinct(torchvision.models.mobilenet_v3_small(weights=None).state_dict())
+    _cache(weights, file)
+    for value in (True, "IMAGENET1K_V1", "MobileNet_V3_Small_Weights.IMAGENET1K_V1"):
+        model = _build("classification", {"name": "torchvision", "arch": "mobilenet_v3_small", "pretrained": value},
+                       num_classes=5, image_shape=(3, 32, 32))
+        own = model.state_dict()
+        for k, v in file.items():
+            if not k.startswith("classifier.3."):
+                assert torch.equal(own[k], v), k
+        assert own["classifier.3.weight"].shape == (5, 1024)  # a fresh 5-way head
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+
+
+def test_torchvision_classifier_on_grey_images_sums_the_rgb_filters(torch_home):
+    weights = torchvision.models.MobileNet_V3_Small_Weights.DEFAULT
+    file = _distinct(torchvision.models.mobilenet_v3_small(weights=None).state_dict())
+    _cache(weights, file)
+    model = _build("classification", {"name": "torchvision", "arch": "mobilenet_v3_small", "pretrained": True},
+                   image_shape=(1, 16, 16))
+    assert torch.allclose(model.state_dict()["features.0.0.weight"], file["features.0.0.weight"].sum(1, keepdim=True))
+
+
+def test_timm_loads_through_its_hugging_face_cache(tmp_path, monkeypatch):
+    timm = pytest.importorskip("timm")
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # cache only: the test never touches the network
+    name = "mobilenetv3_small_050.lamb_in1k"
+    file = _distinct(timm.create_model(name, pretrained=False).state_dict())
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = hub / f"models--timm--{name}" / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (hub / f"models--timm--{name}" / "refs").mkdir()
+    (hub / f"models--timm--{name}" / "refs" / "main").write_text(commit)
+    safetensors_torch.save_file({k: v.contiguous() for k, v in file.items()}, snapshot / "model.safetensors")
+    for cfg in ({"model_name": "mobilenetv3_small_050", "pretrained": True},
+                {"model_name": "mobilenetv3_small_050", "pretrained": "lamb_in1k"},
+                {"model_name": name, "pretrained": True}):
+        model = _build("classification", {"name": "timm", **cfg}, num_classes=4, image_shape=(3, 32, 32))
+        own = model.state_dict()
+        for k, v in file.items():
+            if not k.startswith("classifier."):
+                assert torch.equal(own[k], v), k
+        assert own["classifier.weight"].shape[0] == 4
+
+
+def test_timm_offline_without_the_file_is_one_line_naming_the_hub_and_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError) as err:
+        _build("classification", {"name": "timm", "model_name": "mobilenetv3_small_050", "pretrained": True},
+               image_shape=(3, 32, 32))
+    msg = str(err.value)
+    assert "\n" not in msg and "huggingface.co/timm/mobilenetv3_small_050.lamb_in1k" in msg
+    assert str(tmp_path / "hf") in msg and "local weights file" in msg
+    with pytest.raises(ConfigError, match="tags of mobilenetv3_small_050: .*lamb_in1k"):
+        _build("classification", {"name": "timm", "model_name": "mobilenetv3_small_050", "pretrained": "nope"},
+               image_shape=(3, 32, 32))
+
+
+# -------------------------------------------------------------------------------------------------- detectors
+def test_detector_backbone_loads_the_cached_imagenet_weights(torch_home):
+    weights = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT
+    file = _distinct(torchvision.models.mobilenet_v3_large(weights=None).state_dict())
+    _cache(weights, file)
+    model = _build("detection", {"name": "fasterrcnn", "backbone": "mobilenet_v3_large", "pretrained_backbone": True,
+                                 "min_size": 64, "max_size": 64})
+    body = model.backbone.body.state_dict()
+    used = [k for k in file if k.startswith("features.") and k[len("features."):] in body]
+    assert len(used) == len([k for k in body if not k.endswith("num_batches_tracked")])  # all came from the file
+    for k in used:
+        assert torch.equal(body[k[len("features."):]], file[k]), k
+
+
+def test_whole_coco_detector_loads_all_but_the_class_head(torch_home):
+    weights = torchvision.models.detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1
+    source = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None,
+                                                                             num_classes=91)
+    file = _distinct(source.state_dict())
+    _cache(weights, file)
+    model = _build("detection", {"name": "fasterrcnn", "backbone": "mobilenet_v3_large", "pretrained": "COCO_V1",
+                                 "min_size": 64, "max_size": 64}, num_classes=3)
+    own = model.state_dict()
+    head = "roi_heads.box_predictor."
+    assert {k for k in own if not k.startswith(head) and not k.endswith("num_batches_tracked")} == \
+        {k for k in file if not k.startswith(head)}
+    for k, v in file.items():
+        if not k.startswith(head):
+            assert torch.equal(own[k], v), k
+    assert own[head + "cls_score.weight"].shape == (4, 1024) and own[head + "bbox_pred.weight"].shape == (16, 1024)
+    assert not torch.equal(own[head + "cls_score.weight"], file[head + "cls_score.weight"][:4])
+    preds = ddkit.build("tasks", "detection").predict(model, [torch.rand(3, 64, 80)])
+    assert preds[0].boxes.shape[1] == 4
+
+
+@pytest.mark.parametrize("pair", sorted(builtin_models.COCO_BUILDERS), ids=lambda p: "-".join(p))
+def test_ddkit_detector_layout_is_torchvisions_for_every_coco_pair(pair):
+    """Same tensor names and shapes as torchvision's COCO builder (a COCO-sized head), so its weights load whole."""
+    detector, backbone = pair
+    kw = {"weights": None, "weights_backbone": None}
+    theirs = torchvision.models.get_model(builtin_models.COCO_BUILDERS[pair], num_classes=91 if detector !=
+                                          "keypointrcnn" else 2, **kw).state_dict()
+    task = "keypoints" if detector == "keypointrcnn" else "detection"
+    info = dict(num_classes=90 if task == "detection" else 1) | ({"num_keypoints": 17} if task == "keypoints" else {})
+    ours = _build(task, {"name": detector, "backbone": backbone}, **info).state_dict()
+    shapes = lambda sd: {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}  # noqa
+    assert shapes(ours) == shapes(theirs)
+
+
+def test_head_is_kept_only_for_the_weights_own_classes_and_keypoints():
+    kp = torchvision.models.detection.KeypointRCNN_ResNet50_FPN_Weights.COCO_V1
+    person = info_for_task("keypoints", num_classes=1, num_keypoints=17)
+    person.categories[0]["name"] = "person"
+    assert builtin_models._head_to_skip("keypointrcnn", kp, person) == ()
+    person.extra["keypoint_names"] = ["x"] * 17  # other keypoints: a fresh keypoint head
+    assert builtin_models._head_to_skip("keypointrcnn", kp, person) == ("roi_heads.keypoint_predictor.",)
+    other = info_for_task("keypoints", num_classes=1, num_keypoints=14)
+    assert builtin_models._head_to_skip("keypointrcnn", kp, other) == ("roi_heads.box_predictor.",
+                                                                       "roi_heads.keypoint_predictor.")
+    retina = torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights.COCO_V1
+    assert builtin_models._head_to_skip("retinanet", retina, info_for_task("detection")) == \
+        ("head.classification_head.cls_logits.",)
+
+
+# ------------------------------------------------------------------------------------------------ user errors
+def test_offline_download_is_one_line_naming_the_url_the_cache_and_the_local_path(torch_home):
+    weights = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT
+    with pytest.raises(DataError) as err:
+        _build("detection", {"name": "fcos", "backbone": "mobilenet_v3_large", "pretrained_backbone": True})
+    msg = str(err.value)
+    assert "\n" not in msg and weights.url in msg and str(torch_hub_cache_file(weights.url)) in msg
+    assert str(torch_home) in msg and "local weights file" in msg
+    assert not torch_hub_cache_file(weights.url).exists()
+
+
+def test_wrong_names_and_pairs_are_config_errors(torch_home, tmp_path):
+    with pytest.raises(ConfigError, match="valid: true, IMAGENET1K_V1, DEFAULT"):
+        _build("classification", {"name": "torchvision", "arch": "mobilenet_v3_small", "pretrained": "IMAGENET"},
+               image_shape=(3, 32, 32))
+    with pytest.raises(ConfigError, match="COCO weights for fasterrcnn with backbone resnet50, mobilenet_v3_large"):
+        _build("detection", {"name": "fasterrcnn", "backbone": "resnet18", "pretrained": True})
+    with pytest.raises(ConfigError, match="'tiny' backbone has no library weights"):
+        _build("detection", {"name": "fcos", "backbone": "tiny", "pretrained_backbone": True})
+    with pytest.raises(ConfigError, match="never downloads a path"):
+        _build("detection", {"name": "fcos", "backbone": "tiny", "pretrained": str(tmp_path / "missing.pth")})
+    with pytest.raises(ConfigError, match="Did you mean 'mobilenet_v3_small'"):
+        _build("classification", {"name": "torchvision", "arch": "mobilenet_v3_smal"})
+
+
+def test_is_local_tells_paths_from_weights_names(tmp_path):
+    (tmp_path / "w").write_bytes(b"")
+    assert is_local(str(tmp_path / "w")) and is_local("weights/r18") and is_local("r18.pth")
+    assert not is_local("IMAGENET1K_V1") and not is_local("a1_in1k") and not is_local(True)
+
+
+def test_a_saved_model_rebuilds_without_its_library_weights(torch_home, tmp_path):
+    """The weights are in the checkpoint: rebuilding it (eval, predict, another machine) reads no cache."""
+    weights = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT
+    _cache(weights, _distinct(torchvision.models.mobilenet_v3_large(weights=None).state_dict()))
+    model = _build("detection", {"name": "fasterrcnn", "backbone": "mobilenet_v3_large", "pretrained_backbone": True,
+                                 "min_size": 64, "max_size": 64, "representation_size": 32})
+    save_model(model, tmp_path / "model.pt")
+    torch_hub_cache_file(weights.url).unlink()
+    _, again, _ = load_model(tmp_path / "model.pt")
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
