@@ -22,3 +22,8 @@ class PluginClashError(DDKitError):
 
 class DataError(DDKitError, ValueError):
     """A dataset or annotation file is malformed: the message names the file, the record and the field."""
+
+
+class DegenerateResultError(DataError):
+    """A stage finished with an outcome that must not be reported as a success (e.g. 0 pseudo-labels): the run
+    stops, and its results say why."""

@@ -59,6 +59,7 @@ p.note{color:#777;font-style:italic}
 img{max-width:100%;border:1px solid #eee;margin:.5em 0}
 code{background:#f5f5f5;padding:0 .2em}
 .meta{color:#555}
+p.stopped{color:#a00;border:2px solid #a00;padding:.5em}
 """
 
 
@@ -207,6 +208,9 @@ def _colors(n: int) -> list[Any]:
 # ============================================================================================ 1. results
 def _results_section(results: Mapping[str, Any], plots: Path, rel: str) -> str:
     parts = ["<h2>Results</h2>"]
+    if results.get("stopped"):
+        parts.append(f'<p class="stopped"><b>The run stopped; this is not a result:</b> '
+                     f'{_esc(results["stopped"])}</p>')
     rows = [r for r in (results.get("rows") or []) if isinstance(r, Mapping)]
     metric = results.get("metric")
     meta = []
@@ -233,7 +237,7 @@ def _results_section(results: Mapping[str, Any], plots: Path, rel: str) -> str:
             parts.append(_table([{"model": k, **v} for k, v in tta.items()], text_columns=("model",)))
         else:
             parts.append(_kv_table(tta))
-    known = {"task", "metric", "rows", "gap_closed", "tta"}
+    known = {"task", "metric", "rows", "gap_closed", "tta", "stopped"}
     other = {k: v for k, v in results.items() if k not in known}
     if other:
         parts.append("<h3>Other results</h3>")

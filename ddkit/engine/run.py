@@ -3,9 +3,10 @@
 Stages, each a folder of ``<run.out_dir>`` with a ``stage.json`` marker written (atomically) when it completes::
 
     teacher                 train the teacher on the labeled part              (recipe section ``teacher``)
-    label                   multi-transform pseudo-labelling of the unlabeled  (``label``)
+    label                   multi-transform pseudo-labelling of the unlabeled  (``label`` but its selector)
+    select                  pseudo-labels selected from the label stage's shards, written in ``label/``
     student                 retrain a student on labeled + pseudo, mixed       (``student``)
-    label_r2, student_r2    ``rounds: 2``: the student of round k labels for round k + 1
+    label_r2, select_r2, student_r2  ``rounds: 2``: the student of round k labels for round k + 1
     baseline_labeled        the student's model on the labeled part alone      (``baselines.labeled_only``)
     baseline_full           ... on labeled + unlabeled with its true labels    (``baselines.fully_labeled``)
     kd_<variant>            knowledge distillation variants of the student     (``kd.variants``)
@@ -32,11 +33,11 @@ from omegaconf import DictConfig, OmegaConf
 from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
-from ddkit.engine.label import label_dataset
+from ddkit.engine.label import LABEL_STAGE_KEYS, ShardedLabels, label_dataset, label_stage, select_stage
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DegenerateResultError
 from ddkit.io import atomic_write_json, atomic_write_text
 from ddkit.registry import Registry, _to_plain
 
@@ -121,8 +122,11 @@ class Runner:
             for r in range(1, self.rounds + 1):
                 sfx = "" if r == 1 else f"_r{r}"
                 prev = "teacher" if r == 1 else ("student" if r == 2 else f"student_r{r - 1}")
-                stages.append(Stage(f"label{sfx}", base + ("teacher", "student", "label") if r > 1 else
-                                    base + ("teacher", "label"), lambda p=prev, s=sfx: self._label(p, s)))
+                models = base + (("teacher", "student") if r > 1 else ("teacher",))
+                # the label stage reads every label key but the selection's: another selector re-uses the shards
+                stages.append(Stage(f"label{sfx}", models + LABEL_STAGE_KEYS,
+                                    lambda p=prev, s=sfx: self._label(p, s)))
+                stages.append(Stage(f"select{sfx}", models + ("label",), lambda s=sfx: self._select(s)))
                 stages.append(Stage(f"student{sfx}", base + ("teacher", "label", "student"),
                                     lambda s=sfx: self._train_student(s)))
         if self.baselines.get("labeled_only"):
@@ -133,7 +137,7 @@ class Runner:
             stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", "kd"),
                                 lambda v=variant: self._kd(v)))
         if self.evaluate_cfg.get("tta"):
-            for st in [s.name for s in stages if not s.name.startswith("label")]:
+            for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
                 if st == "baseline_labeled" and self._baseline_is_teacher():
                     continue  # the same model as the teacher's: its TTA row is the teacher's
                 stages.append(Stage(f"tta_{st}", base + ("teacher", "student", "label", "kd", "evaluate"),
@@ -162,11 +166,22 @@ class Runner:
                 shutil.rmtree(folder)
             print(f"[ddkit run] {stage.name}: running")
             t0 = time.perf_counter()
-            result = stage.fn()
+            try:
+                result = stage.fn()
+            except DegenerateResultError as err:  # the finished stages' results are written, and say why it stopped
+                self._write_results(f"stage {stage.name}: {err}")
+                raise
             result["seconds"] = round(time.perf_counter() - t0, 2)
             self.results[stage.name] = result
             atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
+        return self._write_results()
+
+    def _write_results(self, stopped: str | None = None) -> dict[str, Any]:
+        """``results.json``, ``results.md`` and ``report.html`` of the stages done so far (``stopped``: why the
+        run stopped early)."""
         summary = self.summarize()
+        if stopped:
+            summary["stopped"] = stopped
         atomic_write_json(self.out / "results.json", summary)
         atomic_write_text(self.out / "results.md", results_markdown(summary) + "\n")
         try:
@@ -200,16 +215,25 @@ class Runner:
         return Path(self.results[stage]["model"])
 
     def _label(self, teacher_stage: str, sfx: str) -> dict[str, Any]:
+        """Label the unlabeled part into shards (``label{sfx}/shards``); the select stage writes the rest."""
         if self.splits.unlabeled is None:
             raise ConfigError(f"{self.source}: data.split needs an unlabeled part for data distillation")
         path = self._model_path(teacher_stage)
         _, teacher, _ = load_model(path, device=self.device, registry=self.registry)
-        res = label_dataset(self.task, teacher, self.splits.info, self.splits.unlabeled, self.splits.labeled,
-                            self.label_cfg, self.out / f"label{sfx}", teacher_checkpoint=path,
-                            device=self.device, progress=bool(self.progress), registry=self.registry,
-                            seed=self.seed)
-        return {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality,
-                "teacher": str(path)}
+        out = self.out / f"label{sfx}"
+        res = label_stage(self.task, teacher, self.splits.info, self.splits.unlabeled, self.label_cfg, out,
+                          teacher_checkpoint=path, device=self.device, progress=bool(self.progress),
+                          registry=self.registry, seed=self.seed)
+        if not res.complete:
+            raise ConfigError(f"stage label{sfx}: not every shard is labelled; re-run to resume it")
+        return {**res.to_dict(), "pseudo_labels": str(out / "pseudo_labels.json"), "teacher": str(path)}
+
+    def _select(self, sfx: str) -> dict[str, Any]:
+        """Select pseudo-labels from the label stage's shards; its files go beside them (``label{sfx}/``)."""
+        sharded = ShardedLabels.from_dict(self.results[f"label{sfx}"])
+        res = select_stage(sharded, self.task, self.splits.info, self.splits.labeled, self.label_cfg,
+                           self.out / f"label{sfx}", registry=self.registry)
+        return {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality}
 
     def _reads_teacher(self, losses: Any) -> bool:
         """Whether any loss term (any plugin's) reads the teacher: asked of the built terms, never their names."""
@@ -225,6 +249,12 @@ class Runner:
 
     def _train_student(self, sfx: str) -> dict[str, Any]:
         s = self.student_cfg
+        kept = (self.results[f"select{sfx}"].get("summary") or {}).get("pseudo_labels")
+        if kept == 0:  # the student would train on the labeled part alone and be reported as distilled
+            raise DegenerateResultError(
+                f"label{sfx} selected 0 pseudo-labels (see {self.out / f'label{sfx}' / 'summary.json'}); the "
+                f"student would train on labeled data alone. Check the teacher's metrics and the selector "
+                f"(label.selector), then re-run")
         pseudo = load_pseudo_dataset(self.results[f"label{sfx}"]["pseudo_labels"], source=self.splits.unlabeled)
         pseudo.info = self.splits.info
         init = parse_train_config(s.get("train")).init
@@ -311,7 +341,7 @@ class Runner:
                     summary["gap_closed_by_round"] = {
                         s: round((base - by[s][key]) / (base - full), 3) for s in by if s.startswith("student")}
         summary.update(self._kd_gains(by, key))
-        label = self.results.get("label")
+        label = self.results.get("select")  # the select stage writes the quality report
         if label and label.get("quality"):
             summary["pseudo_label_quality"] = {k: label["quality"].get(k) for k in ("single", "ensemble")}
         return summary
@@ -346,8 +376,9 @@ class Runner:
 def results_markdown(summary: Mapping[str, Any]) -> str:
     """The results table as markdown (what ``ddkit run`` prints at the end)."""
     rows = summary.get("rows") or []
+    stopped = f"**STOPPED, not a result:** {summary['stopped']}\n\n" if summary.get("stopped") else ""
     if not rows:
-        return "(no results)"
+        return stopped + "(no results)"
     cols = [c for c in rows[0] if c != "stage"]
     for r in rows[1:]:
         cols += [c for c in r if c not in cols and c != "stage"]
@@ -363,7 +394,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"\n{stage}: {100 * red:.0f} % relative error reduction over the student alone")
     for stage, gain in (summary.get("kd_ap_gain") or {}).items():
         lines.append(f"\n{stage}: {gain:+.2f} AP over the student alone")
-    return "\n".join(lines)
+    return stopped + "\n".join(lines)
 
 
 def run_recipe(cfg: DictConfig, source: str = "recipe", force: Sequence[str] = (), progress: bool | None = None,
