@@ -10,10 +10,12 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml integrations/ddkit-ultralytics/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	# the YOLO plugin (Ultralytics, AGPL-3.0) is a separate distribution; torch stays pinned
+	$(PY) -m pip install -q --disable-pip-version-check -e integrations/ddkit-ultralytics $(TORCH)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	YOLO_OFFLINE=1 $(PY) -m pytest -q integrations/ddkit-ultralytics/tests
 
 bench: $(STAMP)
 	$(PY) benchmarks/aggregators.py && $(PY) benchmarks/label_throughput.py && $(PY) benchmarks/kd_throughput.py

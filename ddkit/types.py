@@ -70,10 +70,12 @@ class DatasetSpec(StrategySpec):
 
 @dataclass(frozen=True)
 class ModelSpec(StrategySpec):
-    """``task`` names the task the model is built for (``classification``, ``detection``, ``keypoints``)."""
+    """``task`` names the task the model is built for (``classification``, ``detection``, ``keypoints``);
+    ``also_tasks`` the other tasks it serves (one YOLO spec builds detectors and pose models)."""
 
     kind: ClassVar[str] = "models"
     task: str = "classification"
+    also_tasks: tuple[str, ...] = ()
 
 
 SPEC_TYPES: dict[str, type[StrategySpec]] = {

@@ -55,10 +55,13 @@ class _BaseTask:
         from ddkit import get_registry
 
         entry, kwargs = get_registry().params("models", model_cfg, where=f"{self.name} model")
-        if entry.spec.task not in self.model_tasks:
+        def serves(spec: Any) -> bool:
+            return bool({spec.task, *getattr(spec, "also_tasks", ())} & set(self.model_tasks))
+
+        if not serves(entry.spec):
             raise ConfigError(f"model {entry.spec.name!r} is for task {entry.spec.task!r}, not {self.name!r}; "
                               f"models for {self.name}: "
-                              f"{', '.join(s.name for s in get_registry().specs('models') if s.task in self.model_tasks)}")
+                              f"{', '.join(s.name for s in get_registry().specs('models') if serves(s))}")
         self.check_info(info)
         model = entry.spec.factory(**kwargs, info=info)
         return attach_model_info(model, {"name": entry.spec.name, **kwargs}, info, self.config())
@@ -199,6 +202,13 @@ def _groups(images: Sequence[Tensor], by_size: bool) -> list[tuple[tuple[int, in
     return list(groups.items())
 
 
+def _model_at_size(inner: nn.Module, size: tuple[int, int] | None):
+    """The model's own ``at_size(size)`` context when it has one (a model that resizes its input itself), else
+    torchvision's transform kept at ``size``."""
+    own = getattr(inner, "at_size", None)
+    return own(size) if callable(own) else _at_size(inner.transform, size)
+
+
 @contextmanager
 def _at_size(transform: nn.Module, size: tuple[int, int] | None):
     """Make torchvision's GeneralizedRCNNTransform keep images of ``size`` as they are (``None``: no change)."""
@@ -266,6 +276,10 @@ class DetectionTask(_BaseTask):
     def feature_forward(self, model: nn.Module, batch: dict[str, Any]) -> None:
         """Runs the model's transform and backbone (what hint losses hook); detectors give no class logits."""
         inner = unwrap_model(model)
+        own = getattr(inner, "feature_forward", None)  # a model with its own input pipeline runs it itself
+        if callable(own):
+            own(list(batch["images"]))
+            return None
         images, _ = inner.transform(list(batch["images"]))
         inner.backbone(images.tensors)
         return None
@@ -289,7 +303,7 @@ class DetectionTask(_BaseTask):
         device = next(inner.parameters()).device
         results: list[Instances | None] = [None] * len(images)
         for size, idx in _groups(images, native_size):
-            with _at_size(inner.transform, size):
+            with _model_at_size(inner, size):
                 outs = inner([images[i].to(device) for i in idx])
             for i, o in zip(idx, outs):
                 results[i] = self._to_instances(model, o, tuple(images[i].shape[-2:]))

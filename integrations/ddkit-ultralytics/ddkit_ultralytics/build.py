@@ -1,0 +1,207 @@
+"""``model: {name: yolo, cfg: yolov8n.yaml}``: build an Ultralytics network for a ddkit dataset.
+
+The number of classes comes from the dataset; a pose cfg (one with ``kpt_shape``) takes the dataset's keypoint count.
+Weights:
+
+* ``pretrained: true`` follows Ultralytics: the weights named after the cfg (``yolov8n.yaml`` -> ``yolov8n.pt``),
+  looked up in the working folder and Ultralytics' weights folder (``yolo settings weights_dir``) and downloaded
+  there by Ultralytics when missing and online. ``pretrained: <path>`` takes a file.
+* An Ultralytics ``.pt`` is a pickle that runs code when loaded: it is read only with ``trust_checkpoint: true``.
+  Otherwise the file must be a plain state dict (``torch.load(weights_only=True)``), e.g. ddkit's own checkpoints.
+* Tensors whose shape differs (a class head for another number of classes) are skipped with a warning.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddkit.errors import ConfigError, DataError
+from ddkit.types import DatasetInfo
+
+SCALES = ("n", "s", "m", "l", "x")
+LOSS_GAINS = ("box", "cls", "dfl", "pose", "kobj")
+
+
+@dataclass
+class YoloParams:
+    """``cfg``: any Ultralytics model yaml (``yolov8n.yaml``, ``yolo11s-pose.yaml``, ``yolo26n.yaml`` or a path);
+    ``imgsz``: training canvas and evaluation size; ``width``/``depth``/``max_channels``: override the scale's
+    multipliers (tiny test models); ``pretrained``: ``true`` (Ultralytics' weights for the cfg) or a file;
+    ``trust_checkpoint``: allow unpickling an Ultralytics ``.pt``; ``conf``/``iou``/``max_det``/``multi_label``:
+    inference NMS; ``train_scale``: random resize range ``[lo, hi]`` (fractions <= 1) for training;
+    ``loss_gains``: Ultralytics' ``box``/``cls``/``dfl``/``pose``/``kobj`` gains (defaults: Ultralytics')."""
+
+    cfg: str = "yolov8n.yaml"
+    imgsz: int = 640
+    width: float | None = None
+    depth: float | None = None
+    max_channels: int | None = None
+    pretrained: Any = None
+    trust_checkpoint: bool = False
+    conf: float = 0.001
+    iou: float = 0.7
+    max_det: int = 300
+    multi_label: bool = False
+    train_scale: list[float] = field(default_factory=lambda: [1.0, 1.0])
+    loss_gains: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.imgsz < 32 or self.imgsz % 32:
+            raise ValueError(f"imgsz must be a multiple of 32 (>= 32), got {self.imgsz}")
+        for key in ("width", "depth"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise ValueError(f"{key} must be > 0, got {v}")
+        for key in ("conf", "iou"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.max_det < 1:
+            raise ValueError(f"max_det must be >= 1, got {self.max_det}")
+        lo_hi = list(self.train_scale)
+        if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+            raise ValueError(f"train_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {self.train_scale}")
+        unknown = sorted(set(self.loss_gains) - set(LOSS_GAINS))
+        if unknown:
+            raise ValueError(f"loss_gains: unknown gain {unknown[0]!r}; valid: {', '.join(LOSS_GAINS)}")
+        if not (self.pretrained is None or isinstance(self.pretrained, (bool, str))):
+            raise ValueError(f"pretrained must be true, false, null or a file path, got {self.pretrained!r}")
+
+
+def _model_dict(cfg: str, width: float | None, depth: float | None, max_channels: int | None) -> dict[str, Any]:
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        d = yaml_model_load(cfg)
+    except (FileNotFoundError, OSError) as err:
+        raise ConfigError(f"model.cfg: {cfg!r} is not an Ultralytics model yaml ({str(err).splitlines()[0]}); "
+                          "try yolov8n.yaml, yolo11n.yaml, yolo26n.yaml or their -pose variants") from None
+    if width is not None or depth is not None or max_channels is not None:
+        scales = d.get("scales") or {}
+        base = scales.get(d.get("scale") or "", next(iter(scales.values()), None)) if scales else None
+        bd, bw, bm = base if base else (d.get("depth_multiple", 1.0), d.get("width_multiple", 1.0), 1024)
+        d["scales"] = {"custom": [depth or bd, width or bw, max_channels or bm]}
+        d["scale"] = "custom"
+    return d
+
+
+def _net(d: dict[str, Any], info: DatasetInfo) -> nn.Module:
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel, PoseModel
+
+    nc = info.num_classes
+    if d.get("kpt_shape"):
+        if not info.num_keypoints:
+            raise ConfigError(f"model.cfg {d.get('yaml_file')!r} is a pose model, but the dataset has no keypoints; "
+                              "use a detection cfg (e.g. yolov8n.yaml)")
+        dims = int(d["kpt_shape"][1])
+        net = PoseModel(d, ch=3, nc=nc, data_kpt_shape=(int(info.num_keypoints), dims), verbose=False)
+    else:
+        net = DetectionModel(d, ch=3, nc=nc, verbose=False)
+    net.names = {i: str(c.get("name", c["id"])) for i, c in enumerate(info.categories)}
+    net.args = get_cfg()
+    if info.keypoint_sigmas and d.get("kpt_shape"):
+        net.kpt_oks_sigmas = torch.tensor(info.keypoint_sigmas, dtype=torch.float32)
+    return net
+
+
+def build_yolo(cfg: str = "yolov8n.yaml", imgsz: int = 640, width: float | None = None, depth: float | None = None,
+               max_channels: int | None = None, pretrained: Any = None, trust_checkpoint: bool = False,
+               conf: float = 0.001, iou: float = 0.7, max_det: int = 300, multi_label: bool = False,
+               train_scale: Any = (1.0, 1.0), loss_gains: dict[str, float] | None = None, *,
+               info: DatasetInfo) -> nn.Module:
+    """An Ultralytics network for ``info`` (classes, keypoints, OKS sigmas) behind :class:`YoloAdapter`."""
+    from ddkit_ultralytics.adapter import YoloAdapter
+
+    net = _net(_model_dict(cfg, width, depth, max_channels), info)
+    for key, value in dict(loss_gains or {}).items():
+        setattr(net.args, key, float(value))
+    if pretrained:
+        load_weights(net, weights_file(cfg, pretrained), trust_checkpoint)
+    return YoloAdapter(net, imgsz, conf, iou, max_det, multi_label, train_scale)
+
+
+# ------------------------------------------------------------------------------------------------ weights
+def weights_file(cfg: str, pretrained: Any) -> Path:
+    """The local file of ``pretrained`` (``true``: Ultralytics' weights named after ``cfg``), downloading through
+    Ultralytics when it is missing and this machine is online."""
+    if isinstance(pretrained, str):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"model.pretrained: {path} is not a file")
+        return path
+    from ultralytics.utils import SETTINGS
+
+    name = Path(cfg).stem + ".pt"
+    for path in (Path(name), Path(SETTINGS["weights_dir"]) / name):
+        if path.is_file():
+            return path
+    if _offline():
+        raise ConfigError(f"model.pretrained: {name} is not in Ultralytics' weights folder {SETTINGS['weights_dir']} "
+                          "and this machine is offline; copy the file there or set pretrained to a local path")
+    from ultralytics.utils.downloads import attempt_download_asset
+
+    return Path(attempt_download_asset(name))
+
+
+def _offline() -> bool:
+    if os.environ.get("YOLO_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return True
+    from ultralytics.utils import ONLINE
+
+    return not ONLINE
+
+
+def read_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
+    """Tensors of a state dict / ddkit checkpoint (weights only) or, with ``trust_checkpoint``, of a pickled
+    Ultralytics checkpoint (its ``ema`` or ``model``)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle with code in it: only when the user trusts the file
+        if not trust_checkpoint:
+            raise ConfigError(f"model.pretrained: {path} is a pickled checkpoint (an Ultralytics .pt runs code when "
+                              "loaded); set model.trust_checkpoint: true if you trust it, or give a state dict "
+                              f"({str(err).splitlines()[0][:80]})") from None
+        from ultralytics.nn.tasks import torch_safe_load
+
+        ckpt, _ = torch_safe_load(str(path))
+        module = None
+        if isinstance(ckpt, dict):
+            module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+        if not isinstance(module, nn.Module):
+            raise DataError(f"{path}: an Ultralytics checkpoint needs a 'model' or 'ema' module") from None
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise DataError(f"{path}: not a state dict of tensors")
+    return obj
+
+
+def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
+    """Copy the tensors of ``path`` whose names (with or without ``net.``/``model.`` prefixes) and shapes match."""
+    state = read_state_dict(path, trust_checkpoint)
+    own = net.state_dict()
+    loaded, skipped = {}, []
+    for key, value in state.items():
+        name = next((key[len(p):] for p in ("", "net.", "module.net.") if key.startswith(p) and key[len(p):] in own),
+                    None)
+        if name is None:
+            continue
+        if own[name].shape == value.shape:
+            loaded[name] = value
+        else:
+            skipped.append(name)
+    if not loaded:
+        raise DataError(f"{path}: no tensor matches the YOLO network (first file keys: {list(state)[:3]})")
+    if skipped:
+        warnings.warn(f"{path}: skipped {len(skipped)} tensors of another shape (e.g. the class head): "
+                      f"{skipped[:3]}", stacklevel=2)
+    net.load_state_dict(loaded, strict=False)

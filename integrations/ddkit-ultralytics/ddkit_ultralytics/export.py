@@ -1,0 +1,66 @@
+"""Write a ddkit YOLO model as a file that ``ultralytics.YOLO(path)`` loads, so a user continues in their usual tool.
+
+    ddkit-yolo-export runs/yolo_det_dd/student/model.pt student_yolo.pt
+    python -c "from ultralytics import YOLO; YOLO('student_yolo.pt').predict('image.jpg')"
+
+The output is an Ultralytics checkpoint: a pickle of the network (as Ultralytics writes it), not a ddkit
+weights-only file. ddkit's own checkpoints are unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ddkit.errors import ConfigError
+
+
+def _net_of(model: nn.Module) -> nn.Module:
+    inner = model
+    while isinstance(getattr(inner, "module", None), nn.Module):  # DDP / DataParallel
+        inner = inner.module
+    net = getattr(inner, "net", None)
+    if net is None or not hasattr(net, "yaml"):
+        raise ConfigError("export_ultralytics needs a ddkit 'yolo' model (built with model: {name: yolo, ...})")
+    return net
+
+
+def export_ultralytics(model: nn.Module | str | Path, path: str | Path) -> Path:
+    """Save ``model`` (a ddkit ``yolo`` model, or a ddkit checkpoint / model file of one) for ``ultralytics.YOLO``.
+
+    Returns the written path. The class names are the dataset's category names.
+    """
+    from ultralytics import __version__
+
+    from ddkit.io import atomic_torch_save
+
+    if isinstance(model, (str, Path)):
+        from ddkit.engine.checkpoint import load_model
+
+        _, model, _ = load_model(model)
+    net = copy.deepcopy(_net_of(model)).cpu().float().eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    args = dict(vars(net.args)) if hasattr(net.args, "__dict__") else dict(net.args or {})
+    args["imgsz"] = int(getattr(model, "imgsz", args.get("imgsz", 640)))
+    ckpt: dict[str, Any] = {"date": datetime.now(timezone.utc).isoformat(), "version": __version__,
+                            "epoch": -1, "best_fitness": None, "model": net, "ema": None, "updates": None,
+                            "optimizer": None, "train_args": args, "train_metrics": {}, "train_results": {}}
+    return atomic_torch_save(ckpt, Path(path))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ddkit-yolo-export", description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a ddkit checkpoint, model.pt or run folder of a 'yolo' model")
+    parser.add_argument("output", help="the Ultralytics .pt to write")
+    args = parser.parse_args(argv)
+    try:
+        out = export_ultralytics(args.model, args.output)
+    except ConfigError as err:
+        parser.exit(2, f"ddkit-yolo-export: {err}\n")
+    print(f"wrote {out} (load it with ultralytics.YOLO({str(out)!r}))")
+    return 0

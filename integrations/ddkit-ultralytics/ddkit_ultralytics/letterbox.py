@@ -1,0 +1,73 @@
+"""Letterboxing in torch: images of any size into one padded batch, and coordinates back.
+
+Images are resized (aspect kept) and placed at the **top-left** corner of the canvas, so mapping back is a division
+by the per-axis resize ratio, with no offset. Padding takes Ultralytics' grey (114 / 255).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAD_VALUE = 114.0 / 255.0
+
+
+def fitted_size(size: tuple[int, int], imgsz: int | None, factor: float = 1.0) -> tuple[int, int]:
+    """``(H, W)`` after scaling the longer side to ``imgsz * factor`` (``imgsz=None``: the size times ``factor``)."""
+    h, w = size
+    r = (imgsz / max(h, w) if imgsz else 1.0) * factor
+    return max(1, round(h * r)), max(1, round(w * r))
+
+
+def letterbox(images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], stride: int,
+              canvas: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+    """Resize each image to its target size and pad all into one batch.
+
+    Args:
+        images: ``[C, H_i, W_i]`` float images in ``[0, 1]`` on one device.
+        sizes: the target ``(h_i, w_i)`` of each image.
+        stride: the canvas sides are rounded up to a multiple of it.
+        canvas: a fixed ``(H, W)`` canvas (training), else the smallest that holds every resized image.
+
+    Returns:
+        ``batch [B, C, H, W]`` and ``ratios [B, 2]`` (``(w_i / W_i, h_i / H_i)``: canvas pixels per input pixel).
+    """
+    if canvas is None:
+        canvas = (max(s[0] for s in sizes), max(s[1] for s in sizes))
+    ch, cw = (math.ceil(c / stride) * stride for c in canvas)
+    first = images[0]
+    batch = torch.full((len(images), first.shape[0], ch, cw), PAD_VALUE, dtype=first.dtype, device=first.device)
+    ratios = torch.empty(len(images), 2, dtype=torch.float32)
+    for i, (im, (h, w)) in enumerate(zip(images, sizes)):
+        h0, w0 = im.shape[-2:]
+        if (h, w) != (h0, w0):
+            down = h < h0 or w < w0
+            im = F.interpolate(im[None].float(), size=(h, w), mode="bilinear", align_corners=False,
+                               antialias=down)[0].clamp_(0, 1).to(first.dtype)
+        batch[i, :, :h, :w] = im
+        ratios[i, 0], ratios[i, 1] = w / w0, h / h0
+    return batch, ratios
+
+
+def boxes_to_canvas(boxes: Tensor, ratio: Tensor) -> Tensor:
+    """``[N, 4]`` xyxy input pixels -> canvas pixels (``ratio = (rx, ry)``)."""
+    return boxes * ratio.to(boxes).repeat(2)
+
+
+def boxes_from_canvas(boxes: Tensor, ratio: Tensor, size: tuple[int, int]) -> Tensor:
+    """``[N, 4]`` xyxy canvas pixels -> input pixels, clamped to the input ``(H, W)``."""
+    out = boxes / ratio.to(boxes).repeat(2)
+    out[:, 0::2] = out[:, 0::2].clamp(0, size[1])
+    out[:, 1::2] = out[:, 1::2].clamp(0, size[0])
+    return out
+
+
+def keypoints_from_canvas(kps: Tensor, ratio: Tensor, size: tuple[int, int]) -> Tensor:
+    """``[N, K, 3]`` canvas pixels -> input pixels (x, y clamped to the input; the third channel unchanged)."""
+    out = kps.clone()
+    out[..., 0] = (kps[..., 0] / ratio[0]).clamp(0, size[1])
+    out[..., 1] = (kps[..., 1] / ratio[1]).clamp(0, size[0])
+    return out

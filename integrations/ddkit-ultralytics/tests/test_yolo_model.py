@@ -1,0 +1,142 @@
+"""The ``yolo`` model: registration, the torchvision-style adapter, weights and the export for Ultralytics."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ddkit
+from ddkit import ConfigError
+from ddkit.testing import check_spec
+from ddkit.testing.models import check_model, info_for_task
+from yolo_common import DATA, TINY, TINY_POSE
+
+
+def _entry():
+    return next(e for e in ddkit.get_registry().entries("models") if e.spec.name == "yolo")
+
+
+@pytest.fixture(scope="module")
+def coco8():
+    return ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "train"})
+
+
+@pytest.fixture(scope="module")
+def coco8_pose():
+    return ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8-pose"), "split": "train"})
+
+
+def test_registered_by_this_distribution_for_both_tasks():
+    entry = _entry()
+    assert entry.provider.replace("_", "-") == "ddkit-ultralytics"
+    assert entry.spec.task == "detection" and "keypoints" in entry.spec.also_tasks
+    check_spec(entry)
+    check_model(entry, dict(entry.spec.examples[0]))
+    task = ddkit.build("tasks", {"name": "keypoints"})
+    model = task.build_model(TINY_POSE, info_for_task("keypoints", num_keypoints=5))
+    preds = task.predict(model, [torch.rand(3, 48, 64)])
+    assert preds[0].keypoints is not None and preds[0].keypoints.shape[1:] == (5, 3)
+
+
+def test_bad_blocks_are_one_line_config_errors(coco8):
+    task = ddkit.build("tasks", {"name": "detection"})
+    with pytest.raises(ConfigError, match="imgsz"):
+        task.build_model({**TINY, "imgsz": 50}, coco8.info)
+    with pytest.raises(ConfigError, match="not an Ultralytics model yaml"):
+        task.build_model({**TINY, "cfg": "yolov99z.yaml"}, coco8.info)
+    with pytest.raises(ConfigError, match="pose model, but the dataset has no keypoints"):
+        task.build_model(TINY_POSE, coco8.info)
+
+
+def test_training_losses_are_ultralytics_and_decrease(coco8):
+    task = ddkit.build("tasks", {"name": "detection"})
+    torch.manual_seed(0)
+    model = task.build_model(TINY, coco8.info)
+    batch = task.collate([coco8[i] for i in range(2)])
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    totals = []
+    for _ in range(6):
+        losses = task.training_forward(model, batch).losses
+        assert set(losses) == {"box_loss", "cls_loss", "dfl_loss"}
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        totals.append(float(loss.detach()))
+    assert totals[-1] < totals[0]
+
+
+def test_losses_equal_ultralytics_criterion_on_its_own_batch(coco8):
+    """The adapter's targets are Ultralytics' batch: the same loss as the criterion on a hand-made batch."""
+    from ddkit_ultralytics.letterbox import fitted_size, letterbox
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    torch.manual_seed(0)
+    model = task.build_model(TINY, coco8.info).train()
+    image, target = coco8[0]
+    ours = task.training_forward(model, task.collate([(image, target)])).losses
+    size = fitted_size(tuple(image.shape[-2:]), 64)
+    x, ratio = letterbox([image], [size], 32, canvas=(64, 64))
+    h, w = image.shape[-2:]
+    b = target["boxes"] / torch.tensor([w, h, w, h]) * torch.tensor([size[1] / 64, size[0] / 64] * 2)
+    ref = {"batch_idx": torch.zeros(len(b)), "cls": target["labels"].float()[:, None],
+           "bboxes": torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)}
+    vec, _ = model.net.init_criterion()(model.net(x), ref)
+    assert torch.allclose(torch.stack(list(ours.values())), vec, rtol=1e-4, atol=1e-5)
+
+
+def test_predictions_are_in_input_pixels_at_any_size(coco8):
+    """``at_size`` (multi-scale labelling) runs the image at its own size; both map back into the input frame, and
+    the same content at 2x gives the same boxes times 2 when run at its own size."""
+    task = ddkit.build("tasks", {"name": "detection"})
+    torch.manual_seed(0)
+    model = task.build_model({**TINY, "imgsz": 128}, coco8.info).eval()
+    image = torch.nn.functional.interpolate(coco8[0][0][None], size=(96, 128), mode="bilinear")[0]
+    big = torch.nn.functional.interpolate(image[None], scale_factor=2.0, mode="nearest")[0]
+    small = task.predict(model, [image])[0]
+    large = task.predict(model, [big])[0]  # resized to imgsz=128 again: the same network input
+    assert len(small) > 0 and large.image_size == (192, 256)
+    assert torch.allclose(large.boxes, small.boxes * 2, atol=1e-2)
+    native = task.predict(model, [image], native_size=True)[0]
+    assert native.image_size == (96, 128) and bool((native.boxes[:, 2] <= 128).all())
+
+
+def test_pretrained_true_is_offline_one_line_error_then_found_in_the_weights_dir(coco8, monkeypatch, tmp_path):
+    from ultralytics.utils import SETTINGS
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    monkeypatch.setitem(SETTINGS, "weights_dir", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="yolov8n.pt is not in Ultralytics' weights folder") as err:
+        task.build_model({**TINY, "pretrained": True}, coco8.info)
+    assert "\n" not in str(err.value)
+    # a file in Ultralytics' cache: an Ultralytics checkpoint (a pickle) needs trust_checkpoint
+    from ddkit_ultralytics.export import export_ultralytics
+
+    torch.manual_seed(1)
+    source = task.build_model(TINY, coco8.info)
+    export_ultralytics(source, tmp_path / "yolov8n.pt")
+    with pytest.raises(ConfigError, match="trust_checkpoint"):
+        task.build_model({**TINY, "pretrained": True}, coco8.info)
+    model = task.build_model({**TINY, "pretrained": True, "trust_checkpoint": True}, coco8.info)
+    for (k, a), b in zip(source.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k
+    # a plain state dict loads without trust
+    torch.save(source.state_dict(), tmp_path / "weights.pt")
+    plain = task.build_model({**TINY, "pretrained": str(tmp_path / "weights.pt")}, coco8.info)
+    assert torch.equal(plain.net.model[0].conv.weight, source.net.model[0].conv.weight)
+
+
+def test_export_loads_in_ultralytics_with_the_same_outputs(coco8, tmp_path):
+    from ultralytics import YOLO
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    model = task.build_model(TINY, coco8.info).eval()
+    path = export_ultralytics(model, tmp_path / "student.pt")
+    yolo = YOLO(str(path))
+    assert yolo.task == "detect" and yolo.names[0] == coco8.info.categories[0]["name"]
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model.net(x)[0], yolo.model(x)[0], atol=1e-5)
