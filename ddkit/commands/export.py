@@ -1,4 +1,7 @@
-"""``ddkit export CHECKPOINT [-o OUT]``: write student-only weights (no optimizer, adapters or teacher).
+"""``ddkit export CHECKPOINT|RUN [-o OUT]``: write student-only weights (no optimizer, adapters or teacher).
+
+``RUN``, the folder ``ddkit run`` wrote, exports its final student (the last round's; a KD run's only variant) to
+``RUN/model.pt`` and names which one. A stage folder or a checkpoint file exports that model.
 
 The output (``ddkit-model-v1``) rebuilds its model from the file alone with
 ``ddkit.engine.checkpoint.load_model`` and loads with ``torch.load(weights_only=True)``.
@@ -8,33 +11,48 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-HELP = "write student-only weights from a training checkpoint or run folder"
+HELP = "write student-only weights from a training checkpoint, a stage folder or a `ddkit run` folder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a checkpoint (.pt) or a run folder")
-    parser.add_argument("-o", "--output", help="output file (default: model.pt beside the run folder's checkpoints)")
+    parser.add_argument("checkpoint", help="a checkpoint (.pt), a stage folder, or a `ddkit run` folder (its final "
+                                           "student)")
+    parser.add_argument("-o", "--output", help="output file (default: RUN/model.pt for a run folder, else model.pt "
+                                               "beside the checkpoints)")
     parser.add_argument("--no-verify", action="store_true", help="do not rebuild the model to check the file")
 
 
+def _source(arg: str) -> tuple[Path, Path, str]:
+    """(checkpoint, default output, what it is in words)."""
+    from ddkit.engine.checkpoint import resolve_checkpoint
+    from ddkit.engine.run_folder import describe_stage, final_student, is_run_folder
+
+    if is_run_folder(arg):
+        src, stage, note = final_student(arg)
+        what = f"{describe_stage(stage)} (stage {stage}, {src})" + (f"; {note}" if note else "")
+        return src, Path(arg) / "model.pt", what
+    src = resolve_checkpoint(arg)
+    run_dir = src.parent.parent if src.parent.name == "checkpoints" else src.parent
+    dest = run_dir / "model.pt"
+    if dest.resolve() == src.resolve():
+        dest = run_dir / "model_export.pt"
+    return src, dest, str(src)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ddkit.engine.checkpoint import MODEL_FORMAT, load_checkpoint, load_model, resolve_checkpoint
+    from ddkit.engine.checkpoint import MODEL_FORMAT, load_checkpoint, load_model
     from ddkit.io import atomic_torch_save
 
-    src = resolve_checkpoint(args.checkpoint)
+    src, dest, what = _source(args.checkpoint)
     record = load_checkpoint(src)
     out = {k: record[k] for k in ("task", "model_cfg", "info", "model")}
     out["format"] = MODEL_FORMAT
     if args.output:
         dest = Path(args.output)
-    else:
-        run_dir = src.parent.parent if src.parent.name == "checkpoints" else src.parent
-        dest = run_dir / "model.pt"
-        if dest.resolve() == src.resolve():
-            dest = run_dir / "model_export.pt"
     atomic_torch_save(out, dest)
     if not args.no_verify:
         load_model(dest)
     n = sum(v.numel() for v in out["model"].values())
+    print(f"exported {what}")
     print(f"wrote {dest} ({out['task']['name']} / {out['model_cfg'].get('name')}, {n:,} values)")
     return 0

@@ -1,0 +1,85 @@
+"""The models inside a folder that ``ddkit run`` wrote: which stage holds the final student, the teacher, ...
+
+A run folder holds one folder per stage (``teacher``, ``student``, ``student_r2``, ``kd_<variant>``, ...), each with
+a ``stage.json`` marker once complete whose ``result["model"]`` is that stage's exported model.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from ddkit.errors import ConfigError
+from ddkit.engine.checkpoint import resolve_checkpoint
+
+_ROUND = re.compile(r"student(?:_r(\d+))?")
+
+
+def completed_stages(run_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """``{stage: result}`` for every stage folder of ``run_dir`` with a ``stage.json`` marker."""
+    out = {}
+    for marker in sorted(Path(run_dir).glob("*/stage.json")):
+        try:
+            done = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue  # a marker is written atomically; an unreadable one is not ours
+        out[marker.parent.name] = done.get("result") or {}
+    return out
+
+
+def is_run_folder(path: str | Path) -> bool:
+    """A folder written by ``ddkit run`` (stage folders with markers), not a single stage's folder."""
+    path = Path(path)
+    return path.is_dir() and bool(completed_stages(path))
+
+
+def stage_model(run_dir: str | Path, stage: str) -> Path:
+    """The model file of a completed stage (its ``result["model"]``, else the stage folder's own files)."""
+    result = completed_stages(run_dir).get(stage)
+    if result is None:
+        raise ConfigError(f"{run_dir}: no completed stage {stage!r}")
+    model = result.get("model")
+    if model and Path(model).is_file():
+        return Path(model)
+    return resolve_checkpoint(Path(run_dir) / stage)
+
+
+def _round(stage: str) -> int:
+    match = _ROUND.fullmatch(stage)
+    return int(match.group(1) or 1) if match else 0
+
+
+def final_student(run_dir: str | Path) -> tuple[Path, str, str]:
+    """``(model file, stage, note)`` of the run's final student: the last round's data distillation student, else
+    the only KD student. Several KD students are a :class:`ConfigError` that asks for one stage folder.
+
+    ``note`` says what else the folder holds that was not taken (an unfinished later round), or is empty.
+    """
+    run_dir = Path(run_dir)
+    stages = completed_stages(run_dir)
+    students = sorted((s for s in stages if _round(s)), key=_round)
+    if students:
+        last = students[-1]
+        later = sorted((p.name for p in run_dir.iterdir() if p.is_dir() and _round(p.name) > _round(last)), key=_round)
+        note = f"stage {later[-1]} is not finished" if later else ""
+        return stage_model(run_dir, last), last, note
+    kd = [s for s in stages if s.startswith("kd_")]
+    if len(kd) == 1:
+        return stage_model(run_dir, kd[0]), kd[0], ""
+    if kd:
+        raise ConfigError(f"{run_dir}: the run has several KD students ({', '.join(kd)}); pass one stage folder, "
+                          f"e.g. {run_dir / kd[0]}")
+    raise ConfigError(f"{run_dir}: the run has no finished student (stages done: {', '.join(stages) or 'none'}); "
+                      f"pass a stage folder such as {run_dir / 'teacher'} to use that model")
+
+
+def describe_stage(stage: str) -> str:
+    """A stage name in words: ``student_r2`` -> ``student round 2``."""
+    if stage == "student":
+        return "the data distillation student"
+    if _round(stage) > 1:
+        return f"the round {_round(stage)} student"
+    if stage.startswith("kd_"):
+        return f"the KD student {stage[3:]!r}"
+    return f"the {stage} model"

@@ -1,0 +1,99 @@
+"""``ddkit export RUN``: the folder ``ddkit run`` wrote exports its final student and says which one."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddkit import ConfigError
+from ddkit.cli import main
+from ddkit.config import load_config
+from ddkit.engine.checkpoint import load_model
+from ddkit.engine.run import run_recipe
+from ddkit.engine.run_folder import final_student
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RECIPE = """
+run: {{name: tiny, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: classification}}
+data:
+  dataset: {{name: digits}}
+  split: {{labeled: 0.1, unlabeled: 0.3, test: 0.2, seed: 0}}
+teacher:
+  model: {{name: mlp, hidden: [16]}}
+  train: {{iterations: 20, batch_size: 32, lr: 0.1, log_every: 20}}
+label:
+  transforms: [{{name: identity}}]
+  aggregator: {{name: prob_mean}}
+  selector: {{name: count_match}}
+  batch_size: 64
+student:
+  model: {{name: mlp, hidden: [16]}}
+  train: {{iterations: 20, batch_size: 32, lr: 0.1, ratio: [6, 4], log_every: 20}}
+rounds: 2
+"""
+
+
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("export_run")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(RECIPE.format(out=tmp / "out"))
+    return Path(run_recipe(load_config(recipe), source=str(recipe), progress=False)["run_dir"])
+
+
+def _same_weights(a: Path, b: Path) -> bool:
+    sa, sb = load_model(a)[1].state_dict(), load_model(b)[1].state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_export_run_takes_the_last_rounds_student_and_names_it(two_rounds, capsys):
+    assert main(["export", str(two_rounds)]) == 0
+    printed = capsys.readouterr().out
+    assert "exported the round 2 student (stage student_r2" in printed
+    assert str(two_rounds / "model.pt") in printed
+    assert _same_weights(two_rounds / "model.pt", two_rounds / "student_r2" / "model.pt")
+    assert not _same_weights(two_rounds / "model.pt", two_rounds / "student" / "model.pt")
+    record = torch.load(two_rounds / "model.pt", weights_only=True)
+    assert set(record) == {"format", "task", "model_cfg", "info", "model"}
+    # exporting again (RUN/model.pt now exists) still reads the run's stages, not its own output
+    assert main(["export", str(two_rounds), "-o", str(two_rounds / "again.pt")]) == 0
+    assert "stage student_r2" in capsys.readouterr().out
+
+
+def test_export_of_a_stage_folder_or_file_is_unchanged(two_rounds, tmp_path, capsys):
+    assert main(["export", str(two_rounds / "student"), "-o", str(tmp_path / "s.pt")]) == 0
+    assert _same_weights(tmp_path / "s.pt", two_rounds / "student" / "model.pt")
+    assert main(["export", str(two_rounds / "teacher" / "checkpoints" / "last.pt"), "-o",
+                 str(tmp_path / "t.pt")]) == 0
+    assert _same_weights(tmp_path / "t.pt", two_rounds / "teacher" / "model.pt")
+
+
+def test_an_unfinished_later_round_is_said(two_rounds, tmp_path):
+    (two_rounds / "student_r3").mkdir(exist_ok=True)  # started, no stage.json
+    try:
+        path, stage, note = final_student(two_rounds)
+        assert stage == "student_r2" and note == "stage student_r3 is not finished"
+    finally:
+        (two_rounds / "student_r3").rmdir()
+
+
+def _fake_stage(run: Path, stage: str) -> None:
+    (run / stage).mkdir(parents=True)
+    (run / stage / "stage.json").write_text(json.dumps({"stage": stage, "result": {}}))
+
+
+def test_a_run_without_one_final_student_asks_for_a_stage(tmp_path, capsys):
+    _fake_stage(tmp_path, "teacher")
+    with pytest.raises(ConfigError, match="no finished student .*stages done: teacher.*teacher"):
+        final_student(tmp_path)
+    _fake_stage(tmp_path, "kd_alone")
+    _fake_stage(tmp_path, "kd_soft")
+    with pytest.raises(ConfigError, match=r"several KD students \(kd_alone, kd_soft\); pass one stage folder"):
+        final_student(tmp_path)
+    assert main(["export", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "several KD students" in err
