@@ -41,6 +41,8 @@ class CountMatch:
     prediction per image) it keeps the ``round(frac_c x N)`` most confident images predicted as ``c``.
     """
 
+    needs_labeled_stats = True  # capability: fit() matches the labeled set's counts, so it needs that set
+
     def __init__(self, per_category: bool = True, keypoints: bool = True):
         self.per_category = per_category
         self.keypoints = keypoints

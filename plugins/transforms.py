@@ -63,6 +63,7 @@ class _View:
 
     name = "view"
     flip = False
+    is_identity = False  # capability: the untransformed view (labelling's "single view" of the quality report)
 
     def output_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
         """``(H', W')`` of the transformed image of an ``(H, W)`` image."""
@@ -95,6 +96,7 @@ class Identity(_View):
     """The untransformed view."""
 
     name = "identity"
+    is_identity = True
 
 
 @dataclass

@@ -122,7 +122,7 @@ def test_image_folder_is_converted_to_the_teachers_input(tmp_path, teacher, caps
 
 
 def test_bad_recipe_fails_before_any_image_is_read(tmp_path, teacher, capsys, monkeypatch):
-    monkeypatch.setattr(L, "label_shard", lambda *a, **k: pytest.fail("an image was read"))
+    monkeypatch.setattr(L.sharded, "label_shard", lambda *a, **k: pytest.fail("an image was read"))
     cases = [(["label.selector.name=count_matsh"], "Did you mean 'count_match'"),
              (["label.transforms=[{name: fliph}]"], "Unknown transform 'fliph'"),
              (["label.aggregator.name=heatmap_mean"], "label.keypoints.aggregator"),

@@ -265,11 +265,11 @@ def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch)
             raise RuntimeError("killed")
         return real(labeller, source, start, stop, *a, **k)
 
-    monkeypatch.setattr(L, "label_shard", crashing)
+    monkeypatch.setattr(L.sharded, "label_shard", crashing)
     with pytest.raises(RuntimeError, match="killed"):
         L.label_dataset(FakeTask(), BlobDetector(), ds.info, unlabeled, labeled, cfg, tmp_path / "run")
     assert calls == [14, 21]  # shards 0 and 1 were skipped
-    monkeypatch.setattr(L, "label_shard", real)
+    monkeypatch.setattr(L.sharded, "label_shard", real)
     task = FakeTask()
     done = L.label_dataset(task, BlobDetector(), ds.info, unlabeled, labeled, cfg, tmp_path / "run")
     assert done.shards_done == [3] and done.complete

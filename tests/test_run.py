@@ -84,7 +84,7 @@ def test_rerun_skips_complete_stages(first_run, recipe, capsys):
     again = run_recipe(load_config(recipe), source=str(recipe), progress=False)
     printed = capsys.readouterr().out
     stages = len(list(out.glob("*/stage.json")))
-    assert stages == 12  # 7 trainings/labellings + a tta evaluation of each of the 5 distinct models
+    assert stages == 13  # 7 trainings/labellings, the select stage + a tta evaluation of each of the 5 distinct models
     assert not (out / "tta_baseline_labeled").exists()  # the baseline is the teacher: evaluated once
     assert printed.count("done earlier, skipped") == stages and "running" not in printed
     assert (out / "student" / "model.pt").stat().st_mtime_ns == mtime

@@ -18,18 +18,7 @@ Per cell, for boxes (``instances``):
 For class probabilities (``probs``): ``accuracy`` of the hard labels of every image, ``selected_accuracy`` of the
 kept ones, ``coverage`` (fraction of images kept) and ``agg_ms_per_image``.
 
-Raw predictions file (``.pt``, loadable with ``torch.load(weights_only=True)``), see :func:`save_raw`::
-
-    {"format": "ddkit.raw_predictions", "version": 1,
-     "prediction_type": "instances" | "probs",
-     "categories": [{"id": 1, "name": "person"}, ...],
-     "views": ["identity", "hflip", ...],             # optional names of the views
-     "images": [{"image_id": int, "image_size": [H, W],
-                 "views": [{"boxes": f32 [N, 4] xyxy pixels of the original frame, "scores": f32 [N],
-                            "labels": i64 [N] category ids}, ...]           # instances
-                 # or "probs": f32 [V, C] (one row per view, columns ordered like categories)  # probs
-                 "target": {"boxes", "labels"} | {"label"}                  # optional ground truth
-                 }, ...]}
+The raw predictions format is documented in :mod:`ddkit.engine.raw_predictions`.
 """
 from __future__ import annotations
 
@@ -46,142 +35,21 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ddkit.engine.aggregation import aggregate_images
+from ddkit.engine.coco_results import coco_ground_truth, instances_to_results
+from ddkit.engine.matching import greedy_match
+from ddkit.engine.prediction_kinds import INSTANCES, KINDS, PROBS
+from ddkit.engine.raw_predictions import (RAW_FILE, RAW_FORMAT, RAW_VERSION, RawImage, RawPredictions,  # noqa: F401
+                                          load_raw, raw_file, raw_from_dict, save_raw)
+from ddkit.engine.spec_examples import all_defaults, example_blocks
 from ddkit.errors import ConfigError, DataError
 from ddkit.types import Instances
 
 log = logging.getLogger("ddkit.bench")
 
-RAW_FORMAT = "ddkit.raw_predictions"
-RAW_VERSION = 1
-INSTANCE_METRICS = ("AP", "AP50", "AR", "precision", "recall", "inst_per_image", "agg_inst_per_image",
-                    "gt_per_image", "agg_ms_per_image")
-PROBS_METRICS = ("accuracy", "selected_accuracy", "coverage", "selected", "agg_ms_per_image")
+INSTANCE_METRICS = INSTANCES.bench_metrics
+PROBS_METRICS = PROBS.bench_metrics
 LOWER_IS_BETTER = ("agg_ms_per_image",)
-
-
-# ------------------------------------------------------------------------------------------------ raw predictions
-@dataclass
-class RawImage:
-    """The raw per-view predictions of one image, mapped back to its original frame.
-
-    Attributes:
-        image_id: the dataset's image id.
-        image_size: ``(H, W)`` of the original image.
-        views: per view :class:`Instances` (``instances`` type), else ``None``.
-        probs: ``[V, C]`` class probabilities (``probs`` type), else ``None``.
-        target: optional ground truth: ``{"boxes" [M, 4], "labels" [M]}`` or ``{"label": int}``.
-    """
-
-    image_id: int
-    image_size: tuple[int, int]
-    views: list[Instances] | None = None
-    probs: Tensor | None = None
-    target: dict[str, Any] | None = None
-
-
-@dataclass
-class RawPredictions:
-    prediction_type: str  # "instances" or "probs"
-    images: list[RawImage]
-    categories: list[dict[str, Any]] = field(default_factory=list)
-    view_names: list[str] = field(default_factory=list)
-
-    @property
-    def num_views(self) -> int:
-        if self.view_names:
-            return len(self.view_names)
-        first = self.images[0] if self.images else None
-        if first is None:
-            return 0
-        return len(first.views) if first.views is not None else int(first.probs.shape[0])
-
-
-def save_raw(raw: RawPredictions, path: str | Path) -> Path:
-    """Write raw predictions in the documented format (atomically)."""
-    from ddkit.io import atomic_torch_save
-
-    images = []
-    for img in raw.images:
-        rec: dict[str, Any] = {"image_id": int(img.image_id), "image_size": [int(s) for s in img.image_size]}
-        if raw.prediction_type == "instances":
-            rec["views"] = [{"boxes": v.boxes.float().cpu(), "scores": v.scores.float().cpu(),
-                             "labels": v.labels.long().cpu()} for v in img.views]
-        else:
-            rec["probs"] = img.probs.float().cpu()
-        if img.target is not None:
-            rec["target"] = {k: (v.cpu() if isinstance(v, Tensor) else v) for k, v in img.target.items()}
-        images.append(rec)
-    return atomic_torch_save({"format": RAW_FORMAT, "version": RAW_VERSION, "prediction_type": raw.prediction_type,
-                              "categories": list(raw.categories), "views": list(raw.view_names),
-                              "images": images}, path)
-
-
-def _as_tensor(v: Any, dtype: torch.dtype, shape_tail: tuple[int, ...] = ()) -> Tensor:
-    t = torch.as_tensor(v, dtype=dtype)
-    if shape_tail and t.numel() == 0:
-        t = t.reshape(0, *shape_tail)
-    return t
-
-
-def raw_from_dict(data: Mapping[str, Any], source: str = "raw predictions") -> RawPredictions:
-    """Parse the documented raw format (see the module docstring)."""
-    if not isinstance(data, Mapping) or "images" not in data:
-        raise DataError(f"{source}: not a ddkit raw-predictions file (a mapping with 'images')")
-    fmt = data.get("format", RAW_FORMAT)
-    if fmt != RAW_FORMAT:
-        raise DataError(f"{source}: format {fmt!r} is not {RAW_FORMAT!r}")
-    images = []
-    ptype = data.get("prediction_type")
-    for i, rec in enumerate(data["images"]):
-        try:
-            size = tuple(int(s) for s in rec["image_size"])
-            img = RawImage(image_id=int(rec["image_id"]), image_size=size, target=rec.get("target"))
-            if "probs" in rec:
-                img.probs = _as_tensor(rec["probs"], torch.float32)
-                if img.probs.ndim != 2:
-                    raise ValueError(f"probs must be [V, C], got {tuple(img.probs.shape)}")
-                ptype = ptype or "probs"
-            else:
-                img.views = [Instances(_as_tensor(v["boxes"], torch.float32, (4,)),
-                                       _as_tensor(v["scores"], torch.float32).reshape(-1),
-                                       _as_tensor(v["labels"], torch.int64).reshape(-1), image_size=size)
-                             for v in rec["views"]]
-                ptype = ptype or "instances"
-        except (KeyError, TypeError, ValueError) as err:
-            raise DataError(f"{source}: images[{i}] is malformed ({type(err).__name__}: {err})") from None
-        images.append(img)
-    if ptype not in ("instances", "probs"):
-        raise DataError(f"{source}: prediction_type must be 'instances' or 'probs', got {ptype!r}")
-    return RawPredictions(ptype, images, list(data.get("categories") or []), list(data.get("views") or []))
-
-
-RAW_FILE = "raw_predictions.pt"
-
-
-def raw_file(path: str | Path) -> Path:
-    """The raw-predictions file a path names: the file itself, or ``raw_predictions.pt`` in the folder or its
-    ``label/`` (a labelling run folder)."""
-    path = Path(path)
-    if path.is_dir():
-        for cand in (path / RAW_FILE, path / "label" / RAW_FILE):
-            if cand.is_file():
-                return cand
-        raise DataError(f"{path}: no {RAW_FILE} in it or in its label/ folder; label with label.keep_raw: true")
-    return path
-
-
-def load_raw(path: str | Path) -> RawPredictions:
-    """Read raw predictions (``weights_only=True``): a ``.pt`` file in the documented format, or a folder holding
-    ``raw_predictions.pt`` directly or in its ``label/`` (a labelling run folder: ``ddkit label`` with
-    ``label.keep_raw: true`` writes ``<run.out_dir>/label/raw_predictions.pt``)."""
-    path = raw_file(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such raw-predictions file")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle / zip errors
-        raise DataError(f"{path}: cannot be read as a raw-predictions file: {err}") from None
-    return raw_from_dict(data, str(path))
 
 
 # ------------------------------------------------------------------------------------------------ synthetic data
@@ -322,25 +190,12 @@ class GroundTruth:
         if missing:
             raise DataError(f"raw predictions carry no ground truth ('target') for image {missing[0]} (and "
                             f"{len(missing) - 1} more); give bench.gt: a COCO json")
-        if raw.prediction_type == "probs":
+        if raw.kind is PROBS:
             return cls(class_labels={img.image_id: int(torch.as_tensor(img.target["label"]))
                                      for img in raw.images})
-        coco: dict[str, Any] = {"images": [], "annotations": [], "categories": list(raw.categories)}
-        ann_id = 1
-        for img in raw.images:
-            H, W = img.image_size
-            coco["images"].append({"id": img.image_id, "height": H, "width": W})
-            boxes = torch.as_tensor(img.target["boxes"], dtype=torch.float64).reshape(-1, 4)
-            labels = torch.as_tensor(img.target["labels"]).reshape(-1).tolist()
-            crowd = torch.as_tensor(img.target.get("iscrowd", [0] * len(labels))).reshape(-1).tolist()
-            for b, c, cr in zip(boxes.tolist(), labels, crowd):
-                coco["annotations"].append({"id": ann_id, "image_id": img.image_id, "category_id": int(c),
-                                            "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "iscrowd": int(cr),
-                                            "area": (b[2] - b[0]) * (b[3] - b[1])})
-                ann_id += 1
-        if not coco["categories"]:
-            ids = sorted({a["category_id"] for a in coco["annotations"]})
-            coco["categories"] = [{"id": c, "name": str(c)} for c in ids]
+        keys = ("boxes", "labels", "iscrowd")  # the box area, not a stored one, as the format has none
+        coco = coco_ground_truth(((img.image_id, *img.image_size, {k: v for k, v in img.target.items() if k in keys})
+                                  for img in raw.images), raw.categories)
         return cls.from_coco(coco)
 
     def num_instances(self) -> int:
@@ -361,28 +216,6 @@ def labeled_stats_from_gt(gt: GroundTruth, image_ids: Sequence[int], category_id
             for c in gt.labels.get(int(iid), torch.zeros(0, dtype=torch.int64)).tolist():
                 counts[int(c)] = counts.get(int(c), 0) + 1
     return LabeledStats(num_images=len(image_ids), instances=counts)
-
-
-# ------------------------------------------------------------------------------------------------ matching
-def greedy_match(boxes: Tensor, scores: Tensor, labels: Tensor, gt_boxes: Tensor, gt_labels: Tensor,
-                 iou_thr: float = 0.5) -> Tensor:
-    """True-positive mask ``[N]``: in descending score order (stable), each prediction takes the unmatched
-    ground-truth box of its class with the highest IoU, if that IoU is >= ``iou_thr``."""
-    from torchvision.ops import box_iou
-
-    tp = torch.zeros(len(scores), dtype=torch.bool)
-    if len(scores) == 0 or len(gt_labels) == 0:
-        return tp
-    iou = box_iou(boxes.double(), gt_boxes.double())
-    iou[labels[:, None] != gt_labels[None, :]] = -1.0
-    taken = torch.zeros(len(gt_labels), dtype=torch.bool)
-    for i in torch.argsort(scores, descending=True, stable=True).tolist():
-        row = iou[i].masked_fill(taken, -1.0)
-        j = int(torch.argmax(row))
-        if float(row[j]) >= iou_thr:
-            taken[j] = True
-            tp[i] = True
-    return tp
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -420,21 +253,12 @@ def _fmt_value(v: Any) -> str:
     return str(v)
 
 
-def _all_defaults(params: type | None) -> bool:
-    import dataclasses
-
-    return params is None or all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-                                 for f in dataclasses.fields(params) if f.init)
-
-
 def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *, input_type: str | None = None,
                   exclude: Iterable[str] = (), include_unlisted: bool = True,
                   where: str = "bench") -> tuple[list[Variant], list[str]]:
     """The grid axis of one kind: every registered strategy (of ``input_type`` for aggregators) with the variants
     ``listed`` gives it (``{name: [params, ...]}``; ``None`` or ``[]``: defaults), the unlisted ones with their
     defaults (or, when some parameter has no default, their spec's examples). Returns ``(variants, notes)`` where notes say what was skipped and why."""
-    from ddkit.testing import example_blocks
-
     listed = dict(_plain(listed) or {})
     exclude = set(_plain(list(exclude)) or [])
     notes: list[str] = []
@@ -460,7 +284,7 @@ def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *,
                                   f"[{{iou_thr: 0.55}}], got {blocks!r}")
         elif include_unlisted:
             # defaults when every parameter has one, else the spec's examples
-            blocks = [{}] if _all_defaults(entry.spec.params) else example_blocks(entry)
+            blocks = [{}] if all_defaults(entry.spec.params) else example_blocks(entry)
             if not blocks:
                 notes.append(f"{kind[:-1]} {name!r} skipped: it needs parameters; list it under bench.{kind}")
                 continue
@@ -484,6 +308,11 @@ class BenchResult:
     num_images: int
     num_views: int
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def kind(self) -> Any:
+        """The :class:`~ddkit.engine.prediction_kinds.PredictionKind` benched."""
+        return KINDS[self.prediction_type]
 
     def sorted_rows(self) -> list[dict[str, Any]]:
         return sort_rows(self.rows, self.sort_by)
@@ -547,26 +376,33 @@ def run_bench(raw: RawPredictions, gt: GroundTruth | None = None, *, aggregators
     if not sels:
         raise ConfigError("bench: no selector is registered (or all are excluded)")
     image_ids = [img.image_id for img in raw.images]
-    if ptype == "instances":
-        missing = [i for i in image_ids if i not in gt.boxes]
-        if missing:
-            raise DataError(f"bench: the ground truth has no image {missing[0]} ({len(missing)} raw images lack "
-                            f"ground truth)")
-        cat_ids = [int(c["id"]) for c in (gt.coco or {}).get("categories", [])] or \
-            sorted({int(c) for v in gt.labels.values() for c in v.tolist()})
-    else:
-        missing = [i for i in image_ids if i not in gt.class_labels]
-        if missing:
-            raise DataError(f"bench: no ground-truth label for image {missing[0]} ({len(missing)} in all)")
-        cat_ids = [int(c["id"]) for c in raw.categories] or list(range(int(raw.images[0].probs.shape[1])))
+    check_gt, bench = _BY_KIND[raw.kind.name]
+    cat_ids = check_gt(raw, gt, image_ids)
     if labeled is None:
         labeled = labeled_stats_from_gt(gt, image_ids, cat_ids)
-    sort_by = sort_by or ("AP" if ptype == "instances" else "accuracy")
-    fn = _bench_instances if ptype == "instances" else _bench_probs
-    rows = fn(raw, gt, aggs, sels, labeled, registry, iou_thr, timing_repeats, progress)
+    sort_by = sort_by or raw.kind.quality_metric
+    rows = bench(raw, gt, aggs, sels, labeled, registry, iou_thr, timing_repeats, progress)
     result = BenchResult(ptype, rows, sort_by, len(raw.images), raw.num_views, notes)
     result.sorted_rows()  # validates sort_by
     return result
+
+
+def _instance_categories(raw: RawPredictions, gt: GroundTruth, image_ids: list[int]) -> list[int]:
+    """The category ids of a box bench; every raw image must have ground truth."""
+    missing = [i for i in image_ids if i not in gt.boxes]
+    if missing:
+        raise DataError(f"bench: the ground truth has no image {missing[0]} ({len(missing)} raw images lack "
+                        f"ground truth)")
+    return [int(c["id"]) for c in (gt.coco or {}).get("categories", [])] or \
+        sorted({int(c) for v in gt.labels.values() for c in v.tolist()})
+
+
+def _probs_categories(raw: RawPredictions, gt: GroundTruth, image_ids: list[int]) -> list[int]:
+    """The category ids of a classification bench; every raw image must have a ground-truth label."""
+    missing = [i for i in image_ids if i not in gt.class_labels]
+    if missing:
+        raise DataError(f"bench: no ground-truth label for image {missing[0]} ({len(missing)} in all)")
+    return [int(c["id"]) for c in raw.categories] or list(range(int(raw.images[0].probs.shape[1])))
 
 
 def _select(selector: Any, preds: list, labeled: Any, who: str) -> tuple[list[Tensor], Any]:
@@ -579,7 +415,6 @@ def _select(selector: Any, preds: list, labeled: Any, who: str) -> tuple[list[Te
 
 def _bench_instances(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progress) -> list[dict[str, Any]]:
     from ddkit.engine.coco_eval import coco_evaluate
-    from ddkit.engine.fuse import aggregate_images, instances_to_results
     from ddkit.engine.select import ScoredPredictions
 
     ids = [img.image_id for img in raw.images]
@@ -664,6 +499,9 @@ def _bench_probs(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progr
     return rows
 
 
+_BY_KIND = {INSTANCES.name: (_instance_categories, _bench_instances), PROBS.name: (_probs_categories, _bench_probs)}
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 def _fmt_cell(key: str, v: Any) -> str:
     if isinstance(v, float):
@@ -680,7 +518,7 @@ def _fmt_cell(key: str, v: Any) -> str:
 
 def markdown_table(result: BenchResult) -> str:
     """The grid as a markdown table, sorted by ``result.sort_by`` (percentages for rates, ms for time)."""
-    metrics = INSTANCE_METRICS if result.prediction_type == "instances" else PROBS_METRICS
+    metrics = result.kind.bench_metrics
     cols = ("aggregator", "selector") + metrics
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("aggregator", "selector") else "---:"
                                                              for c in cols) + "|"]
@@ -716,8 +554,8 @@ def plot_results(result: BenchResult, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     rows = result.rows
-    boxes = result.prediction_type == "instances"
-    quality = "AP" if boxes else "accuracy"
+    boxes = result.kind is INSTANCES
+    quality = result.kind.quality_metric
     aggs = list(dict.fromkeys(r["aggregator"] for r in rows))
     sels = list(dict.fromkeys(r["selector"] for r in rows))
     cmap = plt.get_cmap("tab10" if len(aggs) <= 10 else "tab20")
@@ -823,19 +661,13 @@ SYNTHETIC_KINDS = {"detection": make_synthetic_detection, "classification": make
 
 
 def parse_bench_config(section: Any, source: str = "recipe") -> BenchConfig:
-    import dataclasses
-    import difflib
+    """Validate the ``bench`` section (through :func:`ddkit.registry.parse_section`, as every section)."""
+    from ddkit.registry import parse_section
 
     block = _plain(section) or {}
     if not isinstance(block, Mapping):
         raise ConfigError(f"{source}: bench must be a mapping, got {type(block).__name__}")
-    fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    for key in block:
-        if key not in fields:
-            hint = difflib.get_close_matches(str(key), sorted(fields), n=1)
-            did = f" Did you mean {hint[0]!r}?" if hint else ""
-            raise ConfigError(f"{source}: bench.{key} is not a bench key.{did} Valid keys: {', '.join(sorted(fields))}")
-    cfg = BenchConfig(**{k: v for k, v in block.items() if v is not None})
+    cfg = parse_section(BenchConfig, {k: v for k, v in block.items() if v is not None}, f"{source}: bench")
     if cfg.raw is not None and cfg.synthetic is not None:
         raise ConfigError(f"{source}: give bench.raw or bench.synthetic, not both")
     for key in ("aggregators", "selectors"):
@@ -926,7 +758,7 @@ def bench_from_config(cfg: Any, run_dir: str | Path, source: str = "recipe", reg
         raw = load_raw(raw_path)
     if bcfg.gt is not None:
         gt_coco = load_coco_dict(bcfg.gt)
-    if raw.prediction_type == "instances" and gt_coco is not None:
+    if raw.kind is INSTANCES and gt_coco is not None:
         gt = GroundTruth.from_coco(gt_coco)
     else:
         gt = GroundTruth.from_raw_targets(raw)

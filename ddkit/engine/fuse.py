@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from ddkit.engine.aggregation import aggregate_images, build_instance_aggregator
+from ddkit.engine.coco_results import instances_to_results
 from ddkit.engine.box_rule import CLIPPED, OK, box_rule
 from ddkit.errors import ConfigError, DataError
 from ddkit.types import Instances
@@ -239,47 +241,7 @@ def results_to_instances(entries: Sequence[Mapping[str, Any]], sizes: Mapping[in
     return out
 
 
-def instances_to_results(image_id: int, inst: Instances) -> list[dict[str, Any]]:
-    """COCO results entries (``bbox`` as ``[x, y, w, h]``) of one image's instances."""
-    boxes = inst.boxes.detach().double().cpu()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    scores = inst.scores.detach().double().cpu().tolist()
-    labels = inst.labels.detach().cpu().tolist()
-    return [{"image_id": int(image_id), "category_id": int(c), "bbox": [float(v) for v in b], "score": float(s)}
-            for b, s, c in zip(xywh, scores, labels)]
-
-
 # ------------------------------------------------------------------------------------------------ aggregation
-def build_instance_aggregator(method_cfg: Mapping[str, Any] | str, registry: Any = None) -> Any:
-    """Build an aggregator of input type ``instances`` from a config block (``"wbf"`` or ``{name: wbf, ...}``)."""
-    from ddkit.plugin_manager import get_registry
-
-    registry = registry or get_registry()
-    entry, _ = registry.params("aggregators", method_cfg, where="fuse method")
-    if getattr(entry.spec, "input", "instances") != "instances":
-        names = [s.name for s in registry.specs("aggregators") if getattr(s, "input", "instances") == "instances"]
-        raise ConfigError(f"aggregator {entry.spec.name!r} ensembles {entry.spec.input}, not boxes; "
-                          f"use one of: {', '.join(names)}")
-    return registry.build("aggregators", method_cfg, where="fuse method")
-
-
-def aggregate_images(agg: Any, views_per_image: Sequence[Sequence[Instances]],
-                     sizes: Sequence[tuple[int, int]]) -> list[Instances]:
-    """Run an instance aggregator over many images: ``agg.batch`` when it has one, else one call per image."""
-    views_per_image = [list(v) for v in views_per_image]
-    sizes = [tuple(int(x) for x in s) for s in sizes]
-    if not views_per_image:
-        return []
-    batch = getattr(agg, "batch", None)
-    if callable(batch):
-        out = list(batch(views_per_image, sizes))
-    else:
-        out = [agg(views, size) for views, size in zip(views_per_image, sizes)]
-    if len(out) != len(views_per_image):
-        raise RuntimeError(f"aggregator returned {len(out)} results for {len(views_per_image)} images")
-    return out
-
-
 def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
                  coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                  method_cfg: Mapping[str, Any] | str, *, sources: Sequence[str] | None = None,

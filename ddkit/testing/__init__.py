@@ -16,6 +16,8 @@ import dataclasses
 import re
 from typing import Any
 
+from ddkit.engine.spec_examples import all_defaults as _all_defaults  # noqa: F401 - re-exported
+from ddkit.engine.spec_examples import example_blocks
 from ddkit.errors import ConfigError
 from ddkit.plugin_manager import get_registry
 from ddkit.registry import Entry, Registry
@@ -26,14 +28,6 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 def registered(kind: str, registry: Registry | None = None) -> list[Entry]:
     """Every registered strategy of ``kind``; use as ``pytest.mark.parametrize`` values."""
     return (registry or get_registry()).entries(kind)
-
-
-def example_blocks(entry: Entry) -> list[dict[str, Any]]:
-    """Config blocks to build the strategy with: its spec's examples, or ``{}`` when every param has a default."""
-    blocks = [dict(b) for b in entry.spec.examples]
-    if not blocks and _all_defaults(entry.spec.params):
-        blocks = [{}]
-    return blocks
 
 
 def build_examples(entry: Entry, registry: Registry | None = None, **runtime: Any) -> list[Any]:
@@ -63,10 +57,3 @@ def check_spec(entry: Entry, registry: Registry | None = None) -> None:
         assert "no_such_key_xyz" in str(err), f"the unknown-key error must name the key: {err}"
     else:  # pragma: no cover - the registry guarantees this
         raise AssertionError(f"{spec.kind} {spec.name!r} accepted an unknown key")
-
-
-def _all_defaults(params: type | None) -> bool:
-    if params is None:
-        return True
-    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-               for f in dataclasses.fields(params) if f.init)

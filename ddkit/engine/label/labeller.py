@@ -1,0 +1,162 @@
+"""The labeller: every view of a batch through the teacher, mapped back, ensembled per image.
+
+::
+
+    images --forward_image of every view--> teacher (views of one shape in one call) --> inverse_instances /
+        inverse_probs --> aggregator (batched) [--> keypoints: RoIs of the aggregated boxes mapped into each view,
+        keypoint head, inverse_heatmaps, heatmap aggregator]
+
+Python API (``ddkit predict`` and the labelling stage use the same)::
+
+    strategies = build_strategies(parse_label_config(block), task, info)
+    preds = Labeller(task, model, info, strategies).label(images)   # one aggregated prediction per image
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ddkit.engine.label.config import Strategies
+from ddkit.types import DatasetInfo, Instances
+
+
+class Timer:
+    """Wall-clock seconds per phase (``model`` is time inside the teacher)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def __call__(self, phase: str) -> "_Phase":
+        return _Phase(self, phase)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in sorted(self.seconds.items())}
+
+
+class _Phase:
+    def __init__(self, timer: Timer, phase: str):
+        self.timer, self.phase = timer, phase
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.timer.seconds[self.phase] += time.perf_counter() - self.t0
+
+
+@dataclass
+class BatchPredictions:
+    """The packed predictions of one batch (see :mod:`ddkit.engine.shards`): the ensemble, the untransformed
+    view's own (``None`` without one) and, with ``keep_raw``, every ensembled view's own."""
+
+    ensemble: dict[str, Tensor]
+    single: dict[str, Tensor] | None = None
+    raw: list[dict[str, Tensor]] | None = None
+
+
+class Labeller:
+    """Runs every view of a batch through the teacher and aggregates per image."""
+
+    def __init__(self, task: Any, model: nn.Module, info: DatasetInfo, strategies: Strategies,
+                 device: torch.device | str = "cpu", keep_raw: bool = False, timer: Timer | None = None):
+        self.task, self.model, self.info, self.s = task, model, info, strategies
+        self.kind = strategies.kind
+        self.device = torch.device(device)
+        self.keep_raw = keep_raw
+        self.timer = timer or Timer()
+        self.category_ids = [int(c["id"]) for c in info.categories]
+        self.ens_views = strategies.ensemble_views
+        self.keypoints = strategies.keypoint_aggregator is not None
+        self.num_keypoints = info.num_keypoints if self.keypoints else None
+
+    # ----------------------------------------------------------------------------------------- teacher calls
+    def _predict(self, view_images: list[list[Tensor]]) -> list[list[Any]]:
+        """Predictions ``[V][B]`` of the transformed images ``[V][B]``; images of one shape share a call."""
+        groups: dict[Any, list[tuple[int, int]]] = defaultdict(list)
+        shapes = {tuple(x.shape) for imgs in view_images for x in imgs}
+        # Same-shape images batch without padding. Images of many sizes (real photos) go one call per view
+        # instead, so that calls stay large; a task that stacks its input (probs) always gets one shape per call.
+        by_shape = self.kind.stacks_input or len(shapes) <= len(view_images)
+        for v, imgs in enumerate(view_images):
+            for b, x in enumerate(imgs):
+                groups[tuple(x.shape) if by_shape else ("view", v)].append((v, b))
+        out: list[list[Any]] = [[None] * len(imgs) for imgs in view_images]
+        with torch.no_grad():
+            for members in groups.values():
+                with self.timer("model"):
+                    preds = self.task.predict(self.model, [view_images[v][b] for v, b in members], native_size=True)
+                if len(preds) != len(members):
+                    raise RuntimeError(f"task {self.task.name!r}: predict returned {len(preds)} results for "
+                                       f"{len(members)} images")
+                for (v, b), p in zip(members, preds):
+                    out[v][b] = p
+        return out
+
+    def _no_keypoints(self, inst: Instances) -> Instances:
+        return Instances(inst.boxes, inst.scores, inst.labels, torch.zeros(len(inst), self.info.num_keypoints, 3),
+                         inst.image_size)
+
+    def _keypoints(self, view_images: list[list[Tensor]], ens: list[Instances],
+                   sizes: list[tuple[int, int]]) -> list[Instances]:
+        """Keypoints of the aggregated boxes: RoIs mapped into each view, heatmaps back into the RoI frame,
+        averaged by the heatmap aggregator."""
+        todo = [b for b, inst in enumerate(ens) if len(inst)]
+        if not todo:
+            return [self._no_keypoints(i) for i in ens]
+        maps_per_view: list[list[Tensor]] = []
+        for v in self.ens_views:
+            view = self.s.views[v]
+            with self.timer("transform"):
+                rois = [view.forward_instances(Instances(ens[b].boxes, ens[b].scores, ens[b].labels,
+                                                         image_size=sizes[b]), sizes[b]).boxes.to(self.device)
+                        for b in todo]
+            with torch.no_grad(), self.timer("model"):
+                maps = self.task.keypoint_heatmaps(self.model, [view_images[v][b] for b in todo], rois,
+                                                   native_size=True)
+            with self.timer("inverse"):
+                maps_per_view.append([view.inverse_heatmaps(m) for m in maps])
+        out = list(ens)
+        with self.timer("aggregate"):
+            for j, b in enumerate(todo):
+                stacked = torch.stack([maps_per_view[k][j] for k in range(len(self.ens_views))])
+                kps = self.s.keypoint_aggregator(stacked, ens[b].boxes.to(stacked.device)).cpu()
+                out[b] = Instances(ens[b].boxes, ens[b].scores, ens[b].labels, kps, sizes[b])
+        return [self._no_keypoints(inst) if inst.keypoints is None else inst for inst in out]
+
+    # ----------------------------------------------------------------------------------------- one batch
+    def _run(self, images: list[Tensor]) -> tuple[list[tuple[int, int]], list[list[Tensor]], list[Any], list[Any]]:
+        """``(sizes, view images [V][B], per-view predictions mapped back [V], aggregated per image [B])``."""
+        sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
+        with self.timer("transform"):
+            images = [x.to(self.device) for x in images]
+            view_images = [[view.forward_image(x) for x in images] for view in self.s.views]
+        preds = self._predict(view_images)
+        with self.timer("inverse"):
+            back = [self.kind.inverse(view, preds[v], sizes) for v, view in enumerate(self.s.views)]
+        with self.timer("aggregate"):
+            ens = self.kind.aggregate(self.s.aggregator, [back[v] for v in self.ens_views], sizes,
+                                      self.category_ids)
+        if self.keypoints:
+            ens = self._keypoints(view_images, ens, sizes)
+        return sizes, view_images, back, ens
+
+    def label(self, images: list[Tensor]) -> list[Any]:
+        """``images`` (readable, ``[C, H, W]``) -> one aggregated prediction per image (see
+        :mod:`ddkit.engine.prediction_kinds`: :class:`Instances` with keypoints, or ``(labels [1], scores [1])``)."""
+        return self._run(images)[3]
+
+    def label_batch(self, images: list[Tensor]) -> BatchPredictions:
+        """``images`` -> the packed ensemble, single-view and (``keep_raw``) per-view predictions."""
+        _, _, back, ens = self._run(images)
+        kind = self.kind
+        out = BatchPredictions(kind.pack_ensemble(ens, self.num_keypoints))
+        if self.s.single_index is not None:
+            out.single = kind.pack_view(back[self.s.single_index], self.category_ids, self.num_keypoints)
+        if self.keep_raw:
+            out.raw = [kind.pack_view(back[v], self.category_ids) for v in self.ens_views]
+        return out

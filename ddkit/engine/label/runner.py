@@ -1,0 +1,223 @@
+"""Labelling as a whole: the Python API :func:`label_dataset` (label stage then select stage, what ``ddkit label``
+and the TTA evaluation run), the two stages alone (:func:`label_stage`, :func:`select_stage`, what ``ddkit run``
+plans), and :func:`run_label` for a loaded recipe."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ddkit.engine.checkpoint import resolve_checkpoint
+from ddkit.engine.label.config import (LabelConfig, Strategies, build_selector, build_strategies,
+                                           parse_label_config, selector_factory, strategy_block)
+from ddkit.engine.label.labeller import Labeller, Timer
+from ddkit.engine.label.selecting import LabelResult, SelectInputs, select_pseudo_labels
+from ddkit.engine.label.sharded import ShardedLabels, label_shards, plan_shards
+from ddkit.engine.label.sources import Source, make_source
+from ddkit.engine.prediction_kinds import prediction_kind
+from ddkit.errors import ConfigError, DataError
+from ddkit.io import atomic_write_json, file_sha256
+from ddkit.runtime import join_process_group, resolve_device, state_sha256
+from ddkit.types import DatasetInfo
+
+
+def _version() -> str:
+    import ddkit
+
+    return ddkit.__version__
+
+
+def _provenance(task: Any, info: DatasetInfo, strategies: Strategies, source: Source,
+                teacher_checkpoint: str | Path | None, teacher_sha: str) -> dict[str, Any]:
+    return {
+        "description": "ddkit pseudo-labels", "ddkit_version": _version(),
+        "teacher_checkpoint": None if teacher_checkpoint is None else str(teacher_checkpoint),
+        "teacher_sha256": teacher_sha, "task": getattr(task, "name", None),
+        "transforms": strategies.transform_blocks,
+        "views": [strategies.view_names[v] for v in strategies.ensemble_views],
+        "aggregator": strategies.aggregator_block, "keypoint_aggregator": strategies.keypoint_block,
+        "source": source.describe(), "image_root": source.image_root,
+        "dataset_info": {"num_keypoints": info.num_keypoints, "flip_indices": info.flip_indices,
+                         "keypoint_sigmas": info.keypoint_sigmas},
+    }
+
+
+def _finish_workers(distributed: bool, rank: int, started: bool) -> None:
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # every part is labelled; rank 0 selects
+        if rank != 0 and started:
+            dist.destroy_process_group()
+
+
+def label_stage(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: Any,
+                label_cfg: Mapping[str, Any] | LabelConfig, out_dir: str | Path, *,
+                teacher_checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                worker: tuple[int, int] | None = None, max_shards: int | None = None, progress: bool = False,
+                registry: Any = None, strategies: Strategies | None = None, timer: Timer | None = None,
+                seed: int = 0) -> ShardedLabels:
+    """Label ``unlabeled`` into ``out_dir/shards`` (see :func:`label_dataset` for the arguments). ``complete`` is
+    False for a worker that labelled only its part or stopped after ``max_shards``; every shard is there when it
+    is True (rank 0 only, under ``torchrun``)."""
+    torch.manual_seed(seed)
+    cfg = parse_label_config(label_cfg)
+    out_dir, timer = Path(out_dir), timer or Timer()
+    source = make_source(cfg, unlabeled, info)
+    if strategies is None:
+        need_single = cfg.quality is not False and source.has_ground_truth
+        strategies = build_strategies(cfg, task, info, registry, need_single=need_single)
+    rank, world, started = join_process_group() if worker is None else (worker[0], worker[1], False)
+    teacher_sha = file_sha256(teacher_checkpoint) if teacher_checkpoint else state_sha256(teacher)
+    shards, n_total = plan_shards(cfg, source, strategies, out_dir, teacher_sha, getattr(task, "name", None))
+    labeller = Labeller(task, teacher.to(torch.device(device)).eval(), info, strategies, device, cfg.keep_raw, timer)
+    done_now, mine_done = label_shards(labeller, source, cfg, shards, n_total, rank, world, max_shards, progress)
+    result = ShardedLabels(shards, _provenance(task, info, strategies, source, teacher_checkpoint, teacher_sha),
+                           complete=False, shards_done=done_now, timing=timer.to_dict())
+    if not mine_done:
+        return result
+    _finish_workers(worker is None and world > 1, rank, started)
+    if rank != 0 or (worker is not None and world > 1):
+        return result
+    missing = shards.missing()
+    if missing:
+        raise DataError(f"{len(missing)} shard(s) of {shards.num_shards} are not labelled yet ({missing[:10]}); run "
+                        f"the workers of the missing parts, or the same command without --shard")
+    result.complete = True
+    if started:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+def select_stage(sharded: ShardedLabels, task: Any, info: DatasetInfo, labeled: Any,
+                 label_cfg: Mapping[str, Any] | LabelConfig, out_dir: str | Path, *, registry: Any = None,
+                 timer: Timer | None = None) -> LabelResult:
+    """Select pseudo-labels from the complete shards of :func:`label_stage` and write every output file."""
+    cfg = parse_label_config(label_cfg)
+    if registry is None:
+        from ddkit.plugin_manager import get_registry
+
+        registry = get_registry()
+    block = strategy_block(cfg.selector)
+    inputs = SelectInputs(prediction_kind(task), info, selector_factory(block, registry, "label.selector"), block,
+                          labeled=labeled, keypoints=sharded.provenance.get("keypoint_aggregator") is not None,
+                          keep_raw=cfg.keep_raw, quality=cfg.quality)
+    return select_pseudo_labels(sharded, inputs, out_dir, timer)
+
+
+def label_dataset(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: Any, labeled: Any,
+                  label_cfg: Mapping[str, Any] | LabelConfig, out_dir: str | Path, *,
+                  teacher_checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                  worker: tuple[int, int] | None = None, max_shards: int | None = None,
+                  progress: bool = False, registry: Any = None, strategies: Strategies | None = None,
+                  seed: int = 0) -> LabelResult:
+    """Pseudo-label ``unlabeled`` with ``teacher`` and write everything into ``out_dir`` (the stage folder).
+
+    Args:
+        task: the teacher's task (``ddkit.engine.task.Task``).
+        teacher: the teacher model (put in eval mode here).
+        info: the labeled set's dataset info (categories, keypoints).
+        unlabeled: a dataset (e.g. ``Splits.unlabeled``, a :class:`HiddenLabels` view whose hidden labels give the
+            quality report), a :class:`Source`, or ``None`` with ``label.images`` / ``label.coco`` set.
+        labeled: the labeled dataset whose statistics count matching matches.
+        label_cfg: the ``label`` section (see :class:`LabelConfig`).
+        out_dir: where ``shards/``, ``pseudo_labels.json``, ``summary.json``, ... go.
+        teacher_checkpoint: its path, for the provenance (sha256).
+        worker: ``(i, n)``: label only the shards ``s % n == i`` and return without selecting (``--shard i/n``).
+            Under ``torchrun`` (``WORLD_SIZE > 1``) the rank is the worker and rank 0 selects.
+        max_shards: stop after labelling this many shards (returns ``complete=False``; re-run to resume).
+    """
+    cfg = parse_label_config(label_cfg)
+    timer = Timer()
+    sharded = label_stage(task, teacher, info, unlabeled, cfg, out_dir, teacher_checkpoint=teacher_checkpoint,
+                          device=device, worker=worker, max_shards=max_shards, progress=progress,
+                          registry=registry, strategies=strategies, timer=timer, seed=seed)
+    if not sharded.complete:
+        return LabelResult(out_dir=Path(out_dir), complete=False, shards_done=sharded.shards_done,
+                           timing=timer.to_dict())
+    t1 = time.perf_counter()
+    result = select_stage(sharded, task, info, labeled, cfg, out_dir, registry=registry, timer=timer)
+    timer.seconds["merge_total"] += time.perf_counter() - t1
+    result.shards_done = sharded.shards_done
+    result.timing = timer.to_dict()
+    atomic_write_json(Path(out_dir) / "timing.json", result.timing)
+    return result
+
+
+def _label_device(run: Mapping[str, Any]) -> torch.device:
+    """The recipe's device; under torchrun a CUDA device is this process's GPU (``LOCAL_RANK``)."""
+    device = resolve_device(run.get("device", "cpu"))
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def _recipe_label_config(cfg: Any, keep_raw: bool | None, source: str) -> LabelConfig:
+    from omegaconf import OmegaConf
+
+    section = OmegaConf.to_container(cfg.get("label"), resolve=True) if cfg.get("label") is not None else {}
+    if keep_raw is not None:
+        section["keep_raw"] = bool(keep_raw)
+    return parse_label_config(section, where=f"{source}: label")
+
+
+def _quality_possible(cfg: Any, lcfg: LabelConfig) -> bool:
+    """Whether the images to label can have hidden ground truth (a COCO file, or the data's unlabeled split)."""
+    from omegaconf import OmegaConf
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") is not None else {}
+    has_unlabeled = bool(data_cfg.get("unlabeled")) or bool((data_cfg.get("split") or {}).get("unlabeled"))
+    return lcfg.coco is not None or (lcfg.images is None and has_unlabeled)
+
+
+def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None = None,
+              worker: tuple[int, int] | None = None, max_shards: int | None = None, progress: bool = False,
+              registry: Any = None, source: str = "recipe") -> LabelResult:
+    """Run the labelling stage of a loaded recipe (what ``ddkit label`` does): validate everything, load the
+    teacher and the data, build every strategy, then label (nothing is read before the recipe is known good)."""
+    from ddkit.config import save_config, validate_config
+    from ddkit.engine.checkpoint import load_model
+    from ddkit.engine.data import build_data
+
+    if registry is None:
+        from ddkit.plugin_manager import get_registry
+
+        registry = get_registry()
+    validate_config(cfg, registry, source=source)
+    lcfg = _recipe_label_config(cfg, keep_raw, source)
+    run = cfg.get("run") or {}
+    out_root = Path(run_dir if run_dir is not None else run.get("out_dir") or "runs/label")
+    teacher_path = (cfg.get("teacher") or {}).get("checkpoint")
+    if not teacher_path:
+        raise ConfigError(f"{source}: teacher.checkpoint is required (a model.pt or a run folder)")
+    device = _label_device(run)
+    rank = int(os.environ.get("RANK", "0")) if worker is None else 0
+    sel_block, selector = build_selector(lcfg, registry, where=f"{source}: label")
+    if cfg.get("data") is None and getattr(selector, "needs_labeled_stats", False):
+        raise ConfigError(f"{source}: selector {sel_block['name']!r} matches the labeled set's counts; "
+                          f"the recipe needs a data section with the labeled set")
+    task, model, info = load_model(teacher_path, device="cpu", registry=registry)
+    if cfg.get("task") is not None:
+        want = strategy_block(cfg.task)["name"]
+        if want != task.name:
+            raise ConfigError(f"{source}: task {want!r} does not match the teacher checkpoint's task {task.name!r}")
+    # every strategy is built before the data: a dataset may read (verify) its images when it is built
+    strategies = build_strategies(lcfg, task, info, registry, where=f"{source}: label",
+                                  need_single=lcfg.quality is not False and _quality_possible(cfg, lcfg))
+    splits = build_data(cfg.data, registry=registry, where=f"{source}: data") if cfg.get("data") is not None \
+        else None
+    if splits is not None and [int(c["id"]) for c in splits.info.categories] != [int(c["id"]) for c in info.categories]:
+        raise ConfigError(f"{source}: the data's categories differ from the teacher's")
+    if rank == 0:
+        save_config(cfg, out_root / "label")
+    return label_dataset(task, model, info, None if splits is None else splits.unlabeled,
+                         None if splits is None else splits.labeled, lcfg, out_root / "label",
+                         teacher_checkpoint=resolve_checkpoint(teacher_path), device=device, worker=worker,
+                         max_shards=max_shards, progress=progress, registry=registry, strategies=strategies,
+                         seed=int(run.get("seed", 0) or 0))

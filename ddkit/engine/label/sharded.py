@@ -1,0 +1,154 @@
+"""The sharded labelling stage: cut the unlabeled images into shards, label the shards this worker owns, write
+each atomically with a fingerprint (a restarted run skips the shards already written; see
+:mod:`ddkit.engine.shards`)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from ddkit.engine.label.config import LabelConfig, Strategies
+from ddkit.engine.label.labeller import Labeller, Timer
+from ddkit.engine.label.sources import ImageRange, Source, as_list
+from ddkit.engine.shards import ShardSet, fingerprint, pack_targets, save_shard, shard_bounds, worker_shards
+from ddkit.errors import DataError
+
+log = logging.getLogger("ddkit.label")
+
+
+def _cat_packed(parts: list[dict[str, Tensor] | None]) -> dict[str, Tensor] | None:
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        return None
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _shard_record(labeller: Labeller, meta: Mapping[str, list], batches: list[Any], targets: list[Any],
+                  skipped: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shard record of the labelled batches (see :mod:`ddkit.engine.shards` for the layout)."""
+    kind, ids, k = labeller.kind, labeller.category_ids, labeller.num_keypoints
+    images = {key: torch.tensor(v, dtype=torch.int64) for key, v in meta.items() if key != "file_name"}
+    images["file_names"] = "\0".join(meta["file_name"])  # one string unpickles much faster than a list
+    raw_views = None
+    if labeller.keep_raw:
+        raw_views = {"names": [labeller.s.view_names[v] for v in labeller.ens_views],
+                     "views": [_cat_packed([b.raw[v] for b in batches]) for v in range(len(labeller.ens_views))]}
+    single = None
+    if labeller.s.single_index is not None:
+        single = _cat_packed([b.single for b in batches]) or kind.empty_view(ids, k)
+    return {"images": images, "ensemble": _cat_packed([b.ensemble for b in batches]) or kind.empty_ensemble(ids, k),
+            "single": single, "raw": raw_views, "targets": pack_targets(targets) if targets else None,
+            "skipped": skipped}
+
+
+def label_shard(labeller: Labeller, source: Source, start: int, stop: int, batch_size: int,
+                num_workers: int = 0, progress: Any = None) -> dict[str, Any]:
+    """Label images ``[start, stop)`` of ``source``; returns the shard record (without format/fingerprint)."""
+    loader = torch.utils.data.DataLoader(ImageRange(source, start, stop), batch_size=batch_size, shuffle=False,
+                                         num_workers=num_workers, collate_fn=as_list)
+    meta: dict[str, list] = {"index": [], "image_id": [], "height": [], "width": [], "file_name": []}
+    batches, targets, skipped = [], [], []
+    t_read = time.perf_counter()
+    for items in loader:
+        labeller.timer.seconds["read"] += time.perf_counter() - t_read
+        ok = [it for it in items if it.image is not None]
+        skipped += [{"index": it.index, "image_id": it.image_id, "file": it.file_name,
+                     "reason": it.reason or "unreadable"} for it in items if it.image is None]
+        if ok:
+            out = labeller.label_batch([it.image for it in ok])
+            with labeller.timer("pack"):
+                for it in ok:
+                    for key, v in (("index", it.index), ("image_id", it.image_id), ("file_name", it.file_name),
+                                   ("height", int(it.image.shape[-2])), ("width", int(it.image.shape[-1]))):
+                        meta[key].append(v)
+                    targets.append(it.target)
+                batches.append(out)
+        if progress is not None:
+            progress.update(len(items))
+        t_read = time.perf_counter()
+    with labeller.timer("pack"):
+        return _shard_record(labeller, meta, batches, targets, skipped)
+
+
+@dataclass
+class ShardedLabels:
+    """What the labelling stage leaves for the select stage: the shard files and the provenance to write.
+
+    ``complete``: every shard of this worker is written (``shards_done``: the ones written by this call)."""
+
+    shards: ShardSet
+    provenance: dict[str, Any]
+    complete: bool = True
+    shards_done: list[int] = field(default_factory=list)
+    timing: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able description (``ddkit run`` keeps it in the label stage's marker)."""
+        return {"shards": str(self.shards.folder), "num_shards": self.shards.num_shards,
+                "fingerprint": self.shards.fingerprint, "provenance": self.provenance}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "ShardedLabels":
+        return cls(ShardSet(Path(d["shards"]), int(d["num_shards"]), str(d["fingerprint"])), dict(d["provenance"]))
+
+
+def plan_shards(cfg: LabelConfig, source: Source, strategies: Strategies, out_dir: Path, teacher_sha: str,
+                task_name: str | None) -> tuple[ShardSet, int]:
+    """The shard set of a labelling run (its fingerprint says what determines the predictions) and the number of
+    images labelled."""
+    n_total = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
+    if n_total == 0:
+        raise DataError(f"no unlabeled images to label in {source.describe()}")
+    num_shards = cfg.shards or max(1, math.ceil(n_total / cfg.shard_size))
+    fp = fingerprint({"teacher": teacher_sha, "transforms": strategies.fingerprint_views(),
+                      "aggregator": strategies.aggregator_block, "keypoints": strategies.keypoint_block,
+                      "source": source.describe(), "n": n_total, "shards": num_shards,
+                      "batch_size": cfg.batch_size, "keep_raw": cfg.keep_raw, "single": strategies.single_index,
+                      "task": task_name})
+    return ShardSet(out_dir / "shards", num_shards, fp), n_total
+
+
+def _progress_bar(todo: list[int], n_total: int, num_shards: int) -> Any:
+    from tqdm.auto import tqdm
+
+    total = sum(shard_bounds(n_total, num_shards, s)[1] - shard_bounds(n_total, num_shards, s)[0] for s in todo)
+    return tqdm(total=total, desc="labelling", unit="img")
+
+
+def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: ShardSet, n_total: int,
+                 rank: int = 0, world: int = 1, max_shards: int | None = None, progress: bool = False
+                 ) -> tuple[list[int], bool]:
+    """Label the shards of worker ``rank`` of ``world`` not written yet (at most ``max_shards``).
+
+    Returns ``(shards written now, whether every shard of this worker is written)``."""
+    if rank == 0:
+        for stale in shards.stale_files():
+            log.info("removing %s: written with another shard count", stale)
+            stale.unlink(missing_ok=True)
+    todo = [s for s in worker_shards(shards.num_shards, rank, world) if not shards.done(s)]
+    if max_shards is not None:
+        todo, rest = todo[:max_shards], todo[max_shards:]
+    else:
+        rest = []
+    bar = _progress_bar(todo, n_total, shards.num_shards) if progress else None
+    done_now: list[int] = []
+    t0 = time.perf_counter()
+    try:
+        for s in todo:
+            start, stop = shard_bounds(n_total, shards.num_shards, s)
+            record = label_shard(labeller, source, start, stop, cfg.batch_size, cfg.num_workers, bar)
+            record.update(fingerprint=shards.fingerprint, shard=s, num_shards=shards.num_shards)
+            with labeller.timer("write"):
+                save_shard(shards.path(s), record)
+            done_now.append(s)
+    finally:
+        if bar is not None:
+            bar.close()
+    labeller.timer.seconds["label_total"] += time.perf_counter() - t0
+    return done_now, not rest

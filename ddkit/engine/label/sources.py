@@ -1,0 +1,242 @@
+"""Unlabeled image sources: a folder of image files, the images of a COCO JSON, or a dataset's items."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from ddkit.engine.data import HiddenLabels, LABEL_KEYS, get_target, read_image
+from ddkit.engine.label.config import LabelConfig
+from ddkit.errors import ConfigError
+from ddkit.types import DatasetInfo
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass
+class Item:
+    """One unlabeled image as read by a source (``image is None``: unreadable, ``reason`` says why)."""
+
+    index: int
+    image_id: int
+    file_name: str
+    image: Tensor | None
+    target: dict[str, Any] | None = None  # hidden ground truth
+    reason: str | None = None
+
+
+class Source:
+    """Unlabeled images in a fixed order. ``load(i) -> Item`` never raises for a bad image."""
+
+    image_root: str | None = None
+    has_ground_truth: bool = False
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def load(self, i: int) -> Item:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _reason(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def adapt_image(image: Tensor, shape: Sequence[int] | None) -> Tensor:
+    """An image file read as RGB, made to fit a model with a fixed input ``[C, H, W]`` (``DatasetInfo.extra
+    ["image_shape"]``, set by fixed-size datasets): grey or RGB channels, then a bilinear resize."""
+    if not shape:
+        return image
+    c, h, w = (int(v) for v in shape)
+    if image.shape[0] != c:
+        if c == 1:
+            image = (image[:3] * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        elif image.shape[0] == 1:
+            image = image.expand(c, -1, -1)
+    if tuple(image.shape[-2:]) != (h, w):
+        image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
+                                                antialias=True)[0].clamp_(0, 1)
+    return image.contiguous()
+
+
+class FolderSource(Source):
+    """The image files under a folder (recursively, sorted by path); ids are positions ``0..N-1``. With
+    ``image_shape`` (a fixed-size classifier's input ``[C, H, W]``) images are converted to it."""
+
+    def __init__(self, root: str | Path, image_shape: Sequence[int] | None = None):
+        self.image_shape = image_shape
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ConfigError(f"label.images: {self.root} is not a folder")
+        self.files = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
+                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.image_root = str(self.root.resolve())
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> Item:
+        try:
+            image = adapt_image(read_image(self.root / self.files[i]), self.image_shape)
+            return Item(i, i, self.files[i], image)
+        except Exception as err:  # noqa: BLE001 - any failure skips the image
+            return Item(i, i, self.files[i], None, reason=_reason(err))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "folder", "root": self.image_root, "num_images": len(self)}
+
+
+class CocoSource(Source):
+    """The images a COCO JSON lists (in its order); its annotations, if any, are the hidden ground truth."""
+
+    def __init__(self, path: str | Path, image_root: str | Path | None = None,
+                 image_shape: Sequence[int] | None = None):
+        self.image_shape = image_shape
+        self.path = Path(path)
+        try:
+            with open(self.path) as fh:
+                data = json.load(fh)
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"label.coco: cannot read {self.path}: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise ConfigError(f"label.coco: {self.path} has no 'images' list")
+        self.images = [{"id": int(im["id"]), "file_name": str(im["file_name"])} for im in data["images"]]
+        self.image_root = str(Path(image_root or self.path.parent).resolve())
+        anns: dict[int, list] = defaultdict(list)
+        for a in data.get("annotations") or []:
+            anns[int(a["image_id"])].append(a)
+        self.anns = dict(anns)
+        self.has_ground_truth = bool(data.get("annotations"))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _target(self, image_id: int) -> dict[str, Any]:
+        anns = self.anns.get(image_id, [])
+        boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                              for a in anns], dtype=torch.float32).reshape(-1, 4)
+        t = {"image_id": image_id, "boxes": boxes,
+             "labels": torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64),
+             "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
+             "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32)}
+        if anns and all("keypoints" in a for a in anns):
+            t["keypoints"] = torch.tensor([a["keypoints"] for a in anns], dtype=torch.float32).reshape(len(anns), -1, 3)
+        return t
+
+    def load(self, i: int) -> Item:
+        im = self.images[i]
+        target = self._target(im["id"]) if self.has_ground_truth else None
+        try:
+            image = adapt_image(read_image(Path(self.image_root) / im["file_name"]), self.image_shape)
+            return Item(i, im["id"], im["file_name"], image, target)
+        except Exception as err:  # noqa: BLE001
+            return Item(i, im["id"], im["file_name"], None, target, reason=_reason(err))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "coco", "file": str(self.path.resolve()), "image_root": self.image_root,
+                "num_images": len(self)}
+
+
+class DatasetSource(Source):
+    """A dataset's items (e.g. the unlabeled split). With a :class:`~ddkit.engine.data.HiddenLabels` view, its
+    ``ground_truth`` is read (one decode per image) and kept as the hidden ground truth."""
+
+    def __init__(self, dataset: Any, name: str = "dataset"):
+        self.dataset = dataset
+        self.name = name
+        self.gt = getattr(dataset, "ground_truth", None)
+        self.has_ground_truth = self.gt is not None
+        root = getattr(dataset, "image_root", None) or getattr(self.gt, "image_root", None)
+        self.image_root = None if root is None else str(root)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _file_name(self, i: int, target: Mapping[str, Any], image_id: int) -> str:
+        if "file_name" in target:
+            return str(target["file_name"])
+        path = _file_of(self.dataset, i)
+        return str(path) if path is not None else str(image_id)
+
+    def load(self, i: int) -> Item:
+        gt = None
+        try:
+            if self.gt is not None:
+                image, gt = self.gt[i]
+                target = HiddenLabels._hide(gt)
+            else:
+                image, target = self.dataset[i]
+        except Exception as err:  # noqa: BLE001
+            try:
+                meta = get_target(self.gt if self.gt is not None else self.dataset, i)
+            except Exception:  # noqa: BLE001
+                meta = {}
+            image_id = int(meta.get("image_id", i))
+            gt = meta if self.gt is not None and any(k in meta for k in LABEL_KEYS) else None
+            return Item(i, image_id, self._file_name(i, meta, image_id), None, gt, reason=_reason(err))
+        image_id = int(target.get("image_id", i))
+        if not isinstance(image, Tensor) or image.ndim != 3:
+            return Item(i, image_id, self._file_name(i, target, image_id), None, gt,
+                        reason=f"not an image tensor [C, H, W]: {type(image).__name__}")
+        return Item(i, image_id, self._file_name(i, target, image_id), image, gt)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "dataset", "name": self.name, "type": type(self.dataset).__name__, "num_images": len(self)}
+
+
+def _file_of(dataset: Any, i: int, depth: int = 0) -> str | None:
+    """The image file of item ``i`` through Subset / HiddenLabels / ConcatDataset views (absolute path), if any."""
+    if depth > 8:
+        return None
+    files = getattr(dataset, "files", None)
+    if isinstance(files, (list, tuple)) and 0 <= i < len(files):
+        return str(Path(files[i]).resolve())
+    if hasattr(dataset, "ground_truth"):
+        return _file_of(dataset.ground_truth, i, depth + 1)
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+        return _file_of(dataset.dataset, int(dataset.indices[i]), depth + 1)
+    if hasattr(dataset, "_locate"):
+        ds, j = dataset._locate(i)
+        return _file_of(ds, j, depth + 1)
+    return None
+
+
+class ImageRange(torch.utils.data.Dataset):
+    """Items ``[start, stop)`` of a source, as a DataLoader dataset."""
+
+    def __init__(self, source: Source, start: int, stop: int):
+        self.source, self.start, self.stop = source, start, stop
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __getitem__(self, i: int) -> Item:
+        return self.source.load(self.start + i)
+
+
+def as_list(items: list[Item]) -> list[Item]:
+    """DataLoader collate: the batch's items as they are."""
+    return items
+
+
+def make_source(cfg: LabelConfig, unlabeled: Any, info: DatasetInfo) -> Source:
+    """The source a label section and the ``unlabeled`` argument name (see :func:`label_dataset`)."""
+    if isinstance(unlabeled, Source):
+        return unlabeled
+    shape = info.extra.get("image_shape") if info.extra else None
+    if cfg.coco:
+        return CocoSource(cfg.coco, cfg.images, shape)
+    if cfg.images:
+        return FolderSource(cfg.images, shape)
+    if unlabeled is None:
+        raise ConfigError("label: nothing to label: give label.images (a folder), label.coco (a COCO json) or a "
+                          "data section with an unlabeled split")
+    return DatasetSource(unlabeled, name="unlabeled")
