@@ -296,3 +296,38 @@ def test_read_metrics(tmp_path: Path):
 ])
 def test_fmt_value(value, text):
     assert rep.fmt_value(value) == text
+
+
+# ------------------------------------------------------------------------------------------- plots users can read
+def test_a_run_that_logged_one_point_gets_a_note_not_an_empty_plot(tmp_path: Path):
+    run = tmp_path / "short"
+    (run / "teacher").mkdir(parents=True)
+    (run / "teacher" / "metrics.jsonl").write_text(json.dumps(
+        {"iteration": 5, "lr": 0.1, "loss": 1.5, "losses": {"hard_label": 1.5}}) + "\n" + json.dumps(
+        {"iteration": 5, "final": True, "eval": {"error": 0.25}}) + "\n")
+    text = write_report(run, {}, None).read_text()
+    assert "no curve to draw" in text
+    from ddkit.engine.report import PLOTS_DIR
+    assert not (run / PLOTS_DIR / "training_curves.png").exists() and "training_curves.png" not in text
+
+
+def test_error_is_drawn_in_percent_from_zero_and_every_loss_term_is_drawn():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ddkit.engine.report import _loss_panel, _metric_panel
+
+    train = [{"iteration": i, "loss": 3.0 / i, "losses": {"hard_label": 2.0 / i, "soft_target": 1.0 / i}}
+             for i in (10, 20)]
+    evals = [{"iteration": 10, "eval": {"error": 0.031}}, {"iteration": 20, "eval": {"error": 0.025}}]
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2)
+    _loss_panel(ax_loss, [("student", train, evals)], ["C0"])
+    labels = [ln.get_label() for ln in ax_loss.get_lines()]
+    assert labels == ["student: loss", "student: hard_label", "student: soft_target"]
+    assert all(ln.get_marker() not in (None, "None", "") for ln in ax_loss.get_lines())  # 2 points: markers
+    _metric_panel(ax_metric, [("student", train, evals)], ["C0"], "error")
+    assert list(ax_metric.get_lines()[0].get_ydata()) == pytest.approx([3.1, 2.5])
+    assert ax_metric.get_ylabel() == "error %" and ax_metric.get_ylim()[0] == 0
+    plt.close(fig)

@@ -318,6 +318,10 @@ def _pick_metric(evals: Iterable[Mapping[str, Any]], preferred: Any) -> str | No
     return next(iter(keys))
 
 
+# metrics logged as fractions that the results tables show in percent
+_PERCENT_METRICS = {"error", "accuracy"}
+
+
 def _curves_section(run_dir: Path, results: Mapping[str, Any], plots: Path, rel: str) -> str:
     parts = ["<h2>Training curves</h2>"]
     stages = []
@@ -329,19 +333,33 @@ def _curves_section(run_dir: Path, results: Mapping[str, Any], plots: Path, rel:
         parts.append(_note("No training curves: no stage folder with a readable metrics.jsonl."))
         return "\n".join(parts)
     metric = _pick_metric((e for _, _, ev in stages for e in ev), results.get("metric"))
-    colors = _colors(len(stages))
-    n_panels = 2 if metric else 1
-    fig, axes = _figure(6.0 * n_panels + 1.5, 4.4, 1, n_panels)
-    ax = axes[0][0]
+    if all(len(train) <= 1 and len(evals) <= 1 for _, train, evals in stages):
+        parts.append(_note("Each stage logged at most one point, so there is no curve to draw: the table below "
+                           "holds the values (log more often with train.log_every / train.eval_every)."))
+    else:
+        colors = _colors(len(stages))
+        fig, axes = _figure(6.0 * (2 if metric else 1) + 1.5, 4.4, 1, 2 if metric else 1)
+        _loss_panel(axes[0][0], stages, colors)
+        if metric:
+            _metric_panel(axes[0][1], stages, colors, metric)
+        fig.tight_layout()
+        _save(fig, plots / "training_curves.png")
+        parts.append(_img(f"{rel}/training_curves.png", "training curves"))
+    parts.append(_table(_last_values(stages, metric), text_columns=("stage",)))
+    return "\n".join(parts)
+
+
+def _loss_panel(ax: Any, stages: Sequence[tuple[str, list, list]], colors: Sequence[Any]) -> None:
+    """Total loss and every logged loss term per stage (markers where a line has few points)."""
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1)), (0, (1, 3))]
-    positive = True
-    drew = False
+    positive, drew = True, False
     for (name, train, _), color in zip(stages, colors):
         if not train:
             continue
         its = [r["iteration"] for r in train]
         loss = [float(r["loss"]) for r in train]
-        ax.plot(its, loss, color=color, lw=1.8, label=f"{name}: loss")
+        marker = "o" if len(its) < 4 else None
+        ax.plot(its, loss, color=color, lw=1.8, marker=marker, ms=4, label=f"{name}: loss")
         drew = True
         positive &= all(v > 0 for v in loss if math.isfinite(v))
         terms = list(dict.fromkeys(k for r in train for k in (r.get("losses") or {})))
@@ -354,10 +372,9 @@ def _curves_section(run_dir: Path, results: Mapping[str, Any], plots: Path, rel:
                 continue  # the only term, equal to the total loss
             positive &= all(v > 0 for _, v in vals)
             ax.plot([i for i, _ in vals], [v for _, v in vals], color=color, lw=1.0, alpha=0.8,
-                    ls=styles[j % len(styles)], label=f"{name}: {term}")
+                    ls=styles[j % len(styles)], marker="x" if len(vals) < 4 else None, label=f"{name}: {term}")
     if drew:
-        lo_hi = [ln.get_ydata() for ln in ax.get_lines()]
-        flat = [float(v) for ys in lo_hi for v in ys if math.isfinite(float(v))]
+        flat = [float(v) for ln in ax.get_lines() for v in ln.get_ydata() if math.isfinite(float(v))]
         if positive and flat and max(flat) / max(min(flat), 1e-12) > 20:
             ax.set_yscale("log")
             # plain tick labels: mathtext is off in the report (names may hold "$"), so 10^k would print raw
@@ -372,22 +389,29 @@ def _curves_section(run_dir: Path, results: Mapping[str, Any], plots: Path, rel:
     ax.set_ylabel("loss")
     ax.set_title("training loss (total and per term)")
     ax.grid(alpha=0.3)
-    if metric:
-        ax = axes[0][1]
-        for (name, _, evals), color in zip(stages, colors):
-            pts = [(r["iteration"], float(r["eval"][metric])) for r in evals if _finite(r["eval"].get(metric))]
-            if pts:
-                ax.plot([i for i, _ in pts], [v for _, v in pts], color=color, marker="o", ms=4, lw=1.5,
-                        label=name)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(metric)
-        ax.set_title(f"evaluation: {metric}")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, plots / "training_curves.png")
-    parts.append(_img(f"{rel}/training_curves.png", "training curves"))
-    # a small table: the last logged values per stage
+
+
+def _metric_panel(ax: Any, stages: Sequence[tuple[str, list, list]], colors: Sequence[Any], metric: str) -> None:
+    """The evaluation metric per stage, in % where the tables show it in % (error, accuracy), never below 0."""
+    scale = 100.0 if metric in _PERCENT_METRICS else 1.0
+    label = f"{metric} %" if scale == 100.0 else metric
+    values = []
+    for (name, _, evals), color in zip(stages, colors):
+        pts = [(r["iteration"], scale * float(r["eval"][metric])) for r in evals if _finite(r["eval"].get(metric))]
+        if pts:
+            ax.plot([i for i, _ in pts], [v for _, v in pts], color=color, marker="o", ms=4, lw=1.5, label=name)
+            values += [v for _, v in pts]
+    if values and min(values) >= 0:
+        ax.set_ylim(bottom=0, top=max(max(values) * 1.05, 1e-6))
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(label)
+    ax.set_title(f"evaluation: {label}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _last_values(stages: Sequence[tuple[str, list, list]], metric: str | None) -> list[dict[str, Any]]:
+    """The last logged values per stage (the table under the curves)."""
     rows = []
     for name, train, evals in stages:
         row: dict[str, Any] = {"stage": name}
@@ -399,8 +423,7 @@ def _curves_section(run_dir: Path, results: Mapping[str, Any], plots: Path, rel:
         if evals and metric:
             row[f"last eval {metric}"] = evals[-1]["eval"].get(metric)
         rows.append(row)
-    parts.append(_table(rows, text_columns=("stage",)))
-    return "\n".join(parts)
+    return rows
 
 
 # ============================================================================================ 3. label summary
