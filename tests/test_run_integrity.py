@@ -50,3 +50,29 @@ def test_a_bad_override_leaves_a_finished_run_folder_untouched(tmp_path, capsys)
         assert err.count("\n") == 0 and "Traceback" not in err, err
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+COCO8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco8"
+
+
+@pytest.mark.parametrize("unlabeled, test, pair", [("val", "val", "data.unlabeled and data.test"),
+                                                    ("train", "val", "data.train and data.unlabeled")])
+def test_parts_sharing_image_files_are_warned_about(unlabeled, test, pair, caplog):
+    from ddkit.engine.data import build_data
+
+    def part(split):
+        return {"dataset": {"name": "yolo", "root": str(COCO8), "split": split}}
+
+    splits = build_data({"train": part("train"), "unlabeled": part(unlabeled), "test": part(test)})
+    assert len(splits.warnings) == 1 and splits.warnings[0].startswith(pair), splits.warnings
+    assert "share 4 image file(s)" in splits.warnings[0]
+    clean = build_data({"train": part("train"), "test": part("val")})
+    assert clean.warnings == []
+
+
+def test_warnings_and_stops_head_the_results_table():
+    from ddkit.engine.run import results_markdown
+
+    text = results_markdown({"rows": [{"model": "teacher", "stage": "teacher", "AP": 1.0}],
+                             "warnings": ["data.unlabeled and data.test share 4 image file(s)"]})
+    assert text.startswith("**WARNING:** data.unlabeled and data.test share 4") and "| teacher | 1.0 |" in text

@@ -12,7 +12,7 @@ for classification). The unlabeled part is a :class:`HiddenLabels` view: trainin
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -126,6 +126,7 @@ class Splits:
     unlabeled: HiddenLabels | None
     test: Any | None
     info: DatasetInfo
+    warnings: list[str] = field(default_factory=list)
 
 
 def is_classification(dataset: Any) -> bool:
@@ -237,7 +238,39 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         raise ConfigError(f"{where}: needs either 'dataset' (with 'split') or 'train: {{dataset: ...}}'")
     unl = parts.get("unlabeled")
     return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
-                  test=parts.get("test"), info=get_info(parts["train"]))
+                  test=parts.get("test"), info=get_info(parts["train"]), warnings=_shared_files(parts, where))
+
+
+def item_file(dataset: Any, i: int, depth: int = 0) -> str | None:
+    """The image file of item ``i`` through Subset / HiddenLabels / ConcatDataset views (absolute path), if any."""
+    if depth > 8:
+        return None
+    files = getattr(dataset, "files", None)
+    if isinstance(files, (list, tuple)) and 0 <= i < len(files):
+        return str(Path(files[i]).resolve())
+    if hasattr(dataset, "ground_truth"):
+        return item_file(dataset.ground_truth, i, depth + 1)
+    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
+        return item_file(dataset.dataset, int(dataset.indices[i]), depth + 1)
+    if hasattr(dataset, "_locate"):
+        ds, j = dataset._locate(i)
+        return item_file(ds, j, depth + 1)
+    return None
+
+
+def _shared_files(parts: Mapping[str, Any], where: str) -> list[str]:
+    """A warning for each pair of parts that share image files (test images among the unlabeled ones would be
+    pseudo-labelled, trained on and then scored: a result that looks better than it is)."""
+    files = {k: {f for i in range(len(d)) if (f := item_file(d, i))} for k, d in parts.items()}
+    out = []
+    for a, b in (("unlabeled", "test"), ("train", "test"), ("train", "unlabeled")):
+        shared = sorted(files.get(a, set()) & files.get(b, set()))
+        if shared:
+            msg = (f"{where}.{a} and {where}.{b} share {len(shared)} image file(s) (e.g. {shared[0]}): results on "
+                   f"{b} are not measured on unseen images")
+            log.warning(msg)
+            out.append(msg)
+    return out
 
 
 def _check_not_empty(dataset: Any, where: str) -> None:

@@ -211,6 +211,8 @@ def _results_section(results: Mapping[str, Any], plots: Path, rel: str) -> str:
     if results.get("stopped"):
         parts.append(f'<p class="stopped"><b>The run stopped; this is not a result:</b> '
                      f'{_esc(results["stopped"])}</p>')
+    for warning in results.get("warnings") or []:
+        parts.append(f'<p class="stopped"><b>Warning:</b> {_esc(warning)}</p>')
     rows = [r for r in (results.get("rows") or []) if isinstance(r, Mapping)]
     metric = results.get("metric")
     meta = []
@@ -237,7 +239,7 @@ def _results_section(results: Mapping[str, Any], plots: Path, rel: str) -> str:
             parts.append(_table([{"model": k, **v} for k, v in tta.items()], text_columns=("model",)))
         else:
             parts.append(_kv_table(tta))
-    known = {"task", "metric", "rows", "gap_closed", "tta", "stopped"}
+    known = {"task", "metric", "rows", "gap_closed", "tta", "stopped", "warnings"}
     other = {k: v for k, v in results.items() if k not in known}
     if other:
         parts.append("<h3>Other results</h3>")

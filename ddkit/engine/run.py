@@ -182,6 +182,8 @@ class Runner:
         summary = self.summarize()
         if stopped:
             summary["stopped"] = stopped
+        if self.splits.warnings:
+            summary["warnings"] = list(self.splits.warnings)
         atomic_write_json(self.out / "results.json", summary)
         atomic_write_text(self.out / "results.md", results_markdown(summary) + "\n")
         try:
@@ -377,6 +379,7 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     """The results table as markdown (what ``ddkit run`` prints at the end)."""
     rows = summary.get("rows") or []
     stopped = f"**STOPPED, not a result:** {summary['stopped']}\n\n" if summary.get("stopped") else ""
+    stopped += "".join(f"**WARNING:** {w}\n\n" for w in summary.get("warnings") or [])
     if not rows:
         return stopped + "(no results)"
     cols = [c for c in rows[0] if c != "stage"]
