@@ -5,6 +5,10 @@ The run folder is ``<run.out_dir>/<stage>``: ``config.yaml`` (the resolved recip
 ``model.pt`` (student-only weights). ``--resume`` continues a stopped or killed run from its last checkpoint and
 ends with the same weights and metrics as an uninterrupted run. Under ``torchrun --nproc-per-node N -m ddkit train``
 every process trains on its share of each batch (gloo on CPU, NCCL on GPU).
+
+A finished run is not trained again (the command names it and exits 0) unless ``--force``; ``--resume`` refuses a
+checkpoint whose recipe differs in a way that changes the result (it names the keys and both values) and notes
+the harmless changes (logging, cadence, ``max_iterations``).
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", choices=("teacher", "student"),
                         help="which section to train (default: teacher if the recipe has one, else student)")
     parser.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
+    parser.add_argument("--force", action="store_true",
+                        help="train again from scratch although the run finished (replaces model.pt) or its "
+                             "checkpoint is for another recipe")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: run.device, else auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -54,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         from ddkit.engine.train import run_train
 
         result = run_train(cfg, stage=args.stage, resume=args.resume, source=args.recipe, device=args.device,
-                           progress=False if args.no_progress else None)
+                           progress=False if args.no_progress else None, force=args.force)
     finally:
         if started:
             import torch.distributed as dist
