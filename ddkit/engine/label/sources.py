@@ -1,8 +1,6 @@
 """Unlabeled image sources: a folder of image files, the images of a COCO JSON, or a dataset's items."""
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -10,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from ddkit.engine.coco_file import read_coco_file
 from ddkit.engine.data import HiddenLabels, LABEL_KEYS, get_target, read_image
 from ddkit.engine.label.config import LabelConfig
 from ddkit.errors import ConfigError
@@ -101,20 +100,11 @@ class CocoSource(Source):
                  image_shape: Sequence[int] | None = None):
         self.image_shape = image_shape
         self.path = Path(path)
-        try:
-            with open(self.path) as fh:
-                data = json.load(fh)
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"label.coco: cannot read {self.path}: {err}") from None
-        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-            raise ConfigError(f"label.coco: {self.path} has no 'images' list")
-        self.images = [{"id": int(im["id"]), "file_name": str(im["file_name"])} for im in data["images"]]
-        self.image_root = str(Path(image_root or self.path.parent).resolve())
-        anns: dict[int, list] = defaultdict(list)
-        for a in data.get("annotations") or []:
-            anns[int(a["image_id"])].append(a)
-        self.anns = dict(anns)
-        self.has_ground_truth = bool(data.get("annotations"))
+        coco = read_coco_file(self.path, image_root, need_annotations=False)  # the one validating COCO reader
+        self.images = [{"id": int(im["id"]), "file_name": str(im["file_name"])} for im in coco.images]
+        self.image_root = str(coco.image_root.resolve())
+        self.anns = coco.annotations_by_image()
+        self.has_ground_truth = bool(coco.annotations)
 
     def __len__(self) -> int:
         return len(self.images)
