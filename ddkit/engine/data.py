@@ -311,6 +311,10 @@ def check_images(paths: Iterable[str | Path], progress: bool = False) -> list[tu
     return bad
 
 
+# The one list of image file extensions (image folders to label, YOLO image folders).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
 def read_image(path: str | Path) -> torch.Tensor:
     """An image file as float ``[3, H, W]`` in ``[0, 1]`` (RGB); :class:`DataError` naming the file if unreadable."""
     from PIL import Image

@@ -9,13 +9,10 @@ import torch
 from torch import Tensor
 
 from ddkit.engine.coco_file import read_coco_file
-from ddkit.engine.data import HiddenLabels, LABEL_KEYS, get_target, read_image
+from ddkit.engine.data import IMAGE_EXTENSIONS, HiddenLabels, LABEL_KEYS, get_target, read_image
 from ddkit.engine.label.config import LabelConfig
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
 
 @dataclass
 class Item:
