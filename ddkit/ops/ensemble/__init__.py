@@ -44,7 +44,8 @@ weights differ, soft-NMS returning the *input* scores of the boxes it keeps, NMW
 Layout (one job per module): :mod:`.args` (argument checks, signature types), :mod:`.backends` (numpy / torch),
 :mod:`.batch` (inputs and outputs), :mod:`.sort` (tie orders, group segments), :mod:`.greedy` (box geometry,
 greedy NMS rounds), :mod:`.fusion`, :mod:`.wbf`, :mod:`.nmw` (the fusions), :mod:`.suppress` (NMS and soft-NMS),
-:mod:`.dropins` (the ``ensemble_boxes`` drop-ins), :mod:`.cores` (the tensor cores).
+:mod:`.dropins` (the ``ensemble_boxes`` drop-ins), :mod:`.cores` (the tensor cores), :mod:`.spatial` (the
+independent parts of crowded groups, which keep them about linear in the boxes).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from typing import Any
 from ddkit.ops.ensemble import backends as _backends
 from ddkit.ops.ensemble import suppress as _suppress
 from ddkit.ops.ensemble import sort as _sort
+from ddkit.ops.ensemble import spatial as _spatial
 from ddkit.ops.ensemble.args import CONF_TYPES, Device, ImageInput, Result, Weights
 from ddkit.ops.ensemble.backends import FORCE_TORCH
 from ddkit.ops.ensemble.cores import box_voting_tensor, nms_tensor, nmw_tensor, soft_nms_tensor, wbf_tensor
@@ -70,8 +72,10 @@ __all__ = [
 
 # Settings read at call time by the module that uses them; setting them here (``ensemble.FORCE_TORCH = True``, as
 # before the split into modules, or a test's monkeypatch of a chunk size) sets them there.
-_FORWARDED = {"FORCE_TORCH": _backends, "_SLOTS": _sort, "_SMALL_CHUNK": _sort, "_SMALL_PAIRS": _suppress}
+_FORWARDED = {"FORCE_TORCH": _backends, "_SLOTS": _sort, "_SMALL_CHUNK": _sort, "_SMALL_PAIRS": _suppress,
+              "_SPATIAL_MIN": _spatial, "_PAIR_BLOCK": _spatial, "_MAX_STRIPS": _spatial}
 _SLOTS, _SMALL_CHUNK, _SMALL_PAIRS = _sort._SLOTS, _sort._SMALL_CHUNK, _suppress._SMALL_PAIRS
+_SPATIAL_MIN, _PAIR_BLOCK, _MAX_STRIPS = _spatial._SPATIAL_MIN, _spatial._PAIR_BLOCK, _spatial._MAX_STRIPS
 
 
 class _Package(types.ModuleType):

@@ -134,6 +134,21 @@ class _Numpy:
     def nonzero(m: np.ndarray) -> np.ndarray:
         return m.nonzero()[0]
 
+    @staticmethod
+    def searchsorted(a: np.ndarray, v: np.ndarray, side: str) -> np.ndarray:
+        return np.searchsorted(a, v, side=side)
+
+    @staticmethod
+    def scatter_min_(x: np.ndarray, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """``x[idx] = min(x[idx], values)`` in place, repeated indices included."""
+        np.minimum.at(x, idx, values)
+        return x
+
+    @staticmethod
+    def scatter_max_(x: np.ndarray, idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+        np.maximum.at(x, idx, values)
+        return x
+
     maximum = staticmethod(np.maximum)
     minimum = staticmethod(np.minimum)
     where = staticmethod(np.where)
@@ -260,6 +275,18 @@ class _Torch:
     @staticmethod
     def nonzero(m: Tensor) -> Tensor:
         return torch.nonzero(m).squeeze(1)
+
+    @staticmethod
+    def searchsorted(a: Tensor, v: Tensor, side: str) -> Tensor:
+        return torch.searchsorted(a, v, side=side)
+
+    @staticmethod
+    def scatter_min_(x: Tensor, idx: Tensor, values: Tensor) -> Tensor:
+        return x.scatter_reduce_(0, idx, values, reduce="amin")
+
+    @staticmethod
+    def scatter_max_(x: Tensor, idx: Tensor, values: Tensor) -> Tensor:
+        return x.scatter_reduce_(0, idx, values, reduce="amax")
 
     maximum = staticmethod(torch.maximum)
     minimum = staticmethod(torch.minimum)

@@ -14,6 +14,7 @@ from ddkit.ops.ensemble.greedy import _areas, _order_corners
 from ddkit.ops.ensemble.suppress import _hard_nms, _soft_nms_groups
 from ddkit.ops.ensemble.nmw import _nmw
 from ddkit.ops.ensemble.sort import _group_order, _segments, _stable_key_order
+from ddkit.ops.ensemble.spatial import split_groups
 from ddkit.ops.ensemble.wbf import _wbf
 
 
@@ -162,7 +163,7 @@ def soft_nms_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, method: int =
     xp = bt.xp
     b, idx, key = _core_inputs(bt)
     order, final = _soft_nms_groups(xp, xp.take(b, idx), xp.take(bt.scores, idx), xp.take(key, idx), method,
-                                    iou_thr, sigma)
+                                    iou_thr, sigma, thresh)
     m = xp.nonzero(final > thresh)
     sel, dec = xp.take(idx, xp.take(order, m)), xp.take(final, m)
     o = _group_order(xp, xp.zeros(sel.shape[0], xp.i64), dec, "stable")
@@ -197,9 +198,12 @@ def box_voting_tensor(boxes: Tensor, scores: Tensor, labels: Tensor, nms_thr: fl
     b, idx, key = _core_inputs(bt)
     keep = xp.asarray(keep_t)
     s = xp.cast(bt.scores, xp.f64)
-    # every kept box against every non-degenerate box of its label
+    # every kept box against every non-degenerate box of its label (of its part when voters must overlap it)
     order = xp.take(idx, _stable_key_order(xp, xp.take(key, idx)))
     seg = _segments(xp, xp.take(key, order))
+    split = split_groups(xp, xp.take(b, order), seg) if vote_thr > 0 else None
+    if split is not None:
+        order, seg = xp.take(order, split[0]), split[1]
     where = xp.full(bt.boxes.shape[0], -1, xp.i64)
     where[order] = xp.arange(order.shape[0])
     g = xp.take(seg.gidx, xp.take(where, keep))

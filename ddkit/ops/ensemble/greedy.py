@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 from ddkit.ops.ensemble.backends import Array, Backend
 from ddkit.ops.ensemble.sort import _Segments
+from ddkit.ops.ensemble.spatial import split_groups, unpermute
 
 
 def _areas(c: Array) -> Array:
@@ -100,3 +101,18 @@ def _greedy_pairs(xp: Backend, coords: Array, area: Array, seg: _Segments, thr: 
         blocked[ej] = True
         state[(state == 0) & ~blocked] = 1
     return state == 1
+
+
+def _greedy_rounds_parts(xp: Backend, coords: Array, seg: _Segments, thr: float, track: bool
+                         ) -> Tuple[Array, Optional[Array], Optional[Array]]:
+    """:func:`_greedy_rounds` on the independent parts of the groups (:mod:`.spatial`): the same results."""
+    split = split_groups(xp, coords, seg)
+    if split is None:
+        return _greedy_rounds(xp, coords, _areas(coords), seg, thr, track)
+    perm, parts = split
+    c = xp.take(coords, perm)
+    keep, best, cluster = _greedy_rounds(xp, c, _areas(c), parts, thr, track)
+    keep = unpermute(xp, perm, keep)
+    if not track:
+        return keep, None, None
+    return keep, unpermute(xp, perm, best), unpermute(xp, perm, xp.take(perm, cluster))

@@ -8,7 +8,7 @@ import numpy as np
 from ddkit.ops.ensemble.backends import Array
 from ddkit.ops.ensemble.batch import _Batch
 from ddkit.ops.ensemble.fusion import _final_order, _fusion_groups, _fusion_inputs
-from ddkit.ops.ensemble.greedy import _areas, _greedy_rounds
+from ddkit.ops.ensemble.greedy import _greedy_rounds_parts
 
 
 def _nmw(bt: _Batch, wn: Optional[np.ndarray], iou_thr: float, skip_box_thr: float, clip: bool, tie: str,
@@ -22,7 +22,7 @@ def _nmw(bt: _Batch, wn: Optional[np.ndarray], iou_thr: float, skip_box_thr: flo
     s, seg, first = _fusion_groups(xp, fu, bt.n_images, tie)
     n = s.b1.shape[0]
     # seeds: greedy NMS; every other box joins the earlier seed it overlaps most (the first one on ties)
-    keep, best, cluster = _greedy_rounds(xp, s.coords, _areas(s.coords), seg, iou_thr, track=True)
+    keep, best, cluster = _greedy_rounds_parts(xp, s.coords, seg, iou_thr, track=True)
     wgt = s.b1 * xp.where(keep, 1.0, best)
     # weighted means (ensemble_boxes accumulates them in float32; float64 here, a difference below 1e-6)
     conf = xp.bincount(cluster, wgt, n)

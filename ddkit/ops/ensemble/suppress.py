@@ -9,7 +9,8 @@ from ddkit.ops.ensemble.backends import Array, Backend
 from ddkit.ops.ensemble.batch import _Batch, _warn
 from ddkit.ops.ensemble.greedy import _areas, _greedy_pairs, _greedy_rounds, _order_corners
 from ddkit.ops.ensemble.sort import _active, _chunk_layout, _chunks, _group_order, _pair_key, _segments, \
-    _stable_key_order
+    _Segments, _stable_key_order
+from ddkit.ops.ensemble.spatial import split_groups, unpermute
 
 _SMALL_PAIRS = 1 << 16    # NMS of at most this many same-group pairs: all pairs at once (fewer numpy calls)
 
@@ -56,23 +57,57 @@ def _hard_nms(xp: Backend, boxes: Array, scores: Array, key: Array, iou_thr: flo
     order = _group_order(xp, key, scores, tie, tv)
     seg = _segments(xp, xp.take(key, order))
     c = xp.cast(xp.take(boxes, order), xp.f64)
+    split = split_groups(xp, c, seg)      # independent parts of the groups: same results
+    if split is not None:
+        perm, seg = split
+        c = xp.take(c, perm)
     if int(seg.rank.sum() if order.shape[0] else 0) <= _SMALL_PAIRS:
-        return order, _greedy_pairs(xp, c, _areas(c), seg, iou_thr)
-    return order, _greedy_rounds(xp, c, _areas(c), seg, iou_thr, track=False)[0]
+        keep = _greedy_pairs(xp, c, _areas(c), seg, iou_thr)
+    else:
+        keep = _greedy_rounds(xp, c, _areas(c), seg, iou_thr, track=False)[0]
+    return order, (keep if split is None else unpermute(xp, perm, keep))
 
 
 def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, method: int, iou_thr: float,
-                     sigma: float) -> Tuple[Array, Array]:
+                     sigma: float, thresh: float = float("-inf")) -> Tuple[Array, Array]:
     """``cpu_soft_nms_float`` of ensemble_boxes for every key group at once (one loop step per rank).
 
     Boxes of a group are taken in input order; step ``i`` swaps in the highest remaining score (first one on ties,
     none if the current one is not lower) and decays the later ones. Returns the input positions in selection order
-    (grouped by key) and their final scores."""
+    (grouped by key) and their final scores; the order of the boxes whose final score is ``<= thresh`` is arbitrary.
+
+    The groups run as independent parts (:mod:`.spatial`: a decay by a box that does not overlap is a product by
+    exactly 1). Without ties the selection order of a group is then its order by decreasing final score; if two
+    boxes of a part tie for the highest remaining score, or two boxes of a group end with the same final score,
+    above ``thresh``, the array positions decide and the whole groups run instead."""
     n = scores.shape[0]
     order = _stable_key_order(xp, key)
     seg = _segments(xp, xp.take(key, order))
     c = xp.cast(xp.take(boxes, order), xp.f64)
     sc = xp.take(scores, order)
+    split = split_groups(xp, c, seg)
+    if split is not None:
+        perm, parts = split
+        res = _soft_nms_steps(xp, xp.take(c, perm), xp.take(sc, perm), parts, method, iou_thr, sigma, thresh)
+        if res is not None:
+            final = unpermute(xp, perm, res[1])
+            o = _group_order(xp, seg.gidx, final, "any")
+            f, g = xp.take(final, o), xp.take(seg.gidx, o)
+            if not bool(((f[1:] == f[:-1]) & (g[1:] == g[:-1]) & (f[1:] > thresh)).any()):
+                return xp.take(order, o), f
+    sel, final = _soft_nms_steps(xp, c, sc, seg, method, iou_thr, sigma, None)
+    # positions in (group, selection) order
+    out = xp.zeros(n, xp.i64)
+    out[xp.take(seg.starts, seg.gidx) + sel] = xp.arange(n)
+    return xp.take(order, out), xp.take(final, out)
+
+
+def _soft_nms_steps(xp: Backend, c: Array, sc: Array, seg: _Segments, method: int, iou_thr: float, sigma: float,
+                    tie_thr: Optional[float]) -> Optional[Tuple[Array, Array]]:
+    """The loop of :func:`_soft_nms_groups` over groups sorted by key then input order: per sorted position the
+    rank at which it is selected in its group and its final score. ``None`` when ``tie_thr`` is given and two boxes
+    of a group tie for the highest remaining score above it."""
+    n = sc.shape[0]
     sd = sc.dtype
     sel = xp.zeros(n, xp.i64)          # groups of one box: selected first
     final = xp.copy(sc)
@@ -101,6 +136,9 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
                 ti, tq = x[:, sw, i], x[:, sw, q]
                 x[:, sw, i] = tq
                 x[:, sw, q] = ti
+            top = scr[:a, i:i + 1]
+            if tie_thr is not None and bool(((rest == top) & (top > tie_thr)).any()):
+                return None
             xx1 = xp.maximum(x[1, :a, i:i + 1], x[1, :a, i + 1:])
             yy1 = xp.maximum(x[0, :a, i:i + 1], x[0, :a, i + 1:])
             xx2 = xp.minimum(x[3, :a, i:i + 1], x[3, :a, i + 1:])
@@ -117,10 +155,7 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
         p = perm[valid]
         sel[p] = (rows[:, None] * 0 + xp.arange(s)[None, :])[valid]
         final[p] = scr[valid]
-    # positions in (group, selection) order
-    out = xp.zeros(n, xp.i64)
-    out[xp.take(seg.starts, seg.gidx) + sel] = xp.arange(n)
-    return xp.take(order, out), xp.take(final, out)
+    return sel, final
 
 
 def _nms_run(bt: _Batch, weights: Optional[np.ndarray], method: int, iou_thr: float, sigma: float, thresh: float,
@@ -134,7 +169,7 @@ def _nms_run(bt: _Batch, weights: Optional[np.ndarray], method: int, iou_thr: fl
         sel = xp.take(order, xp.nonzero(keep))
         dec = xp.take(sc, sel)
     else:
-        order, final = _soft_nms_groups(xp, boxes, sc, key, method, iou_thr, sigma)
+        order, final = _soft_nms_groups(xp, boxes, sc, key, method, iou_thr, sigma, thresh)
         m = xp.nonzero(final > thresh)
         sel = xp.take(order, m)
         dec = xp.take(final, m)

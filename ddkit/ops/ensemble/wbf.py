@@ -9,6 +9,7 @@ from ddkit.ops.ensemble.backends import Array, Backend
 from ddkit.ops.ensemble.batch import _Batch
 from ddkit.ops.ensemble.fusion import _final_order, _Fusion, _fusion_groups, _fusion_inputs
 from ddkit.ops.ensemble.sort import _active, _chunk_layout, _chunks, _Segments
+from ddkit.ops.ensemble.spatial import escaped_clusters, merge_labels, part_labels, split_by, unpermute
 
 
 def _wbf_assign(xp: Backend, fu: _Fusion, seg: _Segments, thr: float, need_ws: bool
@@ -83,6 +84,26 @@ def _wbf_assign(xp: Backend, fu: _Fusion, seg: _Segments, thr: float, need_ws: b
     return seed_of, f_out, conf_out, ws_out
 
 
+def _wbf_assign_parts(xp: Backend, fu: _Fusion, seg: _Segments, thr: float, need_ws: bool
+                      ) -> Tuple[Array, Array, Array, Array]:
+    """:func:`_wbf_assign` on the independent parts of the groups (:mod:`.spatial`), checked: the same results."""
+    lab = part_labels(xp, fu.coords, seg)
+    while True:
+        split = split_by(xp, lab, seg)
+        if split is None:
+            return _wbf_assign(xp, fu, seg, thr, need_ws)
+        perm, parts = split
+        sub = _Fusion(*(xp.take(getattr(fu, f), perm) if f in ("coords", "b1", "wv") else None
+                        for f in ("coords", "b1", "wv", "model", "lab", "img", "scan")))
+        seed_of, f_out, conf_out, ws_out = _wbf_assign(xp, sub, parts, thr, need_ws)
+        seed_of = unpermute(xp, perm, xp.take(perm, seed_of))
+        a, b = escaped_clusters(xp, fu.coords, seg.gidx, lab, seed_of)
+        if a.shape[0] == 0:
+            return (seed_of, unpermute(xp, perm, f_out), unpermute(xp, perm, conf_out),
+                    unpermute(xp, perm, ws_out))
+        lab = merge_labels(xp, lab, a, b)
+
+
 def _model_sums(xp: Backend, presence: Array, wn: Optional[np.ndarray], m_img: Array) -> Tuple[Array, Array]:
     """Per cluster: the summed weight of the models present (``clustered_boxes[idx, 2].sum()``) and of the models
     absent (``weights[mask].sum()``), with numpy's own summation on the same arrays as ensemble_boxes."""
@@ -112,7 +133,7 @@ def _wbf(bt: _Batch, wn: Optional[np.ndarray], iou_thr: float, skip_box_thr: flo
     s, seg, first = _fusion_groups(xp, fu, bt.n_images, tie)
     n = s.b1.shape[0]
     need_ws = conf_type in ("box_and_model_avg", "absent_model_aware_avg")
-    seed_of, f_out, conf_out, ws_out = _wbf_assign(xp, s, seg, iou_thr, need_ws)
+    seed_of, f_out, conf_out, ws_out = _wbf_assign_parts(xp, s, seg, iou_thr, need_ws)
     seeds = xp.nonzero(seed_of == xp.arange(n))
     k = seeds.shape[0]
     inv = xp.full(n, -1, xp.i64)
