@@ -208,7 +208,7 @@ def _parse_yolo_line(line: str, where: str, k: int | None, dims: int, names: dic
         raise DataError(f"{where}: not numbers: {line.strip()!r}") from None
     if not all(math.isfinite(v) for v in row):
         raise DataError(f"{where}: non-finite value (nan/inf): {line.strip()!r}")
-    if not row[0].is_integer() or row[0] < 0:
+    if not row[0].is_integer() or not 0 <= row[0] < 2 ** 31:
         raise DataError(f"{where}: class {vals[0]!r} is not a class index (an integer >= 0)")
     if names is not None and int(row[0]) not in names:
         raise DataError(f"{where}: class {int(row[0])} is not in the yaml's names (0..{max(names)})")

@@ -279,3 +279,32 @@ def test_fuse_results_api_errors():
     broken = [list(preds[0]), [dict(preds[1][0], score="high")]]
     with pytest.raises(DataError, match=r"input1\[0\]: score is not a finite number"):
         fuse_results(broken, coco, "wbf")
+
+
+@pytest.mark.parametrize("score", [-0.5, 7.0, 1.0001, -1e-9])
+def test_scores_outside_0_1_are_refused_naming_file_index_and_entry(tmp_path, capsys, score):
+    good = {"image_id": 785, "category_id": 1, "bbox": [10.0, 10.0, 50.0, 60.0], "score": 0.9}
+    pred = _write(tmp_path, "scores.json", [good, {**good, "score": score}, {**good, "score": 1.0}])
+    out = tmp_path / "fused.json"
+    rc = main(["fuse", str(pred), "--images", str(COCO_MINI), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists() and "Traceback" not in err
+    line = next(ln for ln in err.splitlines() if "scores.json[1]:" in ln)
+    assert f"score {score} is outside [0, 1]" in line and '"score": ' in line
+    assert "scores.json[0]" not in err and "scores.json[2]" not in err  # 0.9 and 1.0 are fine
+    with pytest.raises(DataError, match=r"scores\.json\[1\]: score"):
+        fuse_results([[good, {**good, "score": score}]], json.loads(COCO_MINI.read_text()), "nms",
+                     sources=["scores.json"])
+
+
+@pytest.mark.parametrize("bbox,text", [
+    ([10.0, 10.0, 0.0, 5.0], "bbox is empty"),            # zero width: a training reader would drop it
+    ([5000.0, 5000.0, 10.0, 10.0], "wholly outside"),      # nowhere near the 640x425 image
+    ([630.0, 10.0, 20.0, 5.0], "outside image 785"),       # a reader would clip it
+    ([1.0, 2.0, 3.0, 10 ** 400], "non-finite"),            # an int too large for a float
+])
+def test_boxes_follow_the_shared_box_rule(bbox, text):
+    sizes = {785: (425, 640)}
+    entry = {"image_id": 785, "category_id": 1, "bbox": bbox, "score": 0.5}
+    problems = validate_results([entry, {**entry, "bbox": [1.0, 2.0, 3.0, 4.0]}], sizes, "p.json")
+    assert len(problems) == 1 and problems[0].index == 0 and text in str(problems[0])

@@ -117,7 +117,7 @@ class BoxCheck:
                          f"{self.tolerance:g} px (first: {self.first[CLIPPED]})")
         if self.dropped:
             parts.append(f"dropped {self.dropped} instance(s) whose box is empty after clipping (wholly outside the "
-                         f"image or zero/negative width or height; first: {self.first[DROPPED]})")
+                         f"image or zero width or height; first: {self.first[DROPPED]})")
         return f"{self.source}: " + "; ".join(parts)
 
     def warn(self) -> None:

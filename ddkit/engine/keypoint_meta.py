@@ -118,6 +118,9 @@ def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = N
     """
     extra: dict[str, Any] = {}
     flip: list[int] | None
+    for key, value in (("flip_indices", flip_indices), ("flip_idx", dataset_flip), ("sigmas", sigmas)):
+        if value is not None and not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key} must be a list, got {value!r}")
     try:
         if flip_indices is not None:
             flip = check_flip_indices(list(flip_indices), k, name=f"{where}: flip_indices")
