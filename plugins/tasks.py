@@ -416,9 +416,10 @@ class KeypointTask(DetectionTask):
     def _keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:
         model.eval()
         inner = unwrap_model(model)
-        heads = inner.roi_heads
-        if heads.keypoint_predictor is None:
-            raise ConfigError("keypoint_heatmaps needs a model with a keypoint head (keypointrcnn)")
+        heads = getattr(inner, "roi_heads", None)
+        if heads is None or getattr(heads, "keypoint_predictor", None) is None:
+            raise ConfigError("keypoint_heatmaps needs a model with a keypoint head on RoIs (keypointrcnn); a model "
+                              "that regresses keypoints is labelled with label.aggregator: {name: keypoint_fusion}")
         device = next(inner.parameters()).device
         images = [im.to(device) for im in images]
         orig = [tuple(im.shape[-2:]) for im in images]

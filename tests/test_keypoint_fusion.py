@@ -2,6 +2,9 @@
 contract of instance aggregators, and the flip behaviour it exists for."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -145,3 +148,41 @@ def test_a_keypoint_with_zero_confidence_does_not_move_the_mean():
     out = ddkit.build("aggregators", {"name": "keypoint_fusion"})([a, b], size)
     assert out.keypoints[0, 0, :2].tolist() == [20.0, 20.0]
     assert float(out.keypoints[0, 0, 2]) == pytest.approx(0.5)  # (0.9 * 1 + 0.9 * 0) / 1.8, seen in 2 of 2 views
+
+
+def test_the_labelling_engine_takes_fused_keypoints_without_a_heatmap_stage(tmp_path, monkeypatch):
+    """With an aggregator that fuses keypoints, a keypoint teacher's own (regressed) keypoints are fused across the
+    views and written as pseudo-labels; the heatmap stage never runs. Each image's ensemble equals the aggregator
+    applied to the views' predictions mapped back (here a tiny, untrained Keypoint R-CNN stands for any model)."""
+    from ddkit.engine.data import build_data
+    from ddkit.engine.label import Labeller, build_strategies, label_dataset, parse_label_config
+
+    task = ddkit.build("tasks", "keypoints")
+    figures = {"name": "synthetic_figures", "image_size": 64, "min_height": 30, "max_height": 50}
+    splits = build_data({"train": {"dataset": {**figures, "num_images": 4}},
+                         "unlabeled": {"dataset": {**figures, "num_images": 3, "seed": 4}}})
+    torch.manual_seed(0)
+    model = task.build_model({"name": "keypointrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64,
+                              "detections_per_img": 3, "keypoint_head": [16, 16]}, splits.info).eval()
+    cfg = {"transforms": [{"name": "identity"}, {"name": "hflip"}], "aggregator": {"name": "keypoint_fusion"},
+           "selector": {"name": "count_match", "keypoints": True}, "batch_size": 3}
+
+    def no_heatmaps(*args, **kwargs):
+        raise AssertionError("the heatmap stage ran")
+
+    monkeypatch.setattr(type(task), "keypoint_heatmaps", no_heatmaps)
+    result = label_dataset(task, model, splits.info, splits.unlabeled, splits.labeled, cfg, tmp_path)
+    coco = json.loads(Path(result.pseudo_path).read_text())
+    assert coco["annotations"] and all(len(a["keypoints"]) == 7 * 3 for a in coco["annotations"])
+
+    strategies = build_strategies(parse_label_config(cfg), task, splits.info)
+    images = [splits.unlabeled[i][0] for i in range(3)]
+    fused = Labeller(task, model, splits.info, strategies).label(images)
+    agg = ddkit.build("aggregators", {"name": "keypoint_fusion"})
+    for image, got in zip(images, fused):
+        size = tuple(image.shape[-2:])
+        views = [v.inverse_instances(task.predict(model, [v.forward_image(image)], native_size=True)[0], size)
+                 for v in strategies.views]
+        want = agg(views, size)
+        assert torch.allclose(got.boxes, want.boxes, atol=1e-4)
+        assert torch.allclose(got.keypoints, want.keypoints, atol=1e-4)

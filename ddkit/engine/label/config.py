@@ -188,7 +188,10 @@ def build_strategies(cfg: LabelConfig, task: Any, info: DatasetInfo, registry: A
     agg_block = strategy_block(cfg.aggregator if cfg.aggregator is not None else kind.default_aggregator)
     aggregator = _build_aggregator(agg_block, kind.name, registry, f"{where}.aggregator", task)
     kp_agg, kp_block = None, None
-    if kind.has_keypoint_heads and info.num_keypoints and callable(getattr(task, "keypoint_heatmaps", None)):
+    with_keypoints = kind.has_keypoint_heads and bool(info.num_keypoints)
+    if with_keypoints and getattr(aggregator, "fuses_keypoints", False):
+        kp_block = agg_block  # it fuses the views' predicted (regressed) keypoints itself: no heatmap stage
+    elif with_keypoints and callable(getattr(task, "keypoint_heatmaps", None)):
         kp_block = strategy_block(cfg.keypoints.get("aggregator") or {"name": "heatmap_mean"})
         kp_agg = _build_aggregator(kp_block, "heatmaps", registry, f"{where}.keypoints.aggregator", task)
         missing = [i for i, v in enumerate(views) if not callable(getattr(v, "forward_instances", None))]

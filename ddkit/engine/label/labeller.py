@@ -71,7 +71,7 @@ class Labeller:
         self.timer = timer or Timer()
         self.category_ids = [int(c["id"]) for c in info.categories]
         self.ens_views = strategies.ensemble_views
-        self.keypoints = strategies.keypoint_aggregator is not None
+        self.keypoints = strategies.keypoint_block is not None  # a heatmap stage, or an aggregator that fuses them
         self.num_keypoints = info.num_keypoints if self.keypoints else None
 
     # ----------------------------------------------------------------------------------------- teacher calls
@@ -141,8 +141,10 @@ class Labeller:
         with self.timer("aggregate"):
             ens = self.kind.aggregate(self.s.aggregator, [back[v] for v in self.ens_views], sizes,
                                       self.category_ids)
-        if self.keypoints:
+        if self.s.keypoint_aggregator is not None:
             ens = self._keypoints(view_images, ens, sizes)
+        elif self.keypoints:
+            ens = [self._no_keypoints(i) if i.keypoints is None else i for i in ens]
         return sizes, view_images, back, ens
 
     def label(self, images: list[Tensor]) -> list[Any]:

@@ -48,3 +48,13 @@ def test_yolo_det_recipe_runs_end_to_end(tmp_path):
     cfg = load_config(REPO / "configs" / "yolo_det_dd.yaml", _overrides(out, "coco8", "yolov8n.yaml"))
     result = run_recipe(cfg, source="yolo_det_dd.yaml", progress=False)
     _check_run(result, out, keypoints=False)
+
+
+def test_yolo_pose_recipe_runs_end_to_end_with_keypoint_fusion(tmp_path):
+    out = tmp_path / "pose"
+    cfg = load_config(REPO / "configs" / "yolo_pose_dd.yaml", _overrides(out, "coco8-pose", "yolov8n-pose.yaml"))
+    assert cfg.label.aggregator.name == "keypoint_fusion"
+    result = run_recipe(cfg, source="yolo_pose_dd.yaml", progress=False)
+    _check_run(result, out, keypoints=True)
+    pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
+    assert any(any(v == 2 for v in a["keypoints"][2::3]) for a in pseudo["annotations"])
