@@ -225,6 +225,10 @@ def _flat(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+_INPUT_NAMES = {"inputs.data": "the training data (fingerprint of targets and files)",
+                "inputs.teacher": "the teacher checkpoint (sha256)"}
+
+
 def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """``(refused, harmless)``: ``"key: old -> new"`` lines for the keys whose values differ between a checkpoint's
     recipe record and this run's. Harmless keys (:data:`~ddkit.engine.train_config.HARMLESS_KEYS` of the train
@@ -234,7 +238,8 @@ def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") == b.get(key, "<unset>"):
             continue
-        line = f"{key}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
+        shown = _INPUT_NAMES.get(key, key.removeprefix("recipe."))
+        line = f"{shown}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
         train_key = key.removeprefix("recipe.train.") if key.startswith("recipe.train.") else None
         (harmless if train_key in HARMLESS_KEYS else refused).append(line)
     return refused, harmless

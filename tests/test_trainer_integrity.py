@@ -1,0 +1,229 @@
+"""``ddkit train`` never silently trains on changed data or hyperparameters and never loses finished work (issue 12):
+resume refuses a recipe or inputs that change the result and says which harmless keys changed; a finished run is
+not replaced without --force; --resume without a checkpoint says it starts fresh; stale temp files go; an unreadable
+checkpoint is one line. On every failure nothing in the existing run folder changes."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import pathlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddkit
+from ddkit.cli import main
+from ddkit.engine.checkpoint import load_model, save_model
+from ddkit.engine.teacher_cache import dataset_fingerprint
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
+
+RECIPE = """
+run: {{name: t, out_dir: "{out}", seed: 1, device: cpu}}
+task: {{name: classification}}
+data: {{dataset: {dataset}, split: {{labeled: 0.5, test: 0.2, seed: 0}}}}
+teacher:
+  model: {{name: mlp, hidden: [16], dropout: 0.2}}
+  train: {{iterations: 8, batch_size: 16, lr: 0.05, momentum: 0.9, checkpoint_every: 2, log_every: 2{extra}}}
+student:
+  model: {{name: mlp, hidden: [8]}}
+  losses: [{{name: hard_label}}, {{name: soft_target, temperature: 2.0}}]
+  train: {{iterations: 6, batch_size: 16, lr: 0.05, log_every: 2{extra}}}
+"""
+
+
+def _recipe(tmp_path: Path, extra: str = "", dataset: str = "{name: digits}") -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(out=tmp_path / "out", dataset=dataset, extra=extra))
+    return path
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Every file under ``folder``: its content digest and mtime."""
+    return {str(p.relative_to(folder)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fails_in_one_line(args: list[str], capsys, *needles: str) -> str:
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "weights_only=False" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture
+def stopped(tmp_path):
+    """A teacher run stopped at iteration 4 of 8 (``max_iterations``), and its recipe."""
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--no-progress", "teacher.train.max_iterations=4"]) == 0
+    return recipe, tmp_path / "out" / "teacher"
+
+
+# ---------------------------------------------------------------------------------------------- resume changes
+@pytest.mark.parametrize("override, shown", [
+    ("teacher.train.lr=0.5", "train.lr: 0.05 -> 0.5"),
+    ("teacher.train.momentum=0.5", "train.momentum: 0.9 -> 0.5"),
+    ("teacher.model.dropout=0.4", "model.dropout: 0.2 -> 0.4"),
+    ("run.seed=7", "seed: 1 -> 7"),
+    ("data.split.seed=3", "the training data"),
+])
+def test_resume_refuses_a_change_that_alters_the_result(stopped, capsys, override, shown):
+    recipe, run_dir = stopped
+    before = _snapshot(run_dir)
+    _fails_in_one_line(["train", str(recipe), "--resume", "--no-progress", "teacher.train.max_iterations=4",
+                        override], capsys, str(run_dir / "checkpoints" / "last.pt"), shown, "--force")
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("teacher.train.log_every=3", "train.log_every: 2 -> 3"),
+    ("teacher.train.checkpoint_every=3", "train.checkpoint_every: 2 -> 3"),
+    ("teacher.train.eval_every=4", "train.eval_every: 0 -> 4"),
+])
+def test_resume_allows_harmless_changes_and_says_so(stopped, tmp_path, override, shown):
+    recipe, run_dir = stopped
+    assert main(["train", str(recipe), "--resume", "--no-progress", override]) == 0  # max_iterations: 4 -> None
+    log = (run_dir / "train.log").read_text()
+    assert f"{shown}" in log and "train.max_iterations: 4 -> None" in log and "does not change the result" in log
+    assert main(["train", str(recipe), "--no-progress", f"run.out_dir={tmp_path / 'ref'}"]) == 0
+    a, b = load_model(run_dir)[1].state_dict(), load_model(tmp_path / "ref" / "teacher")[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed run ends as the uninterrupted one
+
+
+def test_resume_refuses_another_teacher_checkpoint(tmp_path, capsys):
+    """The student's checkpoint records the teacher's digest: a retrained / replaced teacher is refused."""
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    assert main(["train", str(recipe), "--stage", "student", "--no-progress", "student.train.max_iterations=2"]) == 0
+    run_dir = tmp_path / "out" / "student"
+    before = _snapshot(run_dir)
+    teacher_pt = tmp_path / "out" / "teacher" / "model.pt"
+    _, teacher, _ = load_model(teacher_pt)
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.01)
+    save_model(teacher, teacher_pt)
+    _fails_in_one_line(["train", str(recipe), "--stage", "student", "--resume", "--no-progress",
+                        "student.train.max_iterations=2"], capsys, "the teacher checkpoint (sha256)", "--force")
+    assert _snapshot(run_dir) == before
+
+
+def _image_folder(root: Path, n: int = 12) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            pixels = (torch.rand(8, 8, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels, mode="L").save(root / c / f"{i}.png")
+
+
+def test_data_fingerprint_covers_files_and_targets(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    build = lambda: ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "imgs"),
+                                             "grayscale": True})
+    first = dataset_fingerprint(build())
+    assert dataset_fingerprint(build()) == first  # stable
+    from PIL import Image
+
+    Image.fromarray(torch.zeros(9, 9, dtype=torch.uint8).numpy(), mode="L").save(tmp_path / "imgs" / "a" / "3.png")
+    changed_file = dataset_fingerprint(build())
+    assert changed_file != first
+    (tmp_path / "imgs" / "a" / "5.png").rename(tmp_path / "imgs" / "b" / "z5.png")  # a label changes
+    assert dataset_fingerprint(build()) not in (first, changed_file)
+    digits = ddkit.build("datasets", "digits")
+    from ddkit.engine.data import Subset
+
+    assert dataset_fingerprint(Subset(digits, range(50))) != dataset_fingerprint(Subset(digits, range(1, 51)))
+
+
+def test_resume_refuses_changed_image_files(tmp_path, capsys):
+    _image_folder(tmp_path / "imgs")
+    dataset = f"{{name: image_folder, root: {tmp_path / 'imgs'}, grayscale: true}}"
+    recipe = _recipe(tmp_path, dataset=dataset)
+    assert main(["train", str(recipe), "--no-progress", "teacher.train.max_iterations=4"]) == 0
+    run_dir = tmp_path / "out" / "teacher"
+    before = _snapshot(run_dir)
+    from PIL import Image
+
+    for i in range(12):  # every image changes (the split is random): same count, same labels
+        Image.fromarray(torch.full((8, 8), i, dtype=torch.uint8).numpy(), mode="L").save(tmp_path / "imgs" / "b" / f"{i}.png")
+    _fails_in_one_line(["train", str(recipe), "--resume", "--no-progress", "teacher.train.max_iterations=4"],
+                       capsys, "the training data", "--force")
+    assert _snapshot(run_dir) == before
+
+
+# ------------------------------------------------------------------------------------------ finished work kept
+@pytest.mark.parametrize("override", [[], ["teacher.train.lr=0.5"]])
+def test_rerun_of_a_finished_run_is_skipped_unless_forced(tmp_path, caplog, capsys, override):
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    run_dir = tmp_path / "out" / "teacher"
+    before = _snapshot(run_dir)
+    capsys.readouterr()
+    with caplog.at_level(logging.WARNING, logger="ddkit.train"):
+        assert main(["train", str(recipe), "--no-progress", *override]) == 0
+    assert f"{run_dir} finished earlier" in caplog.text and "--force" in caplog.text
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["model_path"] == str(run_dir / "model.pt")
+    assert _snapshot(run_dir) == before
+    assert main(["train", str(recipe), "--no-progress", "--force", *override]) == 0
+    after = _snapshot(run_dir)
+    assert after["model.pt"][1] != before["model.pt"][1]
+    assert (after["model.pt"][0] != before["model.pt"][0]) == bool(override)  # same recipe: the same weights
+
+
+@pytest.mark.parametrize("prepare", ["nothing", "empty_folder"])
+def test_resume_without_a_checkpoint_says_it_starts_fresh(tmp_path, caplog, prepare):
+    recipe = _recipe(tmp_path)
+    if prepare == "empty_folder":
+        (tmp_path / "out" / "teacher" / "checkpoints").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="ddkit.train"):
+        assert main(["train", str(recipe), "--resume", "--no-progress"]) == 0
+    last = tmp_path / "out" / "teacher" / "checkpoints" / "last.pt"
+    assert f"no checkpoint {last}; starting fresh" in caplog.text
+    assert (tmp_path / "out" / "teacher" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_stale_temp_files_are_removed_on_start(stopped, resume):
+    recipe, run_dir = stopped
+    ckpts = run_dir / "checkpoints"
+    (ckpts / ".last.pt.k1ll3d.tmp").write_bytes(b"")
+    (ckpts / ".last.pt.h4lf.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    args = ["train", str(recipe), "--no-progress"] + (["--resume"] if resume else ["--force"])
+    assert main(args) == 0
+    assert not list(ckpts.glob(".*.tmp")) and (ckpts / "last.pt").is_file()
+
+
+# ---------------------------------------------------------------------------------------- unreadable checkpoints
+def test_truncated_resume_checkpoint_is_one_line(stopped, capsys):
+    recipe, run_dir = stopped
+    last = run_dir / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[:300])
+    before = _snapshot(run_dir)
+    _fails_in_one_line(["train", str(recipe), "--resume", "--no-progress"], capsys, str(last), "truncated",
+                       "--force")
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("content", ["pickled_object", "plain_state_dict", "text"])
+def test_a_teacher_file_that_is_not_a_ddkit_checkpoint_is_one_line(tmp_path, capsys, content):
+    recipe = _recipe(tmp_path)
+    bad = tmp_path / "teacher.pt"
+    if content == "pickled_object":
+        torch.save({"where": pathlib.PurePosixPath("/x")}, bad)  # a global that weights-only loading refuses
+    elif content == "plain_state_dict":
+        torch.save(torch.nn.Linear(2, 2).state_dict(), bad)
+    else:
+        bad.write_text("not a checkpoint\n")
+    assert main(["train", str(recipe), "--no-progress", "teacher.train.iterations=2"]) == 0
+    snapshot = _snapshot(tmp_path / "out")
+    _fails_in_one_line(["train", str(recipe), "--stage", "student", "--no-progress", f"student.teacher={bad}"],
+                       capsys, str(bad), "model.pt")
+    assert _snapshot(tmp_path / "out") == snapshot
