@@ -1,0 +1,149 @@
+"""``ddkit eval RECIPE|RUN|CHECKPOINT [key=value ...] [--checkpoint PATH] [--tta] [--data DATASET] [--split S]``.
+
+Evaluates a trained model (teacher, student, exported) and prints the task's metrics, one view and, with
+``--tta``, the multi-transform ensemble (the views and aggregator of ``--transforms`` / ``--aggregator``, else the
+recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writes ``eval.json``.
+
+* the model: ``--checkpoint`` (a file, a stage folder or a run folder), else a run folder's final student (the
+  folder given, or the recipe's ``run.out_dir``);
+* the data: ``--data`` (a COCO ``.json``, a YOLO folder, a folder of class folders, or a dataset block
+  ``'{name: yolo, root: ..., split: val}'``), else the recipe's ``--split`` (default ``test``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from ddkit.errors import ConfigError
+
+HELP = "evaluate a trained model (plain and multi-transform) on a recipe's split or a dataset; writes eval.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("target", help="a recipe (.yaml), a `ddkit run` folder, or a checkpoint (with --data)")
+    parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    parser.add_argument("--checkpoint", help="the model to evaluate (default: the run's final student)")
+    parser.add_argument("--data", help="evaluate on this dataset instead of the recipe's split: a COCO .json, a "
+                                       "YOLO folder, a folder of class folders, or a YAML dataset block")
+    parser.add_argument("--split", help="the recipe's split (test, labeled, unlabeled; default test), or a YOLO "
+                                        "folder's split with --data (default val)")
+    parser.add_argument("--tta", action="store_true", help="also evaluate the multi-transform ensemble")
+    parser.add_argument("--transforms", help="TTA views as YAML, e.g. '[{name: identity}, {name: hflip}]'")
+    parser.add_argument("--aggregator", help="TTA aggregator as YAML, e.g. '{name: wbf, iou_thr: 0.55}'")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("-o", "--output", help="eval.json path (default: beside the model's run folder)")
+
+
+def _recipe_and_default_model(args: argparse.Namespace) -> tuple[Any, str | None, Path | None, str]:
+    """``(recipe or None, its source, the run folder whose final student is the default model, what it is)``."""
+    from ddkit.config import load_config
+    from ddkit.engine.run_folder import is_run_folder
+
+    target = Path(args.target)
+    if target.is_file() and target.suffix.lower() in (".yaml", ".yml"):
+        cfg = load_config(target, args.overrides)
+        out = Path((cfg.get("run") or {}).get("out_dir") or f"runs/{(cfg.get('run') or {}).get('name') or 'ddkit'}")
+        return cfg, str(target), out, "recipe"
+    if is_run_folder(target):
+        saved = target / "config.yaml"
+        cfg = load_config(saved, args.overrides) if saved.is_file() else None
+        return cfg, str(saved) if cfg is not None else None, target, "run"
+    if args.checkpoint:
+        raise ConfigError(f"{target}: neither a recipe (.yaml) nor a `ddkit run` folder; with --checkpoint, "
+                           "pass the recipe or run folder whose data to use")
+    return None, None, None, "checkpoint"
+
+
+def _model_path(args: argparse.Namespace, run_dir: Path | None, kind: str) -> tuple[Path, str]:
+    from ddkit.engine.checkpoint import resolve_checkpoint
+    from ddkit.engine.run_folder import describe_stage, final_student, is_run_folder
+
+    source = args.checkpoint or (args.target if kind == "checkpoint" else None)
+    if source is None:
+        if run_dir is None or not is_run_folder(run_dir):
+            raise ConfigError(f"{run_dir}: no `ddkit run` folder with a finished student; pass --checkpoint")
+        source = str(run_dir)
+    if is_run_folder(source):
+        path, stage, note = final_student(source)
+        return path, f"{describe_stage(stage)} of {source}" + (f" ({note})" if note else "")
+    path = resolve_checkpoint(source)
+    return path, str(path)
+
+
+def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, model: Path) -> Path:
+    """``RUN/eval.json`` for a run's final student, else ``eval.json`` in the evaluated model's stage folder."""
+    if run_dir is not None and kind != "checkpoint" and not args.checkpoint:
+        return run_dir / "eval.json"
+    folder = model.parent.parent if model.parent.name == "checkpoints" else model.parent
+    return folder / "eval.json"
+
+
+def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[Any, str]:
+    from ddkit.engine.data import build_data
+    from ddkit.engine.evaluate import dataset_block
+    from ddkit.plugin_manager import get_registry
+
+    if args.data:
+        block = dataset_block(args.data, args.split)
+        return get_registry().build("datasets", block, where="--data"), json.dumps(block)
+    if cfg is None:
+        raise ConfigError(f"{args.target}: a checkpoint alone has no data; pass --data (a COCO .json, a YOLO "
+                           "folder, ...) or evaluate a recipe or run folder")
+    split = args.split or "test"
+    splits = build_data(cfg.get("data") or {}, where=f"{source}: data")
+    part = {"test": splits.test, "labeled": splits.labeled,
+            "unlabeled": getattr(splits.unlabeled, "ground_truth", None)}
+    if split not in part:
+        raise ConfigError(f"--split {split!r}: the recipe's splits are test, labeled, unlabeled")
+    if part[split] is None:
+        raise ConfigError(f"{source}: the recipe has no {split} split; pass --split or --data")
+    return part[split], f"{source}: data, split {split}"
+
+
+def _strategies(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> tuple[Any, dict[str, Any] | None]:
+    if not args.tta:
+        return None, None
+    import yaml
+
+    from ddkit.engine.evaluate import tta_block, tta_strategies
+    from ddkit.registry import _to_plain
+
+    transforms = yaml.safe_load(args.transforms) if args.transforms else None
+    aggregator = yaml.safe_load(args.aggregator) if args.aggregator else None
+    block = tta_block(transforms, aggregator, _to_plain(cfg) if cfg is not None else None)
+    return tta_strategies(task, info, block), block
+
+
+def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.checkpoint import load_model
+    from ddkit.engine.data import get_info
+    from ddkit.engine.evaluate import Predictor, check_same_classes, evaluate_dataset
+    from ddkit.engine.label import format_quality_table
+    from ddkit.io import atomic_write_json
+    from ddkit.runtime import resolve_device
+
+    cfg, source, run_dir, kind = _recipe_and_default_model(args)
+    path, what = _model_path(args, run_dir, kind)
+    device = resolve_device(args.device)
+    task, model, info = load_model(path, device=device)
+    dataset, data_what = _dataset(args, cfg, source)
+    check_same_classes(info, get_info(dataset), str(path), data_what)
+    strategies, block = _strategies(args, task, info, cfg)
+    print(f"evaluating {what} on {data_what} ({len(dataset)} items)")
+    rows = {"1 view": evaluate_dataset(Predictor(task, model, info, device=device), dataset, args.batch_size)}
+    if strategies is not None:
+        name = f"TTA ({len(strategies.views)} views: {', '.join(strategies.view_names)})"
+        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, args.batch_size)
+    print(format_quality_table(rows))
+    record = {"model": str(path), "what": what, "data": data_what, "items": len(dataset), "task": task.name,
+              "metrics": rows["1 view"], "tta": None}
+    if strategies is not None:
+        record["tta"] = {"views": strategies.view_blocks, "aggregator": strategies.aggregator_block,
+                         "metrics": rows[name]}
+    out = Path(args.output) if args.output else _default_output(args, run_dir, kind, path)
+    atomic_write_json(out, record)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,151 @@
+"""Evaluation and prediction of a trained model, plain (one view) or multi-transform (TTA), for ``ddkit eval`` and
+``ddkit predict``.
+
+TTA uses the labelling engine itself (:func:`ddkit.engine.label.build_strategies` and
+:class:`~ddkit.engine.label.Labeller`): the same views, inverse transforms and aggregators as pseudo-labelling, so
+what ``ddkit eval --tta`` measures is what ``ddkit label`` would produce before selection.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ddkit.engine.label import Labeller, Strategies, build_strategies, parse_label_config
+from ddkit.engine.prediction_kinds import PROBS, prediction_kind
+from ddkit.errors import ConfigError
+from ddkit.types import DatasetInfo
+
+# The views of ``--tta`` when neither the command line nor the recipe names any: the original and its mirror.
+DEFAULT_TTA = ({"name": "identity"}, {"name": "hflip"})
+
+
+def tta_block(transforms: Sequence[Any] | None = None, aggregator: Any = None,
+              recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``label``-section block that builds TTA: views and aggregator from the arguments, else the recipe's
+    ``evaluate`` then ``label`` sections (as ``ddkit run``'s TTA stages), else :data:`DEFAULT_TTA`."""
+    recipe = recipe or {}
+    sections = [recipe.get("evaluate") or {}, recipe.get("label") or {}]
+    if transforms is None:
+        transforms = next((s["transforms"] for s in sections if s.get("transforms")), list(DEFAULT_TTA))
+    if aggregator is None:
+        aggregator = next((s["aggregator"] for s in sections if s.get("aggregator") is not None), None)
+    block: dict[str, Any] = {"transforms": list(transforms),
+                             "selector": {"name": "score_threshold", "threshold": 0.0}}
+    if aggregator is not None:
+        block["aggregator"] = aggregator
+    keypoints = (recipe.get("label") or {}).get("keypoints")
+    if keypoints:
+        block["keypoints"] = keypoints
+    return block
+
+
+def tta_strategies(task: Any, info: DatasetInfo, block: Mapping[str, Any], registry: Any = None,
+                   where: str = "--tta") -> Strategies:
+    """Views and aggregators of a TTA block, built (and checked) before any image is read."""
+    return build_strategies(parse_label_config(dict(block), where), task, info, registry, where=where)
+
+
+def _batches(n: int, size: int) -> Iterator[range]:
+    for start in range(0, n, size):
+        yield range(start, min(n, start + size))
+
+
+class Predictor:
+    """Predictions of one model per image: ``task.predict`` (one view), or with ``strategies`` the labelling
+    engine's multi-transform ensemble.
+
+    ``predict(images)`` returns what ``task.evaluate_predictions`` scores: class probabilities ``[C]`` (TTA: the
+    one-hot of the ensemble's class, since the aggregator returns a label and a score) or
+    :class:`~ddkit.types.Instances` in the image's frame. ``labels(images)`` keeps a classifier's
+    ``(category id, score)`` instead.
+    """
+
+    def __init__(self, task: Any, model: nn.Module, info: DatasetInfo, strategies: Strategies | None = None,
+                 device: torch.device | str = "cpu"):
+        self.task, self.model, self.info, self.s = task, model.eval(), info, strategies
+        self.labeller = Labeller(task, model, info, strategies, device=device) if strategies is not None else None
+        self.ids = [int(c["id"]) for c in info.categories]
+
+    @property
+    def gives_probs(self) -> bool:
+        return prediction_kind(self.task) is PROBS
+
+    def raw(self, images: Sequence[Tensor]) -> list[Any]:
+        """One view: the task's own predictions; TTA: the labelling engine's aggregated ones."""
+        with torch.no_grad():
+            if self.labeller is None:
+                return list(self.task.predict(self.model, list(images)))
+            return list(self.labeller.label(list(images)))
+
+    def predict(self, images: Sequence[Tensor]) -> list[Any]:
+        preds = self.raw(images)
+        if self.labeller is None or not self.gives_probs:
+            return preds
+        out = []
+        for labels, _scores in preds:
+            onehot = torch.zeros(len(self.ids))
+            onehot[self.ids.index(int(labels[0]))] = 1.0
+            out.append(onehot)
+        return out
+
+    def labels(self, images: Sequence[Tensor]) -> list[tuple[int, float]]:
+        """A classifier's ``(category id, score)`` per image."""
+        preds = self.raw(images)
+        if self.labeller is not None:
+            return [(int(lab[0]), float(sc[0])) for lab, sc in preds]
+        out = []
+        for p in preds:
+            j = int(torch.as_tensor(p).reshape(-1).argmax())
+            out.append((self.ids[j], float(torch.as_tensor(p).reshape(-1)[j])))
+        return out
+
+
+def evaluate_dataset(predictor: Predictor, dataset: Any, batch_size: int = 8) -> dict[str, float]:
+    """The task's metrics of ``predictor`` on every item of ``dataset`` (which keeps its labels)."""
+    preds: list[Any] = []
+    for idx in _batches(len(dataset), batch_size):
+        preds.extend(predictor.predict([dataset[i][0] for i in idx]))
+    return predictor.task.evaluate_predictions(preds, dataset)
+
+
+def check_same_classes(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str) -> None:
+    """The model's categories (ids and names) must be the dataset's: labels are compared by id."""
+    ours = [(int(c["id"]), str(c.get("name"))) for c in model_info.categories]
+    theirs = [(int(c["id"]), str(c.get("name"))) for c in data_info.categories]
+    if ours != theirs:
+        raise ConfigError(f"{data_src}: its categories {theirs[:6]}{'...' if len(theirs) > 6 else ''} are not the "
+                          f"model's {ours[:6]}{'...' if len(ours) > 6 else ''} ({model_src}); evaluate on a dataset "
+                          "with the classes the model was trained on")
+    if (model_info.num_keypoints or 0) != (data_info.num_keypoints or 0):
+        raise ConfigError(f"{data_src}: {data_info.num_keypoints or 0} keypoints per instance, the model "
+                          f"({model_src}) predicts {model_info.num_keypoints or 0}")
+
+
+def dataset_block(spec: str, split: str | None = None) -> dict[str, Any]:
+    """A dataset block from the command line: a YAML mapping (``{name: coco, annotations: a.json}``), or a path:
+    a ``.json`` file is COCO, a folder with ``data.yaml`` or ``labels/`` is YOLO (``split``, default ``val``), any
+    other folder is one sub-folder of images per class."""
+    import yaml
+
+    text = spec.strip()
+    if text.startswith("{"):
+        try:
+            block = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--data: not a YAML mapping: {str(err).splitlines()[0]}") from None
+        if not isinstance(block, dict) or "name" not in block:
+            raise ConfigError(f"--data: a dataset block needs a 'name', e.g. {{name: coco, annotations: a.json}}; "
+                              f"got {text!r}")
+        return block
+    path = Path(text).expanduser()
+    if path.is_file() and path.suffix.lower() == ".json":
+        return {"name": "coco", "annotations": str(path)}
+    if path.is_dir() and ((path / "data.yaml").is_file() or (path / "labels").is_dir()):
+        return {"name": "yolo", "root": str(path), "split": split or "val"}
+    if path.is_dir():
+        return {"name": "image_folder", "root": str(path)}
+    raise ConfigError(f"--data: {path} is neither a COCO .json file nor a folder (YOLO or one folder per class); "
+                      "or pass a dataset block such as '{name: coco, annotations: a.json, images: imgs/}'")

@@ -1,0 +1,180 @@
+"""``ddkit eval`` and ``ddkit predict`` on tiny models: the printed / written metrics are the task's own, the TTA
+ensemble is the labelling engine's (checked against a hand-computed mean of the views), predictions are written
+as COCO results or YOLO txt lines that map back to the model's own boxes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import ddkit
+from ddkit import ConfigError
+from ddkit.cli import main
+from ddkit.config import load_config
+from ddkit.engine.checkpoint import load_model, save_model
+from ddkit.engine.data import build_data, read_image
+from ddkit.engine.label import adapt_image
+from ddkit.engine.run import run_recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+TINY = {"backbone": "tiny", "min_size": 64, "max_size": 64, "anchor_sizes": [16, 32, 64, 128, 256],
+        "representation_size": 32, "box_batch_size_per_image": 16, "rpn_post_nms_top_n_test": 50,
+        "score_thresh": 0.0, "detections_per_img": 5}
+
+RECIPE = """
+run: {{name: tiny, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: classification}}
+data:
+  dataset: {{name: digits}}
+  split: {{labeled: 0.2, unlabeled: 0.3, test: 0.2, seed: 0}}
+teacher:
+  model: {{name: mlp, hidden: [16]}}
+  train: {{iterations: 30, batch_size: 32, lr: 0.1, log_every: 30}}
+label:
+  transforms: [{{name: identity}}, {{name: translate, shifts: [[1, 0]]}}]
+  aggregator: {{name: prob_mean}}
+  selector: {{name: count_match}}
+  batch_size: 64
+student:
+  model: {{name: mlp, hidden: [16]}}
+  train: {{iterations: 30, batch_size: 32, lr: 0.1, ratio: [6, 4], log_every: 30}}
+"""
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("eval_run")
+    recipe = tmp / "tiny.yaml"
+    recipe.write_text(RECIPE.format(out=tmp / "out"))
+    return recipe, Path(run_recipe(load_config(recipe), source=str(recipe), progress=False)["run_dir"])
+
+
+def _yolo(root: str, split: str = "val"):
+    return ddkit.build("datasets", {"name": "yolo", "root": str(DATA / root), "split": split})
+
+
+@pytest.fixture(scope="module")
+def detector(tmp_path_factory) -> Path:
+    """An untrained tiny Faster R-CNN for coco8's 80 classes (score threshold 0: it always predicts boxes)."""
+    torch.manual_seed(0)
+    model = ddkit.build("tasks", "detection").build_model({"name": "fasterrcnn", **TINY}, _yolo("coco8").info)
+    return save_model(model, tmp_path_factory.mktemp("det") / "model.pt")
+
+
+# --------------------------------------------------------------------------------------------------------- eval
+def test_eval_run_writes_the_final_students_task_metrics(digits_run, capsys):
+    recipe, run = digits_run
+    assert main(["eval", str(run)]) == 0
+    printed = capsys.readouterr().out
+    assert "the data distillation student" in printed and "| 1 view |" in printed
+    record = json.loads((run / "eval.json").read_text())
+    task, model, _ = load_model(run / "student" / "model.pt")
+    test = build_data(load_config(recipe).data).test
+    assert record["metrics"] == pytest.approx(task.evaluate(model, test))
+    assert record["items"] == len(test) and record["tta"] is None
+    assert main(["eval", str(run), "--checkpoint", str(run / "teacher")]) == 0  # another model: its own folder
+    assert json.loads((run / "teacher" / "eval.json").read_text())["model"] == str(run / "teacher" / "model.pt")
+
+
+def test_eval_tta_is_the_mean_of_the_views_probabilities(digits_run, tmp_path):
+    recipe, run = digits_run
+    out = tmp_path / "e.json"
+    assert main(["eval", str(recipe), "--checkpoint", str(run / "teacher"), "--split", "labeled", "--tta",
+                 "--transforms", "[{name: identity}, {name: hflip}]", "-o", str(out)]) == 0
+    record = json.loads(out.read_text())
+    task, model, _ = load_model(run / "teacher" / "model.pt")
+    labeled = build_data(load_config(recipe).data).labeled
+    images = [labeled[i][0] for i in range(len(labeled))]
+    labels = torch.tensor([labeled[i][1]["label"] for i in range(len(labeled))])
+    plain = torch.stack(task.predict(model, images))
+    mirrored = torch.stack(task.predict(model, [x.flip(-1) for x in images]))
+    assert record["metrics"]["accuracy"] == pytest.approx(float((plain.argmax(1) == labels).float().mean()))
+    tta = float((((plain + mirrored) / 2).argmax(1) == labels).float().mean())
+    assert record["tta"]["metrics"]["accuracy"] == pytest.approx(tta)
+    assert [v["name"] for v in record["tta"]["views"]] == ["identity", "hflip"]
+
+
+def test_eval_tta_views_default_to_the_recipes(digits_run, tmp_path, capsys):
+    _, run = digits_run
+    assert main(["eval", str(run), "--tta", "-o", str(tmp_path / "e.json")]) == 0
+    assert "TTA (2 views: identity, translate" in capsys.readouterr().out
+
+
+def test_eval_a_checkpoint_on_a_yolo_folder(detector, tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["eval", str(detector), "--data", str(DATA / "coco8"), "--split", "val", "-o", str(out)]) == 0
+    record = json.loads(out.read_text())
+    task, model, _ = load_model(detector)
+    assert record["metrics"] == pytest.approx(task.evaluate(model, _yolo("coco8")), nan_ok=True)
+    assert set(record["metrics"]) >= {"AP", "AP50"} and record["items"] == 4
+
+
+def test_eval_refuses_a_dataset_of_other_classes(digits_run, capsys):
+    _, run = digits_run
+    with pytest.raises(ConfigError, match="categories .* are not the model's"):
+        from ddkit.commands.eval import run as eval_run
+        from ddkit.cli import build_parser
+
+        eval_run(build_parser().parse_args(["eval", str(run), "--data", str(DATA / "coco8")]))
+    assert main(["eval", str(run / "student"), "--split", "test"]) == 2  # a checkpoint alone has no data
+    assert "pass --data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------------ predict
+def test_predict_coco_results_are_the_models_own(detector, tmp_path):
+    images = DATA / "coco8" / "images" / "val"
+    assert main(["predict", str(detector), str(images), "-o", str(tmp_path / "p")]) == 0
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    index = json.loads((tmp_path / "p" / "images.json").read_text())
+    assert [im["file_name"] for im in index["images"]] == sorted(p.name for p in images.glob("*.jpg"))
+    task, model, _ = load_model(detector)
+    for im in index["images"]:
+        inst = task.predict(model, [read_image(images / im["file_name"])])[0]
+        mine = [r for r in results if r["image_id"] == im["id"]]
+        assert len(mine) == len(inst) > 0
+        xywh = torch.tensor([r["bbox"] for r in mine])
+        assert torch.allclose(xywh[:, :2], inst.boxes[:, :2].double().float(), atol=1e-3)
+        assert [r["category_id"] for r in mine] == inst.labels.tolist()
+
+
+def test_predict_yolo_pose_lines_map_back_to_the_boxes(tmp_path):
+    torch.manual_seed(0)
+    info = _yolo("coco8-pose").info
+    model = ddkit.build("tasks", "keypoints").build_model({"name": "keypointrcnn", **TINY, "keypoint_head": [8]},
+                                                         info)
+    ckpt = save_model(model, tmp_path / "pose.pt")
+    images = DATA / "coco8-pose" / "images" / "val"
+    assert main(["predict", str(ckpt), str(images), "--format", "yolo", "-o", str(tmp_path / "p")]) == 0
+    import yaml
+
+    data = yaml.safe_load((tmp_path / "p" / "data.yaml").read_text())
+    assert data["kpt_shape"] == [17, 3] and data["flip_idx"] == info.flip_indices
+    task, model, _ = load_model(ckpt)
+    for path in sorted(images.glob("*.jpg")):
+        image = read_image(path)
+        h, w = image.shape[-2:]
+        inst = task.predict(model, [image])[0]
+        rows = [list(map(float, line.split())) for line in
+                (tmp_path / "p" / "labels" / f"{path.stem}.txt").read_text().splitlines()]
+        assert len(rows) == len(inst) > 0 and all(len(r) == 1 + 4 + 17 * 3 + 1 for r in rows)
+        got = torch.tensor([r[1:5] for r in rows])
+        x1 = (got[:, 0] - got[:, 2] / 2) * w
+        assert torch.allclose(x1, inst.boxes[:, 0], atol=1e-2)
+        assert torch.allclose(torch.tensor([r[-1] for r in rows]), inst.scores, atol=1e-5)
+
+
+def test_predict_tta_of_a_classifier_is_the_labelling_ensemble(digits_run, tmp_path):
+    _, run = digits_run
+    images = DATA / "coco8" / "images" / "val"
+    assert main(["predict", str(run), str(images), "--tta", "--transforms", "[{name: identity}, {name: hflip}]",
+                 "-o", str(tmp_path / "p")]) == 0
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    task, model, info = load_model(run / "student" / "model.pt")  # the run's final student
+    for r in results:
+        x = adapt_image(read_image(images / r["file_name"]), info.extra["image_shape"])
+        mean = (task.predict(model, [x])[0] + task.predict(model, [x.flip(-1)])[0]) / 2
+        assert r["category_id"] == int(mean.argmax()) and r["score"] == pytest.approx(float(mean.max()), abs=1e-5)
+    assert main(["predict", str(run), str(images), "--format", "yolo", "-o", str(tmp_path / "q")]) == 2
