@@ -109,3 +109,10 @@ def test_a_misspelt_disabled_plugin_is_named_with_the_installed_ones(monkeypatch
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == 1 and "'builtin_transfroms'" in warned[0] and "builtin_transforms" in warned[0]
     assert pm.is_blocked("builtin_selectors")
+
+
+@pytest.mark.parametrize("command", [["train"], ["label"], ["bench"], ["run"], ["config", "show"]])
+def test_every_command_rejects_a_typo_in_the_run_section_alike(command, capsys):
+    assert main([*command, str(DD), "run.sed=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("run: unknown key 'sed'. Did you mean 'seed'? Valid keys: name, out_dir, seed, device"), err

@@ -20,14 +20,14 @@ def run_dir_of(cfg, recipe: str) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ddkit.config import load_config, save_config, validate_config
+    from ddkit.config import save_config
     from ddkit.engine.bench import bench_from_config, markdown_table
+    from ddkit.engine.recipe import load_recipe
     from ddkit.plugin_manager import get_registry
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.recipe, args.overrides)
     registry = get_registry()
-    validate_config(cfg, registry, source=args.recipe)
+    cfg = load_recipe(args.recipe, args.overrides, registry)
     run_dir = run_dir_of(cfg, args.recipe)
     save_config(cfg, run_dir / "bench", "config.yaml")
     result, paths = bench_from_config(cfg, run_dir, source=args.recipe, registry=registry)

@@ -11,7 +11,7 @@ import argparse
 import json
 import logging
 
-from ddkit.config import load_config
+from ddkit.engine.recipe import load_recipe
 from ddkit.engine.label import quality_table, run_label
 from ddkit.engine.shards import parse_shard_arg
 
@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     worker = parse_shard_arg(args.shard) if args.shard else None
     result = run_label(cfg, keep_raw=args.keep_raw, worker=worker, max_shards=args.max_shards,
                        progress=not args.no_progress, source=args.recipe)

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 
-from ddkit.config import load_config
+from ddkit.engine.recipe import load_recipe
 
 HELP = "train a teacher or a student (KD losses, pseudo-labels) from a recipe; resumable, DDP with torchrun"
 
@@ -55,7 +55,7 @@ def _init_distributed(device: str | None) -> bool:
 def run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     started = _init_distributed(args.device or (cfg.get("run") or {}).get("device"))
     try:
         from ddkit.engine.train import run_train

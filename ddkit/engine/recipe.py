@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddkit.config import STRATEGY_SLOTS, validate_config
+from ddkit.config import STRATEGY_SLOTS, load_config, validate_config
 from ddkit.engine.bench import parse_bench_config
 from ddkit.engine.label import parse_label_config
 from ddkit.engine.train import SECTION_KEYS, parse_train_config
 from ddkit.errors import ConfigError
 from ddkit.registry import Registry, _to_plain, check_keys, parse_section
 
-__all__ = ["RunConfig", "validate_recipe", "with_defaults"]
+__all__ = ["RunConfig", "load_recipe", "validate_recipe", "with_defaults"]
 
 KD_VARIANT_KEYS = ("model", "train", "losses")
 
@@ -112,6 +112,18 @@ def validate_recipe(cfg: DictConfig, registry: Registry, source: str = "recipe")
     for key, check in SECTION_CHECKS.items():
         if cfg.get(key) is not None:
             check(_to_plain(cfg.get(key)), f"{source}: {key}")
+
+
+def load_recipe(path: str, overrides: Sequence[str] = (), registry: Registry | None = None) -> DictConfig:
+    """Load a recipe with its overrides and validate all of it: what every command does first, so that a typo is
+    the same one-line error from ``train``, ``label``, ``bench`` and ``run``."""
+    if registry is None:
+        from ddkit.plugin_manager import get_registry
+
+        registry = get_registry()
+    cfg = load_config(path, overrides)
+    validate_recipe(cfg, registry, source=str(path))
+    return cfg
 
 
 def _filled_block(block: Any, kind: str, registry: Registry) -> Any:

@@ -218,8 +218,9 @@ class Runner:
 
     def _label(self, teacher_stage: str, sfx: str) -> dict[str, Any]:
         """Label the unlabeled part into shards (``label{sfx}/shards``); the select stage writes the rest."""
-        if self.splits.unlabeled is None:
-            raise ConfigError(f"{self.source}: data.split needs an unlabeled part for data distillation")
+        if self.splits.unlabeled is None and not (self.label_cfg.get("images") or self.label_cfg.get("coco")):
+            raise ConfigError(f"{self.source}: data distillation needs unlabeled images: label.images (a folder), "
+                              f"label.coco (a COCO json) or an unlabeled part in data")
         path = self._model_path(teacher_stage)
         _, teacher, _ = load_model(path, device=self.device, registry=self.registry)
         out = self.out / f"label{sfx}"
