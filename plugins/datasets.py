@@ -27,8 +27,8 @@ from torch import Tensor
 from ddkit import ConfigError, DataError, DatasetInfo, hookimpl
 from ddkit.engine.box_rule import BoxCheck
 from ddkit.engine.coco_file import read_coco_file
-from ddkit.engine.data import IMAGE_EXTENSIONS as IMAGE_EXTS  # the one list of image extensions
 from ddkit.engine.keypoint_meta import COCO_SIGMAS, flip_indices_from_names, resolve_keypoint_meta  # noqa: F401
+from ddkit.engine.task import IMAGE_EXTENSIONS as IMAGE_EXTS  # the one list of image extensions
 from ddkit.engine.task import check_images, read_image, report_skipped, split_indices
 from ddkit.types import DatasetSpec
 
