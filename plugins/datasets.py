@@ -130,7 +130,7 @@ class CocoDataset(_TargetsDataset):
         for img in sorted(coco.images, key=lambda im: im["id"]):
             iid = int(img["id"])
             self.files.append(coco.image_path(img))
-            self.targets.append(_coco_target(iid, by_image[iid], k, (int(img["height"]), int(img["width"]))))
+            self.targets.append(coco.target(img, k, by_image[iid]))
         kinfo = _keypoint_info(k, str(path), names=kp_names if k else None, flip_indices=flip_indices,
                                sigmas=_sigmas_option(sigmas, keypoint_sigmas, str(path)))
         self.info = DatasetInfo(
@@ -140,21 +140,6 @@ class CocoDataset(_TargetsDataset):
             extra={"keypoint_names": list(kp_names) if k else None, "source": str(path), **kinfo["extra"]},
         )
         self._drop_unreadable(check_images, str(path))
-
-
-def _coco_target(iid: int, anns: list[dict[str, Any]], k: int | None, size: tuple[int, int]) -> dict[str, Any]:
-    t = _empty_det_target(iid, k)
-    if anns:
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32)
-        t["boxes"] = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-        t["labels"] = torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64)
-        t["area"] = torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns])
-        t["iscrowd"] = torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)
-        if k is not None:
-            t["keypoints"] = torch.tensor([a.get("keypoints", [0] * (3 * k)) for a in anns],
-                                          dtype=torch.float32).view(-1, k, 3)
-    t["size"] = size
-    return t
 
 
 # --------------------------------------------------------------------------------------------------------- YOLO

@@ -78,6 +78,28 @@ class CocoFile:
     def image_path(self, record: Mapping[str, Any]) -> Path:
         return self.image_root / str(record["file_name"])
 
+    def target(self, record: Mapping[str, Any], num_keypoints: int | None = None,
+               anns: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The training target of an image record: ``{image_id, size (H, W), boxes [N, 4] xyxy, labels [N],
+        area [N], iscrowd [N]}`` plus ``keypoints [N, K, 3]`` when ``num_keypoints`` is given (``0, 0, 0`` for an
+        annotation without keypoints). ``anns``: the image's annotations when already grouped."""
+        iid = int(record["id"])
+        if anns is None:
+            anns = [a for a in self.annotations if int(a["image_id"]) == iid]
+        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        t: dict[str, Any] = {
+            "image_id": iid, "boxes": torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1),
+            "labels": torch.tensor([int(a["category_id"]) for a in anns], dtype=torch.int64),
+            "area": torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns],
+                                 dtype=torch.float32),
+            "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64)}
+        if num_keypoints is not None:
+            k = num_keypoints
+            t["keypoints"] = torch.tensor([a.get("keypoints") or [0] * (3 * k) for a in anns],
+                                          dtype=torch.float32).reshape(-1, k, 3)
+        t["size"] = (int(record["height"]), int(record["width"]))
+        return t
+
     @property
     def keypoint_names(self) -> list[str] | None:
         """The keypoint names of the first category (by id) that lists them, else ``None``."""
