@@ -269,3 +269,23 @@ def test_validate_coco_does_not_modify_its_input(tmp_path):
     before = json.dumps(data)
     coco = validate_coco(data, COCO_JSON)
     assert json.dumps(data) == before and coco.boxes_clipped == 1
+
+
+def test_crowdpose_style_dataset_evaluates_through_the_keypoint_task(tmp_path):
+    from ddkit.types import Instances
+
+    path = _coco(tmp_path, lambda d: [a.pop("num_keypoints") for a in d["annotations"]], images=True)
+    crowd = ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    orig = ddkit.build("datasets", {"name": "coco", "annotations": str(COCO_JSON)})
+    task = ddkit.build("tasks", "keypoints")
+    scores = []
+    for ds in (crowd, orig):
+        preds = []
+        for i in range(len(ds)):
+            t = get_target(ds, i)
+            kps = t["keypoints"].clone()
+            kps[..., :2] += 3.0  # not perfect, so that AP says something
+            kps[..., 2] = 1.0
+            preds.append(Instances(t["boxes"], torch.ones(len(kps)), t["labels"], kps, t["size"]))
+        scores.append(task.evaluate_predictions(preds, ds))
+    assert scores[0] == scores[1] and 0.2 < scores[0]["AP"] < 1.0
