@@ -629,3 +629,187 @@ def test_tensor_cores_validate() -> None:
     b, s, lab = E.wbf_tensor(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.long),
                              torch.zeros(0, dtype=torch.long), 2)
     assert b.shape == (0, 4) and s.shape == (0,) and lab.shape == (0,)
+
+
+# ------------------------------------------------------------------------------- crowded scenes (one class)
+def crowded_case(rng: np.random.Generator, quant: Any = None) -> Tuple[list, list, list]:
+    """One dominant class: 30-120 small objects covering ~40 % of the image seen by 2-5 jittered views, plus
+    false positives, a second class, reversed corners, duplicates and coordinates outside [0, 1]."""
+    n_obj = int(rng.integers(30, 121))
+    side = np.sqrt(0.4 / n_obj)
+    centre = rng.uniform(0, 1, (n_obj, 2))
+    size = side * np.exp(rng.normal(0, 0.35, (n_obj, 2)))
+    bl, sl, ll = [], [], []
+    for _ in range(int(rng.integers(2, 6))):
+        det = rng.random(n_obj) < 0.9
+        k = int(det.sum())
+        c = centre[det] + rng.normal(0, 0.05, (k, 2)) * size[det]
+        wh = size[det] * np.exp(rng.normal(0, 0.1, (k, 2)))
+        n_fp = int(rng.integers(0, 12))
+        fc, fwh = rng.uniform(0, 1, (n_fp, 2)), side * np.exp(rng.normal(0, 0.5, (n_fp, 2)))
+        b = np.concatenate([np.concatenate([c - wh / 2, c + wh / 2], 1), np.concatenate([fc - fwh / 2, fc + fwh / 2], 1)])
+        s = np.concatenate([rng.uniform(0.3, 1, k), rng.uniform(0.01, 0.3, n_fp)])
+        if quant:
+            s = np.ceil(s * quant) / quant
+        if len(b) > 2 and rng.random() < 0.3:
+            b[-1], s[-1] = b[0], s[0]                                # an exact duplicate
+        if len(b) and rng.random() < 0.2:
+            b[0] = b[0][[2, 3, 0, 1]]                                # reversed corners
+        lab = (rng.random(len(b)) < 0.1).astype(np.float64)         # 90 % in class 0
+        bl.append(b)
+        sl.append(s)
+        ll.append(lab)
+    return bl, sl, ll
+
+
+def crowded_cases(seed: int, n: int) -> List[Tuple[list, list, list]]:
+    rng = np.random.default_rng(seed)
+    return [crowded_case(rng, quant=[None, None, 20][i % 3]) for i in range(n)]
+
+
+@pytest.mark.parametrize("conf_type", CONF_TYPES)
+def test_wbf_crowded_matches_ensemble_boxes(conf_type: str) -> None:
+    rng = np.random.default_rng(200)
+    cs = crowded_cases(201, 12)
+    kws = [dict(conf_type=conf_type, iou_thr=float(rng.choice([0.0, 0.3, 0.55, 0.8])),
+                weights=[float(w) for w in rng.uniform(0.5, 2, len(c[0]))] if i % 2 else None)
+           for i, c in enumerate(cs)]
+    assert check_parity(ensemble_boxes.weighted_boxes_fusion, E.weighted_boxes_fusion,
+                        E.weighted_boxes_fusion_batch, cs, kws) == len(cs)
+
+
+def test_nmw_and_nms_crowded_match_ensemble_boxes() -> None:
+    rng = np.random.default_rng(210)
+    cs = crowded_cases(211, 12)
+    kws = [dict(iou_thr=float(rng.choice([0.0, 0.3, 0.55, 0.8]))) for _ in cs]
+    assert check_parity(ensemble_boxes.non_maximum_weighted, E.non_maximum_weighted,      # slow in ensemble_boxes
+                        E.non_maximum_weighted_batch, cs[:5], kws[:5]) == 5
+    assert check_parity(ensemble_boxes.nms, E.nms, E.nms_batch, cs, kws) == len(cs)
+
+
+@pytest.mark.parametrize("method", [1, 2])
+def test_soft_nms_crowded_matches_ensemble_boxes(method: int) -> None:
+    """Continuous scores take the parts path; quantized ones (ties) fall back to whole groups: both exact."""
+    rng = np.random.default_rng(220 + method)
+    cs = crowded_cases(225 + method, 9)
+    kws = [dict(method=method, iou_thr=float(rng.choice([0.3, 0.5])), sigma=float(rng.choice([0.1, 0.5])),
+                thresh=float(rng.choice([0.001, 0.3]))) for _ in cs]
+    assert check_parity(ensemble_boxes.soft_nms, E.soft_nms, E.soft_nms_batch, cs, kws) == len(cs)
+
+
+def run_all(cs: List[Any]) -> List[Any]:
+    """Every batched drop-in and tensor core on the cases (group sizes 1 to hundreds, ties, duplicates)."""
+    out: List[Any] = []
+    for ct in CONF_TYPES:
+        out += E.weighted_boxes_fusion_batch(cs, conf_type=ct, iou_thr=0.3)
+    out += E.non_maximum_weighted_batch(cs) + E.nms_batch(cs, iou_thr=0.3)
+    out += E.soft_nms_batch(cs, method=1) + E.soft_nms_batch(cs, method=2, thresh=0.2)
+    for bl, sl, ll in cs[:8]:
+        if not sum(len(s) for s in sl):
+            continue
+        b, s, lab = (torch.from_numpy(np.concatenate(x)) for x in (bl, sl, ll))
+        model = torch.from_numpy(np.repeat(np.arange(len(bl)), [len(x) for x in bl]))
+        out.append(E.wbf_tensor(b * 640, s, lab.long(), model, len(bl), iou_thr=0.4))
+        out.append(E.nmw_tensor(b * 640 - 100, s, lab.long(), model, len(bl)))
+        out.append(E.soft_nms_tensor(b, s, lab, method=2))
+        out.append((E.nms_tensor(b, s, lab, 0.4),))
+        out.append(E.box_voting_tensor(b * 640, s, lab, 0.5, 0.6))
+    return out
+
+
+def assert_runs_identical(a: List[Any], b: List[Any]) -> None:
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        for x, y in zip(ra, rb):
+            x, y = (np.asarray(v.numpy() if isinstance(v, torch.Tensor) else v) for v in (x, y))
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(x, y)
+
+
+def test_parts_give_the_results_of_whole_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every group split into parts (even tiny ones; tiny pair blocks and few strips) == no group split."""
+    cs = cases(230, 40) + cases(231, 6, big=True) + crowded_cases(232, 3)
+    monkeypatch.setattr(E, "_SPATIAL_MIN", 10 ** 9)
+    whole = run_all(cs)
+    monkeypatch.setattr(E, "_SPATIAL_MIN", 0)
+    assert_runs_identical(whole, run_all(cs))
+    monkeypatch.setattr(E, "_PAIR_BLOCK", 5)
+    monkeypatch.setattr(E, "_MAX_STRIPS", 2)
+    assert_runs_identical(whole, run_all(cs))
+
+
+def test_wbf_parts_that_leak_are_merged_and_rerun(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An L-shaped cluster: its hull covers a box that overlaps none of its members (another part), so the parts
+    are merged and run again; the result stays exact."""
+    from ddkit.ops.ensemble import spatial, wbf
+
+    merged: List[int] = []
+
+    def spy(*args: Any) -> Any:
+        a, b = spatial.escaped_clusters(*args)
+        merged.append(int(a.shape[0]))
+        return a, b
+
+    monkeypatch.setattr(wbf, "escaped_clusters", spy)
+    monkeypatch.setattr(E, "_SPATIAL_MIN", 0)
+    # two boxes forming an L fuse into a box covering the corner, where a third box sits alone
+    b = np.array([[0.0, 0.0, 0.4, 0.1], [0.0, 0.0, 0.1, 0.4], [0.3, 0.3, 0.4, 0.4]])
+    case = ([b], [np.array([0.9, 0.8, 0.7])], [np.array([0, 0, 0])])
+    for thr in (0.0, 0.1):
+        merged.clear()
+        ours = E.weighted_boxes_fusion(*case, iou_thr=thr)
+        assert_same(oracle(ensemble_boxes.weighted_boxes_fusion, case, iou_thr=thr), ours, exact=True)
+        assert merged and merged[0] > 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_crowded_torch_backend_equals_numpy_backend(device: str) -> None:
+    cs = crowded_cases(240, 4)
+    runs = [(E.weighted_boxes_fusion_batch, dict(conf_type="absent_model_aware_avg")),
+            (E.non_maximum_weighted_batch, {}), (E.nms_batch, {}), (E.soft_nms_batch, dict(method=2))]
+    for bfn, kw in runs:
+        ref = bfn(cs, **kw)
+        try:
+            E.FORCE_TORCH = device == "cpu"
+            got = bfn(cs, **kw, device=device)
+        finally:
+            E.FORCE_TORCH = False
+        exact = bfn is not E.soft_nms_batch and device == "cpu"
+        for a, b in zip(ref, got):
+            for x, y in zip(a, b):
+                assert x.shape == y.shape
+                np.testing.assert_allclose(x, y, rtol=0, atol=0 if exact else 1e-12)
+
+
+def test_overlap_pairs_match_brute_force() -> None:
+    """The spatial index finds exactly the pairs with a positive intersection (touching edges excluded)."""
+    from ddkit.ops.ensemble import backends, spatial
+
+    rng = np.random.default_rng(250)
+    for t in range(30):
+        n = int(rng.integers(0, 80))
+        xy = np.round(rng.uniform(-50, 50, (n, 2)), 0 if t % 2 else 6)          # integers: many touching edges
+        wh = np.round(rng.uniform(1, 30 if t % 3 else 100, (n, 2)), 0 if t % 2 else 6)
+        c = np.concatenate([xy, xy + wh], 1)
+        g = rng.integers(0, 3, n)
+        want = {(i, j) for i in range(n) for j in range(i + 1, n) if g[i] == g[j]
+                and min(c[i, 2], c[j, 2]) > max(c[i, 0], c[j, 0]) and min(c[i, 3], c[j, 3]) > max(c[i, 1], c[j, 1])}
+        for xp in (backends._NUMPY, backends._Torch(torch.device("cpu"))):
+            pi, pj = spatial.overlap_pairs(xp, xp.asarray(c), xp.asarray(g))
+            got = [(min(i, j), max(i, j)) for i, j in zip(xp.numpy(pi).tolist(), xp.numpy(pj).tolist())]
+            assert len(got) == len(set(got)) and set(got) == want
+
+
+def test_box_voting_crowded_matches_slow_reference() -> None:
+    rng = np.random.default_rng(260)
+    for bl, sl, ll in crowded_cases(261, 4):
+        boxes = np.clip(np.sort(np.concatenate(bl).reshape(-1, 2, 2), axis=1).reshape(-1, 4), 0, 1) * 100
+        ok = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes, scores, labels = boxes[ok], np.concatenate(sl)[ok], np.concatenate(ll)[ok].astype(np.int64)
+        nms_thr, vote_thr = float(rng.choice([0.3, 0.5])), float(rng.choice([0.5, 0.8]))
+        rb, rs, rl = box_voting_reference(boxes, scores, labels, nms_thr, vote_thr)
+        tb, ts, tl = E.box_voting_tensor(torch.from_numpy(boxes), torch.from_numpy(scores),
+                                         torch.from_numpy(labels), nms_thr, vote_thr)
+        np.testing.assert_allclose(tb.numpy(), rb, rtol=0, atol=1e-9)
+        np.testing.assert_array_equal(ts.numpy(), rs)
+        np.testing.assert_array_equal(tl.numpy(), rl)

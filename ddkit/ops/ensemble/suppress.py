@@ -77,38 +77,52 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
     (grouped by key) and their final scores; the order of the boxes whose final score is ``<= thresh`` is arbitrary.
 
     The groups run as independent parts (:mod:`.spatial`: a decay by a box that does not overlap is a product by
-    exactly 1). Without ties the selection order of a group is then its order by decreasing final score; if two
+    exactly 1). Without ties the selection order of a group is then its order by decreasing final score. Where two
     boxes of a part tie for the highest remaining score, or two boxes of a group end with the same final score,
-    above ``thresh``, the array positions decide and the whole groups run instead."""
+    above ``thresh``, the array positions decide: those groups run whole."""
     n = scores.shape[0]
     order = _stable_key_order(xp, key)
     seg = _segments(xp, xp.take(key, order))
     c = xp.cast(xp.take(boxes, order), xp.f64)
     sc = xp.take(scores, order)
     split = split_groups(xp, c, seg)
-    if split is not None:
-        perm, parts = split
-        res = _soft_nms_steps(xp, xp.take(c, perm), xp.take(sc, perm), parts, method, iou_thr, sigma, thresh)
-        if res is not None:
-            final = unpermute(xp, perm, res[1])
-            o = _group_order(xp, seg.gidx, final, "any")
-            f, g = xp.take(final, o), xp.take(seg.gidx, o)
-            if not bool(((f[1:] == f[:-1]) & (g[1:] == g[:-1]) & (f[1:] > thresh)).any()):
-                return xp.take(order, o), f
-    sel, final = _soft_nms_steps(xp, c, sc, seg, method, iou_thr, sigma, None)
-    # positions in (group, selection) order
-    out = xp.zeros(n, xp.i64)
-    out[xp.take(seg.starts, seg.gidx) + sel] = xp.arange(n)
+    if split is None:
+        sel, final, _ = _soft_nms_steps(xp, c, sc, seg, method, iou_thr, sigma, None)
+        return _by_selection(xp, order, seg, sel, final)
+    perm, parts = split
+    _, final, tied = _soft_nms_steps(xp, xp.take(c, perm), xp.take(sc, perm), parts, method, iou_thr, sigma, thresh)
+    final = unpermute(xp, perm, final)
+    o = _group_order(xp, seg.gidx, final, "any")
+    sel = unpermute(xp, o, seg.rank)                 # rank by decreasing final score in the group
+    f, g = xp.take(final, o), xp.take(seg.gidx, o)
+    bad = xp.zeros(seg.starts.shape[0], xp.bool_)
+    bad[xp.take(g, xp.nonzero((f[1:] == f[:-1]) & (g[1:] == g[:-1]) & (f[1:] > thresh)))] = True
+    bad[xp.take(seg.gidx, xp.take(perm, xp.take(parts.starts, xp.nonzero(tied))))] = True
+    rows = xp.nonzero(xp.take(bad, seg.gidx))
+    if rows.shape[0]:
+        sub = _segments(xp, xp.take(seg.gidx, rows))
+        s_sel, s_final, _ = _soft_nms_steps(xp, xp.take(c, rows), xp.take(sc, rows), sub, method, iou_thr, sigma,
+                                            None)
+        sel[rows] = s_sel
+        final[rows] = s_final
+    return _by_selection(xp, order, seg, sel, final)
+
+
+def _by_selection(xp: Backend, order: Array, seg: _Segments, sel: Array, final: Array) -> Tuple[Array, Array]:
+    """Input positions and final scores in (group, selection) order, from the selection rank in the group."""
+    out = xp.zeros(sel.shape[0], xp.i64)
+    out[xp.take(seg.starts, seg.gidx) + sel] = xp.arange(sel.shape[0])
     return xp.take(order, out), xp.take(final, out)
 
 
 def _soft_nms_steps(xp: Backend, c: Array, sc: Array, seg: _Segments, method: int, iou_thr: float, sigma: float,
-                    tie_thr: Optional[float]) -> Optional[Tuple[Array, Array]]:
+                    tie_thr: Optional[float]) -> Tuple[Array, Array, Array]:
     """The loop of :func:`_soft_nms_groups` over groups sorted by key then input order: per sorted position the
-    rank at which it is selected in its group and its final score. ``None`` when ``tie_thr`` is given and two boxes
-    of a group tie for the highest remaining score above it."""
+    rank at which it is selected in its group and its final score; per group whether two of its boxes tied for the
+    highest remaining score above ``tie_thr`` (checked only if given)."""
     n = sc.shape[0]
     sd = sc.dtype
+    tied = xp.zeros(seg.starts.shape[0], xp.bool_)
     sel = xp.zeros(n, xp.i64)          # groups of one box: selected first
     final = xp.copy(sc)
     for groups, ss in (_chunks(xp, seg.sizes, ratio=True, min_size=2) if n else []):
@@ -120,6 +134,7 @@ def _soft_nms_steps(xp: Backend, c: Array, sc: Array, seg: _Segments, method: in
         perm = pos
         rows = xp.arange(gc)
         act = _active(ss, s + 1)
+        tie_rows = xp.zeros(gc, xp.bool_)
         for i in range(s - 1):
             a = act[i + 1]
             if a == 0:
@@ -136,9 +151,9 @@ def _soft_nms_steps(xp: Backend, c: Array, sc: Array, seg: _Segments, method: in
                 ti, tq = x[:, sw, i], x[:, sw, q]
                 x[:, sw, i] = tq
                 x[:, sw, q] = ti
-            top = scr[:a, i:i + 1]
-            if tie_thr is not None and bool(((rest == top) & (top > tie_thr)).any()):
-                return None
+            if tie_thr is not None:
+                top = scr[:a, i:i + 1]
+                tie_rows[:a] |= ((rest == top) & (top > tie_thr)).any(1)
             xx1 = xp.maximum(x[1, :a, i:i + 1], x[1, :a, i + 1:])
             yy1 = xp.maximum(x[0, :a, i:i + 1], x[0, :a, i + 1:])
             xx2 = xp.minimum(x[3, :a, i:i + 1], x[3, :a, i + 1:])
@@ -155,7 +170,8 @@ def _soft_nms_steps(xp: Backend, c: Array, sc: Array, seg: _Segments, method: in
         p = perm[valid]
         sel[p] = (rows[:, None] * 0 + xp.arange(s)[None, :])[valid]
         final[p] = scr[valid]
-    return sel, final
+        tied[groups] = tie_rows
+    return sel, final, tied
 
 
 def _nms_run(bt: _Batch, weights: Optional[np.ndarray], method: int, iou_thr: float, sigma: float, thresh: float,
