@@ -43,6 +43,7 @@ from ddkit.engine.raw_predictions import (RAW_FILE, RAW_FORMAT, RAW_VERSION, Raw
                                           load_raw, raw_file, raw_from_dict, save_raw)
 from ddkit.engine.spec_examples import all_defaults, example_blocks
 from ddkit.errors import ConfigError, DataError
+from ddkit.registry import _to_plain, parse_section
 from ddkit.types import Instances
 
 log = logging.getLogger("ddkit.bench")
@@ -235,17 +236,6 @@ class Variant:
     block: dict[str, Any]
 
 
-def _plain(x: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return x
-
-
 def _variant_label(name: str, params: Mapping[str, Any]) -> str:
     if not params:
         return name
@@ -266,8 +256,8 @@ def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *,
     """The grid axis of one kind: every registered strategy (of ``input_type`` for aggregators) with the variants
     ``listed`` gives it (``{name: [params, ...]}``; ``None`` or ``[]``: defaults), the unlisted ones with their
     defaults (or, when some parameter has no default, their spec's examples). Returns ``(variants, notes)`` where notes say what was skipped and why."""
-    listed = dict(_plain(listed) or {})
-    exclude = set(_plain(list(exclude)) or [])
+    listed = dict(_to_plain(listed) or {})
+    exclude = set(_to_plain(list(exclude)) or [])
     notes: list[str] = []
     entries = {e.spec.name: e for e in registry.entries(kind)}
     for name in listed:
@@ -667,19 +657,18 @@ class BenchConfig:
 SYNTHETIC_KINDS = {"detection": make_synthetic_detection, "classification": make_synthetic_classification}
 
 
-def parse_bench_config(section: Any, source: str = "recipe") -> BenchConfig:
-    """Validate the ``bench`` section (through :func:`ddkit.registry.parse_section`, as every section)."""
-    from ddkit.registry import parse_section
-
-    block = _plain(section) or {}
+def parse_bench_config(section: Any, where: str = "bench") -> BenchConfig:
+    """Validate the ``bench`` section (through :func:`ddkit.registry.parse_section`, as every section); ``where``
+    names it in errors (``"<recipe>: bench"``)."""
+    block = _to_plain(section) or {}
     if not isinstance(block, Mapping):
-        raise ConfigError(f"{source}: bench must be a mapping, got {type(block).__name__}")
-    cfg = parse_section(BenchConfig, {k: v for k, v in block.items() if v is not None}, f"{source}: bench")
+        raise ConfigError(f"{where} must be a mapping, got {type(block).__name__}")
+    cfg = parse_section(BenchConfig, {k: v for k, v in block.items() if v is not None}, where)
     if cfg.raw is not None and cfg.synthetic is not None:
-        raise ConfigError(f"{source}: give bench.raw or bench.synthetic, not both")
+        raise ConfigError(f"{where}: give raw or synthetic, not both")
     for key in ("aggregators", "selectors"):
         if not isinstance(getattr(cfg, key), Mapping):
-            raise ConfigError(f"{source}: bench.{key} must map names to lists of parameter blocks, e.g. "
+            raise ConfigError(f"{where}.{key} must map names to lists of parameter blocks, e.g. "
                               f"{{wbf: [{{iou_thr: 0.55}}]}}")
     return cfg
 
@@ -745,7 +734,7 @@ def bench_from_config(cfg: Any, run_dir: str | Path, source: str = "recipe", reg
 
     run_dir = Path(run_dir)
     out_dir = run_dir / "bench"
-    bcfg = parse_bench_config(cfg.get("bench") if hasattr(cfg, "get") else None, source)
+    bcfg = parse_bench_config(cfg.get("bench") if hasattr(cfg, "get") else None, f"{source}: bench")
     gt_coco = None
     raw_path: Path | None = None
     title = "ddkit bench"
