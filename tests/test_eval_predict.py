@@ -178,3 +178,65 @@ def test_predict_tta_of_a_classifier_is_the_labelling_ensemble(digits_run, tmp_p
         mean = (task.predict(model, [x])[0] + task.predict(model, [x.flip(-1)])[0]) / 2
         assert r["category_id"] == int(mean.argmax()) and r["score"] == pytest.approx(float(mean.max()), abs=1e-5)
     assert main(["predict", str(run), str(images), "--format", "yolo", "-o", str(tmp_path / "q")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------- end to end
+COCO8_RECIPE = """
+run: {{name: coco8, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: detection}}
+data:
+  train: {{dataset: {{name: yolo, root: "{data}/coco8", split: train}}}}
+  unlabeled: {{dataset: {{name: yolo, root: "{data}/coco8", split: val}}}}
+  test: {{dataset: {{name: yolo, root: "{data}/coco8", split: val}}}}
+teacher:
+  model: {{name: fasterrcnn, backbone: mobilenet_v3_large, pretrained: true, norm: frozen_bn, min_size: 96,
+          max_size: 128, score_thresh: 0.0, detections_per_img: 10, rpn_post_nms_top_n_test: 50}}
+  train: {{iterations: 2, batch_size: 2, lr: 0.001, log_every: 1}}
+label:
+  transforms: [{{name: identity}}, {{name: hflip}}]
+  selector: {{name: score_threshold, threshold: 0.0}}
+  batch_size: 4
+student:
+  model: ${{teacher.model}}
+  train: {{iterations: 2, batch_size: 2, lr: 0.001, ratio: [1, 1], log_every: 1}}
+"""
+
+
+@pytest.mark.slow
+def test_coco8_dd_from_cached_pretrained_weights_then_eval_and_predict(tmp_path, monkeypatch, capsys):
+    """A torchvision detector started from COCO weights found in the torch hub cache (never the network), a data
+    distillation run on coco8, then ``ddkit eval`` and ``ddkit predict`` on its student."""
+    import urllib.error
+
+    import torchvision
+    from ddkit_plugins.pretrained import torch_hub_cache_file
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline (test)")))
+    weights = torchvision.models.detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.DEFAULT
+    torch.manual_seed(0)
+    coco = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(weights=None, weights_backbone=None)
+    cached = torch_hub_cache_file(weights.url)
+    cached.parent.mkdir(parents=True)
+    state = coco.state_dict()
+    for k in [k for k in state if k.endswith(("running_mean", "running_var"))]:  # not a fresh init's 0 / 1
+        state[k] = torch.rand(state[k].shape) * 0.1 + (1.0 if k.endswith("var") else 0.0)
+    torch.save(state, cached)
+    recipe = tmp_path / "coco8.yaml"
+    recipe.write_text(COCO8_RECIPE.format(out=tmp_path / "run", data=DATA))
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    teacher = torch.load(run / "teacher" / "checkpoints" / "last.pt", weights_only=True)
+    assert teacher["iteration"] == 2 and teacher["model_cfg"]["pretrained"] is True
+    stat = "backbone.body.3.block.1.1.running_var"  # frozen BN: still the cached file's after training
+    assert torch.equal(teacher["model"][stat], state[stat])
+    pseudo = json.loads((run / "label" / "pseudo_labels.json").read_text())
+    assert pseudo["annotations"]  # the teacher labelled the unlabeled images
+    cached.unlink()  # eval and predict read the student's own file, not the cache
+    assert main(["eval", str(run), "--tta"]) == 0
+    record = json.loads((run / "eval.json").read_text())
+    assert "AP" in record["metrics"] and "AP" in record["tta"]["metrics"] and "student" in record["what"]
+    assert main(["predict", str(run), str(DATA / "coco8" / "images" / "val"), "--format", "yolo",
+                 "-o", str(tmp_path / "pred")]) == 0
+    assert len(list((tmp_path / "pred" / "labels").glob("*.txt"))) == 4
