@@ -250,3 +250,31 @@ def test_keypoint_quality_without_declared_sigmas_uses_a_default_and_warns_once(
     gt_coco = coco_ground_truth([(1, 80, 80, gt)], info.categories)
     want = coco_evaluate(gt_coco, res, "keypoints", sigmas=[DEFAULT_KEYPOINT_SIGMA] * 5)["AP"]
     assert reports[0]["kp_AP"] == pytest.approx(want) and 0 < want < 1 and reports[1] == reports[0]
+
+
+def test_ddkit_run_redoes_only_selection_and_student_for_a_new_selector(tmp_path, capsys):
+    from ddkit.config import load_config
+    from ddkit.engine.run import run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({
+        "run": {"out_dir": str(tmp_path / "out"), "device": "cpu", "seed": 0}, "task": {"name": "classification"},
+        "data": {"dataset": {"name": "digits"}, "split": {"labeled": 0.1, "unlabeled": 0.2, "test": 0.1}},
+        "teacher": {"model": {"name": "mlp", "hidden": [16]}, "train": {"iterations": 20, "batch_size": 32}},
+        "student": {"model": {"name": "mlp", "hidden": [16]}, "train": {"iterations": 4, "batch_size": 32}},
+        "label": {"transforms": [{"name": "identity"}], "selector": {"name": "count_match"}, "batch_size": 64}}))
+    first = run_recipe(load_config(recipe), source=str(recipe), progress=False)
+    out = tmp_path / "out"
+    shard = next((out / "label" / "shards").glob("*.pt"))
+    mtime = shard.stat().st_mtime_ns
+    assert (out / "select" / "stage.json").is_file() and (out / "label" / "summary.json").is_file()
+    quality = json.loads((out / "label" / "quality.json").read_text())  # written by the select stage
+    assert first["pseudo_label_quality"] == {k: quality[k] for k in ("single", "ensemble")}
+    capsys.readouterr()
+    run_recipe(load_config(recipe, ["label.selector={name: top_k, k: 1}"]), source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert "label: done earlier" in printed and "select: running" in printed and "student: running" in printed
+    assert shard.stat().st_mtime_ns == mtime  # the shards were not labelled again
+    pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
+    assert pseudo["info"]["selector"] == {"name": "top_k", "k": 1}
+    assert len(pseudo["annotations"]) == json.loads((out / "label" / "summary.json").read_text())["images"]["labelled"]
