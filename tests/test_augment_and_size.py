@@ -39,3 +39,33 @@ def test_shift_image_moves_pixels_and_zero_fills():
     assert torch.equal(out, expected)
     assert torch.equal(shift_image(image, 0, 0), image)
     assert not shift_image(image, 4, 0).any()
+
+
+def test_translate_is_asked_of_the_task_not_its_name():
+    """``train.translate`` runs for a task that declares ``supports_translate`` (whatever its name) and is refused,
+    naming the task, for one that does not (or does not say)."""
+    import pytest
+
+    from ddkit.engine.augment import Augment
+    from ddkit.errors import ConfigError
+    from ddkit.types import DatasetInfo
+
+    class Shifty:  # a third-party task: any name
+        name, supports_translate = "my_digits", True
+
+    class Boxes:
+        name, supports_translate = "classification", False  # a name never grants the capability
+
+    class Silent:
+        name = "old_plugin"
+
+    info = DatasetInfo(categories=[{"id": 0, "name": "a"}])
+    aug = Augment(Shifty(), info, hflip=0.0, translate=1, seed=0, rank=0)
+    samples = [(torch.arange(1.0, 10.0).view(1, 3, 3), {"label": 0}) for _ in range(6)]
+    out = aug(samples, it=0)
+    assert all(t == {"label": 0} for _, t in out) and any(not torch.equal(o, s) for (o, _), (s, _) in zip(out, samples))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(out, aug(samples, it=0)))  # a pure function of the step
+    for task in (Boxes(), Silent()):
+        with pytest.raises(ConfigError, match=f"task {task.name!r} does not support it; set translate: 0"):
+            Augment(task, info, hflip=0.0, translate=1, seed=0, rank=0)
+    Augment(Silent(), info, hflip=0.5, translate=0, seed=0, rank=0)  # no translate: nothing to ask

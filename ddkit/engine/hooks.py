@@ -5,19 +5,21 @@ A hook sees the :class:`~ddkit.engine.trainer.Trainer` as ``self.trainer`` and m
 ``close`` (always). A hook with a ``state_key`` stores ``state_dict()`` under that key of the checkpoint and gets
 it back through ``load_state_dict`` on resume.
 
-* :class:`LogHook`: the window of per-term loss means, ``metrics.jsonl`` records, ``train.log`` lines, the bar;
+* :class:`LogHook`: the window of per-term loss means, ``metrics.jsonl`` records (and ``metrics.csv`` rows),
+  ``train.log`` lines, the bar;
 * :class:`EvalHook`: evaluation every ``eval_every`` iterations (before the checkpoint of the same iteration);
 * :class:`CheckpointHook`: ``checkpoints/last.pt`` every ``checkpoint_every`` iterations, on Ctrl-C and at the end;
 * :class:`FinalHook`: when the schedule is complete, the last evaluation, ``model.pt`` and the final record.
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -35,12 +37,21 @@ class TrainingDiverged(DDKitError):
 
 class RunLog:
     """The run folder's logs, written by rank 0 only: readable ``train.log`` lines (also to the ``ddkit.train``
-    logger, or through tqdm while a bar is shown) and ``metrics.jsonl`` records."""
+    logger, or through tqdm while a bar is shown), ``metrics.jsonl`` records and, for the training-log records,
+    ``metrics.csv`` rows.
 
-    def __init__(self, run_dir: Path, is_main: bool):
+    ``metrics.csv`` has fixed columns: ``iteration, lr, loss``, every loss term known at start (``loss_names``),
+    the other values of the first record (e.g. a term's sub-losses), ``samples_per_s``; a value that a later
+    record adds is only in the jsonl, a missing one is an empty cell (a term outside its stage).
+    """
+
+    def __init__(self, run_dir: Path, is_main: bool, loss_names: Sequence[str] = ()):
         self.is_main = is_main
         self.path = run_dir / "train.log"
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.csv_path = run_dir / "metrics.csv"
+        self.loss_names = list(loss_names)
+        self._header: list[str] | None = None
 
     def __call__(self, message: str, echo: bool = True) -> None:
         if not self.is_main:
@@ -56,28 +67,72 @@ class RunLog:
             tqdm.write(message)
 
     def record(self, record: dict[str, Any]) -> None:
-        if self.is_main:
-            with open(self.metrics_path, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-                fh.flush()
+        if not self.is_main:
+            return
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+            fh.flush()
+        if "losses" in record:
+            self._csv_row(record)
+
+    def _csv_row(self, record: dict[str, Any]) -> None:
+        values = {"iteration": record["iteration"], "lr": record["lr"], "loss": record["loss"],
+                  "samples_per_s": record.get("samples_per_s"), **record["losses"]}
+        if self._header is None:
+            self._header = self._csv_header_on_disk()
+        if self._header is None:
+            known = ["iteration", "lr", "loss", *self.loss_names]
+            self._header = known + [k for k in record["losses"] if k not in known] + ["samples_per_s"]
+            with open(self.csv_path, "w", newline="") as fh:
+                csv.writer(fh, lineterminator="\n").writerow(self._header)
+        row = ["" if values.get(c) is None else values[c] for c in self._header]
+        with open(self.csv_path, "a", newline="") as fh:
+            csv.writer(fh, lineterminator="\n").writerow(row)
+
+    def _csv_header_on_disk(self) -> list[str] | None:
+        """The header of a ``metrics.csv`` being continued (a resumed run keeps its columns)."""
+        if not self.csv_path.is_file():
+            return None
+        with open(self.csv_path, newline="") as fh:
+            first = next(csv.reader(fh), None)
+        return first or None
 
     def truncate(self, iteration: int) -> None:
         """Drop records written after ``iteration`` (by the run that is being resumed) and a torn last line."""
-        if not self.is_main or not self.metrics_path.is_file():
+        if not self.is_main:
             return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed run
-            if rec.get("iteration", 0) <= iteration and not rec.get("final"):
+        if self.metrics_path.is_file():
+            keep = []
+            for line in self.metrics_path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line of a killed run
+                if rec.get("iteration", 0) <= iteration and not rec.get("final"):
+                    keep.append(line)
+            atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+        self._truncate_csv(iteration)
+
+    def _truncate_csv(self, iteration: int) -> None:
+        if not self.csv_path.is_file():
+            return
+        text = self.csv_path.read_text()
+        lines = text.split("\n")[:-1]  # the part after the last newline is empty or a torn row: dropped
+        if not lines:
+            self.csv_path.unlink()
+            return
+        header = next(csv.reader([lines[0]]))
+        keep = [lines[0]]
+        for line in lines[1:]:
+            row = next(csv.reader([line]), [])
+            if len(row) == len(header) and row[0].isdigit() and int(row[0]) <= iteration:
                 keep.append(line)
-        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+        atomic_write_text(self.csv_path, "".join(k + "\n" for k in keep))
 
     def reset(self) -> None:
-        if self.is_main and self.metrics_path.exists():
-            self.metrics_path.unlink()
+        if self.is_main:
+            for path in (self.metrics_path, self.csv_path):
+                path.unlink(missing_ok=True)
 
 
 class HookBase:

@@ -23,7 +23,8 @@ What it does:
 * checkpoints every ``checkpoint_every`` iterations and at the end, atomically (model, optimizer, scheduler,
   AMP scaler, sampler, RNG, loss terms' adapters, the log window), loadable with ``weights_only=True``; at the end
   also ``model.pt`` (student-only weights, :func:`~ddkit.engine.checkpoint.load_model` rebuilds it);
-* ``metrics.jsonl`` (one JSON object per line: training logs, evaluations, the final record) and ``train.log``;
+* ``metrics.jsonl`` (one JSON object per line: training logs, evaluations, the final record), ``metrics.csv`` (the
+  training logs as a table with fixed columns) and ``train.log``;
 * AMP (float16 autocast + GradScaler) when on CUDA unless ``amp: false``;
 * DDP when ``torch.distributed`` is initialised (``torchrun``; gloo on CPU, NCCL on GPU): ``batch_size`` is the
   global batch, split over ranks; rank 0 writes files and evaluates.
@@ -387,7 +388,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
     inputs = {"data": dataset_fingerprint(data.concat),
               "teacher": teacher_sha or (state_sha256(teacher) if teacher is not None else None)}
     recipe = _recipe_record(cfg, losses, student, seed)
-    runlog = RunLog(run_dir, rank == 0)
+    runlog = RunLog(run_dir, rank == 0, names)
     loader = torch.utils.data.DataLoader(_Indexed(data.concat), batch_sampler=data.sampler,
                                          num_workers=cfg.num_workers, collate_fn=_samples,
                                          pin_memory=dev.type == "cuda", persistent_workers=False)
