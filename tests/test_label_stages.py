@@ -15,7 +15,7 @@ from ddkit import ConfigError, DatasetInfo, Instances, hookimpl
 from ddkit.engine import label as L
 from ddkit.engine.coco_results import coco_ground_truth
 from ddkit.engine.prediction_kinds import INSTANCES, PROBS, prediction_kind
-from ddkit.engine.select import LabeledStats, Selection
+from ddkit.engine.select import Selection
 from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
 from test_label_engine import DET_CFG, BlobDetector, FakeTask, read_bytes, shapes_splits
 

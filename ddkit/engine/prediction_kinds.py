@@ -21,7 +21,6 @@ from ddkit.engine.pseudo import COCO, IMAGE_LABELS
 from ddkit.engine.select import ScoredPredictions
 from ddkit.engine.shards import pack_instances, pack_probs, unpack_instances
 from ddkit.errors import ConfigError
-from ddkit.types import Instances
 
 
 def _sizes(images: Mapping[str, Tensor]) -> list[list[int]]:

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ddkit.engine.label.config import LabelConfig, Strategies
-from ddkit.engine.label.labeller import Labeller, Timer
+from ddkit.engine.label.labeller import Labeller
 from ddkit.engine.label.sources import ImageRange, Source, as_list
 from ddkit.engine.shards import ShardSet, fingerprint, pack_targets, save_shard, shard_bounds, worker_shards
 from ddkit.errors import DataError
