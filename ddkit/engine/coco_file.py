@@ -34,16 +34,21 @@ IMAGE_FIELDS = ("id", "file_name", "width", "height")
 _SINGULAR = {"images": "image", "annotations": "annotation", "categories": "category"}
 
 
+# JSON gives int / float / bool / str / list / dict / None: exact type tests first (an ABC check costs ~10x more)
 def _is_int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    t = type(v)
+    return t is int or (t is not bool and t is not float and isinstance(v, numbers.Integral))
 
 
 def _is_num(v: Any) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    t = type(v)
+    return t is float or t is int or (t is not bool and isinstance(v, numbers.Real))
 
 
 def _finite(v: Any) -> bool:
     """A finite real number (not a bool; ints too large for a float are not)."""
+    if type(v) is float:
+        return v - v == 0.0  # False for nan and +-inf
     try:
         return _is_num(v) and math.isfinite(v)
     except OverflowError:
@@ -214,16 +219,14 @@ def _apply_box_rule(path: Path, images: list[dict[str, Any]], anns: list[dict[st
         return anns, check
     xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64)
     xyxy = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-    sizes = torch.tensor([[images[index[a["image_id"]]]["height"], images[index[a["image_id"]]]["width"]]
-                          for a in anns], dtype=torch.float64)
+    image_hw = torch.tensor([[im["height"], im["width"]] for im in images], dtype=torch.float64)
+    sizes = image_hw[torch.tensor([index[a["image_id"]] for a in anns], dtype=torch.int64)]
     boxes, keep = check.apply(xyxy, sizes, lambda i: f"annotation id {anns[i].get('id', '?')} (annotations[{i}], "
                                                      f"image {anns[i]['image_id']})")
-    out = []
-    kept = [a for a, k in zip(anns, keep.tolist()) if k]
-    for ann, b, orig in zip(kept, boxes.tolist(), xyxy[keep].tolist()):
-        if b != [float(v) for v in orig]:
-            ann = {**ann, "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
-        out.append(ann)
+    out = [a for a, k in zip(anns, keep.tolist()) if k]
+    changed = torch.nonzero((boxes != xyxy[keep]).any(1)).flatten().tolist()
+    for j, b in zip(changed, boxes[changed].tolist()):
+        out[j] = {**out[j], "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
     check.warn()
     return out, check
 
