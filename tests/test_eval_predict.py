@@ -95,6 +95,8 @@ def test_eval_tta_is_the_mean_of_the_views_probabilities(digits_run, tmp_path):
     tta = float((((plain + mirrored) / 2).argmax(1) == labels).float().mean())
     assert record["tta"]["metrics"]["accuracy"] == pytest.approx(tta)
     assert [v["name"] for v in record["tta"]["views"]] == ["identity", "hflip"]
+    assert main(["eval", str(recipe), "-o", str(out)]) == 0  # a recipe alone: its run folder's final student
+    assert json.loads(out.read_text())["model"] == str(run / "student" / "model.pt")
 
 
 def test_eval_tta_views_default_to_the_recipes(digits_run, tmp_path, capsys):

@@ -80,8 +80,8 @@ def test_torchvision_classifier_on_grey_images_sums_the_rgb_filters(torch_home):
 
 
 def test_timm_loads_through_its_hugging_face_cache(tmp_path, monkeypatch):
-    timm = pytest.importorskip("timm")
-    safetensors_torch = pytest.importorskip("safetensors.torch")
+    import safetensors.torch as safetensors_torch
+    import timm
     from huggingface_hub import constants
 
     hub = tmp_path / "hf"
