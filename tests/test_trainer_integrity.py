@@ -143,6 +143,33 @@ def test_data_fingerprint_covers_files_and_targets(tmp_path):
     assert dataset_fingerprint(Subset(digits, range(50))) != dataset_fingerprint(Subset(digits, range(1, 51)))
 
 
+def test_pseudo_label_fingerprint_covers_the_unlabeled_image_files(tmp_path):
+    """Pseudo-labels train on the unlabeled source's images: a changed image file changes the fingerprint although
+    the pseudo-label file is the same."""
+    from PIL import Image
+
+    from ddkit.engine.data import HiddenLabels, Subset
+    from ddkit.engine.pseudo import IMAGE_LABELS, PseudoLabelWriter, load_pseudo_dataset
+
+    _image_folder(tmp_path / "imgs")
+    folder = ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "imgs"), "grayscale": True})
+    unlabeled = HiddenLabels(Subset(folder, range(4, 20)))
+    writer = PseudoLabelWriter(tmp_path / "pseudo.json", IMAGE_LABELS, folder.info.categories, {"dataset_info": {}})
+    for i in range(0, len(unlabeled), 3):
+        writer.add_image(i, f"{i}.png", 8, 8, i)
+        writer.add_label(i, 0, 0.9)
+    writer.close()
+    load = lambda: load_pseudo_dataset(tmp_path / "pseudo.json", source=unlabeled)
+    first = dataset_fingerprint(load())
+    assert dataset_fingerprint(load()) == first
+    black = Image.fromarray(torch.zeros(8, 8, dtype=torch.uint8).numpy(), mode="L")
+    black.save(folder.files[4 + 3])  # unlabeled item 3 (pseudo-labelled) is folder item 7
+    second = dataset_fingerprint(load())
+    assert second != first
+    black.save(folder.files[4 + 5])  # unlabeled item 5 has no pseudo-label: training does not read it
+    assert dataset_fingerprint(load()) == second
+
+
 def test_resume_refuses_changed_image_files(tmp_path, capsys):
     _image_folder(tmp_path / "imgs")
     dataset = f"{{name: image_folder, root: {tmp_path / 'imgs'}, grayscale: true}}"

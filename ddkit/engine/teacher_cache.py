@@ -50,6 +50,12 @@ def _sample_file(dataset: Any, i: int) -> Path | None:
             dataset, i = dataset.dataset, int(dataset.indices[i])
         elif hasattr(dataset, "ground_truth"):  # a view with hidden labels
             dataset = dataset.ground_truth
+        elif hasattr(dataset, "images") and hasattr(dataset, "source"):  # pseudo-labels: the unlabeled image
+            record = dataset.images[i]
+            if dataset.source is None:
+                root = getattr(dataset, "image_root", None)
+                return Path(record["file_name"]) if root is None else Path(root) / record["file_name"]
+            dataset, i = dataset.source, int(record["ddkit_index"])
         elif hasattr(dataset, "files"):
             return Path(dataset.files[i])
         elif hasattr(dataset, "dataset"):
