@@ -289,3 +289,17 @@ def test_crowdpose_style_dataset_evaluates_through_the_keypoint_task(tmp_path):
             preds.append(Instances(t["boxes"], torch.ones(len(kps)), t["labels"], kps, t["size"]))
         scores.append(task.evaluate_predictions(preds, ds))
     assert scores[0] == scores[1] and 0.2 < scores[0]["AP"] < 1.0
+
+
+def test_pseudo_keypoints_of_the_wrong_length_and_non_objects_are_errors(tmp_path):
+    path = _pseudo(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2],
+                               "keypoints": [1, 1, 2] * 4}])
+    data = json.loads(path.read_text())
+    data["info"]["dataset_info"] = {"num_keypoints": 3, "flip_indices": [0, 2, 1]}
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"keypoints must be 9 finite numbers \(3 keypoints x 3\), got 12"):
+        load_pseudo_dataset(path)
+    for text in ("[1, 2]", '{"info": 3}'):
+        path.write_text(text)
+        with pytest.raises(DataError, match="not a pseudo-label file"):
+            load_pseudo_dataset(path)

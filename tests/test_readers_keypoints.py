@@ -144,3 +144,19 @@ def test_yolo_pose_flip_idx_and_options(tmp_path):
     yaml_path.write_text(text.replace("flip_idx: [0, 2, 1,", "flip_idx: [0, 1,"))
     with pytest.raises(ConfigError, match="flip_idx"):
         ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+
+
+def test_require_flip_indices_asks_for_the_option():
+    from ddkit.engine.keypoint_meta import require_flip_indices
+    from ddkit.types import DatasetInfo
+
+    meta = resolve_keypoint_meta(3, "kp.json", names=["p0", "p1", "p2"])
+    info = DatasetInfo([{"id": 1, "name": "a"}], num_keypoints=3, flip_indices=meta.flip_indices, extra=meta.extra)
+    with pytest.raises(ConfigError, match=r"label.transforms: hflip flips keypoints, but kp.json: no left/right "
+                                          r"pairs found .* flip_indices"):
+        require_flip_indices(info, "label.transforms: hflip")
+    bare = DatasetInfo([{"id": 1, "name": "a"}], num_keypoints=4)
+    with pytest.raises(ConfigError, match="4 keypoints have no known left/right pairs"):
+        require_flip_indices(bare, "train.hflip")
+    known = DatasetInfo([{"id": 1, "name": "a"}], num_keypoints=3, flip_indices=[0, 2, 1])
+    assert require_flip_indices(known, "x") == [0, 2, 1]

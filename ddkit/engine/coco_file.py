@@ -252,8 +252,9 @@ def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, al
 
 def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = None, *,
                   allow_outside_root: bool = False, need_annotations: bool = True,
-                  box_tolerance: float = BOX_TOLERANCE) -> CocoFile:
-    """:func:`read_coco_file` for a COCO dict already loaded from ``path`` (the dict is not modified)."""
+                  box_tolerance: float = BOX_TOLERANCE, num_keypoints: int | None = None) -> CocoFile:
+    """:func:`read_coco_file` for a COCO dict already loaded from ``path`` (the dict is not modified).
+    ``num_keypoints``: the K every annotation's keypoints have (default: from the categories' keypoint names)."""
     path = Path(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: a COCO file is a JSON object with 'images', 'annotations' and 'categories', "
@@ -267,7 +268,7 @@ def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = N
     _unique_ids(cats, "categories", path, required=True)
     _check_images(images, path, root, allow_outside_root)
     _check_categories(cats, path)
-    cat_k = {int(c["id"]): len(c.get("keypoints") or []) for c in cats}
+    cat_k = {int(c["id"]): num_keypoints or len(c.get("keypoints") or []) for c in cats}
     anns = [dict(a) for a in anns]
     for i, ann in enumerate(anns):
         _check_annotation(ann, i, path, img_index, cat_k)

@@ -4,6 +4,8 @@
   ``right_shoulder``, ``l_knee``, ``LShoulder``, ``shoulder_left``, ``Left Shoulder``, ``knee-L``, ...). When names
   have a side but their mirror is missing, or no name has a side at all, it returns ``None``: the pairs are unknown
   and must come from an explicit ``flip_indices`` option (a flip would otherwise swap the wrong points).
+* :func:`require_flip_indices` is what a flip (a labelling view, a training augmentation) calls: the pairs, or one
+  error asking for ``flip_indices``.
 * :func:`resolve_keypoint_meta` is what every keypoint dataset calls: explicit options first, then the dataset's
   own metadata (names, YOLO ``flip_idx``), then known defaults (COCO's 17 sigmas), with one warning per process and
   a note in ``DatasetInfo.extra`` when a default is used or the pairs are unknown.
@@ -17,6 +19,7 @@ from typing import Any, Sequence
 
 from ddkit.errors import ConfigError
 from ddkit.ops.geometry import check_flip_indices
+from ddkit.types import DatasetInfo
 
 log = logging.getLogger("ddkit.data")
 
@@ -152,3 +155,13 @@ def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = N
         if key in extra:
             warn_once(extra[key])
     return KeypointMeta(flip, out_sigmas, extra)
+
+
+def require_flip_indices(info: DatasetInfo, what: str) -> list[int]:
+    """The dataset's flip pairs for ``what`` (e.g. ``"label.transforms: hflip"``, ``"train.hflip"``); a
+    :class:`ConfigError` asking for the ``flip_indices`` dataset option when the pairs are unknown."""
+    if info.flip_indices is not None:
+        return list(info.flip_indices)
+    why = info.extra.get(FLIP_UNKNOWN) or f"the dataset's {info.num_keypoints} keypoints have no known left/right pairs"
+    raise ConfigError(f"{what} flips keypoints, but {why}. Give the dataset option flip_indices (each keypoint's "
+                      f"mirror index, e.g. [0, 2, 1] for nose, left_eye, right_eye) or drop the flip")

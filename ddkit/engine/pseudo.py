@@ -167,6 +167,8 @@ class PseudoLabelDataset(Dataset):
                 data = json.load(fh)
         except (OSError, json.JSONDecodeError) as err:
             raise DataError(f"{self.path}: cannot read pseudo-label file: {err}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("info") or {}, dict):
+            raise DataError(f"{self.path}: not a pseudo-label file (a COCO object written by ddkit label)")
         self.info = info_from_pseudo(data)
         self.classification = data.get("ddkit_format") == IMAGE_LABELS
         self.source = source
@@ -175,7 +177,8 @@ class PseudoLabelDataset(Dataset):
         if not self.classification:  # the one COCO validation and box rule of every reader
             from ddkit.engine.coco_file import validate_coco
 
-            coco = validate_coco(data, self.path, self.image_root, allow_outside_root=True, need_annotations=False)
+            coco = validate_coco(data, self.path, self.image_root, allow_outside_root=True, need_annotations=False,
+                                 num_keypoints=self.info.num_keypoints)
             data = {**data, "annotations": coco.annotations}
         anns: dict[int, list[dict[str, Any]]] = {}
         for ann in data.get("annotations", []):
