@@ -1,9 +1,10 @@
 """``ddkit label RECIPE [key=value ...]``: pseudo-label unlabeled images with a teacher (multi-transform inference,
 aggregation, count-matched selection), written as COCO JSON (or image labels) into ``<run.out_dir>/label``.
 
-Re-running the same command resumes: finished shards are skipped. ``--shard I/N`` labels only part ``I`` of ``N``
-(run the command once more without ``--shard`` to merge); under ``torchrun --nproc-per-node N`` every rank labels
-its part and rank 0 merges.
+Two stages: the label stage writes shards (``label/shards``), the select stage reads them and writes the
+pseudo-labels, ``summary.json`` (and ``quality.json``). Re-running the same command resumes: finished shards are
+skipped. ``--shard I/N`` labels only part ``I`` of ``N`` (run the command once more without ``--shard`` to select);
+under ``torchrun --nproc-per-node N`` every rank labels its part and rank 0 selects.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ HELP = "pseudo-label unlabeled images with a teacher: multi-transform inference,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a YAML recipe with run, data, teacher {checkpoint} and label sections")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. label.shards=8")
-    parser.add_argument("--shard", metavar="I/N", help="label only part I of N (0-based) and do not merge")
+    parser.add_argument("--shard", metavar="I/N", help="label only part I of N (0-based) and do not select")
     parser.add_argument("--max-shards", type=int, metavar="K", help="stop after labelling K shards (resume later)")
     parser.add_argument("--keep-raw", action="store_true", default=None,
                         help="also keep every view's predictions (raw_predictions.pt, for ddkit bench)")
@@ -36,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress, source=args.recipe)
     if not result.complete:
         print(f"labelled {len(result.shards_done)} shard(s) into {result.out_dir / 'shards'}; "
-              f"run without --shard/--max-shards to finish and merge")
+              f"run without --shard/--max-shards to finish and select the pseudo-labels")
         return 0
     s = result.summary or {}
     images = s.get("images", {})
