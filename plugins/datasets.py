@@ -574,6 +574,8 @@ class SyntheticFiguresParams:
     max_height: int = 90
     noise: float = 0.05
     seed: int = 0
+    flip_indices: list[int] | None = None
+    sigmas: list[float] | None = None
 
     def __post_init__(self) -> None:
         if not 10 <= self.min_height <= self.max_height < self.image_size:
@@ -587,13 +589,15 @@ class SyntheticFigures(torch.utils.data.Dataset):
     in COCO, so ``flip_indices = [0, 1, 3, 2, 4, 6, 5]``). Category ``person`` (id 1). Deterministic per index."""
 
     def __init__(self, num_images=64, image_size=128, max_figures=2, min_height=40, max_height=90, noise=0.05,
-                 seed=0):
+                 seed=0, flip_indices: list[int] | None = None, sigmas: list[float] | None = None):
         self.n, self.size, self.max_figures = num_images, image_size, max_figures
         self.min_height, self.max_height, self.noise, self.seed = min_height, max_height, noise, seed
         k = len(FIGURE_KEYPOINTS)
+        # the figures' own sigma (0.05 each, not a guess: the keypoints are drawn exactly) unless given
+        kinfo = _keypoint_info(k, "synthetic_figures", names=list(FIGURE_KEYPOINTS), flip_indices=flip_indices,
+                               sigmas=sigmas if sigmas is not None else [0.05] * k)
         self.info = DatasetInfo(categories=[{"id": 1, "name": "person"}], num_keypoints=k,
-                                flip_indices=flip_indices_from_names(FIGURE_KEYPOINTS),
-                                keypoint_sigmas=[0.05] * k,
+                                flip_indices=kinfo["flip_indices"], keypoint_sigmas=kinfo["keypoint_sigmas"],
                                 extra={"keypoint_names": list(FIGURE_KEYPOINTS), "source": "synthetic_figures"})
         self._targets: dict[int, dict[str, Any]] = {}
 

@@ -160,3 +160,13 @@ def test_require_flip_indices_asks_for_the_option():
         require_flip_indices(bare, "train.hflip")
     known = DatasetInfo([{"id": 1, "name": "a"}], num_keypoints=3, flip_indices=[0, 2, 1])
     assert require_flip_indices(known, "x") == [0, 2, 1]
+
+
+def test_every_keypoint_dataset_takes_flip_indices():
+    figures = ddkit.build("datasets", {"name": "synthetic_figures", "num_images": 2})
+    assert figures.info.flip_indices == [0, 1, 3, 2, 4, 6, 5] and figures.info.keypoint_sigmas == [0.05] * 7
+    given = ddkit.build("datasets", {"name": "synthetic_figures", "num_images": 2,
+                                     "flip_indices": list(range(7)), "sigmas": [0.1] * 7})
+    assert given.info.flip_indices == list(range(7)) and given.info.keypoint_sigmas == [0.1] * 7
+    with pytest.raises(ConfigError, match="flip_indices"):
+        ddkit.build("datasets", {"name": "synthetic_figures", "flip_indices": [0, 1]})
