@@ -94,46 +94,47 @@ class ProbsKind(PredictionKind):
     bench_metrics = ("accuracy", "selected_accuracy", "coverage", "selected", "agg_ms_per_image")
     quality_metric = "accuracy"
 
-    def inverse(self, view, preds, sizes):
+    def inverse(self, view: Any, preds: Sequence[Any], sizes: Sequence[tuple[int, int]]) -> Any:
         return torch.stack([view.inverse_probs(p.detach().float()) for p in preds]).cpu()  # [B, C]
 
-    def aggregate(self, aggregator, per_view, sizes, category_ids):
+    def aggregate(self, aggregator: Any, per_view: Sequence[Any], sizes: Any, category_ids: Sequence[int]) -> list[Any]:
         labels, scores = aggregator(torch.stack(list(per_view)))  # [V, B, C] -> [B], [B]
         ids = torch.as_tensor(list(category_ids), dtype=torch.int64)
         labels, scores = ids[labels.long().cpu()], scores.float().cpu()
         return [(labels[j:j + 1], scores[j:j + 1]) for j in range(len(labels))]
 
-    def pack_ensemble(self, preds, num_keypoints=None):
+    def pack_ensemble(self, preds: Sequence[Any], num_keypoints: int | None = None) -> dict[str, Tensor]:
         if not preds:
             return {"labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)}
         return {"labels": torch.cat([p[0] for p in preds]), "scores": torch.cat([p[1] for p in preds])}
 
-    def pack_view(self, preds, category_ids, num_keypoints=None):
+    def pack_view(self, preds: Any, category_ids: Sequence[int], num_keypoints: int | None = None
+                  ) -> dict[str, Tensor]:
         return pack_probs(preds, category_ids)
 
-    def empty_view(self, category_ids, num_keypoints=None):
+    def empty_view(self, category_ids: Sequence[int], num_keypoints: int | None = None) -> dict[str, Tensor]:
         return pack_probs(torch.zeros(0, len(category_ids)), category_ids)
 
-    def unpack(self, packed, images):
+    def unpack(self, packed: Mapping[str, Tensor], images: Mapping[str, Tensor]) -> list[Any]:
         n = len(images["image_id"])
         return [(packed["labels"][j:j + 1], packed["scores"][j:j + 1]) for j in range(n)]
 
-    def scored(self, pred):
+    def scored(self, pred: Any) -> ScoredPredictions:
         labels, scores = pred
         return ScoredPredictions(scores.float(), labels.long())
 
-    def write(self, writer, meta, name, j, pred, selection):
+    def write(self, writer: Any, meta: Mapping[str, Any], name: str, j: int, pred: Any, selection: Any) -> None:
         if bool(selection.keep[0]):  # only selected images are listed
             writer.add_image(meta["image_id"][j], name, meta["height"][j], meta["width"][j], meta["index"][j])
             writer.add_label(meta["image_id"][j], int(pred[0][0]), float(pred[1][0]))
 
-    def unpack_targets(self, targets):
+    def unpack_targets(self, targets: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
         return [{"label": int(x)} for x in targets["label"]]
 
-    def unpack_raw_views(self, views, images):
+    def unpack_raw_views(self, views: Sequence[Mapping[str, Tensor]], images: Mapping[str, Tensor]) -> list[Any]:
         return [v["probs"] for v in views]
 
-    def raw_fields(self, per_view):
+    def raw_fields(self, per_view: Sequence[Any]) -> dict[str, Any]:
         return {"probs": torch.stack(list(per_view))}  # [V, C]
 
 
@@ -146,37 +147,38 @@ class InstancesKind(PredictionKind):
                      "gt_per_image", "agg_ms_per_image")
     quality_metric = "AP"
 
-    def inverse(self, view, preds, sizes):
+    def inverse(self, view: Any, preds: Sequence[Any], sizes: Sequence[tuple[int, int]]) -> Any:
         return [view.inverse_instances(p, sizes[b]).to("cpu") for b, p in enumerate(preds)]
 
-    def aggregate(self, aggregator, per_view, sizes, category_ids):
+    def aggregate(self, aggregator: Any, per_view: Sequence[Any], sizes: Any, category_ids: Sequence[int]) -> list[Any]:
         from ddkit.engine.aggregation import aggregate_images
 
         return aggregate_images(aggregator, [[v[b] for v in per_view] for b in range(len(sizes))], sizes)
 
-    def pack_ensemble(self, preds, num_keypoints=None):
+    def pack_ensemble(self, preds: Sequence[Any], num_keypoints: int | None = None) -> dict[str, Tensor]:
         return pack_instances(preds, num_keypoints)
 
-    def pack_view(self, preds, category_ids, num_keypoints=None):
+    def pack_view(self, preds: Any, category_ids: Sequence[int], num_keypoints: int | None = None
+                  ) -> dict[str, Tensor]:
         return pack_instances(preds, num_keypoints)
 
-    def empty_view(self, category_ids, num_keypoints=None):
+    def empty_view(self, category_ids: Sequence[int], num_keypoints: int | None = None) -> dict[str, Tensor]:
         return pack_instances([], num_keypoints)
 
-    def unpack(self, packed, images):
+    def unpack(self, packed: Mapping[str, Tensor], images: Mapping[str, Tensor]) -> list[Any]:
         return unpack_instances(packed, _sizes(images))
 
-    def scored(self, pred):
+    def scored(self, pred: Any) -> ScoredPredictions:
         kps = None if pred.keypoints is None else pred.keypoints[..., 2]
         return ScoredPredictions(pred.scores, pred.labels, kps)
 
-    def write(self, writer, meta, name, j, pred, selection):
+    def write(self, writer: Any, meta: Mapping[str, Any], name: str, j: int, pred: Any, selection: Any) -> None:
         iid = meta["image_id"][j]  # every readable image is listed, with or without pseudo-labels
         writer.add_image(iid, name, meta["height"][j], meta["width"][j], meta["index"][j])
         vis = None if selection.keypoints is None else selection.keypoints[selection.keep]
         writer.add_instances(iid, pred[selection.keep], vis)
 
-    def unpack_targets(self, targets):
+    def unpack_targets(self, targets: Mapping[str, Tensor]) -> list[dict[str, Tensor]]:
         out, start = [], 0
         for n in targets["counts"].tolist():
             sl = slice(start, start + n)
@@ -185,10 +187,10 @@ class InstancesKind(PredictionKind):
             start += n
         return out
 
-    def unpack_raw_views(self, views, images):
+    def unpack_raw_views(self, views: Sequence[Mapping[str, Tensor]], images: Mapping[str, Tensor]) -> list[Any]:
         return [unpack_instances(v, _sizes(images)) for v in views]
 
-    def raw_fields(self, per_view):
+    def raw_fields(self, per_view: Sequence[Any]) -> dict[str, Any]:
         return {"views": list(per_view)}
 
 
