@@ -17,6 +17,7 @@ from the dataset's category ids by the task.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from torch import nn
 from ddkit import ConfigError, DataError, DatasetInfo, hookimpl
 from ddkit.types import ModelSpec
 
-from .pretrained import (call_torchvision_builder, categories_match, load_matching, load_pretrained,
+from .pretrained import (call_torchvision_builder, class_mapping, load_matching, load_pretrained, take_class_slots,
                          timm_create, torchvision_state_dict, torchvision_weights, wants_library_weights)
 
 
@@ -374,17 +375,21 @@ COCO_BUILDERS = {
     ("fcos", "resnet50"): "fcos_resnet50_fpn",
     ("keypointrcnn", "resnet50"): "keypointrcnn_resnet50_fpn",
 }
-CLASS_HEADS = {"fasterrcnn": ("roi_heads.box_predictor.",), "keypointrcnn": ("roi_heads.box_predictor.",),
-               "retinanet": ("head.classification_head.cls_logits.",),
-               "fcos": ("head.classification_head.cls_logits.",)}
+_BOX_PREDICTOR = {"roi_heads.box_predictor.cls_score.weight": 1, "roi_heads.box_predictor.cls_score.bias": 1,
+                  "roi_heads.box_predictor.bbox_pred.weight": 4, "roi_heads.box_predictor.bbox_pred.bias": 4}
+_CLS_LOGITS = {"head.classification_head.cls_logits.weight": 1, "head.classification_head.cls_logits.bias": 1}
+# per detector: its class-dependent tensors -> values per class (rows of a class in dim 0)
+CLASS_HEADS = {"fasterrcnn": _BOX_PREDICTOR, "keypointrcnn": _BOX_PREDICTOR, "retinanet": _CLS_LOGITS,
+               "fcos": _CLS_LOGITS}
 KEYPOINT_HEAD = "roi_heads.keypoint_predictor."
+log = logging.getLogger("ddkit.models")
 
 
 def _head_to_skip(detector: str, weights: Any, info: DatasetInfo) -> tuple[str, ...]:
-    """The head tensors that keep their own init: the class head unless the dataset's classes are the weights'
-    (e.g. 'person' for Keypoint R-CNN), the keypoint head unless the keypoints are the weights' (count, and names
+    """The head tensors not loaded as they are: the class head (its rows are picked by class name instead, see
+    :func:`_load_class_rows`), and the keypoint head unless the keypoints are the weights' (count, and names
     where the dataset has them)."""
-    skip = () if categories_match(weights, info.categories) else CLASS_HEADS[detector]
+    skip = tuple(CLASS_HEADS[detector])
     theirs = weights.meta.get("keypoint_names")
     if theirs is not None:
         ours = info.extra.get("keypoint_names")
@@ -393,10 +398,29 @@ def _head_to_skip(detector: str, weights: Any, info: DatasetInfo) -> tuple[str, 
     return skip
 
 
+def _load_class_rows(model: nn.Module, state: dict[str, torch.Tensor], detector: str, weights: Any,
+                     info: DatasetInfo) -> set[str]:
+    """The class head's rows of the dataset's classes that the weights know by name (``person`` of COCO) come
+    from the weights; the other classes keep their fresh init. Returns the tensors written."""
+    mapping = class_mapping(weights, info.categories)
+    known = [str(info.categories[j - 1].get("name")) for j in mapping if j > 0]
+    if not known:
+        return set()
+    own = model.state_dict()
+    k_theirs, k_ours = len(weights.meta["categories"]), info.num_classes + 1
+    new = {key: take_class_slots(state[key], own[key], mapping, k_theirs, k_ours, per)
+           for key, per in CLASS_HEADS[detector].items()}
+    model.load_state_dict(new, strict=False)
+    fresh = info.num_classes - len(known)
+    log.info("%s: class head of %d of %d classes from the weights (%s)%s", weights, len(known), info.num_classes,
+             ", ".join(known[:8]) + ("..." if len(known) > 8 else ""), f"; {fresh} start fresh" if fresh else "")
+    return set(new) if fresh == 0 else set()
+
+
 def load_coco_detector(model: nn.Module, detector: str, backbone: str, value: bool | str,
                        info: DatasetInfo) -> nn.Module:
     """Load torchvision's COCO weights for ``detector`` on ``backbone`` into ``model``: everything but the heads
-    sized for other classes / keypoints (those keep their fresh init)."""
+    sized for other classes / keypoints; the class head keeps the rows of the classes the weights know by name."""
     builder = COCO_BUILDERS.get((detector, backbone))
     if builder is None:
         pairs = ", ".join(b for d, b in COCO_BUILDERS if d == detector)
@@ -404,7 +428,9 @@ def load_coco_detector(model: nn.Module, detector: str, backbone: str, value: bo
                           f"{backbone!r}; use pretrained_backbone: true (ImageNet backbone) or a local weights file")
     weights = torchvision_weights(builder, value)
     skip = _head_to_skip(detector, weights, info)
-    loaded = load_matching(model, torchvision_state_dict(weights), str(weights), skip=skip)
+    state = torchvision_state_dict(weights)
+    loaded = load_matching(model, state, str(weights), skip=skip)
+    loaded |= _load_class_rows(model, state, detector, weights, info)
     missed = [k for k in model.state_dict() if k not in loaded and not k.startswith(skip)
               and not k.endswith("num_batches_tracked")]
     if missed:

@@ -153,12 +153,36 @@ def call_torchvision_builder(builder: str, weights: Any, what: str = "pretrained
         raise offline_error(f"{what} {weights}", weights.url, torch_hub_cache_file(weights.url), err) from None
 
 
-def categories_match(weights: Any, categories: Iterable[Mapping[str, Any]], offset: int = 1) -> bool:
-    """Whether the dataset's class names are the weights' classes (from index ``offset``, past the background):
-    only then does a class head keep the library's weights."""
-    names = [str(c.get("name", "")).lower() for c in categories]
-    theirs = [str(c).lower() for c in weights.meta.get("categories", [])[offset:]]
-    return bool(names) and names == theirs
+def class_mapping(weights: Any, categories: Iterable[Mapping[str, Any]]) -> dict[int, int]:
+    """``{our class slot: the weights' slot}`` by class name (case-insensitive): slot 0 (background) is 0, the
+    dataset's class ``j`` is slot ``j + 1``. Classes the weights do not know are left out."""
+    theirs = {str(c).lower(): i for i, c in enumerate(weights.meta.get("categories", [])) if i > 0}
+    mapping = {0: 0}
+    for j, c in enumerate(categories):
+        name = str(c.get("name", "")).lower()
+        if name in theirs:
+            mapping[j + 1] = theirs[name]
+    return mapping
+
+
+def take_class_slots(theirs: torch.Tensor, ours: torch.Tensor, mapping: Mapping[int, int], k_theirs: int,
+                     k_ours: int, per_class: int = 1) -> torch.Tensor:
+    """A copy of ``ours`` whose class slots ``new`` hold ``theirs``' slots ``old`` for each ``new: old``.
+
+    Dim 0 of both is laid out ``[groups, classes, per_class]`` as torchvision's heads are: a box predictor's
+    ``cls_score`` (``per_class`` 1) and ``bbox_pred`` (4, class-major), RetinaNet / FCOS ``cls_logits`` (groups =
+    anchors per location). ``theirs [G*k_theirs*P, ...]``, ``ours [G*k_ours*P, ...]`` -> ``[G*k_ours*P, ...]``.
+    """
+    groups = theirs.shape[0] // (k_theirs * per_class)
+    if groups * k_theirs * per_class != theirs.shape[0] or groups * k_ours * per_class != ours.shape[0] \
+            or theirs.shape[1:] != ours.shape[1:]:
+        raise ValueError(f"class head shapes {tuple(theirs.shape)} / {tuple(ours.shape)} do not fit "
+                         f"{k_theirs} / {k_ours} classes x {per_class}")
+    t = theirs.reshape(groups, k_theirs, per_class, *theirs.shape[1:])
+    out = ours.detach().clone().reshape(groups, k_ours, per_class, *ours.shape[1:])
+    for new, old in mapping.items():
+        out[:, new] = t[:, old]
+    return out.reshape(ours.shape)
 
 
 # ------------------------------------------------------------------------------------------------------- timm

@@ -18,7 +18,7 @@ from ddkit import ConfigError, DataError
 from ddkit.engine.checkpoint import load_model, save_model
 from ddkit.testing.models import info_for_task
 from ddkit_plugins import models as builtin_models
-from ddkit_plugins.pretrained import is_local, torch_hub_cache_file
+from ddkit_plugins.pretrained import class_mapping, is_local, take_class_slots, torch_hub_cache_file
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -155,6 +155,19 @@ def test_whole_coco_detector_loads_all_but_the_class_head(torch_home):
     assert not torch.equal(own[head + "cls_score.weight"], file[head + "cls_score.weight"][:4])
     preds = ddkit.build("tasks", "detection").predict(model, [torch.rand(3, 64, 80)])
     assert preds[0].boxes.shape[1] == 4
+    # classes COCO knows by name take their rows of the class head; the others start fresh
+    info = info_for_task("detection", num_classes=3)
+    for c, name in zip(info.categories, ("dog", "unicorn", "Person")):
+        c["name"] = name
+    own = ddkit.build("tasks", "detection").build_model(
+        {"name": "fasterrcnn", "backbone": "mobilenet_v3_large", "pretrained": True, "min_size": 64, "max_size": 64},
+        info).state_dict()
+    coco = weights.meta["categories"]
+    cls, box = file[head + "cls_score.weight"], file[head + "bbox_pred.weight"]
+    for ours, theirs in ((0, 0), (1, coco.index("dog")), (3, coco.index("person"))):
+        assert torch.equal(own[head + "cls_score.weight"][ours], cls[theirs])
+        assert torch.equal(own[head + "bbox_pred.weight"][4 * ours:4 * ours + 4], box[4 * theirs:4 * theirs + 4])
+    assert not any(torch.equal(own[head + "cls_score.weight"][2], row) for row in cls)
 
 
 @pytest.mark.parametrize("pair", sorted(builtin_models.COCO_BUILDERS), ids=lambda p: "-".join(p))
@@ -171,19 +184,42 @@ def test_ddkit_detector_layout_is_torchvisions_for_every_coco_pair(pair):
     assert shapes(ours) == shapes(theirs)
 
 
-def test_head_is_kept_only_for_the_weights_own_classes_and_keypoints():
+def test_keypoint_head_is_kept_only_for_the_weights_own_keypoints():
     kp = torchvision.models.detection.KeypointRCNN_ResNet50_FPN_Weights.COCO_V1
+    box_head = tuple(builtin_models.CLASS_HEADS["keypointrcnn"])
     person = info_for_task("keypoints", num_classes=1, num_keypoints=17)
     person.categories[0]["name"] = "person"
-    assert builtin_models._head_to_skip("keypointrcnn", kp, person) == ()
+    assert builtin_models._head_to_skip("keypointrcnn", kp, person) == box_head
+    assert class_mapping(kp, person.categories) == {0: 0, 1: 1}  # the box head's person row is COCO's
     person.extra["keypoint_names"] = ["x"] * 17  # other keypoints: a fresh keypoint head
-    assert builtin_models._head_to_skip("keypointrcnn", kp, person) == ("roi_heads.keypoint_predictor.",)
+    assert builtin_models._head_to_skip("keypointrcnn", kp, person) == box_head + ("roi_heads.keypoint_predictor.",)
     other = info_for_task("keypoints", num_classes=1, num_keypoints=14)
-    assert builtin_models._head_to_skip("keypointrcnn", kp, other) == ("roi_heads.box_predictor.",
-                                                                       "roi_heads.keypoint_predictor.")
-    retina = torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights.COCO_V1
-    assert builtin_models._head_to_skip("retinanet", retina, info_for_task("detection")) == \
-        ("head.classification_head.cls_logits.",)
+    assert builtin_models._head_to_skip("keypointrcnn", kp, other) == box_head + ("roi_heads.keypoint_predictor.",)
+
+
+def _slow_take(theirs, ours, mapping, k_theirs, k_ours, per_class):
+    """Reference: walk dim 0 slot by slot."""
+    out = ours.clone()
+    groups = theirs.shape[0] // (k_theirs * per_class)
+    for g in range(groups):
+        for new, old in mapping.items():
+            for r in range(per_class):
+                out[(g * k_ours + new) * per_class + r] = theirs[(g * k_theirs + old) * per_class + r]
+    return out
+
+
+@pytest.mark.parametrize("groups,per_class,rest", [(1, 1, (16,)), (1, 4, (16,)), (1, 4, ()), (9, 1, (8, 3, 3))])
+def test_class_slots_by_name_match_a_slow_reference(groups, per_class, rest):
+    weights = torchvision.models.detection.RetinaNet_ResNet50_FPN_Weights.COCO_V1
+    names = weights.meta["categories"]
+    cats = [{"id": 1, "name": "Dog"}, {"id": 2, "name": "unicorn"}, {"id": 3, "name": "person"}]
+    mapping = class_mapping(weights, cats)
+    assert mapping == {0: 0, 1: names.index("dog"), 3: names.index("person")}
+    theirs = torch.randn(groups * len(names) * per_class, *rest)
+    ours = torch.randn(groups * 4 * per_class, *rest)
+    got = take_class_slots(theirs, ours, mapping, len(names), 4, per_class)
+    assert torch.equal(got, _slow_take(theirs, ours, mapping, len(names), 4, per_class))
+    assert not torch.equal(got, ours)
 
 
 # ------------------------------------------------------------------------------------------------ user errors
