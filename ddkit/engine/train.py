@@ -51,21 +51,20 @@ from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
 from ddkit.engine.hooks import CheckpointHook, EvalHook, FinalHook, LogHook, RunLog, TrainingDiverged, describe_run
 from ddkit.engine.losses import SetupContext
+from ddkit.engine.resume import check_resume, clean_stale_temp, recipe_record, resume_changes
 from ddkit.engine.sampler import MixedRatioSampler
-from ddkit.engine.task import Task, model_info, unwrap_model
+from ddkit.engine.task import Task, unwrap_model
 from ddkit.engine.teacher_cache import TeacherCache, TeacherOutputs, _Indexed, dataset_fingerprint
-from ddkit.engine.train_config import (HARMLESS_KEYS, TrainConfig, lr_factor, parse_train_config,
-                                       total_iterations)
+from ddkit.engine.train_config import TrainConfig, lr_factor, parse_train_config, total_iterations
 from ddkit.engine.trainer import StepParts, Trainer
 from ddkit.errors import ConfigError
 from ddkit.io import file_sha256
 from ddkit.runtime import dist_info, resolve_device, state_sha256
 
-__all__ = ["TrainConfig", "TrainingDiverged", "TeacherCache", "lr_factor", "parse_train_config", "run_train",
-           "shift_image", "stage_run_dir", "total_iterations", "train_model", "resolve_device"]
+__all__ = ["TrainConfig", "TrainingDiverged", "TeacherCache", "lr_factor", "parse_train_config", "resume_changes",
+           "run_train", "shift_image", "stage_run_dir", "total_iterations", "train_model", "resolve_device"]
 
 log = logging.getLogger("ddkit.train")
-_mix = mix_seed  # the seed mixer (old name)
 
 
 def _samples(batch: list[Any]) -> list[Any]:  # DataLoader collate_fn: keep the list; the task collates later
@@ -127,14 +126,6 @@ def _build_losses(losses: Sequence[Any] | None) -> tuple[list[Any], list[str]]:
         terms.append(term)
         names.append(name)
     return terms, names
-
-
-def _loss_blocks(losses: Sequence[Any] | None) -> list[Any]:
-    """The loss blocks as plain data (built terms by their class name), for the checkpoint's recipe."""
-    from ddkit.registry import _to_plain
-
-    specs = _to_plain(losses) if losses is not None else [{"name": "hard_label"}]
-    return [b if isinstance(b, (dict, str)) else type(b).__name__ for b in specs]
 
 
 def _load_teacher(teacher: nn.Module | str | Path | None, teacher_sha: str | None,
@@ -211,74 +202,13 @@ def _check_cache_config(cfg: TrainConfig, teacher: nn.Module | None, terms: list
 
 
 # ---------------------------------------------------------------------------------------------------- resume
-def _recipe_record(cfg: TrainConfig, losses: Sequence[Any] | None, student: nn.Module, seed: int) -> dict[str, Any]:
-    """What determines the result besides the inputs: stored in the checkpoint, compared on resume."""
-    return {"train": dataclasses.asdict(cfg), "losses": _loss_blocks(losses),
-            "model": model_info(student)[0], "seed": seed}
-
-
-def _flat(prefix: str, value: Any) -> dict[str, Any]:
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flat(f"{prefix}.{k}" if prefix else str(k), v))
-        return out
-    return {prefix: value}
-
-
-_INPUT_NAMES = {"inputs.data": "the training data (fingerprint of targets and files)",
-                "inputs.teacher": "the teacher checkpoint (sha256)"}
-
-
-def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
-    """``(refused, harmless)``: ``"key: old -> new"`` lines for the keys whose values differ between a checkpoint's
-    recipe record and this run's. Harmless keys (:data:`~ddkit.engine.train_config.HARMLESS_KEYS` of the train
-    block) do not change the result."""
-    a, b = _flat("", old), _flat("", new)
-    refused, harmless = [], []
-    for key in sorted(set(a) | set(b)):
-        if a.get(key, "<unset>") == b.get(key, "<unset>"):
-            continue
-        shown = _INPUT_NAMES.get(key, key.removeprefix("recipe."))
-        line = f"{shown}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
-        train_key = key.removeprefix("recipe.train.") if key.startswith("recipe.train.") else None
-        (harmless if train_key in HARMLESS_KEYS else refused).append(line)
-    return refused, harmless
-
-
-def _check_resume(last: Path, state: Mapping[str, Any], recipe: Mapping[str, Any], inputs: Mapping[str, Any],
-                  total: int) -> list[str]:
-    """Refuse a checkpoint of another recipe or other inputs (one line: keys, both values, how to start fresh);
-    return the harmless changes."""
-    fresh = "start fresh with --force (ddkit train) or --force <stage> (ddkit run)"
-    old_recipe = state.get("recipe") or {"train": state.get("train_cfg") or {}}
-    old_inputs = state.get("inputs") or {}
-    refused, harmless = resume_changes(  # keys a checkpoint of an older ddkit lacks are not compared
-        {"recipe": old_recipe, "inputs": old_inputs},
-        {"recipe": {k: v for k, v in recipe.items() if k in old_recipe},
-         "inputs": {k: v for k, v in inputs.items() if k in old_inputs}})
-    if refused:
-        raise ConfigError(f"cannot resume {last}: this run differs in {'; '.join(refused)}; {fresh}, or resume "
-                          "with the checkpoint's values")
-    if state.get("total_iterations") != total:
-        raise ConfigError(f"cannot resume {last}: it was for {state.get('total_iterations')} iterations, this "
-                          f"run has {total} (the schedule or the data changed); {fresh}")
-    return harmless
-
-
-def _clean_stale_temp(ckpt_dir: Path) -> None:
-    """Temporary files of a writer killed mid-write (``checkpoints/.last.pt.*.tmp``) are never read: remove them."""
-    for tmp in ckpt_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
-
-
 def _resume_state(resume: bool, last: Path, recipe: dict[str, Any], inputs: dict[str, Any], total: int,
                   dev: torch.device) -> tuple[dict[str, Any] | None, list[str]]:
     """The checkpoint to continue from (checked: it fits this run) and the harmless changes; writes nothing."""
     if not (resume and last.is_file()):
         return None, []
     state = load_checkpoint(last, map_location=dev, fresh_hint="delete it or start fresh with --force")
-    return state, _check_resume(last, state, recipe, inputs, total)
+    return state, check_resume(last, state, recipe, inputs, total)
 
 
 def _start(trainer: Trainer, state: dict[str, Any] | None, harmless: list[str], last: Path) -> int:
@@ -341,7 +271,7 @@ def train_model(task: Task, model: nn.Module, train_sets: Any, cfg_train: Mappin
         on_start()
     if is_main:  # nothing is written before the data, the models, the terms and the resume check passed
         run_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale_temp(run_dir / "checkpoints")
+        clean_stale_temp(run_dir / "checkpoints")
     start = _start(trainer, state, harmless, last)
     if cfg.init == "teacher" and resume and start == 0:  # asked to resume, but nothing to resume from
         _init_from_teacher(trainer.student, trainer.parts.teacher)
@@ -387,7 +317,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
                       DDP(world, dev), teacher, TeacherOutputs(teacher, terms), augment)
     inputs = {"data": dataset_fingerprint(data.concat),
               "teacher": teacher_sha or (state_sha256(teacher) if teacher is not None else None)}
-    recipe = _recipe_record(cfg, losses, student, seed)
+    recipe = recipe_record(cfg, losses, student, seed)
     runlog = RunLog(run_dir, rank == 0, names)
     loader = torch.utils.data.DataLoader(_Indexed(data.concat), batch_sampler=data.sampler,
                                          num_workers=cfg.num_workers, collate_fn=_samples,

@@ -1,0 +1,90 @@
+"""Resuming a run: what a checkpoint records about the recipe, and which differences a resume refuses.
+
+A checkpoint stores ``recipe`` (the train block, the loss blocks, the model block, the seed) and ``inputs`` (a
+fingerprint of the training data: every target and each image file's path, size and mtime; the teacher
+checkpoint's sha256). On resume every difference is either harmless (logging, evaluation and checkpoint cadence,
+``max_iterations``, worker count: they do not change the weights) and noted, or refused in one line that names the
+keys, both values and how to start fresh.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from torch import nn
+
+from ddkit.engine.task import model_info
+from ddkit.engine.train_config import HARMLESS_KEYS, TrainConfig
+from ddkit.errors import ConfigError
+
+
+def _loss_blocks(losses: Sequence[Any] | None) -> list[Any]:
+    """The loss blocks as plain data (built terms by their class name), for the checkpoint's recipe."""
+    from ddkit.registry import _to_plain
+
+    specs = _to_plain(losses) if losses is not None else [{"name": "hard_label"}]
+    return [b if isinstance(b, (dict, str)) else type(b).__name__ for b in specs]
+
+
+def recipe_record(cfg: TrainConfig, losses: Sequence[Any] | None, student: nn.Module, seed: int) -> dict[str, Any]:
+    """What determines the result besides the inputs: stored in the checkpoint, compared on resume."""
+    return {"train": dataclasses.asdict(cfg), "losses": _loss_blocks(losses),
+            "model": model_info(student)[0], "seed": seed}
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+_INPUT_NAMES = {"inputs.data": "the training data (fingerprint of targets and files)",
+                "inputs.teacher": "the teacher checkpoint (sha256)"}
+
+
+def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(refused, harmless)``: ``"key: old -> new"`` lines for the keys whose values differ between a checkpoint's
+    recipe record and this run's. Harmless keys (:data:`~ddkit.engine.train_config.HARMLESS_KEYS` of the train
+    block) do not change the result."""
+    a, b = _flat("", old), _flat("", new)
+    refused, harmless = [], []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key, "<unset>") == b.get(key, "<unset>"):
+            continue
+        shown = _INPUT_NAMES.get(key, key.removeprefix("recipe."))
+        line = f"{shown}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
+        train_key = key.removeprefix("recipe.train.") if key.startswith("recipe.train.") else None
+        (harmless if train_key in HARMLESS_KEYS else refused).append(line)
+    return refused, harmless
+
+
+def check_resume(last: Path, state: Mapping[str, Any], recipe: Mapping[str, Any], inputs: Mapping[str, Any],
+                  total: int) -> list[str]:
+    """Refuse a checkpoint of another recipe or other inputs (one line: keys, both values, how to start fresh);
+    return the harmless changes."""
+    fresh = "start fresh with --force (ddkit train) or --force <stage> (ddkit run)"
+    old_recipe = state.get("recipe") or {"train": state.get("train_cfg") or {}}
+    old_inputs = state.get("inputs") or {}
+    refused, harmless = resume_changes(  # keys a checkpoint of an older ddkit lacks are not compared
+        {"recipe": old_recipe, "inputs": old_inputs},
+        {"recipe": {k: v for k, v in recipe.items() if k in old_recipe},
+         "inputs": {k: v for k, v in inputs.items() if k in old_inputs}})
+    if refused:
+        raise ConfigError(f"cannot resume {last}: this run differs in {'; '.join(refused)}; {fresh}, or resume "
+                          "with the checkpoint's values")
+    if state.get("total_iterations") != total:
+        raise ConfigError(f"cannot resume {last}: it was for {state.get('total_iterations')} iterations, this "
+                          f"run has {total} (the schedule or the data changed); {fresh}")
+    return harmless
+
+
+def clean_stale_temp(ckpt_dir: Path) -> None:
+    """Temporary files of a writer killed mid-write (``checkpoints/.last.pt.*.tmp``) are never read: remove them."""
+    for tmp in ckpt_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
