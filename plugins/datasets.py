@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import logging
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -33,6 +34,7 @@ from ddkit.engine.task import check_images, read_image, report_skipped, split_in
 from ddkit.types import DatasetSpec
 
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # offline fixtures (examples only)
+log = logging.getLogger("ddkit.data")
 
 
 def _sigmas_option(sigmas: list[float] | None, keypoint_sigmas: list[float] | None, where: str) -> list[float] | None:
@@ -229,6 +231,17 @@ def _yolo_target(idx: int, rows: list[list[float]], size: tuple[int, int], k: in
     return t
 
 
+def _warn_missing_labels(lab_dir: Path, files: list[Path]) -> None:
+    """Images without a label file train as background: say how many (all of them: probably a wrong folder)."""
+    missing = [f for f in files if not (lab_dir / (f.stem + ".txt")).is_file()]
+    if len(missing) == len(files):
+        log.warning("%s: no label files for the %d images of %s: every image is background (fine for unlabeled "
+                    "images; otherwise check root and split)", lab_dir, len(files), files[0].parent)
+    elif missing:
+        log.warning("%s: %d of %d images have no label file and count as background (first: %s)", lab_dir,
+                    len(missing), len(files), missing[0].name)
+
+
 def _image_size(f: Path) -> tuple[int, int]:
     from PIL import Image
 
@@ -280,6 +293,7 @@ class YoloDataset(_TargetsDataset):
             self.files.append(f)
             self.targets.append(t)
         check.warn()
+        _warn_missing_labels(lab_dir, files)
         if names is None:
             names = {c: str(c) for c in sorted(seen_classes)}
         kinfo = _keypoint_info(k, str(ypath or base), dataset_flip=meta.get("flip_idx"), flip_indices=flip_indices,

@@ -139,3 +139,18 @@ def test_split_fractions_name_the_field(split, field):
     with pytest.raises(ConfigError) as err:
         build_data({"dataset": {"name": "digits"}, "split": split})
     assert str(err.value).startswith("data.split: ") and field in str(err.value)
+
+
+def test_missing_label_files_are_counted_not_silent(tmp_path, caplog):
+    root = _copy(tmp_path)
+    labels = sorted((root / "labels" / "train").glob("*.txt"))
+    labels[0].unlink()
+    with caplog.at_level(logging.WARNING):
+        ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    assert len(ds) == 4 and "1 of 4 images have no label file" in caplog.text and labels[0].stem in caplog.text
+    caplog.clear()
+    shutil.rmtree(root / "labels")
+    with caplog.at_level(logging.WARNING):
+        ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    assert sum(len(get_target(ds, i)["boxes"]) for i in range(4)) == 0
+    assert "no label files for the 4 images" in caplog.text and "every image is background" in caplog.text
