@@ -83,3 +83,21 @@ def test_resume_changes_sorts_refused_from_harmless():
                        "losses: [{'name': 'hard_label'}] -> [{'name': 'hard_label'}, {'name': 'soft_target'}]",
                        "train.lr: 0.05 -> 0.5"]
     assert resume_changes(old, old) == ([], [])
+
+
+def test_init_teacher_applies_when_resume_finds_no_checkpoint(digits, tmp_path):
+    """``ddkit run`` always asks to resume: with nothing to resume from, ``init: teacher`` must still copy the
+    teacher (it used to be skipped whenever ``resume`` was set)."""
+    task = ddkit.build("tasks", "classification")
+    torch.manual_seed(0)
+    teacher = task.build_model({"name": "mlp", "hidden": [24]}, digits.info)
+    save_model(teacher, tmp_path / "teacher.pt")
+    torch.manual_seed(1)
+    student = task.build_model({"name": "mlp", "hidden": [24]}, digits.info)
+    cfg = {"iterations": 5, "max_iterations": 0, "batch_size": 8, "init": "teacher"}
+    train_model(task, student, digits.labeled, cfg, tmp_path / "run", teacher=tmp_path / "teacher.pt",
+                resume=True, progress=False)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert saved["iteration"] == 0
+    expected = teacher.state_dict()
+    assert all(torch.equal(saved["model"][k], expected[k]) for k in expected)
