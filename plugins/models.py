@@ -581,10 +581,14 @@ def ddkit_models():
                     summary="a torchvision classifier by builder name; pretrained: true / IMAGENET1K_V1 or a file",
                     examples=({"arch": "mobilenet_v3_small"},))
     yield ModelSpec(name="fasterrcnn", factory=build_fasterrcnn, params=RCNNParams, task="detection",
-                    summary="torchvision Faster R-CNN, ResNet/MobileNetV3 FPN backbone", examples=_RCNN_EXAMPLE)
+                    summary="torchvision Faster R-CNN, ResNet/MobileNetV3 FPN; COCO weights (resnet50, mobilenet_v3_large)",
+                    examples=_RCNN_EXAMPLE)
     yield ModelSpec(name="retinanet", factory=build_retinanet, params=DetectorParams, task="detection",
-                    summary="torchvision RetinaNet, ResNet/MobileNetV3 FPN backbone", examples=_DET_EXAMPLE)
+                    summary="torchvision RetinaNet, ResNet/MobileNetV3 FPN; COCO weights (resnet50)",
+                    examples=_DET_EXAMPLE)
     yield ModelSpec(name="fcos", factory=build_fcos, params=DetectorParams, task="detection",
-                    summary="torchvision FCOS, ResNet/MobileNetV3 FPN backbone", examples=_DET_EXAMPLE)
+                    summary="torchvision FCOS, ResNet/MobileNetV3 FPN; COCO weights (resnet50)",
+                    examples=_DET_EXAMPLE)
     yield ModelSpec(name="keypointrcnn", factory=build_keypointrcnn, params=KeypointRCNNParams, task="keypoints",
-                    summary="torchvision Keypoint R-CNN, ResNet/MobileNetV3 FPN backbone", examples=_KP_EXAMPLE)
+                    summary="torchvision Keypoint R-CNN, ResNet/MobileNetV3 FPN; COCO weights (resnet50)",
+                    examples=_KP_EXAMPLE)
