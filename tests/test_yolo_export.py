@@ -166,3 +166,24 @@ def test_ultralytics_reads_the_same_labels(tmp_path, monkeypatch):
         torch.testing.assert_close(xyxy.float(), t["boxes"], atol=2e-3, rtol=0)
         kp = torch.tensor(lab["keypoints"]) * torch.tensor([w, h, 1])
         torch.testing.assert_close(kp.float(), t["keypoints"], atol=2e-3, rtol=0)
+
+
+def test_image_paths_default_to_the_pseudo_files_names(tmp_path):
+    from PIL import Image
+
+    from ddkit.engine.yolo_export import pseudo_image_paths
+
+    (tmp_path / "imgs").mkdir()
+    Image.new("RGB", (50, 40)).save(tmp_path / "imgs" / "a.png")
+    Image.new("RGB", (50, 40)).save(tmp_path / "b.png")
+    info = DatasetInfo(categories=[{"id": 1, "name": "a"}])
+    pseudo = {"info": {"image_root": str(tmp_path / "imgs")}, "categories": info.categories,
+              "images": [{"id": 1, "file_name": "a.png", "height": 40, "width": 50},
+                         {"id": 2, "file_name": str(tmp_path / "b.png"), "height": 40, "width": 50}],
+              "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [5, 5, 10, 10]}]}
+    assert pseudo_image_paths(pseudo) == {1: tmp_path / "imgs" / "a.png", 2: tmp_path / "b.png"}
+    write_yolo_dataset(pseudo, None, tmp_path / "out", info=info)
+    assert (tmp_path / "out" / "images" / "pseudo" / "a.png").resolve() == (tmp_path / "imgs" / "a.png").resolve()
+    assert (tmp_path / "out" / "labels" / "pseudo" / "b.txt").read_text() == "0 0.200000 0.250000 0.200000 0.250000\n"
+    with pytest.raises(DataError, match="no image_root"):
+        pseudo_image_paths({**pseudo, "info": {}})

@@ -50,6 +50,22 @@ def yolo_rows(anns: Sequence[Mapping[str, Any]], size: tuple[int, int], class_in
     return rows
 
 
+def pseudo_image_paths(pseudo: Mapping[str, Any], image_root: str | Path | None = None) -> dict[int, Path]:
+    """``{image id: file}`` of a pseudo-label dict: absolute ``file_name`` values as they are, relative ones under
+    ``image_root`` (default: the file's ``info.image_root``, the labelled source's folder)."""
+    root = image_root if image_root is not None else (pseudo.get("info") or {}).get("image_root")
+    out = {}
+    for im in pseudo.get("images") or []:
+        name = Path(str(im["file_name"]))
+        if not name.is_absolute():
+            if root is None:
+                raise DataError(f"pseudo labels: image {im['id']} has file_name {str(name)!r} and the file names no "
+                                f"image_root; pass image_paths (a YOLO dataset needs image files)")
+            name = Path(root) / name
+        out[int(im["id"])] = name
+    return out
+
+
 def _place_image(src: Path, dst: Path, mode: str) -> None:
     if not src.is_file():
         raise DataError(f"{src}: image not found (needed for the YOLO dataset)")
@@ -133,15 +149,16 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def write_yolo_dataset(pseudo: Mapping[str, Any], image_paths: Mapping[int, str | Path], out_dir: str | Path, *,
-                       info: DatasetInfo, images: str = "symlink", labeled: Mapping[str, Any] | None = None,
-                       labeled_paths: Mapping[int, str | Path] | None = None, skip_empty: bool = False,
+def write_yolo_dataset(pseudo: Mapping[str, Any], image_paths: Mapping[int, str | Path] | None,
+                       out_dir: str | Path, *, info: DatasetInfo, images: str = "symlink",
+                       labeled: Mapping[str, Any] | None = None, labeled_paths: Mapping[int, str | Path] | None = None, skip_empty: bool = False,
                        mix_ratio: float | None = None) -> Path:
     """Write pseudo-labels (and optionally the labeled set) as a YOLO dataset (see the module docstring).
 
     Args:
         pseudo: the COCO pseudo-label dict (``label/pseudo_labels.json``); validated like every COCO input.
-        image_paths: ``{image id: image file}`` of the pseudo-labelled images.
+        image_paths: ``{image id: image file}`` of the pseudo-labelled images (``None``:
+            :func:`pseudo_image_paths`).
         out_dir: the dataset folder to write (replaced atomically when ddkit wrote it before).
         info: the dataset info (categories give the class order; ``num_keypoints``, ``flip_indices``).
         images: ``symlink`` (default), ``hardlink`` (falls back to a copy) or ``copy``.
@@ -159,7 +176,7 @@ def write_yolo_dataset(pseudo: Mapping[str, Any], image_paths: Mapping[int, str 
     class_index = {int(c["id"]): i for i, c in enumerate(info.categories)}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    sources = {"pseudo": (pseudo, image_paths)}
+    sources = {"pseudo": (pseudo, image_paths if image_paths is not None else pseudo_image_paths(pseudo))}
     if labeled is not None:
         sources = {"labeled": (labeled, labeled_paths), **sources}
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
