@@ -303,3 +303,26 @@ def test_pseudo_keypoints_of_the_wrong_length_and_non_objects_are_errors(tmp_pat
         path.write_text(text)
         with pytest.raises(DataError, match="not a pseudo-label file"):
             load_pseudo_dataset(path)
+
+
+@pytest.mark.parametrize("mutate,text", [
+    (lambda d: d["annotations"][0].__setitem__("bbox", [float("nan"), 1, 2, 3]), "non-finite"),
+    (lambda d: d["images"][1].__setitem__("id", d["images"][0]["id"]), "is not unique"),
+    (lambda d: d["images"][2].pop("file_name"), "missing field 'file_name'"),
+    (lambda d: d["images"][2].__setitem__("file_name", "../../x.jpg"), "outside the image root"),
+])
+def test_label_coco_ground_truth_is_validated_like_training_data(tmp_path, mutate, text):
+    from ddkit.engine.label import CocoSource
+
+    path = _coco(tmp_path, mutate, images=True)
+    with pytest.raises(DataError, match=text):
+        CocoSource(path)
+
+
+def test_label_coco_ground_truth_follows_the_box_rule(tmp_path, caplog):
+    from ddkit.engine.label import CocoSource
+
+    path = _coco(tmp_path, lambda d: d["annotations"][0].__setitem__("bbox", [5000, 5000, 10, 10]), images=True)
+    with caplog.at_level(logging.WARNING):
+        src = CocoSource(path)
+    assert sum(len(v) for v in src.anns.values()) == 13 and "dropped 1" in caplog.text
