@@ -22,8 +22,6 @@ The raw predictions format is documented in :mod:`ddkit.engine.raw_predictions`.
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -36,133 +34,23 @@ import torch
 from torch import Tensor
 
 from ddkit.engine.aggregation import aggregate_images
-from ddkit.engine.coco_results import CocoGroundTruthBuilder, coco_ground_truth, instances_to_results
+from ddkit.engine.bench_results import (LOWER_IS_BETTER, BenchResult, csv_text, markdown_table,  # noqa: F401
+                                         plot_results, sort_rows, write_outputs)
+from ddkit.engine.bench_synthetic import (SYNTHETIC_KINDS, make_synthetic_classification,  # noqa: F401
+                                           make_synthetic_detection, synthetic_raw)
+from ddkit.engine.coco_results import coco_ground_truth, instances_to_results
 from ddkit.engine.matching import greedy_match
-from ddkit.engine.prediction_kinds import INSTANCES, KINDS, PROBS
+from ddkit.engine.prediction_kinds import INSTANCES, PROBS
 from ddkit.engine.raw_predictions import (RAW_FILE, RAW_FORMAT, RAW_VERSION, RawImage, RawPredictions,  # noqa: F401
                                           load_raw, raw_file, raw_from_dict, save_raw)
 from ddkit.engine.spec_examples import all_defaults, example_blocks
 from ddkit.errors import ConfigError, DataError
 from ddkit.registry import _to_plain, parse_section
-from ddkit.types import Instances
 
 log = logging.getLogger("ddkit.bench")
 
 INSTANCE_METRICS = INSTANCES.bench_metrics
 PROBS_METRICS = PROBS.bench_metrics
-LOWER_IS_BETTER = ("agg_ms_per_image",)
-
-
-# ------------------------------------------------------------------------------------------------ synthetic data
-def make_synthetic_detection(num_images: int = 40, num_views: int = 6, num_categories: int = 3, seed: int = 0,
-                             max_objects: int = 6, box_jitter: float = 0.06, miss_rate: float = 0.15,
-                             false_positives: float = 1.5, duplicate_rate: float = 0.2,
-                             confusion_rate: float = 0.05) -> tuple[dict[str, Any], RawPredictions]:
-    """Ground truth plus jittered per-view detections, as multi-transform inference of a noisy detector would give.
-
-    Every object has an "easiness" ``e ~ U(0.3, 0.95)``; each view finds it with probability ``(1 - miss_rate)``
-    scaled by ``0.5 + 0.5 e``, with score ``e`` plus noise, its box jittered by ``box_jitter`` x its size (plus a
-    small per-view offset), sometimes a duplicate, sometimes the wrong class; each view adds Poisson
-    ``false_positives`` random low-scoring boxes. Boxes are clipped to the image (they are synthetic).
-
-    Returns:
-        ``(gt, raw)``: a COCO ground-truth dict (category ids ``1..num_categories``) and the raw predictions, whose
-        images also carry their ``target``.
-    """
-    g = torch.Generator().manual_seed(int(seed))
-    rnd = _Draw(g)
-    categories = [{"id": c, "name": f"class{c}"} for c in range(1, num_categories + 1)]
-    gt = CocoGroundTruthBuilder(categories)
-    images: list[RawImage] = []
-    noise = dict(miss_rate=miss_rate, box_jitter=box_jitter, duplicate_rate=duplicate_rate,
-                 confusion_rate=confusion_rate, false_positives=false_positives, num_categories=num_categories)
-    for i in range(num_images):
-        iid = i + 1
-        H, W = rnd.randint(240, 480), rnd.randint(320, 640)
-        n = rnd.randint(1, max_objects)
-        wh = torch.stack([rnd.u(0.08, 0.45, n) * W, rnd.u(0.08, 0.45, n) * H], 1)
-        xy = torch.stack([rnd.u(0, 1, n) * (W - wh[:, 0]), rnd.u(0, 1, n) * (H - wh[:, 1])], 1)
-        gt_boxes = torch.cat([xy, xy + wh], 1)
-        gt_labels = torch.randint(1, num_categories + 1, (n,), generator=g)
-        easiness = rnd.u(0.3, 0.95, n)
-        gt.add(iid, H, W, {"boxes": gt_boxes, "labels": gt_labels}, file_name=f"synthetic_{iid:06d}.png")
-        views = [_synthetic_view(rnd, gt_boxes, gt_labels, easiness, (H, W), **noise) for _ in range(num_views)]
-        images.append(RawImage(iid, (H, W), views=views,
-                               target={"boxes": gt_boxes.float(), "labels": gt_labels.long()}))
-    raw = RawPredictions("instances", images, categories, [f"view{v}" for v in range(num_views)])
-    return gt.to_dict(), raw
-
-
-class _Draw:
-    """Uniform draws from one generator (the synthetic data's only source of randomness)."""
-
-    def __init__(self, g: torch.Generator):
-        self.g = g
-
-    def u(self, lo: float = 0.0, hi: float = 1.0, n: int | tuple = ()) -> Tensor:
-        shape = (n,) if isinstance(n, int) else n
-        return lo + (hi - lo) * torch.rand(shape, generator=self.g, dtype=torch.float64)
-
-    def randint(self, lo: int, hi: int) -> int:  # inclusive
-        return int(torch.randint(lo, hi + 1, (1,), generator=self.g))
-
-
-def _synthetic_view(rnd: _Draw, gt_boxes: Tensor, gt_labels: Tensor, easiness: Tensor, size: tuple[int, int], *,
-                    miss_rate: float, box_jitter: float, duplicate_rate: float, confusion_rate: float,
-                    false_positives: float, num_categories: int) -> Instances:
-    """One view's detections of an image's objects (see :func:`make_synthetic_detection`)."""
-    g, u, (H, W) = rnd.g, rnd.u, size
-    offset = torch.randn(2, generator=g, dtype=torch.float64) * 0.01
-    boxes, scores, labels = [], [], []
-    for k in range(len(gt_labels)):
-        if float(u()) > (1 - miss_rate) * (0.5 + 0.5 * float(easiness[k])):
-            continue
-        copies = 2 if float(u()) < duplicate_rate else 1
-        for copy in range(copies):
-            box_size = (gt_boxes[k, 2:] - gt_boxes[k, :2]).repeat(2)
-            noise = torch.randn(4, generator=g, dtype=torch.float64) * box_jitter * (1 + copy)
-            boxes.append(gt_boxes[k] + (noise + offset.repeat(2)) * box_size)
-            s = float(easiness[k]) + 0.08 * float(torch.randn(1, generator=g)) - 0.2 * copy
-            label = int(gt_labels[k])
-            if float(u()) < confusion_rate and num_categories > 1:
-                label = (label % num_categories) + 1
-                s -= 0.2
-            scores.append(min(0.99, max(0.01, s)))
-            labels.append(label)
-    n_fp = int(torch.poisson(torch.tensor([float(false_positives)]), generator=g))
-    for _ in range(n_fp):
-        w, h = float(u(0.05, 0.3)) * W, float(u(0.05, 0.3)) * H
-        x, y = float(u()) * (W - w), float(u()) * (H - h)
-        boxes.append(torch.tensor([x, y, x + w, y + h], dtype=torch.float64))
-        scores.append(float(u(0.02, 0.5)))
-        labels.append(rnd.randint(1, num_categories))
-    if not boxes:
-        return Instances.empty(image_size=(H, W))
-    bx = torch.stack(boxes)
-    bx[:, 0::2] = bx[:, 0::2].clamp(0, W)
-    bx[:, 1::2] = bx[:, 1::2].clamp(0, H)
-    bx[:, 2] = torch.maximum(bx[:, 2], bx[:, 0] + 1).clamp(max=W)
-    bx[:, 3] = torch.maximum(bx[:, 3], bx[:, 1] + 1).clamp(max=H)
-    bx[:, 0] = torch.minimum(bx[:, 0], bx[:, 2] - 1)
-    bx[:, 1] = torch.minimum(bx[:, 1], bx[:, 3] - 1)
-    return Instances(bx.float(), torch.tensor(scores, dtype=torch.float32), torch.tensor(labels, dtype=torch.int64),
-                     image_size=(H, W))
-
-
-def make_synthetic_classification(num_images: int = 200, num_views: int = 6, num_categories: int = 5,
-                                  seed: int = 0, noise: float = 1.5) -> RawPredictions:
-    """Per-view class probabilities of a noisy classifier: ``softmax(s * onehot(y) + noise * N(0, 1))`` with an
-    image-level strength ``s ~ U(0, 3)`` (some images are hard). Each image's ``target`` is ``{"label": y}``."""
-    g = torch.Generator().manual_seed(int(seed))
-    categories = [{"id": c, "name": f"class{c}"} for c in range(num_categories)]
-    images = []
-    for i in range(num_images):
-        y = int(torch.randint(0, num_categories, (1,), generator=g))
-        strength = 3.0 * float(torch.rand(1, generator=g))
-        logits = noise * torch.randn(num_views, num_categories, generator=g)
-        logits[:, y] += strength
-        images.append(RawImage(i + 1, (32, 32), probs=logits.softmax(-1), target={"label": y}))
-    return RawPredictions("probs", images, categories, [f"view{v}" for v in range(num_views)])
 
 
 # ------------------------------------------------------------------------------------------------ ground truth
@@ -293,40 +181,6 @@ def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *,
             registry.params(kind, block, where=f"{where}.{kind}.{name}")  # validate now, with a good message
             variants.append(Variant(_variant_label(name, params), name, block))
     return variants, notes
-
-
-@dataclass
-class BenchResult:
-    """Rows of the grid (one dict per aggregator x selector cell) and what the bench ran on."""
-
-    prediction_type: str
-    rows: list[dict[str, Any]]
-    sort_by: str
-    num_images: int
-    num_views: int
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def kind(self) -> Any:
-        """The :class:`~ddkit.engine.prediction_kinds.PredictionKind` benched."""
-        return KINDS[self.prediction_type]
-
-    def sorted_rows(self) -> list[dict[str, Any]]:
-        return sort_rows(self.rows, self.sort_by)
-
-
-def sort_rows(rows: Sequence[Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
-    if rows and key not in rows[0]:
-        raise ConfigError(f"bench.sort_by: {key!r} is not a metric of this bench; choose one of "
-                          f"{', '.join(k for k, v in rows[0].items() if isinstance(v, (int, float)))}")
-    sign = 1.0 if key in LOWER_IS_BETTER else -1.0
-
-    def k(row: Mapping[str, Any]) -> tuple:
-        v = row.get(key)
-        bad = v is None or (isinstance(v, float) and math.isnan(v))
-        return (bad, sign * float(v) if not bad else 0.0)
-
-    return [dict(r) for r in sorted(rows, key=k)]
 
 
 def _time_aggregation(fn, repeats: int) -> tuple[Any, float]:
@@ -499,126 +353,6 @@ def _bench_probs(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progr
 _BY_KIND = {INSTANCES.name: (_instance_categories, _bench_instances), PROBS.name: (_probs_categories, _bench_probs)}
 
 
-# ------------------------------------------------------------------------------------------------ outputs
-def _fmt_cell(key: str, v: Any) -> str:
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "-"
-        if key in ("AP", "AP50", "AR", "precision", "recall", "accuracy", "selected_accuracy", "coverage",
-                   "agg_recall"):
-            return f"{100 * v:.1f}"
-        if key == "agg_ms_per_image":
-            return f"{v:.3f}"
-        return f"{v:.2f}"
-    return str(v)
-
-
-def markdown_table(result: BenchResult) -> str:
-    """The grid as a markdown table, sorted by ``result.sort_by`` (percentages for rates, ms for time)."""
-    metrics = result.kind.bench_metrics
-    cols = ("aggregator", "selector") + metrics
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("aggregator", "selector") else "---:"
-                                                             for c in cols) + "|"]
-    for row in result.sorted_rows():
-        lines.append("| " + " | ".join(_fmt_cell(c, row.get(c)) for c in cols) + " |")
-    return "\n".join(lines)
-
-
-def csv_text(result: BenchResult) -> str:
-    rows = result.sorted_rows()
-    buf = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return buf.getvalue()
-
-
-def _save_fig(fig, path: Path) -> Path:
-    from ddkit.io import atomic_write_bytes
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return atomic_write_bytes(path, buf.getvalue())
-
-
-def plot_results(result: BenchResult, out_dir: Path) -> list[Path]:
-    """Two PNGs: quality vs aggregation time (one point per aggregator variant) and the selection's
-    precision/recall (boxes) or selected accuracy/coverage (classes), one point per cell."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result.rows
-    boxes = result.kind is INSTANCES
-    quality = result.kind.quality_metric
-    aggs = list(dict.fromkeys(r["aggregator"] for r in rows))
-    sels = list(dict.fromkeys(r["selector"] for r in rows))
-    cmap = plt.get_cmap("tab10" if len(aggs) <= 10 else "tab20")
-    markers = "osD^v<>pPX*hH8"
-    paths = []
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for i, a in enumerate(aggs):
-        r = next(r for r in rows if r["aggregator"] == a)
-        ax.scatter(r["agg_ms_per_image"], 100 * r[quality], color=cmap(i % 20), label=a, s=40,
-                   marker=markers[i % len(markers)])
-    ax.set_xlabel("aggregation time per image (ms)")
-    ax.set_ylabel(f"{quality} (%)")
-    ax.set_title(f"{quality} of aggregated predictions vs aggregation time")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    paths.append(_save_fig(fig, out_dir / f"bench_{quality.lower()}_vs_time.png"))
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 5))
-    xk, yk = ("recall", "precision") if boxes else ("coverage", "selected_accuracy")
-    for r in rows:
-        i, j = aggs.index(r["aggregator"]), sels.index(r["selector"])
-        x, y = r[xk], r[yk]
-        if x is None or y is None or (isinstance(y, float) and math.isnan(y)):
-            continue
-        ax.scatter(100 * x, 100 * y, color=cmap(i % 20), marker=markers[j % len(markers)], s=40)
-    for i, a in enumerate(aggs):
-        ax.scatter([], [], color=cmap(i % 20), marker="o", label=a)
-    for j, s in enumerate(sels):
-        ax.scatter([], [], color="gray", marker=markers[j % len(markers)], label=s)
-    ax.set_xlabel(f"{xk} of selected pseudo-labels (%)")
-    ax.set_ylabel(f"{yk} of selected pseudo-labels (%)")
-    ax.set_title("selection: " + ("precision vs recall" if boxes else "accuracy vs coverage"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    paths.append(_save_fig(fig, out_dir / ("bench_selection_pr.png" if boxes else "bench_selection_accuracy.png")))
-    plt.close(fig)
-    return paths
-
-
-def write_outputs(result: BenchResult, out_dir: str | Path, title: str = "") -> dict[str, Path]:
-    """``bench.csv``, ``bench.md``, ``bench.json`` and the PNG plots into ``out_dir`` (atomic writes)."""
-    from ddkit.io import atomic_write_json, atomic_write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = markdown_table(result)
-    head = f"# {title}\n\n" if title else ""
-    info = (f"{result.num_images} images, {result.num_views} views, {len({r['aggregator'] for r in result.rows})} "
-            f"aggregator variants x {len({r['selector'] for r in result.rows})} selector variants, "
-            f"sorted by {result.sort_by}\n\n")
-    paths = {
-        "csv": atomic_write_text(out_dir / "bench.csv", csv_text(result)),
-        "markdown": atomic_write_text(out_dir / "bench.md", head + info + md + "\n"),
-        "json": atomic_write_json(out_dir / "bench.json", {
-            "prediction_type": result.prediction_type, "sort_by": result.sort_by, "num_images": result.num_images,
-            "num_views": result.num_views, "notes": result.notes,
-            "rows": [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
-                     for r in result.sorted_rows()]}),
-    }
-    for p in plot_results(result, out_dir):
-        paths[p.stem] = p
-    return paths
-
-
 # ------------------------------------------------------------------------------------------------ recipe
 @dataclass
 class BenchConfig:
@@ -654,9 +388,6 @@ class BenchConfig:
     timing_repeats: int = 1
 
 
-SYNTHETIC_KINDS = {"detection": make_synthetic_detection, "classification": make_synthetic_classification}
-
-
 def parse_bench_config(section: Any, where: str = "bench") -> BenchConfig:
     """Validate the ``bench`` section (through :func:`ddkit.registry.parse_section`, as every section); ``where``
     names it in errors (``"<recipe>: bench"``)."""
@@ -671,24 +402,6 @@ def parse_bench_config(section: Any, where: str = "bench") -> BenchConfig:
             raise ConfigError(f"{where}.{key} must map names to lists of parameter blocks, e.g. "
                               f"{{wbf: [{{iou_thr: 0.55}}]}}")
     return cfg
-
-
-def synthetic_raw(spec: Mapping[str, Any], source: str = "recipe") -> tuple[dict[str, Any] | None, RawPredictions]:
-    """``(gt_coco or None, raw)`` from a ``bench.synthetic`` block."""
-    import inspect
-
-    spec = dict(spec)
-    kind = spec.pop("kind", "detection")
-    if kind not in SYNTHETIC_KINDS:
-        raise ConfigError(f"{source}: bench.synthetic.kind must be one of {', '.join(SYNTHETIC_KINDS)}, got {kind!r}")
-    fn = SYNTHETIC_KINDS[kind]
-    valid = list(inspect.signature(fn).parameters)
-    bad = [k for k in spec if k not in valid]
-    if bad:
-        raise ConfigError(f"{source}: bench.synthetic.{bad[0]} is not a parameter of the {kind} generator; "
-                          f"valid: {', '.join(valid)}")
-    out = fn(**spec)
-    return out if isinstance(out, tuple) else (None, out)
 
 
 def _raw_from_labelling(cfg: Any, run_dir: Path, source: str, registry: Any = None) -> Path:
