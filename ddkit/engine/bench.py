@@ -143,7 +143,8 @@ def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *,
                   where: str = "bench") -> tuple[list[Variant], list[str]]:
     """The grid axis of one kind: every registered strategy (of ``input_type`` for aggregators) with the variants
     ``listed`` gives it (``{name: [params, ...]}``; ``None`` or ``[]``: defaults), the unlisted ones with their
-    defaults (or, when some parameter has no default, their spec's examples). Returns ``(variants, notes)`` where notes say what was skipped and why."""
+    defaults (or, when some parameter has no default, their spec's examples). Returns ``(variants, notes)``; the
+    notes say what was skipped and why."""
     listed = dict(_to_plain(listed) or {})
     exclude = set(_to_plain(list(exclude)) or [])
     notes: list[str] = []
