@@ -242,3 +242,21 @@ def test_coco8_dd_from_cached_pretrained_weights_then_eval_and_predict(tmp_path,
     assert main(["predict", str(run), str(DATA / "coco8" / "images" / "val"), "--format", "yolo",
                  "-o", str(tmp_path / "pred")]) == 0
     assert len(list((tmp_path / "pred" / "labels").glob("*.txt"))) == 4
+
+
+def test_data_on_the_command_line_is_a_dataset_block(tmp_path):
+    from ddkit.engine.evaluate import dataset_block
+
+    ann = tmp_path / "a.json"
+    ann.write_text("{}")
+    (tmp_path / "classes" / "cat").mkdir(parents=True)
+    assert dataset_block(str(ann)) == {"name": "coco", "annotations": str(ann)}
+    assert dataset_block(str(DATA / "coco8")) == {"name": "yolo", "root": str(DATA / "coco8"), "split": "val"}
+    assert dataset_block(str(DATA / "coco8"), "train")["split"] == "train"
+    assert dataset_block(str(tmp_path / "classes")) == {"name": "image_folder", "root": str(tmp_path / "classes")}
+    assert dataset_block("{name: coco, annotations: x.json, images: i/}") == \
+        {"name": "coco", "annotations": "x.json", "images": "i/"}
+    with pytest.raises(ConfigError, match="neither a COCO .json file nor a folder"):
+        dataset_block(str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="needs a 'name'"):
+        dataset_block("{annotations: x.json}")
