@@ -278,3 +278,29 @@ def test_ddkit_run_redoes_only_selection_and_student_for_a_new_selector(tmp_path
     pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
     assert pseudo["info"]["selector"] == {"name": "top_k", "k": 1}
     assert len(pseudo["annotations"]) == json.loads((out / "label" / "summary.json").read_text())["images"]["labelled"]
+
+
+def test_regressed_keypoints_are_count_matched_like_heatmap_ones(tmp_path):
+    """A task whose instances carry keypoints without a heatmap head (a pose model that regresses them): the
+    select stage still matches the labeled set's visible keypoints per instance."""
+    from ddkit.engine.data import Subset
+    from test_label_engine import figures_splits
+
+    ds, _, unlabeled = figures_splits()
+
+    class ThreeVisible(Subset):  # 3 visible keypoints of 7 per labeled instance
+        def get_target(self, i):
+            t = super().get_target(i)
+            t["keypoints"][:, 3:, 2] = 0
+            return t
+
+    cfg = {"transforms": [{"name": "identity"}, {"name": "hflip"}], "aggregator": {"name": "nms", "iou_thr": 0.5},
+           "selector": {"name": "count_match"}, "batch_size": 4}
+    task = FakeTask()  # no keypoint_heatmaps: the keypoints come with the instances
+    res = L.label_dataset(task, BlobDetector(num_keypoints=7), ds.info, unlabeled, ThreeVisible(ds, range(8)), cfg,
+                          tmp_path)
+    assert res.summary["keypoints_per_instance"]["labeled"] == 3.0
+    thr = res.summary["thresholds"]
+    vis = [a["num_keypoints"] for a in json.loads(res.pseudo_path.read_text())["annotations"]]
+    assert thr["keypoint_target"] == int(3.0 * len(vis)) and sum(vis) == thr["keypoint_target"] and min(vis) < 7
+    assert "kp_AP" in res.quality["ensemble"]

@@ -3,6 +3,7 @@ and the TTA evaluation run), the two stages alone (:func:`label_stage`, :func:`s
 plans), and :func:`run_label` for a loaded recipe."""
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -18,7 +19,11 @@ from ddkit.engine.label.labeller import Labeller, Timer
 from ddkit.engine.label.selecting import LabelResult, SelectInputs, select_pseudo_labels
 from ddkit.engine.label.sharded import ShardedLabels, label_shards, plan_shards
 from ddkit.engine.label.sources import Source, make_source
+from ddkit.engine.coco_results import coco_ground_truth
+from ddkit.engine.data import get_target, item_file
 from ddkit.engine.prediction_kinds import prediction_kind
+from ddkit.engine.pseudo import COCO
+from ddkit.engine.yolo_export import write_yolo_dataset
 from ddkit.errors import ConfigError, DataError
 from ddkit.io import atomic_write_json, file_sha256
 from ddkit.runtime import join_process_group, resolve_device, state_sha256
@@ -106,9 +111,29 @@ def select_stage(sharded: ShardedLabels, task: Any, info: DatasetInfo, labeled: 
         registry = get_registry()
     block = strategy_block(cfg.selector)
     inputs = SelectInputs(prediction_kind(task), info, selector_factory(block, registry, "label.selector"), block,
-                          labeled=labeled, keypoints=sharded.provenance.get("keypoint_aggregator") is not None,
-                          keep_raw=cfg.keep_raw, quality=cfg.quality)
-    return select_pseudo_labels(sharded, inputs, out_dir, timer)
+                          labeled=labeled, keep_raw=cfg.keep_raw, quality=cfg.quality)
+    if cfg.writes_yolo and inputs.kind.pseudo_format != COCO:
+        raise ConfigError(f"label.format={cfg.format!r}: a YOLO dataset holds boxes; {inputs.kind.name} "
+                          f"pseudo-labels are one label per image (use label.format=coco)")
+    result = select_pseudo_labels(sharded, inputs, out_dir, timer)
+    if cfg.writes_yolo:
+        result.yolo_path = write_pseudo_yolo(result.pseudo_path, Path(out_dir) / "yolo", info, cfg, labeled)
+    return result
+
+
+def write_pseudo_yolo(pseudo_path: Path, out: Path, info: DatasetInfo, cfg: LabelConfig, labeled: Any) -> Path:
+    """``label.format: yolo | both``: the pseudo-labels (and with ``yolo_labeled`` the labeled set) as a YOLO
+    dataset in ``out``; returns its ``data.yaml``."""
+    pseudo = json.loads(pseudo_path.read_text())
+    merged: dict[str, Any] = {}
+    if cfg.yolo_labeled:
+        files = [item_file(labeled, i) for i in range(len(labeled))]
+        if any(f is None for f in files):
+            raise ConfigError("label.yolo_labeled: the labeled dataset's items have no image files to link")
+        targets = [get_target(labeled, i) for i in range(len(labeled))]
+        merged["labeled"] = coco_ground_truth(((i, *t["size"], t) for i, t in enumerate(targets)), info.categories)
+        merged["labeled_paths"] = dict(enumerate(files))
+    return write_yolo_dataset(pseudo, None, out, info=info, images=cfg.yolo_images, **merged)
 
 
 def label_dataset(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: Any, labeled: Any,

@@ -7,6 +7,7 @@ predictions. Each pass reads every shard once.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -80,6 +81,7 @@ class LabelResult:
     quality: dict[str, Any] | None = None
     raw_path: Path | None = None
     skipped_path: Path | None = None
+    yolo_path: Path | None = None  # data.yaml of the YOLO dataset (label.format: yolo | both)
     shards_done: list[int] = field(default_factory=list)
     timing: dict[str, float] = field(default_factory=dict)
 
@@ -92,6 +94,7 @@ class ShardScan:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     has_targets: bool = True
     has_single: bool = True
+    has_keypoints: bool = False  # the aggregated predictions carry keypoints (heatmap head or regressed)
     raw_names: list[str] | None = None
 
 
@@ -104,6 +107,7 @@ def scan_shards(shards: ShardSet) -> ShardScan:
         scan.skipped += rec["skipped"]
         scan.has_targets &= rec["targets"] is not None or n == 0
         scan.has_single &= rec["single"] is not None
+        scan.has_keypoints |= "keypoints" in rec["ensemble"]
         if rec["raw"] is not None and scan.raw_names is None:
             scan.raw_names = list(rec["raw"]["names"])
     return scan
@@ -119,7 +123,7 @@ class SelectInputs:
     make_selector: Callable[[], Any]
     selector_block: dict[str, Any]
     labeled: Any = None
-    keypoints: bool = False
+    keypoints: bool | None = None  # match keypoint counts too (None: when the shards hold keypoints)
     keep_raw: bool = False
     quality: bool | None = None
 
@@ -242,6 +246,8 @@ def select_pseudo_labels(sharded: ShardedLabels, inp: SelectInputs, out_dir: str
     timer = timer or Timer()
     out_dir, shards = Path(out_dir), sharded.shards
     scan, skipped_path, do_quality = _scan_and_check(shards, out_dir, inp.quality)
+    if inp.keypoints is None:
+        inp = dataclasses.replace(inp, keypoints=scan.has_keypoints)
     with timer("select"):
         fitted = _fit(shards, inp, scan.num_images, do_quality)
     prov = {**sharded.provenance, "thresholds": fitted.thresholds, "selector": inp.selector_block}
