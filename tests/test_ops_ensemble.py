@@ -729,12 +729,16 @@ def assert_runs_identical(a: List[Any], b: List[Any]) -> None:
 def test_parts_give_the_results_of_whole_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every group split into parts (even tiny ones; tiny pair blocks and few strips) == no group split."""
     cs = cases(230, 40) + cases(231, 6, big=True) + crowded_cases(232, 3)
+    monkeypatch.setattr(E, "USE_NUMBA", False)               # the vectorized loops (as on CUDA)
     monkeypatch.setattr(E, "_SPATIAL_MIN", 10 ** 9)
     whole = run_all(cs)
     monkeypatch.setattr(E, "_SPATIAL_MIN", 0)
     assert_runs_identical(whole, run_all(cs))
     monkeypatch.setattr(E, "_PAIR_BLOCK", 5)
     monkeypatch.setattr(E, "_MAX_STRIPS", 2)
+    assert_runs_identical(whole, run_all(cs))
+    pytest.importorskip("numba")                             # installed with ensemble_boxes
+    monkeypatch.setattr(E, "USE_NUMBA", True)                # the compiled CPU loops and their grid index
     assert_runs_identical(whole, run_all(cs))
 
 
@@ -751,6 +755,7 @@ def test_wbf_parts_that_leak_are_merged_and_rerun(monkeypatch: pytest.MonkeyPatc
         return a, b
 
     monkeypatch.setattr(wbf, "escaped_clusters", spy)
+    monkeypatch.setattr(E, "USE_NUMBA", False)
     monkeypatch.setattr(E, "_SPATIAL_MIN", 0)
     # two boxes forming an L fuse into a box covering the corner, where a third box sits alone
     b = np.array([[0.0, 0.0, 0.4, 0.1], [0.0, 0.0, 0.1, 0.4], [0.3, 0.3, 0.4, 0.4]])

@@ -44,8 +44,10 @@ weights differ, soft-NMS returning the *input* scores of the boxes it keeps, NMW
 Layout (one job per module): :mod:`.args` (argument checks, signature types), :mod:`.backends` (numpy / torch),
 :mod:`.batch` (inputs and outputs), :mod:`.sort` (tie orders, group segments), :mod:`.greedy` (box geometry,
 greedy NMS rounds), :mod:`.fusion`, :mod:`.wbf`, :mod:`.nmw` (the fusions), :mod:`.suppress` (NMS and soft-NMS),
-:mod:`.dropins` (the ``ensemble_boxes`` drop-ins), :mod:`.cores` (the tensor cores), :mod:`.spatial` (the
-independent parts of crowded groups, which keep them about linear in the boxes).
+:mod:`.dropins` (the ``ensemble_boxes`` drop-ins), :mod:`.cores` (the tensor cores); for crowded scenes (hundreds
+to thousands of boxes per class) :mod:`.spatial` (independent parts of the groups, for the vectorized loops: CUDA,
+or the CPU without numba) and :mod:`.compiled` (the CPU loops compiled with numba when it is installed, with a grid
+index). Both keep the cost about linear in the boxes and the results unchanged.
 """
 from __future__ import annotations
 
@@ -54,11 +56,13 @@ import types
 from typing import Any
 
 from ddkit.ops.ensemble import backends as _backends
+from ddkit.ops.ensemble import compiled as _compiled
 from ddkit.ops.ensemble import suppress as _suppress
 from ddkit.ops.ensemble import sort as _sort
 from ddkit.ops.ensemble import spatial as _spatial
 from ddkit.ops.ensemble.args import CONF_TYPES, Device, ImageInput, Result, Weights
 from ddkit.ops.ensemble.backends import FORCE_TORCH
+from ddkit.ops.ensemble.compiled import USE_NUMBA
 from ddkit.ops.ensemble.cores import box_voting_tensor, nms_tensor, nmw_tensor, soft_nms_tensor, wbf_tensor
 from ddkit.ops.ensemble.dropins import (nms, nms_batch, nms_method, non_maximum_weighted, non_maximum_weighted_batch,
                                         soft_nms, soft_nms_batch, weighted_boxes_fusion, weighted_boxes_fusion_batch)
@@ -73,7 +77,7 @@ __all__ = [
 # Settings read at call time by the module that uses them; setting them here (``ensemble.FORCE_TORCH = True``, as
 # before the split into modules, or a test's monkeypatch of a chunk size) sets them there.
 _FORWARDED = {"FORCE_TORCH": _backends, "_SLOTS": _sort, "_SMALL_CHUNK": _sort, "_SMALL_PAIRS": _suppress,
-              "_SPATIAL_MIN": _spatial, "_PAIR_BLOCK": _spatial, "_MAX_STRIPS": _spatial}
+              "_SPATIAL_MIN": _spatial, "_PAIR_BLOCK": _spatial, "_MAX_STRIPS": _spatial, "USE_NUMBA": _compiled}
 _SLOTS, _SMALL_CHUNK, _SMALL_PAIRS = _sort._SLOTS, _sort._SMALL_CHUNK, _suppress._SMALL_PAIRS
 _SPATIAL_MIN, _PAIR_BLOCK, _MAX_STRIPS = _spatial._SPATIAL_MIN, _spatial._PAIR_BLOCK, _spatial._MAX_STRIPS
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
+from ddkit.ops.ensemble import compiled
 from ddkit.ops.ensemble.backends import Array, Backend
 from ddkit.ops.ensemble.sort import _Segments
 from ddkit.ops.ensemble.spatial import split_groups, unpermute
@@ -105,7 +106,10 @@ def _greedy_pairs(xp: Backend, coords: Array, area: Array, seg: _Segments, thr: 
 
 def _greedy_rounds_parts(xp: Backend, coords: Array, seg: _Segments, thr: float, track: bool
                          ) -> Tuple[Array, Optional[Array], Optional[Array]]:
-    """:func:`_greedy_rounds` on the independent parts of the groups (:mod:`.spatial`): the same results."""
+    """:func:`_greedy_rounds` on the independent parts of the groups (:mod:`.spatial`): the same results (on the
+    CPU, the compiled loop with its grid on whole groups when numba is there)."""
+    if compiled.available(xp):
+        return compiled.greedy(coords, _areas(coords), seg, thr)
     split = split_groups(xp, coords, seg)
     if split is None:
         return _greedy_rounds(xp, coords, _areas(coords), seg, thr, track)

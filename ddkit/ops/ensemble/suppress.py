@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ddkit.ops.ensemble import compiled
 from ddkit.ops.ensemble.backends import Array, Backend
 from ddkit.ops.ensemble.batch import _Batch, _warn
 from ddkit.ops.ensemble.greedy import _areas, _greedy_pairs, _greedy_rounds, _order_corners
@@ -57,6 +58,8 @@ def _hard_nms(xp: Backend, boxes: Array, scores: Array, key: Array, iou_thr: flo
     order = _group_order(xp, key, scores, tie, tv)
     seg = _segments(xp, xp.take(key, order))
     c = xp.cast(xp.take(boxes, order), xp.f64)
+    if compiled.available(xp):
+        return order, compiled.greedy(c, _areas(c), seg, iou_thr)[0]
     split = split_groups(xp, c, seg)      # independent parts of the groups: same results
     if split is not None:
         perm, seg = split

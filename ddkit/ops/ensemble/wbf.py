@@ -5,6 +5,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from ddkit.ops.ensemble import compiled
 from ddkit.ops.ensemble.backends import Array, Backend
 from ddkit.ops.ensemble.batch import _Batch
 from ddkit.ops.ensemble.fusion import _final_order, _Fusion, _fusion_groups, _fusion_inputs
@@ -86,7 +87,10 @@ def _wbf_assign(xp: Backend, fu: _Fusion, seg: _Segments, thr: float, need_ws: b
 
 def _wbf_assign_parts(xp: Backend, fu: _Fusion, seg: _Segments, thr: float, need_ws: bool
                       ) -> Tuple[Array, Array, Array, Array]:
-    """:func:`_wbf_assign` on the independent parts of the groups (:mod:`.spatial`), checked: the same results."""
+    """:func:`_wbf_assign` on the independent parts of the groups (:mod:`.spatial`), checked: the same results (on
+    the CPU, the compiled loop with its grid on whole groups when numba is there)."""
+    if compiled.available(xp):
+        return compiled.wbf_assign(fu.coords, fu.b1, fu.wv, seg, thr, need_ws)
     lab = part_labels(xp, fu.coords, seg)
     while True:
         split = split_by(xp, lab, seg)

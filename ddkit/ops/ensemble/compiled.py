@@ -1,0 +1,237 @@
+"""Compiled sequential loops of the CPU path (numba, when it is installed; it comes with ``ensemble_boxes``).
+
+The greedy clusterings are sequential: the vectorized code runs one numpy step per rank for every group at once,
+which costs a few microseconds of overhead per step however small the step. On the CPU these kernels run the same
+loops box by box, with the same IEEE operations in the same order (no fast-math), so they return the same bits.
+A uniform grid per group (cells about a mean box in size) restricts every comparison to the boxes or clusters that
+share a cell with the box, so crowded groups cost about linearly in their boxes.
+
+numba is optional: without it (or with ``USE_NUMBA = False``) the vectorized code runs, as it always does on CUDA.
+Kernels compile on their first call (about a second each) into numba's on-disk cache, so later processes load them.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from ddkit.ops.ensemble.backends import Backend, _Numpy
+from ddkit.ops.ensemble.sort import _Segments
+
+#: Use the numba kernels on the CPU when numba is importable (set False to run the vectorized numpy code).
+USE_NUMBA = True
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels() -> Optional[Any]:
+    """The compiled kernels, or None without numba (imported on first use: importing ddkit stays light)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    jit = numba.njit(cache=True, nogil=True)
+    g = globals()
+    for name in ("_grid", "_cell", "_register"):      # helpers first: the kernels call the compiled versions
+        g[name] = jit(g[name])
+    return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel))})
+
+
+def available(xp: Backend) -> bool:
+    """Whether the kernels run for this backend (the numpy CPU backend with numba installed)."""
+    return USE_NUMBA and isinstance(xp, _Numpy) and _kernels() is not None
+
+
+def _grid(coords: np.ndarray, s0: int, sz: int) -> Tuple[float, float, float, float, int, int]:
+    """A uniform grid over a group's boxes, cells about a mean box wide and high (at most ~2 sqrt(sz) a side)."""
+    gx0, gy0, gx1, gy1 = coords[s0, 0], coords[s0, 1], coords[s0, 2], coords[s0, 3]
+    mw, mh = 0.0, 0.0
+    for p in range(s0, s0 + sz):
+        gx0, gy0 = min(gx0, coords[p, 0]), min(gy0, coords[p, 1])
+        gx1, gy1 = max(gx1, coords[p, 2]), max(gy1, coords[p, 3])
+        mw += coords[p, 2] - coords[p, 0]
+        mh += coords[p, 3] - coords[p, 1]
+    side = max(1, int(2.0 * np.sqrt(sz)))
+    nx = min(side, max(1, int((gx1 - gx0) / (mw / sz)))) if mw > 0 and gx1 - gx0 < np.inf else 1
+    ny = min(side, max(1, int((gy1 - gy0) / (mh / sz)))) if mh > 0 and gy1 - gy0 < np.inf else 1
+    return gx0, gy0, max((gx1 - gx0) / nx, 1e-300), max((gy1 - gy0) / ny, 1e-300), nx, ny
+
+
+def _cell(v: float, v0: float, size: float, n: int) -> int:
+    """The cell of a coordinate (monotone in it, clamped to the grid): boxes that overlap share a cell."""
+    t = (v - v0) / size
+    if not t > 0:
+        return 0
+    if t >= n:
+        return n - 1
+    return int(t)
+
+
+def _register(head: np.ndarray, nxt: np.ndarray, item: np.ndarray, used: int, q: int, ax0: int, ay0: int,
+              ax1: int, ay1: int, nx: int) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Add ``q`` to the lists of the cells ``[ax0, ax1] x [ay0, ay1]`` (arrays grown by doubling)."""
+    for iy in range(ay0, ay1 + 1):
+        for ix in range(ax0, ax1 + 1):
+            if used == nxt.shape[0]:
+                nxt2 = np.empty(2 * used, np.int64)
+                item2 = np.empty(2 * used, np.int64)
+                nxt2[:used] = nxt
+                item2[:used] = item
+                nxt, item = nxt2, item2
+            c = iy * nx + ix
+            nxt[used], item[used] = head[c], q
+            head[c] = used
+            used += 1
+    return nxt, item, used
+
+
+def _wbf_kernel(coords: np.ndarray, b1: np.ndarray, wv: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
+                thr: float, need_ws: bool, seed_of: np.ndarray, f_out: np.ndarray, conf_out: np.ndarray,
+                ws_out: np.ndarray) -> None:  # pragma: no cover - compiled
+    """WBF's clustering, group by group, exactly as ``wbf._wbf_assign`` computes it (outputs filled in place).
+
+    A box is compared with the clusters registered in the grid cells it meets; a cluster is registered in every
+    cell its fused box has met (so in those of its current fused box). Ties go to the first cluster opened."""
+    for g in range(starts.shape[0]):
+        s0, sz = starts[g], sizes[g]
+        gx0, gy0, cw, ch, nx, ny = _grid(coords, s0, sz)
+        head = np.full(nx * ny, -1, np.int64)
+        nxt = np.empty(4 * sz + 16, np.int64)
+        item = np.empty(4 * sz + 16, np.int64)
+        used = 0
+        fx = np.empty((sz, 4))
+        rect = np.empty((sz, 4), np.int64)
+        acc = np.empty((sz, 4), np.float32)
+        conf = np.empty(sz)
+        ws = np.empty(sz)
+        area = np.empty(sz)
+        seed = np.empty(sz, np.int64)
+        stamp = np.full(sz, -1, np.int64)
+        k = 0
+        for r in range(sz):
+            p = s0 + r
+            c0, c1, c2, c3 = coords[p, 0], coords[p, 1], coords[p, 2], coords[p, 3]
+            ap = (c2 - c0) * (c3 - c1)
+            best, biou = -1, -1.0
+            bx0, bx1 = _cell(c0, gx0, cw, nx), _cell(c2, gx0, cw, nx)
+            by0, by1 = _cell(c1, gy0, ch, ny), _cell(c3, gy0, ch, ny)
+            for iy in range(by0, by1 + 1):
+                for ix in range(bx0, bx1 + 1):
+                    e = head[iy * nx + ix]
+                    while e >= 0:
+                        q = item[e]
+                        e = nxt[e]
+                        if stamp[q] == r:
+                            continue
+                        stamp[q] = r
+                        iw = min(fx[q, 2], c2) - max(fx[q, 0], c0)
+                        ih = min(fx[q, 3], c3) - max(fx[q, 1], c1)
+                        inter = max(iw, 0.0) * max(ih, 0.0)
+                        iou = inter / (area[q] + ap - inter)
+                        if iou > biou or (iou == biou and q < best):
+                            best, biou = q, iou
+            sc = b1[p]
+            if best >= 0 and biou > thr:
+                q = best
+                nc = conf[q] + sc
+                for d in range(4):
+                    acc[q, d] = np.float32(np.float64(acc[q, d]) + sc * coords[p, d])
+                for d in range(4):
+                    if nc != 0:
+                        fx[q, d] = np.float64(np.float32(np.float64(acc[q, d]) / nc))
+                conf[q] = nc
+                if need_ws:
+                    ws[q] = ws[q] + wv[p]
+                area[q] = (fx[q, 2] - fx[q, 0]) * (fx[q, 3] - fx[q, 1])
+                seed_of[p] = seed[q]
+                # register the cells the moved fused box meets (the bounding rectangle of all it has met)
+                ax0 = min(rect[q, 0], _cell(fx[q, 0], gx0, cw, nx))
+                ay0 = min(rect[q, 1], _cell(fx[q, 1], gy0, ch, ny))
+                ax1 = max(rect[q, 2], _cell(fx[q, 2], gx0, cw, nx))
+                ay1 = max(rect[q, 3], _cell(fx[q, 3], gy0, ch, ny))
+                if ax0 < rect[q, 0] or ay0 < rect[q, 1] or ax1 > rect[q, 2] or ay1 > rect[q, 3]:
+                    for iy in range(ay0, ay1 + 1):
+                        for ix in range(ax0, ax1 + 1):
+                            if ix < rect[q, 0] or ix > rect[q, 2] or iy < rect[q, 1] or iy > rect[q, 3]:
+                                nxt, item, used = _register(head, nxt, item, used, q, ix, iy, ix, iy, nx)
+                    rect[q, 0], rect[q, 1], rect[q, 2], rect[q, 3] = ax0, ay0, ax1, ay1
+            else:
+                for d in range(4):
+                    fx[k, d] = coords[p, d]
+                    acc[k, d] = np.float32(sc * coords[p, d])
+                conf[k], ws[k], area[k], seed[k] = sc, wv[p], ap, p
+                rect[k, 0], rect[k, 1], rect[k, 2], rect[k, 3] = bx0, by0, bx1, by1
+                nxt, item, used = _register(head, nxt, item, used, k, bx0, by0, bx1, by1, nx)
+                seed_of[p] = p
+                k += 1
+        for q in range(k):
+            p = seed[q]
+            for d in range(4):
+                f_out[p, d] = fx[q, d]
+            conf_out[p] = conf[q]
+            ws_out[p] = ws[q] if need_ws else conf[q]
+
+
+def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, sizes: np.ndarray, thr: float,
+                   keep: np.ndarray, best: np.ndarray, cluster: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Greedy NMS group by group as ``greedy._greedy_rounds`` (with ``track``) computes it, filled in place: a box
+    is compared with the kept boxes registered in the grid cells it meets; ties go to the first kept box."""
+    for g in range(starts.shape[0]):
+        s0, sz = starts[g], sizes[g]
+        gx0, gy0, cw, ch, nx, ny = _grid(coords, s0, sz)
+        head = np.full(nx * ny, -1, np.int64)
+        nxt = np.empty(4 * sz + 16, np.int64)
+        item = np.empty(4 * sz + 16, np.int64)
+        used = 0
+        stamp = np.full(sz, -1, np.int64)
+        for r in range(sz):
+            p = s0 + r
+            bi, bc, hit = -1.0, p, False
+            bx0, bx1 = _cell(coords[p, 0], gx0, cw, nx), _cell(coords[p, 2], gx0, cw, nx)
+            by0, by1 = _cell(coords[p, 1], gy0, ch, ny), _cell(coords[p, 3], gy0, ch, ny)
+            for iy in range(by0, by1 + 1):
+                for ix in range(bx0, bx1 + 1):
+                    e = head[iy * nx + ix]
+                    while e >= 0:
+                        h = item[e]
+                        e = nxt[e]
+                        if stamp[h - s0] == r:
+                            continue
+                        stamp[h - s0] = r
+                        iw = min(coords[h, 2], coords[p, 2]) - max(coords[h, 0], coords[p, 0])
+                        ih = min(coords[h, 3], coords[p, 3]) - max(coords[h, 1], coords[p, 1])
+                        inter = max(iw, 0.0) * max(ih, 0.0)
+                        iou = inter / (area[h] + area[p] - inter)
+                        if iou > thr:
+                            hit = True
+                            if iou > bi or (iou == bi and h < bc):
+                                bi, bc = iou, h
+            if hit:
+                best[p], cluster[p] = bi, bc
+            else:
+                keep[p] = True
+                nxt, item, used = _register(head, nxt, item, used, p, bx0, by0, bx1, by1, nx)
+
+
+def wbf_assign(coords: np.ndarray, b1: np.ndarray, wv: np.ndarray, seg: _Segments, thr: float, need_ws: bool
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``wbf._wbf_assign`` compiled: ``(seed_of, fused boxes, summed scores, summed weights)`` per position."""
+    n = coords.shape[0]
+    seed_of = np.arange(n)
+    f_out, conf_out, ws_out = coords.copy(), b1.copy(), wv.copy()
+    _kernels().wbf(np.ascontiguousarray(coords, np.float64), np.ascontiguousarray(b1, np.float64),
+                   np.ascontiguousarray(wv, np.float64), seg.starts.astype(np.int64), seg.sizes.astype(np.int64),
+                   float(thr), bool(need_ws), seed_of, f_out, conf_out, ws_out)
+    return seed_of, f_out, conf_out, ws_out
+
+
+def greedy(coords: np.ndarray, area: np.ndarray, seg: _Segments, thr: float
+           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``greedy._greedy_rounds`` with ``track`` compiled: ``(keep, best IoU, cluster)`` per position."""
+    n = coords.shape[0]
+    keep = np.zeros(n, np.bool_)
+    best = np.full(n, -1.0)
+    cluster = np.arange(n)
+    _kernels().greedy(np.ascontiguousarray(coords, np.float64), np.ascontiguousarray(area, np.float64),
+                      seg.starts.astype(np.int64), seg.sizes.astype(np.int64), float(thr), keep, best, cluster)
+    return keep, best, cluster
