@@ -410,7 +410,7 @@ class KeypointTask(DetectionTask):
                           native_size: bool = False) -> list[Tensor]:
         if native_size and len({tuple(im.shape[-2:]) for im in images}) > 1:
             return [m for im, r in zip(images, rois) for m in self.keypoint_heatmaps(model, [im], [r], True)]
-        with _at_size(unwrap_model(model).transform, tuple(images[0].shape[-2:]) if native_size and images else None):
+        with _model_at_size(unwrap_model(model), tuple(images[0].shape[-2:]) if native_size and images else None):
             return self._keypoint_heatmaps(model, images, rois)
 
     def _keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor]) -> list[Tensor]:

@@ -68,8 +68,10 @@ class YoloAdapter(nn.Module):
             self.__dict__["_keep_size"] = old
 
     def feature_forward(self, images: Sequence[Tensor]) -> None:
-        """One inference forward of the network (what hint losses hook); returns nothing."""
-        batch, _ = self._eval_batch(images)
+        """One forward of the network on the training canvas (what hint losses hook: a teacher's maps then line
+        up with a student's, both letterboxed to the top-left of a square canvas); returns nothing."""
+        sizes = [fitted_size(tuple(im.shape[-2:]), self.imgsz) for im in images]
+        batch, _ = letterbox(images, sizes, self.stride, canvas=(self.imgsz, self.imgsz))
         self.net(batch)
 
     # ----------------------------------------------------------------------------------------- forward
