@@ -304,3 +304,15 @@ def test_regressed_keypoints_are_count_matched_like_heatmap_ones(tmp_path):
     vis = [a["num_keypoints"] for a in json.loads(res.pseudo_path.read_text())["annotations"]]
     assert thr["keypoint_target"] == int(3.0 * len(vis)) and sum(vis) == thr["keypoint_target"] and min(vis) < 7
     assert "kp_AP" in res.quality["ensemble"]
+
+
+def test_labeller_from_a_label_block_gives_what_the_shards_hold(tmp_path):
+    ds, labeled, unlabeled = shapes_splits()
+    sharded = L.label_stage(FakeTask(), BlobDetector(), ds.info, unlabeled, DET_CFG, tmp_path)
+    rec = torch.load(sharded.shards.path(0), weights_only=True)
+    images = [unlabeled[i][0] for i in range(len(rec["images"]["image_id"]))]
+    preds = L.Labeller.from_block(FakeTask(), BlobDetector(), ds.info, DET_CFG).label(images)
+    stored = INSTANCES.unpack(rec["ensemble"], rec["images"])
+    assert len(preds) == len(stored) == 9 and sum(len(p) for p in preds) > 0  # shard 0: images 0..8 of 28
+    for p, q in zip(preds, stored):
+        assert torch.equal(p.boxes, q.boxes) and torch.equal(p.scores, q.scores) and torch.equal(p.labels, q.labels)

@@ -10,6 +10,7 @@ Python API (``ddkit predict`` and the labelling stage use the same)::
 
     strategies = build_strategies(parse_label_config(block), task, info)
     preds = Labeller(task, model, info, strategies).label(images)   # one aggregated prediction per image
+    preds = Labeller.from_block(task, model, info, block).label(images)  # the same
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ddkit.engine.label.config import Strategies
+from ddkit.engine.label.config import Strategies, build_strategies, parse_label_config
 from ddkit.types import DatasetInfo, Instances
 
 
@@ -73,6 +74,13 @@ class Labeller:
         self.ens_views = strategies.ensemble_views
         self.keypoints = strategies.keypoint_block is not None  # a heatmap stage, or an aggregator that fuses them
         self.num_keypoints = info.num_keypoints if self.keypoints else None
+
+    @classmethod
+    def from_block(cls, task: Any, model: nn.Module, info: DatasetInfo, block: Any, registry: Any = None,
+                   device: torch.device | str = "cpu", where: str = "label") -> "Labeller":
+        """A labeller of a ``label`` block's views and aggregators (its selector is checked, not used)."""
+        strategies = build_strategies(parse_label_config(block, where), task, info, registry, where=where)
+        return cls(task, model, info, strategies, device)
 
     # ----------------------------------------------------------------------------------------- teacher calls
     def _predict(self, view_images: list[list[Tensor]]) -> list[list[Any]]:
