@@ -32,7 +32,7 @@ def _kernels() -> Optional[Any]:
         return None
     jit = numba.njit(cache=True, nogil=True)
     g = globals()
-    for name in ("_grid", "_cell", "_register"):      # helpers first: the kernels call the compiled versions
+    for name in ("_grid", "_cell", "_register", "_follow"):      # helpers first: the kernels call the compiled versions
         g[name] = jit(g[name])
     return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel))})
 
@@ -82,6 +82,24 @@ def _register(head: np.ndarray, nxt: np.ndarray, item: np.ndarray, used: int, q:
             nxt[used], item[used] = head[c], q
             head[c] = used
             used += 1
+    return nxt, item, used
+
+
+def _follow(head: np.ndarray, nxt: np.ndarray, item: np.ndarray, used: int, q: int, rect: np.ndarray,
+            fx: np.ndarray, gx0: float, gy0: float, cw: float, ch: float, nx: int, ny: int
+            ) -> Tuple[np.ndarray, np.ndarray, int]:
+    """Register cluster ``q`` in the cells its moved fused box meets (``rect``: the bounding rectangle of the cells
+    it has been registered in, grown to cover them)."""
+    ax0 = min(rect[q, 0], _cell(fx[q, 0], gx0, cw, nx))
+    ay0 = min(rect[q, 1], _cell(fx[q, 1], gy0, ch, ny))
+    ax1 = max(rect[q, 2], _cell(fx[q, 2], gx0, cw, nx))
+    ay1 = max(rect[q, 3], _cell(fx[q, 3], gy0, ch, ny))
+    if ax0 < rect[q, 0] or ay0 < rect[q, 1] or ax1 > rect[q, 2] or ay1 > rect[q, 3]:
+        for iy in range(ay0, ay1 + 1):
+            for ix in range(ax0, ax1 + 1):
+                if ix < rect[q, 0] or ix > rect[q, 2] or iy < rect[q, 1] or iy > rect[q, 3]:
+                    nxt, item, used = _register(head, nxt, item, used, q, ix, iy, ix, iy, nx)
+        rect[q, 0], rect[q, 1], rect[q, 2], rect[q, 3] = ax0, ay0, ax1, ay1
     return nxt, item, used
 
 
@@ -144,17 +162,7 @@ def _wbf_kernel(coords: np.ndarray, b1: np.ndarray, wv: np.ndarray, starts: np.n
                     ws[q] = ws[q] + wv[p]
                 area[q] = (fx[q, 2] - fx[q, 0]) * (fx[q, 3] - fx[q, 1])
                 seed_of[p] = seed[q]
-                # register the cells the moved fused box meets (the bounding rectangle of all it has met)
-                ax0 = min(rect[q, 0], _cell(fx[q, 0], gx0, cw, nx))
-                ay0 = min(rect[q, 1], _cell(fx[q, 1], gy0, ch, ny))
-                ax1 = max(rect[q, 2], _cell(fx[q, 2], gx0, cw, nx))
-                ay1 = max(rect[q, 3], _cell(fx[q, 3], gy0, ch, ny))
-                if ax0 < rect[q, 0] or ay0 < rect[q, 1] or ax1 > rect[q, 2] or ay1 > rect[q, 3]:
-                    for iy in range(ay0, ay1 + 1):
-                        for ix in range(ax0, ax1 + 1):
-                            if ix < rect[q, 0] or ix > rect[q, 2] or iy < rect[q, 1] or iy > rect[q, 3]:
-                                nxt, item, used = _register(head, nxt, item, used, q, ix, iy, ix, iy, nx)
-                    rect[q, 0], rect[q, 1], rect[q, 2], rect[q, 3] = ax0, ay0, ax1, ay1
+                nxt, item, used = _follow(head, nxt, item, used, q, rect, fx, gx0, gy0, cw, ch, nx, ny)
             else:
                 for d in range(4):
                     fx[k, d] = coords[p, d]
