@@ -58,3 +58,25 @@ def test_yolo_pose_recipe_runs_end_to_end_with_keypoint_fusion(tmp_path):
     _check_run(result, out, keypoints=True)
     pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
     assert any(any(v == 2 for v in a["keypoints"][2::3]) for a in pseudo["annotations"])
+
+
+def test_coco_recipe_resolves():
+    """The GPU recipe: its sections validate, the label strategies build, and its model builds for COCO's 80
+    classes (a yolov8s, not trained here)."""
+    import ddkit
+    from ddkit.config import validate_config
+    from ddkit.engine.label import build_strategies, parse_label_config
+    from ddkit.testing.models import info_for_task
+
+    cfg = load_config(REPO / "configs" / "coco_yolo_dd.yaml")
+    validate_config(cfg, ddkit.get_registry(), source="coco_yolo_dd.yaml")
+    assert cfg.student.model == cfg.teacher.model and cfg.teacher.model.cfg == "yolov8s.yaml"
+    task = ddkit.build("tasks", dict(cfg.task))
+    info = info_for_task("detection", num_classes=80)
+    strategies = build_strategies(parse_label_config(cfg.label), task, info)
+    assert len(strategies.views) == 6 and strategies.aggregator_block["name"] == "wbf"
+    from omegaconf import OmegaConf
+
+    model = task.build_model(OmegaConf.to_container(cfg.teacher.model, resolve=True), info)
+    assert model.imgsz == 640 and model.num_classes == 80
+    assert 10e6 < sum(p.numel() for p in model.parameters()) < 12e6  # yolov8s: 11.2 M parameters at 80 classes
