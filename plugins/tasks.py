@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddkit import ConfigError, DataError, DatasetInfo, Instances, hookimpl
+from ddkit.engine.keypoint_meta import require_flip_indices
 from ddkit.engine.task import (TrainOutputs, attach_model_info, category_ids, coco_evaluate, get_target,
                                unwrap_model)
 from ddkit.types import TaskSpec
@@ -378,8 +379,7 @@ class DetectionTask(_BaseTask):
         if t.get("keypoints") is not None and len(t["keypoints"]):
             kp = t["keypoints"].clone()
             kp[..., 0] = torch.where(kp[..., 2] > 0, w - kp[..., 0], kp[..., 0])
-            flip = info.flip_indices or list(range(kp.shape[1]))
-            t["keypoints"] = kp[:, flip]
+            t["keypoints"] = kp[:, require_flip_indices(info, "train.hflip")]
         return image.flip(-1), t
 
 

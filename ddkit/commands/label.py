@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     s = result.summary or {}
     images = s.get("images", {})
     print(f"pseudo-labels: {result.pseudo_path}")
+    if result.yolo_path is not None:
+        print(f"YOLO dataset: {result.yolo_path} (yolo train data={result.yolo_path})")
     print(f"images: {images.get('labelled')} labelled, {images.get('skipped')} skipped"
           + (f" (see {result.skipped_path})" if images.get("skipped") else ""))
     per_image = s.get("instances_per_image", {})

@@ -34,6 +34,7 @@ from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
 from ddkit.engine.label import LABEL_STAGE_KEYS, ShardedLabels, label_dataset, label_stage, select_stage
+from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
@@ -182,8 +183,11 @@ class Runner:
         summary = self.summarize()
         if stopped:
             summary["stopped"] = stopped
-        if self.splits.warnings:
-            summary["warnings"] = list(self.splits.warnings)
+        warnings = list(self.splits.warnings)
+        if self.splits.info.extra.get(SIGMAS_DEFAULT):  # keypoint AP with guessed OKS sigmas is only indicative
+            warnings.append(self.splits.info.extra[SIGMAS_DEFAULT])
+        if warnings:
+            summary["warnings"] = warnings
         atomic_write_json(self.out / "results.json", summary)
         atomic_write_text(self.out / "results.md", results_markdown(summary) + "\n")
         try:
@@ -236,7 +240,10 @@ class Runner:
         sharded = ShardedLabels.from_dict(self.results[f"label{sfx}"])
         res = select_stage(sharded, self.task, self.splits.info, self.splits.labeled, self.label_cfg,
                            self.out / f"label{sfx}", registry=self.registry)
-        return {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality}
+        out = {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality}
+        if res.yolo_path is not None:
+            out["yolo_dataset"] = str(res.yolo_path)
+        return out
 
     def _reads_teacher(self, losses: Any) -> bool:
         """Whether any loss term (any plugin's) reads the teacher: asked of the built terms, never their names."""

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ddkit.engine.data import get_target
+from ddkit.engine.keypoint_meta import FLIP_UNKNOWN
 from ddkit.types import DatasetInfo
 
 
@@ -44,9 +45,12 @@ def check_info(info: Any) -> None:
     assert len(set(ids)) == len(ids), "category ids must be unique"
     if info.num_keypoints:
         k = info.num_keypoints
-        assert info.flip_indices is not None and sorted(info.flip_indices) == list(range(k)), \
-            "flip_indices must be a permutation of range(K)"
-        assert all(info.flip_indices[info.flip_indices[i]] == i for i in range(k)), "flip_indices must be an involution"
+        if info.flip_indices is None:  # allowed only when the dataset says why (a flip then asks for the option)
+            assert info.extra.get(FLIP_UNKNOWN), f"flip_indices is None without info.extra[{FLIP_UNKNOWN!r}]"
+        else:
+            assert sorted(info.flip_indices) == list(range(k)), "flip_indices must be a permutation of range(K)"
+            assert all(info.flip_indices[info.flip_indices[i]] == i for i in range(k)), \
+                "flip_indices must be an involution"
         assert info.keypoint_sigmas is not None and len(info.keypoint_sigmas) == k, "keypoint_sigmas must have K values"
 
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from ddkit.engine.prediction_kinds import PredictionKind, prediction_kind
 from ddkit.errors import ConfigError
+from ddkit.engine.keypoint_meta import require_flip_indices
 from ddkit.registry import _to_plain, parse_section
 from ddkit.types import DatasetInfo
 
@@ -34,6 +35,10 @@ class LabelConfig:
             the folder of that file's images (default: the COCO file's folder).
         coco: label the images listed in this COCO JSON (its annotations, if any, are the hidden ground truth).
         max_images: label only the first ``max_images`` unlabeled images (smoke runs).
+        format: ``coco`` (``pseudo_labels.json``, what the student reads), ``yolo`` or ``both``: also a YOLO dataset
+            in ``yolo/`` (``images/``, ``labels/*.txt``, ``data.yaml``) that Ultralytics trains on directly.
+        yolo_images: how the YOLO dataset holds the images: ``symlink``, ``hardlink`` or ``copy``.
+        yolo_labeled: merge the labeled images and their ground truth into the YOLO dataset (part ``labeled``).
     """
 
     transforms: list[Any] = field(default_factory=lambda: [{"name": "identity"}])
@@ -49,6 +54,13 @@ class LabelConfig:
     images: str | None = None
     coco: str | None = None
     max_images: int | None = None
+    format: Literal["coco", "yolo", "both"] = "coco"
+    yolo_images: Literal["symlink", "hardlink", "copy"] = "symlink"
+    yolo_labeled: bool = False
+
+    @property
+    def writes_yolo(self) -> bool:
+        return self.format != "coco"
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "shard_size"):
@@ -123,13 +135,17 @@ def _build_views(cfg: LabelConfig, info: DatasetInfo, registry: Any, where: str
     for i, raw in enumerate(cfg.transforms):
         block = strategy_block(raw)
         transform_blocks.append(block)
+        given = "flip_indices" in block
         entry, _ = registry.params("transforms", block, where=f"{where}.transforms[{i}]")
         params = entry.spec.params
         if (info.flip_indices and params is not None and "flip_indices" not in block
                 and "flip_indices" in {f.name for f in dataclasses.fields(params)}):
             block["flip_indices"] = list(info.flip_indices)  # the dataset's mirror pairs, not COCO's default
         built = registry.build("transforms", block, where=f"{where}.transforms[{i}]")
-        for view in (built if isinstance(built, (list, tuple)) else [built]):
+        built = built if isinstance(built, (list, tuple)) else [built]
+        if info.num_keypoints and not given and any(getattr(v, "flip", False) for v in built):
+            require_flip_indices(info, f"{where}.transforms[{i}] ({block['name']})")  # never COCO's pairs by default
+        for view in built:
             for method in VIEW_METHODS:
                 if not callable(getattr(view, method, None)):
                     raise ConfigError(f"{where}.transforms[{i}]: {block['name']!r} gave a view without {method}()")

@@ -1,0 +1,56 @@
+"""Keypoint metadata never goes silently wrong: a flip of keypoints whose pairs are unknown is an error that asks for
+``flip_indices`` (labelling views and training flips alike), never COCO's pairs or "no swap" by default."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddkit import ConfigError, get_registry
+from ddkit.engine.data import build_data
+from ddkit.engine.label.config import build_strategies, parse_label_config
+
+MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-val2017-mini"
+
+
+@pytest.fixture
+def unpaired(tmp_path):
+    """The real COCO keypoint file with keypoint names that hold no left/right pair."""
+    src = json.loads((MINI / "test_coco.json").read_text())
+    src["categories"][0]["keypoints"] = [f"kp{i}" for i in range(17)]
+    (tmp_path / "a.json").write_text(json.dumps(src))
+    return {"name": "coco", "annotations": str(tmp_path / "a.json"), "images": str(MINI)}
+
+
+def _info(block):
+    return build_data({"dataset": block, "split": {"labeled": 1.0}}).info
+
+
+@pytest.mark.parametrize("transform", [{"name": "hflip"}, {"name": "scale", "factors": [0.8], "flip": True}])
+def test_a_flip_view_without_known_pairs_asks_for_flip_indices(unpaired, transform):
+    info = _info(unpaired)
+    assert info.flip_indices is None
+    task = get_registry().build("tasks", "keypoints")
+    with pytest.raises(ConfigError, match=r"label.transforms\[1\].*flips keypoints.*flip_indices"):
+        build_strategies(parse_label_config({"transforms": [{"name": "identity"}, transform]}), task, info)
+    # no flip: fine; the pairs given on the dataset: fine
+    build_strategies(parse_label_config({"transforms": [{"name": "identity"}, {"name": "scale", "factors": [0.8]}]}),
+                     task, info)
+    given = _info({**unpaired, "flip_indices": list(range(17))})
+    assert given.flip_indices == list(range(17))
+    build_strategies(parse_label_config({"transforms": [{"name": "identity"}, transform]}), task, given)
+
+
+def test_a_training_flip_without_known_pairs_asks_for_flip_indices(unpaired):
+    info = _info(unpaired)
+    task = get_registry().build("tasks", "keypoints")
+    target = {"boxes": torch.tensor([[1.0, 1.0, 5.0, 5.0]]), "labels": torch.tensor([1]),
+              "keypoints": torch.stack([torch.arange(17.0), torch.zeros(17), torch.full((17,), 2.0)], 1)[None]}
+    with pytest.raises(ConfigError, match=r"train.hflip flips keypoints.*flip_indices"):
+        task.hflip(torch.zeros(3, 8, 8), target, info)
+    known = _info({"name": "coco", "annotations": str(MINI / "test_coco.json"), "images": str(MINI)})
+    _, flipped = task.hflip(torch.zeros(3, 8, 8), target, known)
+    assert flipped["keypoints"][0, 1, 0] == 8.0 - 2.0  # the new left eye is the mirrored right eye (x = 2)
+    assert flipped["keypoints"][0, 0, 0] == 8.0  # the nose stays the nose
