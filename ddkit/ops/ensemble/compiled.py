@@ -32,9 +32,10 @@ def _kernels() -> Optional[Any]:
         return None
     jit = numba.njit(cache=True, nogil=True)
     g = globals()
-    for name in ("_grid", "_cell", "_register", "_follow"):      # helpers first: the kernels call the compiled versions
-        g[name] = jit(g[name])
-    return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel))})
+    for name in ("_grid", "_cell", "_register", "_follow", "_better", "_set_leaf"):   # helpers first: the kernels
+        g[name] = jit(g[name])                                                            # call compiled versions
+    return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel)),
+                                "soft_nms": staticmethod(jit(_soft_nms_kernel))})
 
 
 def available(xp: Backend) -> bool:
@@ -221,6 +222,69 @@ def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, siz
                 nxt, item, used = _register(head, nxt, item, used, p, bx0, by0, bx1, by1, nx)
 
 
+def _better(tree: np.ndarray, sc: np.ndarray, box_at: np.ndarray, a: int, b: int) -> int:
+    """The better of two positions (-1: none): the higher score, then the lower position."""
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    sa, sb = sc[box_at[a]], sc[box_at[b]]
+    if sa > sb or (sa == sb and a < b):
+        return a
+    return b
+
+
+def _set_leaf(tree: np.ndarray, sc: np.ndarray, box_at: np.ndarray, size: int, pos: int, value: int) -> None:
+    """Set leaf ``pos`` of the max-tree to ``value`` (a position or -1) and update its ancestors."""
+    t = size + pos
+    tree[t] = value
+    t >>= 1
+    while t >= 1:
+        tree[t] = _better(tree, sc, box_at, tree[2 * t], tree[2 * t + 1])
+        t >>= 1
+
+
+def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np.ndarray, indptr: np.ndarray,
+                     nbr: np.ndarray, wgt: np.ndarray, box_at: np.ndarray) -> None:  # pragma: no cover - compiled
+    """``cpu_soft_nms_float`` of ensemble_boxes group by group, positions and ties included (filled in place).
+
+    Position ``i`` of a group takes the highest remaining score, the lowest position on ties (what ensemble_boxes'
+    swap does), found in a max-tree over positions; then only the boxes whose decay factor is not exactly 1 (those
+    overlapping it: ``nbr``/``wgt``, per box in CSR form) are decayed. ``sc`` ends with the final scores and
+    ``box_at[s0 + i]`` with the box selected at step ``i``."""
+    for g in range(starts.shape[0]):
+        s0, sz = starts[g], sizes[g]
+        size = 1
+        while size < sz:
+            size *= 2
+        tree = np.full(2 * size, -1, np.int64)
+        at = np.arange(s0, s0 + sz)             # box at each position
+        where = np.arange(sz)                    # position of each box (relative)
+        gone = np.zeros(sz, np.bool_)
+        for pos in range(sz):
+            tree[size + pos] = pos
+        for t in range(size - 1, 0, -1):
+            tree[t] = _better(tree, sc, at, tree[2 * t], tree[2 * t + 1])
+        for i in range(sz):
+            q = tree[1]
+            if q != i:
+                bi, bq = at[i], at[q]
+                at[i], at[q] = bq, bi
+                where[bq - s0], where[bi - s0] = i, q
+                _set_leaf(tree, sc, at, size, q, q)
+            b = at[i]
+            gone[b - s0] = True
+            _set_leaf(tree, sc, at, size, i, -1)
+            for e in range(indptr[b], indptr[b + 1]):
+                o = nbr[e]
+                if not gone[o - s0]:
+                    v = wgt[e] * sc[o]
+                    sc[o] = np.float64(np.float32(v)) if to_f32 else v
+                    _set_leaf(tree, sc, at, size, where[o - s0], where[o - s0])
+        for i in range(sz):
+            box_at[s0 + i] = at[i]
+
+
 def wbf_assign(coords: np.ndarray, b1: np.ndarray, wv: np.ndarray, seg: _Segments, thr: float, need_ws: bool
                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``wbf._wbf_assign`` compiled: ``(seed_of, fused boxes, summed scores, summed weights)`` per position."""
@@ -243,3 +307,21 @@ def greedy(coords: np.ndarray, area: np.ndarray, seg: _Segments, thr: float
     _kernels().greedy(np.ascontiguousarray(coords, np.float64), np.ascontiguousarray(area, np.float64),
                       seg.starts.astype(np.int64), seg.sizes.astype(np.int64), float(thr), keep, best, cluster)
     return keep, best, cluster
+
+
+def soft_nms(c: np.ndarray, sc: np.ndarray, seg: _Segments, pairs: Tuple[np.ndarray, np.ndarray],
+             weights: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """``suppress._soft_nms_steps`` compiled, on whole groups: per group, the positions in selection order and
+    the final scores. ``pairs`` (the overlapping pairs of a group) and their decay factors ``weights``."""
+    n = sc.shape[0]
+    src = np.concatenate([pairs[0], pairs[1]])
+    dst = np.concatenate([pairs[1], pairs[0]])
+    o = np.argsort(src, kind="stable")
+    indptr = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(src, minlength=n), out=indptr[1:])
+    final = sc.astype(np.float64)
+    box_at = np.arange(n)
+    _kernels().soft_nms(final, sc.dtype == np.float32, seg.starts.astype(np.int64), seg.sizes.astype(np.int64),
+                        indptr, dst[o].astype(np.int64), np.concatenate([weights, weights])[o].astype(np.float64),
+                        box_at)
+    return box_at, final.astype(sc.dtype)
