@@ -43,10 +43,9 @@ def letterbox(images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], stride
     ratios = torch.empty(len(images), 2, dtype=torch.float32)
     for i, (im, (h, w)) in enumerate(zip(images, sizes)):
         h0, w0 = im.shape[-2:]
-        if (h, w) != (h0, w0):
-            down = h < h0 or w < w0
-            im = F.interpolate(im[None].float(), size=(h, w), mode="bilinear", align_corners=False,
-                               antialias=down)[0].clamp_(0, 1).to(first.dtype)
+        if (h, w) != (h0, w0):  # bilinear without antialiasing: Ultralytics' letterbox (cv2.INTER_LINEAR)
+            im = F.interpolate(im[None].float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+            im = im.clamp_(0, 1).to(first.dtype)
         batch[i, :, :h, :w] = im
         ratios[i, 0], ratios[i, 1] = w / w0, h / h0
     return batch, ratios
