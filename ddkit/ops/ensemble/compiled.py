@@ -35,7 +35,8 @@ def _kernels() -> Optional[Any]:
     for name in ("_grid", "_cell", "_register", "_follow", "_better", "_set_leaf"):   # helpers first: the kernels
         g[name] = jit(g[name])                                                            # call compiled versions
     return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel)),
-                                "soft_nms": staticmethod(jit(_soft_nms_kernel))})
+                                "soft_nms": staticmethod(jit(_soft_nms_kernel)),
+                                "neighbours": staticmethod(jit(_neighbours_kernel))})
 
 
 def available(xp: Backend) -> bool:
@@ -222,6 +223,55 @@ def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, siz
                 nxt, item, used = _register(head, nxt, item, used, p, bx0, by0, bx1, by1, nx)
 
 
+def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, indptr: np.ndarray
+                       ) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """Per box, the boxes of its group whose intersection with it has a positive area (found through a grid), in
+    CSR form (``indptr`` filled in place), with their IoU computed as ensemble_boxes' soft-NMS computes it."""
+    cap = 16 * c.shape[0] + 16
+    nbr = np.empty(cap, np.int64)
+    ovr = np.empty(cap)
+    used = 0
+    for g in range(starts.shape[0]):
+        s0, sz = starts[g], sizes[g]
+        gx0, gy0, cw, ch, nx, ny = _grid(c, s0, sz)
+        head = np.full(nx * ny, -1, np.int64)
+        nxt = np.empty(4 * sz + 16, np.int64)
+        item = np.empty(4 * sz + 16, np.int64)
+        reg = 0
+        rect = np.empty((sz, 4), np.int64)
+        for p in range(s0, s0 + sz):
+            r0, r1 = _cell(c[p, 0], gx0, cw, nx), _cell(c[p, 1], gy0, ch, ny)
+            r2, r3 = _cell(c[p, 2], gx0, cw, nx), _cell(c[p, 3], gy0, ch, ny)
+            rect[p - s0, 0], rect[p - s0, 1], rect[p - s0, 2], rect[p - s0, 3] = r0, r1, r2, r3
+            nxt, item, reg = _register(head, nxt, item, reg, p, r0, r1, r2, r3, nx)
+        stamp = np.full(sz, -1, np.int64)
+        for p in range(s0, s0 + sz):
+            ap = (c[p, 2] - c[p, 0]) * (c[p, 3] - c[p, 1])
+            for iy in range(rect[p - s0, 1], rect[p - s0, 3] + 1):
+                for ix in range(rect[p - s0, 0], rect[p - s0, 2] + 1):
+                    e = head[iy * nx + ix]
+                    while e >= 0:
+                        o = item[e]
+                        e = nxt[e]
+                        if o == p or stamp[o - s0] == p:
+                            continue
+                        stamp[o - s0] = p
+                        w = min(c[p, 3], c[o, 3]) - max(c[p, 1], c[o, 1])
+                        h = min(c[p, 2], c[o, 2]) - max(c[p, 0], c[o, 0])
+                        if not (w > 0 and h > 0):
+                            continue
+                        if used == cap:
+                            nbr2, ovr2 = np.empty(2 * cap, np.int64), np.empty(2 * cap)
+                            nbr2[:used], ovr2[:used] = nbr, ovr
+                            nbr, ovr, cap = nbr2, ovr2, 2 * cap
+                        inter = w * h
+                        nbr[used] = o
+                        ovr[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
+                        used += 1
+            indptr[p + 1] = used
+    return nbr[:used], ovr[:used]
+
+
 def _better(tree: np.ndarray, sc: np.ndarray, box_at: np.ndarray, a: int, b: int) -> int:
     """The better of two positions (-1: none): the higher score, then the lower position."""
     if a < 0:
@@ -309,19 +359,20 @@ def greedy(coords: np.ndarray, area: np.ndarray, seg: _Segments, thr: float
     return keep, best, cluster
 
 
-def soft_nms(c: np.ndarray, sc: np.ndarray, seg: _Segments, pairs: Tuple[np.ndarray, np.ndarray],
-             weights: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def neighbours(c: np.ndarray, seg: _Segments) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per box the overlapping boxes of its group and their IoU (as soft-NMS computes it): ``(indptr, nbr, iou)``."""
+    indptr = np.zeros(c.shape[0] + 1, np.int64)
+    nbr, ovr = _kernels().neighbours(np.ascontiguousarray(c, np.float64), seg.starts.astype(np.int64),
+                                     seg.sizes.astype(np.int64), indptr)
+    return indptr, nbr, ovr
+
+
+def soft_nms(sc: np.ndarray, seg: _Segments, indptr: np.ndarray, nbr: np.ndarray, weights: np.ndarray
+             ) -> Tuple[np.ndarray, np.ndarray]:
     """``suppress._soft_nms_steps`` compiled, on whole groups: per group, the positions in selection order and
-    the final scores. ``pairs`` (the overlapping pairs of a group) and their decay factors ``weights``."""
-    n = sc.shape[0]
-    src = np.concatenate([pairs[0], pairs[1]])
-    dst = np.concatenate([pairs[1], pairs[0]])
-    o = np.argsort(src, kind="stable")
-    indptr = np.zeros(n + 1, np.int64)
-    np.cumsum(np.bincount(src, minlength=n), out=indptr[1:])
+    the final scores, from the :func:`neighbours` of every box and their decay factors ``weights``."""
     final = sc.astype(np.float64)
-    box_at = np.arange(n)
+    box_at = np.arange(sc.shape[0])
     _kernels().soft_nms(final, sc.dtype == np.float32, seg.starts.astype(np.int64), seg.sizes.astype(np.int64),
-                        indptr, dst[o].astype(np.int64), np.concatenate([weights, weights])[o].astype(np.float64),
-                        box_at)
+                        indptr, nbr, np.ascontiguousarray(weights, np.float64), box_at)
     return box_at, final.astype(sc.dtype)

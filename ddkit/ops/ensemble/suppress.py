@@ -11,7 +11,7 @@ from ddkit.ops.ensemble.batch import _Batch, _warn
 from ddkit.ops.ensemble.greedy import _areas, _greedy_pairs, _greedy_rounds, _order_corners
 from ddkit.ops.ensemble.sort import _active, _chunk_layout, _chunks, _group_order, _pair_key, _segments, \
     _Segments, _stable_key_order
-from ddkit.ops.ensemble.spatial import overlap_pairs, split_groups, unpermute
+from ddkit.ops.ensemble.spatial import split_groups, unpermute
 
 _SMALL_PAIRS = 1 << 16    # NMS of at most this many same-group pairs: all pairs at once (fewer numpy calls)
 
@@ -89,8 +89,8 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
     c = xp.cast(xp.take(boxes, order), xp.f64)
     sc = xp.take(scores, order)
     if compiled.available(xp):
-        pi, pj = overlap_pairs(xp, c, seg.gidx)
-        box_at, final = compiled.soft_nms(c, sc, seg, (pi, pj), _decay(xp, c, pi, pj, method, iou_thr, sigma))
+        indptr, nbr, ovr = compiled.neighbours(c, seg)
+        box_at, final = compiled.soft_nms(sc, seg, indptr, nbr, _decay(xp, ovr, method, iou_thr, sigma))
         return xp.take(order, box_at), xp.take(final, box_at)
     split = split_groups(xp, c, seg)
     if split is None:
@@ -115,15 +115,8 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
     return _by_selection(xp, order, seg, sel, final)
 
 
-def _decay(xp: Backend, c: Array, pi: Array, pj: Array, method: int, iou_thr: float, sigma: float) -> Array:
-    """The decay factor of every pair of boxes, as the loop computes it (IoU with ensemble_boxes' operand order)."""
-    xx1 = xp.maximum(xp.take(c[:, 1], pi), xp.take(c[:, 1], pj))
-    yy1 = xp.maximum(xp.take(c[:, 0], pi), xp.take(c[:, 0], pj))
-    xx2 = xp.minimum(xp.take(c[:, 3], pi), xp.take(c[:, 3], pj))
-    yy2 = xp.minimum(xp.take(c[:, 2], pi), xp.take(c[:, 2], pj))
-    ar = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
-    inter = xp.clip0(xx2 - xx1) * xp.clip0(yy2 - yy1)
-    ovr = inter / (xp.take(ar, pi) + xp.take(ar, pj) - inter)
+def _decay(xp: Backend, ovr: Array, method: int, iou_thr: float, sigma: float) -> Array:
+    """The decay factors of IoUs ``ovr``, as the loop computes them (numpy's ``exp``, as ensemble_boxes)."""
     if method == 1:
         return xp.where(ovr > iou_thr, 1.0 - ovr, 1.0)
     if method == 2:
