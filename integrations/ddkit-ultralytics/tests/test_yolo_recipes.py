@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from yolo_common import DATA, REPO
 from ddkit.config import load_config
@@ -41,6 +42,31 @@ def _check_run(result: dict, out: Path, keypoints: bool) -> None:
             assert len(ann["keypoints"]) == 17 * 3
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     assert result["run_dir"] == str(out) or Path(result["run_dir"]) == out
+    _check_yolo_labels(out / "label" / "pseudo_labels.json", out / "yolo_pseudo", pseudo)
+
+
+def _check_yolo_labels(path: Path, out: Path, pseudo: dict) -> None:
+    """The YOLO-format copy of the pseudo-labels reads back (ddkit's own yolo dataset) as the same boxes, classes
+    and keypoints."""
+    import ddkit
+    from ddkit_ultralytics.yolo_labels import write_yolo_labels
+
+    data_yaml = write_yolo_labels(path, out)
+    back = ddkit.build("datasets", {"name": "yolo", "root": str(out), "split": "pseudo",
+                                    "data_yaml": str(data_yaml)})
+    assert len(back) == len(pseudo["images"])
+    by_name = {Path(im["file_name"]).name: im["id"] for im in pseudo["images"]}
+    ids = [int(c["id"]) for c in pseudo["categories"]]
+    for i in range(len(back)):
+        target = back.get_target(i)
+        name = Path(back.files[i]).name if hasattr(back, "files") else None
+        image_id = by_name[name] if name else pseudo["images"][i]["id"]
+        anns = [a for a in pseudo["annotations"] if a["image_id"] == image_id]
+        assert len(target["boxes"]) == len(anns)
+        for box, label, ann in zip(target["boxes"], target["labels"], anns):
+            x, y, w, h = ann["bbox"]
+            assert torch.allclose(box, torch.tensor([x, y, x + w, y + h]), atol=0.01)
+            assert ids[int(label)] == ann["category_id"]
 
 
 def test_yolo_det_recipe_runs_end_to_end(tmp_path):
