@@ -140,3 +140,21 @@ def test_export_loads_in_ultralytics_with_the_same_outputs(coco8, tmp_path):
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(model.net(x)[0], yolo.model(x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo26n.yaml", "yolo26n-pose.yaml"])
+def test_other_families_train_and_predict(cfg, coco8, coco8_pose):
+    """Any Ultralytics yaml: YOLO11, and YOLO26 with its end-to-end losses (pose too)."""
+    pose = "pose" in cfg
+    data = coco8_pose if pose else coco8
+    task = ddkit.build("tasks", "keypoints" if pose else "detection")
+    torch.manual_seed(0)
+    model = task.build_model({**TINY, "cfg": cfg}, data.info)
+    losses = task.training_forward(model.train(), task.collate([data[0], data[1]])).losses
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total.requires_grad
+    total.backward()
+    preds = task.predict(model, [data[2][0]])
+    assert preds[0].image_size == tuple(data[2][0].shape[-2:])
+    if pose:
+        assert preds[0].keypoints.shape[1:] == (17, 3)
