@@ -74,6 +74,14 @@ def test_yolo_det_recipe_runs_end_to_end(tmp_path):
     cfg = load_config(REPO / "configs" / "yolo_det_dd.yaml", _overrides(out, "coco8", "yolov8n.yaml"))
     result = run_recipe(cfg, source="yolo_det_dd.yaml", progress=False)
     _check_run(result, out, keypoints=False)
+    # the student continues in Ultralytics: the CLI writes a file YOLO() loads, with the dataset's class names
+    from ultralytics import YOLO
+
+    from ddkit_ultralytics.export import main
+
+    assert main([str(out / "student" / "model.pt"), str(out / "student_yolo.pt")]) == 0
+    yolo = YOLO(str(out / "student_yolo.pt"))
+    assert yolo.task == "detect" and yolo.names[0] == "person"
 
 
 def test_yolo_pose_recipe_runs_end_to_end_with_keypoint_fusion(tmp_path):
