@@ -42,18 +42,16 @@ def _check_run(result: dict, out: Path, keypoints: bool) -> None:
             assert len(ann["keypoints"]) == 17 * 3
     assert (out / "report.html").is_file() and (out / "results.json").is_file()
     assert result["run_dir"] == str(out) or Path(result["run_dir"]) == out
-    _check_yolo_labels(out / "label" / "pseudo_labels.json", out / "yolo_pseudo", pseudo)
+    _check_yolo_labels(out / "label" / "yolo", pseudo)
 
 
-def _check_yolo_labels(path: Path, out: Path, pseudo: dict) -> None:
-    """The YOLO-format copy of the pseudo-labels reads back (ddkit's own yolo dataset) as the same boxes, classes
-    and keypoints."""
+def _check_yolo_labels(out: Path, pseudo: dict) -> None:
+    """``label.format: both``: the YOLO-format copy of the pseudo-labels reads back (ddkit's own yolo dataset) as
+    the same boxes and classes."""
     import ddkit
-    from ddkit_ultralytics.yolo_labels import write_yolo_labels
 
-    data_yaml = write_yolo_labels(path, out)
     back = ddkit.build("datasets", {"name": "yolo", "root": str(out), "split": "pseudo",
-                                    "data_yaml": str(data_yaml)})
+                                    "data_yaml": str(out / "data.yaml")})
     assert len(back) == len(pseudo["images"])
     by_name = {Path(im["file_name"]).name: im["id"] for im in pseudo["images"]}
     ids = [int(c["id"]) for c in pseudo["categories"]]
