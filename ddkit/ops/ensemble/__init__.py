@@ -77,7 +77,8 @@ __all__ = [
 # Settings read at call time by the module that uses them; setting them here (``ensemble.FORCE_TORCH = True``, as
 # before the split into modules, or a test's monkeypatch of a chunk size) sets them there.
 _FORWARDED = {"FORCE_TORCH": _backends, "_SLOTS": _sort, "_SMALL_CHUNK": _sort, "_SMALL_PAIRS": _suppress,
-              "_SPATIAL_MIN": _spatial, "_PAIR_BLOCK": _spatial, "_MAX_STRIPS": _spatial, "USE_NUMBA": _compiled}
+              "_SPATIAL_MIN": _spatial, "_PAIR_BLOCK": _spatial, "_MAX_STRIPS": _spatial, "USE_NUMBA": _compiled,
+              "_SOFT_COMPILED_MIN": _suppress}
 _SLOTS, _SMALL_CHUNK, _SMALL_PAIRS = _sort._SLOTS, _sort._SMALL_CHUNK, _suppress._SMALL_PAIRS
 _SPATIAL_MIN, _PAIR_BLOCK, _MAX_STRIPS = _spatial._SPATIAL_MIN, _spatial._PAIR_BLOCK, _spatial._MAX_STRIPS
 

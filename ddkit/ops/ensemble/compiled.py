@@ -53,7 +53,7 @@ def _grid(coords: np.ndarray, s0: int, sz: int) -> Tuple[float, float, float, fl
         gx1, gy1 = max(gx1, coords[p, 2]), max(gy1, coords[p, 3])
         mw += coords[p, 2] - coords[p, 0]
         mh += coords[p, 3] - coords[p, 1]
-    side = max(1, int(2.0 * np.sqrt(sz)))
+    side = max(1, int(2.0 * np.sqrt(sz))) if sz > 16 else 1     # tiny groups: one cell (all pairs)
     nx = min(side, max(1, int((gx1 - gx0) / (mw / sz)))) if mw > 0 and gx1 - gx0 < np.inf else 1
     ny = min(side, max(1, int((gy1 - gy0) / (mh / sz)))) if mh > 0 and gy1 - gy0 < np.inf else 1
     return gx0, gy0, max((gx1 - gx0) / nx, 1e-300), max((gy1 - gy0) / ny, 1e-300), nx, ny
@@ -112,21 +112,23 @@ def _wbf_kernel(coords: np.ndarray, b1: np.ndarray, wv: np.ndarray, starts: np.n
 
     A box is compared with the clusters registered in the grid cells it meets; a cluster is registered in every
     cell its fused box has met (so in those of its current fused box). Ties go to the first cluster opened."""
+    m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
+    head = np.empty(4 * m + 4, np.int64)
+    nxt = np.empty(4 * m + 16, np.int64)
+    item = np.empty(4 * m + 16, np.int64)
+    fx = np.empty((m, 4))
+    rect = np.empty((m, 4), np.int64)
+    acc = np.empty((m, 4), np.float32)
+    conf = np.empty(m)
+    ws = np.empty(m)
+    area = np.empty(m)
+    seed = np.empty(m, np.int64)
+    stamp = np.full(m, -1, np.int64)
     for g in range(starts.shape[0]):
         s0, sz = starts[g], sizes[g]
         gx0, gy0, cw, ch, nx, ny = _grid(coords, s0, sz)
-        head = np.full(nx * ny, -1, np.int64)
-        nxt = np.empty(4 * sz + 16, np.int64)
-        item = np.empty(4 * sz + 16, np.int64)
+        head[:nx * ny] = -1
         used = 0
-        fx = np.empty((sz, 4))
-        rect = np.empty((sz, 4), np.int64)
-        acc = np.empty((sz, 4), np.float32)
-        conf = np.empty(sz)
-        ws = np.empty(sz)
-        area = np.empty(sz)
-        seed = np.empty(sz, np.int64)
-        stamp = np.full(sz, -1, np.int64)
         k = 0
         for r in range(sz):
             p = s0 + r
@@ -141,9 +143,9 @@ def _wbf_kernel(coords: np.ndarray, b1: np.ndarray, wv: np.ndarray, starts: np.n
                     while e >= 0:
                         q = item[e]
                         e = nxt[e]
-                        if stamp[q] == r:
+                        if stamp[q] == p:
                             continue
-                        stamp[q] = r
+                        stamp[q] = p
                         iw = min(fx[q, 2], c2) - max(fx[q, 0], c0)
                         ih = min(fx[q, 3], c3) - max(fx[q, 1], c1)
                         inter = max(iw, 0.0) * max(ih, 0.0)
@@ -186,14 +188,16 @@ def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, siz
                    keep: np.ndarray, best: np.ndarray, cluster: np.ndarray) -> None:  # pragma: no cover - compiled
     """Greedy NMS group by group as ``greedy._greedy_rounds`` (with ``track``) computes it, filled in place: a box
     is compared with the kept boxes registered in the grid cells it meets; ties go to the first kept box."""
+    m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
+    head = np.empty(4 * m + 4, np.int64)
+    nxt = np.empty(4 * m + 16, np.int64)
+    item = np.empty(4 * m + 16, np.int64)
+    stamp = np.full(m, -1, np.int64)
     for g in range(starts.shape[0]):
         s0, sz = starts[g], sizes[g]
         gx0, gy0, cw, ch, nx, ny = _grid(coords, s0, sz)
-        head = np.full(nx * ny, -1, np.int64)
-        nxt = np.empty(4 * sz + 16, np.int64)
-        item = np.empty(4 * sz + 16, np.int64)
+        head[:nx * ny] = -1
         used = 0
-        stamp = np.full(sz, -1, np.int64)
         for r in range(sz):
             p = s0 + r
             bi, bc, hit = -1.0, p, False
@@ -205,9 +209,9 @@ def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, siz
                     while e >= 0:
                         h = item[e]
                         e = nxt[e]
-                        if stamp[h - s0] == r:
+                        if stamp[h - s0] == p:
                             continue
-                        stamp[h - s0] = r
+                        stamp[h - s0] = p
                         iw = min(coords[h, 2], coords[p, 2]) - max(coords[h, 0], coords[p, 0])
                         ih = min(coords[h, 3], coords[p, 3]) - max(coords[h, 1], coords[p, 1])
                         inter = max(iw, 0.0) * max(ih, 0.0)
@@ -231,20 +235,22 @@ def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ind
     nbr = np.empty(cap, np.int64)
     ovr = np.empty(cap)
     used = 0
+    m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
+    head = np.empty(4 * m + 4, np.int64)
+    nxt = np.empty(4 * m + 16, np.int64)
+    item = np.empty(4 * m + 16, np.int64)
+    rect = np.empty((m, 4), np.int64)
+    stamp = np.full(m, -1, np.int64)
     for g in range(starts.shape[0]):
         s0, sz = starts[g], sizes[g]
         gx0, gy0, cw, ch, nx, ny = _grid(c, s0, sz)
-        head = np.full(nx * ny, -1, np.int64)
-        nxt = np.empty(4 * sz + 16, np.int64)
-        item = np.empty(4 * sz + 16, np.int64)
+        head[:nx * ny] = -1
         reg = 0
-        rect = np.empty((sz, 4), np.int64)
         for p in range(s0, s0 + sz):
             r0, r1 = _cell(c[p, 0], gx0, cw, nx), _cell(c[p, 1], gy0, ch, ny)
             r2, r3 = _cell(c[p, 2], gx0, cw, nx), _cell(c[p, 3], gy0, ch, ny)
             rect[p - s0, 0], rect[p - s0, 1], rect[p - s0, 2], rect[p - s0, 3] = r0, r1, r2, r3
             nxt, item, reg = _register(head, nxt, item, reg, p, r0, r1, r2, r3, nx)
-        stamp = np.full(sz, -1, np.int64)
         for p in range(s0, s0 + sz):
             ap = (c[p, 2] - c[p, 0]) * (c[p, 3] - c[p, 1])
             for iy in range(rect[p - s0, 1], rect[p - s0, 3] + 1):
@@ -302,16 +308,22 @@ def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np
     swap does), found in a max-tree over positions; then only the boxes whose decay factor is not exactly 1 (those
     overlapping it: ``nbr``/``wgt``, per box in CSR form) are decayed. ``sc`` ends with the final scores and
     ``box_at[s0 + i]`` with the box selected at step ``i``."""
+    m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
+    tree = np.empty(4 * m + 4, np.int64)
+    at_all = np.empty(m, np.int64)
+    where = np.empty(m, np.int64)
+    gone = np.empty(m, np.bool_)
     for g in range(starts.shape[0]):
         s0, sz = starts[g], sizes[g]
         size = 1
         while size < sz:
             size *= 2
-        tree = np.full(2 * size, -1, np.int64)
-        at = np.arange(s0, s0 + sz)             # box at each position
-        where = np.arange(sz)                    # position of each box (relative)
-        gone = np.zeros(sz, np.bool_)
+        tree[:2 * size] = -1
+        at = at_all[:sz]
         for pos in range(sz):
+            at[pos] = s0 + pos                   # box at each position
+            where[pos] = pos                     # position of each box (relative)
+            gone[pos] = False
             tree[size + pos] = pos
         for t in range(size - 1, 0, -1):
             tree[t] = _better(tree, sc, at, tree[2 * t], tree[2 * t + 1])

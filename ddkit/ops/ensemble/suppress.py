@@ -14,6 +14,7 @@ from ddkit.ops.ensemble.sort import _active, _chunk_layout, _chunks, _group_orde
 from ddkit.ops.ensemble.spatial import split_groups, unpermute
 
 _SMALL_PAIRS = 1 << 16    # NMS of at most this many same-group pairs: all pairs at once (fewer numpy calls)
+_SOFT_COMPILED_MIN = 64   # soft-NMS with groups of at most this many boxes: the vectorized loop is as fast
 
 
 def _nms_prepare(bt: _Batch, weights: Optional[np.ndarray], fn: Optional[str], clip: bool
@@ -88,11 +89,13 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
     seg = _segments(xp, xp.take(key, order))
     c = xp.cast(xp.take(boxes, order), xp.f64)
     sc = xp.take(scores, order)
-    if compiled.available(xp):
+    split = None
+    if not compiled.available(xp):
+        split = split_groups(xp, c, seg)
+    elif n and int(seg.sizes.max()) > _SOFT_COMPILED_MIN:
         indptr, nbr, ovr = compiled.neighbours(c, seg)
         box_at, final = compiled.soft_nms(sc, seg, indptr, nbr, _decay(xp, ovr, method, iou_thr, sigma))
         return xp.take(order, box_at), xp.take(final, box_at)
-    split = split_groups(xp, c, seg)
     if split is None:
         sel, final, _ = _soft_nms_steps(xp, c, sc, seg, method, iou_thr, sigma, None)
         return _by_selection(xp, order, seg, sel, final)
