@@ -81,6 +81,7 @@ _FORWARDED = {"FORCE_TORCH": _backends, "_SLOTS": _sort, "_SMALL_CHUNK": _sort, 
               "_SOFT_COMPILED_MIN": _suppress}
 _SLOTS, _SMALL_CHUNK, _SMALL_PAIRS = _sort._SLOTS, _sort._SMALL_CHUNK, _suppress._SMALL_PAIRS
 _SPATIAL_MIN, _PAIR_BLOCK, _MAX_STRIPS = _spatial._SPATIAL_MIN, _spatial._PAIR_BLOCK, _spatial._MAX_STRIPS
+_SOFT_COMPILED_MIN = _suppress._SOFT_COMPILED_MIN
 
 
 class _Package(types.ModuleType):
