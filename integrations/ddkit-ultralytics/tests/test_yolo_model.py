@@ -66,16 +66,18 @@ def test_training_losses_are_ultralytics_and_decrease(coco8):
     assert totals[-1] < totals[0]
 
 
-def test_losses_equal_ultralytics_criterion_on_its_own_batch(coco8):
-    """The adapter's targets are Ultralytics' batch: the same loss as the criterion on a hand-made batch."""
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_losses_equal_ultralytics_criterion_on_its_own_batch(coco8, factor):
+    """The adapter's targets are Ultralytics' batch: the same loss as the criterion on a hand-made batch (also with
+    scale augmentation: ``train_scale`` shrinks the image and its boxes inside the canvas)."""
     from ddkit_ultralytics.letterbox import fitted_size, letterbox
 
     task = ddkit.build("tasks", {"name": "detection"})
     torch.manual_seed(0)
-    model = task.build_model(TINY, coco8.info).train()
+    model = task.build_model({**TINY, "train_scale": [factor, factor]}, coco8.info).train()
     image, target = coco8[0]
     ours = task.training_forward(model, task.collate([(image, target)])).losses
-    size = fitted_size(tuple(image.shape[-2:]), 64)
+    size = fitted_size(tuple(image.shape[-2:]), 64, factor)
     x, ratio = letterbox([image], [size], 32, canvas=(64, 64))
     h, w = image.shape[-2:]
     b = target["boxes"] / torch.tensor([w, h, w, h]) * torch.tensor([size[1] / 64, size[0] / 64] * 2)
