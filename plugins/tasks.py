@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ddkit import ConfigError, DataError, DatasetInfo, Instances, hookimpl
 from ddkit.engine.keypoint_meta import require_flip_indices
-from ddkit.engine.task import (TrainOutputs, attach_model_info, category_ids, coco_evaluate, get_target,
+from ddkit.engine.task import (TrainOutputs, coco_ground_truth, attach_model_info, category_ids, coco_evaluate, get_target,
                                unwrap_model)
 from ddkit.types import TaskSpec
 
@@ -312,29 +312,16 @@ class DetectionTask(_BaseTask):
 
     # ------------------------------------------------------------------------------------------------ evaluation
     def coco_ground_truth(self, dataset: Any) -> dict[str, Any]:
-        """The dataset's targets as a COCO ground-truth dict (image ids are item positions)."""
-        info = dataset.info
-        k = info.num_keypoints if self.has_keypoints else None
-        images, anns = [], []
-        for i in range(len(dataset)):
-            t = get_target(dataset, i)
-            h, w = t.get("size", (0, 0))
-            images.append({"id": i, "height": int(h), "width": int(w)})
-            boxes = t["boxes"].float()
-            n = len(boxes)
-            area = t.get("area", (boxes[:, 2:] - boxes[:, :2]).prod(1) if n else torch.zeros(0))
-            crowd = t.get("iscrowd", torch.zeros(n, dtype=torch.int64))
-            for j in range(n):
-                x0, y0, x1, y1 = boxes[j].tolist()
-                ann = {"id": len(anns) + 1, "image_id": i, "category_id": int(t["labels"][j]),
-                       "bbox": [x0, y0, x1 - x0, y1 - y0], "area": float(area[j]), "iscrowd": int(crowd[j])}
-                if k:
-                    kp = t["keypoints"][j].float()
-                    ann["keypoints"] = kp.reshape(-1).tolist()
-                    ann["num_keypoints"] = int((kp[:, 2] > 0).sum())
-                anns.append(ann)
-        cats = [{"id": int(c["id"]), "name": str(c.get("name", c["id"]))} for c in info.categories]
-        return {"images": images, "annotations": anns, "categories": cats}
+        """The dataset's targets as a COCO ground-truth dict (image ids are item positions; keypoints for a
+        keypoint task only): the engine's one builder."""
+        def images():
+            for i in range(len(dataset)):
+                t = get_target(dataset, i)
+                if not self.has_keypoints:
+                    t = {k: v for k, v in t.items() if k != "keypoints"}
+                yield (i, *t.get("size", (0, 0)), t)
+
+        return coco_ground_truth(images(), dataset.info.categories)
 
     @staticmethod
     def _results(preds: Sequence[Instances], with_keypoints: bool) -> list[dict[str, Any]]:
