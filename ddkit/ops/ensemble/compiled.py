@@ -32,7 +32,7 @@ def _kernels() -> Optional[Any]:
         return None
     jit = numba.njit(cache=True, nogil=True)
     g = globals()
-    for name in ("_grid", "_cell", "_register", "_follow", "_better", "_set_leaf"):   # helpers first: the kernels
+    for name in ("_grid", "_cell", "_register", "_follow", "_set_leaf"):   # helpers first: the kernels
         g[name] = jit(g[name])                                                            # call compiled versions
     return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel)),
                                 "soft_nms": staticmethod(jit(_soft_nms_kernel)),
@@ -230,16 +230,19 @@ def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, siz
 def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, indptr: np.ndarray
                        ) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """Per box, the boxes of its group whose intersection with it has a positive area (found through a grid), in
-    CSR form (``indptr`` filled in place), with their IoU computed as ensemble_boxes' soft-NMS computes it."""
-    cap = 16 * c.shape[0] + 16
-    nbr = np.empty(cap, np.int64)
-    ovr = np.empty(cap)
+    CSR form (``indptr`` filled in place), with their IoU computed as ensemble_boxes' soft-NMS computes it.
+
+    Each box meets the earlier boxes registered in its cells, then registers itself: every pair is found once."""
+    n = c.shape[0]
+    cap = 8 * n + 16
+    pa = np.empty(cap, np.int64)
+    pb = np.empty(cap, np.int64)
+    pv = np.empty(cap)
     used = 0
     m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
     head = np.empty(4 * m + 4, np.int64)
     nxt = np.empty(4 * m + 16, np.int64)
     item = np.empty(4 * m + 16, np.int64)
-    rect = np.empty((m, 4), np.int64)
     stamp = np.full(m, -1, np.int64)
     for g in range(starts.shape[0]):
         s0, sz = starts[g], sizes[g]
@@ -249,17 +252,14 @@ def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ind
         for p in range(s0, s0 + sz):
             r0, r1 = _cell(c[p, 0], gx0, cw, nx), _cell(c[p, 1], gy0, ch, ny)
             r2, r3 = _cell(c[p, 2], gx0, cw, nx), _cell(c[p, 3], gy0, ch, ny)
-            rect[p - s0, 0], rect[p - s0, 1], rect[p - s0, 2], rect[p - s0, 3] = r0, r1, r2, r3
-            nxt, item, reg = _register(head, nxt, item, reg, p, r0, r1, r2, r3, nx)
-        for p in range(s0, s0 + sz):
             ap = (c[p, 2] - c[p, 0]) * (c[p, 3] - c[p, 1])
-            for iy in range(rect[p - s0, 1], rect[p - s0, 3] + 1):
-                for ix in range(rect[p - s0, 0], rect[p - s0, 2] + 1):
+            for iy in range(r1, r3 + 1):
+                for ix in range(r0, r2 + 1):
                     e = head[iy * nx + ix]
                     while e >= 0:
                         o = item[e]
                         e = nxt[e]
-                        if o == p or stamp[o - s0] == p:
+                        if stamp[o - s0] == p:
                             continue
                         stamp[o - s0] = p
                         w = min(c[p, 3], c[o, 3]) - max(c[p, 1], c[o, 1])
@@ -267,36 +267,44 @@ def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ind
                         if not (w > 0 and h > 0):
                             continue
                         if used == cap:
-                            nbr2, ovr2 = np.empty(2 * cap, np.int64), np.empty(2 * cap)
-                            nbr2[:used], ovr2[:used] = nbr, ovr
-                            nbr, ovr, cap = nbr2, ovr2, 2 * cap
+                            pa2, pb2, pv2 = np.empty(2 * cap, np.int64), np.empty(2 * cap, np.int64), np.empty(2 * cap)
+                            pa2[:used], pb2[:used], pv2[:used] = pa, pb, pv
+                            pa, pb, pv, cap = pa2, pb2, pv2, 2 * cap
                         inter = w * h
-                        nbr[used] = o
-                        ovr[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
+                        pa[used], pb[used] = p, o
+                        pv[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
                         used += 1
-            indptr[p + 1] = used
-    return nbr[:used], ovr[:used]
+            nxt, item, reg = _register(head, nxt, item, reg, p, r0, r1, r2, r3, nx)
+    # both directions, grouped by box (a counting sort)
+    for e in range(used):
+        indptr[pa[e] + 1] += 1
+        indptr[pb[e] + 1] += 1
+    for i in range(n):
+        indptr[i + 1] += indptr[i]
+    fill = indptr[:n].copy()
+    nbr = np.empty(2 * used, np.int64)
+    ovr = np.empty(2 * used)
+    for e in range(used):
+        a, b = pa[e], pb[e]
+        nbr[fill[a]], ovr[fill[a]] = b, pv[e]
+        fill[a] += 1
+        nbr[fill[b]], ovr[fill[b]] = a, pv[e]
+        fill[b] += 1
+    return nbr, ovr
 
 
-def _better(tree: np.ndarray, sc: np.ndarray, box_at: np.ndarray, a: int, b: int) -> int:
-    """The better of two positions (-1: none): the higher score, then the lower position."""
-    if a < 0:
-        return b
-    if b < 0:
-        return a
-    sa, sb = sc[box_at[a]], sc[box_at[b]]
-    if sa > sb or (sa == sb and a < b):
-        return a
-    return b
-
-
-def _set_leaf(tree: np.ndarray, sc: np.ndarray, box_at: np.ndarray, size: int, pos: int, value: int) -> None:
-    """Set leaf ``pos`` of the max-tree to ``value`` (a position or -1) and update its ancestors."""
+def _set_leaf(ts: np.ndarray, tp: np.ndarray, size: int, pos: int, score: float, alive: bool) -> None:
+    """Set leaf ``pos`` of the max-tree (node: best score ``ts``, its position ``tp``, -1 when empty; ties go to
+    the lower position) to ``score`` (or empty) and update its ancestors."""
     t = size + pos
-    tree[t] = value
+    ts[t], tp[t] = score, (pos if alive else -1)
     t >>= 1
     while t >= 1:
-        tree[t] = _better(tree, sc, box_at, tree[2 * t], tree[2 * t + 1])
+        a, b = 2 * t, 2 * t + 1
+        if tp[b] < 0 or (tp[a] >= 0 and (ts[a] > ts[b] or (ts[a] == ts[b] and tp[a] < tp[b]))):
+            ts[t], tp[t] = ts[a], tp[a]
+        else:
+            ts[t], tp[t] = ts[b], tp[b]
         t >>= 1
 
 
@@ -309,7 +317,8 @@ def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np
     overlapping it: ``nbr``/``wgt``, per box in CSR form) are decayed. ``sc`` ends with the final scores and
     ``box_at[s0 + i]`` with the box selected at step ``i``."""
     m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
-    tree = np.empty(4 * m + 4, np.int64)
+    ts = np.empty(4 * m + 4)
+    tp = np.empty(4 * m + 4, np.int64)
     at_all = np.empty(m, np.int64)
     where = np.empty(m, np.int64)
     gone = np.empty(m, np.bool_)
@@ -318,31 +327,29 @@ def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np
         size = 1
         while size < sz:
             size *= 2
-        tree[:2 * size] = -1
+        tp[:2 * size] = -1
         at = at_all[:sz]
         for pos in range(sz):
             at[pos] = s0 + pos                   # box at each position
             where[pos] = pos                     # position of each box (relative)
             gone[pos] = False
-            tree[size + pos] = pos
-        for t in range(size - 1, 0, -1):
-            tree[t] = _better(tree, sc, at, tree[2 * t], tree[2 * t + 1])
+            _set_leaf(ts, tp, size, pos, sc[s0 + pos], True)
         for i in range(sz):
-            q = tree[1]
+            q = tp[1]
             if q != i:
                 bi, bq = at[i], at[q]
                 at[i], at[q] = bq, bi
                 where[bq - s0], where[bi - s0] = i, q
-                _set_leaf(tree, sc, at, size, q, q)
+                _set_leaf(ts, tp, size, q, sc[bi], True)
             b = at[i]
             gone[b - s0] = True
-            _set_leaf(tree, sc, at, size, i, -1)
+            _set_leaf(ts, tp, size, i, 0.0, False)
             for e in range(indptr[b], indptr[b + 1]):
                 o = nbr[e]
-                if not gone[o - s0]:
+                if not gone[o - s0] and wgt[e] != 1.0:
                     v = wgt[e] * sc[o]
                     sc[o] = np.float64(np.float32(v)) if to_f32 else v
-                    _set_leaf(tree, sc, at, size, where[o - s0], where[o - s0])
+                    _set_leaf(ts, tp, size, where[o - s0], sc[o], True)
         for i in range(sz):
             box_at[s0 + i] = at[i]
 
