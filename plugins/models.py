@@ -407,9 +407,12 @@ def _load_class_rows(model: nn.Module, state: dict[str, torch.Tensor], detector:
     if not known:
         return set()
     own = model.state_dict()
+    heads = CLASS_HEADS[detector]
+    if any(state[key].shape[1:] != own[key].shape[1:] for key in heads):  # e.g. another representation_size
+        log.warning("%s: the class head has another input size than the weights'; it starts fresh", weights)
+        return set()
     k_theirs, k_ours = len(weights.meta["categories"]), info.num_classes + 1
-    new = {key: take_class_slots(state[key], own[key], mapping, k_theirs, k_ours, per)
-           for key, per in CLASS_HEADS[detector].items()}
+    new = {key: take_class_slots(state[key], own[key], mapping, k_theirs, k_ours, per) for key, per in heads.items()}
     model.load_state_dict(new, strict=False)
     fresh = info.num_classes - len(known)
     log.info("%s: class head of %d of %d classes from the weights (%s)%s", weights, len(known), info.num_classes,

@@ -22,7 +22,11 @@ TINY = ["teacher.train.iterations=2", "student.train.iterations=2", "teacher.tra
         "student.train.batch_size=2", "teacher.model.min_size=64", "teacher.model.max_size=96",
         "student.model.min_size=64", "student.model.max_size=96", "label.transforms=[{name: identity}, {name: hflip}]",
         "label.selector={name: top_k, k: 3}", "teacher.model.score_thresh=0.001",  # a 2-iteration teacher
+        *(f"{who}.model.{k}" for who in ("teacher", "student")
+          for k in ("rpn_post_nms_top_n_train=100", "rpn_post_nms_top_n_test=30", "box_batch_size_per_image=32",
+                    "representation_size=64")),
         "--no-progress"]
+SMALL_KEYPOINT_HEAD = ["teacher.model.keypoint_head=[32]", "student.model.keypoint_head=[32]"]
 
 
 def readme_recipes() -> list[str]:
@@ -49,13 +53,13 @@ def torch_cache(tmp_path, monkeypatch):
         torch.save(model.state_dict(), path)
 
 
-def _run(tmp_path: Path, index: int, monkeypatch) -> Path:
+def _run(tmp_path: Path, index: int, monkeypatch, *extra: str) -> Path:
     recipe = tmp_path / f"byod{index}.yaml"
     recipe.write_text(readme_recipes()[index])
     assert len(recipe.read_text().splitlines()) < 20  # the README promises short recipes
     monkeypatch.chdir(REPO)  # the recipes name ../shared/data relative to the repository
     out = tmp_path / "run"
-    assert main(["run", str(recipe), f"run.out_dir={out}", *TINY]) == 0
+    assert main(["run", str(recipe), f"run.out_dir={out}", *TINY, *extra]) == 0
     assert (out / "results.md").is_file() and (out / "report.html").is_file()
     return out
 
@@ -85,6 +89,6 @@ def test_readme_detection_recipe_writes_coco_and_yolo_pseudo_labels(tmp_path, to
 
 @pytest.mark.slow
 def test_readme_keypoint_recipe_runs(tmp_path, torch_cache, monkeypatch):
-    out = _run(tmp_path, 1, monkeypatch)
+    out = _run(tmp_path, 1, monkeypatch, *SMALL_KEYPOINT_HEAD)
     pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
     assert pseudo["annotations"] and all(len(a["keypoints"]) == 17 * 3 for a in pseudo["annotations"])
