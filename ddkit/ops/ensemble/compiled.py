@@ -32,7 +32,7 @@ def _kernels() -> Optional[Any]:
         return None
     jit = numba.njit(cache=True, nogil=True)
     g = globals()
-    for name in ("_grid", "_cell", "_register", "_follow", "_set_leaf"):   # helpers first: the kernels
+    for name in ("_grid", "_cell", "_register", "_follow", "_pull", "_lower_leaf"):   # helpers first: the kernels
         g[name] = jit(g[name])                                                            # call compiled versions
     return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel)),
                                 "soft_nms": staticmethod(jit(_soft_nms_kernel)),
@@ -293,18 +293,23 @@ def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ind
     return nbr, ovr
 
 
-def _set_leaf(ts: np.ndarray, tp: np.ndarray, size: int, pos: int, score: float, alive: bool) -> None:
-    """Set leaf ``pos`` of the max-tree (node: best score ``ts``, its position ``tp``, -1 when empty; ties go to
-    the lower position) to ``score`` (or empty) and update its ancestors."""
+def _pull(ts: np.ndarray, tp: np.ndarray, t: int) -> None:
+    """Node ``t`` of the max-tree takes the better child: the higher score, then the lower position (-1: empty)."""
+    a, b = 2 * t, 2 * t + 1
+    if tp[b] < 0 or (tp[a] >= 0 and (ts[a] > ts[b] or (ts[a] == ts[b] and tp[a] < tp[b]))):
+        ts[t], tp[t] = ts[a], tp[a]
+    else:
+        ts[t], tp[t] = ts[b], tp[b]
+
+
+def _lower_leaf(ts: np.ndarray, tp: np.ndarray, size: int, pos: int, score: float, alive: bool) -> None:
+    """Lower leaf ``pos`` of the max-tree (node: best score ``ts`` and its position ``tp``) to ``score``, or empty
+    it. Only the ancestors that ``pos`` was winning can change: the update stops at the first other winner."""
     t = size + pos
     ts[t], tp[t] = score, (pos if alive else -1)
     t >>= 1
-    while t >= 1:
-        a, b = 2 * t, 2 * t + 1
-        if tp[b] < 0 or (tp[a] >= 0 and (ts[a] > ts[b] or (ts[a] == ts[b] and tp[a] < tp[b]))):
-            ts[t], tp[t] = ts[a], tp[a]
-        else:
-            ts[t], tp[t] = ts[b], tp[b]
+    while t >= 1 and tp[t] == pos:
+        _pull(ts, tp, t)
         t >>= 1
 
 
@@ -327,29 +332,31 @@ def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np
         size = 1
         while size < sz:
             size *= 2
-        tp[:2 * size] = -1
+        tp[size:2 * size] = -1
         at = at_all[:sz]
         for pos in range(sz):
             at[pos] = s0 + pos                   # box at each position
             where[pos] = pos                     # position of each box (relative)
             gone[pos] = False
-            _set_leaf(ts, tp, size, pos, sc[s0 + pos], True)
+            ts[size + pos], tp[size + pos] = sc[s0 + pos], pos
+        for t in range(size - 1, 0, -1):
+            _pull(ts, tp, t)
         for i in range(sz):
             q = tp[1]
             if q != i:
                 bi, bq = at[i], at[q]
                 at[i], at[q] = bq, bi
                 where[bq - s0], where[bi - s0] = i, q
-                _set_leaf(ts, tp, size, q, sc[bi], True)
+                _lower_leaf(ts, tp, size, q, sc[bi], True)      # the box from i scores <= the one it replaces
             b = at[i]
             gone[b - s0] = True
-            _set_leaf(ts, tp, size, i, 0.0, False)
+            _lower_leaf(ts, tp, size, i, 0.0, False)
             for e in range(indptr[b], indptr[b + 1]):
                 o = nbr[e]
                 if not gone[o - s0] and wgt[e] != 1.0:
                     v = wgt[e] * sc[o]
                     sc[o] = np.float64(np.float32(v)) if to_f32 else v
-                    _set_leaf(ts, tp, size, where[o - s0], sc[o], True)
+                    _lower_leaf(ts, tp, size, where[o - s0], sc[o], True)   # decays only lower scores
         for i in range(sz):
             box_at[s0 + i] = at[i]
 
