@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import pkgutil
+import shutil
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import ddkit.commands
@@ -45,13 +48,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return cmd.parse_intermixed_args(argv[1:])
 
 
+def disk_full_message(err: OSError) -> str:
+    """One line for a full disk: the file being written, its folder and what is free there. Atomic writes leave
+    nothing half-written behind, so re-running after freeing space resumes."""
+    path = Path(err.filename or ".")
+    folder = next((p for p in (path, *path.parents) if p.is_dir()), Path("."))
+    free = shutil.disk_usage(folder).free
+    return (f"no space left on the device writing {path} ({free / 2**20:.0f} MiB free in {folder}); free some "
+            f"space and re-run the same command to resume")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     if not hasattr(args, "_run"):
         build_parser().print_help()
-        return 0
-    if not hasattr(args, "_run"):
-        parser.print_help()
         return 0
     try:
         return int(args._run(args) or 0)
@@ -61,6 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # `ddkit plugins | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        print(f"ddkit {args.command}: error: {disk_full_message(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"ddkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

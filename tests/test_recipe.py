@@ -116,3 +116,28 @@ def test_every_command_rejects_a_typo_in_the_run_section_alike(command, capsys):
     assert main([*command, str(DD), "run.sed=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("run: unknown key 'sed'. Did you mean 'seed'? Valid keys: name, out_dir, seed, device"), err
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_free_space(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import ddkit.commands.config as config_command
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "model.pt"))
+
+    monkeypatch.setattr(config_command, "run", full)
+    assert main(["config", "show", str(DD)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no space left" in err and str(tmp_path / "run" / "model.pt") in err
+    assert f"MiB free in {tmp_path}" in err and "re-run the same command to resume" in err
+
+
+def test_a_broken_pipe_is_still_not_an_error(monkeypatch):
+    import ddkit.commands.config as config_command
+
+    def gone(args):
+        raise BrokenPipeError()
+
+    monkeypatch.setattr(config_command, "run", gone)
+    assert main(["config", "show", str(DD)]) == 0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddkit.cli import main
 from ddkit.config import load_config
@@ -76,3 +77,36 @@ def test_warnings_and_stops_head_the_results_table():
     text = results_markdown({"rows": [{"model": "teacher", "stage": "teacher", "AP": 1.0}],
                              "warnings": ["data.unlabeled and data.test share 4 image file(s)"]})
     assert text.startswith("**WARNING:** data.unlabeled and data.test share 4") and "| teacher | 1.0 |" in text
+
+
+FOLDER_RECIPE = """
+run: {{name: folder, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: classification}}
+data:
+  dataset: {{name: image_folder, root: "{root}", grayscale: true}}
+  split: {{labeled: 0.5, unlabeled: 0.0, test: 0.5, seed: 0}}
+teacher:
+  model: {{name: mlp, hidden: [8]}}
+  train: {{iterations: 3, batch_size: 4, lr: 0.1, log_every: 1}}
+"""
+
+
+def test_a_changed_image_file_reruns_the_stages_that_read_it(tmp_path, capsys):
+    from PIL import Image
+
+    root = tmp_path / "digits"
+    g = torch.Generator().manual_seed(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(4):
+            pixels = (torch.rand(8, 8, generator=g) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(root / f"class{c}" / f"{i}.png")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(FOLDER_RECIPE.format(out=tmp_path / "out", root=root))
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    assert "teacher: done earlier, skipped" in capsys.readouterr().out
+    Image.fromarray(torch.zeros(8, 8, dtype=torch.uint8).numpy()).save(root / "class1" / "3.png")  # new content
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: running" in out and "skipped" not in out

@@ -37,6 +37,7 @@ from ddkit.engine.label import LABEL_STAGE_KEYS, ShardedLabels, label_dataset, l
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
+from ddkit.engine.teacher_cache import dataset_fingerprint
 from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
 from ddkit.errors import ConfigError, DegenerateResultError
 from ddkit.io import atomic_write_json, atomic_write_text
@@ -93,6 +94,7 @@ class Runner:
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
         if self.splits.test is None:
             raise ConfigError(f"{source}: data.split needs a test part (e.g. test: 0.2) to measure the results")
+        self.data_key = self._data_fingerprint()
         self.stages = self._plan()
         unknown = [s for s in force if s not in {st.name for st in self.stages}]
         if unknown:
@@ -100,6 +102,13 @@ class Runner:
                               f"{', '.join(st.name for st in self.stages)}")
         self.force_from = min((i for i, st in enumerate(self.stages) if st.name in force), default=None)
         self.results: dict[str, dict[str, Any]] = {}
+
+    def _data_fingerprint(self) -> dict[str, str]:
+        """What every stage reads from the data: each part's targets and image files (path, size, mtime),
+        the unlabeled part's hidden labels included (they make the upper bound and the quality report)."""
+        parts = {"labeled": self.splits.labeled, "test": self.splits.test,
+                 "unlabeled": getattr(self.splits.unlabeled, "ground_truth", None)}
+        return {k: dataset_fingerprint(d) for k, d in parts.items() if d is not None}
 
     def _kd_baseline_variant(self) -> str | None:
         """The KD variant the others are measured against: ``kd.baseline`` when the recipe names one, else the one
@@ -152,7 +161,8 @@ class Runner:
         for i, stage in enumerate(self.stages):
             folder = self.out / stage.name
             marker = folder / "stage.json"
-            key = _digest({k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs})
+            key = _digest({**{k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs},
+                           "data files": self.data_key})  # a changed annotation or image re-runs the stage
             forced = self.force_from is not None and i >= self.force_from
             if marker.is_file() and not forced:
                 done = json.loads(marker.read_text())
