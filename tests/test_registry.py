@@ -16,8 +16,10 @@ def test_builtins_come_from_entry_points_of_the_ddkit_distribution():
     registry = registry_from_plugin_manager(make_plugin_manager())
     for kind in KINDS:
         entries = registry.entries(kind)
-        assert entries, f"no builtin {kind}"
-        assert all(e.provider == "ddkit" and e.plugin.startswith("builtin_") for e in entries)
+        assert any(e.provider == "ddkit" for e in entries), f"no builtin {kind}"
+        # ddkit's own strategies come through its builtin_* entry points; any other entry is another
+        # distribution's (the YOLO plugin that `make` installs), never ddkit's
+        assert all((e.provider == "ddkit") == e.plugin.startswith("builtin_") for e in entries)
 
 
 def test_no_plugins_without_entry_points():
@@ -33,7 +35,7 @@ def test_builtin_package_name_is_unambiguous():
 
 
 def test_disable_builtins_by_entry_point_name(monkeypatch):
-    monkeypatch.setenv("DDKIT_DISABLE_PLUGINS", "builtin_aggregators, builtin_losses")
+    monkeypatch.setenv("DDKIT_DISABLE_PLUGINS", "builtin_aggregators, builtin_keypoint_fusion, builtin_losses")
     registry = registry_from_plugin_manager(make_plugin_manager())
     assert registry.names("aggregators") == [] and registry.names("losses") == []
     assert registry.names("transforms")
