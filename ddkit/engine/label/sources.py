@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ddkit.engine.coco_file import read_coco_file
-from ddkit.engine.data import IMAGE_EXTENSIONS, HiddenLabels, LABEL_KEYS, get_target, read_image
+from ddkit.engine.data import IMAGE_EXTENSIONS, HiddenLabels, LABEL_KEYS, get_target, item_file, read_image
 from ddkit.engine.label.config import LabelConfig
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo
@@ -150,7 +150,7 @@ class DatasetSource(Source):
     def _file_name(self, i: int, target: Mapping[str, Any], image_id: int) -> str:
         if "file_name" in target:
             return str(target["file_name"])
-        path = _file_of(self.dataset, i)
+        path = item_file(self.dataset, i)
         return str(path) if path is not None else str(image_id)
 
     def load(self, i: int) -> Item:
@@ -177,23 +177,6 @@ class DatasetSource(Source):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "dataset", "name": self.name, "type": type(self.dataset).__name__, "num_images": len(self)}
-
-
-def _file_of(dataset: Any, i: int, depth: int = 0) -> str | None:
-    """The image file of item ``i`` through Subset / HiddenLabels / ConcatDataset views (absolute path), if any."""
-    if depth > 8:
-        return None
-    files = getattr(dataset, "files", None)
-    if isinstance(files, (list, tuple)) and 0 <= i < len(files):
-        return str(Path(files[i]).resolve())
-    if hasattr(dataset, "ground_truth"):
-        return _file_of(dataset.ground_truth, i, depth + 1)
-    if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
-        return _file_of(dataset.dataset, int(dataset.indices[i]), depth + 1)
-    if hasattr(dataset, "_locate"):
-        ds, j = dataset._locate(i)
-        return _file_of(ds, j, depth + 1)
-    return None
 
 
 class ImageRange(torch.utils.data.Dataset):
