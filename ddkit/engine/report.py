@@ -750,7 +750,7 @@ def _spread(items: list[Any], n: int) -> list[Any]:
 
 
 def _images_plot(data: Mapping[str, Any], label_dir: Path, run_dir: Path, info: DatasetInfo | None,
-                 task_name: str, unlabeled: Any, max_images: int, path: Path) -> tuple[bool, str]:
+                 unlabeled: Any, max_images: int, path: Path) -> tuple[bool, str]:
     """Draw the grid; ``(drawn, note)``."""
     classification = data.get("ddkit_format") == IMAGE_LABELS  # one label per image, no boxes to draw
     images = [im for im in data.get("images") or [] if isinstance(im, Mapping) and "id" in im]
@@ -819,7 +819,7 @@ def _images_plot(data: Mapping[str, Any], label_dir: Path, run_dir: Path, info: 
     return True, f"{len(tiles)} of {len(images)} images"
 
 
-def _images_section(label_dirs: Sequence[Path], run_dir: Path, info: DatasetInfo | None, task_name: str,
+def _images_section(label_dirs: Sequence[Path], run_dir: Path, info: DatasetInfo | None,
                     unlabeled: Any, max_images: int, plots: Path, rel: str) -> str:
     parts = ["<h2>Pseudo-labelled images</h2>"]
     files = [(d, d / "pseudo_labels.json") for d in label_dirs if (d / "pseudo_labels.json").is_file()]
@@ -837,7 +837,7 @@ def _images_section(label_dirs: Sequence[Path], run_dir: Path, info: DatasetInfo
             parts.append(_note(f"{d.name}/pseudo_labels.json is unreadable."))
             continue
         name = "pseudo_labels.png" if d.name == "label" else f"pseudo_labels_{_slug(d.name)}.png"
-        drawn, note = _images_plot(data, d, run_dir, info, task_name, unlabeled, max_images, plots / name)
+        drawn, note = _images_plot(data, d, run_dir, info, unlabeled, max_images, plots / name)
         if drawn:
             parts.append(f'<p class="meta">{_esc(note)} from <code>{_esc(d.name)}/pseudo_labels.json</code></p>')
             parts.append(_img(f"{rel}/{name}", f"{d.name}: pseudo-labels"))
@@ -865,7 +865,8 @@ def write_report(run_dir: str | Path, results: Mapping[str, Any] | None, info: D
         results: ``{"task", "metric", "rows": [{"model", "stage", <metrics>...}], "gap_closed", "tta"}``; every
             key of the rows becomes a column.
         info: the dataset info (category names, keypoints); default: the pseudo-label file's categories.
-        task_name: ``"classification"``, ``"detection"`` or ``"keypoints"`` (how the pseudo-labels are drawn).
+        task_name: the task's name for the title when ``results`` has none (the pseudo-label file's own format
+            says how its labels are drawn).
         unlabeled: the unlabeled dataset (items ``(image [C, H, W] in [0, 1], {"image_id", ...})``) the images of
             the pseudo-label grid come from; without it, the files named in ``pseudo_labels.json`` are read.
         max_images: at most this many images in the grid.
@@ -880,7 +881,7 @@ def write_report(run_dir: str | Path, results: Mapping[str, Any] | None, info: D
     import matplotlib
 
     with matplotlib.rc_context({"text.parse_math": False}):  # "$" in names is text, not mathtext
-        sections = _sections(run_dir, results, info, task_name, unlabeled, max_images, label_dirs, plots)
+        sections = _sections(run_dir, results, info, unlabeled, max_images, label_dirs, plots)
     title = f"ddkit run report: {run_dir.name}"
     page = "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
@@ -893,7 +894,7 @@ def write_report(run_dir: str | Path, results: Mapping[str, Any] | None, info: D
     return atomic_write_text(run_dir / REPORT_NAME, page)
 
 
-def _sections(run_dir: Path, results: Mapping[str, Any], info: DatasetInfo | None, task_name: str, unlabeled: Any,
+def _sections(run_dir: Path, results: Mapping[str, Any], info: DatasetInfo | None, unlabeled: Any,
               max_images: int, label_dirs: Sequence[Path], plots: Path) -> list[str]:
     return [
         _guarded("Results", lambda: _results_section(results, plots, PLOTS_DIR)),
@@ -901,6 +902,6 @@ def _sections(run_dir: Path, results: Mapping[str, Any], info: DatasetInfo | Non
         _guarded("Pseudo-labels: thresholds and instance counts",
                  lambda: _label_section(label_dirs, run_dir, plots, PLOTS_DIR)),
         _guarded("Pseudo-label quality (hidden labels)", lambda: _quality_section(label_dirs, plots, PLOTS_DIR)),
-        _guarded("Pseudo-labelled images", lambda: _images_section(label_dirs, run_dir, info, task_name, unlabeled,
+        _guarded("Pseudo-labelled images", lambda: _images_section(label_dirs, run_dir, info, unlabeled,
                                                                    max_images, plots, PLOTS_DIR)),
     ]
