@@ -141,3 +141,19 @@ def test_a_broken_pipe_is_still_not_an_error(monkeypatch):
 
     monkeypatch.setattr(config_command, "run", gone)
     assert main(["config", "show", str(DD)]) == 0
+
+
+def test_train_saves_the_full_recipe_with_every_default(tmp_path):
+    recipe = tmp_path / "t.yaml"
+    recipe.write_text(f"""
+run: {{out_dir: "{tmp_path / 'out'}", device: cpu}}
+task: {{name: classification}}
+data: {{dataset: {{name: digits}}, split: {{labeled: 0.3, test: 0.1}}}}
+teacher:
+  model: {{name: mlp, hidden: [8]}}
+  train: {{iterations: 2, batch_size: 8}}
+""")
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    saved = yaml.safe_load((tmp_path / "out" / "teacher" / "config.yaml").read_text())
+    assert saved["teacher"]["train"]["warmup_factor"] == 0.001 and saved["teacher"]["train"]["iterations"] == 2
+    assert saved["teacher"]["model"]["dropout"] == 0.0 and saved["run"]["seed"] == 0

@@ -438,6 +438,7 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     recipe is validated and the data and models are built before anything is written into the run folder.
     """
     from ddkit.config import save_config, validate_config
+    from ddkit.engine.defaults import with_defaults
     from ddkit.engine.data import build_data
     from ddkit.registry import _to_plain
 
@@ -473,7 +474,7 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     def on_start() -> None:  # the recipe, the data, the models and the resume check passed
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, run_dir)
+            save_config(with_defaults(cfg, registry), run_dir)  # the full recipe, every default written
             if force:
                 (run_dir / "model.pt").unlink(missing_ok=True)  # the old result goes; the new one replaces it
 

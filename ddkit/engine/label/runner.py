@@ -207,6 +207,7 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     """Run the labelling stage of a loaded recipe (what ``ddkit label`` does): validate everything, load the
     teacher and the data, build every strategy, then label (nothing is read before the recipe is known good)."""
     from ddkit.config import save_config, validate_config
+    from ddkit.engine.defaults import with_defaults
     from ddkit.engine.checkpoint import load_model
     from ddkit.engine.data import build_data
 
@@ -240,7 +241,7 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     if splits is not None and [int(c["id"]) for c in splits.info.categories] != [int(c["id"]) for c in info.categories]:
         raise ConfigError(f"{source}: the data's categories differ from the teacher's")
     if rank == 0:
-        save_config(cfg, out_root / "label")
+        save_config(with_defaults(cfg, registry), out_root / "label")  # the full recipe, every default
     return label_dataset(task, model, info, None if splits is None else splits.unlabeled,
                          None if splits is None else splits.labeled, lcfg, out_root / "label",
                          teacher_checkpoint=resolve_checkpoint(teacher_path), device=device, worker=worker,
