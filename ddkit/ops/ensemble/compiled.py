@@ -32,11 +32,11 @@ def _kernels() -> Optional[Any]:
         return None
     jit = numba.njit(cache=True, nogil=True)
     g = globals()
-    for name in ("_grid", "_cell", "_register", "_follow", "_pull", "_lower_leaf"):   # helpers first: the kernels
-        g[name] = jit(g[name])                                                            # call compiled versions
+    for name in ("_grid", "_cell", "_register", "_follow", "_grow", "_pull", "_lower_leaf"):   # helpers first:
+        g[name] = jit(g[name])                                               # the kernels call compiled versions
     return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel)),
                                 "soft_nms": staticmethod(jit(_soft_nms_kernel)),
-                                "neighbours": staticmethod(jit(_neighbours_kernel))})
+                                "pairs": staticmethod(jit(_pairs_kernel))})
 
 
 def available(xp: Backend) -> bool:
@@ -227,22 +227,32 @@ def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, siz
                 nxt, item, used = _register(head, nxt, item, used, p, bx0, by0, bx1, by1, nx)
 
 
-def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, indptr: np.ndarray
-                       ) -> Tuple[np.ndarray, np.ndarray]:  # pragma: no cover - compiled
-    """Per box, the boxes of its group whose intersection with it has a positive area (found through a grid), in
-    CSR form (``indptr`` filled in place), with their IoU computed as ensemble_boxes' soft-NMS computes it.
+def _grow(a: np.ndarray, used: int, need: int) -> np.ndarray:
+    """``a`` itself if it holds ``need`` entries, else a copy of its first ``used`` in one at least twice as long
+    (checked once per box, outside the inner loops: they stay free of allocations)."""
+    if need <= a.shape[0]:
+        return a
+    b = np.empty(max(need, 2 * a.shape[0]), a.dtype)
+    b[:used] = a[:used]
+    return b
 
-    Each box meets the earlier boxes registered in its cells, then registers itself: every pair is found once."""
+
+def _pairs_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, gptr: np.ndarray
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
+    """The pairs of boxes of a group whose intersection has a positive area, found through a grid, each once
+    (``pa`` the later box, ``pb`` the earlier one), with their IoU as ensemble_boxes' soft-NMS computes it (the
+    same from either side); group ``g``'s pairs are ``gptr[g]:gptr[g + 1]`` (``gptr`` filled in place).
+
+    Each box meets the earlier boxes registered in its cells, then registers itself."""
     n = c.shape[0]
-    cap = 8 * n + 16
-    pa = np.empty(cap, np.int64)
-    pb = np.empty(cap, np.int64)
-    pv = np.empty(cap)
+    pa = np.empty(4 * n + 16, np.int64)
+    pb = np.empty(4 * n + 16, np.int64)
+    pv = np.empty(4 * n + 16)
     used = 0
     m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
     head = np.empty(4 * m + 4, np.int64)
-    nxt = np.empty(4 * m + 16, np.int64)
-    item = np.empty(4 * m + 16, np.int64)
+    nxt = np.empty(8 * m + 16, np.int64)
+    item = np.empty(8 * m + 16, np.int64)
     stamp = np.full(m, -1, np.int64)
     for g in range(starts.shape[0]):
         s0, sz = starts[g], sizes[g]
@@ -250,47 +260,38 @@ def _neighbours_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, ind
         head[:nx * ny] = -1
         reg = 0
         for p in range(s0, s0 + sz):
-            r0, r1 = _cell(c[p, 0], gx0, cw, nx), _cell(c[p, 1], gy0, ch, ny)
-            r2, r3 = _cell(c[p, 2], gx0, cw, nx), _cell(c[p, 3], gy0, ch, ny)
-            ap = (c[p, 2] - c[p, 0]) * (c[p, 3] - c[p, 1])
+            if used + (p - s0) > pa.shape[0]:    # at most one pair per earlier box
+                pa, pb, pv = _grow(pa, used, used + p - s0), _grow(pb, used, used + p - s0), \
+                    _grow(pv, used, used + p - s0)
+            x0, y0, x1, y1 = c[p, 0], c[p, 1], c[p, 2], c[p, 3]
+            r0, r1, r2, r3 = _cell(x0, gx0, cw, nx), _cell(y0, gy0, ch, ny), _cell(x1, gx0, cw, nx), \
+                _cell(y1, gy0, ch, ny)
+            ap = (x1 - x0) * (y1 - y0)
             for iy in range(r1, r3 + 1):
                 for ix in range(r0, r2 + 1):
                     e = head[iy * nx + ix]
                     while e >= 0:
                         o = item[e]
                         e = nxt[e]
-                        if stamp[o - s0] == p:
-                            continue
-                        stamp[o - s0] = p
-                        w = min(c[p, 3], c[o, 3]) - max(c[p, 1], c[o, 1])
-                        h = min(c[p, 2], c[o, 2]) - max(c[p, 0], c[o, 0])
-                        if not (w > 0 and h > 0):
-                            continue
-                        if used == cap:
-                            pa2, pb2, pv2 = np.empty(2 * cap, np.int64), np.empty(2 * cap, np.int64), np.empty(2 * cap)
-                            pa2[:used], pb2[:used], pv2[:used] = pa, pb, pv
-                            pa, pb, pv, cap = pa2, pb2, pv2, 2 * cap
-                        inter = w * h
-                        pa[used], pb[used] = p, o
-                        pv[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
-                        used += 1
-            nxt, item, reg = _register(head, nxt, item, reg, p, r0, r1, r2, r3, nx)
-    # both directions, grouped by box (a counting sort)
-    for e in range(used):
-        indptr[pa[e] + 1] += 1
-        indptr[pb[e] + 1] += 1
-    for i in range(n):
-        indptr[i + 1] += indptr[i]
-    fill = indptr[:n].copy()
-    nbr = np.empty(2 * used, np.int64)
-    ovr = np.empty(2 * used)
-    for e in range(used):
-        a, b = pa[e], pb[e]
-        nbr[fill[a]], ovr[fill[a]] = b, pv[e]
-        fill[a] += 1
-        nbr[fill[b]], ovr[fill[b]] = a, pv[e]
-        fill[b] += 1
-    return nbr, ovr
+                        if stamp[o - s0] != p:
+                            stamp[o - s0] = p
+                            w = min(y1, c[o, 3]) - max(y0, c[o, 1])
+                            h = min(x1, c[o, 2]) - max(x0, c[o, 0])
+                            if w > 0 and h > 0:
+                                inter = w * h
+                                pa[used], pb[used] = p, o
+                                pv[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
+                                used += 1
+            k = (r2 - r0 + 1) * (r3 - r1 + 1)
+            if reg + k > nxt.shape[0]:
+                nxt, item = _grow(nxt, reg, reg + k), _grow(item, reg, reg + k)
+            for iy in range(r1, r3 + 1):
+                for ix in range(r0, r2 + 1):
+                    nxt[reg], item[reg] = head[iy * nx + ix], p
+                    head[iy * nx + ix] = reg
+                    reg += 1
+        gptr[g + 1] = used
+    return pa[:used], pb[:used], pv[:used]
 
 
 def _pull(ts: np.ndarray, tp: np.ndarray, t: int) -> None:
@@ -313,30 +314,50 @@ def _lower_leaf(ts: np.ndarray, tp: np.ndarray, size: int, pos: int, score: floa
         t >>= 1
 
 
-def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np.ndarray, indptr: np.ndarray,
-                     nbr: np.ndarray, wgt: np.ndarray, box_at: np.ndarray) -> None:  # pragma: no cover - compiled
+def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np.ndarray, gptr: np.ndarray,
+                     pa: np.ndarray, pb: np.ndarray, wgt: np.ndarray, box_at: np.ndarray
+                     ) -> None:  # pragma: no cover - compiled
     """``cpu_soft_nms_float`` of ensemble_boxes group by group, positions and ties included (filled in place).
 
     Position ``i`` of a group takes the highest remaining score, the lowest position on ties (what ensemble_boxes'
-    swap does), found in a max-tree over positions; then only the boxes whose decay factor is not exactly 1 (those
-    overlapping it: ``nbr``/``wgt``, per box in CSR form) are decayed. ``sc`` ends with the final scores and
-    ``box_at[s0 + i]`` with the box selected at step ``i``."""
+    swap does), found in a max-tree over positions; then only the boxes whose decay factor is not exactly 1 (of
+    the pairs ``pa``/``pb`` with factor ``wgt``, group ``g``'s at ``gptr[g]:gptr[g + 1]``) are decayed.
+    ``sc`` ends with the final scores and ``box_at[s0 + i]`` with the box selected at step ``i``."""
     m = sizes.max() if sizes.shape[0] else 0       # work arrays allocated once, for the largest group
+    mp = 0
+    for g in range(starts.shape[0]):
+        mp = max(mp, gptr[g + 1] - gptr[g])
     ts = np.empty(4 * m + 4)
     tp = np.empty(4 * m + 4, np.int64)
-    at_all = np.empty(m, np.int64)
+    at = np.empty(m, np.int64)
     where = np.empty(m, np.int64)
     gone = np.empty(m, np.bool_)
+    ptr = np.empty(m + 1, np.int64)               # per box of the group: its decaying pairs, both ways (CSR)
+    nb = np.empty(2 * mp, np.int64)
+    nw = np.empty(2 * mp)
     for g in range(starts.shape[0]):
         s0, sz = starts[g], sizes[g]
+        ptr[:sz + 1] = 0
+        for e in range(gptr[g], gptr[g + 1]):
+            if wgt[e] != 1.0:
+                ptr[pa[e] - s0 + 1] += 1
+                ptr[pb[e] - s0 + 1] += 1
+        for r in range(sz):
+            ptr[r + 1] += ptr[r]
+        for e in range(gptr[g], gptr[g + 1]):      # ptr[r] ends at the start of box r + 1's entries
+            if wgt[e] != 1.0:
+                a, b = pa[e] - s0, pb[e] - s0
+                nb[ptr[a]], nw[ptr[a]] = b, wgt[e]
+                ptr[a] += 1
+                nb[ptr[b]], nw[ptr[b]] = a, wgt[e]
+                ptr[b] += 1
         size = 1
         while size < sz:
             size *= 2
         tp[size:2 * size] = -1
-        at = at_all[:sz]
         for pos in range(sz):
-            at[pos] = s0 + pos                   # box at each position
-            where[pos] = pos                     # position of each box (relative)
+            at[pos] = pos                        # box at each position (relative)
+            where[pos] = pos                     # position of each box
             gone[pos] = False
             ts[size + pos], tp[size + pos] = sc[s0 + pos], pos
         for t in range(size - 1, 0, -1):
@@ -346,19 +367,19 @@ def _soft_nms_kernel(sc: np.ndarray, to_f32: bool, starts: np.ndarray, sizes: np
             if q != i:
                 bi, bq = at[i], at[q]
                 at[i], at[q] = bq, bi
-                where[bq - s0], where[bi - s0] = i, q
-                _lower_leaf(ts, tp, size, q, sc[bi], True)      # the box from i scores <= the one it replaces
+                where[bq], where[bi] = i, q
+                _lower_leaf(ts, tp, size, q, sc[s0 + bi], True)  # the box from i scores <= the one it replaces
             b = at[i]
-            gone[b - s0] = True
+            gone[b] = True
             _lower_leaf(ts, tp, size, i, 0.0, False)
-            for e in range(indptr[b], indptr[b + 1]):
-                o = nbr[e]
-                if not gone[o - s0] and wgt[e] != 1.0:
-                    v = wgt[e] * sc[o]
-                    sc[o] = np.float64(np.float32(v)) if to_f32 else v
-                    _lower_leaf(ts, tp, size, where[o - s0], sc[o], True)   # decays only lower scores
+            for e in range(ptr[b - 1] if b else 0, ptr[b]):
+                o = nb[e]
+                if not gone[o]:
+                    v = nw[e] * sc[s0 + o]
+                    sc[s0 + o] = np.float64(np.float32(v)) if to_f32 else v
+                    _lower_leaf(ts, tp, size, where[o], sc[s0 + o], True)   # decays only lower scores
         for i in range(sz):
-            box_at[s0 + i] = at[i]
+            box_at[s0 + i] = s0 + at[i]
 
 
 def wbf_assign(coords: np.ndarray, b1: np.ndarray, wv: np.ndarray, seg: _Segments, thr: float, need_ws: bool
@@ -385,20 +406,21 @@ def greedy(coords: np.ndarray, area: np.ndarray, seg: _Segments, thr: float
     return keep, best, cluster
 
 
-def neighbours(c: np.ndarray, seg: _Segments) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per box the overlapping boxes of its group and their IoU (as soft-NMS computes it): ``(indptr, nbr, iou)``."""
-    indptr = np.zeros(c.shape[0] + 1, np.int64)
-    nbr, ovr = _kernels().neighbours(np.ascontiguousarray(c, np.float64), seg.starts.astype(np.int64),
-                                     seg.sizes.astype(np.int64), indptr)
-    return indptr, nbr, ovr
+def overlap_pairs(c: np.ndarray, seg: _Segments) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The overlapping pairs of boxes of each group and their IoU (as soft-NMS computes it), each pair once:
+    ``(gptr, later box, earlier box, iou)``, group ``g``'s pairs at ``gptr[g]:gptr[g + 1]``."""
+    gptr = np.zeros(seg.starts.shape[0] + 1, np.int64)
+    pa, pb, iou = _kernels().pairs(np.ascontiguousarray(c, np.float64), seg.starts.astype(np.int64),
+                                   seg.sizes.astype(np.int64), gptr)
+    return gptr, pa, pb, iou
 
 
-def soft_nms(sc: np.ndarray, seg: _Segments, indptr: np.ndarray, nbr: np.ndarray, weights: np.ndarray
-             ) -> Tuple[np.ndarray, np.ndarray]:
+def soft_nms(sc: np.ndarray, seg: _Segments, gptr: np.ndarray, pa: np.ndarray, pb: np.ndarray,
+             weights: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """``suppress._soft_nms_steps`` compiled, on whole groups: per group, the positions in selection order and
-    the final scores, from the :func:`neighbours` of every box and their decay factors ``weights``."""
+    the final scores, from the :func:`overlap_pairs` of every group and their decay factors ``weights``."""
     final = sc.astype(np.float64)
-    box_at = np.arange(sc.shape[0])
+    box_at = np.empty(sc.shape[0], np.int64)
     _kernels().soft_nms(final, sc.dtype == np.float32, seg.starts.astype(np.int64), seg.sizes.astype(np.int64),
-                        indptr, nbr, np.ascontiguousarray(weights, np.float64), box_at)
+                        gptr, pa, pb, np.ascontiguousarray(weights, np.float64), box_at)
     return box_at, final.astype(sc.dtype)

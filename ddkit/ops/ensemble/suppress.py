@@ -93,8 +93,8 @@ def _soft_nms_groups(xp: Backend, boxes: Array, scores: Array, key: Array, metho
     if not compiled.available(xp):
         split = split_groups(xp, c, seg)
     elif n and int(seg.sizes.max()) > _SOFT_COMPILED_MIN:
-        indptr, nbr, ovr = compiled.neighbours(c, seg)
-        box_at, final = compiled.soft_nms(sc, seg, indptr, nbr, _decay(xp, ovr, method, iou_thr, sigma))
+        gptr, pa, pb, ovr = compiled.overlap_pairs(c, seg)
+        box_at, final = compiled.soft_nms(sc, seg, gptr, pa, pb, _decay(xp, ovr, method, iou_thr, sigma))
         return xp.take(order, box_at), xp.take(final, box_at)
     if split is None:
         sel, final, _ = _soft_nms_steps(xp, c, sc, seg, method, iou_thr, sigma, None)
