@@ -697,6 +697,71 @@ def test_soft_nms_crowded_matches_ensemble_boxes(method: int) -> None:
     assert check_parity(ensemble_boxes.soft_nms, E.soft_nms, E.soft_nms_batch, cs, kws) == len(cs)
 
 
+def pile_case(rng: np.random.Generator, quant: Any = None) -> Tuple[list, list, list]:
+    """One class, 250-400 boxes in 3 views: piles on two spots (every box overlaps dozens of others), a few boxes
+    covering nearly the whole image (they meet every cell of a grid made fine by many small boxes), duplicates."""
+    bl, sl, ll = [], [], []
+    spots = rng.uniform(0.3, 0.7, (2, 2))
+    for _ in range(3):
+        n_pile, n_big, n_small = int(rng.integers(15, 30)), int(rng.integers(1, 3)), int(rng.integers(60, 100))
+        c = spots[rng.integers(0, 2, n_pile)] + rng.normal(0, 0.01, (n_pile, 2))
+        wh = 0.08 * np.exp(rng.normal(0, 0.2, (n_pile, 2)))
+        big = np.concatenate([rng.uniform(0, 0.05, (n_big, 2)), rng.uniform(0.95, 1, (n_big, 2))], 1)
+        sc, swh = rng.uniform(0, 1, (n_small, 2)), rng.uniform(0.01, 0.03, (n_small, 2))
+        b = np.concatenate([np.concatenate([c - wh / 2, c + wh / 2], 1), big,
+                            np.concatenate([sc - swh / 2, sc + swh / 2], 1)])
+        b[-3:] = b[:3]                                             # exact duplicates
+        s = rng.uniform(0.01, 1, len(b))
+        if quant:
+            s = np.ceil(s * quant) / quant
+        bl.append(b)
+        sl.append(s)
+        ll.append(np.zeros(len(b)))
+    return bl, sl, ll
+
+
+def test_compiled_overlap_pairs_match_brute_force() -> None:
+    """The compiled soft-NMS pair search: every pair of a group with a positive intersection once, with the IoU
+    ensemble_boxes computes, also where its work arrays must grow (piles: far more pairs than 4 per box; boxes
+    covering the whole grid: more cell entries than 8 per box)."""
+    pytest.importorskip("numba")
+    from ddkit.ops.ensemble import backends, compiled, sort
+
+    rng = np.random.default_rng(270)
+    grew = False
+    for t in range(6):
+        bl, _, _ = pile_case(rng) if t % 2 else crowded_case(rng)
+        c = np.clip(np.sort(np.concatenate(bl).reshape(-1, 2, 2), axis=1).reshape(-1, 4), 0, 1)
+        c = c[(c[:, 2] > c[:, 0]) & (c[:, 3] > c[:, 1])]
+        g = np.sort(rng.random(len(c)) < 0.2).astype(np.int64)    # two groups, sorted
+        seg = sort._segments(backends._NUMPY, g)
+        gptr, pa, pb, iou = compiled.overlap_pairs(c, seg)
+        area = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1])
+        want = {}
+        for i in range(len(c)):
+            for j in range(i):
+                w = min(c[i, 3], c[j, 3]) - max(c[i, 1], c[j, 1])
+                h = min(c[i, 2], c[j, 2]) - max(c[i, 0], c[j, 0])
+                if g[i] == g[j] and w > 0 and h > 0:
+                    want[(i, j)] = (w * h) / (area[j] + area[i] - w * h)    # as ensemble_boxes, j selected first
+        got = {(int(a), int(b)): float(v) for a, b, v in zip(pa, pb, iou)}
+        assert len(got) == len(pa) and got == want
+        assert [int(x) for x in gptr] == [0, int((g[pa] == 0).sum()), len(pa)] and np.all(g[pa][:-1] <= g[pa][1:])
+        grew |= len(pa) > 4 * len(c) + 16
+    assert grew
+
+
+@pytest.mark.parametrize("method", [1, 2])
+def test_soft_nms_piles_match_ensemble_boxes(method: int) -> None:
+    """Piles of boxes where every box overlaps dozens of others, and boxes that cover the whole image: the
+    compiled path's grown work arrays give ensemble_boxes' results exactly (ties included: quantized scores)."""
+    rng = np.random.default_rng(280 + method)
+    cs = [pile_case(rng, quant=[None, 20][i % 2]) for i in range(4)]
+    kws = [dict(method=method, iou_thr=float(rng.choice([0.3, 0.5])), sigma=float(rng.choice([0.1, 0.5])),
+                thresh=float(rng.choice([0.001, 0.3]))) for _ in cs]
+    assert check_parity(ensemble_boxes.soft_nms, E.soft_nms, E.soft_nms_batch, cs, kws) == len(cs)
+
+
 def run_all(cs: List[Any]) -> List[Any]:
     """Every batched drop-in and tensor core on the cases (group sizes 1 to hundreds, ties, duplicates)."""
     out: List[Any] = []

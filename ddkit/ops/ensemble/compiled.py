@@ -260,9 +260,9 @@ def _pairs_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, gptr: np
         head[:nx * ny] = -1
         reg = 0
         for p in range(s0, s0 + sz):
-            if used + (p - s0) > pa.shape[0]:    # at most one pair per earlier box
-                pa, pb, pv = _grow(pa, used, used + p - s0), _grow(pb, used, used + p - s0), \
-                    _grow(pv, used, used + p - s0)
+            k = used + p - s0 + 1                # at most one pair per earlier box, and one slot written past
+            if k > pa.shape[0]:
+                pa, pb, pv = _grow(pa, used, k), _grow(pb, used, k), _grow(pv, used, k)
             x0, y0, x1, y1 = c[p, 0], c[p, 1], c[p, 2], c[p, 3]
             r0, r1, r2, r3 = _cell(x0, gx0, cw, nx), _cell(y0, gy0, ch, ny), _cell(x1, gx0, cw, nx), \
                 _cell(y1, gy0, ch, ny)
@@ -270,18 +270,17 @@ def _pairs_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, gptr: np
             for iy in range(r1, r3 + 1):
                 for ix in range(r0, r2 + 1):
                     e = head[iy * nx + ix]
-                    while e >= 0:
+                    while e >= 0:                # written always, kept if new and overlapping: no branch
                         o = item[e]
                         e = nxt[e]
-                        if stamp[o - s0] != p:
-                            stamp[o - s0] = p
-                            w = min(y1, c[o, 3]) - max(y0, c[o, 1])
-                            h = min(x1, c[o, 2]) - max(x0, c[o, 0])
-                            if w > 0 and h > 0:
-                                inter = w * h
-                                pa[used], pb[used] = p, o
-                                pv[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
-                                used += 1
+                        fresh = stamp[o - s0] != p
+                        stamp[o - s0] = p
+                        w = min(y1, c[o, 3]) - max(y0, c[o, 1])
+                        h = min(x1, c[o, 2]) - max(x0, c[o, 0])
+                        inter = max(w, 0.0) * max(h, 0.0)     # <= either area: the denominator is > 0
+                        pa[used], pb[used] = p, o
+                        pv[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
+                        used += fresh & (w > 0) & (h > 0)
             k = (r2 - r0 + 1) * (r3 - r1 + 1)
             if reg + k > nxt.shape[0]:
                 nxt, item = _grow(nxt, reg, reg + k), _grow(item, reg, reg + k)
@@ -296,11 +295,10 @@ def _pairs_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, gptr: np
 
 def _pull(ts: np.ndarray, tp: np.ndarray, t: int) -> None:
     """Node ``t`` of the max-tree takes the better child: the higher score, then the lower position (-1: empty)."""
-    a, b = 2 * t, 2 * t + 1
-    if tp[b] < 0 or (tp[a] >= 0 and (ts[a] > ts[b] or (ts[a] == ts[b] and tp[a] < tp[b]))):
-        ts[t], tp[t] = ts[a], tp[a]
-    else:
-        ts[t], tp[t] = ts[b], tp[b]
+    pa, pb, sa, sb = tp[2 * t], tp[2 * t + 1], ts[2 * t], ts[2 * t + 1]
+    left = (pb < 0) | ((pa >= 0) & ((sa > sb) | ((sa == sb) & (pa < pb))))    # no short circuit: no branch
+    ts[t] = sa if left else sb
+    tp[t] = pa if left else pb
 
 
 def _lower_leaf(ts: np.ndarray, tp: np.ndarray, size: int, pos: int, score: float, alive: bool) -> None:
