@@ -209,6 +209,18 @@ def test_soft_nms_matches_ensemble_boxes(method: int) -> None:
     assert check_parity(ensemble_boxes.soft_nms, E.soft_nms, E.soft_nms_batch, cs, kws) >= 150
 
 
+@pytest.mark.parametrize("method", [1, 2])
+def test_soft_nms_without_numba_matches_ensemble_boxes(method: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The vectorized numpy loops (what runs without numba; with it, the compiled kernels take every group size)."""
+    monkeypatch.setattr(E, "USE_NUMBA", False)
+    rng = np.random.default_rng(16 + method)
+    cs = cases(24 + method, 60) + cases(34 + method, 4, big=True) + crowded_cases(228 + method, 3)
+    kws = [dict(method=method)] * 30 + [dict(method=method, iou_thr=float(rng.choice([0.3, 0.5])),
+                                             sigma=float(rng.choice([0.1, 0.5])),
+                                             thresh=float(rng.choice([0.001, 0.1, 0.3]))) for c in cs[30:]]
+    assert check_parity(ensemble_boxes.soft_nms, E.soft_nms, E.soft_nms_batch, cs, kws) >= 60
+
+
 def test_nms_and_soft_nms_float32_inputs() -> None:
     cs = [tuple([np.asarray(x, np.float32) for x in part] for part in c) for c in cases(40, 60)]
     for ref_fn, fn, bfn in ((ensemble_boxes.nms, E.nms, E.nms_batch),
