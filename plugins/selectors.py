@@ -29,11 +29,21 @@ def _keypoint_mask(pred: ScoredPredictions, threshold: float | None) -> torch.Te
 class CountMatchParams:
     per_category: bool = True
     keypoints: bool = True
+    keep: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.keep <= 1.0:
+            raise ValueError(f"keep is the share of the matched count kept, in (0, 1] (1: the paper's rule), "
+                             f"got {self.keep}")
 
 
 class CountMatch:
     """The paper's rule: per category ``c`` keep the ``round(m_c x N)`` highest-scoring predictions of ``c``, where
     ``m_c`` is the labeled instances of ``c`` per labeled image and ``N`` the unlabeled images (ties kept).
+
+    ``keep < 1`` keeps only that share of each matched count, the most confident ones: with one label per image
+    (classification) matching the count keeps nearly every image, so the pseudo-labels are only as right as the
+    teacher; dropping its least confident ones trades coverage for precision.
 
     ``per_category=False`` uses one threshold for all categories (``m`` = all labeled instances per image). With
     keypoints (``keypoints=True``), a second threshold on keypoint scores makes the mean number of visible keypoints
@@ -43,20 +53,23 @@ class CountMatch:
 
     needs_labeled_stats = True  # capability: fit() matches the labeled set's counts, so it needs that set
 
-    def __init__(self, per_category: bool = True, keypoints: bool = True):
+    def __init__(self, per_category: bool = True, keypoints: bool = True, keep: float = 1.0):
         self.per_category = per_category
         self.keypoints = keypoints
+        self.keep = keep
         self.thresholds: dict[int, float] | None = None
         self._table: ThresholdTable | None = None
         self.keypoint_threshold: float | None = None
 
     def fit(self, labeled: LabeledStats, predictions: PredictionStream) -> dict[str, Any]:
-        self.thresholds, targets = count_match_thresholds(labeled, predictions, self.per_category)
+        self.thresholds, targets = count_match_thresholds(labeled, predictions, self.per_category,
+                                                                 self.keep)
         self._table = ThresholdTable(self.thresholds)
         out: dict[str, Any] = {
             "rule": "count_match" if self.per_category else "count_match_global",
             "score": {str(c): json_threshold(t) for c, t in sorted(self.thresholds.items())},
             "target": {str(c): k for c, k in sorted(targets.items())},
+            "keep": self.keep,
         }
         self.keypoint_threshold = None
         if self.keypoints and labeled.num_keypoints:
@@ -78,13 +91,16 @@ class CountMatch:
         return Selection(self._keep(pred), kp)
 
 
-def _count_match_global(keypoints: bool = True) -> CountMatch:
-    return CountMatch(per_category=False, keypoints=keypoints)
+def _count_match_global(keypoints: bool = True, keep: float = 1.0) -> CountMatch:
+    return CountMatch(per_category=False, keypoints=keypoints, keep=keep)
 
 
 @dataclass
 class CountMatchGlobalParams:
     keypoints: bool = True
+    keep: float = 1.0
+
+    __post_init__ = CountMatchParams.__post_init__
 
 
 # ------------------------------------------------------------------------------------------------ score_threshold

@@ -139,6 +139,49 @@ def test_count_match_classification_by_hand():
     assert [bool(sel.select(p).keep) for p in preds] == [True, True, True, False, True]
 
 
+def test_count_match_keep_share_by_hand():
+    # targets 5, 2, 0 at keep 1 (above); keep 0.5 -> round(2.25) = 2 of c1 and round(0.75) = 1 of c2
+    sel = build({"name": "count_match", "keep": 0.5})
+    out = sel.fit(LABELED, ListStream(UNLABELED))
+    assert out["target"] == {"1": 2, "2": 1, "3": 0} and out["keep"] == 0.5
+    assert out["score"]["1"] == pytest.approx(0.8) and out["score"]["2"] == pytest.approx(0.7)
+    keeps = [sel.select(p).keep.tolist() for p in UNLABELED]
+    assert keeps == [[True, True, True, False], [False, False, False, False], [False, False, False, False]]
+    glob = build({"name": "count_match_global", "keep": 0.5})  # round(0.5 x 2 x 3) = 3: 0.9 0.8 0.7 0.7 (tie)
+    assert glob.fit(LABELED, ListStream(UNLABELED))["target"] == {"-1": 3}
+    assert sum(int(glob.select(p).keep.sum()) for p in UNLABELED) == 4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_count_match_keep_share_against_a_slow_reference(seed):
+    """Per class: the round_half_up(keep x frac_c x N) most confident images predicted as c (ties at the k-th kept)."""
+    rng = np.random.default_rng(seed)
+    n, classes, keep = int(rng.integers(20, 200)), 5, float(rng.uniform(0.05, 1.0))
+    counts = rng.integers(0, 30, classes)
+    labeled = LabeledStats(num_images=int(counts.sum()), instances={c: int(k) for c, k in enumerate(counts)})
+    scores = np.round(rng.random(n), 2).astype(np.float32)  # rounded: ties happen
+    labels = rng.integers(0, classes, n)
+    preds = [P([s], [c]) for s, c in zip(scores, labels)]
+    sel = build({"name": "count_match", "keep": keep})
+    sel.fit(labeled, ListStream(preds))
+    got = [bool(sel.select(p).keep) for p in preds]
+    want = [False] * n
+    for c in range(classes):
+        k = round_half_up(keep * counts[c] / counts.sum() * n)
+        mine = sorted((float(scores[i]) for i in range(n) if labels[i] == c), reverse=True)
+        if k > 0 and mine:
+            kth = mine[min(k, len(mine)) - 1]
+            for i in range(n):
+                want[i] = want[i] or (labels[i] == c and float(scores[i]) >= kth)
+    assert got == want
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.5, -0.1])
+def test_count_match_keep_outside_its_range_is_one_line(keep):
+    with pytest.raises(ConfigError, match="keep is the share of the matched count"):
+        build({"name": "count_match", "keep": keep})
+
+
 def test_labeled_stats_from_detection_targets():
     targets = [{"labels": torch.tensor([1, 1, 2]), "keypoints": torch.tensor([[[0, 0, 2]] * 2, [[0, 0, 0]] * 2,
                                                                               [[1, 1, 1], [0, 0, 0]]]).float(),

@@ -257,17 +257,18 @@ def json_threshold(t: float) -> float | None:
     return None if math.isinf(t) else float(t)
 
 
-def count_match_thresholds(labeled: LabeledStats, predictions: PredictionStream,
-                           per_category: bool = True) -> tuple[dict[int, float], dict[int, int]]:
-    """One streaming pass: per category (or one global, key ``-1``) the threshold keeping ``round(m x N)``.
+def count_match_thresholds(labeled: LabeledStats, predictions: PredictionStream, per_category: bool = True,
+                           share: float = 1.0) -> tuple[dict[int, float], dict[int, int]]:
+    """One streaming pass: per category (or one global, key ``-1``) the threshold keeping ``round(share x m x N)``
+    (``share`` 1: the paper's count matching).
 
     Returns ``(thresholds, targets)``: the threshold and the target count of each category.
     """
     n = len(predictions)
     if per_category:
-        targets = {int(c): count_target(labeled.per_image(c), n) for c in labeled.instances}
+        targets = {int(c): count_target(share * labeled.per_image(c), n) for c in labeled.instances}
     else:
-        targets = {-1: count_target(labeled.per_image(), n)}
+        targets = {-1: count_target(share * labeled.per_image(), n)}
     tops = {c: TopK(k) for c, k in targets.items()}
     for pred in iter_chunks(predictions):
         if len(pred) == 0:
