@@ -62,8 +62,7 @@ class CountMatch:
         self.keypoint_threshold: float | None = None
 
     def fit(self, labeled: LabeledStats, predictions: PredictionStream) -> dict[str, Any]:
-        self.thresholds, targets = count_match_thresholds(labeled, predictions, self.per_category,
-                                                                 self.keep)
+        self.thresholds, targets = count_match_thresholds(labeled, predictions, self.per_category, self.keep)
         self._table = ThresholdTable(self.thresholds)
         out: dict[str, Any] = {
             "rule": "count_match" if self.per_category else "count_match_global",
