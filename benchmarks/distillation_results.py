@@ -10,8 +10,8 @@ and their time is the one the stage took when it ran; the plain script's output 
 ``runs/plain_mnist_*/seed<k>.json`` and re-used the same way); this script reads their ``results.json`` and prints mean
 +- standard deviation over the seeds. ``--plain`` also runs the plain-PyTorch script a user would write instead
 (``benchmarks/plain_mnist_dd.py`` / ``plain_mnist_kd.py``) on the same split and seeds, and prints both side by side
-with the time per seed. For data distillation it also says how much of a seed's "gap closed" is test-set noise: the
-standard deviation of the gap over 1,000 bootstrap resamples of the 1,000 test digits (the models fixed).
+with the time per seed. For data distillation it also says how much of a seed's "gap closed" is test-set noise: its
+spread over 1,000 bootstrap resamples of the 1,000 test digits (the models fixed; see ``bootstrap_gap_sd``).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # plain_mnist_dd's split, for the test digits of a seed
 RECIPES = {"dd": "configs/mnist_dd.yaml", "kd": "configs/mnist_kd.yaml"}
 PLAIN = {"dd": "benchmarks/plain_mnist_dd.py", "kd": "benchmarks/plain_mnist_kd.py"}
 
@@ -106,7 +107,6 @@ def bootstrap_gap_sd(wrong: dict[str, torch.Tensor], resamples: int = 1000) -> f
 
 def ddkit_mistakes(res: dict, seed: int) -> dict[str, torch.Tensor]:
     """Each ddkit model's mistakes on the test digits of ``seed``'s split."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
     from plain_mnist_dd import load_digits
 
     from ddkit.engine.checkpoint import load_model
