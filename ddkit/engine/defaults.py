@@ -32,7 +32,6 @@ class RunConfig:
     device: str = "auto"
 
 
-
 def _filled_block(block: Any, kind: str, registry: Registry) -> Any:
     entry, params = registry.params(kind, block)
     return {"name": entry.spec.name, **params}

@@ -32,7 +32,7 @@ def _kernels() -> Optional[Any]:
         return None
     jit = numba.njit(cache=True, nogil=True)
     g = globals()
-    for name in ("_grid", "_cell", "_register", "_follow", "_grow", "_pull", "_lower_leaf"):   # helpers first:
+    for name in ("_grid", "_cell", "_grow", "_register", "_follow", "_pull", "_lower_leaf"):   # helpers first:
         g[name] = jit(g[name])                                               # the kernels call compiled versions
     return type("Kernels", (), {"wbf": staticmethod(jit(_wbf_kernel)), "greedy": staticmethod(jit(_greedy_kernel)),
                                 "soft_nms": staticmethod(jit(_soft_nms_kernel)),
@@ -69,17 +69,24 @@ def _cell(v: float, v0: float, size: float, n: int) -> int:
     return int(t)
 
 
+def _grow(a: np.ndarray, used: int, need: int) -> np.ndarray:
+    """``a`` itself if it holds ``need`` entries, else a copy of its first ``used`` in one at least twice as long
+    (checked once per box, outside the inner loops: they stay free of allocations)."""
+    if need <= a.shape[0]:
+        return a
+    b = np.empty(max(need, 2 * a.shape[0]), a.dtype)
+    b[:used] = a[:used]
+    return b
+
+
 def _register(head: np.ndarray, nxt: np.ndarray, item: np.ndarray, used: int, q: int, ax0: int, ay0: int,
               ax1: int, ay1: int, nx: int) -> Tuple[np.ndarray, np.ndarray, int]:
-    """Add ``q`` to the lists of the cells ``[ax0, ax1] x [ay0, ay1]`` (arrays grown by doubling)."""
+    """Add ``q`` to the lists of the cells ``[ax0, ax1] x [ay0, ay1]`` (arrays grown by doubling, once, before
+    the loop)."""
+    need = used + (ax1 - ax0 + 1) * (ay1 - ay0 + 1)
+    nxt, item = _grow(nxt, used, need), _grow(item, used, need)
     for iy in range(ay0, ay1 + 1):
         for ix in range(ax0, ax1 + 1):
-            if used == nxt.shape[0]:
-                nxt2 = np.empty(2 * used, np.int64)
-                item2 = np.empty(2 * used, np.int64)
-                nxt2[:used] = nxt
-                item2[:used] = item
-                nxt, item = nxt2, item2
             c = iy * nx + ix
             nxt[used], item[used] = head[c], q
             head[c] = used
@@ -227,16 +234,6 @@ def _greedy_kernel(coords: np.ndarray, area: np.ndarray, starts: np.ndarray, siz
                 nxt, item, used = _register(head, nxt, item, used, p, bx0, by0, bx1, by1, nx)
 
 
-def _grow(a: np.ndarray, used: int, need: int) -> np.ndarray:
-    """``a`` itself if it holds ``need`` entries, else a copy of its first ``used`` in one at least twice as long
-    (checked once per box, outside the inner loops: they stay free of allocations)."""
-    if need <= a.shape[0]:
-        return a
-    b = np.empty(max(need, 2 * a.shape[0]), a.dtype)
-    b[:used] = a[:used]
-    return b
-
-
 def _pairs_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, gptr: np.ndarray
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:  # pragma: no cover - compiled
     """The pairs of boxes of a group whose intersection has a positive area, found through a grid, each once
@@ -281,14 +278,7 @@ def _pairs_kernel(c: np.ndarray, starts: np.ndarray, sizes: np.ndarray, gptr: np
                         pa[used], pb[used] = p, o
                         pv[used] = inter / (ap + (c[o, 2] - c[o, 0]) * (c[o, 3] - c[o, 1]) - inter)
                         used += fresh & (w > 0) & (h > 0)
-            k = (r2 - r0 + 1) * (r3 - r1 + 1)
-            if reg + k > nxt.shape[0]:
-                nxt, item = _grow(nxt, reg, reg + k), _grow(item, reg, reg + k)
-            for iy in range(r1, r3 + 1):
-                for ix in range(r0, r2 + 1):
-                    nxt[reg], item[reg] = head[iy * nx + ix], p
-                    head[iy * nx + ix] = reg
-                    reg += 1
+            nxt, item, reg = _register(head, nxt, item, reg, p, r0, r1, r2, r3, nx)
         gptr[g + 1] = used
     return pa[:used], pb[:used], pv[:used]
 
