@@ -15,7 +15,7 @@ from ddkit.engine.task import SetupContext, LossContext
 from ddkit.engine.train import train_model
 from ddkit.errors import ConfigError
 from ddkit.testing.losses import TINY_FASTERRCNN as CFG, toy_detection
-from ddkit_plugins.losses import detector_kd_terms
+from ddkit_plugins.detector_kd import detector_kd_terms, rpn_kd_terms
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
@@ -39,7 +39,7 @@ def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, 
         rs, rt, y = s_deltas[r, 4 * c:4 * c + 4], t_deltas[r, 4 * c:4 * c + 4], targets[r]
         es, et = float(((rs - y) ** 2).sum()), float(((rt - y) ** 2).sum())
         errs.append(es if es + margin > et else 0.0)
-    return soft, (sum(errs) / len(errs) if errs else 0.0)
+    return soft, (sum(errs) / len(labels) if errs else 0.0)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -78,15 +78,23 @@ def _setup(student, teacher, batch, task):
 
 
 def test_an_identical_teacher_gives_zero_and_close_restores_the_student():
+    """Every distillation term is 0; what is left is the (1 - mu) share of the hard losses the term takes out."""
     task, student, _, batch = toy_detection()
     teacher = copy.deepcopy(student).eval()
+    sampler = student.rpn.fg_bg_sampler
     term = _setup(student, teacher, batch, task)
     student.train()
     out = task.training_forward(student, batch)
-    value = term.compute(LossContext(task, student, teacher, batch, out, 0, 10))
-    assert abs(float(value.detach())) < 1e-5
+    ctx = LossContext(task, student, teacher, batch, out, 0, 10)
+    value = term.compute(ctx)
+    for key in ("soft", "bounded", "rpn_soft", "rpn_bounded"):
+        assert abs(float(ctx.logs[f"detector_kd/{key}"])) < 1e-5, key
+    hard = out.losses["loss_classifier"] + out.losses["loss_objectness"]
+    assert float(value.detach()) == pytest.approx(-(1 - term.mu) * float(hard.detach()), abs=1e-5)
     term.close()
     assert "select_training_samples" not in student.roi_heads.__dict__ and not student.roi_heads.box_predictor._forward_hooks
+    assert "compute_loss" not in student.rpn.__dict__ and student.rpn.fg_bg_sampler is sampler
+    assert not teacher.backbone._forward_hooks
 
 
 def test_trains_a_student_with_the_detector_losses(tmp_path):
@@ -97,7 +105,8 @@ def test_trains_a_student_with_the_detector_losses(tmp_path):
     student = task.build_model(CFG, ds.info)
     before = copy.deepcopy(student.state_dict())
     res = train_model(task, student, ds, {"iterations": 3, "batch_size": 2, "log_every": 1}, tmp_path,
-                      teacher=teacher, losses=[{"name": "hard_label"}, {"name": "detector_kd"}], progress=False)
+                      teacher=teacher, losses=[{"name": "hard_label"}, {"name": "detector_kd", "rpn": False}],
+                      progress=False)
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
     assert res["finished"] and len(logs) == 3
     for r in logs:
@@ -134,3 +143,73 @@ def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
                                      for s in ("kd_detector_kd", "kd_detector_kd_hint")}
     logs = (tmp_path / "kd_detector_kd_hint" / "metrics.jsonl").read_text()
     assert '"detector_kd/bounded"' in logs and '"hint"' in logs
+
+
+def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin):
+    """The RPN's terms by hand: the two-class (background, object) distribution of each anchor."""
+    soft = 0.0
+    for a, b in zip(s_obj.tolist(), t_obj.tolist()):
+        ps1, pt1 = 1 / (1 + math.exp(-a / T)), 1 / (1 + math.exp(-b / T))
+        soft += bg * (1 - pt1) * (math.log(1 - pt1) - math.log(1 - ps1)) + pt1 * (math.log(pt1) - math.log(ps1))
+    soft = soft / len(s_obj) * T * T
+    bounded = 0.0
+    for r in range(len(labels)):
+        if int(labels[r]) == 1:
+            es = float(((s_deltas[r] - targets[r]) ** 2).sum())
+            et = float(((t_deltas[r] - targets[r]) ** 2).sum())
+            bounded += es if es + margin > et else 0.0
+    return soft, bounded / len(labels)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rpn_terms_match_a_slow_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    a = [1, 9, 64, 20, 33][seed]
+    s_obj, t_obj = torch.randn(a, generator=g) * 3, torch.randn(a, generator=g) * 3
+    s_deltas, t_deltas, targets = (torch.randn(a, 4, generator=g) for _ in range(3))
+    labels = torch.randint(0, 2, (a,), generator=g).float() if seed != 3 else torch.zeros(a)  # 3: no object
+    if seed == 4:
+        t_deltas = s_deltas.clone()
+    for T, bg, margin in ((1.0, 1.5, 0.0), (2.0, 1.0, 0.3)):
+        soft, bounded = rpn_kd_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin)
+        ref_soft, ref_bounded = reference_rpn_terms(s_obj.double(), t_obj.double(), s_deltas.double(),
+                                                    t_deltas.double(), labels, targets.double(), T, bg, margin)
+        assert float(soft) == pytest.approx(ref_soft, rel=1e-4, abs=1e-6)
+        assert float(bounded) == pytest.approx(ref_bounded, rel=1e-4, abs=1e-6)
+
+
+def test_the_rpn_terms_refuse_anchors_that_do_not_coincide():
+    task = ddkit.build("tasks", "detection")
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 4, "image_size": 64})
+    teacher = task.build_model({**CFG, "min_size": 96, "max_size": 96}, ds.info).eval()
+    student = task.build_model(CFG, ds.info)
+    batch = task.collate([(*ds[i][:1], {**ds[i][1], "_index": i}) for i in range(2)])
+    term = _setup(student, teacher, batch, task)
+    student.train()
+    out = task.training_forward(student, batch)
+    with pytest.raises(ConfigError, match="rpn: false"):
+        term.compute(LossContext(task, student, teacher, batch, out, 0, 10))
+    term.close()
+
+
+def test_mu_blends_hard_and_soft_classification_as_the_paper():
+    """With mu = 1 the term is the bounded regression alone; each (1 - mu) moves that share of the hard losses to
+    the soft ones: value(mu) = bounded part + (1 - mu) * (soft - hard) over the RoI head and the RPN."""
+    task, student, teacher, batch = toy_detection()
+    values, logs = {}, {}
+    for mu in (1.0, 0.5, 0.0):
+        term = ddkit.build("losses", {"name": "detector_kd", "mu": mu})
+        term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
+        student.train()
+        torch.manual_seed(1)  # the same anchor and RoI samples each time
+        out = task.training_forward(student, batch)
+        ctx = LossContext(task, student, teacher, batch, out, 0, 10)
+        values[mu] = float(term.compute(ctx).detach())
+        logs[mu] = {k: float(v) for k, v in ctx.logs.items()}
+        term.close()
+        hard = float((out.losses["loss_classifier"] + out.losses["loss_objectness"]).detach())
+    soft = logs[0.0]["detector_kd/soft"] + logs[0.0]["detector_kd/rpn_soft"]
+    bounded = 0.5 * (logs[1.0]["detector_kd/bounded"] + logs[1.0]["detector_kd/rpn_bounded"])
+    assert values[1.0] == pytest.approx(bounded, abs=1e-5)
+    for mu in (0.5, 0.0):
+        assert values[mu] == pytest.approx(bounded + (1 - mu) * (soft - hard), rel=1e-4, abs=1e-5)

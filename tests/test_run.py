@@ -108,8 +108,23 @@ def test_changed_inputs_redo_only_the_stages_that_read_them(first_run, recipe, c
     cfg = load_config(recipe, ["kd.variants.soft.losses.1.temperature=3.0"])
     run_recipe(cfg, source=str(recipe), progress=False)
     printed = capsys.readouterr().out
-    assert "kd_soft: running" in printed and "kd_alone: running" in printed  # both read the kd section
+    assert "kd_soft: running" in printed and "kd_alone: done earlier" in printed  # each reads its own variant
     assert "student: done earlier" in printed and "label: done earlier" in printed
+
+
+def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path):
+    """``teacher.checkpoint``: no teacher training, the file is evaluated for the table and teaches the rest."""
+    teacher = Path(first_run["run_dir"]) / "teacher" / "model.pt"
+    cfg = load_config(recipe, [f"run.out_dir={tmp_path}", f"teacher.checkpoint={teacher}"])
+    summary = run_recipe(cfg, source=str(recipe), progress=False)
+    rows = {r["stage"]: r for r in summary["rows"]}
+    assert rows["teacher"]["error %"] == {r["stage"]: r for r in first_run["rows"]}["teacher"]["error %"]
+    assert rows["teacher"]["iterations"] == 0 and not (tmp_path / "teacher" / "model.pt").exists()
+    label = json.loads((tmp_path / "label" / "stage.json").read_text())["result"]
+    assert Path(label["teacher"]) == teacher.resolve()
+    with pytest.raises(ConfigError, match="teacher.checkpoint 'nope.pt' is not a file"):
+        run_recipe(load_config(recipe, [f"run.out_dir={tmp_path / 'b'}", "teacher.checkpoint=nope.pt"]),
+                   source=str(recipe), progress=False)
 
 
 def test_bad_recipes_fail_before_any_work(tmp_path, recipe):

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
+from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
 from ddkit.engine.label import LABEL_STAGE_KEYS, ShardedLabels, label_dataset, label_stage, select_stage
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
@@ -144,7 +145,8 @@ class Runner:
         if self.baselines.get("fully_labeled"):
             stages.append(Stage("baseline_full", base + ("teacher", "student"), self._baseline_full))
         for variant in (self.kd.get("variants") or {}):
-            stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", "kd"),
+            # one variant's own block: adding or changing another variant does not redo this one
+            stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", f"kd.variants.{variant}"),
                                 lambda v=variant: self._kd(v)))
         if self.evaluate_cfg.get("tta"):
             for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
@@ -225,7 +227,20 @@ class Runner:
 
     def _train_teacher(self) -> dict[str, Any]:
         t = self.teacher_cfg
+        if t.get("checkpoint"):
+            return self._trained_teacher(Path(t["checkpoint"]))
         return self._train("teacher", t["model"], t.get("train"), [self.splits.labeled], t.get("losses"))
+
+    def _trained_teacher(self, path: Path) -> dict[str, Any]:
+        """``teacher.checkpoint``: a teacher trained elsewhere (e.g. one teacher for several student seeds) is used
+        as it is and evaluated on the test part for the table."""
+        if not path.is_file():
+            raise ConfigError(f"{self.source}: teacher.checkpoint {str(path)!r} is not a file; give a model.pt "
+                              "written by ddkit train / run, or remove the key to train the teacher")
+        _, model, info = load_model(path, device=self.device, registry=self.registry)
+        check_same_classes(info, self.splits.info, str(path), self.source)
+        metrics = self.task.evaluate(model, self.splits.test, 8) if self.splits.test is not None else {}
+        return {"model": str(path.resolve()), "metrics": metrics, "iterations": 0}
 
     def _model_path(self, stage: str) -> Path:
         return Path(self.results[stage]["model"])

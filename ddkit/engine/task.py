@@ -242,22 +242,27 @@ def get_submodule(model: nn.Module, path: str, role: str = "model") -> nn.Module
 
 
 class FeatureHook:
-    """Keeps the latest output of one submodule (captured by a forward hook; the model's code is not changed)."""
+    """Keeps the latest output of one submodule (captured by a forward hook; the model's code is not changed): a
+    tensor, or the list of maps of a multi-level module such as an FPN (its dict's values, in order)."""
 
     def __init__(self, model: nn.Module, path: str, role: str = "model"):
         self.path, self.role = path, role
         self.module = get_submodule(model, path, role)
-        self.value: Tensor | None = None
+        self.value: Tensor | list[Tensor] | None = None
         self._handle = self.module.register_forward_hook(self._hook)
 
     def _hook(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        levels = list(output.values()) if isinstance(output, Mapping) else output
+        if isinstance(levels, (list, tuple)) and levels and all(isinstance(v, Tensor) for v in levels):
+            self.value = list(levels)
+            return
         if not isinstance(output, Tensor):
             kind = type(output).__name__
-            raise ConfigError(f"{self.role} module {self.path!r} returns a {kind}, not a tensor; hook a submodule "
-                              "that returns one (e.g. backbone.body.layer3 rather than backbone)")
+            raise ConfigError(f"{self.role} module {self.path!r} returns a {kind}, not a tensor or a list / dict of "
+                              "tensors; hook a submodule that returns one (e.g. backbone.body.layer3)")
         self.value = output
 
-    def get(self) -> Tensor:
+    def get(self) -> Tensor | list[Tensor]:
         if self.value is None:
             raise RuntimeError(f"{self.role} module {self.path!r} did not run in the last forward pass")
         return self.value

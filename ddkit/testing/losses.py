@@ -12,6 +12,7 @@ from torch import nn
 
 from ddkit.engine.losses import LossContext, SetupContext
 from ddkit.engine.task import Task
+from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo
 
 TEACHER_OUTPUTS = ("none", "logits", "features", "model")
@@ -33,16 +34,19 @@ def toy_classification(num_classes: int = 3) -> tuple[Task, nn.Module, nn.Module
 # a Faster R-CNN small enough for a unit test on 64 x 64 images (frozen BN: the same output in train and eval mode)
 TINY_FASTERRCNN = {"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64,
                    "representation_size": 32, "box_batch_size_per_image": 16, "norm": "frozen_bn"}
+TINY_RETINANET = {"name": "retinanet", "backbone": "tiny", "min_size": 64, "max_size": 64, "norm": "frozen_bn"}
 
 
-def toy_detection() -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:
-    """A detection task, tiny Faster R-CNN student and teacher and a batch of two generated 64 x 64 images."""
+def toy_detection(model: dict[str, Any] | None = None) -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:
+    """A detection task, tiny student and teacher (``model``, default :data:`TINY_FASTERRCNN`) and a batch of two
+    generated 64 x 64 images."""
     from ddkit.plugin_manager import build
 
     task = build("tasks", {"name": "detection"})
     ds = build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
     torch.manual_seed(0)
-    student, teacher = task.build_model(TINY_FASTERRCNN, ds.info), task.build_model(TINY_FASTERRCNN, ds.info).eval()
+    model = model or TINY_FASTERRCNN
+    student, teacher = task.build_model(model, ds.info), task.build_model(model, ds.info).eval()
     samples = []
     for i in range(2):
         image, target = ds[i]
@@ -52,18 +56,25 @@ def toy_detection() -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:
 
 def check_loss_term(term: Any) -> torch.Tensor:
     """The trainer's view of a term: ``weight``, ``teacher_outputs``, optional ``setup``, ``compute`` -> scalar with
-    a gradient for the student; on a toy classification step, or a detection step for a term whose ``tasks``
-    attribute (optional: the task kinds it supports) leaves classification out."""
+    a gradient for the student; on a toy classification step, or, for a term whose ``tasks`` attribute (optional:
+    the task kinds it supports) leaves classification out, a detection step of the first toy detector (two-stage,
+    then one-stage) whose ``setup`` does not refuse it."""
     assert isinstance(getattr(term, "weight", None), (int, float)) and term.weight >= 0, "term.weight must be >= 0"
     assert getattr(term, "teacher_outputs", None) in TEACHER_OUTPUTS, \
         f"term.teacher_outputs must be one of {TEACHER_OUTPUTS}"
     assert callable(getattr(term, "compute", None)), "term.compute(ctx) is missing"
     tasks = getattr(term, "tasks", None)
-    task, student, teacher, batch = toy_classification() if not tasks or "classification" in tasks \
-        else toy_detection()
-    extra = None
-    if hasattr(term, "setup"):
-        extra = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
+    toys = [toy_classification] if not tasks or "classification" in tasks else \
+        [toy_detection, lambda: toy_detection(TINY_RETINANET)]  # a detector term: the first kind it accepts
+    for i, toy in enumerate(toys):
+        task, student, teacher, batch = toy()
+        try:
+            extra = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10)) \
+                if hasattr(term, "setup") else None
+            break
+        except ConfigError:
+            if i == len(toys) - 1:
+                raise
     student.train()
     out = task.training_forward(student, batch)
     with torch.no_grad():

@@ -1,0 +1,108 @@
+"""``dense_kd``: soft classification targets for one-stage detectors (torchvision's RetinaNet and FCOS).
+
+Each anchor (RetinaNet) or location (FCOS) of the student is taught the teacher's per-class probabilities at the
+same place: the Bernoulli KL of the sigmoid outputs at temperature ``T`` (Hinton et al.'s soft targets in the
+sigmoid form one-stage detectors use, as in Tang et al., *Learning Efficient Detector with Semi-supervised
+Adaptive Distillation*, 2019, without their adaptive focal weights), summed over anchors and classes and normalised
+like the focal loss, by the teacher's expected number of object anchors. Feature imitation on the neck is the
+``hint`` term on ``backbone`` (every FPN level through one adapter).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ddkit import ConfigError
+from ddkit.engine.task import LossContext, SetupContext, unwrap_model
+
+from .detector_kd import TeacherBackbone
+
+
+@dataclass
+class DenseKDParams:
+    temperature: float = 1.0
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+
+
+def dense_soft_targets(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``[N, A, K], [N, A, K] -> scalar``: ``T^2 * sum_{n,a,k} KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T)))`` divided
+    by ``max(1, sum_{n,a} max_k sigmoid(t))`` (the teacher's expected number of object anchors). 0 when the student
+    matches the teacher."""
+    t = temperature
+    s, z = student_logits.float() / t, teacher_logits.detach().float() / t
+    pt = torch.sigmoid(z)
+    # KL(p_t || p_s) = BCE(s, p_t) - BCE(z, p_t), both with logits (stable)
+    kl = F.binary_cross_entropy_with_logits(s, pt, reduction="none") \
+        - F.binary_cross_entropy_with_logits(z, pt, reduction="none")
+    objects = torch.sigmoid(teacher_logits.detach().float()).amax(-1).sum().clamp(min=1.0)
+    return kl.sum() * t * t / objects
+
+
+class DenseKD:
+    """Soft classification targets on a one-stage detector's dense predictions (see the module's docstring). The
+    teacher is a one-stage detector of the same layout (anchors per location, strides, input size, classes): a
+    RetinaNet or FCOS with a wider backbone."""
+
+    teacher_outputs = "model"
+    stage_fraction = 0.0
+    tasks = ("detection",)
+
+    def __init__(self, temperature: float = 1.0, weight: float = 1.0):
+        self.temperature, self.weight = temperature, weight
+        self._hook: Any = None
+        self._teacher_backbone: TeacherBackbone | None = None
+        self._student_logits: Tensor | None = None
+
+    def setup(self, ctx: SetupContext) -> None:
+        if ctx.teacher is None:
+            raise ConfigError("dense_kd needs a teacher")
+        student, teacher = unwrap_model(ctx.student), unwrap_model(ctx.teacher)
+        for role, m in (("student", student), ("teacher", teacher)):
+            if not hasattr(getattr(m, "head", None), "classification_head"):
+                raise ConfigError(f"dense_kd distils one-stage detectors (retinanet, fcos); the {role} "
+                                  f"({type(m).__name__}) has no head.classification_head (two-stage: detector_kd)")
+        n_s, n_t = (m.head.classification_head.num_classes for m in (student, teacher))
+        if n_s != n_t:
+            raise ConfigError(f"dense_kd: the student predicts {n_s} classes and the teacher {n_t}; they must "
+                              "share the dataset's categories")
+        self.close()
+        self._hook = student.head.register_forward_hook(self._keep)
+        self._teacher_backbone = TeacherBackbone(teacher)
+        return None
+
+    def _keep(self, module: nn.Module, args: Any, out: dict[str, Tensor]) -> None:
+        if module.training:
+            self._student_logits = out["cls_logits"]
+
+    def compute(self, ctx: LossContext) -> Tensor:
+        s_logits, self._student_logits = self._student_logits, None
+        if s_logits is None:
+            raise RuntimeError("dense_kd: the student's head did not run in training mode this step")
+        teacher = unwrap_model(ctx.teacher)
+        _, feats = self._teacher_backbone(list(ctx.batch["images"]))
+        with torch.no_grad():
+            t_logits = teacher.head(list(feats.values()))["cls_logits"]
+        if t_logits.shape != s_logits.shape:
+            raise ConfigError(f"dense_kd: the teacher predicts {tuple(t_logits.shape)} class scores on this batch and "
+                              f"the student {tuple(s_logits.shape)}; give both the same input size, strides and "
+                              "anchors")
+        return dense_soft_targets(s_logits, t_logits, self.temperature)
+
+    def close(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._teacher_backbone is not None:
+            self._teacher_backbone.remove()
+            self._teacher_backbone = None
+        self._student_logits = None
