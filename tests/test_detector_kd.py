@@ -21,7 +21,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
 
 
-def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin):
+def reference_error(r, y, loss):
+    """One box's regression error by hand: squared L2, or torchvision's smooth L1 (beta 1/9) summed."""
+    if loss == "l2":
+        return sum((a - b) ** 2 for a, b in zip(r.tolist(), y.tolist()))
+    beta, total = 1 / 9, 0.0
+    for a, b in zip(r.tolist(), y.tolist()):
+        d = abs(a - b)
+        total += 0.5 * d * d / beta if d < beta else d - 0.5 * beta
+    return total
+
+
+def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin, loss="l2"):
     """Loops over RoIs and classes, in float64 Python."""
     soft = 0.0
     for srow, trow in zip(s_logits.tolist(), t_logits.tolist()):
@@ -37,7 +48,7 @@ def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, 
         if c == 0:
             continue
         rs, rt, y = s_deltas[r, 4 * c:4 * c + 4], t_deltas[r, 4 * c:4 * c + 4], targets[r]
-        es, et = float(((rs - y) ** 2).sum()), float(((rt - y) ** 2).sum())
+        es, et = reference_error(rs, y, loss), reference_error(rt, y, loss)
         errs.append(es if es + margin > et else 0.0)
     return soft, (sum(errs) / len(labels) if errs else 0.0)
 
@@ -52,10 +63,12 @@ def test_terms_match_a_slow_reference(seed):
     targets = torch.randn(r, 4, generator=g)
     if seed == 5:  # ties: the teacher exactly as good as the student on every RoI
         t_deltas = s_deltas.clone()
-    for T, bg, margin in ((1.0, 1.5, 0.0), (3.0, 1.0, 0.5), (0.5, 2.0, 0.0)):
-        soft, bounded = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin)
+    for T, bg, margin, loss in ((1.0, 1.5, 0.0, "l2"), (3.0, 1.0, 0.5, "l2"), (0.5, 2.0, 0.0, "smooth_l1"),
+                                (1.0, 1.5, 0.1, "smooth_l1")):
+        soft, bounded = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin,
+                                          loss)
         ref_soft, ref_bounded = reference_terms(s_logits.double(), t_logits.double(), s_deltas.double(),
-                                                t_deltas.double(), labels, targets.double(), T, bg, margin)
+                                                t_deltas.double(), labels, targets.double(), T, bg, margin, loss)
         assert float(soft) == pytest.approx(ref_soft, rel=1e-4, abs=1e-5)
         assert float(bounded) == pytest.approx(ref_bounded, rel=1e-4, abs=1e-6)
         if seed == 5:  # a tie counts only with a margin: then every foreground RoI's student error does
@@ -145,7 +158,7 @@ def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
     assert '"detector_kd/bounded"' in logs and '"hint"' in logs
 
 
-def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin):
+def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss):
     """The RPN's terms by hand: the two-class (background, object) distribution of each anchor."""
     soft = 0.0
     for a, b in zip(s_obj.tolist(), t_obj.tolist()):
@@ -155,8 +168,7 @@ def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg
     bounded = 0.0
     for r in range(len(labels)):
         if int(labels[r]) == 1:
-            es = float(((s_deltas[r] - targets[r]) ** 2).sum())
-            et = float(((t_deltas[r] - targets[r]) ** 2).sum())
+            es, et = reference_error(s_deltas[r], targets[r], loss), reference_error(t_deltas[r], targets[r], loss)
             bounded += es if es + margin > et else 0.0
     return soft, bounded / len(labels)
 
@@ -170,10 +182,10 @@ def test_rpn_terms_match_a_slow_reference(seed):
     labels = torch.randint(0, 2, (a,), generator=g).float() if seed != 3 else torch.zeros(a)  # 3: no object
     if seed == 4:
         t_deltas = s_deltas.clone()
-    for T, bg, margin in ((1.0, 1.5, 0.0), (2.0, 1.0, 0.3)):
-        soft, bounded = rpn_kd_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin)
+    for T, bg, margin, loss in ((1.0, 1.5, 0.0, "l2"), (2.0, 1.0, 0.3, "smooth_l1")):
+        soft, bounded = rpn_kd_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss)
         ref_soft, ref_bounded = reference_rpn_terms(s_obj.double(), t_obj.double(), s_deltas.double(),
-                                                    t_deltas.double(), labels, targets.double(), T, bg, margin)
+                                                    t_deltas.double(), labels, targets.double(), T, bg, margin, loss)
         assert float(soft) == pytest.approx(ref_soft, rel=1e-4, abs=1e-6)
         assert float(bounded) == pytest.approx(ref_bounded, rel=1e-4, abs=1e-6)
 
@@ -198,7 +210,7 @@ def test_mu_blends_hard_and_soft_classification_as_the_paper():
     task, student, teacher, batch = toy_detection()
     values, logs = {}, {}
     for mu in (1.0, 0.5, 0.0):
-        term = ddkit.build("losses", {"name": "detector_kd", "mu": mu})
+        term = ddkit.build("losses", {"name": "detector_kd", "mu": mu, "regression_weight": 0.5})
         term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
         student.train()
         torch.manual_seed(1)  # the same anchor and RoI samples each time
