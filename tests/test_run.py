@@ -134,6 +134,10 @@ def test_bad_recipes_fail_before_any_work(tmp_path, recipe):
         Runner(load_config(recipe, ["baselines.labelled_only=true"]))
     with pytest.raises(ConfigError, match="unknown key 'iters'"):
         Runner(load_config(recipe, ["student.train.iters=3"]))
+    dotted = load_config(recipe)
+    dotted.kd.variants["soft.2"] = {"losses": [{"name": "hard_label"}]}
+    with pytest.raises(ConfigError, match="the name 'soft.2' has a '.'"):
+        Runner(dotted)
 
 
 def test_cli_prints_the_results_table(first_run, recipe):

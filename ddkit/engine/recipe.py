@@ -72,6 +72,8 @@ def _rounds(value: Any, where: str) -> None:
 def _kd(block: Any, where: str) -> None:
     kd = parse_section(KDConfig, block, where)
     for name, variant in kd.variants.items():
+        if "." in str(name):  # the name is a path in the run's stage inputs (kd.variants.<name>)
+            raise ConfigError(f"{where}.variants: the name {name!r} has a '.'; use letters, digits and '_'")
         check_keys(variant or {}, KD_VARIANT_KEYS, f"{where}.variants.{name}")
         parse_train_config((variant or {}).get("train"), where=f"{where}.variants.{name}.train")
 
