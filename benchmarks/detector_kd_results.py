@@ -56,7 +56,7 @@ def table(seeds: list[int], results: list[dict]) -> str:
     names = {r["stage"]: r["model"] for r in results[0]["rows"]}
     seed_cols = " | ".join(f"seed {s}" for s in seeds)
     lines = [f"| model | {seed_cols} | AP mean +- sd | gain over alone: per seed | mean +- sd | min |",
-             "|---|" + "---:|" * (len(seeds) + 5)]
+             "|---|" + "---:|" * (len(seeds) + 4)]
     for stage in names:
         values = [ap[stage] for ap in aps]
         row = f"| {names[stage]} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {mean_sd(values)} |"
