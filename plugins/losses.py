@@ -130,7 +130,7 @@ class Hint:
     forward pass: a 1x1 conv for ``[B, C, H, W]`` maps, a linear layer for ``[B, C]`` or ``[B, N, C]`` features.
     When the maps differ in size the adapted student map is resized (bilinear) to the teacher's. A module that
     returns several maps (``backbone`` of a detector: its FPN levels) is imitated level by level through one
-    shared adapter (the FPN's levels have one width), as Li et al.'s mimicking of a detector's feature maps.
+    shared adapter (the FPN's levels have one width): FitNets' hint on each level of a detector's neck.
 
     ``stage_fraction > 0`` makes the hint a first stage as in FitNets: for that fraction of the iterations only
     the hint trains (with its adapter), then the other terms (hard label, soft target) take over.

@@ -125,6 +125,7 @@ def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path):
     with pytest.raises(ConfigError, match="teacher.checkpoint 'nope.pt' is not a file"):
         run_recipe(load_config(recipe, [f"run.out_dir={tmp_path / 'b'}", "teacher.checkpoint=nope.pt"]),
                    source=str(recipe), progress=False)
+    assert not (tmp_path / "b").exists()  # refused before anything is written
 
 
 def test_bad_recipes_fail_before_any_work(tmp_path, recipe):

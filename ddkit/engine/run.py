@@ -90,6 +90,10 @@ class Runner:
         self.rounds = cfg.get("rounds") or 1
         if self.student_cfg is None and (self.label_cfg is not None or self.kd):
             raise ConfigError(f"{source}: 'label' and 'kd' need a 'student' section (its model and train blocks)")
+        checkpoint = self.teacher_cfg.get("checkpoint")
+        if checkpoint and not Path(checkpoint).is_file():
+            raise ConfigError(f"{source}: teacher.checkpoint {str(checkpoint)!r} is not a file; give a model.pt "
+                              "written by ddkit train / run, or remove the key to train the teacher")
         # Everything is known good: now build the task and read the data (nothing is read before this point).
         self.task = registry.build("tasks", cfg.task, where=f"{source}: task")
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
@@ -234,9 +238,6 @@ class Runner:
     def _trained_teacher(self, path: Path) -> dict[str, Any]:
         """``teacher.checkpoint``: a teacher trained elsewhere (e.g. one teacher for several student seeds) is used
         as it is and evaluated on the test part for the table."""
-        if not path.is_file():
-            raise ConfigError(f"{self.source}: teacher.checkpoint {str(path)!r} is not a file; give a model.pt "
-                              "written by ddkit train / run, or remove the key to train the teacher")
         _, model, info = load_model(path, device=self.device, registry=self.registry)
         check_same_classes(info, self.splits.info, str(path), self.source)
         metrics = self.task.evaluate(model, self.splits.test, 8) if self.splits.test is not None else {}
