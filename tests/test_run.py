@@ -126,6 +126,9 @@ def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path):
         run_recipe(load_config(recipe, [f"run.out_dir={tmp_path / 'b'}", "teacher.checkpoint=nope.pt"]),
                    source=str(recipe), progress=False)
     assert not (tmp_path / "b").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match="lies in this run's own teacher folder"):  # it would be deleted
+        Runner(load_config(recipe, [f"teacher.checkpoint={teacher}"]), source=str(recipe))
+    assert teacher.is_file()
 
 
 def test_bad_recipes_fail_before_any_work(tmp_path, recipe):

@@ -90,10 +90,7 @@ class Runner:
         self.rounds = cfg.get("rounds") or 1
         if self.student_cfg is None and (self.label_cfg is not None or self.kd):
             raise ConfigError(f"{source}: 'label' and 'kd' need a 'student' section (its model and train blocks)")
-        checkpoint = self.teacher_cfg.get("checkpoint")
-        if checkpoint and not Path(checkpoint).is_file():
-            raise ConfigError(f"{source}: teacher.checkpoint {str(checkpoint)!r} is not a file; give a model.pt "
-                              "written by ddkit train / run, or remove the key to train the teacher")
+        self._check_teacher_checkpoint(self.teacher_cfg.get("checkpoint"))
         # Everything is known good: now build the task and read the data (nothing is read before this point).
         self.task = registry.build("tasks", cfg.task, where=f"{source}: task")
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
@@ -114,6 +111,19 @@ class Runner:
         parts = {"labeled": self.splits.labeled, "test": self.splits.test,
                  "unlabeled": getattr(self.splits.unlabeled, "ground_truth", None)}
         return {k: dataset_fingerprint(d) for k, d in parts.items() if d is not None}
+
+    def _check_teacher_checkpoint(self, checkpoint: str | None) -> None:
+        """A trained teacher must exist and lie outside this run's own teacher folder, which the run replaces when
+        the teacher stage's inputs change."""
+        if not checkpoint:
+            return
+        if not Path(checkpoint).is_file():
+            raise ConfigError(f"{self.source}: teacher.checkpoint {str(checkpoint)!r} is not a file; give a model.pt "
+                              "written by ddkit train / run, or remove the key to train the teacher")
+        if (self.out / "teacher").resolve() in Path(checkpoint).resolve().parents:
+            raise ConfigError(f"{self.source}: teacher.checkpoint {str(checkpoint)!r} lies in this run's own teacher "
+                              f"folder ({self.out / 'teacher'}), which the run would replace; copy it elsewhere or "
+                              "use another run.out_dir")
 
     def _kd_baseline_variant(self) -> str | None:
         """The KD variant the others are measured against: ``kd.baseline`` when the recipe names one, else the one
