@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ddkit import ConfigError
 from ddkit.engine.task import LossContext, SetupContext, unwrap_model
 
-from .detector_kd import TeacherBackbone
+from .detector_kd import TeacherBackbone, paired_detectors
 
 
 @dataclass
@@ -64,17 +64,9 @@ class DenseKD:
         self._student_logits: Tensor | None = None
 
     def setup(self, ctx: SetupContext) -> None:
-        if ctx.teacher is None:
-            raise ConfigError("dense_kd needs a teacher")
-        student, teacher = unwrap_model(ctx.student), unwrap_model(ctx.teacher)
-        for role, m in (("student", student), ("teacher", teacher)):
-            if not hasattr(getattr(m, "head", None), "classification_head"):
-                raise ConfigError(f"dense_kd distils one-stage detectors (retinanet, fcos); the {role} "
-                                  f"({type(m).__name__}) has no head.classification_head (two-stage: detector_kd)")
-        n_s, n_t = (m.head.classification_head.num_classes for m in (student, teacher))
-        if n_s != n_t:
-            raise ConfigError(f"dense_kd: the student predicts {n_s} classes and the teacher {n_t}; they must "
-                              "share the dataset's categories")
+        student, teacher = paired_detectors(ctx, "dense_kd", "head.classification_head",
+                                            "one-stage detectors (retinanet, fcos)", "two-stage: detector_kd",
+                                            lambda m: m.head.classification_head.num_classes)
         self.close()
         self._hook = student.head.register_forward_hook(self._keep)
         self._teacher_backbone = TeacherBackbone(teacher)

@@ -18,7 +18,7 @@ instance, and runs the teacher's heads on the same RoIs and anchors.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -174,6 +174,27 @@ class TeacherBackbone:
         self._handle.remove()
 
 
+def paired_detectors(ctx: SetupContext, term: str, head: str, kinds: str, other: str,
+                     num_classes: Callable[[nn.Module], int]) -> tuple[nn.Module, nn.Module]:
+    """The unwrapped ``(student, teacher)`` of a detector KD term: both have the submodule ``head`` and predict as
+    many classes, else a one-line :class:`ConfigError` naming ``kinds`` (what the term distils) and ``other`` (the
+    term for the other kind)."""
+    if ctx.teacher is None:
+        raise ConfigError(f"{term} needs a teacher")
+    models = {"student": unwrap_model(ctx.student), "teacher": unwrap_model(ctx.teacher)}
+    for role, m in models.items():
+        try:
+            m.get_submodule(head)
+        except AttributeError:
+            raise ConfigError(f"{term} distils {kinds}; the {role} ({type(m).__name__}) has no {head} "
+                              f"({other})") from None
+    n_s, n_t = (num_classes(m) for m in models.values())
+    if n_s != n_t:
+        raise ConfigError(f"{term}: the student predicts {n_s} classes and the teacher {n_t}; they must share the "
+                          "dataset's categories")
+    return models["student"], models["teacher"]
+
+
 class DetectorKD:
     """Chen et al. 2017 for torchvision's two-stage detectors, RoI head and RPN (see the module's docstring).
 
@@ -201,18 +222,9 @@ class DetectorKD:
 
     # ------------------------------------------------------------------------------------------------- setup
     def setup(self, ctx: SetupContext) -> None:
-        if ctx.teacher is None:
-            raise ConfigError("detector_kd needs a teacher")
-        student, teacher = unwrap_model(ctx.student), unwrap_model(ctx.teacher)
-        for role, m in (("student", student), ("teacher", teacher)):
-            if not hasattr(getattr(m, "roi_heads", None), "box_predictor"):
-                raise ConfigError(f"detector_kd distils two-stage detectors (fasterrcnn, keypointrcnn); the {role} "
-                                  f"({type(m).__name__}) has no roi_heads.box_predictor (one-stage: dense_kd)")
-        n_s = student.roi_heads.box_predictor.cls_score.out_features
-        n_t = teacher.roi_heads.box_predictor.cls_score.out_features
-        if n_s != n_t:
-            raise ConfigError(f"detector_kd: the student predicts {n_s} classes and the teacher {n_t}; they must "
-                              "share the dataset's categories")
+        student, teacher = paired_detectors(ctx, "detector_kd", "roi_heads.box_predictor",
+                                            "two-stage detectors (fasterrcnn, keypointrcnn)", "one-stage: dense_kd",
+                                            lambda m: m.roi_heads.box_predictor.cls_score.out_features)
         self.close()
         self._record(student.roi_heads, "select_training_samples", "rois")  # (proposals, idxs, labels, targets)
         heads = student.roi_heads
