@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from distillation_results import mean_sd  # benchmarks/ is the script's folder, first on the path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,10 +47,6 @@ def run_seeds(recipe: str, seeds: list[int], extra: list[str], parallel: int) ->
     return [json.loads((REPO / "runs" / Path(recipe).stem / f"seed{s}" / "results.json").read_text()) for s in seeds]
 
 
-def mean_sd(values: list[float]) -> str:
-    return f"{statistics.mean(values):.1f} +- {statistics.stdev(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-
-
 def table(seeds: list[int], results: list[dict]) -> str:
     """One row per model: AP per seed, mean +- sd; for the KD variants the gain over the student alone too."""
     aps = [{r["stage"]: r["AP"] for r in res["rows"]} for res in results]
@@ -59,10 +56,10 @@ def table(seeds: list[int], results: list[dict]) -> str:
              "|---|" + "---:|" * (len(seeds) + 4)]
     for stage in names:
         values = [ap[stage] for ap in aps]
-        row = f"| {names[stage]} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {mean_sd(values)} |"
+        row = f"| {names[stage]} | " + " | ".join(f"{v:.1f}" for v in values) + f" | {mean_sd(values, 1)} |"
         if stage.startswith("kd_") and stage != "kd_alone" and all("kd_alone" in ap for ap in aps):
             gains = [ap[stage] - ap["kd_alone"] for ap in aps]
-            row += f" {', '.join(f'{g:+.1f}' for g in gains)} | {mean_sd(gains)} | {min(gains):+.1f} |"
+            row += f" {', '.join(f'{g:+.1f}' for g in gains)} | {mean_sd(gains, 1)} | {min(gains):+.1f} |"
         else:
             row += " | | |"
         lines.append(row)

@@ -4,8 +4,8 @@ digits, plain PyTorch.
     python benchmarks/plain_mnist_kd.py --seed 0          # prints one JSON line
 
 A small CNN teacher on 4,000 digits, then the same 784-800-800-10 MLP student trained alone and with soft targets
-(0.9 x the T^2-scaled KL at T = 4 + 0.1 x the hard labels), the teacher run live on every student batch. Same split (ddkit's
-``split_indices``), models and schedules as ``configs/mnist_kd.yaml``; the loop is the one of ``plain_mnist_dd.py``.
+(0.9 x the T^2-scaled KL at T = 4 + 0.1 x the hard labels), the teacher run live on every student batch. Same split
+(ddkit's ``split_indices``), models and schedules as ``configs/mnist_kd.yaml``; the loop is ``plain_mnist_dd.py``'s.
 """
 import argparse
 import json

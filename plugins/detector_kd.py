@@ -96,11 +96,8 @@ def detector_kd_terms(student_logits: Tensor, teacher_logits: Tensor, student_de
     """
     soft = weighted_soft_ce(student_logits, teacher_logits, temperature, background_weight)
     pos = torch.nonzero(labels > 0).squeeze(1)
-    if len(pos) == 0:
-        return soft, student_deltas.sum() * 0
-    cls = labels[pos]
-    rs = student_deltas.reshape(len(student_deltas), -1, 4)[pos, cls]
-    rt = teacher_deltas.reshape(len(teacher_deltas), -1, 4)[pos, cls]
+    shape = (len(labels), student_logits.shape[-1], 4)
+    rs, rt = (d.reshape(shape)[pos, labels[pos]] for d in (student_deltas, teacher_deltas))
     return soft, bounded_regression(rs, rt, targets[pos], margin, len(labels), regression_loss)
 
 
@@ -124,8 +121,6 @@ def rpn_kd_terms(student_objectness: Tensor, teacher_objectness: Tensor, student
     soft = weighted_soft_ce(two_class(student_objectness), two_class(teacher_objectness), temperature,
                             background_weight)
     pos = torch.nonzero(labels > 0).squeeze(1)
-    if len(pos) == 0:
-        return soft, student_deltas.sum() * 0
     return soft, bounded_regression(student_deltas[pos], teacher_deltas[pos], targets[pos], margin, len(labels),
                                     regression_loss)
 
@@ -232,14 +227,14 @@ class DetectorKD:
                        heads.box_predictor.register_forward_hook(self._keep_predictions)]
         if self.rpn:
             self._record(student.rpn, "compute_loss", "anchors")  # args: (objectness, deltas, labels, targets)
-            self._record(student.rpn, "fg_bg_sampler", "sampled", call_of=student.rpn.fg_bg_sampler)
+            self._record(student.rpn, "fg_bg_sampler", "sampled")
         self._teacher_backbone = TeacherBackbone(teacher)
         return None
 
-    def _record(self, obj: Any, name: str, key: str, call_of: Any = None) -> None:
-        """Wrap ``obj.name`` (a method, or the callable ``call_of``) so that each training call's arguments and
-        result are kept under ``key``."""
-        original = call_of if call_of is not None else getattr(obj, name)
+    def _record(self, obj: Any, name: str, key: str) -> None:
+        """Wrap the callable ``obj.name`` (a method, or a callable attribute such as the RPN's sampler) so that each
+        training call's arguments and result are kept under ``key``."""
+        original = getattr(obj, name)
 
         def wrapper(*args: Any) -> Any:
             out = original(*args)
