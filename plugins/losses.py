@@ -7,7 +7,8 @@
 * ``dense_kd``: soft class targets on a one-stage detector's anchors (:mod:`ddkit_plugins.dense_kd`).
 * ``hint``: FitNets (Romero et al. 2015): L2 or L1 between a teacher feature and an adapted student feature
   (features captured by forward hooks; the adaptation layer is a 1x1 conv or a linear layer created from the shapes
-  seen in a dry forward pass and trained with the student); optional two-stage schedule (``stage_fraction``).
+  seen in a dry forward pass and trained with the student); optional two-stage schedule (``stage_fraction``);
+  ``distance: pearson`` compares the features standardised per channel (Cao et al. 2022, PKD).
 """
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ class SoftTarget:
 class HintParams:
     teacher_layer: str
     student_layer: str
-    distance: Literal["l2", "l1"] = "l2"
+    distance: Literal["l2", "l1", "pearson"] = "l2"
     weight: float = 1.0
     stage_fraction: float = 0.0
 
@@ -122,8 +123,22 @@ class HintParams:
             raise ValueError(f"stage_fraction must be in [0, 1), got {self.stage_fraction}")
 
 
+def standardize_channels(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """``[B, C, ...] or [B, N, C] -> same shape``: each channel to zero mean and unit (unbiased) standard deviation
+    over all its other positions (PKD's normalisation; channels last for token features ``[B, N, C]``)."""
+    channel_dim = 2 if x.ndim == 3 else 1
+    moved = x.movedim(channel_dim, 0)
+    flat = moved.reshape(moved.shape[0], -1)
+    flat = (flat - flat.mean(dim=1, keepdim=True)) / (flat.std(dim=1, keepdim=True) + eps)
+    return flat.reshape(moved.shape).movedim(0, channel_dim)
+
+
 class Hint:
     """FitNets hint: ``mean |adapter(student_feature) - teacher_feature|^p`` (p = 2 for ``l2``, 1 for ``l1``).
+
+    ``pearson`` (Cao et al. 2022, PKD) standardises both features per channel (zero mean, unit variance over the
+    batch and positions) before half the mean squared difference, i.e. ``1 - ``the mean per-channel Pearson
+    correlation: the teacher's scale and per-level magnitudes no longer set the loss, only the pattern does.
 
     Features are module outputs named by path (``model.get_submodule``), e.g. ``features.3`` or
     ``backbone.body.layer3``, captured by forward hooks. The adaptation layer is created from the shapes of a dry
@@ -167,6 +182,8 @@ class Hint:
                               f"{tuple(t.shape)} ({self.student_layer} -> {self.teacher_layer})")
         if self.distance == "l1":
             return F.l1_loss(s.float(), t.float())
+        if self.distance == "pearson":
+            return F.mse_loss(standardize_channels(s.float()), standardize_channels(t.float())) / 2
         return F.mse_loss(s.float(), t.float())
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -86,6 +87,24 @@ def test_hint_with_a_known_1x1_adapter(distance):
                     total += diff * diff if distance == "l2" else abs(diff)
                     n += 1
     assert hint(s, t).item() == pytest.approx(total / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 4, 5, 6), (7, 5), (2, 9, 4)])
+def test_pearson_hint_is_one_minus_the_per_channel_correlation(shape):
+    """PKD's distance against numpy's corrcoef on each channel: ``(n - 1) / n * mean_c (1 - r_c)`` for n values per
+    channel (unbiased standardisation), whatever the teacher's scale and offset."""
+    hint = ddkit.build("losses", {"name": "hint", "teacher_layer": "t", "student_layer": "s", "distance": "pearson"})
+    g = torch.Generator().manual_seed(len(shape))
+    s = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = 0.6 * s + torch.randn(shape, generator=g, dtype=torch.float64)
+    channel_dim = 2 if len(shape) == 3 else 1
+    per_channel = [(s.select(channel_dim, c).flatten().numpy(), t.select(channel_dim, c).flatten().numpy())
+                   for c in range(shape[channel_dim])]
+    n = per_channel[0][0].size
+    expected = (n - 1) / n * np.mean([1 - np.corrcoef(a, b)[0, 1] for a, b in per_channel])
+    assert hint(s, t).item() == pytest.approx(expected, rel=1e-5)
+    assert hint(s, 5 * t + 3).item() == pytest.approx(expected, rel=1e-5)
+    assert hint(t, t).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_hint_adapters_for_vectors_tokens_and_resized_maps():
