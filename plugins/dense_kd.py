@@ -4,8 +4,8 @@ Each anchor (RetinaNet) or location (FCOS) of the student is taught the teacher'
 same place: the Bernoulli KL of the sigmoid outputs at temperature ``T`` (Hinton et al.'s soft targets in the
 sigmoid form one-stage detectors use, as in Tang et al., *Learning Efficient Detector with Semi-supervised
 Adaptive Distillation*, 2019, without their adaptive focal weights), summed over anchors and classes and normalised
-like the focal loss, by the teacher's expected number of object anchors. Feature imitation on the neck is the
-``hint`` term on ``backbone`` (every FPN level through one adapter).
+like the focal loss, by the teacher's expected number of object anchors: :func:`ddkit.ops.distill.dense_soft_targets`.
+Feature imitation on the neck is the ``hint`` term on ``backbone`` (every FPN level through one adapter).
 """
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddkit import ConfigError
 from ddkit.engine.task import LossContext, SetupContext, unwrap_model
+from ddkit.ops.distill import dense_soft_targets
 
 from .detector_kd import TeacherBackbone, paired_detectors
+
+__all__ = ["DenseKD", "DenseKDParams", "dense_soft_targets"]  # dense_soft_targets lives in ddkit.ops.distill
 
 
 @dataclass
@@ -32,20 +34,6 @@ class DenseKDParams:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.weight < 0:
             raise ValueError(f"weight must be >= 0, got {self.weight}")
-
-
-def dense_soft_targets(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """``[N, A, K], [N, A, K] -> scalar``: ``T^2 * sum_{n,a,k} KL(Bern(sigmoid(t/T)) || Bern(sigmoid(s/T)))`` divided
-    by ``max(1, sum_{n,a} max_k sigmoid(t))`` (the teacher's expected number of object anchors). 0 when the student
-    matches the teacher."""
-    t = temperature
-    s, z = student_logits.float() / t, teacher_logits.detach().float() / t
-    pt = torch.sigmoid(z)
-    # KL(p_t || p_s) = BCE(s, p_t) - BCE(z, p_t), both with logits (stable)
-    kl = F.binary_cross_entropy_with_logits(s, pt, reduction="none") \
-        - F.binary_cross_entropy_with_logits(z, pt, reduction="none")
-    objects = torch.sigmoid(teacher_logits.detach().float()).amax(-1).sum().clamp(min=1.0)
-    return kl.sum() * t * t / objects
 
 
 class DenseKD:

@@ -58,7 +58,8 @@ def check_loss_term(term: Any) -> torch.Tensor:
     """The trainer's view of a term: ``weight``, ``teacher_outputs``, optional ``setup``, ``compute`` -> scalar with
     a gradient for the student; on a toy classification step, or, for a term whose ``tasks`` attribute (optional:
     the task kinds it supports) leaves classification out, a detection step of the first toy detector (two-stage,
-    then one-stage) whose ``setup`` does not refuse it."""
+    then one-stage) whose ``setup`` does not refuse it. A term for another library's detectors names a toy model
+    block it accepts as ``contract_model`` (tried first)."""
     assert isinstance(getattr(term, "weight", None), (int, float)) and term.weight >= 0, "term.weight must be >= 0"
     assert getattr(term, "teacher_outputs", None) in TEACHER_OUTPUTS, \
         f"term.teacher_outputs must be one of {TEACHER_OUTPUTS}"
@@ -66,6 +67,9 @@ def check_loss_term(term: Any) -> torch.Tensor:
     tasks = getattr(term, "tasks", None)
     toys = [toy_classification] if not tasks or "classification" in tasks else \
         [toy_detection, lambda: toy_detection(TINY_RETINANET)]  # a detector term: the first kind it accepts
+    own = getattr(term, "contract_model", None)
+    if own is not None:
+        toys.insert(0, lambda: toy_detection(own))
     for i, toy in enumerate(toys):
         task, student, teacher, batch = toy()
         try:

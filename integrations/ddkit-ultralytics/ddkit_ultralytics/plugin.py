@@ -1,11 +1,13 @@
-"""The ``ddkit`` entry point of this package: one model, ``yolo``, for the ``detection`` and ``keypoints`` tasks."""
+"""The ``ddkit`` entry point of this package: one model, ``yolo``, for the ``detection`` and ``keypoints`` tasks, and
+one loss term, ``yolo_kd`` (soft class targets from a YOLO teacher, :mod:`ddkit_ultralytics.kd`)."""
 from __future__ import annotations
 
 from typing import Any
 
 from ddkit import hookimpl
-from ddkit.types import ModelSpec
+from ddkit.types import LossSpec, ModelSpec
 from ddkit_ultralytics.build import YoloParams
+from ddkit_ultralytics.kd import YoloKD, YoloKDParams
 
 # A tiny network (an eighth of yolov8n's width) at 64 px: what the contract tests build.
 TINY = {"cfg": "yolov8n.yaml", "imgsz": 64, "width": 0.125}
@@ -22,3 +24,9 @@ def ddkit_models():
     yield ModelSpec(name="yolo", factory=_build, params=YoloParams, task="detection", also_tasks=("keypoints",),
                     summary="Ultralytics YOLO (v8/11/26 yaml; a -pose cfg for keypoints) with Ultralytics' losses",
                     examples=(TINY,))
+
+
+@hookimpl
+def ddkit_losses():
+    yield LossSpec(name="yolo_kd", factory=YoloKD, params=YoloKDParams,
+                   summary="YOLO KD: per-anchor soft class targets from a YOLO teacher (Bernoulli KL at T)")
