@@ -13,18 +13,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddkit import ConfigError, hookimpl
-from ddkit.engine.task import FeatureHook, LossContext, SetupContext
+from ddkit.engine.task import FeatureHook, LossContext, SetupContext, unwrap_model
 from ddkit.types import LossSpec
 
 from .dense_kd import DenseKD, DenseKDParams
 from .detector_kd import DetectorKD, DetectorKDParams
+from .feature_masks import GroundTruthBoxes
 
 
 def _check_weight(weight: float) -> None:
@@ -116,6 +117,7 @@ class HintParams:
     distance: Literal["l2", "l1", "pearson"] = "l2"
     weight: float = 1.0
     stage_fraction: float = 0.0
+    imitate: Literal["all", "objects"] = "all"
 
     def __post_init__(self) -> None:
         _check_weight(self.weight)
@@ -140,6 +142,9 @@ class Hint:
     batch and positions) before half the mean squared difference, i.e. ``1 - ``the mean per-channel Pearson
     correlation: the teacher's scale and per-level magnitudes no longer set the loss, only the pattern does.
 
+    ``imitate: objects`` (torchvision detectors) imitates only the cells under ground-truth boxes, averaged over
+    them (:mod:`ddkit_plugins.feature_masks`; Wang et al. 2019's fine-grained imitation with FGD's box masks).
+
     Features are module outputs named by path (``model.get_submodule``), e.g. ``features.3`` or
     ``backbone.body.layer3``, captured by forward hooks. The adaptation layer is created from the shapes of a dry
     forward pass: a 1x1 conv for ``[B, C, H, W]`` maps, a linear layer for ``[B, C]`` or ``[B, N, C]`` features.
@@ -154,11 +159,12 @@ class Hint:
     teacher_outputs = "features"
 
     def __init__(self, teacher_layer: str, student_layer: str, distance: str = "l2", weight: float = 1.0,
-                 stage_fraction: float = 0.0):
+                 stage_fraction: float = 0.0, imitate: str = "all"):
         self.teacher_layer, self.student_layer = teacher_layer, student_layer
-        self.distance, self.weight, self.stage_fraction = distance, weight, stage_fraction
+        self.distance, self.weight, self.stage_fraction, self.imitate = distance, weight, stage_fraction, imitate
         self.adapter: nn.Module | None = None
-        self._hooks: list[FeatureHook] = []
+        self._hooks: list[Any] = []
+        self._boxes: GroundTruthBoxes | None = None
 
     def __call__(self, student_feature: Tensor | list[Tensor], teacher_feature: Tensor | list[Tensor]) -> Tensor:
         """``student [B, Cs, ...], teacher [B, Ct, ...] -> scalar``; uses the adapter when there is one. Lists of
@@ -171,6 +177,7 @@ class Hint:
         return torch.stack([self._distance(s, t) for s, t in zip(students, teachers)]).mean()
 
     def _distance(self, student_feature: Tensor, teacher_feature: Tensor) -> Tensor:
+        """One map (or vector) pair: the mean distance over every element, or over the object cells' channels."""
         s = student_feature
         if self.adapter is not None:
             s = self.adapter(s)
@@ -180,11 +187,14 @@ class Hint:
         if s.shape != t.shape:
             raise ConfigError(f"hint: adapted student feature {tuple(s.shape)} does not match teacher feature "
                               f"{tuple(t.shape)} ({self.student_layer} -> {self.teacher_layer})")
-        if self.distance == "l1":
-            return F.l1_loss(s.float(), t.float())
+        s, t = s.float(), t.float()
         if self.distance == "pearson":
-            return F.mse_loss(standardize_channels(s.float()), standardize_channels(t.float())) / 2
-        return F.mse_loss(s.float(), t.float())
+            s, t = standardize_channels(s), standardize_channels(t)
+        diff = (s - t).abs() if self.distance == "l1" else (s - t).square() / (2 if self.distance == "pearson" else 1)
+        if self._boxes is None:
+            return diff.mean()
+        mask = self._boxes.mask(tuple(t.shape[-2:]), t.device)
+        return (diff * mask).sum() / (mask.sum() * t.shape[1]).clamp(min=1.0)
 
     @staticmethod
     def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module:
@@ -208,6 +218,9 @@ class Hint:
         self.student_hook = FeatureHook(ctx.student, self.student_layer, "student")
         self.teacher_hook = FeatureHook(ctx.teacher, self.teacher_layer, "teacher")
         self._hooks = [self.student_hook, self.teacher_hook]
+        if self.imitate == "objects":
+            self._boxes = GroundTruthBoxes(unwrap_model(ctx.student))
+            self._hooks.append(self._boxes)
         ctx.dry_forward("student")
         ctx.dry_forward("teacher")
         first = [v[0] if isinstance(v, list) else v for v in (self.student_hook.get(), self.teacher_hook.get())]
@@ -224,6 +237,7 @@ class Hint:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        self._boxes = None
 
 
 @hookimpl
