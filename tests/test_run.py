@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,7 +113,7 @@ def test_changed_inputs_redo_only_the_stages_that_read_them(first_run, recipe, c
     assert "student: done earlier" in printed and "label: done earlier" in printed
 
 
-def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path):
+def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path, capsys):
     """``teacher.checkpoint``: no teacher training, the file is evaluated for the table and teaches the rest."""
     teacher = Path(first_run["run_dir"]) / "teacher" / "model.pt"
     cfg = load_config(recipe, [f"run.out_dir={tmp_path}", f"teacher.checkpoint={teacher}"])
@@ -122,6 +123,12 @@ def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path):
     assert rows["teacher"]["iterations"] == 0 and not (tmp_path / "teacher" / "model.pt").exists()
     label = json.loads((tmp_path / "label" / "stage.json").read_text())["result"]
     assert Path(label["teacher"]) == teacher.resolve()
+    # the same file named by a relative path is the same teacher: nothing is redone (or deleted)
+    capsys.readouterr()
+    run_recipe(load_config(recipe, [f"run.out_dir={tmp_path}", f"teacher.checkpoint={os.path.relpath(teacher)}"]),
+               source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert "running" not in printed and "label: done earlier" in printed
     with pytest.raises(ConfigError, match="teacher.checkpoint 'nope.pt' is not a file"):
         run_recipe(load_config(recipe, [f"run.out_dir={tmp_path / 'b'}", "teacher.checkpoint=nope.pt"]),
                    source=str(recipe), progress=False)

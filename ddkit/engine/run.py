@@ -171,13 +171,21 @@ class Runner:
         return stages
 
     # ------------------------------------------------------------------------------------------------ running
+    def _input(self, key: str) -> Any:
+        """A recipe section as a stage's digest sees it: ``teacher.checkpoint`` as the file's resolved path, so the
+        same file named relatively or absolutely is the same teacher (else its stages would be redone and lost)."""
+        value = _to_plain(OmegaConf.select(self.cfg, key))
+        if key == "teacher" and isinstance(value, dict) and value.get("checkpoint"):
+            value = {**value, "checkpoint": str(Path(value["checkpoint"]).resolve())}
+        return value
+
     def execute(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(with_defaults(self.cfg, self.registry), self.out)
         for i, stage in enumerate(self.stages):
             folder = self.out / stage.name
             marker = folder / "stage.json"
-            key = _digest({**{k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs},
+            key = _digest({**{k: self._input(k) for k in stage.inputs},
                            "data files": self.data_key})  # a changed annotation or image re-runs the stage
             forced = self.force_from is not None and i >= self.force_from
             if marker.is_file() and not forced:
