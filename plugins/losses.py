@@ -8,7 +8,8 @@
 * ``hint``: FitNets (Romero et al. 2015): L2 or L1 between a teacher feature and an adapted student feature
   (features captured by forward hooks; the adaptation layer is a 1x1 conv or a linear layer created from the shapes
   seen in a dry forward pass and trained with the student); optional two-stage schedule (``stage_fraction``);
-  ``distance: pearson`` compares the features standardised per channel (Cao et al. 2022, PKD).
+  ``distance: pearson`` compares the features standardised per channel (Cao et al. 2022, PKD); ``imitate: objects``
+  only the cells under a detector's ground-truth boxes (:mod:`ddkit_plugins.feature_masks`).
 """
 from __future__ import annotations
 
@@ -188,9 +189,12 @@ class Hint:
             raise ConfigError(f"hint: adapted student feature {tuple(s.shape)} does not match teacher feature "
                               f"{tuple(t.shape)} ({self.student_layer} -> {self.teacher_layer})")
         s, t = s.float(), t.float()
-        if self.distance == "pearson":
-            s, t = standardize_channels(s), standardize_channels(t)
-        diff = (s - t).abs() if self.distance == "l1" else (s - t).square() / (2 if self.distance == "pearson" else 1)
+        if self.distance == "l1":
+            diff = (s - t).abs()
+        elif self.distance == "pearson":
+            diff = (standardize_channels(s) - standardize_channels(t)).square() / 2
+        else:
+            diff = (s - t).square()
         if self._boxes is None:
             return diff.mean()
         mask = self._boxes.mask(tuple(t.shape[-2:]), t.device)
