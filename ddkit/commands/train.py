@@ -62,6 +62,10 @@ def run(args: argparse.Namespace) -> int:
 
         result = run_train(cfg, stage=args.stage, resume=args.resume, source=args.recipe, device=args.device,
                            progress=False if args.no_progress else None, force=args.force)
+        if started:  # no rank tears gloo down while another is still in a collective (it aborts at exit)
+            import torch.distributed as dist
+
+            dist.barrier()
     finally:
         if started:
             import torch.distributed as dist
