@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,7 +33,7 @@ def check_mirror_property(task: Any, model: torch.nn.Module, info: Any, label_cf
     a, b = labeller.label([image, image.flip(-1)])
     w = image.shape[-1]
     assert len(a) == len(b)
-    order_a, order_b = torch.argsort(a.scores, stable=True), torch.argsort(b.scores, stable=True)
+    order_a, order_b = _score_order(a.scores, hflip_boxes(a.boxes, w)), _score_order(b.scores, b.boxes)
     assert torch.allclose(a.scores[order_a], b.scores[order_b], atol=1e-5)
     # match by score order, then compare geometry: mirrored boxes (and keypoints with pairs swapped)
     assert torch.equal(a.labels[order_a], b.labels[order_b])
@@ -44,6 +45,18 @@ def check_mirror_property(task: Any, model: torch.nn.Module, info: Any, label_cf
         assert torch.allclose(mirrored[..., :2], got[..., :2], atol=atol)
         assert torch.allclose(mirrored[..., 2], got[..., 2], atol=1e-4)
     return len(a)
+
+
+def _score_order(scores: torch.Tensor, boxes: torch.Tensor, tie: float = 1e-5) -> torch.Tensor:
+    """Indices sorting instances by score; scores within ``tie`` of each other (two clusters of an untrained model
+    can score the same) are ordered by their boxes ``[N, 4]``, so that the two images' orders pair the same
+    instances."""
+    order = torch.argsort(scores, stable=True)
+    group = torch.cat([torch.zeros(1, dtype=torch.long), (scores[order].diff() > tie).long().cumsum(0)])
+    keys = boxes[order].round(decimals=2).numpy()
+    # np.lexsort: the last key is the primary one
+    tied = np.lexsort((keys[:, 3], keys[:, 2], keys[:, 1], keys[:, 0], group.numpy()))
+    return order[torch.from_numpy(tied)]
 
 
 def _block(entry: Any) -> dict[str, Any]:

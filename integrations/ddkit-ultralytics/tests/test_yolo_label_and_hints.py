@@ -13,9 +13,10 @@ from ddkit.ops.geometry import hflip_boxes, hflip_keypoints
 from yolo_common import DATA, TINY, TINY_POSE
 
 # Views whose sizes need no padding: a padded border looks the same in an image and its mirror, so its boxes tie
-# exactly across views, and tied boxes fuse in view order.
+# exactly across views, and tied boxes fuse in view order. Halving and doubling: resizing a mirror then equals
+# mirroring a resize to 1e-7 (4e-6 at 0.75 / 1.25, enough to reorder near-tied boxes on another CPU).
 VIEW_SETS = ([{"name": "identity"}, {"name": "hflip"}],
-             [{"name": "scale", "factors": [0.75, 1.25], "flip": True}])
+             [{"name": "scale", "factors": [0.5, 2.0], "flip": True}])
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +34,12 @@ def _noisy(model: torch.nn.Module) -> torch.nn.Module:
             branch[-1].weight.normal_(0, 1.0)
             branch[-1].bias.fill_(-2.0)
     return model
+
+
+def _noise_image() -> torch.Tensor:
+    """128 x 128 (every view a multiple of 32: no padding) of noise: a photo's flat regions give distinct anchors
+    exactly equal scores, and exact ties between boxes fuse in index order, which a mirror reverses."""
+    return torch.rand(3, 128, 128, generator=torch.Generator().manual_seed(1))
 
 
 def _mirror_check(task, model, info, cfg, image) -> int:
@@ -59,7 +66,7 @@ def test_detection_labels_of_a_mirrored_image_are_mirrored(aggregator, coco8_pos
     task = ddkit.build("tasks", "detection")
     torch.manual_seed(0)
     model = _noisy(task.build_model({**TINY, "max_det": 20}, coco8_pose.info))
-    image = coco8_pose[0][0][:, :128, :128]  # every view a multiple of 32: no padding
+    image = _noise_image()
     for views in VIEW_SETS:
         assert _mirror_check(task, model, coco8_pose.info, {"transforms": views, "aggregator": {"name": aggregator}},
                              image) > 0
@@ -69,7 +76,7 @@ def test_pose_labels_of_a_mirrored_image_are_mirrored_with_pairs_swapped(coco8_p
     task = ddkit.build("tasks", "keypoints")
     torch.manual_seed(0)
     model = _noisy(task.build_model({**TINY_POSE, "max_det": 20}, coco8_pose.info))
-    image = coco8_pose[0][0][:, :128, :128]  # every view a multiple of 32: no padding
+    image = _noise_image()
     for views in VIEW_SETS:
         cfg = {"transforms": views, "aggregator": {"name": "keypoint_fusion"}}
         assert _mirror_check(task, model, coco8_pose.info, cfg, image) > 0
