@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ddkit import ConfigError, hookimpl
 from ddkit.engine.task import FeatureHook, LossContext, SetupContext, unwrap_model
+from ddkit.ops.distill import channel_kl
 from ddkit.types import LossSpec
 
 from .dense_kd import DenseKD, DenseKDParams
@@ -115,13 +116,19 @@ class SoftTarget:
 class HintParams:
     teacher_layer: str
     student_layer: str
-    distance: Literal["l2", "l1", "pearson"] = "l2"
+    distance: Literal["l2", "l1", "pearson", "channel_kl"] = "l2"
     weight: float = 1.0
     stage_fraction: float = 0.0
     imitate: Literal["all", "objects"] = "all"
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         _check_weight(self.weight)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.distance == "channel_kl" and self.imitate != "all":
+            raise ValueError("distance: channel_kl compares whole maps (a distribution over positions); "
+                             "use imitate: all")
         if not 0.0 <= self.stage_fraction < 1.0:
             raise ValueError(f"stage_fraction must be in [0, 1), got {self.stage_fraction}")
 
@@ -143,6 +150,10 @@ class Hint:
     batch and positions) before half the mean squared difference, i.e. ``1 - ``the mean per-channel Pearson
     correlation: the teacher's scale and per-level magnitudes no longer set the loss, only the pattern does.
 
+    ``channel_kl`` (Shu et al. 2021, CWD, for ``[B, C, H, W]`` maps) turns each channel into a distribution over
+    its positions (softmax at ``temperature``) and takes the ``T^2``-scaled KL from the teacher's: where each
+    channel fires most, not its values, is imitated (:func:`ddkit.ops.distill.channel_kl`).
+
     ``imitate: objects`` (torchvision detectors) imitates only the cells under ground-truth boxes, averaged over
     them (:mod:`ddkit_plugins.feature_masks`; Wang et al. 2019's fine-grained imitation with FGD's box masks).
 
@@ -160,9 +171,10 @@ class Hint:
     teacher_outputs = "features"
 
     def __init__(self, teacher_layer: str, student_layer: str, distance: str = "l2", weight: float = 1.0,
-                 stage_fraction: float = 0.0, imitate: str = "all"):
+                 stage_fraction: float = 0.0, imitate: str = "all", temperature: float = 1.0):
         self.teacher_layer, self.student_layer = teacher_layer, student_layer
         self.distance, self.weight, self.stage_fraction, self.imitate = distance, weight, stage_fraction, imitate
+        self.temperature = temperature
         self.adapter: nn.Module | None = None
         self._hooks: list[Any] = []
         self._boxes: GroundTruthBoxes | None = None
@@ -189,6 +201,11 @@ class Hint:
             raise ConfigError(f"hint: adapted student feature {tuple(s.shape)} does not match teacher feature "
                               f"{tuple(t.shape)} ({self.student_layer} -> {self.teacher_layer})")
         s, t = s.float(), t.float()
+        if self.distance == "channel_kl":
+            if s.ndim != 4:
+                raise ConfigError(f"hint: distance channel_kl needs [B, C, H, W] maps; {self.student_layer} gives "
+                                  f"{tuple(s.shape)}")
+            return channel_kl(s, t, self.temperature)
         if self.distance == "l1":
             diff = (s - t).abs()
         elif self.distance == "pearson":
@@ -251,7 +268,8 @@ def ddkit_losses():
     yield LossSpec(name="soft_target", factory=SoftTarget, params=SoftTargetParams,
                    summary="Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T))")
     yield LossSpec(name="hint", factory=Hint, params=HintParams,
-                   summary="FitNets hint: L2/L1 between a teacher feature and an adapted student feature",
+                   summary="FitNets hint: L2, L1, Pearson (PKD) or channel-wise KL (CWD) between a teacher feature "
+                           "and an adapted student feature",
                    examples=({"teacher_layer": "1", "student_layer": "1"},))
     yield LossSpec(name="detector_kd", factory=DetectorKD, params=DetectorKDParams,
                    summary="Chen et al. 2017 two-stage detector KD, RoI head and RPN: weighted soft targets, bounded "

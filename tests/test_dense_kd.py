@@ -42,6 +42,37 @@ def test_dense_soft_targets_match_a_slow_reference(seed):
     assert float(dense_soft_targets(t, t, 1.0)) == pytest.approx(0.0, abs=1e-5)
 
 
+def reference_ld(s, t, w, T):
+    """LD by hand in float64: per anchor and edge the KL of the tempered bin softmaxes, mean over the 4 edges,
+    weighted by the anchor's weight, over the weights' sum (at least 1), times T^2."""
+    total = 0.0
+    for n in range(s.shape[0]):
+        for a in range(s.shape[1]):
+            kl = 0.0
+            for side in range(4):
+                p = [math.exp(v / T) for v in t[n, a, side].tolist()]
+                q = [math.exp(v / T) for v in s[n, a, side].tolist()]
+                p, q = [x / sum(p) for x in p], [x / sum(q) for x in q]
+                kl += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 4
+            total += float(w[n, a]) * kl
+    return total * T * T / max(float(w.sum()), 1.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_localization_distillation_matches_a_slow_reference(seed):
+    from ddkit.ops.distill import localization_distillation
+
+    g = torch.Generator().manual_seed(seed)
+    n, a, r = [(1, 1, 2), (2, 5, 16), (3, 4, 7)][seed]
+    s, t = torch.randn(n, a, 4, r, generator=g) * 3, torch.randn(n, a, 4, r, generator=g) * 3
+    w = torch.rand(n, a, generator=g) * (10 if seed == 2 else 1)  # weights summing under and over 1
+    for T in (1.0, 10.0):
+        assert float(localization_distillation(s, t, w, T)) == pytest.approx(reference_ld(s, t, w, T), rel=1e-4,
+                                                                               abs=1e-7)
+    assert float(localization_distillation(t, t, w, 10.0)) == pytest.approx(0.0, abs=1e-6)
+    assert float(localization_distillation(s, t, torch.zeros(n, a), 10.0)) == 0.0
+
+
 def _setup(name, student, teacher, batch, task, **params):
     term = ddkit.build("losses", {"name": name, **params})
     term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))

@@ -107,6 +107,35 @@ def test_pearson_hint_is_one_minus_the_per_channel_correlation(shape):
     assert hint(t, t).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_channel_kl_hint_matches_a_per_channel_reference(temperature):
+    """CWD (Shu et al. 2021) against a loop over (image, channel): softmax over the positions at T, T^2 * KL(teacher
+    || student) summed over positions, averaged over channels; indifferent to a per-channel offset (a softmax is);
+    0 for identical maps."""
+    hint = ddkit.build("losses", {"name": "hint", "teacher_layer": "t", "student_layer": "s",
+                                  "distance": "channel_kl", "temperature": temperature})
+    g = torch.Generator().manual_seed(int(temperature))
+    s = torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    t = 2 * s + torch.randn(2, 3, 4, 5, generator=g, dtype=torch.float64)
+    total = 0.0
+    for b in range(2):
+        for c in range(3):
+            p = np.exp(t[b, c].flatten().numpy() / temperature)
+            q = np.exp(s[b, c].flatten().numpy() / temperature)
+            p, q = p / p.sum(), q / q.sum()
+            total += float((p * np.log(p / q)).sum())
+    expected = temperature ** 2 * total / 6
+    assert hint(s, t).item() == pytest.approx(expected, rel=1e-6)
+    assert hint(s, t + torch.randn(1, 3, 1, 1, generator=g, dtype=torch.float64)).item() == pytest.approx(expected,
+                                                                                                        rel=1e-6)
+    assert hint(t, t).item() == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ConfigError, match="channel_kl"):
+        hint(torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(ConfigError, match="imitate"):
+        ddkit.build("losses", {"name": "hint", "teacher_layer": "t", "student_layer": "s",
+                               "distance": "channel_kl", "imitate": "objects"})
+
+
 def test_hint_adapters_for_vectors_tokens_and_resized_maps():
     assert isinstance(ddkit.build("losses", {"name": "hint", "teacher_layer": "a", "student_layer": "b"})
                       .make_adapter(torch.Size([4, 8]), torch.Size([4, 12])), nn.Linear)

@@ -15,11 +15,11 @@ from torch import nn
 import ddkit
 from ddkit import ConfigError
 from ddkit.engine.task import LossContext, SetupContext
-from ddkit.ops.distill import dense_soft_targets
+from ddkit.ops.distill import dense_soft_targets, localization_distillation
 from ddkit.testing import check_spec
 from ddkit.testing.losses import TINY_RETINANET, toy_detection
 from ddkit.testing.models import info_for_task
-from ddkit_ultralytics.kd import head_class_logits
+from ddkit_ultralytics.kd import head_box_logits, head_class_logits
 from ddkit_ultralytics.letterbox import fitted_size, letterbox
 from yolo_common import DATA, TINY
 
@@ -107,13 +107,45 @@ def test_value_is_dense_soft_targets_of_the_two_heads(coco8):
     term.close()
 
 
+def test_box_weight_adds_localization_distillation_of_the_dfl_bins(coco8):
+    """``box_weight``: LD on each box edge's DFL bins, weighted by the teacher's object confidence. The bins are read
+    as Ultralytics' DFL reads them (their expectation is what its ``dfl`` module decodes)."""
+    task = ddkit.build("tasks", "detection")
+    torch.manual_seed(0)
+    student = task.build_model(TINY, coco8.info)
+    batch = task.collate([coco8[i] for i in range(2)])
+    teacher = _spread(_calibrated(task.build_model({**TINY, "width": 0.25}, coco8.info), task, batch))
+    term = _setup(student, teacher, batch, task, temperature=2.0, box_weight=0.5, box_temperature=4.0)
+    student.train()
+    value = _step(term, task, student, teacher, batch)
+
+    images = list(batch["images"])
+    sizes = [fitted_size(tuple(im.shape[-2:]), TINY["imgsz"]) for im in images]
+    canvas, _ = letterbox(images, sizes, student.stride, canvas=(TINY["imgsz"],) * 2)
+    with torch.no_grad():
+        s_out = student.net(canvas)
+        _, t_out = teacher.net(canvas)
+    t_bins = head_box_logits(t_out)
+    assert t_bins.shape == (2, 84, 4, 16)  # 84 anchors, 4 edges, reg_max 16
+    expectation = (t_bins.softmax(-1) * torch.arange(16.0)).sum(-1)  # [N, A, 4]
+    assert torch.allclose(expectation, teacher.net.model[-1].dfl(t_out["boxes"]).transpose(1, 2), atol=1e-5)
+    t_logits = head_class_logits(t_out)
+    ld = localization_distillation(head_box_logits(s_out), t_bins, torch.sigmoid(t_logits).amax(-1), 4.0)
+    assert float(ld) > 1e-3
+    expected = float(dense_soft_targets(head_class_logits(s_out), t_logits, 2.0)) + 0.5 * float(ld)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-4)
+    value.backward()  # the gradient reaches the student's box branch
+    assert all(bool(b[-1].weight.grad.abs().sum() > 0) for b in student.net.model[-1].cv2)
+    term.close()
+
+
 def test_an_identical_teacher_gives_zero_and_close_removes_the_hook(coco8):
     task = ddkit.build("tasks", "detection")
     torch.manual_seed(0)
     batch = task.collate([coco8[i] for i in range(2)])
     student = _spread(_calibrated(task.build_model(TINY, coco8.info), task, batch))
     teacher = copy.deepcopy(student).eval()
-    term = _setup(student, teacher, batch, task)
+    term = _setup(student, teacher, batch, task, box_weight=1.0)  # box bins too
     student.train()
     for m in student.modules():  # BatchNorm on running statistics, as in the eval-mode teacher
         if isinstance(m, nn.BatchNorm2d):
