@@ -52,6 +52,8 @@ def _score_order(scores: torch.Tensor, boxes: torch.Tensor, tie: float = 1e-5) -
     can score the same) are ordered by their boxes ``[N, 4]``, so that the two images' orders pair the same
     instances."""
     order = torch.argsort(scores, stable=True)
+    if len(order) < 2:
+        return order
     group = torch.cat([torch.zeros(1, dtype=torch.long), (scores[order].diff() > tie).long().cumsum(0)])
     keys = boxes[order].round(decimals=2).numpy()
     # np.lexsort: the last key is the primary one
