@@ -90,7 +90,11 @@ class Runner:
         self.rounds = cfg.get("rounds") or 1
         if self.student_cfg is None and (self.label_cfg is not None or self.kd):
             raise ConfigError(f"{source}: 'label' and 'kd' need a 'student' section (its model and train blocks)")
-        self._check_teacher_checkpoint(self.teacher_cfg.get("checkpoint"))
+        checkpoint = self.teacher_cfg.get("checkpoint")
+        self._check_teacher_checkpoint(checkpoint)
+        if checkpoint:  # one file, one teacher: named relatively or absolutely, every stage's digest sees one path
+            self.teacher_cfg["checkpoint"] = str(Path(checkpoint).resolve())
+            OmegaConf.update(cfg, "teacher.checkpoint", self.teacher_cfg["checkpoint"])
         # Everything is known good: now build the task and read the data (nothing is read before this point).
         self.task = registry.build("tasks", cfg.task, where=f"{source}: task")
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
@@ -171,21 +175,13 @@ class Runner:
         return stages
 
     # ------------------------------------------------------------------------------------------------ running
-    def _input(self, key: str) -> Any:
-        """A recipe section as a stage's digest sees it: ``teacher.checkpoint`` as the file's resolved path, so the
-        same file named relatively or absolutely is the same teacher (else its stages would be redone and lost)."""
-        value = _to_plain(OmegaConf.select(self.cfg, key))
-        if key == "teacher" and isinstance(value, dict) and value.get("checkpoint"):
-            value = {**value, "checkpoint": str(Path(value["checkpoint"]).resolve())}
-        return value
-
     def execute(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(with_defaults(self.cfg, self.registry), self.out)
         for i, stage in enumerate(self.stages):
             folder = self.out / stage.name
             marker = folder / "stage.json"
-            key = _digest({**{k: self._input(k) for k in stage.inputs},
+            key = _digest({**{k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs},
                            "data files": self.data_key})  # a changed annotation or image re-runs the stage
             forced = self.force_from is not None and i >= self.force_from
             if marker.is_file() and not forced:

@@ -51,6 +51,25 @@ def _calibrated(model: nn.Module, task, batch) -> nn.Module:
     return model
 
 
+def _pair(coco8):
+    """``(task, student, teacher, batch)``: a tiny YOLO student and a wider teacher whose class scores differ between
+    anchors, on two coco8 images."""
+    task = ddkit.build("tasks", "detection")
+    torch.manual_seed(0)
+    student = task.build_model(TINY, coco8.info)
+    batch = task.collate([coco8[i] for i in range(2)])
+    teacher = _spread(_calibrated(task.build_model({**TINY, "width": 0.25}, coco8.info), task, batch))
+    return task, student, teacher, batch
+
+
+def _canvas(batch, student) -> torch.Tensor:
+    """The letterboxed batch the student trains on (``train_scale`` 1)."""
+    images = list(batch["images"])
+    sizes = [fitted_size(tuple(im.shape[-2:]), TINY["imgsz"]) for im in images]
+    canvas, _ = letterbox(images, sizes, student.stride, canvas=(TINY["imgsz"],) * 2)
+    return canvas
+
+
 def _setup(student, teacher, batch, task, **params):
     term = ddkit.build("losses", {"name": "yolo_kd", **params})
     term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
@@ -74,11 +93,7 @@ def test_value_is_dense_soft_targets_of_the_two_heads(coco8):
     """The student's logits from its raw training output, the teacher's from its eval-mode output (checked against
     the class probabilities Ultralytics' inference decodes), on the canvas the student trains on (``train_scale``
     1)."""
-    task = ddkit.build("tasks", "detection")
-    torch.manual_seed(0)
-    student = task.build_model(TINY, coco8.info)
-    batch = task.collate([coco8[i] for i in range(2)])
-    teacher = _spread(_calibrated(task.build_model({**TINY, "width": 0.25}, coco8.info), task, batch))
+    task, student, teacher, batch = _pair(coco8)
     assert teacher.training  # left in train mode: the term must run it in eval mode
     teacher_state = copy.deepcopy(teacher.state_dict())
     term = _setup(student, teacher, batch, task, temperature=2.0)
@@ -87,9 +102,7 @@ def test_value_is_dense_soft_targets_of_the_two_heads(coco8):
     assert value.requires_grad
     assert not teacher.training and all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
 
-    images = list(batch["images"])
-    sizes = [fitted_size(tuple(im.shape[-2:]), TINY["imgsz"]) for im in images]
-    canvas, _ = letterbox(images, sizes, student.stride, canvas=(TINY["imgsz"],) * 2)
+    canvas = _canvas(batch, student)
     with torch.no_grad():
         s_logits = student.net(canvas)["scores"].transpose(1, 2)  # train mode: the same batch statistics
         decoded, raw = teacher.net(canvas)  # eval mode: decoded [N, 4 + K, A] and the raw head outputs
@@ -110,18 +123,12 @@ def test_value_is_dense_soft_targets_of_the_two_heads(coco8):
 def test_box_weight_adds_localization_distillation_of_the_dfl_bins(coco8):
     """``box_weight``: LD on each box edge's DFL bins, weighted by the teacher's object confidence. The bins are read
     as Ultralytics' DFL reads them (their expectation is what its ``dfl`` module decodes)."""
-    task = ddkit.build("tasks", "detection")
-    torch.manual_seed(0)
-    student = task.build_model(TINY, coco8.info)
-    batch = task.collate([coco8[i] for i in range(2)])
-    teacher = _spread(_calibrated(task.build_model({**TINY, "width": 0.25}, coco8.info), task, batch))
+    task, student, teacher, batch = _pair(coco8)
     term = _setup(student, teacher, batch, task, temperature=2.0, box_weight=0.5, box_temperature=4.0)
     student.train()
     value = _step(term, task, student, teacher, batch)
 
-    images = list(batch["images"])
-    sizes = [fitted_size(tuple(im.shape[-2:]), TINY["imgsz"]) for im in images]
-    canvas, _ = letterbox(images, sizes, student.stride, canvas=(TINY["imgsz"],) * 2)
+    canvas = _canvas(batch, student)
     with torch.no_grad():
         s_out = student.net(canvas)
         _, t_out = teacher.net(canvas)
