@@ -121,23 +121,32 @@ def ddkit_mistakes(res: dict, seed: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def inherited(wrong: dict[str, torch.Tensor]) -> str:
+    """``"a/b"``: how many of the student's ``b`` test mistakes the teacher makes too (self-training's confirmation
+    bias: the student fixes some of the teacher's mistakes but learns little the teacher does not know)."""
+    student = wrong["student"].bool()
+    return f"{int((student & wrong['teacher'].bool()).sum())}/{int(student.sum())}"
+
+
 def dd_side_by_side(seeds: list[int], ours: list[dict], plain: list[dict]) -> str:
-    lines = ["| seed | teacher % | student % | fully labeled % | gap closed % (test noise +-) | pseudo-labels kept "
-             "(right %) | time s |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| seed | teacher % | student % | fully labeled % | gap closed % (test noise +-) | student's mistakes "
+             "the teacher's too | pseudo-labels kept (right %) | time s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     gaps: dict[str, list[float]] = {"ddkit": [], "plain": []}
     for seed, res, p in zip(seeds, ours, plain):
         final = final_student(res)
         q = ((res.get("pseudo_label_quality") or {}).get("ensemble") or {})
-        noise = bootstrap_gap_sd(ddkit_mistakes(res, seed))
+        wrong = ddkit_mistakes(res, seed)
+        noise = bootstrap_gap_sd(wrong)
         gaps["ddkit"].append(100 * res["gap_closed"])
         gaps["plain"].append(100 * p["gap_closed"])
         lines.append(f"| {seed} ddkit | {error_of(res, 'teacher'):.1f} | {error_of(res, final):.1f} | "
-                     f"{error_of(res, 'baseline_full'):.1f} | {100 * res['gap_closed']:.0f} ({noise:.0f}) | "
+                     f"{error_of(res, 'baseline_full'):.1f} | {100 * res['gap_closed']:.0f} ({noise:.0f}) | {inherited(wrong)} | "
                      f"{q.get('selected', '?')} ({100 * q.get('selected_accuracy', float('nan')):.1f}) | "
                      f"{res['seconds']:.0f} |")
-        pnoise = bootstrap_gap_sd({k: torch.tensor(p["wrong"][k]) for k in ("teacher", "student", "full")})
+        pwrong = {k: torch.tensor(p["wrong"][k]) for k in ("teacher", "student", "full")}
+        pnoise = bootstrap_gap_sd(pwrong)
         lines.append(f"| {seed} plain | {p['teacher']:.1f} | {p['student']:.1f} | {p['full']:.1f} | "
-                     f"{100 * p['gap_closed']:.0f} ({pnoise:.0f}) | {p['kept']} ({p['pseudo_accuracy']:.1f}) | "
+                     f"{100 * p['gap_closed']:.0f} ({pnoise:.0f}) | {inherited(pwrong)} | {p['kept']} ({p['pseudo_accuracy']:.1f}) | "
                      f"{p['seconds_with_upper_bound']:.0f} |")
     for name, g in gaps.items():
         lines.append(f"\n{name}: gap closed {mean_sd(g, 0)} %, min {min(g):.0f} %")

@@ -1,0 +1,37 @@
+"""The helpers behind the README's MNIST tables (benchmarks/distillation_results.py)."""
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from distillation_results import bootstrap_gap_sd, inherited  # noqa: E402
+
+
+def test_inherited_counts_the_students_mistakes_the_teacher_shares():
+    teacher = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    student = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)
+    assert inherited({"teacher": teacher, "student": student}) == "1/2"
+    assert inherited({"teacher": teacher, "student": torch.zeros(6, dtype=torch.bool)}) == "0/0"
+
+
+def test_bootstrap_gap_sd_is_zero_when_every_resample_closes_the_same_share():
+    # the student makes exactly the upper bound's mistakes: every resample closes 100 % of the gap
+    base = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0] * 50, dtype=torch.bool)
+    full = torch.tensor([1, 0, 0, 0, 0, 0, 0, 0] * 50, dtype=torch.bool)
+    assert bootstrap_gap_sd({"teacher": base, "student": full, "full": full}) == 0.0
+
+
+def test_bootstrap_gap_sd_matches_a_slow_reference():
+    g = torch.Generator().manual_seed(1)
+    wrong = {k: torch.rand(300, generator=g) < p for k, p in (("teacher", 0.3), ("student", 0.2), ("full", 0.1))}
+    g = torch.Generator().manual_seed(0)  # the helper's own resamples
+    idx = torch.randint(300, (1000, 300), generator=g)
+    gaps = []
+    for row in idx.tolist():
+        b, s, f = (sum(bool(wrong[k][i]) for i in row) for k in ("teacher", "student", "full"))
+        if b != f:
+            gaps.append((b - s) / (b - f))
+    gaps.sort()
+    lo, hi = torch.quantile(torch.tensor(gaps, dtype=torch.float64), torch.tensor([0.16, 0.84], dtype=torch.float64))
+    assert abs(bootstrap_gap_sd(wrong) - 100 * float(hi - lo) / 2) < 1e-4  # float32 means
