@@ -5,14 +5,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from distillation_results import bootstrap_gap_sd, inherited  # noqa: E402
+from distillation_results import bootstrap_gap_sd, overlap, shared_with_teacher  # noqa: E402
 
 
-def test_inherited_counts_the_students_mistakes_the_teacher_shares():
+def test_shared_with_teacher_counts_a_models_mistakes_the_teacher_makes_too():
     teacher = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
     student = torch.tensor([1, 0, 0, 1, 0, 0], dtype=torch.bool)
-    assert inherited({"teacher": teacher, "student": student}) == "1/2"
-    assert inherited({"teacher": teacher, "student": torch.zeros(6, dtype=torch.bool)}) == "0/0"
+    full = torch.tensor([1, 1, 0, 1, 1, 1], dtype=torch.bool)
+    assert shared_with_teacher({"teacher": teacher, "student": student}, "student") == "1/2"
+    assert shared_with_teacher({"teacher": teacher, "student": torch.zeros(6, dtype=torch.bool)}, "student") == "0/0"
+    assert overlap({"teacher": teacher, "student": student, "full": full}) == "1/2 (2/5)"
 
 
 def test_bootstrap_gap_sd_is_zero_when_every_resample_closes_the_same_share():
