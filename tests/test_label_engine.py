@@ -363,3 +363,75 @@ def test_bad_label_section_fails_before_reading(tmp_path, monkeypatch):
         with pytest.raises(ConfigError, match=msg):
             L.label_dataset(FakeTask(), BlobDetector(), ds.info, unlabeled, labeled, {**DET_CFG, **bad}, tmp_path)
     assert read == [] and not (tmp_path / "shards").exists()
+
+
+# ------------------------------------------------------------------------------------------------ several teachers
+def test_teacher_ensemble_averages_every_teacher_and_view_against_a_slow_reference():
+    """Two classifiers, identity + flip views, ``prob_mean``: each image's pseudo-label is the argmax of the mean of
+    the four softmaxes, computed here one model and one view at a time."""
+    reg = get_registry()
+    task = reg.build("tasks", {"name": "classification"})
+    ds = reg.build("datasets", {"name": "digits"})
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(task.build_model({"name": "mlp", "hidden": [16]}, ds.info).eval())
+    cfg = {"transforms": [{"name": "identity"}, {"name": "hflip"}], "aggregator": {"name": "prob_mean"},
+           "selector": {"name": "count_match"}}
+    strategies = L.build_strategies(L.parse_label_config(cfg), task, ds.info)
+    images = [ds[i][0] for i in range(20)]
+    labels, scores = zip(*L.Labeller(task, models, ds.info, strategies).label(images))
+    with torch.no_grad():
+        probs = torch.stack([torch.stack([m(v[None]).softmax(-1)[0] for m in models for v in (x, x.flip(-1))]).mean(0)
+                             for x in images])
+    assert torch.equal(torch.cat(labels), probs.argmax(1))
+    assert torch.allclose(torch.cat(scores), probs.max(1).values, atol=1e-6)
+    one = L.Labeller(task, models[0], ds.info, strategies).label(images)  # a module or a one-item list: the same
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(one, L.Labeller(task, models[:1], ds.info,
+                                                                       strategies).label(images)))
+    with pytest.raises(ValueError, match="at least one teacher"):
+        L.Labeller(task, [], ds.info, strategies)
+
+
+def test_teacher_ensemble_slots_are_each_teachers_own_views(tmp_path):
+    """``keep_raw`` with two teachers: the raw slots are teacher 1's views then teacher 2's, each equal to that
+    teacher's own single-teacher labelling; the provenance names both checkpoints."""
+    from ddkit.engine.bench import load_raw
+
+    ds, labeled, unlabeled = shapes_splits()
+    cfg = {**DET_CFG, "keep_raw": True, "quality": False}
+    teachers = [BlobDetector(0.375), BlobDetector(0.55)]
+    both = L.label_dataset(FakeTask(), teachers, ds.info, unlabeled, labeled, cfg, tmp_path / "both")
+    alone = [load_raw(L.label_dataset(FakeTask(), t, ds.info, unlabeled, labeled, cfg, tmp_path / f"t{k}").raw_path)
+             for k, t in enumerate(teachers)]
+    raw = load_raw(both.raw_path)
+    views = ["identity", "hflip", "scale_x0.75", "scale_x1.5"]
+    assert raw.view_names == [f"teacher{k}/{v}" for k in (1, 2) for v in views]
+    for img, a, b in zip(raw.images, *(r.images for r in alone)):
+        for got, want in zip(img.views, a.views + b.views):
+            assert torch.equal(got.boxes, want.boxes) and torch.equal(got.labels, want.labels)
+    shas = [json.loads((tmp_path / f"t{k}" / "pseudo_labels.json").read_text())["info"]["teacher_sha256"]
+            for k in (0, 1)]
+    sha_both = json.loads(both.pseudo_path.read_text())["info"]["teacher_sha256"]
+    assert sha_both not in shas and len(sha_both) == 64
+
+
+def test_teacher_ensemble_keypoints_average_each_teachers_heatmaps(tmp_path):
+    """Two keypoint teachers with the same boxes, the second's heatmaps three times the first's: the averaged maps
+    are twice the first's, so every keypoint lies where the first teacher puts it, with twice its peak score."""
+
+    class Louder(BlobDetector):
+        def heatmaps(self, image, rois, size=14):
+            return 3.0 * super().heatmaps(image, rois, size)
+
+    ds, labeled, unlabeled = figures_splits()
+    cfg = {"transforms": [{"name": "identity"}, {"name": "hflip"}], "aggregator": {"name": "nms"},
+           "selector": {"name": "count_match"}, "batch_size": 8, "quality": False}
+    L.label_dataset(FakeKeypointTask(), BlobDetector(num_keypoints=7), ds.info, unlabeled, labeled, cfg,
+                    tmp_path / "one")
+    L.label_dataset(FakeKeypointTask(), [BlobDetector(num_keypoints=7), Louder(num_keypoints=7)], ds.info,
+                    unlabeled, labeled, cfg, tmp_path / "two")
+    one, two = (load_shard(tmp_path / d / "shards" / "shard-00000-of-00001.pt")["ensemble"] for d in ("one", "two"))
+    assert torch.equal(one["boxes"], two["boxes"]) and len(one["boxes"]) > 5  # NMS keeps one of each duplicate
+    assert torch.allclose(one["keypoints"][..., :2], two["keypoints"][..., :2], atol=1e-3)
+    assert torch.allclose(2.0 * one["keypoints"][..., 2], two["keypoints"][..., 2], rtol=1e-4)

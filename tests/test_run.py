@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from ddkit import ConfigError
 from ddkit.config import load_config
@@ -178,3 +179,34 @@ def test_rounds_the_student_labels_for_the_next_round(first_run, recipe, capsys)
         assert summary["gap_closed_by_round"]["student"] == pytest.approx((base - r1) / (base - full), abs=1e-3)
     with pytest.raises(ConfigError, match="rounds must be an integer >= 1, got 0"):
         Runner(load_config(recipe, ["rounds=0"]))
+
+
+def test_teacher_ensemble_trains_more_teachers_and_labels_with_all(first_run, recipe, tmp_path, capsys):
+    """``teacher.ensemble: 2``: a second teacher at another seed; both label; the stages that read one teacher
+    (the first teacher, the baselines, KD) are re-used, not redone."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["run_dir"], out)
+    capsys.readouterr()
+    summary = run_recipe(load_config(recipe, [f"run.out_dir={out}", "teacher.ensemble=2"]), source=str(recipe),
+                         progress=False)
+    printed = capsys.readouterr().out
+    for stage in ("teacher", "baseline_full", "kd_alone", "tta_teacher"):
+        assert f"{stage}: done earlier" in printed, stage
+    for stage in ("teacher_2", "label", "student", "tta_teacher_2"):
+        assert f"{stage}: running" in printed, stage
+    first, second = (torch.load(out / s / "model.pt", weights_only=True)["model"] for s in ("teacher", "teacher_2"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # another seed: another model
+    label = json.loads((out / "label" / "stage.json").read_text())["result"]
+    models = [json.loads((out / s / "stage.json").read_text())["result"]["model"] for s in ("teacher", "teacher_2")]
+    assert label["teacher"] == models and models[1] == str(out / "teacher_2" / "model.pt")
+    info = json.loads((out / "label" / "pseudo_labels.json").read_text())["info"]
+    assert info["teacher_checkpoint"] == label["teacher"]
+    rows = {r["stage"]: r for r in summary["rows"]}
+    assert rows["teacher_2"]["model"] == "teacher 2 (ensemble)"
+    assert rows["baseline_labeled"]["error %"] == rows["teacher"]["error %"]  # the baseline is the first teacher
+    with pytest.raises(ConfigError, match="teacher.ensemble must be an integer >= 1 \\(the number of teachers\\)"):
+        Runner(load_config(recipe, ["teacher.ensemble=0"]))
+    with pytest.raises(ConfigError, match="teacher.ensemble: 2 teachers are trained by the run; remove teacher"):
+        Runner(load_config(recipe, ["teacher.ensemble=2", f"teacher.checkpoint={out / 'teacher' / 'model.pt'}"]))

@@ -60,8 +60,20 @@ def _model_section(stage: str) -> Callable[[Any, str], None]:
             raise ConfigError(f"{where} must be a mapping with keys {', '.join(valid)}")
         check_keys(block, valid, where)
         parse_train_config(block.get("train"), where=f"{where}.train")
+        if "ensemble" in block:
+            _ensemble(block, f"{where}.ensemble")
 
     return check
+
+
+def _ensemble(teacher: Mapping[str, Any], where: str) -> None:
+    """``teacher.ensemble: N``: N teachers trained here (seeds run.seed + 1000 k) label together."""
+    n = teacher["ensemble"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ConfigError(f"{where} must be an integer >= 1 (the number of teachers), got {n!r}")
+    if n > 1 and teacher.get("checkpoint"):
+        raise ConfigError(f"{where}: {n} teachers are trained by the run; remove teacher.checkpoint (one file is one "
+                          "teacher) or set ensemble: 1")
 
 
 def _rounds(value: Any, where: str) -> None:

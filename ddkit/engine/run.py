@@ -3,6 +3,7 @@
 Stages, each a folder of ``<run.out_dir>`` with a ``stage.json`` marker written (atomically) when it completes::
 
     teacher                 train the teacher on the labeled part              (recipe section ``teacher``)
+    teacher_2 ... teacher_N ``teacher.ensemble: N``: more teachers (seeds run.seed + 1000 k); all of them label
     label                   multi-transform pseudo-labelling of the unlabeled  (``label`` but its selector)
     select                  pseudo-labels selected from the label stage's shards, written in ``label/``
     student                 retrain a student on labeled + pseudo, mixed       (``student``)
@@ -52,6 +53,11 @@ class Stage:
     name: str
     inputs: tuple[str, ...]  # recipe sections whose content decides the stage's output
     fn: Callable[[], dict[str, Any]]
+    ignore: tuple[str, ...] = ()  # keys of those sections that do not (``section.key``)
+
+
+# what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
+ONE_TEACHER = ("teacher.ensemble",)
 
 
 def _section(cfg: DictConfig, key: str) -> Any:
@@ -146,11 +152,13 @@ class Runner:
     # ---------------------------------------------------------------------------------------------- the plan
     def _plan(self) -> list[Stage]:
         base = ("task", "data", "run.seed")
-        stages = [Stage("teacher", base + ("teacher",), self._train_teacher)]
+        stages = [Stage("teacher", base + ("teacher",), self._train_teacher, ONE_TEACHER)]
+        stages += [Stage(name, base + ("teacher",), lambda k=k: self._train_extra_teacher(k), ONE_TEACHER)
+                   for k, name in enumerate(self._teacher_stages()[1:], start=1)]
         if self.label_cfg is not None:  # data distillation
             for r in range(1, self.rounds + 1):
                 sfx = "" if r == 1 else f"_r{r}"
-                prev = "teacher" if r == 1 else ("student" if r == 2 else f"student_r{r - 1}")
+                prev = self._teacher_stages() if r == 1 else ["student" if r == 2 else f"student_r{r - 1}"]
                 models = base + (("teacher", "student") if r > 1 else ("teacher",))
                 # the label stage reads every label key but the selection's: another selector re-uses the shards
                 stages.append(Stage(f"label{sfx}", models + LABEL_STAGE_KEYS,
@@ -159,19 +167,20 @@ class Runner:
                 stages.append(Stage(f"student{sfx}", base + ("teacher", "label", "student"),
                                     lambda s=sfx: self._train_student(s)))
         if self.baselines.get("labeled_only"):
-            stages.append(Stage("baseline_labeled", base + ("teacher", "student"), self._baseline_labeled))
+            stages.append(Stage("baseline_labeled", base + ("teacher", "student"), self._baseline_labeled,
+                                ONE_TEACHER))
         if self.baselines.get("fully_labeled"):
-            stages.append(Stage("baseline_full", base + ("teacher", "student"), self._baseline_full))
+            stages.append(Stage("baseline_full", base + ("teacher", "student"), self._baseline_full, ONE_TEACHER))
         for variant in (self.kd.get("variants") or {}):
             # one variant's own block: adding or changing another variant does not redo this one
             stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", f"kd.variants.{variant}"),
-                                lambda v=variant: self._kd(v)))
+                                lambda v=variant: self._kd(v), ONE_TEACHER))
         if self.evaluate_cfg.get("tta"):
             for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
                 if st == "baseline_labeled" and self._baseline_is_teacher():
                     continue  # the same model as the teacher's: its TTA row is the teacher's
                 stages.append(Stage(f"tta_{st}", base + ("teacher", "student", "label", "kd", "evaluate"),
-                                    lambda s=st: self._tta(s)))
+                                    lambda s=st: self._tta(s), ONE_TEACHER))
         return stages
 
     # ------------------------------------------------------------------------------------------------ running
@@ -181,8 +190,7 @@ class Runner:
         for i, stage in enumerate(self.stages):
             folder = self.out / stage.name
             marker = folder / "stage.json"
-            key = _digest({**{k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs},
-                           "data files": self.data_key})  # a changed annotation or image re-runs the stage
+            key = _digest({**self._inputs(stage), "data files": self.data_key})  # a changed file re-runs it
             forced = self.force_from is not None and i >= self.force_from
             if marker.is_file() and not forced:
                 done = json.loads(marker.read_text())
@@ -206,6 +214,15 @@ class Runner:
             self.results[stage.name] = result
             atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
         return self._write_results()
+
+    def _inputs(self, stage: Stage) -> dict[str, Any]:
+        """The recipe sections a stage reads, less the keys it ignores: what its digest hashes."""
+        values = {k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs}
+        for dotted in stage.ignore:
+            section, _, key = dotted.partition(".")
+            if isinstance(values.get(section), dict):
+                values[section].pop(key, None)
+        return values
 
     def _write_results(self, stopped: str | None = None) -> dict[str, Any]:
         """``results.json``, ``results.md`` and ``report.html`` of the stages done so far (``stopped``: why the
@@ -231,11 +248,12 @@ class Runner:
 
     # ---------------------------------------------------------------------------------------------- the stages
     def _train(self, stage: str, model_cfg: Any, train_cfg: Any, train_sets: list[Any], losses: Any = None,
-               teacher: Any = None) -> dict[str, Any]:
-        torch.manual_seed(self.seed)
+               teacher: Any = None, seed: int | None = None) -> dict[str, Any]:
+        seed = self.seed if seed is None else seed
+        torch.manual_seed(seed)
         model = self.task.build_model(model_cfg, self.splits.info)
         out = train_model(self.task, model, train_sets, train_cfg, self.out / stage, teacher=teacher,
-                          losses=losses, eval_set=self.splits.test, resume=True, seed=self.seed,
+                          losses=losses, eval_set=self.splits.test, resume=True, seed=seed,
                           device=self.device, progress=self.progress)
         if not out.get("finished"):
             raise ConfigError(f"stage {stage} stopped before the end of its schedule (max_iterations?); "
@@ -249,6 +267,18 @@ class Runner:
             return self._trained_teacher(Path(t["checkpoint"]))
         return self._train("teacher", t["model"], t.get("train"), [self.splits.labeled], t.get("losses"))
 
+    def _teacher_stages(self) -> list[str]:
+        """``teacher`` and, with ``teacher.ensemble: N``, ``teacher_2`` ... ``teacher_N``: the models that label."""
+        n = int(self.teacher_cfg.get("ensemble") or 1)
+        return ["teacher"] + [f"teacher_{k}" for k in range(2, n + 1)]
+
+    def _train_extra_teacher(self, k: int) -> dict[str, Any]:
+        """Ensemble member ``k`` (1, 2, ...): the teacher's recipe at seed ``run.seed + 1000 k`` (its init and
+        batches; the split stays the run's)."""
+        t = self.teacher_cfg
+        return self._train(f"teacher_{k + 1}", t["model"], t.get("train"), [self.splits.labeled], t.get("losses"),
+                           seed=self.seed + 1000 * k)
+
     def _trained_teacher(self, path: Path) -> dict[str, Any]:
         """``teacher.checkpoint``: a teacher trained elsewhere (e.g. one teacher for several student seeds) is used
         as it is and evaluated on the test part for the table."""
@@ -260,20 +290,23 @@ class Runner:
     def _model_path(self, stage: str) -> Path:
         return Path(self.results[stage]["model"])
 
-    def _label(self, teacher_stage: str, sfx: str) -> dict[str, Any]:
-        """Label the unlabeled part into shards (``label{sfx}/shards``); the select stage writes the rest."""
+    def _label(self, teacher_stages: list[str], sfx: str) -> dict[str, Any]:
+        """Label the unlabeled part into shards (``label{sfx}/shards``) with the models of ``teacher_stages``
+        (several: their predictions of every view are ensembled); the select stage writes the rest."""
         if self.splits.unlabeled is None and not (self.label_cfg.get("images") or self.label_cfg.get("coco")):
             raise ConfigError(f"{self.source}: data distillation needs unlabeled images: label.images (a folder), "
                               f"label.coco (a COCO json) or an unlabeled part in data")
-        path = self._model_path(teacher_stage)
-        _, teacher, _ = load_model(path, device=self.device, registry=self.registry)
+        paths = [self._model_path(st) for st in teacher_stages]
+        teachers = [load_model(p, device=self.device, registry=self.registry)[1] for p in paths]
         out = self.out / f"label{sfx}"
-        res = label_stage(self.task, teacher, self.splits.info, self.splits.unlabeled, self.label_cfg, out,
-                          teacher_checkpoint=path, device=self.device, progress=bool(self.progress),
+        res = label_stage(self.task, teachers, self.splits.info, self.splits.unlabeled, self.label_cfg, out,
+                          teacher_checkpoint=paths, device=self.device, progress=bool(self.progress),
                           registry=self.registry, seed=self.seed)
         if not res.complete:
             raise ConfigError(f"stage label{sfx}: not every shard is labelled; re-run to resume it")
-        return {**res.to_dict(), "pseudo_labels": str(out / "pseudo_labels.json"), "teacher": str(path)}
+        named = [str(p) for p in paths]
+        return {**res.to_dict(), "pseudo_labels": str(out / "pseudo_labels.json"),
+                "teacher": named[0] if len(named) == 1 else named}
 
     def _select(self, sfx: str) -> dict[str, Any]:
         """Select pseudo-labels from the label stage's shards; its files go beside them (``label{sfx}/``)."""
@@ -368,6 +401,7 @@ class Runner:
         names = {"teacher": "teacher", "baseline_labeled": "baseline (labeled only)",
                  "student": "student (data distillation)" if self.rounds == 1 else "student round 1",
                  "baseline_full": "fully labeled (upper bound)"}
+        names.update({st: f"teacher {st.split('_')[1]} (ensemble)" for st in self._teacher_stages()[1:]})
         rows = []
         for stage, res in self.results.items():
             if "metrics" not in res:

@@ -337,7 +337,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
 
 # ------------------------------------------------------------------------------------------------ recipe level
 SECTION_KEYS = {
-    "teacher": {"model", "train", "losses", "checkpoint"},
+    "teacher": {"model", "train", "losses", "checkpoint", "ensemble"},
     "student": {"model", "train", "losses", "pseudo_labels", "teacher"},
 }
 

@@ -6,10 +6,14 @@
         inverse_probs --> aggregator (batched) [--> keypoints: RoIs of the aggregated boxes mapped into each view,
         keypoint head, inverse_heatmaps, heatmap aggregator]
 
+Several teachers (an ensemble of models, the paper's model distillation combined with data distillation) each
+see every view; the aggregator ensembles all of their predictions, teacher by teacher, view by view.
+
 Python API (``ddkit predict`` and the labelling stage use the same)::
 
     strategies = build_strategies(parse_label_config(block), task, info)
     preds = Labeller(task, model, info, strategies).label(images)   # one aggregated prediction per image
+    preds = Labeller(task, [model_a, model_b], info, strategies).label(images)  # views x teachers ensembled
     preds = Labeller.from_block(task, model, info, block).label(images)  # the same
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -61,17 +65,23 @@ class BatchPredictions:
 
 
 class Labeller:
-    """Runs every view of a batch through the teacher and aggregates per image."""
+    """Runs every view of a batch through the teacher (or each of several teachers) and aggregates per image."""
 
-    def __init__(self, task: Any, model: nn.Module, info: DatasetInfo, strategies: Strategies,
+    def __init__(self, task: Any, model: nn.Module | Sequence[nn.Module], info: DatasetInfo, strategies: Strategies,
                  device: torch.device | str = "cpu", keep_raw: bool = False, timer: Timer | None = None):
-        self.task, self.model, self.info, self.s = task, model, info, strategies
+        self.models = [model] if isinstance(model, nn.Module) else list(model)
+        if not self.models:
+            raise ValueError("Labeller needs at least one teacher model")
+        self.task, self.info, self.s = task, info, strategies
         self.kind = strategies.kind
         self.device = torch.device(device)
         self.keep_raw = keep_raw
         self.timer = timer or Timer()
         self.category_ids = [int(c["id"]) for c in info.categories]
-        self.ens_views = strategies.ensemble_views
+        num_views = len(strategies.views)
+        # every (teacher, view) prediction is one slot, teacher-major: slot m * num_views + v
+        self.ens_slots = [m * num_views + v for m in range(len(self.models)) for v in strategies.ensemble_views]
+        self.slot_names = [self._slot_name(i) for i in self.ens_slots]
         self.keypoints = strategies.keypoint_block is not None  # a heatmap stage, or an aggregator that fuses them
         self.num_keypoints = info.num_keypoints if self.keypoints else None
 
@@ -82,9 +92,22 @@ class Labeller:
         strategies = build_strategies(parse_label_config(block, where), task, info, registry, where=where)
         return cls(task, model, info, strategies, device)
 
+    def _slot_name(self, slot: int) -> str:
+        m, v = divmod(slot, len(self.s.views))
+        name = self.s.view_names[v]
+        return name if len(self.models) == 1 else f"teacher{m + 1}/{name}"
+
+    def _view(self, slot: int) -> Any:
+        return self.s.views[slot % len(self.s.views)]
+
     # ----------------------------------------------------------------------------------------- teacher calls
     def _predict(self, view_images: list[list[Tensor]]) -> list[list[Any]]:
-        """Predictions ``[V][B]`` of the transformed images ``[V][B]``; images of one shape share a call."""
+        """Predictions ``[M * V][B]`` (teacher-major slots) of the transformed images ``[V][B]``."""
+        return [p for model in self.models for p in self._predict_one(model, view_images)]
+
+    def _predict_one(self, model: nn.Module, view_images: list[list[Tensor]]) -> list[list[Any]]:
+        """One teacher's predictions ``[V][B]`` of the transformed images ``[V][B]``; images of one shape share a
+        call."""
         groups: dict[Any, list[tuple[int, int]]] = defaultdict(list)
         shapes = {tuple(x.shape) for imgs in view_images for x in imgs}
         # Same-shape images batch without padding. Images of many sizes (real photos) go one call per view
@@ -97,7 +120,7 @@ class Labeller:
         with torch.no_grad():
             for members in groups.values():
                 with self.timer("model"):
-                    preds = self.task.predict(self.model, [view_images[v][b] for v, b in members], native_size=True)
+                    preds = self.task.predict(model, [view_images[v][b] for v, b in members], native_size=True)
                 if len(preds) != len(members):
                     raise RuntimeError(f"task {self.task.name!r}: predict returned {len(preds)} results for "
                                        f"{len(members)} images")
@@ -117,37 +140,37 @@ class Labeller:
         if not todo:
             return [self._no_keypoints(i) for i in ens]
         maps_per_view: list[list[Tensor]] = []
-        for v in self.ens_views:
-            view = self.s.views[v]
+        for slot in self.ens_slots:
+            v, view, model = slot % len(self.s.views), self._view(slot), self.models[slot // len(self.s.views)]
             with self.timer("transform"):
                 rois = [view.forward_instances(Instances(ens[b].boxes, ens[b].scores, ens[b].labels,
                                                          image_size=sizes[b]), sizes[b]).boxes.to(self.device)
                         for b in todo]
             with torch.no_grad(), self.timer("model"):
-                maps = self.task.keypoint_heatmaps(self.model, [view_images[v][b] for b in todo], rois,
+                maps = self.task.keypoint_heatmaps(model, [view_images[v][b] for b in todo], rois,
                                                    native_size=True)
             with self.timer("inverse"):
                 maps_per_view.append([view.inverse_heatmaps(m) for m in maps])
         out = list(ens)
         with self.timer("aggregate"):
             for j, b in enumerate(todo):
-                stacked = torch.stack([maps_per_view[k][j] for k in range(len(self.ens_views))])
+                stacked = torch.stack([maps_per_view[k][j] for k in range(len(self.ens_slots))])
                 kps = self.s.keypoint_aggregator(stacked, ens[b].boxes.to(stacked.device)).cpu()
                 out[b] = Instances(ens[b].boxes, ens[b].scores, ens[b].labels, kps, sizes[b])
         return [self._no_keypoints(inst) if inst.keypoints is None else inst for inst in out]
 
     # ----------------------------------------------------------------------------------------- one batch
     def _run(self, images: list[Tensor]) -> tuple[list[tuple[int, int]], list[list[Tensor]], list[Any], list[Any]]:
-        """``(sizes, view images [V][B], per-view predictions mapped back [V], aggregated per image [B])``."""
+        """``(sizes, view images [V][B], per-slot predictions mapped back [M * V], aggregated per image [B])``."""
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
         with self.timer("transform"):
             images = [x.to(self.device) for x in images]
             view_images = [[view.forward_image(x) for x in images] for view in self.s.views]
         preds = self._predict(view_images)
         with self.timer("inverse"):
-            back = [self.kind.inverse(view, preds[v], sizes) for v, view in enumerate(self.s.views)]
+            back = [self.kind.inverse(self._view(i), p, sizes) for i, p in enumerate(preds)]
         with self.timer("aggregate"):
-            ens = self.kind.aggregate(self.s.aggregator, [back[v] for v in self.ens_views], sizes,
+            ens = self.kind.aggregate(self.s.aggregator, [back[i] for i in self.ens_slots], sizes,
                                       self.category_ids)
         if self.s.keypoint_aggregator is not None:
             ens = self._keypoints(view_images, ens, sizes)
@@ -161,12 +184,13 @@ class Labeller:
         return self._run(images)[3]
 
     def label_batch(self, images: list[Tensor]) -> BatchPredictions:
-        """``images`` -> the packed ensemble, single-view and (``keep_raw``) per-view predictions."""
+        """``images`` -> the packed ensemble, the first teacher's single view and (``keep_raw``) every ensembled
+        slot's own predictions."""
         _, _, back, ens = self._run(images)
         kind = self.kind
         out = BatchPredictions(kind.pack_ensemble(ens, self.num_keypoints))
         if self.s.single_index is not None:
             out.single = kind.pack_view(back[self.s.single_index], self.category_ids, self.num_keypoints)
         if self.keep_raw:
-            out.raw = [kind.pack_view(back[v], self.category_ids) for v in self.ens_views]
+            out.raw = [kind.pack_view(back[i], self.category_ids) for i in self.ens_slots]
         return out

@@ -3,11 +3,12 @@ and the TTA evaluation run), the two stages alone (:func:`label_stage`, :func:`s
 plans), and :func:`run_label` for a loaded recipe."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -36,11 +37,27 @@ def _version() -> str:
     return ddkit.__version__
 
 
+Teachers = Union[nn.Module, Sequence[nn.Module]]
+Checkpoints = Union[str, Path, Sequence[Union[str, Path]], None]
+
+
+def _as_list(x: Any) -> list[Any]:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def _teacher_sha(teachers: list[nn.Module], checkpoints: list[Any]) -> str:
+    """One teacher's sha256 (of its file, else its weights); several teachers' hashed together in order."""
+    shas = [file_sha256(c) for c in checkpoints] if checkpoints and None not in checkpoints else \
+        [state_sha256(t) for t in teachers]
+    return shas[0] if len(shas) == 1 else hashlib.sha256("\0".join(shas).encode()).hexdigest()
+
+
 def _provenance(task: Any, info: DatasetInfo, strategies: Strategies, source: Source,
-                teacher_checkpoint: str | Path | None, teacher_sha: str) -> dict[str, Any]:
+                teacher_checkpoint: Checkpoints, teacher_sha: str) -> dict[str, Any]:
+    checkpoints = [None if c is None else str(c) for c in _as_list(teacher_checkpoint)]
     return {
         "description": "ddkit pseudo-labels", "ddkit_version": _version(),
-        "teacher_checkpoint": None if teacher_checkpoint is None else str(teacher_checkpoint),
+        "teacher_checkpoint": checkpoints[0] if len(checkpoints) == 1 else checkpoints,
         "teacher_sha256": teacher_sha, "task": getattr(task, "name", None),
         "transforms": strategies.transform_blocks,
         "views": [strategies.view_names[v] for v in strategies.ensemble_views],
@@ -60,15 +77,16 @@ def _finish_workers(distributed: bool, rank: int, started: bool) -> None:
             dist.destroy_process_group()
 
 
-def label_stage(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: Any,
+def label_stage(task: Any, teacher: Teachers, info: DatasetInfo, unlabeled: Any,
                 label_cfg: Mapping[str, Any] | LabelConfig, out_dir: str | Path, *,
-                teacher_checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                teacher_checkpoint: Checkpoints = None, device: str | torch.device = "cpu",
                 worker: tuple[int, int] | None = None, max_shards: int | None = None, progress: bool = False,
                 registry: Any = None, strategies: Strategies | None = None, timer: Timer | None = None,
                 seed: int = 0) -> ShardedLabels:
     """Label ``unlabeled`` into ``out_dir/shards`` (see :func:`label_dataset` for the arguments). ``complete`` is
     False for a worker that labelled only its part or stopped after ``max_shards``; every shard is there when it
-    is True (rank 0 only, under ``torchrun``)."""
+    is True (rank 0 only, under ``torchrun``). Several teachers (with their checkpoints, in the same order) ensemble
+    their predictions of every view."""
     torch.manual_seed(seed)
     cfg = parse_label_config(label_cfg)
     out_dir, timer = Path(out_dir), timer or Timer()
@@ -77,9 +95,10 @@ def label_stage(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: Any
         need_single = cfg.quality is not False and source.has_ground_truth
         strategies = build_strategies(cfg, task, info, registry, need_single=need_single)
     rank, world, started = join_process_group() if worker is None else (worker[0], worker[1], False)
-    teacher_sha = file_sha256(teacher_checkpoint) if teacher_checkpoint else state_sha256(teacher)
+    teachers = [t.to(torch.device(device)).eval() for t in _as_list(teacher)]
+    teacher_sha = _teacher_sha(teachers, _as_list(teacher_checkpoint) if teacher_checkpoint else [])
     shards, n_total = plan_shards(cfg, source, strategies, out_dir, teacher_sha, getattr(task, "name", None))
-    labeller = Labeller(task, teacher.to(torch.device(device)).eval(), info, strategies, device, cfg.keep_raw, timer)
+    labeller = Labeller(task, teachers, info, strategies, device, cfg.keep_raw, timer)
     done_now, mine_done = label_shards(labeller, source, cfg, shards, n_total, rank, world, max_shards, progress)
     result = ShardedLabels(shards, _provenance(task, info, strategies, source, teacher_checkpoint, teacher_sha),
                            complete=False, shards_done=done_now, timing=timer.to_dict())
@@ -136,9 +155,9 @@ def write_pseudo_yolo(pseudo_path: Path, out: Path, info: DatasetInfo, cfg: Labe
     return write_yolo_dataset(pseudo, None, out, info=info, images=cfg.yolo_images, **merged)
 
 
-def label_dataset(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: Any, labeled: Any,
+def label_dataset(task: Any, teacher: Teachers, info: DatasetInfo, unlabeled: Any, labeled: Any,
                   label_cfg: Mapping[str, Any] | LabelConfig, out_dir: str | Path, *,
-                  teacher_checkpoint: str | Path | None = None, device: str | torch.device = "cpu",
+                  teacher_checkpoint: Checkpoints = None, device: str | torch.device = "cpu",
                   worker: tuple[int, int] | None = None, max_shards: int | None = None,
                   progress: bool = False, registry: Any = None, strategies: Strategies | None = None,
                   seed: int = 0) -> LabelResult:
@@ -146,14 +165,15 @@ def label_dataset(task: Any, teacher: nn.Module, info: DatasetInfo, unlabeled: A
 
     Args:
         task: the teacher's task (``ddkit.engine.task.Task``).
-        teacher: the teacher model (put in eval mode here).
+        teacher: the teacher model (put in eval mode here), or a list of teachers whose predictions of every view
+            are ensembled together.
         info: the labeled set's dataset info (categories, keypoints).
         unlabeled: a dataset (e.g. ``Splits.unlabeled``, a :class:`HiddenLabels` view whose hidden labels give the
             quality report), a :class:`Source`, or ``None`` with ``label.images`` / ``label.coco`` set.
         labeled: the labeled dataset whose statistics count matching matches.
         label_cfg: the ``label`` section (see :class:`LabelConfig`).
         out_dir: where ``shards/``, ``pseudo_labels.json``, ``summary.json``, ... go.
-        teacher_checkpoint: its path, for the provenance (sha256).
+        teacher_checkpoint: its path (their paths), for the provenance (sha256).
         worker: ``(i, n)``: label only the shards ``s % n == i`` and return without selecting (``--shard i/n``).
             Under ``torchrun`` (``WORLD_SIZE > 1``) the rank is the worker and rank 0 selects.
         max_shards: stop after labelling this many shards (returns ``complete=False``; re-run to resume).

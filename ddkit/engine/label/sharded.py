@@ -37,8 +37,8 @@ def _shard_record(labeller: Labeller, meta: Mapping[str, list], batches: list[An
     images["file_names"] = "\0".join(meta["file_name"])  # one string unpickles much faster than a list
     raw_views = None
     if labeller.keep_raw:
-        raw_views = {"names": [labeller.s.view_names[v] for v in labeller.ens_views],
-                     "views": [_cat_packed([b.raw[v] for b in batches]) for v in range(len(labeller.ens_views))]}
+        raw_views = {"names": list(labeller.slot_names),
+                     "views": [_cat_packed([b.raw[i] for b in batches]) for i in range(len(labeller.ens_slots))]}
     single = None
     if labeller.s.single_index is not None:
         single = _cat_packed([b.single for b in batches]) or kind.empty_view(ids, k)
