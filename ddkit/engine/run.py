@@ -53,7 +53,7 @@ class Stage:
     name: str
     inputs: tuple[str, ...]  # recipe sections whose content decides the stage's output
     fn: Callable[[], dict[str, Any]]
-    ignore: tuple[str, ...] = ()  # keys of those sections that do not (``section.key``)
+    ignore: tuple[str, ...] = ()  # keys of those sections that do not decide it (``section.key``)
 
 
 # what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
