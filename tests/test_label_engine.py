@@ -395,7 +395,7 @@ def test_teacher_ensemble_averages_every_teacher_and_view_against_a_slow_referen
 
 def test_teacher_ensemble_slots_are_each_teachers_own_views(tmp_path):
     """``keep_raw`` with two teachers: the raw slots are teacher 1's views then teacher 2's, each equal to that
-    teacher's own single-teacher labelling; the provenance names both checkpoints."""
+    teacher's own single-teacher labelling; the provenance hashes the two teachers together."""
     from ddkit.engine.bench import load_raw
 
     ds, labeled, unlabeled = shapes_splits()

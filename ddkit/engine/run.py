@@ -276,8 +276,8 @@ class Runner:
         """Ensemble member ``k`` (1, 2, ...): the teacher's recipe at seed ``run.seed + 1000 k`` (its init and
         batches; the split stays the run's)."""
         t = self.teacher_cfg
-        return self._train(f"teacher_{k + 1}", t["model"], t.get("train"), [self.splits.labeled], t.get("losses"),
-                           seed=self.seed + 1000 * k)
+        return self._train(self._teacher_stages()[k], t["model"], t.get("train"), [self.splits.labeled],
+                           t.get("losses"), seed=self.seed + 1000 * k)
 
     def _trained_teacher(self, path: Path) -> dict[str, Any]:
         """``teacher.checkpoint``: a teacher trained elsewhere (e.g. one teacher for several student seeds) is used
@@ -401,7 +401,7 @@ class Runner:
         names = {"teacher": "teacher", "baseline_labeled": "baseline (labeled only)",
                  "student": "student (data distillation)" if self.rounds == 1 else "student round 1",
                  "baseline_full": "fully labeled (upper bound)"}
-        names.update({st: f"teacher {st.split('_')[1]} (ensemble)" for st in self._teacher_stages()[1:]})
+        names.update({st: f"teacher {k} (ensemble)" for k, st in enumerate(self._teacher_stages()[1:], start=2)})
         rows = []
         for stage, res in self.results.items():
             if "metrics" not in res:

@@ -139,15 +139,17 @@ class Labeller:
         todo = [b for b, inst in enumerate(ens) if len(inst)]
         if not todo:
             return [self._no_keypoints(i) for i in ens]
+        rois: dict[int, list[Tensor]] = {}  # per view: the aggregated boxes in its frame, shared by every teacher
         maps_per_view: list[list[Tensor]] = []
         for slot in self.ens_slots:
             v, view, model = slot % len(self.s.views), self._view(slot), self.models[slot // len(self.s.views)]
-            with self.timer("transform"):
-                rois = [view.forward_instances(Instances(ens[b].boxes, ens[b].scores, ens[b].labels,
-                                                         image_size=sizes[b]), sizes[b]).boxes.to(self.device)
-                        for b in todo]
+            if v not in rois:
+                with self.timer("transform"):
+                    rois[v] = [view.forward_instances(Instances(ens[b].boxes, ens[b].scores, ens[b].labels,
+                                                                image_size=sizes[b]), sizes[b]).boxes.to(self.device)
+                               for b in todo]
             with torch.no_grad(), self.timer("model"):
-                maps = self.task.keypoint_heatmaps(model, [view_images[v][b] for b in todo], rois,
+                maps = self.task.keypoint_heatmaps(model, [view_images[v][b] for b in todo], rois[v],
                                                    native_size=True)
             with self.timer("inverse"):
                 maps_per_view.append([view.inverse_heatmaps(m) for m in maps])
