@@ -151,10 +151,10 @@ def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
                        "student.train.batch_size=2"])
     summary = run_recipe(cfg, progress=False)
     rows = {r["stage"]: r for r in summary["rows"]}
-    variants = ("kd_detector_kd", "kd_detector_kd_hint", "kd_detector_kd_hint_small")
+    variants = ("kd_detector_kd", "kd_detector_kd_cwd")
     assert set(rows) == {"teacher", "kd_alone", *variants}
     assert summary["kd_ap_gain"] == {s: round(rows[s]["AP"] - rows["kd_alone"]["AP"], 2) for s in variants}
-    logs = (tmp_path / "kd_detector_kd_hint" / "metrics.jsonl").read_text()
+    logs = (tmp_path / "kd_detector_kd_cwd" / "metrics.jsonl").read_text()
     assert '"detector_kd/bounded"' in logs and '"hint"' in logs
 
 

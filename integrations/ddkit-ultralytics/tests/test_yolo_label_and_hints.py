@@ -73,13 +73,15 @@ def test_detection_labels_of_a_mirrored_image_are_mirrored(aggregator, coco8_pos
 
 
 def test_pose_labels_of_a_mirrored_image_are_mirrored_with_pairs_swapped(coco8_pose):
+    """The identity + hflip set only: its views of an image and of its mirror are the same tensors. An untrained
+    pose head has plateaus of anchors whose scores tie within the 1e-7 by which a resized mirror differs from a
+    mirrored resize, so with scaled views its top-k picks other anchors for the mirror (seen with Ultralytics
+    8.4.190 at one thread); the detection test above keeps the scaled set."""
     task = ddkit.build("tasks", "keypoints")
     torch.manual_seed(0)
     model = _noisy(task.build_model({**TINY_POSE, "max_det": 20}, coco8_pose.info))
-    image = _noise_image()
-    for views in VIEW_SETS:
-        cfg = {"transforms": views, "aggregator": {"name": "keypoint_fusion"}}
-        assert _mirror_check(task, model, coco8_pose.info, cfg, image) > 0
+    cfg = {"transforms": VIEW_SETS[0], "aggregator": {"name": "keypoint_fusion"}}
+    assert _mirror_check(task, model, coco8_pose.info, cfg, _noise_image()) > 0
 
 
 def test_pose_model_with_a_heatmap_aggregator_says_to_use_keypoint_fusion(coco8_pose):
