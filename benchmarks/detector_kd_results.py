@@ -3,6 +3,8 @@
     python benchmarks/detector_kd_results.py                    # configs/synthetic_det_kd.yaml, seeds 0 1 2
     python benchmarks/detector_kd_results.py --recipe configs/synthetic_det_kd_onestage.yaml
     python benchmarks/detector_kd_results.py --parallel 2       # the seeds after 0 side by side, one thread each
+    python benchmarks/detector_kd_results.py --teacher runs/det_kd_hard_teacher/teacher/model.pt \
+        --recipe configs/synthetic_det_kd_hard.yaml          # every seed taught by a teacher trained beforehand
 
 Seed 0 trains the teacher (``ddkit run`` into ``runs/<recipe>/seed0``); every other seed is taught by that teacher
 (``teacher.checkpoint``) on the same split, so the seeds vary the students' initialisation and batches, not the
@@ -22,18 +24,22 @@ from distillation_results import mean_sd  # benchmarks/ is the script's folder, 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def command(recipe: str, seed: int, extra: list[str]) -> list[str]:
+def command(recipe: str, seed: int, extra: list[str], teacher_path: str | None = None) -> list[str]:
+    """``ddkit run`` of one seed; taught by ``teacher_path``, else by seed 0's teacher (seed 0 trains it)."""
     out = REPO / "runs" / Path(recipe).stem / f"seed{seed}"
-    teacher = [] if seed == 0 else [f"teacher.checkpoint={REPO / 'runs' / Path(recipe).stem / 'seed0/teacher/model.pt'}"]
+    teacher_path = teacher_path or (None if seed == 0 else REPO / "runs" / Path(recipe).stem / "seed0/teacher/model.pt")
+    teacher = [f"teacher.checkpoint={teacher_path}"] if teacher_path else []
     return [sys.executable, "-m", "ddkit", "run", recipe, f"run.seed={seed}", f"run.out_dir={out}", *teacher,
             *extra, "--no-progress"]
 
 
-def run_seeds(recipe: str, seeds: list[int], extra: list[str], parallel: int) -> list[dict]:
+def run_seeds(recipe: str, seeds: list[int], extra: list[str], parallel: int,
+              teacher_path: str | None = None) -> list[dict]:
     """Seed ``seeds[0]`` first (it may train the teacher), then the others, ``parallel`` at a time."""
     def start(seed: int, threads: int | None) -> subprocess.Popen:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        return subprocess.Popen(command(recipe, seed, extra), cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        return subprocess.Popen(command(recipe, seed, extra, teacher_path), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL)
 
     def wait(procs: list[subprocess.Popen]) -> None:
         for p in procs:
@@ -72,10 +78,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--parallel", type=int, default=1, help="seeds after the first run this many at a time")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides for every seed, e.g. kd.variants...")
+    ap.add_argument("--teacher", help="a trained teacher's model.pt for every seed (seed 0 then trains none)")
     args = ap.parse_args()
-    results = run_seeds(args.recipe, args.seeds, args.set, max(1, args.parallel))
-    print(f"{args.recipe}: box AP (COCO AP@[.5:.95], %) on the test part; one teacher (seed 0), the students' "
-          f"seeds {args.seeds}\n")
+    teacher = str(Path(args.teacher).resolve()) if args.teacher else None
+    results = run_seeds(args.recipe, args.seeds, args.set, max(1, args.parallel), teacher)
+    print(f"{args.recipe}: box AP (COCO AP@[.5:.95], %) on the test part; one teacher ({teacher or 'seed 0'}), the "
+          f"students' seeds {args.seeds}\n")
     print(table(args.seeds, results))
 
 
