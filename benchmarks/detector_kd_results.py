@@ -6,9 +6,10 @@
     python benchmarks/detector_kd_results.py --teacher runs/det_kd_hard_teacher/teacher/model.pt \
         --recipe configs/synthetic_det_kd_hard.yaml          # every seed taught by a teacher trained beforehand
 
-Seed 0 trains the teacher (``ddkit run`` into ``runs/<recipe>/seed0``); every other seed is taught by that teacher
-(``teacher.checkpoint``) on the same split, so the seeds vary the students' initialisation and batches, not the
-teacher. Finished stages are skipped on a re-run (``ddkit run``'s stage markers), so an interrupted table resumes.
+Seed 0 trains the teacher (``ddkit run`` into ``runs/<recipe>/seed0``) unless ``--teacher`` names one; every other
+seed is taught by that teacher (``teacher.checkpoint``) on the same split, so the seeds vary the students'
+initialisation and batches, not the teacher. Finished stages are skipped on a re-run (``ddkit run``'s stage
+markers), so an interrupted table resumes.
 """
 from __future__ import annotations
 
