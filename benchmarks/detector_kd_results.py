@@ -28,7 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 def command(recipe: str, seed: int, extra: list[str], teacher_path: str | None = None) -> list[str]:
     """``ddkit run`` of one seed; taught by ``teacher_path``, else by seed 0's teacher (seed 0 trains it)."""
     out = REPO / "runs" / Path(recipe).stem / f"seed{seed}"
-    teacher_path = teacher_path or (None if seed == 0 else REPO / "runs" / Path(recipe).stem / "seed0/teacher/model.pt")
+    if teacher_path is None and seed != 0:
+        teacher_path = str(out.parent / "seed0" / "teacher" / "model.pt")
     teacher = [f"teacher.checkpoint={teacher_path}"] if teacher_path else []
     return [sys.executable, "-m", "ddkit", "run", recipe, f"run.seed={seed}", f"run.out_dir={out}", *teacher,
             *extra, "--no-progress"]

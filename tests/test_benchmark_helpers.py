@@ -1,4 +1,4 @@
-"""The helpers behind the README's MNIST tables (benchmarks/distillation_results.py)."""
+"""The helpers behind the README's tables (benchmarks/distillation_results.py, benchmarks/detector_kd_results.py)."""
 import sys
 from pathlib import Path
 
@@ -6,6 +6,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from distillation_results import bootstrap_gap_sd, overlap, shared_with_teacher  # noqa: E402
+from detector_kd_results import command  # noqa: E402
+
+
+def _teacher_of(cmd: list[str]) -> str | None:
+    found = [a.split("=", 1)[1] for a in cmd if a.startswith("teacher.checkpoint=")]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_detector_kd_seed_0_trains_the_teacher_that_the_other_seeds_load():
+    assert _teacher_of(command("configs/r.yaml", 0, [])) is None
+    seed0 = Path(__file__).resolve().parents[1] / "runs" / "r" / "seed0" / "teacher" / "model.pt"
+    assert _teacher_of(command("configs/r.yaml", 2, [])) == str(seed0)
+
+
+def test_detector_kd_teacher_option_teaches_every_seed_seed_0_included():
+    for seed in (0, 1, 3):
+        assert _teacher_of(command("configs/r.yaml", seed, ["x=1"], "/t/model.pt")) == "/t/model.pt"
 
 
 def test_shared_with_teacher_counts_a_models_mistakes_the_teacher_makes_too():
