@@ -297,3 +297,21 @@ student:
     assert res["total_iterations"] == round(10 * (n_lab + kept) / n_lab)
     log = (tmp_path / "out" / "student" / "train.log").read_text()
     assert f"sources [{n_lab}, {kept}] at ratio [6.0, 4.0]" in log
+
+
+def test_run_stage_init_follows_train_seed(tmp_path, monkeypatch):
+    """In ``ddkit run`` a stage's ``train.seed`` overrides ``run.seed`` for its initial weights too."""
+    import ddkit.engine.run as run_module
+
+    inits = []
+
+    def initial_weights_only(task, model, *args, **kwargs):
+        inits.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        return {"finished": True, "model_path": None, "metrics": {}, "iterations": 0}
+
+    monkeypatch.setattr(run_module, "train_model", initial_weights_only)
+    runner = run_module.Runner(load_config(_recipe(tmp_path)))  # run.seed 1
+    model_cfg, train_cfg = runner.teacher_cfg["model"], dict(runner.teacher_cfg["train"])
+    for train_seed in (None, 1, 2):
+        runner._train("teacher", model_cfg, {**train_cfg, "seed": train_seed}, [runner.splits.labeled])
+    assert torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])

@@ -250,7 +250,8 @@ class Runner:
     def _train(self, stage: str, model_cfg: Any, train_cfg: Any, train_sets: list[Any], losses: Any = None,
                teacher: Any = None, seed: int | None = None) -> dict[str, Any]:
         seed = self.seed if seed is None else seed
-        torch.manual_seed(seed)
+        train_seed = (train_cfg or {}).get("seed")  # train.seed overrides run.seed for the init too, as in ddkit train
+        torch.manual_seed(seed if train_seed is None else int(train_seed))
         model = self.task.build_model(model_cfg, self.splits.info)
         out = train_model(self.task, model, train_sets, train_cfg, self.out / stage, teacher=teacher,
                           losses=losses, eval_set=self.splits.test, resume=True, seed=seed,
