@@ -300,18 +300,23 @@ student:
 
 
 def test_run_stage_init_follows_train_seed(tmp_path, monkeypatch):
-    """In ``ddkit run`` a stage's ``train.seed`` overrides ``run.seed`` for its initial weights too."""
+    """In ``ddkit run`` a stage's ``train.seed`` overrides ``run.seed`` for its init and batches; an extra teacher's
+    offset applies on top of either."""
     import ddkit.engine.run as run_module
 
-    inits = []
+    inits, seeds = [], []
 
-    def initial_weights_only(task, model, *args, **kwargs):
+    def initial_weights_only(task, model, sets, cfg, *args, seed, **kwargs):
         inits.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        seeds.append(cfg["seed"] if cfg["seed"] is not None else seed)  # the seed train_model's batches get
         return {"finished": True, "model_path": None, "metrics": {}, "iterations": 0}
 
     monkeypatch.setattr(run_module, "train_model", initial_weights_only)
     runner = run_module.Runner(load_config(_recipe(tmp_path)))  # run.seed 1
     model_cfg, train_cfg = runner.teacher_cfg["model"], dict(runner.teacher_cfg["train"])
-    for train_seed in (None, 1, 2):
-        runner._train("teacher", model_cfg, {**train_cfg, "seed": train_seed}, [runner.splits.labeled])
+    for train_seed, offset in ((None, 0), (1, 0), (2, 0), (2, 1000), (1002, 0), (None, 1000)):
+        runner._train("teacher", model_cfg, {**train_cfg, "seed": train_seed}, [runner.splits.labeled],
+                      seed_offset=offset)
+    assert seeds == [1, 1, 2, 1002, 1002, 1001]
     assert torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])
+    assert torch.equal(inits[3], inits[4]) and not torch.equal(inits[3], inits[2])  # an extra teacher's offset

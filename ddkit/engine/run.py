@@ -248,10 +248,12 @@ class Runner:
 
     # ---------------------------------------------------------------------------------------------- the stages
     def _train(self, stage: str, model_cfg: Any, train_cfg: Any, train_sets: list[Any], losses: Any = None,
-               teacher: Any = None, seed: int | None = None) -> dict[str, Any]:
-        seed = self.seed if seed is None else seed
-        train_seed = (train_cfg or {}).get("seed")  # train.seed overrides run.seed for the init too, as in ddkit train
-        torch.manual_seed(seed if train_seed is None else int(train_seed))
+               teacher: Any = None, seed_offset: int = 0) -> dict[str, Any]:
+        train_seed = (train_cfg or {}).get("seed")  # overrides run.seed for this stage (init and batches)
+        seed = (self.seed if train_seed is None else int(train_seed)) + seed_offset
+        if train_seed is not None and seed_offset:  # an extra teacher's offset applies to train.seed too
+            train_cfg = {**train_cfg, "seed": seed}
+        torch.manual_seed(seed)
         model = self.task.build_model(model_cfg, self.splits.info)
         out = train_model(self.task, model, train_sets, train_cfg, self.out / stage, teacher=teacher,
                           losses=losses, eval_set=self.splits.test, resume=True, seed=seed,
@@ -274,11 +276,11 @@ class Runner:
         return ["teacher"] + [f"teacher_{k}" for k in range(2, n + 1)]
 
     def _train_extra_teacher(self, k: int) -> dict[str, Any]:
-        """Ensemble member ``k`` (1, 2, ...): the teacher's recipe at seed ``run.seed + 1000 k`` (its init and
-        batches; the split stays the run's)."""
+        """Ensemble member ``k`` (1, 2, ...): the teacher's recipe at seed ``run.seed + 1000 k`` (or
+        ``teacher.train.seed + 1000 k``; its init and batches; the split stays the run's)."""
         t = self.teacher_cfg
         return self._train(self._teacher_stages()[k], t["model"], t.get("train"), [self.splits.labeled],
-                           t.get("losses"), seed=self.seed + 1000 * k)
+                           t.get("losses"), seed_offset=1000 * k)
 
     def _trained_teacher(self, path: Path) -> dict[str, Any]:
         """``teacher.checkpoint``: a teacher trained elsewhere (e.g. one teacher for several student seeds) is used
