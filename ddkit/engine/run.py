@@ -251,7 +251,7 @@ class Runner:
                teacher: Any = None, seed_offset: int = 0) -> dict[str, Any]:
         train_seed = (train_cfg or {}).get("seed")  # overrides run.seed for this stage (init and batches)
         seed = (self.seed if train_seed is None else int(train_seed)) + seed_offset
-        if train_seed is not None and seed_offset:  # an extra teacher's offset applies to train.seed too
+        if train_seed is not None:  # train_model reads train.seed: give it the offset one (an extra teacher's)
             train_cfg = {**train_cfg, "seed": seed}
         torch.manual_seed(seed)
         model = self.task.build_model(model_cfg, self.splits.info)
