@@ -5,13 +5,15 @@ NeurIPS 2017, on both stages of the detector:
 * the classifier on the student's sampled RoIs and the RPN on the student's sampled anchors: class-weighted soft
   targets (the background class weighted by ``background_weight``), blended with the detector's own hard loss as
   ``mu * hard + (1 - mu) * soft``;
-* the box regression of both: the student's squared error, counted only where it is not already better than the
-  teacher's (``regression_weight`` times, added to the detector's own smooth-L1 loss). Off by default
+* the box regression of both on the foreground RoIs / object anchors, ``regression_weight`` times, added to the
+  detector's own smooth-L1 loss: with ``regression_target: ground_truth`` (the paper's) the student's error to the
+  ground truth, counted only where it is not already better than the teacher's; with ``regression_target:
+  teacher`` the student's distance to the teacher's deltas (plain imitation, no bound). Off by default
   (``regression_weight: 0``): on the synthetic benchmark the paper's 0.5 turned the soft terms' gain of 3-5 AP
   over the student alone into a loss of 4-6 (README, "Knowledge distillation for detectors").
 
-The terms are pure functions (:func:`weighted_soft_ce`, :func:`bounded_regression`, :func:`detector_kd_terms`,
-:func:`rpn_kd_terms`); :class:`DetectorKD` reads the student's sampled RoIs / anchors, labels and targets by
+The terms are pure functions (:func:`weighted_soft_ce`, :func:`bounded_regression`, :func:`imitation_regression`,
+:func:`detector_kd_terms`, :func:`rpn_kd_terms`); :class:`DetectorKD` reads the student's sampled RoIs / anchors, labels and targets by
 wrapping ``roi_heads.select_training_samples``, ``rpn.compute_loss`` and ``rpn.fg_bg_sampler`` on the student
 instance, and runs the teacher's heads on the same RoIs and anchors.
 """
@@ -35,6 +37,7 @@ class DetectorKDParams:
     mu: float = 0.5
     regression_weight: float = 0.0
     regression_loss: Literal["l2", "smooth_l1"] = "l2"
+    regression_target: Literal["ground_truth", "teacher"] = "ground_truth"
     margin: float = 0.0
     rpn: bool = True
     weight: float = 1.0
@@ -64,26 +67,43 @@ def weighted_soft_ce(student_logits: Tensor, teacher_logits: Tensor, temperature
     return (w * log_pt.exp() * (log_pt - log_ps)).sum(-1).mean() * t * t
 
 
+def regression_error(deltas: Tensor, reference: Tensor, loss: str = "l2") -> Tensor:
+    """``[P, 4], [P, 4] -> [P]``: each row's squared L2 distance (``l2``) or the smooth-L1 distance of
+    torchvision's box losses (``smooth_l1``, beta 1/9)."""
+    if loss == "smooth_l1":
+        return F.smooth_l1_loss(deltas.float(), reference.float(), beta=1 / 9, reduction="none").sum(-1)
+    return ((deltas.float() - reference.float()) ** 2).sum(-1)
+
+
 def bounded_regression(student: Tensor, teacher: Tensor, targets: Tensor, margin: float, normalizer: int,
                        loss: str = "l2") -> Tensor:
-    """``[P, 4] x 3 -> scalar``: ``sum_p e_s [e_s + margin > e_t] / normalizer`` where ``e = ||r - y||^2`` (``l2``,
-    the paper's) or the smooth-L1 distance of torchvision's box losses (``smooth_l1``, beta 1/9): the student is
-    taught only where it is not already better than the teacher. ``normalizer`` is the number of sampled RoIs /
-    anchors, as the detector's own box loss is normalised."""
-    y = targets.float()
-    if loss == "smooth_l1":
-        def err(r: Tensor) -> Tensor:
-            return F.smooth_l1_loss(r.float(), y, beta=1 / 9, reduction="none").sum(-1)
-    else:
-        def err(r: Tensor) -> Tensor:
-            return ((r.float() - y) ** 2).sum(-1)
-    es, et = err(student), err(teacher.detach())
+    """``[P, 4] x 3 -> scalar``: ``sum_p e_s [e_s + margin > e_t] / normalizer`` where ``e`` is the
+    :func:`regression_error` to the targets: the student is taught only where it is not already better than the
+    teacher. ``normalizer`` is the number of sampled RoIs / anchors, as the detector's own box loss is
+    normalised."""
+    es, et = regression_error(student, targets, loss), regression_error(teacher.detach(), targets, loss)
     return (es * (es + margin > et)).sum() / max(normalizer, 1)
+
+
+def imitation_regression(student: Tensor, teacher: Tensor, normalizer: int, loss: str = "l2") -> Tensor:
+    """``[P, 4], [P, 4] -> scalar``: ``sum_p d(r_s, r_t) / normalizer``, the student's :func:`regression_error` to
+    the teacher's deltas: the teacher's localisation, imitated wherever the student has an object."""
+    return regression_error(student, teacher.detach(), loss).sum() / max(normalizer, 1)
+
+
+def regression_term(student: Tensor, teacher: Tensor, targets: Tensor, normalizer: int, margin: float = 0.0,
+                    loss: str = "l2", target: str = "ground_truth") -> Tensor:
+    """``[P, 4] x 3 -> scalar``: :func:`bounded_regression` (``target="ground_truth"``, the paper's) or
+    :func:`imitation_regression` (``target="teacher"``; ``targets`` and ``margin`` unused)."""
+    if target == "teacher":
+        return imitation_regression(student, teacher, normalizer, loss)
+    return bounded_regression(student, teacher, targets, margin, normalizer, loss)
 
 
 def detector_kd_terms(student_logits: Tensor, teacher_logits: Tensor, student_deltas: Tensor, teacher_deltas: Tensor,
                       labels: Tensor, targets: Tensor, temperature: float = 1.0, background_weight: float = 1.5,
-                      margin: float = 0.0, regression_loss: str = "l2") -> tuple[Tensor, Tensor]:
+                      margin: float = 0.0, regression_loss: str = "l2", regression_target: str = "ground_truth"
+                      ) -> tuple[Tensor, Tensor]:
     """The RoI head's two terms on the same ``R`` sampled RoIs of ``C + 1`` classes (0 = background).
 
     Args:
@@ -91,20 +111,20 @@ def detector_kd_terms(student_logits: Tensor, teacher_logits: Tensor, student_de
         student_deltas, teacher_deltas: ``[R, (C + 1) * 4]`` box deltas (torchvision's encoding).
         labels: ``[R]`` ground-truth class of each RoI (0 = background); targets: ``[R, 4]`` regression targets.
     Returns:
-        ``(soft, bounded)``: :func:`weighted_soft_ce` over the ``R`` RoIs, :func:`bounded_regression` over the
+        ``(soft, regression)``: :func:`weighted_soft_ce` over the ``R`` RoIs, :func:`regression_term` over the
         foreground ones (the deltas of their ground-truth class) divided by ``R``.
     """
     soft = weighted_soft_ce(student_logits, teacher_logits, temperature, background_weight)
     pos = torch.nonzero(labels > 0).squeeze(1)
     shape = (len(labels), student_logits.shape[-1], 4)
     rs, rt = (d.reshape(shape)[pos, labels[pos]] for d in (student_deltas, teacher_deltas))
-    return soft, bounded_regression(rs, rt, targets[pos], margin, len(labels), regression_loss)
+    return soft, regression_term(rs, rt, targets[pos], len(labels), margin, regression_loss, regression_target)
 
 
 def rpn_kd_terms(student_objectness: Tensor, teacher_objectness: Tensor, student_deltas: Tensor,
                  teacher_deltas: Tensor, labels: Tensor, targets: Tensor, temperature: float = 1.0,
-                 background_weight: float = 1.5, margin: float = 0.0, regression_loss: str = "l2"
-                 ) -> tuple[Tensor, Tensor]:
+                 background_weight: float = 1.5, margin: float = 0.0, regression_loss: str = "l2",
+                 regression_target: str = "ground_truth") -> tuple[Tensor, Tensor]:
     """The RPN's two terms on the same ``A`` sampled anchors.
 
     Args:
@@ -112,7 +132,7 @@ def rpn_kd_terms(student_objectness: Tensor, teacher_objectness: Tensor, student
             softmax of ``(0, x)``, background first).
         student_deltas, teacher_deltas, targets: ``[A, 4]``; labels: ``[A]``, 1 = object, 0 = background.
     Returns:
-        ``(soft, bounded)``: :func:`weighted_soft_ce` of the two-class distributions, :func:`bounded_regression`
+        ``(soft, regression)``: :func:`weighted_soft_ce` of the two-class distributions, :func:`regression_term`
         over the object anchors divided by ``A``.
     """
     def two_class(x: Tensor) -> Tensor:
@@ -121,8 +141,8 @@ def rpn_kd_terms(student_objectness: Tensor, teacher_objectness: Tensor, student
     soft = weighted_soft_ce(two_class(student_objectness), two_class(teacher_objectness), temperature,
                             background_weight)
     pos = torch.nonzero(labels > 0).squeeze(1)
-    return soft, bounded_regression(student_deltas[pos], teacher_deltas[pos], targets[pos], margin, len(labels),
-                                    regression_loss)
+    return soft, regression_term(student_deltas[pos], teacher_deltas[pos], targets[pos], len(labels), margin,
+                                 regression_loss, regression_target)
 
 
 class _Patches:
@@ -205,10 +225,11 @@ class DetectorKD:
     tasks = ("detection", "keypoints")
 
     def __init__(self, temperature: float = 1.0, background_weight: float = 1.5, mu: float = 0.5,
-                 regression_weight: float = 0.0, regression_loss: str = "l2", margin: float = 0.0, rpn: bool = True,
-                 weight: float = 1.0):
+                 regression_weight: float = 0.0, regression_loss: str = "l2",
+                 regression_target: str = "ground_truth", margin: float = 0.0, rpn: bool = True, weight: float = 1.0):
         self.temperature, self.background_weight, self.mu = temperature, background_weight, mu
         self.regression_weight, self.regression_loss = regression_weight, regression_loss
+        self.regression_target = regression_target
         self.margin, self.rpn, self.weight = margin, rpn, weight
         self._patches = _Patches()
         self._hooks: list = []
@@ -259,12 +280,12 @@ class DetectorKD:
         teacher = unwrap_model(ctx.teacher)
         t_images, feats = self._teacher_backbone(list(ctx.batch["images"]))
         hard, keep = ctx.student_out.losses, 1.0 - self.mu
-        soft, bounded = self._roi_terms(teacher, t_images, feats, seen, ctx)
-        total = keep * (soft - hard["loss_classifier"].float()) + self.regression_weight * bounded
+        soft, regression = self._roi_terms(teacher, t_images, feats, seen, ctx)
+        total = keep * (soft - hard["loss_classifier"].float()) + self.regression_weight * regression
         if self.rpn:
-            rpn_soft, rpn_bounded = self._rpn_terms(teacher, feats, seen, ctx)
+            rpn_soft, rpn_regression = self._rpn_terms(teacher, feats, seen, ctx)
             total = total + keep * (rpn_soft - hard["loss_objectness"].float()) \
-                + self.regression_weight * rpn_bounded
+                + self.regression_weight * rpn_regression
         return total
 
     def _roi_terms(self, teacher: nn.Module, t_images: Any, feats: dict[str, Tensor], seen: dict[str, Any],
@@ -279,13 +300,14 @@ class DetectorKD:
                                                                                        t_images.image_sizes)))
         s_logits, s_deltas = seen["predicted"]
         labels, targets = torch.cat(labels), torch.cat(targets)
-        soft, bounded = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets,
-                                          self.temperature, self.background_weight, self.margin, self.regression_loss)
+        soft, regression = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets,
+                                             self.temperature, self.background_weight, self.margin,
+                                             self.regression_loss, self.regression_target)
         fg = labels > 0
-        ctx.logs["detector_kd/soft"], ctx.logs["detector_kd/bounded"] = soft.detach(), bounded.detach()
+        ctx.logs["detector_kd/soft"], ctx.logs["detector_kd/regression"] = soft.detach(), regression.detach()
         if fg.any():  # how often the teacher is right on the student's foreground RoIs
             ctx.logs["detector_kd/teacher_fg_acc"] = (t_logits[fg].argmax(-1) == labels[fg]).float().mean()
-        return soft, bounded
+        return soft, regression
 
     def _rpn_terms(self, teacher: nn.Module, feats: dict[str, Tensor], seen: dict[str, Any],
                    ctx: LossContext) -> tuple[Tensor, Tensor]:
@@ -300,11 +322,12 @@ class DetectorKD:
                               f"student's {len(s_obj)}; the RPN terms need the same input size, feature strides "
                               "and anchors (or set rpn: false)")
         idx = torch.nonzero(torch.cat(pos_masks) | torch.cat(neg_masks)).squeeze(1)
-        soft, bounded = rpn_kd_terms(s_obj.flatten()[idx], t_obj.flatten()[idx], s_deltas[idx], t_deltas[idx],
-                                     torch.cat(labels)[idx], torch.cat(targets)[idx], self.temperature,
-                                     self.background_weight, self.margin, self.regression_loss)
-        ctx.logs["detector_kd/rpn_soft"], ctx.logs["detector_kd/rpn_bounded"] = soft.detach(), bounded.detach()
-        return soft, bounded
+        soft, regression = rpn_kd_terms(s_obj.flatten()[idx], t_obj.flatten()[idx], s_deltas[idx], t_deltas[idx],
+                                        torch.cat(labels)[idx], torch.cat(targets)[idx], self.temperature,
+                                        self.background_weight, self.margin, self.regression_loss,
+                                        self.regression_target)
+        ctx.logs["detector_kd/rpn_soft"], ctx.logs["detector_kd/rpn_regression"] = soft.detach(), regression.detach()
+        return soft, regression
 
     def close(self) -> None:
         for h in self._hooks:

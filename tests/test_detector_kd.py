@@ -32,7 +32,17 @@ def reference_error(r, y, loss):
     return total
 
 
-def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin, loss="l2"):
+def reference_regression(rs, rt, y, margin, loss, target):
+    """One foreground box's regression term: the student's error where not better than the teacher's (the paper's
+    bound, ``ground_truth``), or its distance to the teacher's deltas (``teacher``)."""
+    if target == "teacher":
+        return reference_error(rs, rt, loss)
+    es, et = reference_error(rs, y, loss), reference_error(rt, y, loss)
+    return es if es + margin > et else 0.0
+
+
+def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin, loss="l2",
+                    target="ground_truth"):
     """Loops over RoIs and classes, in float64 Python."""
     soft = 0.0
     for srow, trow in zip(s_logits.tolist(), t_logits.tolist()):
@@ -48,13 +58,13 @@ def reference_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, 
         if c == 0:
             continue
         rs, rt, y = s_deltas[r, 4 * c:4 * c + 4], t_deltas[r, 4 * c:4 * c + 4], targets[r]
-        es, et = reference_error(rs, y, loss), reference_error(rt, y, loss)
-        errs.append(es if es + margin > et else 0.0)
+        errs.append(reference_regression(rs, rt, y, margin, loss, target))
     return soft, (sum(errs) / len(labels) if errs else 0.0)
 
 
+@pytest.mark.parametrize("target", ["ground_truth", "teacher"])
 @pytest.mark.parametrize("seed", range(6))
-def test_terms_match_a_slow_reference(seed):
+def test_terms_match_a_slow_reference(seed, target):
     g = torch.Generator().manual_seed(seed)
     r, c = [0, 1, 7, 30, 5, 12][seed], 4
     s_logits, t_logits = torch.randn(r, c, generator=g) * 3, torch.randn(r, c, generator=g) * 3
@@ -65,22 +75,42 @@ def test_terms_match_a_slow_reference(seed):
         t_deltas = s_deltas.clone()
     for T, bg, margin, loss in ((1.0, 1.5, 0.0, "l2"), (3.0, 1.0, 0.5, "l2"), (0.5, 2.0, 0.0, "smooth_l1"),
                                 (1.0, 1.5, 0.1, "smooth_l1")):
-        soft, bounded = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg, margin,
-                                          loss)
-        ref_soft, ref_bounded = reference_terms(s_logits.double(), t_logits.double(), s_deltas.double(),
-                                                t_deltas.double(), labels, targets.double(), T, bg, margin, loss)
+        soft, regression = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets, T, bg,
+                                             margin, loss, target)
+        ref_soft, ref_regression = reference_terms(s_logits.double(), t_logits.double(), s_deltas.double(),
+                                                   t_deltas.double(), labels, targets.double(), T, bg, margin, loss,
+                                                   target)
         assert float(soft) == pytest.approx(ref_soft, rel=1e-4, abs=1e-5)
-        assert float(bounded) == pytest.approx(ref_bounded, rel=1e-4, abs=1e-6)
-        if seed == 5:  # a tie counts only with a margin: then every foreground RoI's student error does
-            assert float(bounded) > 0 if margin > 0 else float(bounded) == 0.0
+        assert float(regression) == pytest.approx(ref_regression, rel=1e-4, abs=1e-6)
+        if seed == 5 and target == "ground_truth":  # a tie counts only with a margin: then every fg RoI's error does
+            assert float(regression) > 0 if margin > 0 else float(regression) == 0.0
+        if seed == 5 and target == "teacher":  # the teacher's own deltas: nothing to imitate
+            assert float(regression) == 0.0
+
+
+def test_imitation_pulls_the_student_towards_the_teacher_not_the_targets():
+    """``regression_target: teacher``: a gradient step moves the student's foreground deltas closer to the
+    teacher's, whatever the ground truth says; background RoIs get no gradient."""
+    labels = torch.tensor([0, 1, 2])
+    s = torch.randn(3, 12, requires_grad=True)
+    t = torch.randn(3, 12)
+    _, regression = detector_kd_terms(torch.zeros(3, 3), torch.zeros(3, 3), s, t, labels, torch.randn(3, 4) * 9,
+                                      regression_target="teacher")
+    regression.backward()
+    moved = s.detach() - 0.1 * s.grad
+    for r, c in ((1, 1), (2, 2)):
+        cols = slice(4 * c, 4 * c + 4)
+        assert (moved[r, cols] - t[r, cols]).norm() < (s.detach()[r, cols] - t[r, cols]).norm()
+    assert s.grad[0].abs().sum() == 0
 
 
 def test_soft_term_gradient_flows_to_the_student_only():
     s = torch.randn(5, 3, requires_grad=True)
     t = torch.randn(5, 3, requires_grad=True)
     d = torch.randn(5, 12, requires_grad=True)
-    soft, bounded = detector_kd_terms(s, t, d, torch.zeros(5, 12), torch.tensor([0, 1, 2, 1, 0]), torch.ones(5, 4))
-    (soft + bounded).backward()
+    soft, regression = detector_kd_terms(s, t, d, torch.zeros(5, 12), torch.tensor([0, 1, 2, 1, 0]),
+                                         torch.ones(5, 4))
+    (soft + regression).backward()
     assert s.grad.abs().sum() > 0 and d.grad.abs().sum() > 0 and t.grad is None
 
 
@@ -100,7 +130,7 @@ def test_an_identical_teacher_gives_zero_and_close_restores_the_student():
     out = task.training_forward(student, batch)
     ctx = LossContext(task, student, teacher, batch, out, 0, 10)
     value = term.compute(ctx)
-    for key in ("soft", "bounded", "rpn_soft", "rpn_bounded"):
+    for key in ("soft", "regression", "rpn_soft", "rpn_regression"):
         assert abs(float(ctx.logs[f"detector_kd/{key}"])) < 1e-5, key
     hard = out.losses["loss_classifier"] + out.losses["loss_objectness"]
     assert float(value.detach()) == pytest.approx(-(1 - term.mu) * float(hard.detach()), abs=1e-5)
@@ -123,7 +153,7 @@ def test_trains_a_student_with_the_detector_losses(tmp_path):
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
     assert res["finished"] and len(logs) == 3
     for r in logs:
-        assert {"detector_kd", "detector_kd/soft", "detector_kd/bounded"} <= set(r["losses"])
+        assert {"detector_kd", "detector_kd/soft", "detector_kd/regression"} <= set(r["losses"])
         assert all(math.isfinite(v) for v in r["losses"].values()) and r["losses"]["detector_kd/soft"] > 0
     assert any(not torch.equal(v, student.state_dict()[k].cpu()) for k, v in before.items())
     assert "select_training_samples" not in student.roi_heads.__dict__  # the trainer closed the term
@@ -155,26 +185,26 @@ def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
     assert set(rows) == {"teacher", "kd_alone", *variants}
     assert summary["kd_ap_gain"] == {s: round(rows[s]["AP"] - rows["kd_alone"]["AP"], 2) for s in variants}
     logs = (tmp_path / "kd_detector_kd_cwd" / "metrics.jsonl").read_text()
-    assert '"detector_kd/bounded"' in logs and '"hint"' in logs
+    assert '"detector_kd/regression"' in logs and '"hint"' in logs
 
 
-def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss):
+def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss, target):
     """The RPN's terms by hand: the two-class (background, object) distribution of each anchor."""
     soft = 0.0
     for a, b in zip(s_obj.tolist(), t_obj.tolist()):
         ps1, pt1 = 1 / (1 + math.exp(-a / T)), 1 / (1 + math.exp(-b / T))
         soft += bg * (1 - pt1) * (math.log(1 - pt1) - math.log(1 - ps1)) + pt1 * (math.log(pt1) - math.log(ps1))
     soft = soft / len(s_obj) * T * T
-    bounded = 0.0
+    regression = 0.0
     for r in range(len(labels)):
         if int(labels[r]) == 1:
-            es, et = reference_error(s_deltas[r], targets[r], loss), reference_error(t_deltas[r], targets[r], loss)
-            bounded += es if es + margin > et else 0.0
-    return soft, bounded / len(labels)
+            regression += reference_regression(s_deltas[r], t_deltas[r], targets[r], margin, loss, target)
+    return soft, regression / len(labels)
 
 
+@pytest.mark.parametrize("target", ["ground_truth", "teacher"])
 @pytest.mark.parametrize("seed", range(5))
-def test_rpn_terms_match_a_slow_reference(seed):
+def test_rpn_terms_match_a_slow_reference(seed, target):
     g = torch.Generator().manual_seed(seed)
     a = [1, 9, 64, 20, 33][seed]
     s_obj, t_obj = torch.randn(a, generator=g) * 3, torch.randn(a, generator=g) * 3
@@ -183,11 +213,13 @@ def test_rpn_terms_match_a_slow_reference(seed):
     if seed == 4:
         t_deltas = s_deltas.clone()
     for T, bg, margin, loss in ((1.0, 1.5, 0.0, "l2"), (2.0, 1.0, 0.3, "smooth_l1")):
-        soft, bounded = rpn_kd_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss)
-        ref_soft, ref_bounded = reference_rpn_terms(s_obj.double(), t_obj.double(), s_deltas.double(),
-                                                    t_deltas.double(), labels, targets.double(), T, bg, margin, loss)
+        soft, regression = rpn_kd_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss,
+                                        target)
+        ref_soft, ref_regression = reference_rpn_terms(s_obj.double(), t_obj.double(), s_deltas.double(),
+                                                       t_deltas.double(), labels, targets.double(), T, bg, margin,
+                                                       loss, target)
         assert float(soft) == pytest.approx(ref_soft, rel=1e-4, abs=1e-6)
-        assert float(bounded) == pytest.approx(ref_bounded, rel=1e-4, abs=1e-6)
+        assert float(regression) == pytest.approx(ref_regression, rel=1e-4, abs=1e-6)
 
 
 def test_the_rpn_terms_refuse_anchors_that_do_not_coincide():
@@ -221,7 +253,7 @@ def test_mu_blends_hard_and_soft_classification_as_the_paper():
         term.close()
         hard = float((out.losses["loss_classifier"] + out.losses["loss_objectness"]).detach())
     soft = logs[0.0]["detector_kd/soft"] + logs[0.0]["detector_kd/rpn_soft"]
-    bounded = 0.5 * (logs[1.0]["detector_kd/bounded"] + logs[1.0]["detector_kd/rpn_bounded"])
+    bounded = 0.5 * (logs[1.0]["detector_kd/regression"] + logs[1.0]["detector_kd/rpn_regression"])
     assert values[1.0] == pytest.approx(bounded, abs=1e-5)
     for mu in (0.5, 0.0):
         assert values[mu] == pytest.approx(bounded + (1 - mu) * (soft - hard), rel=1e-4, abs=1e-5)
