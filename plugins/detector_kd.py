@@ -14,9 +14,9 @@ NeurIPS 2017, on both stages of the detector:
   (README, "Knowledge distillation for detectors").
 
 The terms are pure functions (:func:`weighted_soft_ce`, :func:`bounded_regression`, :func:`imitation_regression`,
-:func:`detector_kd_terms`, :func:`rpn_kd_terms`); :class:`DetectorKD` reads the student's sampled RoIs / anchors, labels and targets by
-wrapping ``roi_heads.select_training_samples``, ``rpn.compute_loss`` and ``rpn.fg_bg_sampler`` on the student
-instance, and runs the teacher's heads on the same RoIs and anchors.
+:func:`detector_kd_terms`, :func:`rpn_kd_terms`); :class:`DetectorKD` reads the student's sampled RoIs / anchors,
+labels and targets by wrapping ``roi_heads.select_training_samples``, ``rpn.compute_loss`` and
+``rpn.fg_bg_sampler`` on the student instance, and runs the teacher's heads on the same RoIs and anchors.
 """
 from __future__ import annotations
 
