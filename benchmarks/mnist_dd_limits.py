@@ -40,10 +40,10 @@ def students(seed: int) -> dict[str, float]:
     for k in KEEPS:
         keep, pseudo = pseudo_label(teacher, xu, k, prior)
         errors[f"pseudo {k}"] = student((xu[keep], pseudo[keep]))
-        if k == 0.9:
-            random = torch.randperm(len(unl), generator=torch.Generator().manual_seed(seed))[: int(keep.sum())]
+        if k == KEEPS[0]:  # the script's selection: the same digits, and as many drawn at random, true labels
+            drawn = torch.randperm(len(unl), generator=torch.Generator().manual_seed(seed))[: int(keep.sum())]
             errors["true labels, same digits"] = student((xu[keep], yu[keep]))
-            errors["true labels, random digits"] = student((xu[random], yu[random]))
+            errors["true labels, random digits"] = student((xu[drawn], yu[drawn]))
     errors["fully labeled"] = error(train([labeled, (xu, yu)], 3000, seed), x[test], y[test])
     return errors
 
