@@ -89,18 +89,21 @@ def test_terms_match_a_slow_reference(seed, target):
 
 
 def test_imitation_pulls_the_student_towards_the_teacher_not_the_targets():
-    """``regression_target: teacher``: a gradient step moves the student's foreground deltas closer to the
-    teacher's, whatever the ground truth says; background RoIs get no gradient."""
+    """``regression_target: teacher``: with the teacher's deltas on one side of the student's and the ground truth
+    on the other, a gradient step moves each foreground RoI's deltas towards the teacher's and away from the ground
+    truth (a term on the targets, bounded or not, would do neither); background RoIs get no gradient."""
     labels = torch.tensor([0, 1, 2])
     s = torch.randn(3, 12, requires_grad=True)
-    t = torch.randn(3, 12)
-    _, regression = detector_kd_terms(torch.zeros(3, 3), torch.zeros(3, 3), s, t, labels, torch.randn(3, 4) * 9,
+    t = s.detach() + 1.0
+    targets = torch.stack([s.detach()[r, 4 * c:4 * c + 4] for r, c in enumerate(labels.tolist())]) - 1.0
+    _, regression = detector_kd_terms(torch.zeros(3, 3), torch.zeros(3, 3), s, t, labels, targets,
                                       regression_target="teacher")
     regression.backward()
     moved = s.detach() - 0.1 * s.grad
     for r, c in ((1, 1), (2, 2)):
         cols = slice(4 * c, 4 * c + 4)
         assert (moved[r, cols] - t[r, cols]).norm() < (s.detach()[r, cols] - t[r, cols]).norm()
+        assert (moved[r, cols] - targets[r]).norm() > (s.detach()[r, cols] - targets[r]).norm()
     assert s.grad[0].abs().sum() == 0
 
 
