@@ -16,7 +16,7 @@ from ddkit.errors import ConfigError, PluginClashError, UnknownStrategyError
 from ddkit.types import KINDS, StrategySpec
 
 T = TypeVar("T")
-_SINGULAR = {kind: kind[:-1] for kind in KINDS}
+_SINGULAR = {kind: kind[:-2] if kind.endswith("sses") else kind[:-1] for kind in KINDS}  # losses -> loss
 
 
 def normalize_kind(kind: str) -> str:

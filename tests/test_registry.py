@@ -6,6 +6,7 @@ from typing import Literal
 
 import pytest
 
+import ddkit
 from ddkit import ConfigError, PluginClashError, UnknownStrategyError
 from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
 from ddkit.registry import Entry, Registry
@@ -149,3 +150,10 @@ def test_spec_of_wrong_type_is_rejected():
     assert isinstance(pm, pluggy.PluginManager)
     with pytest.raises(PluginClashError, match="must yield TransformSpec"):
         registry_from_plugin_manager(pm)
+
+
+@pytest.mark.parametrize("kind, noun", [("losses", "loss"), ("aggregators", "aggregator"), ("models", "model")])
+def test_messages_name_one_strategy_in_the_singular(kind, noun):
+    """Every kind's noun in the messages is its singular (``losses`` -> ``loss``, not ``losse``)."""
+    with pytest.raises(UnknownStrategyError, match=f"^Unknown {noun} 'no_such_name'"):
+        ddkit.build(kind, {"name": "no_such_name"})
