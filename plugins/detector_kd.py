@@ -39,7 +39,6 @@ class DetectorKDParams:
     regression_weight: float = 0.0
     regression_loss: Literal["l2", "smooth_l1"] = "l2"
     regression_target: Literal["ground_truth", "teacher"] = "ground_truth"
-    regression_start: float = 0.0
     margin: float = 0.0
     rpn: bool = True
     weight: float = 1.0
@@ -52,8 +51,6 @@ class DetectorKDParams:
         for key in ("background_weight", "regression_weight", "margin", "weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        if not 0.0 <= self.regression_start < 1.0:
-            raise ValueError(f"regression_start must be in [0, 1), got {self.regression_start}")
 
 
 def weighted_soft_ce(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
@@ -230,11 +227,10 @@ class DetectorKD:
 
     def __init__(self, temperature: float = 1.0, background_weight: float = 1.5, mu: float = 0.5,
                  regression_weight: float = 0.0, regression_loss: str = "l2",
-                 regression_target: str = "ground_truth", regression_start: float = 0.0, margin: float = 0.0,
-                 rpn: bool = True, weight: float = 1.0):
+                 regression_target: str = "ground_truth", margin: float = 0.0, rpn: bool = True, weight: float = 1.0):
         self.temperature, self.background_weight, self.mu = temperature, background_weight, mu
         self.regression_weight, self.regression_loss = regression_weight, regression_loss
-        self.regression_target, self.regression_start = regression_target, regression_start
+        self.regression_target = regression_target
         self.margin, self.rpn, self.weight = margin, rpn, weight
         self._patches = _Patches()
         self._hooks: list = []
@@ -285,13 +281,12 @@ class DetectorKD:
         teacher = unwrap_model(ctx.teacher)
         t_images, feats = self._teacher_backbone(list(ctx.batch["images"]))
         hard, keep = ctx.student_out.losses, 1.0 - self.mu
-        started = ctx.iteration >= self.regression_start * ctx.total_iterations
-        nu = self.regression_weight if started else 0.0
         soft, regression = self._roi_terms(teacher, t_images, feats, seen, ctx)
-        total = keep * (soft - hard["loss_classifier"].float()) + nu * regression
+        total = keep * (soft - hard["loss_classifier"].float()) + self.regression_weight * regression
         if self.rpn:
             rpn_soft, rpn_regression = self._rpn_terms(teacher, feats, seen, ctx)
-            total = total + keep * (rpn_soft - hard["loss_objectness"].float()) + nu * rpn_regression
+            total = total + keep * (rpn_soft - hard["loss_objectness"].float()) \
+                + self.regression_weight * rpn_regression
         return total
 
     def _roi_terms(self, teacher: nn.Module, t_images: Any, feats: dict[str, Tensor], seen: dict[str, Any],

@@ -260,28 +260,3 @@ def test_mu_blends_hard_and_soft_classification_as_the_paper():
     assert values[1.0] == pytest.approx(bounded, abs=1e-5)
     for mu in (0.5, 0.0):
         assert values[mu] == pytest.approx(bounded + (1 - mu) * (soft - hard), rel=1e-4, abs=1e-5)
-
-
-def test_the_regression_term_starts_at_regression_start():
-    """Before ``regression_start`` of the iterations the term is the soft part alone; from there on the regression
-    is added, ``regression_weight`` times (the RoI head's and the RPN's)."""
-    task, student, teacher, batch = toy_detection()
-    term = ddkit.build("losses", {"name": "detector_kd", "regression_weight": 0.5, "regression_target": "teacher",
-                                  "regression_start": 0.5})
-    term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
-    student.train()
-    values = {}
-    for it in (4, 5):
-        torch.manual_seed(1)  # the same anchor and RoI samples each time
-        out = task.training_forward(student, batch)
-        ctx = LossContext(task, student, teacher, batch, out, it, 10)
-        values[it] = float(term.compute(ctx).detach())
-    term.close()
-    regression = ctx.logs["detector_kd/regression"] + ctx.logs["detector_kd/rpn_regression"]
-    assert float(regression) > 0
-    assert values[5] == pytest.approx(values[4] + 0.5 * float(regression), rel=1e-4, abs=1e-6)
-
-
-def test_regression_start_is_a_fraction():
-    with pytest.raises(ConfigError, match="regression_start must be in"):
-        ddkit.build("losses", {"name": "detector_kd", "regression_start": 1.0})
