@@ -25,7 +25,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 	YOLO_OFFLINE=1 $(PY) -m pytest -q integrations/ddkit-ultralytics/tests
 
+# the benchmarks first install the peers their tables compare with (ensemble_boxes, torchdistill); torch stays pinned
 bench: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]" $(TORCH)
 	$(PY) benchmarks/aggregators.py && $(PY) benchmarks/label_throughput.py && $(PY) benchmarks/kd_throughput.py
 
 clean:
