@@ -152,8 +152,12 @@ def test_spec_of_wrong_type_is_rejected():
         registry_from_plugin_manager(pm)
 
 
-@pytest.mark.parametrize("kind, noun", [("losses", "loss"), ("aggregators", "aggregator"), ("models", "model")])
-def test_messages_name_one_strategy_in_the_singular(kind, noun):
+SINGULAR = {"transforms": "transform", "aggregators": "aggregator", "selectors": "selector", "losses": "loss",
+            "tasks": "task", "datasets": "dataset", "models": "model"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_messages_name_one_strategy_in_the_singular(kind):
     """Every kind's noun in the messages is its singular (``losses`` -> ``loss``, not ``losse``)."""
-    with pytest.raises(UnknownStrategyError, match=f"^Unknown {noun} 'no_such_name'"):
+    with pytest.raises(UnknownStrategyError, match=f"^Unknown {SINGULAR[kind]} 'no_such_name'"):
         ddkit.build(kind, {"name": "no_such_name"})
