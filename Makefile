@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ddkit-installed
+BENCH_STAMP := $(VENV)/.ddkit-bench-installed
 # torch pinned to the build this machine carries (a CUDA build that also runs on the CPU).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
@@ -25,9 +26,12 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 	YOLO_OFFLINE=1 $(PY) -m pytest -q integrations/ddkit-ultralytics/tests
 
-# the benchmarks first install the peers their tables compare with (ensemble_boxes, torchdistill); torch stays pinned
-bench: $(STAMP)
+# the peers the benchmarks' tables compare with (ensemble_boxes, torchdistill), installed once; torch stays pinned
+$(BENCH_STAMP): $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[bench]" $(TORCH)
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) benchmarks/aggregators.py && $(PY) benchmarks/label_throughput.py && $(PY) benchmarks/kd_throughput.py
 
 clean:
