@@ -3,11 +3,16 @@
 Modes (each trains a freshly initialised student for ``--steps`` SGD steps of ``--batch-size`` samples):
 
 * ``student``: ddkit, hard labels only (the cost floor of an epoch);
+* ``torch_student``: the same in a bare PyTorch loop (``DataLoader`` + ``RandomSampler``, fused SGD, cross-entropy,
+  nothing else): ``--arch tiny`` makes the model cost almost nothing, so the gap to ``student`` is ddkit's own
+  per-step work;
 * ``ddkit_kd``: ddkit, hard labels + soft targets, teacher forward on every batch;
 * ``ddkit_kd_cache``: the same with the per-sample teacher-logit cache (built once, before the timed loop;
   its build time is printed separately);
 * ``torchdistill_kd``: torchdistill's DistillationBox with its KDLoss (``alpha=0.5``, same temperature), its
-  default pre/post-forward processes and a plain DataLoader with RandomSampler.
+  default pre/post-forward processes and a plain DataLoader with RandomSampler;
+* ``torchdistill_kd_fused``: the same with ``fused: true`` in its optimizer's kwargs, the fused SGD step that
+  ddkit takes by default (``train.fused``): the like-for-like comparison of the two training loops.
 
 Timing covers the training loop only (no set-up, evaluation or checkpoint writing). The modes run in turns
 ``--repeats`` times, in a rotated order each time; the table reports the best run of each mode (the one least
@@ -34,6 +39,7 @@ ARCHS = {
     "mlp": ({"name": "mlp", "hidden": [1200, 1200], "dropout": 0.5, "input_dropout": 0.2},
             {"name": "mlp", "hidden": [800, 800]}),
     "lenet": ({"name": "lenet", "channels": [32, 64, 128], "hidden": 256}, {"name": "lenet", "channels": [16, 32]}),
+    "tiny": ({"name": "mlp", "hidden": [8]}, {"name": "mlp", "hidden": [8]}),
 }
 
 
@@ -69,7 +75,31 @@ def run_ddkit(task, info, data, teacher_path, student_cfg, args, mode: str, run_
     return args.steps * args.batch_size / res["train_time_s"], setup
 
 
-def run_torchdistill(teacher, student_cfg, task, info, data, args) -> float:
+def run_torch_student(student_cfg, task, info, data, args) -> float:
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    student = task.build_model(student_cfg, info).to(device)
+    optimizer = torch.optim.SGD(student.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4, fused=True)
+    pairs = _Pairs(data)
+    loader = torch.utils.data.DataLoader(pairs, sampler=torch.utils.data.RandomSampler(pairs),
+                                         batch_size=args.batch_size, num_workers=args.workers, drop_last=True)
+    batches, t0 = iter(loader), time.perf_counter()
+    for _ in range(args.steps):
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            images, labels = next(batches)
+        loss = torch.nn.functional.cross_entropy(student(images.to(device)), labels.to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return args.steps * args.batch_size / (time.perf_counter() - t0)
+
+
+def run_torchdistill(teacher, student_cfg, task, info, data, args, fused: bool) -> float:
     from torchdistill.core.distillation import DistillationBox
 
     torch.manual_seed(0)
@@ -87,7 +117,8 @@ def run_torchdistill(teacher, student_cfg, task, info, data, args) -> float:
         "teacher": {"forward_proc": "forward_batch_only", "sequential": [], "requires_grad": False},
         "student": {"forward_proc": "forward_batch_only", "adaptations": None, "sequential": [],
                     "requires_grad": True, "frozen_modules": []},
-        "optimizer": {"key": "SGD", "kwargs": {"lr": args.lr, "momentum": 0.9, "weight_decay": 1e-4}},
+        "optimizer": {"key": "SGD", "kwargs": {"lr": args.lr, "momentum": 0.9, "weight_decay": 1e-4,
+                                               **({"fused": True} if fused else {})}},
         "criterion": {"key": "WeightedSumLoss", "kwargs": {"sub_terms": {"kd": {
             "criterion": {"key": "KDLoss", "kwargs": {
                 "student_module_path": ".", "student_module_io": "output", "teacher_module_path": ".",
@@ -145,13 +176,17 @@ def main(argv=None) -> int:
 
     save_model(teacher, tmp / "teacher.pt")
     teacher.eval()
-    modes = ["student", "ddkit_kd", "ddkit_kd_cache"] + (["torchdistill_kd"] if torchdistill else [])
+    modes = ["student", "torch_student", "ddkit_kd", "ddkit_kd_cache"] + (["torchdistill_kd", "torchdistill_kd_fused"]
+                                                         if torchdistill else [])
     rates: dict[str, list[float]] = {m: [] for m in modes}
     cache_build = None
     for r in range(args.repeats):
         for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
-            if mode == "torchdistill_kd":
-                rates[mode].append(run_torchdistill(teacher, student_cfg, task, info, data, args))
+            if mode == "torch_student":
+                rates[mode].append(run_torch_student(student_cfg, task, info, data, args))
+            elif mode.startswith("torchdistill"):
+                rates[mode].append(run_torchdistill(teacher, student_cfg, task, info, data, args,
+                                                    fused=mode.endswith("fused")))
             else:
                 rate, setup = run_ddkit(task, info, data, tmp / "teacher.pt", student_cfg, args, mode,
                                         tmp / f"{mode}_{r}")
@@ -166,14 +201,15 @@ def main(argv=None) -> int:
     print(f"data: mnist5k train ({epoch} images), batch {args.batch_size}, {args.steps} steps, device {args.device}, "
           f"threads {torch.get_num_threads()}, torch {torch.__version__}"
           + (f", torchdistill {torchdistill.__version__}" if torchdistill else ""))
-    print(f"{'mode':<18}{'best samples/s':>15}{'median':>10}{'epoch s':>9}{'vs student':>12}")
+    print(f"{'mode':<22}{'best samples/s':>15}{'median':>10}{'epoch s':>9}{'vs student':>12}")
     for m in modes:
-        print(f"{m:<18}{best[m]:15.1f}{med[m]:10.1f}{epoch / best[m]:9.2f}{best['student'] / best[m]:11.2f}x")
-    if torchdistill:
-        print(f"ddkit_kd / torchdistill_kd speed: best {best['ddkit_kd'] / best['torchdistill_kd']:.3f}, "
-              f"median {med['ddkit_kd'] / med['torchdistill_kd']:.3f}")
-        print(f"ddkit_kd_cache / torchdistill_kd speed: best {best['ddkit_kd_cache'] / best['torchdistill_kd']:.3f}, "
-              f"median {med['ddkit_kd_cache'] / med['torchdistill_kd']:.3f}")
+        print(f"{m:<22}{best[m]:15.1f}{med[m]:10.1f}{epoch / best[m]:9.2f}{best['student'] / best[m]:11.2f}x")
+    step_ms = {m: 1e3 * args.batch_size / best[m] for m in modes}
+    print(f"ddkit's own work per step (student - torch_student, best): "
+          f"{step_ms['student'] - step_ms['torch_student']:.3f} ms of {step_ms['student']:.3f} ms")
+    for peer in ("torchdistill_kd", "torchdistill_kd_fused") if torchdistill else ():
+        for ours in ("ddkit_kd", "ddkit_kd_cache"):
+            print(f"{ours} / {peer} speed: best {best[ours] / best[peer]:.3f}, median {med[ours] / med[peer]:.3f}")
     print(f"KD epoch with cache / student-only epoch: best {best['student'] / best['ddkit_kd_cache']:.3f}, median "
           f"{med['student'] / med['ddkit_kd_cache']:.3f} (target <= 1.15); the cache pass ran once, "
           f"{cache_build:.2f}s including model and data set-up")

@@ -115,6 +115,52 @@ def test_stop_and_resume_equals_an_uninterrupted_run(digits, tmp_path):
     assert again["iterations"] == 5
 
 
+@pytest.mark.parametrize("optimizer", [{"optimizer": "sgd", "nesterov": True}, {"optimizer": "adamw", "lr": 1e-3}])
+def test_fused_step_is_the_default_and_makes_the_same_update(digits, tmp_path, optimizer):
+    task = ddkit.build("tasks", "classification")
+    cfg = {"iterations": 12, "batch_size": 8, "weight_decay": 0.01, "warmup": 4, **optimizer}
+    trained = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = task.build_model({"name": "lenet", "channels": [4], "hidden": 8}, digits.info)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        train_model(task, model, digits.labeled, {**cfg, "fused": fused}, tmp_path / str(fused), progress=False)
+        ckpt = torch.load(tmp_path / str(fused) / "checkpoints" / "last.pt", weights_only=True)
+        assert ckpt["optimizer"]["param_groups"][0]["fused"] is (True if fused else None)
+        trained[fused] = ckpt["model"]
+    assert parse_train_config({}).fused  # the default
+    assert max((trained[True][k] - init[k]).abs().max() for k in init) > 1e-3  # the steps moved the weights
+    for k in init:  # the same arithmetic up to float rounding, over 12 steps of momentum and weight decay
+        torch.testing.assert_close(trained[True][k], trained[False][k], rtol=1e-4, atol=1e-5)
+
+
+def test_fused_sgd_takes_parameters_that_join_later_and_resumes():
+    """A parameter without a gradient on the first steps (a term that joins after a hint stage) gets the same
+    updates as with torch's default step, also across a state-dict round trip."""
+    from ddkit.engine.train import _optimizer
+
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(4)]
+    grads = [[torch.randn(5, 3), None if step < 2 else torch.randn(4)] for step in range(5)]
+    final = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer, _ = _optimizer(parse_train_config({"lr": 0.1, "nesterov": True, "fused": fused}), params, 5)
+        for step, gs in enumerate(grads):
+            if step == 1:  # resume from a state without the late parameter's buffer, as saved by torch's step
+                state = optimizer.state_dict()
+                state["state"].pop(1, None)
+                optimizer, _ = _optimizer(parse_train_config({"lr": 0.1, "nesterov": True, "fused": fused}), params, 5)
+                optimizer.load_state_dict(state)
+            for p, g in zip(params, gs):
+                p.grad = None if g is None else g.clone()
+            optimizer.step()
+        final[fused] = [p.detach().clone() for p in params]
+    assert not torch.equal(final[True][1], start[1])  # the late parameter moved
+    for a, b in zip(final[True], final[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_checkpoint_is_weights_only_and_rebuilds_the_model(digits, tmp_path):
     task = ddkit.build("tasks", "classification")
     model = task.build_model({"name": "lenet", "channels": [4], "hidden": 8}, digits.info)

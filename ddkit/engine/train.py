@@ -166,14 +166,30 @@ def _setup_extras(task: Task, student: nn.Module, teacher: nn.Module | None, ter
     return extras.to(dev)
 
 
+def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter a momentum buffer (zeros) before its first step: torch's fused SGD fails on a step
+    where some parameters have buffers and others not yet (a term that joins later, as after a hint stage). Zeros
+    give the same update: with no dampening the first step's buffer is ``0.9 * 0 + grad = grad`` either way."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
 def _optimizer(cfg: TrainConfig, params: list[torch.Tensor], total: int) -> tuple[torch.optim.Optimizer, Any]:
     if not params:
         raise ConfigError("the model has no trainable parameters")
+    # None leaves the choice to torch (its default step); fused kernels exist for float parameters on CPU and CUDA
+    fusable = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    fused = True if cfg.fused and fusable else None
     if cfg.optimizer == "sgd":
         optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                    weight_decay=cfg.weight_decay)
+                                    weight_decay=cfg.weight_decay, fused=fused)
+        if fused and cfg.momentum:
+            _zero_momentum(optimizer)
+            optimizer.register_load_state_dict_post_hook(_zero_momentum)
     else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                      fused=fused)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, cfg))
 
 
