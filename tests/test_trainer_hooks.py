@@ -73,16 +73,17 @@ def test_resume_changes_sorts_refused_from_harmless():
     old = {"recipe": {"train": {"lr": 0.05, "log_every": 10, "max_iterations": 5, "num_workers": 0},
                       "losses": [{"name": "hard_label"}], "seed": 0},
            "inputs": {"data": "aa", "teacher": None}}
-    new = {"recipe": {"train": {"lr": 0.5, "log_every": 20, "max_iterations": None, "num_workers": 2},
+    new = {"recipe": {"train": {"lr": 0.5, "log_every": 20, "max_iterations": None, "num_workers": 2, "fused": True},
                       "losses": [{"name": "hard_label"}, {"name": "soft_target"}], "seed": 0},
            "inputs": {"data": "bb", "teacher": None}}
     refused, harmless = resume_changes(old, new)
-    assert harmless == ["train.log_every: 10 -> 20", "train.max_iterations: 5 -> None",
-                        "train.num_workers: 0 -> 2"]
+    assert harmless == ["train.fused: '<unset>' -> True", "train.log_every: 10 -> 20",  # an older ddkit's checkpoint
+                        "train.max_iterations: 5 -> None", "train.num_workers: 0 -> 2"]
     assert refused == ["the training data (fingerprint of targets and files): 'aa' -> 'bb'",
                        "losses: [{'name': 'hard_label'}] -> [{'name': 'hard_label'}, {'name': 'soft_target'}]",
                        "train.lr: 0.05 -> 0.5"]
     assert resume_changes(old, old) == ([], [])
+    assert "train.fused: True -> '<unset>'" in resume_changes(new, old)[0]  # a key this run lacks is refused
 
 
 def test_init_teacher_applies_when_resume_finds_no_checkpoint(digits, tmp_path):

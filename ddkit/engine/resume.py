@@ -49,7 +49,8 @@ _INPUT_NAMES = {"inputs.data": "the training data (fingerprint of targets and fi
 def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """``(refused, harmless)``: ``"key: old -> new"`` lines for the keys whose values differ between a checkpoint's
     recipe record and this run's. Harmless keys (:data:`~ddkit.engine.train_config.HARMLESS_KEYS` of the train
-    block) do not change the result."""
+    block) do not change the result; nor, by this rule, do keys the checkpoint lacks (an older ddkit's, written
+    before the option existed: e.g. ``train.fused``, whose step differs from the old one by float rounding)."""
     a, b = _flat("", old), _flat("", new)
     refused, harmless = [], []
     for key in sorted(set(a) | set(b)):
@@ -58,7 +59,7 @@ def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list
         shown = _INPUT_NAMES.get(key, key.removeprefix("recipe."))
         line = f"{shown}: {a.get(key, '<unset>')!r} -> {b.get(key, '<unset>')!r}"
         train_key = key.removeprefix("recipe.train.") if key.startswith("recipe.train.") else None
-        (harmless if train_key in HARMLESS_KEYS else refused).append(line)
+        (harmless if train_key in HARMLESS_KEYS or key not in a else refused).append(line)
     return refused, harmless
 
 
