@@ -144,13 +144,14 @@ def test_fused_sgd_takes_parameters_that_join_later_and_resumes():
     grads = [[torch.randn(5, 3), None if step < 2 else torch.randn(4)] for step in range(5)]
     final = {}
     for fused in (True, False):
+        cfg = parse_train_config({"lr": 0.1, "nesterov": True, "fused": fused})
         params = [torch.nn.Parameter(t.clone()) for t in start]
-        optimizer, _ = _optimizer(parse_train_config({"lr": 0.1, "nesterov": True, "fused": fused}), params, 5)
+        optimizer, _ = _optimizer(cfg, params, 5)
         for step, gs in enumerate(grads):
             if step == 1:  # resume from a state without the late parameter's buffer, as saved by torch's step
                 state = optimizer.state_dict()
                 state["state"].pop(1, None)
-                optimizer, _ = _optimizer(parse_train_config({"lr": 0.1, "nesterov": True, "fused": fused}), params, 5)
+                optimizer, _ = _optimizer(cfg, params, 5)
                 optimizer.load_state_dict(state)
             for p, g in zip(params, gs):
                 p.grad = None if g is None else g.clone()

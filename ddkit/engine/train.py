@@ -169,10 +169,10 @@ def _setup_extras(task: Task, student: nn.Module, teacher: nn.Module | None, ter
 def _zero_momentum(optimizer: torch.optim.Optimizer) -> None:
     """Give every parameter a momentum buffer (zeros) before its first step: torch's fused SGD fails on a step
     where some parameters have buffers and others not yet (a term that joins later, as after a hint stage). Zeros
-    give the same update: with no dampening the first step's buffer is ``0.9 * 0 + grad = grad`` either way."""
+    give the same update: with no dampening the first step's buffer is ``momentum * 0 + grad = grad`` either way."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p, memory_format=torch.preserve_format))
+            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def _optimizer(cfg: TrainConfig, params: list[torch.Tensor], total: int) -> tuple[torch.optim.Optimizer, Any]:
