@@ -106,20 +106,34 @@ def bootstrap_gap_sd(wrong: dict[str, torch.Tensor], resamples: int = 1000) -> f
     return 100 * float(hi - lo) / 2
 
 
-def ddkit_mistakes(res: dict, seed: int) -> dict[str, torch.Tensor]:
-    """Each ddkit model's mistakes on the test digits of ``seed``'s split."""
+def model_mistakes(res: dict, stages: dict[str, str], fractions: list[float], seed: int) -> dict[str, torch.Tensor]:
+    """``{key: [N] bool}``: the mistakes of the run's model of each stage on the test digits (the last part) of
+    ``seed``'s split into ``fractions`` (the recipe's); each must give the error the run recorded."""
     from plain_mnist_dd import load_digits
 
     from ddkit.engine.checkpoint import load_model
 
-    x, y, (_, _, test) = load_digits([0.08, 0.72, 0.2], seed)
-    final = final_student(res)
+    x, y, parts = load_digits(fractions, seed)
     out = {}
-    for key, stage in (("teacher", "teacher"), ("student", final), ("full", "baseline_full")):
+    for key, stage in stages.items():
         _, model, _ = load_model(res["models"][stage])
         with torch.no_grad():
-            out[key] = model(x[test]).argmax(1) != y[test]
+            out[key] = model(x[parts[-1]]).argmax(1) != y[parts[-1]]
+        if abs(100 * out[key].float().mean().item() - error_of(res, stage)) > 0.05:
+            raise RuntimeError(f"{stage} of seed {seed}: its error on these test digits differs from the run's; "
+                               f"the split {fractions} is not the recipe's")
     return out
+
+
+def ddkit_mistakes(res: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Each ddkit model's mistakes on the test digits of ``seed``'s split."""
+    stages = {"teacher": "teacher", "student": final_student(res), "full": "baseline_full"}
+    return model_mistakes(res, stages, [0.08, 0.72, 0.2], seed)
+
+
+def cut_noise(alone: torch.Tensor, kd: torch.Tensor) -> float:
+    """The test noise (points) of the relative cut ``(alone - kd) / alone``: the share of the gap to zero error."""
+    return bootstrap_gap_sd({"teacher": alone, "student": kd, "full": torch.zeros_like(alone)})
 
 
 def shared_with_teacher(wrong: dict[str, torch.Tensor], model: str) -> str:
@@ -166,15 +180,18 @@ def dd_side_by_side(seeds: list[int], ours: list[dict], plain: list[dict]) -> st
 
 
 def kd_side_by_side(seeds: list[int], ours: list[dict], plain: list[dict]) -> str:
-    lines = ["| seed | teacher % | student alone % | + soft targets % | relative cut % | KD time s |",
+    lines = ["| seed | teacher % | student alone % | + soft targets % | relative cut % (test noise +-) | KD time s |",
              "|---|---:|---:|---:|---:|---:|"]
     for seed, res, p in zip(seeds, ours, plain):
         kd = error_of(res, "kd_soft_target")
         alone = error_of(res, "kd_alone")
+        wrong = model_mistakes(res, {"alone": "kd_alone", "kd": "kd_soft_target"}, [0.8, 0.0, 0.2], seed)
         lines.append(f"| {seed} ddkit | {error_of(res, 'teacher'):.1f} | {alone:.1f} | {kd:.1f} | "
-                     f"{100 * (alone - kd) / alone:.0f} | {res['stage_seconds']['kd_soft_target']:.0f} |")
+                     f"{100 * (alone - kd) / alone:.0f} ({cut_noise(wrong['alone'], wrong['kd']):.0f}) | "
+                     f"{res['stage_seconds']['kd_soft_target']:.0f} |")
+        pnoise = cut_noise(*(torch.tensor(p["wrong"][k]) for k in ("alone", "kd")))
         lines.append(f"| {seed} plain | {p['teacher']:.1f} | {p['alone']:.1f} | {p['kd']:.1f} | "
-                     f"{100 * p['relative_error_reduction']:.0f} | {p['seconds_kd']:.0f} |")
+                     f"{100 * p['relative_error_reduction']:.0f} ({pnoise:.0f}) | {p['seconds_kd']:.0f} |")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from plain_mnist_dd import error, load_digits, train
+from plain_mnist_dd import error, load_digits, mistakes, train
 
 
 def mlp() -> nn.Module:
@@ -47,7 +47,8 @@ def main():
     errs = {name: error(m, x[test], y[test]) for name, m in (("teacher", teacher), ("alone", alone), ("kd", kd))}
     cut = (errs["alone"] - errs["kd"]) / errs["alone"]
     print(json.dumps({"seed": args.seed, **errs, "relative_error_reduction": cut, "seconds_alone": alone_s,
-                      "seconds_kd": kd_s}))
+                      "seconds_kd": kd_s,
+                      "wrong": {k: mistakes(m, x[test], y[test]).tolist() for k, m in (("alone", alone), ("kd", kd))}}))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from distillation_results import bootstrap_gap_sd, overlap, shared_with_teacher  # noqa: E402
+from distillation_results import bootstrap_gap_sd, cut_noise, overlap, shared_with_teacher  # noqa: E402
 from detector_kd_results import command  # noqa: E402
 
 
@@ -55,3 +55,15 @@ def test_bootstrap_gap_sd_matches_a_slow_reference():
     gaps.sort()
     lo, hi = torch.quantile(torch.tensor(gaps, dtype=torch.float64), torch.tensor([0.16, 0.84], dtype=torch.float64))
     assert abs(bootstrap_gap_sd(wrong) - 100 * float(hi - lo) / 2) < 1e-4  # float32 means
+
+
+def test_cut_noise_is_the_spread_of_the_relative_cut_over_the_same_resamples():
+    g = torch.Generator().manual_seed(2)
+    alone, kd = torch.rand(300, generator=g) < 0.3, torch.rand(300, generator=g) < 0.2
+    g = torch.Generator().manual_seed(0)  # the helper's own resamples
+    idx = torch.randint(300, (1000, 300), generator=g)
+    cuts = [(sum(bool(alone[i]) for i in row) - sum(bool(kd[i]) for i in row)) / sum(bool(alone[i]) for i in row)
+            for row in idx.tolist()]
+    lo, hi = torch.quantile(torch.tensor(cuts, dtype=torch.float64), torch.tensor([0.16, 0.84], dtype=torch.float64))
+    assert abs(cut_noise(alone, kd) - 100 * float(hi - lo) / 2) < 1e-4
+    assert cut_noise(alone, alone) == 0.0
