@@ -48,9 +48,10 @@ def run(recipe: str, seed: int, overrides: list[str]) -> dict:
 
 
 def run_plain(key: str, seed: int) -> dict:
-    """The plain script's JSON line for ``seed``, kept in ``runs/plain_<script>/seed<k>.json`` (re-used if there)."""
+    """The plain script's JSON line for ``seed``, kept in ``runs/plain_<script>/seed<k>.json`` (re-used if there and
+    it records the per-digit mistakes, which older versions of the scripts did not)."""
     saved = REPO / "runs" / f"{Path(PLAIN[key]).stem}" / f"seed{seed}.json"
-    if not saved.is_file():
+    if not saved.is_file() or "wrong" not in json.loads(saved.read_text()):
         out = subprocess.run([sys.executable, PLAIN[key], "--seed", str(seed)], cwd=REPO, check=True,
                              capture_output=True, text=True).stdout
         saved.parent.mkdir(parents=True, exist_ok=True)
