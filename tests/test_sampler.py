@@ -100,3 +100,34 @@ def test_bad_arguments_are_reported():
         MixedRatioSampler([0, 0], 4)
     with pytest.raises(ConfigError, match="ratio"):
         MixedRatioSampler([10, 10], 4, ratio=[1])
+
+
+def _reference_batch(s: MixedRatioSampler, step: int) -> list[int]:
+    """Slot by slot, as the module docstring defines it: the source whose cumulative quota grows at the slot, its
+    next draw for this rank, from the permutation of ``(seed, source, epoch)``."""
+    import torch
+
+    out = []
+    for slot in range(step * s.batch_size, (step + 1) * s.batch_size):
+        before, after = s.consumed(slot), s.consumed(slot + 1)
+        j = next(j for j in range(len(s.sizes)) if after[j] > before[j])
+        q, n = before[j] * s.world_size + s.rank, s.sizes[j]
+        g = torch.Generator().manual_seed((s.seed * 1_000_003 + j * 7_919 + q // n) % (2 ** 63))
+        out.append(s.offsets[j] + torch.randperm(n, generator=g).tolist()[q % n])
+    return out
+
+
+def test_batches_equal_the_slot_by_slot_definition():
+    import random
+
+    rng = random.Random(0)
+    for _ in range(150):
+        k = rng.randint(1, 4)
+        sizes = [rng.choice([0, 1, 3, 7, 50, 400]) for _ in range(k)]
+        ratio = [rng.choice([0, 0.3, 1, 2.5, 4, 6]) for _ in range(k)]
+        sizes[0], ratio[0] = max(sizes[0], 1), max(ratio[0], 1)  # at least one source with items and a share
+        world = rng.choice([1, 1, 2, 3])
+        s = MixedRatioSampler(sizes, rng.randint(1, 70), ratio, seed=rng.randint(0, 99), rank=rng.randrange(world),
+                              world_size=world)
+        for step in (0, 1, 17, rng.randint(0, 10 ** 6)):  # epoch boundaries fall inside batches
+            assert s.batch(step) == _reference_batch(s, step), (sizes, ratio, world, s.rank, s.batch_size, step)

@@ -92,15 +92,6 @@ class MixedRatioSampler(torch.utils.data.Sampler[list[int]]):
             rest -= c
         return out
 
-    def source_of(self, slot: int) -> int:
-        before, after = self.consumed(slot), self.consumed(slot + 1)
-        return next(j for j in range(len(self.sizes)) if after[j] > before[j])
-
-    def counts(self, step: int) -> list[int]:
-        """Samples of each source in the batch of ``step``."""
-        a, b = self.consumed(step * self.batch_size), self.consumed((step + 1) * self.batch_size)
-        return [y - x for x, y in zip(a, b)]
-
     def _perm(self, source: int, epoch: int) -> list[int]:
         key = (source, epoch)
         perm = self._perm_cache.get(key)
@@ -112,22 +103,23 @@ class MixedRatioSampler(torch.utils.data.Sampler[list[int]]):
             self._perm_cache[key] = perm
         return perm
 
-    def _item(self, source: int, position: int) -> int:
-        """Global index of this rank's ``position``-th draw from ``source``."""
-        q = position * self.world_size + self.rank
-        n = self.sizes[source]
-        return self.offsets[source] + self._perm(source, q // n)[q % n]
+    def _items(self, source: int, first: int, stop: int) -> list[int]:
+        """Global indices of this rank's draws ``first .. stop - 1`` from ``source``."""
+        n, offset, stride = self.sizes[source], self.offsets[source], self.world_size
+        return [offset + self._perm(source, q // n)[q % n]
+                for q in range(first * stride + self.rank, stop * stride + self.rank, stride)]
 
     def batch(self, step: int) -> list[int]:
         """The global indices of the batch of ``step`` (slots in order, sources interleaved)."""
         start = step * self.batch_size
-        before = self.consumed(start)
-        out = []
-        for slot in range(start, start + self.batch_size):
-            after = self.consumed(slot + 1)
-            j = next(k for k in range(len(self.sizes)) if after[k] > before[k])
-            out.append(self._item(j, before[j]))
-            before = after
+        out = [0] * self.batch_size
+        rest = list(range(start, start + self.batch_size + 1))  # slots before h not yet given to a source
+        for k, j in enumerate(self.active):  # consumed(h)[j] for every h of the batch at once
+            drawn = rest if k == len(self.active) - 1 else [self._quota(h, self._cond[k]) for h in rest]
+            rest = [h - d for h, d in zip(rest, drawn)]
+            slots = [t for t in range(self.batch_size) if drawn[t + 1] > drawn[t]]
+            for t, index in zip(slots, self._items(j, drawn[0], drawn[-1])):
+                out[t] = index
         return out
 
     def source_index(self, index: int) -> int:
