@@ -1,9 +1,11 @@
 """The mixed-ratio batch sampler: ratio, determinism, coverage, DDP shares and resume."""
 from __future__ import annotations
 
+import random
 from collections import Counter
 
 import pytest
+import torch
 
 from ddkit.engine.sampler import MixedRatioSampler
 from ddkit.errors import ConfigError
@@ -105,8 +107,6 @@ def test_bad_arguments_are_reported():
 def _reference_batch(s: MixedRatioSampler, step: int) -> list[int]:
     """Slot by slot, as the module docstring defines it: the source whose cumulative quota grows at the slot, its
     next draw for this rank, from the permutation of ``(seed, source, epoch)``."""
-    import torch
-
     out = []
     for slot in range(step * s.batch_size, (step + 1) * s.batch_size):
         before, after = s.consumed(slot), s.consumed(slot + 1)
@@ -118,8 +118,6 @@ def _reference_batch(s: MixedRatioSampler, step: int) -> list[int]:
 
 
 def test_batches_equal_the_slot_by_slot_definition():
-    import random
-
     rng = random.Random(0)
     for _ in range(150):
         k = rng.randint(1, 4)
