@@ -360,8 +360,8 @@ class ImageFolder(_TargetsDataset):
 # --------------------------------------------------------------------------------------------- bundled digits
 class _TensorClassification(torch.utils.data.Dataset):
     def __init__(self, images: Tensor, labels: Tensor, indices: list[int], source: str):
-        self.images, self.labels, self.indices = images, labels, indices
-        self._label_ints = labels.tolist()  # a Python int per read, not a tensor index (a microsecond per sample)
+        # labels as Python ints: a read is a list index, not a tensor index (a microsecond per sample)
+        self.images, self.labels, self.indices = images, labels.tolist(), indices
         c, h, w = images.shape[1:]
         self.info = DatasetInfo(categories=[{"id": i, "name": str(i)} for i in range(10)],
                                 extra={"image_shape": [c, h, w], "source": source})
@@ -371,7 +371,7 @@ class _TensorClassification(torch.utils.data.Dataset):
 
     def get_target(self, i: int) -> dict[str, Any]:
         j = self.indices[i]
-        return {"image_id": j, "label": self._label_ints[j]}
+        return {"image_id": j, "label": self.labels[j]}
 
     def __getitem__(self, i: int):
         return self.images[self.indices[i]], self.get_target(i)

@@ -1,8 +1,10 @@
 """The mixed-ratio batch sampler: ratio, determinism, coverage, DDP shares and resume."""
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
+from fractions import Fraction
 
 import pytest
 import torch
@@ -104,12 +106,26 @@ def test_bad_arguments_are_reported():
         MixedRatioSampler([10, 10], 4, ratio=[1])
 
 
+def _reference_consumed(s: MixedRatioSampler, slots: int) -> list[int]:
+    """Samples of each source among the first ``slots`` slots, from the ratio alone (the module docstring's rule):
+    source 0 takes ``round(slots * p0)`` (halves up), source 1 that of the rest against the rest of the ratio, ...;
+    the last source with items and a share takes what is left."""
+    active = [j for j, (n, r) in enumerate(zip(s.sizes, s.ratio)) if n > 0 and r > 0]
+    share = {j: Fraction(s.ratio[j]).limit_denominator(1_000_000) for j in active}
+    out, rest, left = [0] * len(s.sizes), slots, sum(share.values())
+    for j in active[:-1]:
+        out[j] = math.floor(rest * share[j] / left + Fraction(1, 2))
+        rest, left = rest - out[j], left - share[j]
+    out[active[-1]] = rest
+    return out
+
+
 def _reference_batch(s: MixedRatioSampler, step: int) -> list[int]:
-    """Slot by slot, as the module docstring defines it: the source whose cumulative quota grows at the slot, its
-    next draw for this rank, from the permutation of ``(seed, source, epoch)``."""
+    """Slot by slot: the source whose count grows at the slot, its next draw for this rank, from the permutation of
+    ``(seed, source, epoch)``."""
     out = []
     for slot in range(step * s.batch_size, (step + 1) * s.batch_size):
-        before, after = s.consumed(slot), s.consumed(slot + 1)
+        before, after = _reference_consumed(s, slot), _reference_consumed(s, slot + 1)
         j = next(j for j in range(len(s.sizes)) if after[j] > before[j])
         q, n = before[j] * s.world_size + s.rank, s.sizes[j]
         g = torch.Generator().manual_seed((s.seed * 1_000_003 + j * 7_919 + q // n) % (2 ** 63))

@@ -86,6 +86,19 @@ def test_resume_changes_sorts_refused_from_harmless():
     assert "train.fused: True -> '<unset>'" in resume_changes(new, old)[0]  # a key this run lacks is refused
 
 
+def test_a_checkpoint_of_an_older_ddkit_resumes_and_its_missing_keys_are_harmless(tmp_path):
+    from ddkit.engine.resume import check_resume
+    from ddkit.errors import ConfigError
+
+    oldest = {"train_cfg": {"lr": 0.05}, "total_iterations": 10}  # before recipe and inputs records
+    recipe = {"train": {"lr": 0.05, "fused": True}, "losses": [{"name": "hard_label"}], "seed": 0}
+    harmless = check_resume(tmp_path / "last.pt", oldest, recipe, {"data": "aa", "teacher": None}, 10)
+    assert "train.fused: '<unset>' -> True" in harmless and "seed: '<unset>' -> 0" in harmless
+    assert any(line.startswith("the training data") for line in harmless)
+    with pytest.raises(ConfigError, match=r"differs in train.lr: 0.05 -> 0.5"):
+        check_resume(tmp_path / "last.pt", oldest, {**recipe, "train": {"lr": 0.5}}, {}, 10)
+
+
 def test_init_teacher_applies_when_resume_finds_no_checkpoint(digits, tmp_path):
     """``ddkit run`` always asks to resume: with nothing to resume from, ``init: teacher`` must still copy the
     teacher (it used to be skipped whenever ``resume`` was set)."""

@@ -49,8 +49,9 @@ _INPUT_NAMES = {"inputs.data": "the training data (fingerprint of targets and fi
 def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list[str], list[str]]:
     """``(refused, harmless)``: ``"key: old -> new"`` lines for the keys whose values differ between a checkpoint's
     recipe record and this run's. Harmless keys (:data:`~ddkit.engine.train_config.HARMLESS_KEYS` of the train
-    block) do not change the result; nor, by this rule, do keys the checkpoint lacks (an older ddkit's, written
-    before the option existed: e.g. ``train.fused``, whose step differs from the old one by float rounding)."""
+    block) do not change the result; nor, by this rule, do keys the checkpoint lacks, at any depth (an older
+    ddkit's, written before the key existed: e.g. ``train.fused``, whose step differs from the old one by float
+    rounding)."""
     a, b = _flat("", old), _flat("", new)
     refused, harmless = [], []
     for key in sorted(set(a) | set(b)):
@@ -69,11 +70,8 @@ def check_resume(last: Path, state: Mapping[str, Any], recipe: Mapping[str, Any]
     return the harmless changes."""
     fresh = "start fresh with --force (ddkit train) or --force <stage> (ddkit run)"
     old_recipe = state.get("recipe") or {"train": state.get("train_cfg") or {}}
-    old_inputs = state.get("inputs") or {}
-    refused, harmless = resume_changes(  # keys a checkpoint of an older ddkit lacks are not compared
-        {"recipe": old_recipe, "inputs": old_inputs},
-        {"recipe": {k: v for k, v in recipe.items() if k in old_recipe},
-         "inputs": {k: v for k, v in inputs.items() if k in old_inputs}})
+    refused, harmless = resume_changes({"recipe": old_recipe, "inputs": state.get("inputs") or {}},
+                                       {"recipe": recipe, "inputs": inputs})
     if refused:
         raise ConfigError(f"cannot resume {last}: this run differs in {'; '.join(refused)}; {fresh}, or resume "
                           "with the checkpoint's values")

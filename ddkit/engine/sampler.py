@@ -82,16 +82,6 @@ class MixedRatioSampler(torch.utils.data.Sampler[list[int]]):
         """``round(h * p)`` (halves up) in exact integer arithmetic: slots of the first ``h`` that go to ``p``."""
         return (2 * h * p.numerator + p.denominator) // (2 * p.denominator)
 
-    def consumed(self, slots: int) -> list[int]:
-        """How many samples of each source the first ``slots`` slots (per rank) draw."""
-        out = [0] * len(self.sizes)
-        rest = slots
-        for k, j in enumerate(self.active):
-            c = rest if k == len(self.active) - 1 else self._quota(rest, self._cond[k])
-            out[j] = c
-            rest -= c
-        return out
-
     def _perm(self, source: int, epoch: int) -> list[int]:
         key = (source, epoch)
         perm = self._perm_cache.get(key)
@@ -113,8 +103,10 @@ class MixedRatioSampler(torch.utils.data.Sampler[list[int]]):
         """The global indices of the batch of ``step`` (slots in order, sources interleaved)."""
         start = step * self.batch_size
         out = [0] * self.batch_size
-        rest = list(range(start, start + self.batch_size + 1))  # slots before h not yet given to a source
-        for k, j in enumerate(self.active):  # consumed(h)[j] for every h of the batch at once
+        # for every h of the batch at once: of the first h slots, those not yet given to a source (rest) and those
+        # that source j draws (drawn), by the quota of source j against the sources after it
+        rest = list(range(start, start + self.batch_size + 1))
+        for k, j in enumerate(self.active):
             drawn = rest if k == len(self.active) - 1 else [self._quota(h, self._cond[k]) for h in rest]
             rest = [h - d for h, d in zip(rest, drawn)]
             slots = [t for t in range(self.batch_size) if drawn[t + 1] > drawn[t]]
