@@ -32,7 +32,8 @@ $(BENCH_STAMP): $(STAMP)
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) benchmarks/aggregators.py && $(PY) benchmarks/label_throughput.py && $(PY) benchmarks/kd_throughput.py
+	$(PY) benchmarks/aggregators.py && $(PY) benchmarks/label_throughput.py && $(PY) benchmarks/kd_throughput.py \
+		&& $(PY) benchmarks/optimizer_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

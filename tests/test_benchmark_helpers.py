@@ -1,4 +1,5 @@
-"""The helpers behind the README's tables (benchmarks/distillation_results.py, benchmarks/detector_kd_results.py)."""
+"""The helpers behind the README's tables (benchmarks/distillation_results.py, benchmarks/detector_kd_results.py,
+benchmarks/optimizer_step.py)."""
 import sys
 from pathlib import Path
 
@@ -7,6 +8,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from distillation_results import bootstrap_gap_sd, cut_noise, overlap, shared_with_teacher  # noqa: E402
 from detector_kd_results import command  # noqa: E402
+from optimizer_step import cases, torch_optimizer  # noqa: E402
+
+from ddkit.engine.train import _optimizer  # noqa: E402
+from ddkit.engine.train_config import parse_train_config  # noqa: E402
 
 
 def _teacher_of(cmd: list[str]) -> str | None:
@@ -67,3 +72,17 @@ def test_cut_noise_is_the_spread_of_the_relative_cut_over_the_same_resamples():
     lo, hi = torch.quantile(torch.tensor(cuts, dtype=torch.float64), torch.tensor([0.16, 0.84], dtype=torch.float64))
     assert abs(cut_noise(alone, kd) - 100 * float(hi - lo) / 2) < 1e-4
     assert cut_noise(alone, alone) == 0.0
+
+
+def test_optimizer_step_compares_like_with_like():
+    """The benchmark's torch optimizers take ddkit's hyper-parameters from each recipe; only the kernel differs."""
+    for recipe, _, name, block in cases():
+        cfg = parse_train_config({**block, "fused": True})
+        params = [torch.nn.Parameter(torch.ones(3))]
+        ours = _optimizer(cfg, params, 100)[0]
+        assert type(ours).__name__.lower() == name and ours.defaults["fused"] is True, recipe
+        for foreach in (None, True):
+            theirs = torch_optimizer(cfg, params, foreach)
+            assert type(theirs) is type(ours)
+            differ = {k for k, v in ours.defaults.items() if theirs.defaults.get(k) != v}
+            assert differ == {"fused", "foreach"} - ({"foreach"} if foreach is None else set()), (recipe, differ)
