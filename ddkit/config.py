@@ -5,6 +5,7 @@ depth, by their key: see :data:`STRATEGY_SLOTS`. Errors name the file, the field
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, Sequence
@@ -44,6 +45,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
             key, value = override.split("=", 1)
             try:  # update (not merge a dotlist) so that list items can be overridden: label.transforms.0.name=x
                 value = yaml.safe_load(value) if value else None
+                _detach_interpolations(cfg, key.strip())
                 _drop_replaced_block(cfg, key.strip(), value)
                 OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
             except (OmegaConfBaseException, TypeError, ValueError, yaml.YAMLError) as err:
@@ -106,6 +108,26 @@ def _drop_renamed(base: Any, over: Any) -> None:
             del base[key]
         else:
             _drop_renamed(old, new)
+
+
+def _detach_interpolations(cfg: DictConfig, key: str) -> None:
+    """Replace every interpolation on the way to ``key`` with a copy of the node it points at, so that an override
+    ``student.model.width=0.25`` under ``student.model: ${teacher.model}`` changes the student, not the teacher
+    (``OmegaConf.update`` would write through the interpolation). Interpolations inside the copy stay as they are."""
+    node: Any = cfg
+    for part in key.split(".")[:-1]:
+        if isinstance(node, ListConfig) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            index: Any = int(part)
+        elif isinstance(node, DictConfig) and part in node:
+            index = part
+        else:
+            return
+        if node._get_node(index)._is_interpolation():
+            target = node[index]  # resolved: the node it points at
+            if not isinstance(target, (DictConfig, ListConfig)):
+                return
+            node[index] = copy.deepcopy(target)
+        node = node._get_node(index)
 
 
 def _drop_replaced_block(cfg: DictConfig, key: str, value: Any) -> None:

@@ -129,3 +129,21 @@ def test_cli_reports_a_plugin_clash_as_a_user_error(with_example_plugin):
 def test_every_shipped_recipe_resolves_and_validates(recipe):
     cfg = load_config(recipe)
     validate_config(cfg, get_registry(), source=str(recipe))
+
+
+@pytest.mark.parametrize("override, changed", [("student.model.width=0.25", ("model", "width")),
+                                                ("student.model.layers.1=5", ("model", "layers")),
+                                                ("student.train.lr=0.5", ("train", "lr"))])
+def test_an_override_under_an_interpolated_block_changes_that_block_only(tmp_path, override, changed):
+    """``student.model: ${teacher.model}``: overriding a key of the student's copy must leave the teacher alone."""
+    path = _write(tmp_path / "r.yaml", "run: {seed: 3}\n"
+                  "teacher:\n  model: {name: m, width: 1.0, layers: [1, 2], seed: '${run.seed}'}\n  train: {lr: 0.1}\n"
+                  "student:\n  model: ${teacher.model}\n  train: ${teacher.train}\n")
+    cfg = load_config(path, [override])
+    block, key = changed
+    assert cfg.teacher[block][key] == {"width": 1.0, "layers": [1, 2], "lr": 0.1}[key]
+    assert cfg.student[block][key] == {"width": 0.25, "layers": [1, 5], "lr": 0.5}[key]
+    assert cfg.student.model.seed == 3 and cfg.teacher.model.seed == 3  # interpolations inside the copy still work
+    untouched = "train" if block == "model" else "model"
+    assert cfg.student[untouched] == cfg.teacher[untouched]
+
