@@ -210,3 +210,26 @@ def test_teacher_ensemble_trains_more_teachers_and_labels_with_all(first_run, re
         Runner(load_config(recipe, ["teacher.ensemble=0"]))
     with pytest.raises(ConfigError, match="teacher.ensemble: 2 teachers are trained by the run; remove teacher"):
         Runner(load_config(recipe, ["teacher.ensemble=2", f"teacher.checkpoint={out / 'teacher' / 'model.pt'}"]))
+
+
+def test_stale_stages_are_removed_before_anything_runs(recipe, tmp_path, monkeypatch, capsys):
+    """A changed teacher makes every later stage stale: its outputs go before the teacher retrains, so a run
+    interrupted then leaves no old student for export / predict, nor an old results table."""
+    from ddkit.engine.run_folder import completed_stages
+
+    small = ["baselines.labeled_only=false", "baselines.fully_labeled=false", "kd=null", "evaluate=null"]
+    run_recipe(load_config(recipe, [f"run.out_dir={tmp_path}", *small]), source=str(recipe), progress=False)
+    assert {"teacher", "label", "select", "student"} <= set(completed_stages(tmp_path))
+    assert (tmp_path / "results.md").is_file()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "_train_teacher", interrupted)
+    capsys.readouterr()
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_config(recipe, [f"run.out_dir={tmp_path}", *small, "teacher.train.lr=0.2"]),
+                   source=str(recipe), progress=False)
+    assert "teacher, label, select, student: inputs changed or forced" in capsys.readouterr().out
+    assert completed_stages(tmp_path) == {}
+    assert not (tmp_path / "student").exists() and not (tmp_path / "results.md").exists()

@@ -14,7 +14,8 @@ Stages, each a folder of ``<run.out_dir>`` with a ``stage.json`` marker written 
     tta_<stage>             multi-transform evaluation of a model on the test part (``evaluate.tta``)
 
 A stage whose marker exists and whose inputs (the recipe sections it reads, hashed) are unchanged is skipped;
-``force`` redoes a stage and every stage after it. An interrupted stage resumes from its own checkpoints or shards.
+``force`` redoes a stage and every stage after it. Before any stage runs, the finished stages that will be redone
+are removed, with the results files. An interrupted stage resumes from its own checkpoints or shards.
 The results table, ``results.json`` and ``report.html`` are rewritten at the end of every run.
 """
 from __future__ import annotations
@@ -187,22 +188,18 @@ class Runner:
     def execute(self) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         save_config(with_defaults(self.cfg, self.registry), self.out)
+        keys = [_digest({**self._inputs(st), "data files": self.data_key}) for st in self.stages]  # a changed file
+        self._remove_stale(keys)                                                              # re-runs a stage
         for i, stage in enumerate(self.stages):
             folder = self.out / stage.name
             marker = folder / "stage.json"
-            key = _digest({**self._inputs(stage), "data files": self.data_key})  # a changed file re-runs it
-            forced = self.force_from is not None and i >= self.force_from
-            if marker.is_file() and not forced:
-                done = json.loads(marker.read_text())
-                if done.get("inputs") == key:
-                    log.info("stage %s: complete, skipped (--force %s to redo)", stage.name, stage.name)
-                    print(f"[ddkit run] {stage.name}: done earlier, skipped")
-                    self.results[stage.name] = done["result"]
-                    continue
-            if forced and folder.exists():
+            if marker.is_file():
+                log.info("stage %s: complete, skipped (--force %s to redo)", stage.name, stage.name)
+                print(f"[ddkit run] {stage.name}: done earlier, skipped")
+                self.results[stage.name] = json.loads(marker.read_text())["result"]
+                continue
+            if self._forced(i) and folder.exists():
                 shutil.rmtree(folder)  # redo from scratch, not resume
-            elif marker.is_file():  # inputs changed: the old outputs are stale
-                shutil.rmtree(folder)
             print(f"[ddkit run] {stage.name}: running")
             t0 = time.perf_counter()
             try:
@@ -212,8 +209,26 @@ class Runner:
                 raise
             result["seconds"] = round(time.perf_counter() - t0, 2)
             self.results[stage.name] = result
-            atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
+            atomic_write_json(marker, {"stage": stage.name, "inputs": keys[i], "result": result})
         return self._write_results()
+
+    def _forced(self, index: int) -> bool:
+        return self.force_from is not None and index >= self.force_from
+
+    def _remove_stale(self, keys: Sequence[str]) -> None:
+        """Before any stage runs, remove every finished stage whose inputs changed (or that is forced), and the
+        results that describe them: an interrupted run then leaves no stale model for ``export`` / ``predict`` to
+        find, nor a table of stages that no longer exist in this form."""
+        stale = []
+        for i, stage in enumerate(self.stages):
+            marker = self.out / stage.name / "stage.json"
+            if marker.is_file() and (self._forced(i) or json.loads(marker.read_text()).get("inputs") != keys[i]):
+                stale.append(stage.name)
+                shutil.rmtree(marker.parent)
+        if stale:
+            print(f"[ddkit run] {', '.join(stale)}: inputs changed or forced; their old outputs were removed")
+            for name in ("results.json", "results.md", "report.html"):
+                (self.out / name).unlink(missing_ok=True)
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
         """The recipe sections a stage reads, less the keys it ignores: what its digest hashes."""
