@@ -152,6 +152,23 @@ def test_bad_recipes_fail_before_any_work(tmp_path, recipe):
         Runner(dotted)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("label.images={tmp}/none", r"label.images: .*none is not a folder"),
+    ("label.images={tmp}", r"label: nothing to label, .* holds no images"),
+    ("student.train.ratio=[6]", r"student.train.ratio \[6\] needs an entry for each of the student's two sources"),
+    ("student.model={{name: timm, model_name: resnt18}}", r"student.model: unknown timm model 'resnt18'"),
+    ("teacher.model={{name: timm, model_name: resnt18}}", r"teacher.model: unknown timm model 'resnt18'"),
+])
+def test_what_a_later_stage_reads_is_checked_before_anything_is_written(tmp_path, recipe, override, message):
+    """The teacher would train for nothing: the unlabeled images, the mixing ratio and the models are checked
+    first, and the run folder is not created."""
+    out = tmp_path / "out"
+    cfg = load_config(recipe, [f"run.out_dir={out}", override.format(tmp=tmp_path)])
+    with pytest.raises(ConfigError, match=message):
+        Runner(cfg)
+    assert not out.exists()
+
+
 def test_cli_prints_the_results_table(first_run, recipe):
     proc = subprocess.run([sys.executable, "-m", "ddkit", "run", str(recipe), "--no-progress"],
                           capture_output=True, text=True)

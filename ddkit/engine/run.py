@@ -36,7 +36,8 @@ from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
-from ddkit.engine.label import LABEL_STAGE_KEYS, ShardedLabels, label_dataset, label_stage, select_stage
+from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, label_dataset, label_stage, make_source,
+                               parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
@@ -107,6 +108,7 @@ class Runner:
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
         if self.splits.test is None:
             raise ConfigError(f"{source}: data.split needs a test part (e.g. test: 0.2) to measure the results")
+        self._check_later_stages()
         self.data_key = self._data_fingerprint()
         self.stages = self._plan()
         unknown = [s for s in force if s not in {st.name for st in self.stages}]
@@ -115,6 +117,31 @@ class Runner:
                               f"{', '.join(st.name for st in self.stages)}")
         self.force_from = min((i for i, st in enumerate(self.stages) if st.name in force), default=None)
         self.results: dict[str, dict[str, Any]] = {}
+
+    def _check_later_stages(self) -> None:
+        """What a later stage would otherwise find wrong only after the teacher has trained: the unlabeled images,
+        the student's mixing ratio and every model block (built once here, so a bad one fails now)."""
+        if self.label_cfg is not None:
+            try:  # the label stage's own reader: the folder or COCO file named, or the unlabeled part
+                source = make_source(parse_label_config(self.label_cfg), self.splits.unlabeled, self.splits.info)
+            except ConfigError as err:
+                raise ConfigError(f"{self.source}: {err}") from None
+            if len(source) == 0:
+                where = source.describe().get("file") or source.describe().get("root") or "the unlabeled part"
+                raise ConfigError(f"{self.source}: label: nothing to label, {where} holds no images")
+            ratio = (self.student_cfg.get("train") or {}).get("ratio")
+            if ratio is not None and len(ratio) < 2:
+                raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} needs an entry for each of the "
+                                  f"student's two sources, labeled and pseudo-labeled (e.g. [6, 4])")
+        blocks = {"student": (self.student_cfg or {}).get("model")}
+        if not self.teacher_cfg.get("checkpoint"):
+            blocks["teacher"] = self.teacher_cfg.get("model")
+        for section, model_cfg in blocks.items():
+            if model_cfg is not None:
+                try:
+                    self.task.build_model(model_cfg, self.splits.info)
+                except ConfigError as err:
+                    raise ConfigError(f"{self.source}: {section}.model: {err}") from None
 
     def _data_fingerprint(self) -> dict[str, str]:
         """What every stage reads from the data: each part's targets and image files (path, size, mtime),
@@ -311,9 +338,6 @@ class Runner:
     def _label(self, teacher_stages: list[str], sfx: str) -> dict[str, Any]:
         """Label the unlabeled part into shards (``label{sfx}/shards``) with the models of ``teacher_stages``
         (several: their predictions of every view are ensembled); the select stage writes the rest."""
-        if self.splits.unlabeled is None and not (self.label_cfg.get("images") or self.label_cfg.get("coco")):
-            raise ConfigError(f"{self.source}: data distillation needs unlabeled images: label.images (a folder), "
-                              f"label.coco (a COCO json) or an unlabeled part in data")
         paths = [self._model_path(st) for st in teacher_stages]
         teachers = [load_model(p, device=self.device, registry=self.registry)[1] for p in paths]
         out = self.out / f"label{sfx}"
