@@ -120,14 +120,27 @@ class YoloAdapter(nn.Module):
                 if "keypoints" not in t:
                     raise DataError(f"image {t.get('image_id')}: a YOLO pose model needs keypoint targets (task "
                                     "keypoints); for boxes only use a detection cfg such as yolov8n.yaml")
-                k = t["keypoints"].float().reshape(len(b), -1, 3).clone()
-                k[..., 0] *= ratios[i, 0].item() / w
-                k[..., 1] *= ratios[i, 1].item() / h
-                kps.append(k[..., : self.kpt_shape[1]])
+                kps.append(self._keypoint_targets(t, len(b), ratios[i], canvas))
         out = {"batch_idx": torch.cat(idx), "cls": torch.cat(cls), "bboxes": torch.cat(boxes)}
         if self.kpt_shape is not None:
             out["keypoints"] = torch.cat(kps)
         return out
+
+    def _keypoint_targets(self, t: dict[str, Tensor], n: int, ratio: Tensor, canvas: tuple[int, int]) -> Tensor:
+        """One image's ``keypoints [n, K, 3]`` (input pixels) -> ``[n, K, d]`` normalised to the canvas, with ``(K,
+        d)`` the network's ``kpt_shape``. The shape is the model's, not inferred from the tensor: an image without
+        instances (a background image, or an unlabeled one that got no pseudo-labels) has ``0`` keypoint values,
+        and Ultralytics' criterion then takes ``[0, K, d]``."""
+        h, w = canvas
+        nk, dims = self.kpt_shape
+        kp = t["keypoints"].float()
+        if kp.numel() != n * nk * 3:
+            raise DataError(f"image {t.get('image_id')}: keypoints of shape {tuple(kp.shape)} for {n} instances; "
+                            f"the YOLO pose model expects [{n}, {nk}, 3] (x, y, visibility)")
+        k = kp.reshape(n, nk, 3).clone()
+        k[..., 0] *= ratio[0].item() / w
+        k[..., 1] *= ratio[1].item() / h
+        return k[..., :dims]
 
     # ----------------------------------------------------------------------------------------- inference
     def _eval_batch(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -154,7 +167,7 @@ class YoloAdapter(nn.Module):
                "labels": det[:, 5].long() + 1}
         if self.kpt_shape is not None:
             k, d = self.kpt_shape
-            kp = det[:, 6:6 + k * d].reshape(-1, k, d)
+            kp = det[:, 6:6 + k * d].reshape(len(det), k, d)  # [0, K, d] when nothing is detected
             if d == 2:
                 kp = torch.cat([kp, torch.ones_like(kp[..., :1])], -1)
             out["keypoints"] = keypoints_from_canvas(kp, ratio, size)

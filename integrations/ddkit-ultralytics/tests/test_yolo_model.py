@@ -160,3 +160,31 @@ def test_other_families_train_and_predict(cfg, coco8, coco8_pose):
     assert preds[0].image_size == tuple(data[2][0].shape[-2:])
     if pose:
         assert preds[0].keypoints.shape[1:] == (17, 3)
+
+
+def _without_instances(target: dict) -> dict:
+    """An image with no people: an empty YOLO label file (or no pseudo-labels), keypoints ``[0, K, 3]``."""
+    return {k: v[:0] if isinstance(v, torch.Tensor) else v for k, v in target.items()}
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n-pose.yaml", "yolo26n-pose.yaml"])
+@pytest.mark.parametrize("empty", [(0,), (0, 1)])
+def test_pose_batch_with_images_without_people_trains(cfg, empty, coco8_pose):
+    """Background images in a pose batch (Ultralytics trains on them too): finite losses and gradients, and the
+    targets are Ultralytics' own for such a batch (no rows for the empty image, keypoints ``[M, K, 3]``)."""
+    task = ddkit.build("tasks", "keypoints")
+    torch.manual_seed(0)
+    model = task.build_model({**TINY_POSE, "cfg": cfg}, coco8_pose.info).train()
+    items = [coco8_pose[i] for i in range(2)]
+    items = [(im, _without_instances(t) if i in empty else t) for i, (im, t) in enumerate(items)]
+    batch = task.collate(items)
+    losses = task.training_forward(model, batch).losses
+    total = sum(losses.values())
+    assert torch.isfinite(total) and total.requires_grad
+    total.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
+    labels = model._ultralytics_targets([t for _, t in items], torch.ones(2, 2), (64, 64), torch.device("cpu"))
+    n = sum(len(t["boxes"]) for _, t in items)
+    assert labels["keypoints"].shape == (n, 17, 3) and labels["bboxes"].shape == (n, 4)
+    assert labels["batch_idx"].tolist() == [float(i) for i, (_, t) in enumerate(items) for _ in t["boxes"]]
