@@ -178,8 +178,26 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def save_config(cfg: DictConfig, run_dir: str | Path, name: str = "config.yaml") -> Path:
-    """Write the resolved recipe into the run folder (atomically)."""
-    return atomic_write_text(Path(run_dir) / name, to_yaml(cfg))
+    """Write the resolved recipe into the run folder (atomically), relative paths of existing files and folders
+    made absolute (see :func:`absolute_paths`), so that ``ddkit eval RUN`` works from any directory."""
+    return atomic_write_text(Path(run_dir) / name, to_yaml(OmegaConf.create(absolute_paths(cfg))))
+
+
+def absolute_paths(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg`` resolved into plain types, each string value that names an existing file or folder by a relative
+    path (one with a ``/`` or a suffix: ``root: ../data/coco8``, ``annotations: train.json``) made absolute.
+    Strategy names (``name`` keys) and strings that name nothing on disk stay as they are."""
+    def absolute(node: Any, key: Any = None) -> Any:
+        if isinstance(node, dict):
+            return {k: absolute(v, k) for k, v in node.items()}
+        if isinstance(node, list):
+            return [absolute(v, key) for v in node]
+        if isinstance(node, str) and key != "name" and ("/" in node or Path(node).suffix) \
+                and not Path(node).is_absolute() and Path(node).exists():
+            return str(Path(node).resolve())
+        return node
+
+    return absolute(OmegaConf.to_container(cfg, resolve=True))
 
 
 def _first_line(err: Exception) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from ddkit import ConfigError, get_registry
 from ddkit.cli import main
@@ -147,3 +148,24 @@ def test_an_override_under_an_interpolated_block_changes_that_block_only(tmp_pat
     untouched = "train" if block == "model" else "model"
     assert cfg.student[untouched] == cfg.teacher[untouched]
 
+
+
+def test_a_saved_recipe_names_existing_files_by_absolute_paths(tmp_path, monkeypatch):
+    """The run folder's config.yaml works from any directory: relative paths of files and folders that exist
+    become absolute; strategy names and strings that are not paths stay."""
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "train.json").write_text("{}")
+    (tmp_path / "coco8").mkdir()  # a folder named like a dataset: a bare name is not taken for it
+    monkeypatch.chdir(tmp_path)
+    dataset = {"name": "coco8", "root": "data/images", "annotations": "data/train.json", "missing": "data/none.json",
+               "split": "train"}
+    cfg = OmegaConf.create({"data": {"dataset": dataset},
+                            "label": {"transforms": [{"name": "identity"}], "images": "./data/images"}})
+    save_config(cfg, tmp_path / "run")
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    ds = saved["data"]["dataset"]
+    assert ds["root"] == str(tmp_path / "data" / "images")
+    assert ds["annotations"] == str(tmp_path / "data" / "train.json")
+    assert saved["label"]["images"] == str(tmp_path / "data" / "images")
+    assert ds["name"] == "coco8" and ds["missing"] == "data/none.json" and ds["split"] == "train"
+    assert saved["label"]["transforms"] == [{"name": "identity"}]

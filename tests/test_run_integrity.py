@@ -110,3 +110,24 @@ def test_a_changed_image_file_reruns_the_stages_that_read_it(tmp_path, capsys):
     assert main(["run", str(recipe), "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "teacher: running" in out and "skipped" not in out
+
+
+def test_unreadable_unlabeled_images_are_said_on_the_console_and_in_the_results(tmp_path, capsys):
+    from PIL import Image
+
+    images = tmp_path / "unlabeled"
+    images.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(12):
+        pixels = (torch.rand(8, 8, generator=g) * 255).byte().numpy()
+        Image.fromarray(pixels, mode="L").save(images / f"{i:02d}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    path = _recipe(tmp_path)
+    cfg = load_config(path, [f"label.images={images}", "label.selector={name: score_threshold, threshold: 0.0}",
+                             "kd=null", "evaluate.tta=false", "baselines.fully_labeled=false"])
+    run_recipe(cfg, source=str(path), progress=False)
+    printed = capsys.readouterr().out
+    assert "select: 1 unlabeled image(s) could not be read and were skipped" in printed
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert any("1 unlabeled image(s) could not be read" in w for w in summary["warnings"])
+    assert "1 unlabeled image(s) could not be read" in (tmp_path / "out" / "results.md").read_text()

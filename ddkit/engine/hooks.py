@@ -31,6 +31,11 @@ from ddkit.io import atomic_write_text
 log = logging.getLogger("ddkit.train")
 
 
+
+def _rate(per_s: float) -> str:
+    """Samples per second for the log: whole numbers, but two digits below 10 (a slow CPU step is not "0")."""
+    return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+
 class TrainingDiverged(DDKitError):
     """The loss became NaN or infinite."""
 
@@ -210,7 +215,7 @@ class LogHook(HookBase):
                 self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.3g}")
             self.runlog(f"it {done}/{t.total}  lr {rec['lr']:.4g}  loss {rec['loss']:.4f}  ("
                         + ", ".join(f"{k} {v:.4f}" for k, v in means.items())
-                        + f")  {rec['samples_per_s']:.0f} samples/s", echo=self.bar is None)
+                        + f")  {_rate(rec['samples_per_s'])} samples/s", echo=self.bar is None)
         self.window, self.n, self.t_window, self.samples_seen = {}, 0, now, 0
 
     def close(self) -> None:
@@ -271,7 +276,8 @@ class CheckpointHook(HookBase):
         t = self.trainer
         if t.is_main and t.iter > t.start:
             self.save(t.iter)
-            self.runlog(f"interrupted at iteration {t.iter}; checkpoint written, resume with --resume")
+            self.runlog(f"interrupted at iteration {t.iter}; checkpoint written: re-run the same `ddkit run` "
+                        f"command, or `ddkit train` with --resume, to resume")
 
     def after_train(self) -> None:
         t = self.trainer

@@ -272,7 +272,7 @@ class Runner:
         summary = self.summarize()
         if stopped:
             summary["stopped"] = stopped
-        warnings = list(self.splits.warnings)
+        warnings = list(self.splits.warnings) + [r["warning"] for r in self.results.values() if r.get("warning")]
         if self.splits.info.extra.get(SIGMAS_DEFAULT):  # keypoint AP with guessed OKS sigmas is only indicative
             warnings.append(self.splits.info.extra[SIGMAS_DEFAULT])
         if warnings:
@@ -356,6 +356,11 @@ class Runner:
         res = select_stage(sharded, self.task, self.splits.info, self.splits.labeled, self.label_cfg,
                            self.out / f"label{sfx}", registry=self.registry)
         out = {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality}
+        skipped = res.summary["images"]["skipped"]
+        if skipped:  # said on the console and at the head of the results, not only in the label folder's files
+            out["warning"] = f"select{sfx}: {skipped} unlabeled image(s) could not be read and were skipped " \
+                             f"(see {res.skipped_path})"
+            print(f"[ddkit run] {out['warning']}")
         if res.yolo_path is not None:
             out["yolo_dataset"] = str(res.yolo_path)
         return out
