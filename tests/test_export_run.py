@@ -12,7 +12,7 @@ from ddkit.cli import main
 from ddkit.config import load_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.run import run_recipe
-from ddkit.engine.run_folder import final_student
+from ddkit.engine.run_folder import final_student, stage_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -97,3 +97,25 @@ def test_a_run_without_one_final_student_asks_for_a_stage(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "several KD students" in err
+
+
+def test_a_copied_run_folder_uses_its_own_models(tmp_path):
+    """stage.json records absolute paths; a copy of the run (or a moved one) must not read the original's files."""
+    import shutil
+
+    original = tmp_path / "run"
+    (original / "student").mkdir(parents=True)
+    (original / "student" / "model.pt").write_bytes(b"original")
+    (original / "student" / "stage.json").write_text(json.dumps(
+        {"stage": "student", "result": {"model": str((original / "student" / "model.pt").resolve())}}))
+    outside = tmp_path / "elsewhere" / "teacher.pt"  # teacher.checkpoint: recorded, not in the run folder
+    outside.parent.mkdir()
+    outside.write_bytes(b"teacher")
+    (original / "teacher").mkdir()
+    (original / "teacher" / "stage.json").write_text(
+        json.dumps({"stage": "teacher", "result": {"model": str(outside)}}))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    (copy / "student" / "model.pt").write_bytes(b"copy")
+    assert final_student(copy)[0].read_bytes() == b"copy"
+    assert stage_model(copy, "teacher") == outside

@@ -35,11 +35,15 @@ def is_run_folder(path: str | Path) -> bool:
 
 
 def stage_model(run_dir: str | Path, stage: str) -> Path:
-    """The model file of a completed stage (its ``result["model"]``, else the stage folder's own files)."""
+    """The model file of a completed stage: the file of its ``result["model"]`` in this stage folder (so a copied
+    or moved run folder uses its own copy, not the original's), else that recorded path (a teacher given by
+    ``teacher.checkpoint`` lives outside the run), else the stage folder's own files."""
     result = completed_stages(run_dir).get(stage)
     if result is None:
         raise ConfigError(f"{run_dir}: no completed stage {stage!r}")
     model = result.get("model")
+    if model and (Path(run_dir) / stage / Path(model).name).is_file():
+        return Path(run_dir) / stage / Path(model).name
     if model and Path(model).is_file():
         return Path(model)
     return resolve_checkpoint(Path(run_dir) / stage)
