@@ -182,6 +182,103 @@ def test_predict_tta_of_a_classifier_is_the_labelling_ensemble(digits_run, tmp_p
     assert main(["predict", str(run), str(images), "--format", "yolo", "-o", str(tmp_path / "q")]) == 2
 
 
+def test_predict_one_image_file(detector, tmp_path, capsys):
+    """IMAGES may be one image file (as ``yolo predict source=img.jpg``): image id 0, file name its name."""
+    image = DATA / "coco8" / "images" / "val" / "000000000042.jpg"
+    assert main(["predict", str(detector), str(image), "-o", str(tmp_path / "p")]) == 0
+    index = json.loads((tmp_path / "p" / "images.json").read_text())
+    task, model, _ = load_model(detector)
+    x = read_image(image)
+    assert index["images"] == [{"id": 0, "file_name": image.name, "height": x.shape[-2], "width": x.shape[-1]}]
+    inst = task.predict(model, [x])[0]
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert len(results) == len(inst) > 0 and {r["image_id"] for r in results} == {0}
+    assert torch.allclose(torch.tensor([r["bbox"][:2] for r in results]), inst.boxes[:, :2], atol=1e-3)
+    assert main(["predict", str(detector), str(image), "--format", "yolo", "-o", str(tmp_path / "y")]) == 0
+    assert len((tmp_path / "y" / "labels" / "000000000042.txt").read_text().splitlines()) == len(inst)
+    capsys.readouterr()
+    assert main(["predict", str(detector), str(DATA / "coco8" / "coco8.yaml"), "-o", str(tmp_path / "q")]) == 2
+    assert "neither an image file" in capsys.readouterr().err
+
+
+def _coco_of(root: Path, path: Path, info, records: list[tuple[int, str]]) -> Path:
+    """A COCO file (images only) of ``(id, file_name under root)``; a missing file gets a made-up size."""
+    from PIL import Image
+
+    images = []
+    for image_id, name in records:
+        w, h = Image.open(root / name).size if (root / name).is_file() else (10, 10)
+        images.append({"id": image_id, "file_name": name, "width": w, "height": h})
+    path.write_text(json.dumps({"images": images, "categories": info.categories}))
+    return path
+
+
+def test_predict_coco_images_carry_the_coco_files_ids(detector, digits_run, tmp_path, capsys):
+    """``--coco``: the COCO file's images (file names under IMAGES) and ids, so ``ddkit fuse --images`` takes the
+    results; an image missing under IMAGES is skipped and named; boxes, keypoints, YOLO txt and labels all work."""
+    root = DATA / "coco8" / "images"
+    task, model, info = load_model(detector)
+    coco = _coco_of(root, tmp_path / "coco.json", info, [(42, "val/000000000042.jpg"), (7, "val/000000000036.jpg"),
+                                           (99, "val/missing.jpg")])
+    assert main(["predict", str(detector), str(root), "--coco", str(coco), "-o", str(tmp_path / "p")]) == 0
+    assert "skipped 1 unreadable or missing image(s): val/missing.jpg (not found under" in capsys.readouterr().out
+    index = json.loads((tmp_path / "p" / "images.json").read_text())
+    assert [(im["id"], im["file_name"]) for im in index["images"]] == [(42, "val/000000000042.jpg"),
+                                                                       (7, "val/000000000036.jpg")]
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    for im in index["images"]:
+        inst = task.predict(model, [read_image(root / im["file_name"])])[0]
+        assert len([r for r in results if r["image_id"] == im["id"]]) == len(inst) > 0
+    pred = str(tmp_path / "p" / "predictions.json")
+    assert main(["fuse", pred, pred, "--images", str(coco), "-o", str(tmp_path / "fused.json")]) == 0
+    assert {r["image_id"] for r in json.loads((tmp_path / "fused.json").read_text())} == {42, 7}
+    assert main(["predict", str(detector), str(root), "--coco", str(coco), "--format", "yolo",
+                 "-o", str(tmp_path / "y")]) == 0
+    assert sorted(p.name for p in (tmp_path / "y" / "labels" / "val").glob("*.txt")) == \
+        ["000000000036.txt", "000000000042.txt"]
+
+    torch.manual_seed(0)  # keypoints: the results carry the ids too
+    pose_info = _yolo("coco8-pose").info
+    pose = save_model(ddkit.build("tasks", "keypoints").build_model(
+        {"name": "keypointrcnn", **TINY, "keypoint_head": [8]}, pose_info), tmp_path / "pose.pt")
+    pose_root = DATA / "coco8-pose" / "images"
+    pose_coco = _coco_of(pose_root, tmp_path / "pose.json", pose_info, [(5, "val/000000000113.jpg")])
+    assert main(["predict", str(pose), str(pose_root), "--coco", str(pose_coco), "-o", str(tmp_path / "k")]) == 0
+    kps = json.loads((tmp_path / "k" / "predictions.json").read_text())
+    assert kps and {r["image_id"] for r in kps} == {5} and all(len(r["keypoints"]) == 17 * 3 for r in kps)
+
+    _, run = digits_run  # a classifier: one label per COCO image, with its id
+    assert main(["predict", str(run), str(root), "--coco", str(coco), "-o", str(tmp_path / "c")]) == 0
+    labels = json.loads((tmp_path / "c" / "predictions.json").read_text())
+    assert [(r["image_id"], r["file_name"]) for r in labels] == [(42, "val/000000000042.jpg"),
+                                                                 (7, "val/000000000036.jpg")]
+    capsys.readouterr()
+    assert main(["predict", str(detector), str(root), "--coco", str(tmp_path / "nope.json"), "-o", "x"]) == 2
+    assert "--coco" in capsys.readouterr().err
+
+
+def test_predict_tta_of_a_run_uses_the_recipes_views_as_eval_does(digits_run, tmp_path, capsys):
+    """A run folder (or one of its stage folders): ``--tta`` takes the recipe's label views and aggregator, as
+    ``ddkit eval RUN --tta``; a bare model file keeps the image and its mirror."""
+    _, run = digits_run
+    images = DATA / "coco8" / "images" / "val"
+    assert main(["eval", str(run), "--tta", "-o", str(tmp_path / "e.json")]) == 0
+    views = [v["name"] for v in json.loads((tmp_path / "e.json").read_text())["tta"]["views"]]
+    assert views == ["identity", "translate"]
+    capsys.readouterr()
+    assert main(["predict", str(run), str(images), "--tta", "-o", str(tmp_path / "p")]) == 0
+    assert "2 views (identity, translate" in capsys.readouterr().out
+    explicit = ["--transforms", "[{name: identity}, {name: translate, shifts: [[1, 0]]}]",
+                "--aggregator", "{name: prob_mean}"]
+    assert main(["predict", str(run), str(images), "--tta", *explicit, "-o", str(tmp_path / "q")]) == 0
+    ours = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    assert ours == json.loads((tmp_path / "q" / "predictions.json").read_text())
+    assert main(["predict", str(run / "teacher"), str(images), "--tta", "-o", str(tmp_path / "s")]) == 0
+    assert "2 views (identity, translate" in capsys.readouterr().out
+    assert main(["predict", str(run / "student" / "model.pt"), str(images), "--tta", "-o", str(tmp_path / "m")]) == 0
+    assert "2 views (identity, hflip)" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------- end to end
 COCO8_RECIPE = """
 run: {{name: coco8, out_dir: "{out}", seed: 0, device: cpu}}

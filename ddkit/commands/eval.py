@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ddkit.errors import ConfigError
 
@@ -37,6 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", help="eval.json path (default: beside the model's run folder)")
 
 
+def saved_recipe(folder: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, str | None]:
+    """``(recipe, its file)`` that a `ddkit run` folder saved (``config.yaml``), for the run folder or one of its
+    stage folders (``ddkit predict`` takes either); ``(None, None)`` for anything else."""
+    from ddkit.config import load_config
+    from ddkit.engine.run_folder import is_run_folder
+
+    folder = Path(folder)
+    run_dir = next((d for d in (folder, folder.parent) if folder.is_dir() and is_run_folder(d)), None)
+    saved = run_dir / "config.yaml" if run_dir is not None else None
+    if saved is None or not saved.is_file():
+        return None, None
+    return load_config(saved, overrides), str(saved)
+
+
 def _recipe_and_default_model(args: argparse.Namespace) -> tuple[Any, str | None, Path | None, str]:
     """``(recipe or None, its source, the run folder whose final student is the default model, what it is)``."""
     from ddkit.config import load_config
@@ -48,9 +62,7 @@ def _recipe_and_default_model(args: argparse.Namespace) -> tuple[Any, str | None
         out = Path((cfg.get("run") or {}).get("out_dir") or f"runs/{(cfg.get('run') or {}).get('name') or 'ddkit'}")
         return cfg, str(target), out, "recipe"
     if is_run_folder(target):
-        saved = target / "config.yaml"
-        cfg = load_config(saved, args.overrides) if saved.is_file() else None
-        return cfg, str(saved) if cfg is not None else None, target, "run"
+        return *saved_recipe(target, args.overrides), target, "run"
     if args.checkpoint:
         raise ConfigError(f"{target}: neither a recipe (.yaml) nor a `ddkit run` folder; with --checkpoint, "
                            "pass the recipe or run folder whose data to use")
@@ -103,7 +115,9 @@ def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[An
     return part[split], f"{source}: data, split {split}"
 
 
-def _strategies(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> tuple[Any, dict[str, Any] | None]:
+def tta_from_args(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> tuple[Any, dict[str, Any] | None]:
+    """``(strategies, block)`` of ``--tta`` (``None, None`` without it): ``--transforms`` / ``--aggregator``, else
+    the recipe ``cfg``'s (see :func:`ddkit.engine.evaluate.tta_block`); shared with ``ddkit predict``."""
     if not args.tta:
         return None, None
     import yaml
@@ -131,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     task, model, info = load_model(path, device=device)
     dataset, data_what = _dataset(args, cfg, source)
     check_same_classes(info, get_info(dataset), str(path), data_what)
-    strategies, block = _strategies(args, task, info, cfg)
+    strategies, block = tta_from_args(args, task, info, cfg)
     print(f"evaluating {what} on {data_what} ({len(dataset)} items)")
     rows = {"1 view": evaluate_dataset(Predictor(task, model, info, device=device), dataset, args.batch_size)}
     if strategies is not None:

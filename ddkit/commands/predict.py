@@ -1,8 +1,13 @@
-"""``ddkit predict CHECKPOINT IMAGES [--tta] [--format coco|yolo] -o OUT``: predictions for a folder of images.
+"""``ddkit predict CHECKPOINT IMAGES [--coco FILE.json] [--tta] [--format coco|yolo] -o OUT``: predictions for an
+image or a folder of images.
 
-``CHECKPOINT`` is a model file, a stage folder or a `ddkit run` folder (its final student). With ``--tta`` the
-views and aggregator are the labelling engine's (``--transforms`` / ``--aggregator``, default: the image and its
-mirror). Output in ``OUT``:
+``CHECKPOINT`` is a model file, a stage folder or a `ddkit run` folder (its final student). ``IMAGES`` is one image
+file (image id 0) or a folder searched recursively (ids ``0..N-1`` in path order); with ``--coco FILE.json`` the
+images are that COCO file's, its ``file_name`` values relative to the folder ``IMAGES``, and the results carry its
+image ids (to evaluate against, or ``ddkit fuse --images FILE.json`` with, that file). With ``--tta`` the views and
+aggregator are the labelling engine's: ``--transforms`` / ``--aggregator``, else, for a run folder or one of its
+stage folders, the run's recipe (``evaluate`` then ``label`` section) as ``ddkit eval RUN --tta`` uses, else the
+image and its mirror. Output in ``OUT``:
 
 * ``coco`` (default): ``predictions.json``, COCO results (``image_id, category_id, bbox [x, y, w, h], score``,
   ``keypoints``), and ``images.json`` (``images`` with ids and file names, ``categories``); a classifier writes
@@ -10,7 +15,7 @@ mirror). Output in ``OUT``:
 * ``yolo``: ``labels/<image>.txt`` as Ultralytics' ``save_txt`` with ``save_conf``: ``class cx cy w h`` normalised,
   for pose then ``x y conf`` per keypoint, then the score; ``data.yaml`` gives the class names (and ``kpt_shape``).
 
-Unreadable images are skipped and named.
+Unreadable images, and images of the COCO file missing under ``IMAGES``, are skipped and named.
 """
 from __future__ import annotations
 
@@ -20,15 +25,20 @@ from typing import Any
 
 from ddkit.errors import ConfigError
 
-HELP = "predict on a folder of images (plain or multi-transform) as COCO results or YOLO txt files"
+HELP = "predict on an image, a folder or a COCO file's images (plain or multi-transform) as COCO results or YOLO txt"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a model file, a stage folder, or a `ddkit run` folder (final student)")
-    parser.add_argument("images", help="a folder of images (searched recursively)")
+    parser.add_argument("images", help="an image file, or a folder of images (searched recursively; with --coco, "
+                                        "the folder its file_name values are relative to)")
     parser.add_argument("-o", "--output", required=True, help="output folder")
+    parser.add_argument("--coco", metavar="FILE.json", help="predict the images of this COCO file, with its image "
+                                                             "ids (to evaluate or fuse the results against it)")
     parser.add_argument("--format", choices=("coco", "yolo"), default="coco")
-    parser.add_argument("--tta", action="store_true", help="multi-transform inference, as labelling does")
+    parser.add_argument("--tta", action="store_true", help="multi-transform inference, as labelling does (views: "
+                                                           "--transforms, else a run folder's recipe, else "
+                                                           "identity + hflip)")
     parser.add_argument("--transforms", help="TTA views as YAML, e.g. '[{name: identity}, {name: hflip}]'")
     parser.add_argument("--aggregator", help="TTA aggregator as YAML, e.g. '{name: wbf}'")
     parser.add_argument("--min-score", type=float, default=0.0, help="drop instances scored below this")
@@ -61,11 +71,11 @@ def _yolo_line(inst: Any, j: int, cls: int, h: int, w: int) -> str:
 class _Writer:
     """Collects one image's predictions at a time and writes the chosen format at the end."""
 
-    def __init__(self, out: Path, fmt: str, info: Any, is_classifier: bool):
+    def __init__(self, out: Path, fmt: str, info: Any, is_classifier: bool, root: str | None = None):
         if fmt == "yolo" and is_classifier:  # the command's own choices, not a plugin name
             raise ConfigError("--format yolo writes boxes (and keypoints); a classifier's predictions are COCO-style "
                               "image labels: use --format coco")
-        self.out, self.fmt, self.info = out, fmt, info
+        self.out, self.fmt, self.info, self.root = out, fmt, info, root
         self.index = {int(c["id"]): k for k, c in enumerate(info.categories)}
         self.images: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
@@ -84,7 +94,12 @@ class _Writer:
             self.results += keypoint_results(image_id, inst)
             return
         lines = [_yolo_line(inst, j, self.index[int(inst.labels[j])], h, w) for j in range(len(inst))]
-        atomic_write_text(self.out / "labels" / Path(file_name).with_suffix(".txt"), "".join(f"{s}\n" for s in lines))
+        name = Path(file_name)
+        if name.is_absolute():  # a COCO file_name may be absolute (inside IMAGES): its path below IMAGES
+            resolved = name.resolve()
+            name = resolved.relative_to(self.root) if self.root and resolved.is_relative_to(self.root) else \
+                Path(*name.parts[1:])
+        atomic_write_text(self.out / "labels" / name.with_suffix(".txt"), "".join(f"{s}\n" for s in lines))
 
     def finish(self) -> list[Path]:
         import yaml
@@ -103,13 +118,62 @@ class _Writer:
         return [atomic_write_text(self.out / "data.yaml", yaml.safe_dump(data, sort_keys=False)), self.out / "labels"]
 
 
+def _source(args: argparse.Namespace, image_shape: Any) -> Any:
+    """The images to predict: ``--coco``'s (under the folder ``IMAGES``), one image file, or a folder's (the paths
+    were checked by :func:`_check_paths`)."""
+    from ddkit.engine.label import IMAGE_EXTENSIONS, CocoSource, FolderSource
+
+    images = Path(args.images)
+    if args.coco:
+        source = CocoSource(args.coco, images, image_shape)
+        if not len(source):
+            raise ConfigError(f"--coco {args.coco}: its 'images' list is empty")
+        return source
+    if images.is_file():
+        if images.suffix.lower() not in IMAGE_EXTENSIONS:
+            hint = "; a COCO file's images: IMAGES_FOLDER --coco FILE.json" if images.suffix.lower() == ".json" else ""
+            raise ConfigError(f"{images}: neither an image file ({' '.join(IMAGE_EXTENSIONS)}) nor a folder{hint}")
+        return FolderSource(images.parent, image_shape, files=[images.name])
+    source = FolderSource(images, image_shape)
+    if not len(source):
+        raise ConfigError(f"{images}: no image files in this folder")
+    return source
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """``IMAGES`` and ``--coco`` exist and fit together, before the model is read."""
+    if args.coco and not Path(args.coco).is_file():
+        raise ConfigError(f"--coco {args.coco}: no such file")
+    if not Path(args.images).exists():
+        raise ConfigError(f"{args.images}: no such image file or folder")
+    if args.coco and not Path(args.images).is_dir():
+        raise ConfigError(f"{args.images}: with --coco, IMAGES is the folder that the COCO file's file_name values "
+                          "are relative to")
+
+
+def _check_categories(source: Any, info: Any, coco: str) -> None:
+    """A note when ``--coco``'s categories (if any) are not the model's: the results use the model's ids."""
+    theirs = [(int(c["id"]), str(c.get("name"))) for c in getattr(source, "categories", None) or []]
+    ours = [(int(c["id"]), str(c.get("name"))) for c in info.categories]
+    if theirs and theirs != ours:
+        print(f"note: --coco {coco}: its categories {theirs[:4]}{'...' if len(theirs) > 4 else ''} are not the "
+              f"model's {ours[:4]}{'...' if len(ours) > 4 else ''}; the results' category_id are the model's")
+
+
+def _why(source: Any, item: Any) -> str:
+    root = getattr(source, "image_root", None)
+    if root is not None and not (Path(root) / item.file_name).is_file():
+        return f"{item.file_name} (not found under {root})"
+    return f"{item.file_name} ({item.reason})"
+
+
 def _predict_all(predictor: Any, source: Any, writer: _Writer, batch_size: int, min_score: float) -> list[str]:
-    """Predict every image of ``source`` in batches; returns the unreadable files with why."""
+    """Predict every image of ``source`` in batches; returns the unreadable or missing files with why."""
     skipped: list[str] = []
     n = len(source)
     for start in range(0, n, batch_size):
         items = [source.load(i) for i in range(start, min(n, start + batch_size))]
-        skipped += [f"{it.file_name} ({it.reason})" for it in items if it.image is None]
+        skipped += [_why(source, it) for it in items if it.image is None]
         items = [it for it in items if it.image is not None]
         if not items:
             continue
@@ -124,41 +188,42 @@ def _predict_all(predictor: Any, source: Any, writer: _Writer, batch_size: int, 
     return skipped
 
 
-def _strategies(args: argparse.Namespace, task: Any, info: Any) -> Any:
+def _strategies(args: argparse.Namespace, task: Any, info: Any) -> tuple[Any, str | None]:
+    """``(strategies, the run recipe they follow)`` of ``--tta`` as ``ddkit eval`` builds them; ``(None, None)``
+    without it."""
     if not args.tta:
-        return None
-    import yaml
+        return None, None
+    from ddkit.commands.eval import saved_recipe, tta_from_args
 
-    from ddkit.engine.evaluate import tta_block, tta_strategies
-
-    transforms = yaml.safe_load(args.transforms) if args.transforms else None
-    aggregator = yaml.safe_load(args.aggregator) if args.aggregator else None
-    return tta_strategies(task, info, tta_block(transforms, aggregator))
+    cfg, saved = saved_recipe(args.checkpoint)
+    return tta_from_args(args, task, info, cfg)[0], saved
 
 
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.checkpoint import load_model
     from ddkit.engine.evaluate import Predictor
-    from ddkit.engine.label import FolderSource
     from ddkit.runtime import resolve_device
 
-    if not Path(args.images).is_dir():
-        raise ConfigError(f"{args.images}: not a folder of images")
+    _check_paths(args)
     path, what = _model(args.checkpoint)
     device = resolve_device(args.device)
     task, model, info = load_model(path, device=device)
-    source = FolderSource(args.images, image_shape=info.extra.get("image_shape"))
-    if not len(source):
-        raise ConfigError(f"{args.images}: no image files in this folder")
-    strategies = _strategies(args, task, info)
+    source = _source(args, info.extra.get("image_shape"))
+    if args.coco:
+        _check_categories(source, info, args.coco)
+    strategies, recipe = _strategies(args, task, info)
     predictor = Predictor(task, model, info, strategies, device)
     out = Path(args.output)
-    writer = _Writer(out, args.format, info, predictor.gives_probs)
+    writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root)
     views = f"{len(strategies.views)} views ({', '.join(strategies.view_names)})" if strategies else "1 view"
-    print(f"predicting {len(source)} images of {args.images} with {what}, {views}")
+    views += f" as the recipe {recipe} sets" if recipe and not (args.transforms and args.aggregator) else ""
+    images = f"the {len(source)} image(s) of {args.coco} under {args.images}" if args.coco else \
+        f"{len(source)} image(s) of {args.images}"
+    print(f"predicting {images} with {what}, {views}")
     skipped = _predict_all(predictor, source, writer, args.batch_size, args.min_score)
     written = writer.finish()
     if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:5])}")
+        more = " ..." if len(skipped) > 5 else ""
+        print(f"skipped {len(skipped)} unreadable or missing image(s): {', '.join(skipped[:5])}{more}")
     print(f"wrote {', '.join(str(p) for p in written)} ({len(writer.images)} images)")
     return 0

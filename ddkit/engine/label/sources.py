@@ -65,15 +65,18 @@ def adapt_image(image: Tensor, shape: Sequence[int] | None) -> Tensor:
 
 class FolderSource(Source):
     """The image files under a folder (recursively, sorted by path); ids are positions ``0..N-1``. With
-    ``image_shape`` (a fixed-size classifier's input ``[C, H, W]``) images are converted to it."""
+    ``image_shape`` (a fixed-size classifier's input ``[C, H, W]``) images are converted to it; with ``files``
+    (paths relative to ``root``) those files only, in that order (``ddkit predict`` on one image file)."""
 
-    def __init__(self, root: str | Path, image_shape: Sequence[int] | None = None):
+    def __init__(self, root: str | Path, image_shape: Sequence[int] | None = None,
+                 files: Sequence[str] | None = None):
         self.image_shape = image_shape
         self.root = Path(root)
         if not self.root.is_dir():
             raise ConfigError(f"label.images: {self.root} is not a folder")
-        self.files = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
-                            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = [str(f) for f in files] if files is not None else sorted(
+            str(p.relative_to(self.root)) for p in self.root.rglob("*")
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         self.image_root = str(self.root.resolve())
 
     def __len__(self) -> int:
@@ -101,6 +104,7 @@ class CocoSource(Source):
         self.images = [{"id": int(im["id"]), "file_name": str(im["file_name"])} for im in coco.images]
         self.image_root = str(coco.image_root.resolve())
         self.anns = coco.annotations_by_image()
+        self.categories = coco.categories
         self.has_ground_truth = bool(coco.annotations)
 
     def __len__(self) -> int:
