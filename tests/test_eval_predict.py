@@ -114,14 +114,16 @@ def test_eval_a_checkpoint_on_a_yolo_folder(detector, tmp_path):
     assert set(record["metrics"]) >= {"AP", "AP50"} and record["items"] == 4
 
 
-def test_eval_refuses_a_dataset_of_other_classes(digits_run, capsys):
+def test_eval_refuses_a_dataset_of_other_classes(digits_run, tmp_path, capsys):
     _, run = digits_run
     with pytest.raises(ConfigError, match="categories .* are not the model's"):
         from ddkit.commands.eval import run as eval_run
         from ddkit.cli import build_parser
 
         eval_run(build_parser().parse_args(["eval", str(run), "--data", str(DATA / "coco8")]))
-    assert main(["eval", str(run / "student"), "--split", "test"]) == 2  # a checkpoint alone has no data
+    alone = tmp_path / "model.pt"  # a checkpoint outside any run folder has no data
+    alone.write_bytes((run / "student" / "model.pt").read_bytes())
+    assert main(["eval", str(alone), "--split", "test"]) == 2
     assert "pass --data" in capsys.readouterr().err
 
 
@@ -357,3 +359,14 @@ def test_data_on_the_command_line_is_a_dataset_block(tmp_path):
         dataset_block(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="needs a 'name'"):
         dataset_block("{annotations: x.json}")
+
+
+def test_eval_a_stage_folder_of_a_run_takes_the_runs_data_and_views(digits_run, tmp_path, capsys):
+    """``ddkit eval RUN/teacher`` is ``ddkit eval RUN --checkpoint RUN/teacher``: no --data needed."""
+    _, run = digits_run
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["eval", str(run / "teacher"), "--tta", "-o", str(a)]) == 0
+    assert "TTA (2 views: identity, translate" in capsys.readouterr().out
+    assert main(["eval", str(run), "--checkpoint", str(run / "teacher"), "--tta", "-o", str(b)]) == 0
+    first, second = json.loads(a.read_text()), json.loads(b.read_text())
+    assert first["metrics"] == second["metrics"] and first["tta"] == second["tta"] and first["items"] == second["items"]

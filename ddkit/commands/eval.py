@@ -5,7 +5,8 @@ Evaluates a trained model (teacher, student, exported) and prints the task's met
 recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writes ``eval.json``.
 
 * the model: ``--checkpoint`` (a file, a stage folder or a run folder), else a run folder's final student (the
-  folder given, or the recipe's ``run.out_dir``);
+  folder given, or the recipe's ``run.out_dir``), else the stage folder given (then the data and views are its
+  run's);
 * the data: ``--data`` (a COCO ``.json``, a YOLO folder, a folder of class folders, or a dataset block
   ``'{name: yolo, root: ..., split: val}'``), else the recipe's ``--split`` (default ``test``).
 """
@@ -63,6 +64,10 @@ def _recipe_and_default_model(args: argparse.Namespace) -> tuple[Any, str | None
         return cfg, str(target), out, "recipe"
     if is_run_folder(target):
         return *saved_recipe(target, args.overrides), target, "run"
+    if target.is_dir() and is_run_folder(target.parent) and not args.checkpoint:  # a stage of a run: its data
+        cfg, saved = saved_recipe(target, args.overrides)
+        if cfg is not None:
+            return cfg, saved, None, "checkpoint"
     if args.checkpoint:
         raise ConfigError(f"{target}: neither a recipe (.yaml) nor a `ddkit run` folder; with --checkpoint, "
                            "pass the recipe or run folder whose data to use")
