@@ -57,6 +57,8 @@ def test_defaults_are_written_out(capsys):
     assert cfg["task"] == {"name": "classification", "label_smoothing": 0.0}
     assert cfg["label"]["selector"]["name"] == "count_match" and len(cfg["label"]["selector"]) > 1
     assert cfg["run"]["device"] == "auto"
+    assert cfg["label"]["shard_size"] == 256 and cfg["label"]["format"] == "coco"  # the label section's own keys
+    assert cfg["label"]["batch_size"] == 256  # the recipe's own value wins
     # the filled recipe is itself valid and means the same
     again = with_defaults(load_config(DD), get_registry())
     validate_recipe(again, get_registry())

@@ -1,5 +1,5 @@
 """A recipe with every default written out: what ``ddkit config show --defaults`` prints and what every run saves
-as ``config.yaml`` (strategy parameters, the ``run`` section, each ``train`` block)."""
+as ``config.yaml`` (strategy parameters, the ``run`` section, each ``train`` block, the ``label`` section)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +9,7 @@ from typing import Any, Mapping
 from omegaconf import DictConfig, OmegaConf
 
 from ddkit.config import STRATEGY_SLOTS
+from ddkit.engine.label.config import parse_label_config
 from ddkit.engine.train_config import parse_train_config
 from ddkit.registry import Registry, _to_plain, parse_section
 
@@ -54,11 +55,15 @@ def _fill(node: Any, registry: Registry) -> Any:
 
 
 def with_defaults(cfg: DictConfig, registry: Registry) -> DictConfig:
-    """The recipe with every default written out: strategy parameters, ``run``, and each ``train`` block."""
+    """The recipe with every default written out: strategy parameters, ``run``, each ``train`` block and
+    ``label``."""
     plain = _fill(_to_plain(cfg), registry)
     if "run" in plain or "teacher" in plain or "student" in plain:
         plain["run"] = dataclasses.asdict(parse_section(RunConfig, plain.get("run"), "run"))
     for section in ("teacher", "student"):
         if isinstance(plain.get(section), dict):
             plain[section]["train"] = dataclasses.asdict(parse_train_config(plain[section].get("train")))
+    if isinstance(plain.get("label"), dict):  # its strategy blocks filled above; its own keys' defaults here
+        parsed = parse_label_config(plain["label"])
+        plain["label"] = {**{f.name: getattr(parsed, f.name) for f in dataclasses.fields(parsed)}, **plain["label"]}
     return OmegaConf.create(plain)
