@@ -127,7 +127,8 @@ class Runner:
             except ConfigError as err:
                 raise ConfigError(f"{self.source}: {err}") from None
             if len(source) == 0:
-                where = source.describe().get("file") or source.describe().get("root") or "the unlabeled part"
+                described = source.describe()
+                where = described.get("file") or described.get("root") or "the unlabeled part"
                 raise ConfigError(f"{self.source}: label: nothing to label, {where} holds no images")
             ratio = (self.student_cfg.get("train") or {}).get("ratio")
             if ratio is not None and len(ratio) < 2:
