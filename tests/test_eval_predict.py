@@ -15,8 +15,10 @@ from ddkit.cli import main
 from ddkit.config import load_config
 from ddkit.engine.checkpoint import load_model, save_model
 from ddkit.engine.data import build_data, read_image
+from ddkit.engine.evaluate import evaluate_dataset
 from ddkit.engine.label import adapt_image
 from ddkit.engine.run import run_recipe
+from ddkit.types import Instances
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -370,3 +372,93 @@ def test_eval_a_stage_folder_of_a_run_takes_the_runs_data_and_views(digits_run, 
     assert main(["eval", str(run), "--checkpoint", str(run / "teacher"), "--tta", "-o", str(b)]) == 0
     first, second = json.loads(a.read_text()), json.loads(b.read_text())
     assert first["metrics"] == second["metrics"] and first["tta"] == second["tta"] and first["items"] == second["items"]
+
+
+def _renumbered_coco(tmp_path: Path, ids: dict[str, int]) -> dict:
+    """coco-val2017-mini's person boxes (keypoints left out) under the category ids ``ids`` (name -> id)."""
+    coco = json.loads((DATA / "coco-val2017-mini" / "test_coco.json").read_text())
+    coco["categories"] = [{"id": i, "name": n} for n, i in ids.items()]
+    for ann in coco["annotations"]:
+        ann["category_id"] = ids["person"]
+        ann.pop("keypoints", None)
+        ann.pop("num_keypoints", None)
+    path = tmp_path / f"coco_{'_'.join(f'{n}{i}' for n, i in ids.items())}.json"
+    path.write_text(json.dumps(coco))
+    return {"name": "coco", "annotations": str(path), "images": str(DATA / "coco-val2017-mini")}
+
+
+class _GroundTruthPredictor:
+    """Predicts each image's true boxes as the model's class ``label``, plus one wrong box of class ``junk``."""
+
+    def __init__(self, task, dataset, label: int, junk: int):
+        self.task, self.n = task, 0
+        self.truth = [dataset[i][1] for i in range(len(dataset))]
+        self.label, self.junk = label, junk
+
+    def predict(self, images):
+        out = []
+        for _ in images:
+            boxes = self.truth[self.n]["boxes"].float()
+            self.n += 1
+            n = len(boxes)
+            out.append(Instances(torch.cat([boxes, torch.tensor([[0.0, 0.0, 30.0, 30.0]])]),
+                                 torch.cat([torch.full((n,), 0.9), torch.tensor([0.95])]),
+                                 torch.tensor([self.label] * n + [self.junk])))
+        return out
+
+
+def test_eval_maps_categories_by_name_when_the_ids_differ(detector, tmp_path, capsys):
+    """A model trained on YOLO files (person = 1 of 80) scored on a COCO file where person is 7: boxes of the
+    model's person count as the file's person, its other classes are dropped, and the ids do not change the AP."""
+    from ddkit.engine.evaluate import category_map
+
+    task = ddkit.build("tasks", "detection")
+    model_info = load_model(detector)[2]
+    person = next(int(c["id"]) for c in model_info.categories if c["name"] == "person")
+    junk = next(int(c["id"]) for c in model_info.categories if c["name"] == "car")
+    # person under a new id, under the model's own id, and under the id of the model's car (the junk box's class:
+    # matched by id instead of name, it would be a false person above every true one)
+    for person_id in (7, person, junk):
+        dataset = ddkit.build("datasets", _renumbered_coco(tmp_path, {"person": person_id}))
+        categories = category_map(model_info, dataset.info, "model", "data", by_name=True)
+        assert categories == {person: person_id}
+        metrics = evaluate_dataset(_GroundTruthPredictor(task, dataset, person, junk), dataset, 2, categories)
+        assert metrics["AP"] == pytest.approx(1.0), person_id
+        if person_id != person:  # without the map the ids are compared as they are
+            assert evaluate_dataset(_GroundTruthPredictor(task, dataset, person, junk), dataset, 2)["AP"] < 0.9
+    with pytest.raises(ConfigError, match="the model has no class named 'unicorn'"):
+        unicorn = ddkit.build("datasets", _renumbered_coco(tmp_path, {"person": 1, "unicorn": 2}))
+        category_map(model_info, unicorn.info, "model", "data", by_name=True)
+    out = tmp_path / "e.json"
+    block = json.dumps(_renumbered_coco(tmp_path, {"person": 7}))
+    assert main(["eval", str(detector), "--data", block, "-o", str(out)]) == 0
+    assert "categories matched by name: the dataset's 1 of the model's 80 classes" in capsys.readouterr().out
+    assert json.loads(out.read_text())["categories_by_name"] == {str(person): 7}
+
+
+def test_predict_coco_results_carry_the_files_category_ids_matched_by_name(detector, tmp_path, capsys):
+    """``--coco`` naming one of the model's classes under id 7: the results are the model's boxes of that class,
+    written as category 7, so they score against that file; the model's other classes are left out."""
+    images = DATA / "coco-val2017-mini"
+    assert main(["predict", str(detector), str(images), "-o", str(tmp_path / "b")]) == 0
+    plain = json.loads((tmp_path / "b" / "predictions.json").read_text())
+    ours = max({r["category_id"] for r in plain}, key=[r["category_id"] for r in plain].count)  # a class it predicts
+    name = next(c["name"] for c in load_model(detector)[2].categories if int(c["id"]) == ours)
+    coco = json.loads((images / "test_coco.json").read_text())
+    coco["categories"] = [{"id": 7, "name": name}]
+    coco["annotations"] = [{k: v for k, v in a.items() if "keypoints" not in k} | {"category_id": 7}
+                           for a in coco["annotations"]]
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    capsys.readouterr()
+    assert main(["predict", str(detector), str(images), "--coco", str(tmp_path / "c.json"), "-o",
+                 str(tmp_path / "a")]) == 0
+    assert "the results carry its category ids, matched by name" in capsys.readouterr().out
+
+    def by_file(folder: Path, category: int) -> list[tuple]:
+        names = {im["id"]: im["file_name"] for im in json.loads((folder / "images.json").read_text())["images"]}
+        return sorted((names[r["image_id"]], tuple(round(v, 3) for v in r["bbox"]), round(r["score"], 5))
+                      for r in json.loads((folder / "predictions.json").read_text()) if r["category_id"] == category)
+
+    written = json.loads((tmp_path / "a" / "predictions.json").read_text())
+    assert written and {r["category_id"] for r in written} == {7}
+    assert by_file(tmp_path / "a", 7) == by_file(tmp_path / "b", ours)

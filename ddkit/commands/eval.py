@@ -8,7 +8,9 @@ recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writ
   folder given, or the recipe's ``run.out_dir``), else the stage folder given (then the data and views are its
   run's);
 * the data: ``--data`` (a COCO ``.json``, a YOLO folder, a folder of class folders, or a dataset block
-  ``'{name: yolo, root: ..., split: val}'``), else the recipe's ``--split`` (default ``test``).
+  ``'{name: yolo, root: ..., split: val}'``), else the recipe's ``--split`` (default ``test``). A detector's
+  classes must be the dataset's; when only the ids differ (a model trained on YOLO files, ids 1-80, scored on a COCO
+  file, ids 1-90) they are matched by name and the model's classes the dataset lacks are not scored.
 """
 from __future__ import annotations
 
@@ -139,7 +141,7 @@ def tta_from_args(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> t
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.checkpoint import load_model
     from ddkit.engine.data import get_info
-    from ddkit.engine.evaluate import Predictor, check_same_classes, evaluate_dataset
+    from ddkit.engine.evaluate import Predictor, category_map, evaluate_dataset
     from ddkit.engine.label import format_quality_table
     from ddkit.io import atomic_write_json
     from ddkit.runtime import resolve_device
@@ -149,16 +151,22 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     task, model, info = load_model(path, device=device)
     dataset, data_what = _dataset(args, cfg, source)
-    check_same_classes(info, get_info(dataset), str(path), data_what)
+    plain = Predictor(task, model, info, device=device)
+    categories = category_map(info, get_info(dataset), str(path), data_what, by_name=not plain.gives_probs)
     strategies, block = tta_from_args(args, task, info, cfg)
     print(f"evaluating {what} on {data_what} ({len(dataset)} items)")
-    rows = {"1 view": evaluate_dataset(Predictor(task, model, info, device=device), dataset, args.batch_size)}
+    if categories is not None:
+        print(f"categories matched by name: the dataset's {len(categories)} of the model's {len(info.categories)} "
+              f"classes (ids differ); the model's other classes are not scored")
+    rows = {"1 view": evaluate_dataset(plain, dataset, args.batch_size, categories)}
     if strategies is not None:
         name = f"TTA ({len(strategies.views)} views: {', '.join(strategies.view_names)})"
-        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, args.batch_size)
+        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, args.batch_size,
+                                      categories)
     print(format_quality_table(rows))
     record = {"model": str(path), "what": what, "data": data_what, "items": len(dataset), "task": task.name,
-              "metrics": rows["1 view"], "tta": None}
+              "metrics": rows["1 view"], "tta": None,
+              "categories_by_name": None if categories is None else {str(k): v for k, v in categories.items()}}
     if strategies is not None:
         record["tta"] = {"views": strategies.view_blocks, "aggregator": strategies.aggregator_block,
                          "metrics": rows[name]}

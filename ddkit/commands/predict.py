@@ -151,13 +151,28 @@ def _check_paths(args: argparse.Namespace) -> None:
                           "are relative to")
 
 
-def _check_categories(source: Any, info: Any, coco: str) -> None:
-    """A note when ``--coco``'s categories (if any) are not the model's: the results use the model's ids."""
-    theirs = [(int(c["id"]), str(c.get("name"))) for c in getattr(source, "categories", None) or []]
-    ours = [(int(c["id"]), str(c.get("name"))) for c in info.categories]
-    if theirs and theirs != ours:
-        print(f"note: --coco {coco}: its categories {theirs[:4]}{'...' if len(theirs) > 4 else ''} are not the "
-              f"model's {ours[:4]}{'...' if len(ours) > 4 else ''}; the results' category_id are the model's")
+def _coco_categories(source: Any, info: Any, coco: str) -> dict[int, int] | None:
+    """``--coco``'s category ids for the model's, matched by name (:func:`ddkit.engine.evaluate.category_map`), so
+    that the results score against that file; ``None`` (the model's ids kept, with a note) when they do not match."""
+    import dataclasses
+
+    from ddkit.engine.evaluate import category_map
+
+    theirs = list(getattr(source, "categories", None) or [])
+    if not theirs:
+        return None
+    try:
+        categories = category_map(info, dataclasses.replace(info, categories=theirs), "the model", f"--coco {coco}",
+                                  by_name=True)
+    except ConfigError:
+        pairs = [(int(c["id"]), str(c.get("name"))) for c in theirs]
+        print(f"note: --coco {coco}: its categories {pairs[:4]}{'...' if len(pairs) > 4 else ''} are not all among "
+              f"the model's class names; the results' category_id are the model's")
+        return None
+    if categories is not None:
+        print(f"--coco {coco}: the results carry its category ids, matched by name ({len(categories)} of the model's "
+              f"{len(info.categories)} classes; the others are not written)")
+    return categories
 
 
 def _why(source: Any, item: Any) -> str:
@@ -167,8 +182,12 @@ def _why(source: Any, item: Any) -> str:
     return f"{item.file_name} ({item.reason})"
 
 
-def _predict_all(predictor: Any, source: Any, writer: _Writer, batch_size: int, min_score: float) -> list[str]:
-    """Predict every image of ``source`` in batches; returns the unreadable or missing files with why."""
+def _predict_all(predictor: Any, source: Any, writer: _Writer, batch_size: int, min_score: float,
+                 categories: dict[int, int] | None = None) -> list[str]:
+    """Predict every image of ``source`` in batches (instances relabelled by ``categories``, the model's id -> the
+    COCO file's); returns the unreadable or missing files with why."""
+    from ddkit.engine.evaluate import relabel
+
     skipped: list[str] = []
     n = len(source)
     for start in range(0, n, batch_size):
@@ -184,6 +203,7 @@ def _predict_all(predictor: Any, source: Any, writer: _Writer, batch_size: int, 
             continue
         for it, inst in zip(items, predictor.predict(images)):
             inst = inst[inst.scores >= min_score] if min_score > 0 else inst
+            inst = relabel(inst, categories) if categories is not None else inst
             writer.add_instances(it.image_id, it.file_name, inst, int(it.image.shape[-2]), int(it.image.shape[-1]))
     return skipped
 
@@ -209,10 +229,11 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     task, model, info = load_model(path, device=device)
     source = _source(args, info.extra.get("image_shape"))
-    if args.coco:
-        _check_categories(source, info, args.coco)
     strategies, recipe = _strategies(args, task, info)
     predictor = Predictor(task, model, info, strategies, device)
+    # COCO results of instances can carry the file's own category ids; YOLO txt and class labels keep the model's
+    with_coco_ids = args.coco and args.format == "coco" and not predictor.gives_probs
+    categories = _coco_categories(source, info, args.coco) if with_coco_ids else None
     out = Path(args.output)
     writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root)
     views = f"{len(strategies.views)} views ({', '.join(strategies.view_names)})" if strategies else "1 view"
@@ -220,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     images = f"the {len(source)} image(s) of {args.coco} under {args.images}" if args.coco else \
         f"{len(source)} image(s) of {args.images}"
     print(f"predicting {images} with {what}, {views}")
-    skipped = _predict_all(predictor, source, writer, args.batch_size, args.min_score)
+    skipped = _predict_all(predictor, source, writer, args.batch_size, args.min_score, categories)
     written = writer.finish()
     if skipped:
         more = " ..." if len(skipped) > 5 else ""

@@ -7,6 +7,7 @@ what ``ddkit eval --tta`` measures is what ``ddkit label`` would produce before 
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -16,7 +17,7 @@ from torch import Tensor, nn
 from ddkit.engine.label import Labeller, Strategies, build_strategies, parse_label_config
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.errors import ConfigError
-from ddkit.types import DatasetInfo
+from ddkit.types import DatasetInfo, Instances
 
 # The views of ``--tta`` when neither the command line nor the recipe names any: the original and its mirror.
 DEFAULT_TTA = ({"name": "identity"}, {"name": "hflip"})
@@ -103,22 +104,59 @@ class Predictor:
         return out
 
 
-def evaluate_dataset(predictor: Predictor, dataset: Any, batch_size: int = 8) -> dict[str, float]:
-    """The task's metrics of ``predictor`` on every item of ``dataset`` (which keeps its labels)."""
+def evaluate_dataset(predictor: Predictor, dataset: Any, batch_size: int = 8,
+                     categories: Mapping[int, int] | None = None) -> dict[str, float]:
+    """The task's metrics of ``predictor`` on every item of ``dataset`` (which keeps its labels); ``categories``
+    (see :func:`category_map`) turns the model's category ids of instance predictions into the dataset's."""
     preds: list[Any] = []
     for idx in _batches(len(dataset), batch_size):
         preds.extend(predictor.predict([dataset[i][0] for i in idx]))
+    if categories is not None:
+        preds = [relabel(p, categories) for p in preds]
     return predictor.task.evaluate_predictions(preds, dataset)
+
+
+def relabel(inst: Instances, categories: Mapping[int, int]) -> Instances:
+    """``inst`` with each label ``l`` replaced by ``categories[l]``; instances of other labels are dropped."""
+    keep = torch.tensor([int(label) in categories for label in inst.labels.tolist()], dtype=torch.bool)
+    kept = inst[keep]
+    labels = torch.tensor([categories[int(label)] for label in kept.labels.tolist()], dtype=torch.int64)
+    return dataclasses.replace(kept, labels=labels.reshape(-1).to(kept.labels.device))
+
+
+def category_map(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str,
+                 by_name: bool) -> dict[int, int] | None:
+    """How the model's category ids become the dataset's: ``None`` when they are the same. With ``by_name``
+    (instance predictions), a dataset whose category names are all among the model's, under other ids (a model
+    trained on YOLO files, ids 1-80, scored on a COCO file, ids 1-90), maps by name: ``{model id: dataset id}``,
+    and the model's other classes are dropped. Anything else is :func:`check_same_classes`'s one-line error."""
+    ours = {str(c.get("name")): int(c["id"]) for c in model_info.categories}
+    theirs = {str(c.get("name")): int(c["id"]) for c in data_info.categories}
+    unique = len(ours) == len(model_info.categories) and len(theirs) == len(data_info.categories)
+    if not by_name or not unique or not set(theirs) <= set(ours) or _pairs(model_info) == _pairs(data_info):
+        check_same_classes(model_info, data_info, model_src, data_src)
+        return None
+    _check_keypoints(model_info, data_info, model_src, data_src)
+    return {ours[name]: theirs[name] for name in theirs}
+
+
+def _pairs(info: DatasetInfo) -> list[tuple[int, str]]:
+    return [(int(c["id"]), str(c.get("name"))) for c in info.categories]
 
 
 def check_same_classes(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str) -> None:
     """The model's categories (ids and names) must be the dataset's: labels are compared by id."""
-    ours = [(int(c["id"]), str(c.get("name"))) for c in model_info.categories]
-    theirs = [(int(c["id"]), str(c.get("name"))) for c in data_info.categories]
+    ours, theirs = _pairs(model_info), _pairs(data_info)
     if ours != theirs:
+        missing = sorted({name for _, name in theirs} - {name for _, name in ours})
         raise ConfigError(f"{data_src}: its categories {theirs[:6]}{'...' if len(theirs) > 6 else ''} are not the "
                           f"model's {ours[:6]}{'...' if len(ours) > 6 else ''} ({model_src}); evaluate on a dataset "
-                          "with the classes the model was trained on")
+                          "with the classes the model was trained on"
+                          + (f" (the model has no class named {', '.join(map(repr, missing[:4]))})" if missing else ""))
+    _check_keypoints(model_info, data_info, model_src, data_src)
+
+
+def _check_keypoints(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str) -> None:
     if (model_info.num_keypoints or 0) != (data_info.num_keypoints or 0):
         raise ConfigError(f"{data_src}: {data_info.num_keypoints or 0} keypoints per instance, the model "
                           f"({model_src}) predicts {model_info.num_keypoints or 0}")
