@@ -156,6 +156,7 @@ def test_bad_recipes_fail_before_any_work(tmp_path, recipe):
     ("label.images={tmp}/none", r"label.images: .*none is not a folder"),
     ("label.images={tmp}", r"label: nothing to label, .* holds no images"),
     ("student.train.ratio=[6]", r"student.train.ratio \[6\] needs an entry for each of the student's two sources"),
+    ("student.train.ratio=[6, 0]", r"student.train.ratio \[6, 0\] never samples the pseudo-labels"),
     ("student.model={{name: timm, model_name: resnt18}}", r"student.model: unknown timm model 'resnt18'"),
     ("teacher.model={{name: timm, model_name: resnt18}}", r"teacher.model: unknown timm model 'resnt18'"),
 ])

@@ -134,6 +134,9 @@ class Runner:
             if ratio is not None and len(ratio) < 2:
                 raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} needs an entry for each of the "
                                   f"student's two sources, labeled and pseudo-labeled (e.g. [6, 4])")
+            if ratio is not None and not ratio[1] > 0:  # the student would be the labeled-only baseline again
+                raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
+                                  f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
         blocks = {"student": (self.student_cfg or {}).get("model")}
         if not self.teacher_cfg.get("checkpoint"):
             blocks["teacher"] = self.teacher_cfg.get("model")
