@@ -120,7 +120,7 @@ def test_unreadable_unlabeled_images_are_said_on_the_console_and_in_the_results(
     g = torch.Generator().manual_seed(0)
     for i in range(12):
         pixels = (torch.rand(8, 8, generator=g) * 255).byte().numpy()
-        Image.fromarray(pixels, mode="L").save(images / f"{i:02d}.png")
+        Image.fromarray(pixels).save(images / f"{i:02d}.png")  # 8-bit, 2-D: grayscale
     (images / "broken.png").write_bytes(b"not a png")
     path = _recipe(tmp_path)
     cfg = load_config(path, [f"label.images={images}", "label.selector={name: score_threshold, threshold: 0.0}",

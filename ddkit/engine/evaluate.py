@@ -120,8 +120,8 @@ def relabel(inst: Instances, categories: Mapping[int, int]) -> Instances:
     """``inst`` with each label ``l`` replaced by ``categories[l]``; instances of other labels are dropped."""
     keep = torch.tensor([int(label) in categories for label in inst.labels.tolist()], dtype=torch.bool)
     kept = inst[keep]
-    labels = torch.tensor([categories[int(label)] for label in kept.labels.tolist()], dtype=torch.int64)
-    return dataclasses.replace(kept, labels=labels.reshape(-1).to(kept.labels.device))
+    labels = [categories[int(label)] for label in kept.labels.tolist()]
+    return dataclasses.replace(kept, labels=torch.tensor(labels, dtype=torch.int64, device=kept.labels.device))
 
 
 def category_map(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str,

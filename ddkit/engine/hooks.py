@@ -31,10 +31,10 @@ from ddkit.io import atomic_write_text
 log = logging.getLogger("ddkit.train")
 
 
-
 def _rate(per_s: float) -> str:
     """Samples per second for the log: whole numbers, but two digits below 10 (a slow CPU step is not "0")."""
     return f"{per_s:.0f}" if per_s >= 10 else f"{per_s:.2g}"
+
 
 class TrainingDiverged(DDKitError):
     """The loss became NaN or infinite."""

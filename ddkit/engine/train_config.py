@@ -25,7 +25,8 @@ class TrainConfig:
         batch_size: global batch (split over DDP ranks).
         optimizer, lr, momentum, nesterov, weight_decay, betas: the optimizer (``sgd`` or ``adamw``).
         fused: torch's fused optimizer step (one kernel over all parameters, on CPU and CUDA; elsewhere torch's
-            default step). The same update up to float rounding; the step alone is about 3x faster on the CPU.
+            default step). The same update up to float rounding; the step alone takes 0.2-0.7 times the default
+            step's time on this CPU (``benchmarks/optimizer_step.py``).
             ``false`` gives torch's default step, bit for bit that of runs before this option.
         warmup, warmup_factor: linear warmup from ``lr * warmup_factor`` over ``warmup`` iterations.
         steps, gamma: multiply the LR by ``gamma`` at each of these fractions of the total iterations.
