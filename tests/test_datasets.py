@@ -225,3 +225,25 @@ def test_build_data_layouts_and_errors():
         build_data({"dataset": {"name": "digits"}, "split": {"labelled": 0.5}})
     with pytest.raises(ConfigError, match="sum to at most 1"):
         build_data({"dataset": {"name": "digits"}, "split": {"labeled": 0.8, "test": 0.5}})
+
+
+# ------------------------------------------------------------------------------------------------ image reading
+@pytest.mark.parametrize("wide", ["png16", "tif32"])
+def test_wide_grey_images_read_as_their_8_bit_copy(tmp_path, wide):
+    import numpy as np
+    from PIL import Image
+
+    from ddkit.engine.data import read_image
+
+    pixels = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+    Image.fromarray(pixels).save(tmp_path / "a8.png")
+    if wide == "png16":
+        Image.fromarray(pixels.astype(np.uint16) * 257).save(tmp_path / "wide.png")  # mode I;16
+    else:
+        Image.fromarray(pixels.astype(np.int32) * 257).save(tmp_path / "wide.tif")  # mode I (32-bit)
+    path = next(tmp_path.glob("wide.*"))
+    assert Image.open(path).mode == ("I;16" if wide == "png16" else "I")
+    eight, image = read_image(tmp_path / "a8.png"), read_image(path)
+    assert image.shape == eight.shape == (3, 6, 8) and image.dtype == torch.float32
+    torch.testing.assert_close(image, eight, atol=1e-6, rtol=0)
+    assert 0.4 < float(image.mean()) < 0.5  # not all white

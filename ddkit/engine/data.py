@@ -315,12 +315,28 @@ def check_images(paths: Iterable[str | Path], progress: bool = False) -> list[tu
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
+# Grey modes wider than 8 bits: PIL's convert("RGB") clips them at 255 (a white image), so they are scaled here.
+# 16-bit data by 65535; 32-bit integers ("I", how older Pillow opened 16-bit PNGs) as 16-bit data, clipped.
+_WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _wide_grey(im: Any) -> torch.Tensor:
+    """A 16- or 32-bit integer grey PIL image as float ``[3, H, W]`` in ``[0, 1]`` (full scale 65535)."""
+    import numpy as np
+
+    grey = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).clamp_(0, 65535).div_(65535.0)
+    return grey[None].expand(3, -1, -1).contiguous()
+
+
 def read_image(path: str | Path) -> torch.Tensor:
-    """An image file as float ``[3, H, W]`` in ``[0, 1]`` (RGB); :class:`DataError` naming the file if unreadable."""
+    """An image file as float ``[3, H, W]`` in ``[0, 1]`` (RGB); :class:`DataError` naming the file if unreadable.
+    8-bit images are scaled by 255, 16-bit grey ones (``I;16``) by 65535: the same picture as an 8-bit copy."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
+            if im.mode in _WIDE_GREY_MODES:
+                return _wide_grey(im)
             arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)
             w, h = im.size
     except Exception as err:  # noqa: BLE001
