@@ -30,7 +30,7 @@ from ddkit.engine.box_rule import BoxCheck
 from ddkit.engine.coco_file import read_coco_file
 from ddkit.engine.keypoint_meta import COCO_SIGMAS, flip_indices_from_names, resolve_keypoint_meta  # noqa: F401
 from ddkit.engine.task import IMAGE_EXTENSIONS as IMAGE_EXTS  # the one list of image extensions
-from ddkit.engine.task import check_images, read_image, report_skipped, split_indices
+from ddkit.engine.task import adapt_image, check_images, read_image, report_skipped, split_indices
 from ddkit.types import DatasetSpec
 
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # offline fixtures (examples only)
@@ -317,7 +317,8 @@ class ImageFolderParams:
 
 class ImageFolder(_TargetsDataset):
     """``root/<class name>/*.png``: one folder per class, class ids ``0..C-1`` in sorted folder order. Images are
-    resized to ``image_size`` ``[H, W]`` (default: the first image's size) so that they batch."""
+    resized to ``image_size`` ``[H, W]`` (default: the first image's size) so that they batch, and made grey with
+    ``grayscale``; both are declared as ``info.extra["image_shape"]`` and applied by the core's ``adapt_image``."""
 
     def __init__(self, root: str, image_size: list[int] | None = None, grayscale: bool = False,
                  check_images: bool = True):
@@ -346,15 +347,9 @@ class ImageFolder(_TargetsDataset):
                                 extra={"image_shape": [1 if grayscale else 3, *self.image_size], "source": str(base)})
 
     def __getitem__(self, i: int):
-        import torch.nn.functional as F
-
-        img = read_image(self.files[i])
-        if list(img.shape[1:]) != self.image_size:
-            img = F.interpolate(img[None], size=self.image_size, mode="bilinear", align_corners=False,
-                                antialias=True)[0].clamp_(0, 1)
-        if self.grayscale:
-            img = (img * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-        return img, self.get_target(i)
+        # the core's conversion to info.extra["image_shape"]: unlabeled images (label.images, pseudo-labels,
+        # ddkit predict) go through the same function, so every image the model sees is read alike
+        return adapt_image(read_image(self.files[i]), self.info.extra["image_shape"]), self.get_target(i)
 
 
 # --------------------------------------------------------------------------------------------- bundled digits

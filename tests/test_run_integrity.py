@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ddkit
 from ddkit.cli import main
 from ddkit.config import load_config
 from ddkit.engine.run import run_recipe
@@ -131,3 +132,65 @@ def test_unreadable_unlabeled_images_are_said_on_the_console_and_in_the_results(
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert any("1 unlabeled image(s) could not be read" in w for w in summary["warnings"])
     assert "1 unlabeled image(s) could not be read" in (tmp_path / "out" / "results.md").read_text()
+
+
+FOLDERS_RECIPE = """
+run: {{name: folders, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: classification}}
+data:
+  train: {{dataset: {{name: image_folder, root: "{root}/train", grayscale: true}}}}
+  test: {{dataset: {{name: image_folder, root: "{root}/val", grayscale: true}}}}
+teacher:
+  model: {{name: mlp, hidden: [8]}}
+  train: {{iterations: 3, batch_size: 4, lr: 0.1, log_every: 1}}
+label:
+  images: "{root}/unlabeled"
+  transforms: [{{name: identity}}, {{name: hflip}}]
+  aggregator: {{name: prob_mean}}
+  selector: {{name: score_threshold, threshold: 0.0}}
+student:
+  model: {{name: mlp, hidden: [8]}}
+  train: {{iterations: 3, batch_size: 4, lr: 0.1, ratio: [6, 4], log_every: 1}}
+baselines: {{labeled_only: false, fully_labeled: false}}
+evaluate: {{tta: false}}
+"""
+
+
+def _photos(folder: Path, sizes: list[tuple[int, int]], seed: int) -> None:
+    """RGB images of the given ``(height, width)`` sizes, random colours."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    for i, (h, w) in enumerate(sizes):
+        pixels = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i:02d}.png")
+
+
+def test_unlabeled_photos_are_read_like_the_labeled_grey_folders_by_label_and_student(tmp_path):
+    """A grey 8x8 labeled image folder, unlabeled RGB photos of other sizes (label.images): the student trains on
+    the pseudo-labelled photos read exactly as the labeled folder reads an image (same mode and size)."""
+    from ddkit.engine.pseudo import load_pseudo_dataset
+
+    root = tmp_path / "data"
+    for k, part in enumerate(("train", "val")):
+        for c, name in enumerate(("a", "b")):
+            _photos(root / part / name, [(8, 8)] * 4, seed=10 * k + c)
+    _photos(root / "unlabeled", [(8, 8), (20, 13), (5, 30), (64, 48), (9, 9), (12, 7)], seed=99)
+    path = tmp_path / "folders.yaml"
+    path.write_text(FOLDERS_RECIPE.format(out=tmp_path / "out", root=root))
+    summary = run_recipe(load_config(path), source=str(path), progress=False)
+    assert [r["stage"] for r in summary["rows"]] == ["teacher", "student"]
+    pseudo = load_pseudo_dataset(tmp_path / "out" / "label" / "pseudo_labels.json")
+    assert len(pseudo) == 6
+    # the same files as a labeled image folder of the recipe's settings read them
+    as_labeled = tmp_path / "as_labeled" / "a"
+    as_labeled.mkdir(parents=True)
+    for f in (root / "unlabeled").iterdir():
+        (as_labeled / f.name).write_bytes(f.read_bytes())
+    folder = ddkit.build("datasets", {"name": "image_folder", "root": str(as_labeled.parent), "grayscale": True,
+                                      "image_size": [8, 8]})
+    for i in range(len(pseudo)):
+        j = [f.name for f in folder.files].index(Path(pseudo.images[i]["file_name"]).name)
+        assert pseudo[i][0].shape == (1, 8, 8)
+        assert torch.equal(pseudo[i][0], folder[j][0])

@@ -344,6 +344,26 @@ def read_image(path: str | Path) -> torch.Tensor:
     return arr.view(h, w, 3).permute(2, 0, 1).float().div_(255.0)
 
 
+def adapt_image(image: torch.Tensor, shape: Sequence[int] | None) -> torch.Tensor:
+    """An image read as RGB, made to fit a fixed-size dataset's input ``[C, H, W]`` (``DatasetInfo.extra
+    ["image_shape"]``): grey or RGB channels, then a bilinear resize; ``shape`` None: unchanged.
+
+    The one conversion of every image such a dataset reads, its own (``image_folder``) and the unlabeled ones
+    (label sources, pseudo-labels, ``ddkit predict``), so that all of them give the model the same tensors."""
+    if not shape:
+        return image
+    c, h, w = (int(v) for v in shape)
+    if image.shape[0] != c:
+        if c == 1:
+            image = (image[:3] * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
+        elif image.shape[0] == 1:
+            image = image.expand(c, -1, -1)
+    if tuple(image.shape[-2:]) != (h, w):
+        image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
+                                                antialias=True)[0].clamp_(0, 1)
+    return image.contiguous()
+
+
 def report_skipped(skipped: Sequence[tuple[str, str]], source: str) -> None:
     if skipped:
         log.warning("%s: skipped %d unreadable image(s): %s", source, len(skipped),

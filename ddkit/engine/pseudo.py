@@ -211,12 +211,16 @@ class PseudoLabelDataset(Dataset):
         return target
 
     def load_image(self, i: int) -> Tensor:
+        """Image ``i`` made to fit ``info``'s ``image_shape`` (when the dataset has one), exactly as the labeled
+        dataset's own images and the label stage's (a folder of RGB photos for a grey 28x28 classifier)."""
+        from ddkit.engine.data import adapt_image, read_image
+
         im = self.images[i]
         if self.source is not None:
-            return self.source[int(im["ddkit_index"])][0]
-        from ddkit.engine.data import read_image
-
-        return read_image(Path(self.image_root or "/") / im["file_name"])
+            image = self.source[int(im["ddkit_index"])][0]
+        else:
+            image = read_image(Path(self.image_root or "/") / im["file_name"])
+        return adapt_image(image, (self.info.extra or {}).get("image_shape"))
 
     def __getitem__(self, i: int):
         return self.load_image(i), self.get_target(i)

@@ -64,8 +64,15 @@ def _provenance(task: Any, info: DatasetInfo, strategies: Strategies, source: So
         "aggregator": strategies.aggregator_block, "keypoint_aggregator": strategies.keypoint_block,
         "source": source.describe(), "image_root": source.image_root,
         "dataset_info": {"num_keypoints": info.num_keypoints, "flip_indices": info.flip_indices,
-                         "keypoint_sigmas": info.keypoint_sigmas},
+                         "keypoint_sigmas": info.keypoint_sigmas, **_image_shape(info)},
     }
+
+
+def _image_shape(info: DatasetInfo) -> dict[str, Any]:
+    """``{"extra": {"image_shape": [C, H, W]}}`` for a fixed-size dataset (the pseudo-labels' images are read back in
+    that shape), else nothing."""
+    shape = (info.extra or {}).get("image_shape")
+    return {"extra": {"image_shape": [int(v) for v in shape]}} if shape else {}
 
 
 def _finish_workers(distributed: bool, rank: int, started: bool) -> None:

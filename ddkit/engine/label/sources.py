@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ddkit.engine.coco_file import read_coco_file
-from ddkit.engine.data import IMAGE_EXTENSIONS, HiddenLabels, LABEL_KEYS, get_target, item_file, read_image
+from ddkit.engine.data import (IMAGE_EXTENSIONS, HiddenLabels, LABEL_KEYS, adapt_image, get_target, item_file,
+                               read_image)
 from ddkit.engine.label.config import LabelConfig
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo
@@ -44,23 +45,6 @@ class Source:
 
 def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()
-
-
-def adapt_image(image: Tensor, shape: Sequence[int] | None) -> Tensor:
-    """An image file read as RGB, made to fit a model with a fixed input ``[C, H, W]`` (``DatasetInfo.extra
-    ["image_shape"]``, set by fixed-size datasets): grey or RGB channels, then a bilinear resize."""
-    if not shape:
-        return image
-    c, h, w = (int(v) for v in shape)
-    if image.shape[0] != c:
-        if c == 1:
-            image = (image[:3] * torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)).sum(0, keepdim=True)
-        elif image.shape[0] == 1:
-            image = image.expand(c, -1, -1)
-    if tuple(image.shape[-2:]) != (h, w):
-        image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
-                                                antialias=True)[0].clamp_(0, 1)
-    return image.contiguous()
 
 
 class FolderSource(Source):
@@ -137,12 +121,14 @@ class CocoSource(Source):
 
 
 class DatasetSource(Source):
-    """A dataset's items (e.g. the unlabeled split). With a :class:`~ddkit.engine.data.HiddenLabels` view, its
-    ``ground_truth`` is read (one decode per image) and kept as the hidden ground truth."""
+    """A dataset's items (e.g. the unlabeled split), made to fit ``image_shape`` like the folder's. With a
+    :class:`~ddkit.engine.data.HiddenLabels` view, its ``ground_truth`` is read (one decode per image) and kept as
+    the hidden ground truth."""
 
-    def __init__(self, dataset: Any, name: str = "dataset"):
+    def __init__(self, dataset: Any, name: str = "dataset", image_shape: Sequence[int] | None = None):
         self.dataset = dataset
         self.name = name
+        self.image_shape = image_shape
         self.gt = getattr(dataset, "ground_truth", None)
         self.has_ground_truth = self.gt is not None
         root = getattr(dataset, "image_root", None) or getattr(self.gt, "image_root", None)
@@ -177,7 +163,7 @@ class DatasetSource(Source):
         if not isinstance(image, Tensor) or image.ndim != 3:
             return Item(i, image_id, self._file_name(i, target, image_id), None, gt,
                         reason=f"not an image tensor [C, H, W]: {type(image).__name__}")
-        return Item(i, image_id, self._file_name(i, target, image_id), image, gt)
+        return Item(i, image_id, self._file_name(i, target, image_id), adapt_image(image, self.image_shape), gt)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "dataset", "name": self.name, "type": type(self.dataset).__name__, "num_images": len(self)}
@@ -213,4 +199,4 @@ def make_source(cfg: LabelConfig, unlabeled: Any, info: DatasetInfo) -> Source:
     if unlabeled is None:
         raise ConfigError("label: nothing to label: give label.images (a folder), label.coco (a COCO json) or a "
                           "data section with an unlabeled split")
-    return DatasetSource(unlabeled, name="unlabeled")
+    return DatasetSource(unlabeled, name="unlabeled", image_shape=shape)
