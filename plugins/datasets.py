@@ -315,25 +315,39 @@ class ImageFolderParams:
     check_images: bool = True
 
 
+def _class_folders(base: Path) -> list[str]:
+    """The class names under ``base``: its sub-folders, sorted, hidden ones (``.ipynb_checkpoints``) left out."""
+    if not base.is_dir():
+        raise DataError(f"{base}: no such folder")
+    classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(f"{base}: no class sub-folders")
+    return classes
+
+
+def _class_images(folder: Path) -> list[Path]:
+    """The image files of one class folder, sorted; an empty class folder is refused, as torchvision does."""
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+    if not files:
+        raise DataError(f"class folder {folder} has no images ({', '.join(IMAGE_EXTS)}); add some or remove it")
+    return files
+
+
 class ImageFolder(_TargetsDataset):
-    """``root/<class name>/*.png``: one folder per class, class ids ``0..C-1`` in sorted folder order. Images are
-    resized to ``image_size`` ``[H, W]`` (default: the first image's size) so that they batch, and made grey with
-    ``grayscale``; both are declared as ``info.extra["image_shape"]`` and applied by the core's ``adapt_image``."""
+    """``root/<class name>/*.png``: one folder per class (hidden folders left out, an empty one refused), class
+    ids ``0..C-1`` in sorted folder order; a recipe's test folder is matched to its train folder by class name.
+    Images are resized to ``image_size`` ``[H, W]`` (default: the first image's size) so that they batch, and made
+    grey with ``grayscale``; both are declared as ``info.extra["image_shape"]`` and applied by ``adapt_image``."""
 
     def __init__(self, root: str, image_size: list[int] | None = None, grayscale: bool = False,
                  check_images: bool = True):
         base = Path(root)
-        if not base.is_dir():
-            raise DataError(f"{base}: no such folder")
-        classes = sorted(d.name for d in base.iterdir() if d.is_dir())
-        if not classes:
-            raise DataError(f"{base}: no class sub-folders")
+        classes = _class_folders(base)
         self.files, self.targets = [], []
         for cid, name in enumerate(classes):
-            for f in sorted((base / name).iterdir()):
-                if f.suffix.lower() in IMAGE_EXTS:
-                    self.targets.append({"image_id": len(self.files), "label": cid})
-                    self.files.append(f)
+            for f in _class_images(base / name):
+                self.targets.append({"image_id": len(self.files), "label": cid})
+                self.files.append(f)
         self.grayscale = grayscale
         self._drop_unreadable(check_images, str(base))
         if not self.files:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ddkit
-from ddkit.engine.data import HiddenLabels, build_data, check_images, get_target, split_dataset
+from ddkit.engine.data import ClassesByName, HiddenLabels, build_data, check_images, get_target, split_dataset
 from ddkit.errors import ConfigError, DataError
 from ddkit.testing import example_blocks, registered
 from ddkit.testing.datasets import check_dataset
@@ -145,6 +145,55 @@ def test_image_folder(tmp_path):
     image, target = ds[5]
     assert target["label"] == 1 and image.shape == (3, 8, 8) and image[2].mean() > 0.9
 
+
+
+def _class_folders(root: Path, classes: dict[str, int]) -> None:
+    """``root/<class>/<k>.png``, ``classes[name]`` small images each (an empty folder for 0)."""
+    from PIL import Image
+
+    for name, count in classes.items():
+        (root / name).mkdir(parents=True)
+        for k in range(count):
+            Image.new("RGB", (4, 4), (40 * k, 0, 0)).save(root / name / f"{k}.png")
+
+
+def _folder_part(root: Path) -> dict:
+    return {"dataset": {"name": "image_folder", "root": str(root)}}
+
+
+def test_test_folder_classes_follow_class_names_not_positions(tmp_path):
+    _class_folders(tmp_path / "train", {"cat": 2, "dog": 2, "eight": 2, "zebra": 2})
+    _class_folders(tmp_path / "val", {"cat": 1, "dog": 2, "zebra": 3})  # no 'eight': a subset, mapped by name
+    splits = build_data({"train": _folder_part(tmp_path / "train"), "test": _folder_part(tmp_path / "val"),
+                         "unlabeled": _folder_part(tmp_path / "val")})
+    names = {c["id"]: c["name"] for c in splits.info.categories}
+    for part in (splits.test, splits.unlabeled.ground_truth):
+        assert part.info.categories == splits.info.categories
+        folders = [Path(f).parent.name for f in part.dataset.files]
+        assert [names[get_target(part, i)["label"]] for i in range(len(part))] == folders
+        assert [names[part[i][1]["label"]] for i in range(len(part))] == folders
+    same = build_data({"train": _folder_part(tmp_path / "train"), "test": _folder_part(tmp_path / "train")})
+    assert not isinstance(same.test, ClassesByName)  # the same classes under the same ids: read as it is
+
+
+def test_test_folder_with_a_class_the_training_lacks_is_refused(tmp_path):
+    _class_folders(tmp_path / "train", {"cat": 2, "dog": 2})
+    _class_folders(tmp_path / "val", {"cat": 1, "cow": 1, "dog": 1})
+    with pytest.raises(ConfigError) as err:
+        build_data({"train": _folder_part(tmp_path / "train"), "test": _folder_part(tmp_path / "val")})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.test.dataset")
+    assert "'cow'" in message and "train part's classes (cat, dog)" in message
+
+
+def test_image_folder_skips_hidden_folders_and_refuses_empty_class_folders(tmp_path):
+    _class_folders(tmp_path / "a", {"cat": 2, "dog": 1, ".ipynb_checkpoints": 0})
+    ds = ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "a")})
+    assert [c["name"] for c in ds.info.categories] == ["cat", "dog"] and len(ds) == 3
+    _class_folders(tmp_path / "b", {"cat": 2, "dog": 0})
+    (tmp_path / "b" / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(DataError, match=rf"class folder {tmp_path / 'b' / 'dog'} has no images"):
+        ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "b")})
 
 # ----------------------------------------------------------------------------------------------- bundled digits
 def test_mnist5k_is_the_real_digits_with_a_stratified_split():

@@ -115,6 +115,10 @@ def test_empty_image_folders_are_named(tmp_path):
     folder = tmp_path / "folder"
     (folder / "cat").mkdir(parents=True)
     (folder / "dog").mkdir()
+    with pytest.raises(DataError, match=rf"class folder {folder / 'cat'} has no images"):
+        build_data({"train": {"dataset": {"name": "image_folder", "root": str(folder)}}})
+    for name in ("cat", "dog"):
+        (folder / name / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=rf"{folder}: no readable images"):
         build_data({"train": {"dataset": {"name": "image_folder", "root": str(folder)}}})
 

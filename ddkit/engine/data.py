@@ -118,6 +118,56 @@ class ConcatDataset(Dataset):
         return get_target(ds, j)
 
 
+class ClassesByName(Dataset):
+    """A classification dataset read with another's categories: each item's ``label`` becomes the id that its class
+    name has in ``info`` (``ids``: ``{own id: id in info}``); ``.info`` is ``info``."""
+
+    def __init__(self, dataset: Any, info: DatasetInfo, ids: Mapping[int, int]):
+        self.dataset = dataset
+        self.info = info
+        self.ids = {int(k): int(v) for k, v in ids.items()}
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _relabel(self, target: Mapping[str, Any]) -> dict[str, Any]:
+        out = dict(target)
+        if "label" in out:
+            out["label"] = self.ids[int(out["label"])]
+        return out
+
+    def __getitem__(self, i: int):
+        image, target = self.dataset[i]
+        return image, self._relabel(target)
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        return self._relabel(get_target(self.dataset, i))
+
+
+def match_classes(dataset: Any, info: DatasetInfo, where: str) -> Any:
+    """``dataset`` (a test or unlabeled part) with the class ids of the training part's ``info``, matched by class
+    name: the same classes under the same ids as it is, a subset renumbered (:class:`ClassesByName`); a class the
+    training part lacks is a :class:`ConfigError` naming ``where`` and the class. Other tasks' datasets are returned
+    as they are."""
+    theirs = get_info(dataset)
+    if not is_classification(dataset) or _id_names(theirs) == _id_names(info):
+        return dataset
+    ours = {name: cid for cid, name in _id_names(info)}
+    names = {name: cid for cid, name in _id_names(theirs)}
+    extra = [name for name in names if name not in ours]
+    if extra or len(names) != len(theirs.categories) or len(ours) != len(info.categories):
+        source = theirs.extra.get("source") or type(dataset).__name__
+        raise ConfigError(f"{where} ({source}): class(es) {', '.join(map(repr, extra[:6])) or '(repeated names)'} "
+                          f"not among the train part's classes ({', '.join(list(ours)[:10])}"
+                          f"{', ...' if len(ours) > 10 else ''}); class ids follow class names, so give it only "
+                          "classes the training data has (a subset is fine)")
+    return ClassesByName(dataset, info, {cid: ours[name] for name, cid in names.items()})
+
+
+def _id_names(info: DatasetInfo) -> list[tuple[int, str]]:
+    return [(int(c["id"]), str(c.get("name", c["id"]))) for c in info.categories]
+
+
 @dataclass
 class Splits:
     """The parts of a dataset a recipe trains, labels and evaluates on (``unlabeled`` hides its labels)."""
@@ -236,6 +286,9 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         _check_not_empty(parts[key], f"{where}.{key}.dataset")
     if "train" not in parts:
         raise ConfigError(f"{where}: needs either 'dataset' (with 'split') or 'train: {{dataset: ...}}'")
+    for key in ("unlabeled", "test"):  # class ids follow class names, not each folder's own numbering
+        if key in parts:
+            parts[key] = match_classes(parts[key], get_info(parts["train"]), f"{where}.{key}.dataset")
     unl = parts.get("unlabeled")
     return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
                   test=parts.get("test"), info=get_info(parts["train"]), warnings=_shared_files(parts, where))
@@ -252,6 +305,8 @@ def item_file(dataset: Any, i: int, depth: int = 0) -> str | None:
         return item_file(dataset.ground_truth, i, depth + 1)
     if hasattr(dataset, "indices") and hasattr(dataset, "dataset"):
         return item_file(dataset.dataset, int(dataset.indices[i]), depth + 1)
+    if hasattr(dataset, "dataset"):  # a view of the same items (ClassesByName)
+        return item_file(dataset.dataset, i, depth + 1)
     if hasattr(dataset, "_locate"):
         ds, j = dataset._locate(i)
         return item_file(ds, j, depth + 1)
