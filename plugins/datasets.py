@@ -318,10 +318,10 @@ class ImageFolderParams:
 def _class_folders(base: Path) -> list[str]:
     """The class names under ``base``: its sub-folders, sorted, hidden ones (``.ipynb_checkpoints``) left out."""
     if not base.is_dir():
-        raise DataError(f"{base}: no such folder")
+        raise DataError(f"root {base}: no such folder")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise DataError(f"{base}: no class sub-folders")
+        raise DataError(f"root {base}: no class sub-folders (one folder of images per class)")
     return classes
 
 

@@ -195,6 +195,19 @@ def test_image_folder_skips_hidden_folders_and_refuses_empty_class_folders(tmp_p
     with pytest.raises(DataError, match=rf"class folder {tmp_path / 'b' / 'dog'} has no images"):
         ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "b")})
 
+
+def test_data_folder_errors_name_the_recipe_field(tmp_path):
+    (tmp_path / "emptyd").mkdir()
+    _class_folders(tmp_path / "train", {"cat": 1, "dog": 1})
+    for key, root, says in (("train", tmp_path / "emptyd", "no class sub-folders"),
+                            ("test", tmp_path / "nowhere", "no such folder")):
+        parts = {"train": _folder_part(tmp_path / "train"), key: _folder_part(root)}
+        with pytest.raises(DataError) as err:
+            build_data(parts)
+        assert str(err.value).startswith(f"data.{key}.dataset: root {root}: {says}"), str(err.value)
+    with pytest.raises(DataError, match=rf"^data.dataset: root {tmp_path / 'emptyd'}: no class sub-folders"):
+        build_data({"dataset": {"name": "image_folder", "root": str(tmp_path / "emptyd")}})
+
 # ----------------------------------------------------------------------------------------------- bundled digits
 def test_mnist5k_is_the_real_digits_with_a_stratified_split():
     ds = ddkit.build("datasets", {"name": "mnist5k"})

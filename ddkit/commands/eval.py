@@ -101,13 +101,13 @@ def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, m
 
 
 def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[Any, str]:
-    from ddkit.engine.data import build_data
+    from ddkit.engine.data import build_data, build_dataset
     from ddkit.engine.evaluate import dataset_block
     from ddkit.plugin_manager import get_registry
 
     if args.data:
         block = dataset_block(args.data, args.split)
-        return get_registry().build("datasets", block, where="--data"), json.dumps(block)
+        return build_dataset(get_registry(), block, "--data"), json.dumps(block)
     if cfg is None:
         raise ConfigError(f"{args.target}: a checkpoint alone has no data; pass --data (a COCO .json, a YOLO "
                            "folder, ...) or evaluate a recipe or run folder")

@@ -272,7 +272,7 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
             raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r} next to 'dataset'. Valid keys: dataset, "
                               "split (or use the layout train/unlabeled/test: {dataset: ...})")
         p = parse_section(SplitParams, cfg.get("split") or {}, f"{where}.split")  # before reading any data
-        dataset = registry.build("datasets", cfg["dataset"], where=f"{where}.dataset")
+        dataset = build_dataset(registry, cfg["dataset"], f"{where}.dataset")
         _check_not_empty(dataset, f"{where}.dataset")
         return split_dataset(dataset, p.labeled, p.unlabeled, p.test, p.seed, p.stratify)
     parts = {}
@@ -282,7 +282,7 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         block = cfg[key]
         if not isinstance(block, dict) or "dataset" not in block:
             raise ConfigError(f"{where}.{key} must be {{dataset: {{name: ...}}}}")
-        parts[key] = registry.build("datasets", block["dataset"], where=f"{where}.{key}.dataset")
+        parts[key] = build_dataset(registry, block["dataset"], f"{where}.{key}.dataset")
         _check_not_empty(parts[key], f"{where}.{key}.dataset")
     if "train" not in parts:
         raise ConfigError(f"{where}: needs either 'dataset' (with 'split') or 'train: {{dataset: ...}}'")
@@ -292,6 +292,15 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
     unl = parts.get("unlabeled")
     return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
                   test=parts.get("test"), info=get_info(parts["train"]), warnings=_shared_files(parts, where))
+
+
+def build_dataset(registry: Any, block: Any, where: str) -> Any:
+    """The dataset a recipe's block names; a :class:`DataError` of the dataset (a missing or empty folder, a bad
+    file) is prefixed with the recipe field ``where`` (``data.train.dataset: root /x: no class sub-folders``)."""
+    try:
+        return registry.build("datasets", block, where=where)
+    except DataError as err:
+        raise DataError(f"{where}: {err}") from None
 
 
 def item_file(dataset: Any, i: int, depth: int = 0) -> str | None:
