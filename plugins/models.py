@@ -42,6 +42,33 @@ def _image_shape(info: DatasetInfo) -> tuple[int, int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ classification
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # every torchvision classifier's weights.transforms()
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _standardise(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: ``x [B, C, H, W]`` in [0, 1] -> ``(x - input_mean) / input_std``."""
+    return ((args[0] - module.input_mean) / module.input_std, *args[1:])
+
+
+def normalize_input(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], chans: int) -> nn.Module:
+    """Make ``model`` standardise its [0, 1] input by the mean / std its library's weights were trained with.
+
+    torchvision and timm leave this to their data transforms; ddkit's datasets give [0, 1] pixels, so the model
+    does it itself, in a forward pre-hook with non-persistent buffers: the state dict stays the library's own (an
+    exported file loads into the plain model, which then wants the library's usual transforms). Channels beyond
+    the weights' map as the adapted input conv maps them: grey takes the mean over RGB, more channels repeat it.
+    """
+    def per_channel(values: tuple[float, ...]) -> torch.Tensor:
+        v = [sum(values) / len(values)] if chans == 1 else [values[i % len(values)] for i in range(chans)]
+        return torch.tensor(v, dtype=torch.float32).view(1, chans, 1, 1)
+
+    model.register_buffer("input_mean", per_channel(mean), persistent=False)
+    model.register_buffer("input_std", per_channel(std), persistent=False)
+    model.register_forward_pre_hook(_standardise)
+    return model
+
+
 @dataclass
 class MLPParams:
     hidden: list[int] = field(default_factory=lambda: [800, 800])
@@ -120,13 +147,16 @@ class TimmParams:
     model_name: str = "resnet18"
     pretrained: bool | str | None = None
     drop_rate: float = 0.0
+    normalize: bool = True
     kwargs: dict = field(default_factory=dict)
 
 
-def build_timm(model_name="resnet18", pretrained=None, drop_rate=0.0, kwargs=None, *, info: DatasetInfo) -> nn.Module:
+def build_timm(model_name="resnet18", pretrained=None, drop_rate=0.0, normalize=True, kwargs=None, *,
+               info: DatasetInfo) -> nn.Module:
     """Any timm architecture by name (``resnet18`` or ``resnet18.a1_in1k``). ``pretrained: true`` or a tag loads
     timm's weights with ``timm.create_model(pretrained=True)`` (its cache; timm resizes the classifier to the
-    dataset's classes and the input conv to its channels); a path loads a local file."""
+    dataset's classes and the input conv to its channels); a path loads a local file. ``normalize`` standardises
+    the input by the mean / std of the model's timm config (:func:`normalize_input`)."""
     import timm
 
     arch = model_name.partition(".")[0]
@@ -138,10 +168,14 @@ def build_timm(model_name="resnet18", pretrained=None, drop_rate=0.0, kwargs=Non
     chans = int(info.extra.get("image_shape", [3])[0])
     kw = dict(num_classes=info.num_classes, in_chans=chans, drop_rate=drop_rate, **dict(kwargs or {}))
     if wants_library_weights(pretrained):
-        return timm_create(model_name, pretrained, **kw)
-    model = timm.create_model(arch, pretrained=False, **kw)
-    if pretrained:
-        load_pretrained(model, pretrained)
+        model = timm_create(model_name, pretrained, **kw)
+    else:
+        model = timm.create_model(arch, pretrained=False, **kw)
+        if pretrained:
+            load_pretrained(model, pretrained)
+    if normalize:
+        cfg = model.pretrained_cfg
+        normalize_input(model, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), chans)
     return model
 
 
@@ -149,6 +183,7 @@ def build_timm(model_name="resnet18", pretrained=None, drop_rate=0.0, kwargs=Non
 class TorchvisionParams:
     arch: str = "resnet18"
     pretrained: bool | str | None = None
+    normalize: bool = True
     kwargs: dict = field(default_factory=dict)
 
 
@@ -197,12 +232,14 @@ def _adapt_input_channels(model: nn.Module, chans: int) -> None:
     raise ConfigError(f"{type(model).__name__}: no 3-channel input conv to adapt to {chans} channels")
 
 
-def build_torchvision(arch="resnet18", pretrained=None, kwargs=None, *, info: DatasetInfo) -> nn.Module:
+def build_torchvision(arch="resnet18", pretrained=None, normalize=True, kwargs=None, *,
+                      info: DatasetInfo) -> nn.Module:
     """A torchvision classifier by builder name (``resnet18``, ``mobilenet_v3_small``, ``efficientnet_b0``, ...).
 
     ``pretrained: true`` or a weights name (``IMAGENET1K_V1``) builds it with ``get_model(arch, weights=...)``
     (torch hub cache), then gives it a fresh head for the dataset's classes; a path loads a local file. Images with
-    other than 3 channels get the first conv adapted (grey: summed RGB filters).
+    other than 3 channels get the first conv adapted (grey: summed RGB filters). ``normalize`` standardises the
+    input by ImageNet's mean / std, as torchvision's weights' transforms do (:func:`normalize_input`).
     """
     from torchvision import models
 
@@ -225,7 +262,7 @@ def build_torchvision(arch="resnet18", pretrained=None, kwargs=None, *, info: Da
         _adapt_input_channels(model, chans)
     if pretrained and not wants_library_weights(pretrained):
         load_pretrained(model, pretrained)
-    return model
+    return normalize_input(model, IMAGENET_MEAN, IMAGENET_STD, chans) if normalize else model
 
 
 # ----------------------------------------------------------------------------------------------------- detection

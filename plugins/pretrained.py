@@ -128,7 +128,9 @@ def torch_hub_cache_file(url: str) -> Path:
 
 def offline_error(what: str, url: str, cache: Path | str, err: BaseException) -> DataError:
     """The one-line error for weights that could be neither downloaded nor found in the library's cache."""
-    reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+    reason = (str(err).splitlines() or [type(err).__name__])[0]
+    if len(reason) > 160:  # whole words: the library's message may be long
+        reason = reason[:160].rsplit(" ", 1)[0] + " ..."
     return DataError(f"{what}: cannot download {url} ({reason}); put the file at {cache} (the library's cache) "
                      f"{_LOCAL_HINT}")
 
@@ -207,7 +209,9 @@ def timm_create(model_name: str, value: bool | str, **kwargs: Any) -> nn.Module:
         if cfg.hf_hub_id:
             from huggingface_hub import constants
 
-            url, cache = f"https://huggingface.co/{cfg.hf_hub_id}", Path(constants.HF_HUB_CACHE)
+            # the folder huggingface_hub gives the repo: models--<org>--<name> (snapshots/<commit>/<file> inside)
+            url = f"https://huggingface.co/{cfg.hf_hub_id}"
+            cache = Path(constants.HF_HUB_CACHE) / ("models--" + cfg.hf_hub_id.replace("/", "--"))
         else:
             url, cache = cfg.url, torch_hub_cache_file(cfg.url)
         raise offline_error(f"pretrained timm {full}", url, cache, err) from None

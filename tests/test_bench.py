@@ -367,3 +367,20 @@ def test_bench_runs_labelling_with_raw_kept(tmp_path, capsys):
     assert cell["selected"] == summary["pseudo_labels"] == quality["selected"]
     assert cell["selected_accuracy"] == pytest.approx(quality["selected_accuracy"])
     assert 0.5 < cell["accuracy"] < 1.0
+
+
+def test_classification_raw_without_labels_says_how_to_get_them_and_writes_nothing(tmp_path, capsys):
+    """Predictions on a folder of images carry no classes: the one-line error names the fix that works for
+    classification (bench.gt is a COCO json of boxes, no help here), and the bench folder stays empty."""
+    from ddkit.cli import main
+
+    raw = B.make_synthetic_classification(num_images=6, num_views=2, num_categories=3, seed=0)
+    for img in raw.images:
+        img.target = None
+    path = B.save_raw(raw, tmp_path / "raw.pt")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"run": {"out_dir": str(tmp_path / "run")}, "bench": {"raw": str(path)}}))
+    assert main(["bench", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "no ground truth" in err and "data.split" in err and "bench.gt" not in err
+    assert not (tmp_path / "run" / "bench").exists()

@@ -216,7 +216,8 @@ def test_bad_entries_are_reported_not_clipped(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and not out.exists()
     lines = err.strip().splitlines()
-    assert "8 bad predictions" in lines[0] and len(lines) == 9
+    assert "8 bad predictions" in lines[0] and len(lines) == 10
+    assert lines[-1].count("--box-tolerance") == 1 and err.count("--box-tolerance") == 1  # once, for both boxes
     for i, text in [(1, "image_id 999 is not in the COCO images file"), (2, "outside image 785"),
                     (3, "score is not a finite number"), (4, "not a list of 4 numbers"), (5, "missing score"),
                     (6, "not an object"), (7, "category_id 7"), (8, "outside image 785")]:

@@ -116,7 +116,7 @@ def test_timm_offline_without_the_file_is_one_line_naming_the_hub_and_cache(tmp_
                image_shape=(3, 32, 32))
     msg = str(err.value)
     assert "\n" not in msg and "huggingface.co/timm/mobilenetv3_small_050.lamb_in1k" in msg
-    assert str(tmp_path / "hf") in msg and "local weights file" in msg
+    assert str(tmp_path / "hf" / "models--timm--mobilenetv3_small_050.lamb_in1k") in msg and "local weights file" in msg
     with pytest.raises(ConfigError, match="tags of mobilenetv3_small_050: .*lamb_in1k"):
         _build("classification", {"name": "timm", "model_name": "mobilenetv3_small_050", "pretrained": "nope"},
                image_shape=(3, 32, 32))
@@ -223,6 +223,15 @@ def test_class_slots_by_name_match_a_slow_reference(groups, per_class, rest):
 
 
 # ------------------------------------------------------------------------------------------------ user errors
+def test_a_long_offline_reason_is_cut_at_a_word():
+    from ddkit_plugins.pretrained import offline_error
+
+    reason = "Cannot reach the hub because " + "the connection was refused " * 10 + "please check your connection"
+    msg = str(offline_error("pretrained x", "https://h/x", "/cache/x", OSError(reason)))
+    cut = msg.split("(", 1)[1].split(" ...)", 1)[0]
+    assert reason.startswith(cut) and reason[len(cut)] == " " and len(cut) <= 160
+
+
 def test_offline_download_is_one_line_naming_the_url_the_cache_and_the_local_path(torch_home):
     weights = torchvision.models.MobileNet_V3_Large_Weights.DEFAULT
     with pytest.raises(DataError) as err:

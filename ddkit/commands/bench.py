@@ -29,8 +29,8 @@ def run(args: argparse.Namespace) -> int:
     registry = get_registry()
     cfg = load_recipe(args.recipe, args.overrides, registry)
     run_dir = run_dir_of(cfg, args.recipe)
-    save_config(cfg, run_dir / "bench", "config.yaml")
     result, paths = bench_from_config(cfg, run_dir, source=args.recipe, registry=registry)
+    save_config(cfg, run_dir / "bench", "config.yaml")  # after the inputs proved usable: a failed bench writes none
     title = "bench" + (" (SYNTHETIC data)" if cfg.get("bench", {}).get("synthetic") is not None else "")
     print(f"## {title}: {result.num_images} images x {result.num_views} views, sorted by {result.sort_by}")
     print(markdown_table(result))

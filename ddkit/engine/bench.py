@@ -84,8 +84,11 @@ class GroundTruth:
     def from_raw_targets(cls, raw: RawPredictions) -> "GroundTruth":
         missing = [img.image_id for img in raw.images if img.target is None]
         if missing:
+            fix = ("label images whose classes are known: the unlabeled share of a labeled dataset's data.split "
+                   "(as configs/bench_mnist_selection.yaml), not a folder of images") if raw.kind is PROBS else \
+                "give bench.gt: a COCO json of these images"
             raise DataError(f"raw predictions carry no ground truth ('target') for image {missing[0]} (and "
-                            f"{len(missing) - 1} more); give bench.gt: a COCO json")
+                            f"{len(missing) - 1} more); {fix}")
         if raw.kind is PROBS:
             return cls(class_labels={img.image_id: int(torch.as_tensor(img.target["label"]))
                                      for img in raw.images})

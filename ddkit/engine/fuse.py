@@ -44,6 +44,7 @@ class Problem:
     index: int | None
     message: str
     entry: Any = None
+    fix: str = ""  # said once after the list, for every problem of its kind
 
     def __str__(self) -> str:
         where = self.source if self.index is None else f"{self.source}[{self.index}]"
@@ -63,6 +64,7 @@ def problems_error(problems: Sequence[Problem], what: str = "bad predictions",
     lines += [f"  {p}" for p in problems[:limit]]
     if len(problems) > limit:
         lines.append(f"  ... and {len(problems) - limit} more")
+    lines += list(dict.fromkeys(p.fix for p in problems if p.fix))
     return DataError("\n".join(lines))
 
 
@@ -206,7 +208,9 @@ def _box_problems(boxes: Sequence[tuple[int, Any, list[float]]], sizes: Mapping[
     out = []
     for (i, e, _), st, (h, w) in zip(boxes, status.tolist(), hw.long().tolist()):
         if st == CLIPPED:
-            out.append(Problem(source, i, f"bbox is outside image {e['image_id']} of size {w}x{h} (w x h)", e))
+            out.append(Problem(source, i, f"bbox is outside image {e['image_id']} of size {w}x{h} (w x h)", e,
+                               "boxes that stick out by a little (float rounding of clipped boxes): "
+                               "--box-tolerance PIXELS clamps those within PIXELS to the image"))
         elif st != OK:
             out.append(Problem(source, i, f"bbox is empty (zero width or height) or wholly outside image "
                                           f"{e['image_id']} of size {w}x{h} (w x h)", e))
