@@ -92,3 +92,54 @@ def test_readme_keypoint_recipe_runs(tmp_path, torch_cache, monkeypatch):
     out = _run(tmp_path, 1, monkeypatch, *SMALL_KEYPOINT_HEAD)
     pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
     assert pseudo["annotations"] and all(len(a["keypoints"]) == 17 * 3 for a in pseudo["annotations"])
+
+
+@pytest.fixture
+def timm_cache(tmp_path, monkeypatch):
+    """timm's Hugging Face cache holding (random) weights of the recipe's student, in the hub's own layout."""
+    import safetensors.torch as safetensors_torch
+    import timm
+    from huggingface_hub import constants
+
+    hub = tmp_path / "hf"
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    name, commit = "mobilenetv3_small_050.lamb_in1k", "0123456789abcdef0123456789abcdef01234567"
+    repo = hub / f"models--timm--{name}"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    state = timm.create_model(name, pretrained=False).state_dict()
+    safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()},
+                                repo / "snapshots" / commit / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_readme_classification_recipe_runs_on_class_folders(tmp_path, torch_cache, timm_cache, monkeypatch):
+    """Class folders of real coco8 photos (different sizes); the test folder holds one class of the two."""
+    import shutil
+
+    coco8 = REPO.parent / "shared" / "data" / "coco8" / "images"
+    data = tmp_path / "my_data"
+    photos = sorted((coco8 / "train").glob("*.jpg")) + sorted((coco8 / "val").glob("*.jpg"))
+    for i, photo in enumerate(photos[:6]):
+        (data / "train" / ("animal", "thing")[i % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(photo, data / "train" / ("animal", "thing")[i % 2])
+    (data / "val" / "thing").mkdir(parents=True)
+    shutil.copy(photos[6], data / "val" / "thing")
+    overrides = [f"data.train.dataset.root={data / 'train'}", f"data.test.dataset.root={data / 'val'}",
+                 "data.train.dataset.image_size=[32, 32]", "data.test.dataset.image_size=[32, 32]",
+                 "label.images=../shared/data/coco8-pose/images/train", "teacher.train.iterations=2",
+                 "student.train.iterations=2", "teacher.train.batch_size=2", "student.train.batch_size=2",
+                 "--no-progress"]
+    recipe = tmp_path / "byod2.yaml"
+    recipe.write_text(readme_recipes()[2])
+    assert len(recipe.read_text().splitlines()) < 20
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), f"run.out_dir={out}", *overrides]) == 0
+    assert (out / "results.md").is_file()
+    student = torch.load(out / "student" / "model.pt", weights_only=True)
+    assert student["model_cfg"]["name"] == "timm" and student["model_cfg"]["pretrained"] is True
+    pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
+    assert len(pseudo["images"]) == 4 and {c["name"] for c in pseudo["categories"]} == {"animal", "thing"}
