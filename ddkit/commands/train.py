@@ -35,42 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _init_distributed(device: str | None) -> bool:
-    """NCCL when the processes train on GPUs (one each), gloo when the recipe or --device says cpu."""
-    import torch.distributed as dist
-
-    from ddkit.engine.train import resolve_device
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dev = resolve_device(device or "auto")
-    if dev.type == "cuda":
-        import torch
-
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return True
-
-
 def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.train import run_train
+    from ddkit.runtime import torchrun_group
+
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     cfg = load_recipe(args.recipe, args.overrides)
-    started = _init_distributed(args.device or (cfg.get("run") or {}).get("device"))
-    try:
-        from ddkit.engine.train import run_train
-
+    with torchrun_group(args.device or (cfg.get("run") or {}).get("device")):
         result = run_train(cfg, stage=args.stage, resume=args.resume, source=args.recipe, device=args.device,
                            progress=False if args.no_progress else None, force=args.force)
-        if started:  # no rank tears gloo down while another is still in a collective (it aborts at exit)
-            import torch.distributed as dist
-
-            dist.barrier()
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank == 0:
         print(json.dumps({k: result[k] for k in ("run_dir", "model_path", "checkpoint", "iterations",
                                                  "total_iterations", "finished", "metrics")}))

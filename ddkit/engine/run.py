@@ -17,6 +17,10 @@ A stage whose marker exists and whose inputs (the recipe sections it reads, hash
 ``force`` redoes a stage and every stage after it. Before any stage runs, the finished stages that will be redone
 are removed, with the results files. An interrupted stage resumes from its own checkpoints or shards.
 The results table, ``results.json`` and ``report.html`` are rewritten at the end of every run.
+
+Under ``torchrun`` (an initialised process group) every process runs every stage but ``select``: the training
+stages are data-parallel (as ``ddkit train``), the labelling stages split the shards between the processes, and
+rank 0 alone writes the markers and results (the others wait for it, then read the stage's result from its marker).
 """
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ from ddkit.engine.train import parse_train_config, resolve_device, total_iterati
 from ddkit.errors import ConfigError, DegenerateResultError
 from ddkit.io import atomic_write_json, atomic_write_text
 from ddkit.registry import Registry, _to_plain
+from ddkit.runtime import dist_info
 
 log = logging.getLogger("ddkit.run")
 
@@ -56,6 +61,7 @@ class Stage:
     inputs: tuple[str, ...]  # recipe sections whose content decides the stage's output
     fn: Callable[[], dict[str, Any]]
     ignore: tuple[str, ...] = ()  # keys of those sections that do not decide it (``section.key``)
+    writer_only: bool = False  # under torchrun rank 0 alone runs it (it only reads files and writes its own)
 
 
 # what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
@@ -85,6 +91,8 @@ class Runner:
         self.out = Path(self.run.get("out_dir") or f"runs/{self.run.get('name') or 'ddkit'}")
         self.seed = int(self.run.get("seed", 0) or 0)
         self.device = resolve_device(self.run.get("device", "auto"))
+        self.rank, self.world = dist_info()  # torchrun: every rank runs the stages, rank 0 writes
+        self.is_main = self.rank == 0
         for key in ("task", "data", "teacher"):
             if cfg.get(key) is None:
                 raise ConfigError(f"{source}: ddkit run needs a {key!r} section")
@@ -137,6 +145,7 @@ class Runner:
             if ratio is not None and not ratio[1] > 0:  # the student would be the labeled-only baseline again
                 raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
                                   f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
+        self._check_ddp_batches()
         blocks = {"student": (self.student_cfg or {}).get("model")}
         if not self.teacher_cfg.get("checkpoint"):
             blocks["teacher"] = self.teacher_cfg.get("model")
@@ -146,6 +155,23 @@ class Runner:
                     self.task.build_model(model_cfg, self.splits.info)
                 except ConfigError as err:
                     raise ConfigError(f"{self.source}: {section}.model: {err}") from None
+
+    def _check_ddp_batches(self) -> None:
+        """Under torchrun every training stage splits its batch over the ranks: a batch size that the number of
+        processes does not divide is refused now, not when that stage starts."""
+        if self.world <= 1:
+            return
+        student_train = self._student_like().get("train") or {}
+        blocks = {"student.train": student_train}
+        if not self.teacher_cfg.get("checkpoint"):
+            blocks["teacher.train"] = self.teacher_cfg.get("train") or {}
+        for variant, block in (self.kd.get("variants") or {}).items():
+            blocks[f"kd.variants.{variant}.train"] = {**student_train, **((block or {}).get("train") or {})}
+        for where, block in blocks.items():
+            size = parse_train_config(block).batch_size
+            if size % self.world:
+                raise ConfigError(f"{self.source}: {where}.batch_size {size} is not divisible by the {self.world} "
+                                  f"torchrun processes; give a multiple of {self.world}")
 
     def _data_fingerprint(self) -> dict[str, str]:
         """What every stage reads from the data: each part's targets and image files (path, size, mtime),
@@ -195,7 +221,8 @@ class Runner:
                 # the label stage reads every label key but the selection's: another selector re-uses the shards
                 stages.append(Stage(f"label{sfx}", models + LABEL_STAGE_KEYS,
                                     lambda p=prev, s=sfx: self._label(p, s)))
-                stages.append(Stage(f"select{sfx}", models + ("label",), lambda s=sfx: self._select(s)))
+                stages.append(Stage(f"select{sfx}", models + ("label",), lambda s=sfx: self._select(s),
+                                    writer_only=True))
                 stages.append(Stage(f"student{sfx}", base + ("teacher", "label", "student"),
                                     lambda s=sfx: self._train_student(s)))
         if self.baselines.get("labeled_only"):
@@ -217,31 +244,53 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ running
     def execute(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(with_defaults(self.cfg, self.registry), self.out)
         keys = [_digest({**self._inputs(st), "data files": self.data_key}) for st in self.stages]  # a changed file
-        self._remove_stale(keys)                                                              # re-runs a stage
+        if self.is_main:                                                                      # re-runs a stage
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(with_defaults(self.cfg, self.registry), self.out)
+            self._remove_stale(keys)
+        self._barrier()  # every rank sees the same markers from here on
         for i, stage in enumerate(self.stages):
-            folder = self.out / stage.name
-            marker = folder / "stage.json"
+            marker = self.out / stage.name / "stage.json"
             if marker.is_file():
                 log.info("stage %s: complete, skipped (--force %s to redo)", stage.name, stage.name)
-                print(f"[ddkit run] {stage.name}: done earlier, skipped")
+                self._say(f"{stage.name}: done earlier, skipped")
                 self.results[stage.name] = json.loads(marker.read_text())["result"]
                 continue
-            if self._forced(i) and folder.exists():
-                shutil.rmtree(folder)  # redo from scratch, not resume
-            print(f"[ddkit run] {stage.name}: running")
-            t0 = time.perf_counter()
+            self._run_stage(i, stage, keys[i])
+        return self._write_results() if self.is_main else self.summarize()
+
+    def _run_stage(self, index: int, stage: Stage, key: str) -> None:
+        """Run one stage (every rank, or rank 0 alone for a ``writer_only`` one) and record its result: rank 0
+        writes the marker, the other ranks then read the result from it, so every rank holds the same results."""
+        folder, marker = self.out / stage.name, self.out / stage.name / "stage.json"
+        if self.is_main and self._forced(index) and folder.exists():
+            shutil.rmtree(folder)  # redo from scratch, not resume
+        self._barrier()
+        self._say(f"{stage.name}: running")
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {}
+        if self.is_main or not stage.writer_only:
             try:
                 result = stage.fn()
-            except DegenerateResultError as err:  # the finished stages' results are written, and say why it stopped
-                self._write_results(f"stage {stage.name}: {err}")
+            except DegenerateResultError as err:  # the finished stages' results are written, say why it stopped
+                if self.is_main:
+                    self._write_results(f"stage {stage.name}: {err}")
                 raise
+        if self.is_main:
             result["seconds"] = round(time.perf_counter() - t0, 2)
-            self.results[stage.name] = result
-            atomic_write_json(marker, {"stage": stage.name, "inputs": keys[i], "result": result})
-        return self._write_results()
+            atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
+        self._barrier()
+        self.results[stage.name] = result if self.is_main else json.loads(marker.read_text())["result"]
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _say(self, line: str) -> None:
+        """One console line per run, not one per torchrun process."""
+        if self.is_main:
+            print(f"[ddkit run] {line}")
 
     def _forced(self, index: int) -> bool:
         return self.force_from is not None and index >= self.force_from
@@ -333,7 +382,7 @@ class Runner:
         as it is and evaluated on the test part for the table."""
         _, model, info = load_model(path, device=self.device, registry=self.registry)
         check_same_classes(info, self.splits.info, str(path), self.source)
-        metrics = self.task.evaluate(model, self.splits.test, 8) if self.splits.test is not None else {}
+        metrics = self.task.evaluate(model, self.splits.test, 8) if self.is_main else {}  # the others: the marker
         return {"model": str(path.resolve()), "metrics": metrics, "iterations": 0}
 
     def _model_path(self, stage: str) -> Path:
@@ -346,9 +395,9 @@ class Runner:
         teachers = [load_model(p, device=self.device, registry=self.registry)[1] for p in paths]
         out = self.out / f"label{sfx}"
         res = label_stage(self.task, teachers, self.splits.info, self.splits.unlabeled, self.label_cfg, out,
-                          teacher_checkpoint=paths, device=self.device, progress=bool(self.progress),
+                          teacher_checkpoint=paths, device=self.device, progress=bool(self.progress) and self.is_main,
                           registry=self.registry, seed=self.seed)
-        if not res.complete:
+        if not res.complete and self.is_main:  # under torchrun the other ranks label their part only
             raise ConfigError(f"stage label{sfx}: not every shard is labelled; re-run to resume it")
         named = [str(p) for p in paths]
         return {**res.to_dict(), "pseudo_labels": str(out / "pseudo_labels.json"),
@@ -364,7 +413,7 @@ class Runner:
         if skipped:  # said on the console and at the head of the results, not only in the label folder's files
             out["warning"] = f"select{sfx}: {skipped} unlabeled image(s) could not be read and were skipped " \
                              f"(see {res.skipped_path})"
-            print(f"[ddkit run] {out['warning']}")
+            self._say(out["warning"])
         if res.yolo_path is not None:
             out["yolo_dataset"] = str(res.yolo_path)
         return out
