@@ -205,6 +205,47 @@ def test_rerun_of_a_finished_run_is_skipped_unless_forced(tmp_path, caplog, caps
     assert (after["model.pt"][0] != before["model.pt"][0]) == bool(override)  # same recipe: the same weights
 
 
+# ---------------------------------------------------------------------------------------- unfinished work kept
+def _interrupt_at(monkeypatch, iteration: int) -> None:
+    """Ctrl-C during training step ``iteration``."""
+    from ddkit.engine.trainer import Trainer
+
+    step = Trainer.run_step
+
+    def run_step(self) -> None:
+        if self.iter == iteration:
+            raise KeyboardInterrupt
+        step(self)
+
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+
+
+def test_an_interrupted_run_is_not_started_over_without_asking(tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tmp_path)
+    _interrupt_at(monkeypatch, 5)
+    assert main(["train", str(recipe), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "ddkit train: interrupted; re-run the same command with --resume to continue" in err
+    monkeypatch.undo()
+    run_dir = tmp_path / "out" / "teacher"
+    before = _snapshot(run_dir)
+    _fails_in_one_line(["train", str(recipe), "--no-progress"], capsys, "stage teacher was interrupted at "
+                       "iteration 5 of 8", str(run_dir / "checkpoints" / "last.pt"), "--resume", "--force")
+    assert _snapshot(run_dir) == before  # the checkpoint of iterations 0-4 is still there
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--no-progress", "--resume"]) == 0
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["finished"]
+
+
+def test_a_run_stopped_by_max_iterations_is_not_started_over_without_asking(stopped, capsys):
+    recipe, run_dir = stopped
+    before = _snapshot(run_dir)
+    _fails_in_one_line(["train", str(recipe), "--no-progress", "teacher.train.max_iterations=4"], capsys,
+                       "iteration 4 of 8", "--resume", "--force")
+    assert _snapshot(run_dir) == before
+
+
 @pytest.mark.parametrize("prepare", ["nothing", "empty_folder"])
 def test_resume_without_a_checkpoint_says_it_starts_fresh(tmp_path, caplog, prepare):
     recipe = _recipe(tmp_path)

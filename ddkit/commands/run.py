@@ -12,6 +12,8 @@ import sys
 from ddkit.config import load_config
 
 HELP = "run a distillation recipe end to end (teacher, labelling, student, baselines, report)"
+ON_INTERRUPT = ("re-run the same command to resume: finished stages are skipped, the interrupted one "
+                "continues from its checkpoint or shards")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

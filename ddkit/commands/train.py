@@ -8,7 +8,8 @@ every process trains on its share of each batch (gloo on CPU, NCCL on GPU).
 
 A finished run is not trained again (the command names it and exits 0) unless ``--force``; ``--resume`` refuses a
 checkpoint whose recipe differs in a way that changes the result (it names the keys and both values) and notes
-the harmless changes (logging, cadence, ``max_iterations``).
+the harmless changes (logging, cadence, ``max_iterations``). An unfinished run (Ctrl-C, killed,
+``max_iterations``) is never started over without ``--force``: the command refuses and names ``--resume``.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import os
 from ddkit.engine.recipe import load_recipe
 
 HELP = "train a teacher or a student (KD losses, pseudo-labels) from a recipe; resumable, DDP with torchrun"
+ON_INTERRUPT = "re-run the same command with --resume to continue from its last checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which section to train (default: teacher if the recipe has one, else student)")
     parser.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
     parser.add_argument("--force", action="store_true",
-                        help="train again from scratch although the run finished (replaces model.pt) or its "
-                             "checkpoint is for another recipe")
+                        help="train again from scratch although the run finished (replaces model.pt), stopped "
+                             "early (replaces its checkpoint) or is for another recipe")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: run.device, else auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

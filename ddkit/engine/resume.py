@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from torch import nn
 
@@ -79,6 +79,14 @@ def check_resume(last: Path, state: Mapping[str, Any], recipe: Mapping[str, Any]
         raise ConfigError(f"cannot resume {last}: it was for {state.get('total_iterations')} iterations, this "
                           f"run has {total} (the schedule or the data changed); {fresh}")
     return harmless
+
+
+def refuse_fresh_start(stage: str, last: Path, state: Mapping[str, Any]) -> NoReturn:
+    """An unfinished stage's checkpoint (interrupted, killed or stopped by ``max_iterations``) is never replaced by
+    a fresh start that nobody asked for: refuse in one line that says how to continue or start over."""
+    raise ConfigError(f"stage {stage} was interrupted at iteration {state.get('iteration')} of "
+                      f"{state.get('total_iterations')} (or stopped by max_iterations; checkpoint {last}); add "
+                      f"--resume to continue it, or --force (or another run.out_dir) to start over")
 
 
 def clean_stale_temp(ckpt_dir: Path) -> None:

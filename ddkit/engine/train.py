@@ -51,7 +51,7 @@ from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
 from ddkit.engine.hooks import CheckpointHook, EvalHook, FinalHook, LogHook, RunLog, TrainingDiverged, describe_run
 from ddkit.engine.losses import SetupContext
-from ddkit.engine.resume import check_resume, clean_stale_temp, recipe_record, resume_changes
+from ddkit.engine.resume import check_resume, clean_stale_temp, recipe_record, refuse_fresh_start, resume_changes
 from ddkit.engine.sampler import MixedRatioSampler
 from ddkit.engine.task import Task, unwrap_model
 from ddkit.engine.teacher_cache import TeacherCache, TeacherOutputs, _Indexed, dataset_fingerprint
@@ -450,7 +450,8 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     and ``teacher`` (the teacher checkpoint for KD losses or ``init: teacher``; default ``teacher.checkpoint``, then
     ``<out_dir>/teacher``). The run folder is ``<run.out_dir>/<stage>``.
 
-    A finished run (its ``model.pt``) is not trained again unless ``force`` (start fresh) or ``resume``; the whole
+    A finished run (its ``model.pt``) is not trained again unless ``force`` (start fresh) or ``resume``; an
+    unfinished run's checkpoint is not replaced unless ``force`` (without ``resume`` it is refused); the whole
     recipe is validated and the data and models are built before anything is written into the run folder.
     """
     from ddkit.config import save_config, validate_config
@@ -484,6 +485,8 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
             train_sets.append(_pseudo_set(section, splits, run_dir))
         teacher = _student_teacher(cfg, section, tcfg, registry, source, run_dir)
     last = run_dir / "checkpoints" / LAST
+    if not (resume or force) and last.is_file():  # an unfinished run: never started over unasked
+        refuse_fresh_start(stage, last, load_checkpoint(last, fresh_hint="delete it or start fresh with --force"))
     if resume and not force and not last.is_file():
         log.warning("ddkit train --resume: no checkpoint %s; starting fresh", last)
 
