@@ -6,10 +6,11 @@ The run folder is ``<run.out_dir>/<stage>``: ``config.yaml`` (the resolved recip
 ends with the same weights and metrics as an uninterrupted run. Under ``torchrun --nproc-per-node N -m ddkit train``
 every process trains on its share of each batch (gloo on CPU, NCCL on GPU).
 
-A finished run is not trained again (the command names it and exits 0) unless ``--force``; ``--resume`` refuses a
-checkpoint whose recipe differs in a way that changes the result (it names the keys and both values) and notes
-the harmless changes (logging, cadence, ``max_iterations``). An unfinished run (Ctrl-C, killed,
-``max_iterations``) is never started over without ``--force``: the command refuses and names ``--resume``.
+A finished run of the same recipe is not trained again (the command names it and exits 0) unless ``--force``; a
+finished run of another recipe is refused in one line that names the keys and both values, as ``--resume`` refuses
+a checkpoint whose recipe differs in a way that changes the result (and notes the harmless changes: logging,
+cadence, ``max_iterations``). An unfinished run (Ctrl-C, killed, ``max_iterations``) is never started over without
+``--force``: the command refuses and names ``--resume``.
 """
 from __future__ import annotations
 
