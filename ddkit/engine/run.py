@@ -40,8 +40,8 @@ from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
-from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, label_dataset, label_stage, make_source,
-                               parse_label_config, select_stage)
+from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
+                               make_source, parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
@@ -128,7 +128,15 @@ class Runner:
 
     def _check_later_stages(self) -> None:
         """What a later stage would otherwise find wrong only after the teacher has trained: the unlabeled images,
-        the student's mixing ratio and every model block (built once here, so a bad one fails now)."""
+        the student's mixing ratio, the label and TTA strategies against the task, the batch split under torchrun,
+        every model block (built once here, so a bad one fails now) and the loss terms against those models."""
+        self._check_unlabeled()
+        self._check_strategies()
+        self._check_ddp_batches()
+        self._check_loss_terms(self._build_models())
+
+    def _check_unlabeled(self) -> None:
+        """The images the label stage reads, and a student ratio that samples them."""
         if self.label_cfg is not None:
             try:  # the label stage's own reader: the folder or COCO file named, or the unlabeled part
                 source = make_source(parse_label_config(self.label_cfg), self.splits.unlabeled, self.splits.info)
@@ -145,16 +153,63 @@ class Runner:
             if ratio is not None and not ratio[1] > 0:  # the student would be the labeled-only baseline again
                 raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
                                   f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
-        self._check_ddp_batches()
-        blocks = {"student": (self.student_cfg or {}).get("model")}
+
+    def _check_strategies(self) -> None:
+        """The label section (and the TTA stages' views) as their stages build them: an aggregator or selector that
+        does not fit the task's predictions, or a YOLO output for image labels, fails now."""
+        sections = {"label": self.label_cfg} if self.label_cfg is not None else {}
+        if self.evaluate_cfg.get("tta"):
+            sections["evaluate"] = self._tta_label_cfg()
+        for where, section in sections.items():
+            try:
+                check_label_section(parse_label_config(section, where=where), self.task, self.splits.info,
+                                    self.registry, where=where)
+            except ConfigError as err:
+                raise ConfigError(f"{self.source}: {err}") from None
+
+    def _build_models(self) -> dict[str, Any]:
+        """Every model block of the recipe built once (``student``, ``teacher`` unless a checkpoint gives it, and
+        each KD variant's own ``model``): a bad block fails now, naming its field."""
+        blocks = {"student.model": (self.student_cfg or {}).get("model")}
         if not self.teacher_cfg.get("checkpoint"):
-            blocks["teacher"] = self.teacher_cfg.get("model")
-        for section, model_cfg in blocks.items():
+            blocks["teacher.model"] = self.teacher_cfg.get("model")
+        for variant, block in (self.kd.get("variants") or {}).items():
+            blocks[f"kd.variants.{variant}.model"] = (block or {}).get("model")
+        models = {}
+        for where, model_cfg in blocks.items():
             if model_cfg is not None:
                 try:
-                    self.task.build_model(model_cfg, self.splits.info)
+                    models[where] = self.task.build_model(model_cfg, self.splits.info)
                 except ConfigError as err:
-                    raise ConfigError(f"{self.source}: {section}.model: {err}") from None
+                    raise ConfigError(f"{self.source}: {where}: {err}") from None
+        return models
+
+    def _check_loss_terms(self, models: Mapping[str, Any]) -> None:
+        """Each student's loss terms asked (through their own ``check_models``, any plugin's) whether they work with
+        the built student and teacher, e.g. that a hint's layers exist: found now, not when that student starts."""
+        students = {"student.losses": ((self.student_cfg or {}).get("losses"), models.get("student.model"))}
+        for variant, block in (self.kd.get("variants") or {}).items():
+            model = models.get(f"kd.variants.{variant}.model") or models.get("student.model")
+            students[f"kd.variants.{variant}.losses"] = ((block or {}).get("losses"), model)
+        if not any(losses for losses, _ in students.values()):
+            return
+        teacher = models.get("teacher.model")
+        if teacher is None and self.teacher_cfg.get("checkpoint"):
+            teacher = load_model(self.teacher_cfg["checkpoint"], registry=self.registry)[1]
+        for where, (losses, student) in students.items():
+            for i, block in enumerate(losses or []):
+                self._check_term(f"{where}[{i}]", block, student, teacher)
+
+    def _check_term(self, where: str, block: Any, student: Any, teacher: Any) -> None:
+        term = self.registry.build("losses", block, where=f"{self.source}: {where}")
+        check = getattr(term, "check_models", None)
+        try:
+            if check is not None and student is not None:
+                check(student, teacher)
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}: {where}: {err}") from None
+        finally:
+            getattr(term, "close", lambda: None)()
 
     def _check_ddp_batches(self) -> None:
         """Under torchrun every training stage splits its batch over the ranks: a batch size that the number of
@@ -481,6 +536,16 @@ class Runner:
         """Evaluate a stage's model on the test part with the multi-transform ensemble, beside one view."""
         path = self._model_path(stage)
         _, model, _ = load_model(path, device=self.device, registry=self.registry)
+        label = self._tta_label_cfg()
+        res = label_dataset(self.task, model, self.splits.info, HiddenLabels(self.splits.test), self.splits.labeled,
+                            label, self.out / f"tta_{stage}", teacher_checkpoint=path, device=self.device,
+                            registry=self.registry, seed=self.seed)
+        quality = res.quality or {}
+        return {"single": quality.get("single"), "ensemble": quality.get("ensemble")}
+
+    def _tta_label_cfg(self) -> dict[str, Any]:
+        """The label section a TTA stage runs: the label views and aggregator (or ``evaluate``'s), every view's
+        prediction kept (threshold 0), with the quality report."""
         label = dict(self.label_cfg or {})
         for key in ("transforms", "aggregator"):
             if self.evaluate_cfg.get(key) is not None:
@@ -490,11 +555,7 @@ class Runner:
         keep = {"transforms", "aggregator", "batch_size", "keypoints"}
         label = {k: v for k, v in label.items() if k in keep}
         label.update(selector={"name": "score_threshold", "threshold": 0.0}, quality=True)
-        res = label_dataset(self.task, model, self.splits.info, HiddenLabels(self.splits.test), self.splits.labeled,
-                            label, self.out / f"tta_{stage}", teacher_checkpoint=path, device=self.device,
-                            registry=self.registry, seed=self.seed)
-        quality = res.quality or {}
-        return {"single": quality.get("single"), "ensemble": quality.get("ensemble")}
+        return label
 
     # ------------------------------------------------------------------------------------------------ results
     def summarize(self) -> dict[str, Any]:
