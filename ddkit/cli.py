@@ -1,5 +1,6 @@
 """The ``ddkit`` command. Each subcommand is one module in :mod:`ddkit.commands` that defines
-``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``; modules are discovered, not listed."""
+``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``ON_INTERRUPT`` (what to
+do after Ctrl-C, when re-running does more than start again); modules are discovered, not listed."""
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
         name = info.name.replace("_", "-")
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run, command=name)
+        cmd.set_defaults(_run=module.run, command=name, _on_interrupt=getattr(module, "ON_INTERRUPT", None))
         commands[name] = cmd
     return parser, commands
 
@@ -77,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ddkit {args.command}: error: {disk_full_message(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"ddkit {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        hint = getattr(args, "_on_interrupt", None)
+        print(f"ddkit {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
 
 

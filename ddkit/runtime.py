@@ -5,16 +5,19 @@ the digest of the same weights).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import os
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from ddkit.errors import ConfigError
 
-__all__ = ["dist_info", "join_process_group", "resolve_device", "state_sha256", "available_devices"]
+__all__ = ["dist_info", "join_process_group", "torchrun_group", "resolve_device", "state_sha256",
+           "available_devices"]
 
 
 def dist_info() -> tuple[int, int]:
@@ -34,6 +37,33 @@ def join_process_group(backend: str = "gloo") -> tuple[int, int, bool]:
         torch.distributed.init_process_group(backend, timeout=datetime.timedelta(hours=12))
         started = True
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), started
+
+
+def _init_distributed(device: str | None) -> bool:
+    """Join the torchrun group when ``WORLD_SIZE > 1``: NCCL when the processes run on GPUs (one each), gloo when
+    the recipe or ``--device`` says cpu. True when this call started it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or torch.distributed.is_initialized():
+        return False
+    dev = resolve_device(device or "auto")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return True
+
+
+@contextlib.contextmanager
+def torchrun_group(device: str | None) -> Iterator[bool]:
+    """A command's whole life in the torchrun group (``ddkit train``, ``ddkit run``): joined on entry, left on
+    exit. The ranks meet once more before a normal exit, so that none tears gloo down while another is still in a
+    collective (it aborts at exit). Yields whether the group was started here; one process: a no-op."""
+    started = _init_distributed(device)
+    try:
+        yield started
+        if started:
+            torch.distributed.barrier()
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
 
 
 def available_devices() -> list[str]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ddkit import ConfigError, hookimpl
-from ddkit.engine.task import FeatureHook, LossContext, SetupContext, unwrap_model
+from ddkit.engine.task import FeatureHook, LossContext, SetupContext, get_submodule, unwrap_model
 from ddkit.ops.distill import channel_kl
 from ddkit.types import LossSpec
 
@@ -231,6 +231,16 @@ class Hint:
             return nn.Linear(cs, ct)
         raise ConfigError(f"hint: features of rank {len(student_shape)} are not supported (use [B, C, H, W], "
                           "[B, C] or [B, N, C])")
+
+    def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Before anything trains: both layers exist (the error names the closest module paths)."""
+        for key, model, path in (("student_layer", student, self.student_layer),
+                                 ("teacher_layer", teacher, self.teacher_layer)):
+            try:
+                if model is not None:
+                    get_submodule(model, path, key.removesuffix("_layer"))
+            except ConfigError as err:
+                raise ConfigError(f"hint {key}: {err}") from None
 
     def setup(self, ctx: SetupContext) -> nn.Module:
         if ctx.teacher is None:

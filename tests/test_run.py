@@ -159,6 +159,17 @@ def test_bad_recipes_fail_before_any_work(tmp_path, recipe):
     ("student.train.ratio=[6, 0]", r"student.train.ratio \[6, 0\] never samples the pseudo-labels"),
     ("student.model={{name: timm, model_name: resnt18}}", r"student.model: unknown timm model 'resnt18'"),
     ("teacher.model={{name: timm, model_name: resnt18}}", r"teacher.model: unknown timm model 'resnt18'"),
+    ("kd.variants.soft.model={{name: timm, model_name: resnt18}}",
+     r"kd.variants.soft.model: unknown timm model 'resnt18'"),
+    ("label.aggregator.name=wbf", r"label.aggregator: 'wbf' ensembles instances, but the task 'classification' "
+                                  r"predicts probs; use one of: .*prob_mean"),
+    ("label.aggregator.name=heatmap_mean", r"label.aggregator: 'heatmap_mean' ensembles heatmaps"),
+    ("label.format=yolo", r"label.format='yolo': a YOLO dataset holds boxes; probs pseudo-labels are one label"),
+    ("evaluate.aggregator={{name: wbf}}", r"evaluate.aggregator: 'wbf' ensembles instances"),
+    ("student.losses=[{{name: hard_label}}, {{name: hint, teacher_layer: '1', student_layer: blocks.9}}]",
+     r"student.losses\[1\]: hint student_layer: student has no module 'blocks.9'; closest: "),
+    ("kd.variants.soft.losses=[{{name: hint, teacher_layer: '9', student_layer: '1'}}]",
+     r"kd.variants.soft.losses\[0\]: hint teacher_layer: teacher has no module '9'"),
 ])
 def test_what_a_later_stage_reads_is_checked_before_anything_is_written(tmp_path, recipe, override, message):
     """The teacher would train for nothing: the unlabeled images, the mixing ratio and the models are checked
@@ -166,6 +177,28 @@ def test_what_a_later_stage_reads_is_checked_before_anything_is_written(tmp_path
     out = tmp_path / "out"
     cfg = load_config(recipe, [f"run.out_dir={out}", override.format(tmp=tmp_path)])
     with pytest.raises(ConfigError, match=message):
+        Runner(cfg)
+    assert not out.exists()
+
+
+def test_a_strategy_that_does_not_fit_the_task_stops_the_cli_in_one_line(tmp_path, recipe, capsys):
+    from ddkit.cli import main
+
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), f"run.out_dir={out}", "label.aggregator.name=wbf", "--no-progress"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "label.aggregator: 'wbf' ensembles instances" in captured.err
+    assert "[ddkit run]" not in captured.out and not out.exists()
+
+
+def test_a_hint_layer_missing_from_a_given_teacher_checkpoint_is_found_first(first_run, recipe, tmp_path):
+    teacher = tmp_path / "teacher.pt"
+    teacher.write_bytes((Path(first_run["run_dir"]) / "teacher" / "model.pt").read_bytes())
+    out = tmp_path / "out"
+    cfg = load_config(recipe, [f"run.out_dir={out}", f"teacher.checkpoint={teacher}",
+                               "kd.variants.soft.losses=[{name: hint, teacher_layer: layer9, student_layer: '1'}]"])
+    with pytest.raises(ConfigError, match=r"kd.variants.soft.losses\[0\]: hint teacher_layer: teacher has no "
+                                          r"module 'layer9'"):
         Runner(cfg)
     assert not out.exists()
 

@@ -49,3 +49,62 @@ student:
     assert [r["iteration"] for r in records if "losses" in r] == [20, 40]  # rank 0 alone writes
     _, model, _ = load_model(run_dir)
     assert sum(p.numel() for p in model.parameters()) == 64 * 16 + 16 + 16 * 10 + 10
+
+
+RUN_RECIPE = """
+run: {{name: ddp_run, out_dir: {out}, seed: 0, device: cpu}}
+task: {{name: classification}}
+data: {{dataset: {{name: digits}}, split: {{labeled: 0.1, unlabeled: 0.3, test: 0.2, seed: 0}}}}
+teacher:
+  model: {{name: mlp, hidden: [16]}}
+  train: {{iterations: 20, batch_size: 16, lr: 0.1, log_every: 10}}
+label:
+  transforms: [{{name: identity}}, {{name: translate, shifts: [[1, 0]]}}]
+  aggregator: {{name: prob_mean}}
+  selector: {{name: count_match}}
+  shards: 2
+student:
+  model: {{name: mlp, hidden: [16]}}
+  train: {{iterations: 20, batch_size: 16, lr: 0.1, ratio: [6, 4], log_every: 10}}
+baselines: {{labeled_only: true, fully_labeled: true}}
+"""
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_torchrun_two_gloo_processes_run_a_recipe(tmp_path):
+    """``torchrun -m ddkit run``: every training stage is DDP over both ranks with one writer, the label stage's
+    shards are split between them, and the results have the structure of a one-process run's."""
+    from ddkit.config import load_config
+    from ddkit.engine.run import run_recipe
+
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.yaml").write_text(RUN_RECIPE.format(out=tmp_path / name))
+    single = run_recipe(load_config(tmp_path / "one.yaml"), progress=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "ddkit", "run",
+                          str(tmp_path / "two.yaml"), "--no-progress"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "two"
+    assert sorted(p.name for p in run_dir.glob("results.*")) == ["results.json", "results.md"]
+    assert out.stdout.count("| model |") == 1 and out.stdout.count("[ddkit run] teacher: running") == 1
+    for stage in ("teacher", "student", "baseline_full"):
+        starts = [line for line in (run_dir / stage / "train.log").read_text().splitlines() if " training " in line]
+        assert len(starts) == 1 and "2 process(es)" in starts[0], (stage, starts)
+    assert len(list((run_dir / "label" / "shards").glob("shard-*.pt"))) == 2
+    two = json.loads((run_dir / "results.json").read_text())
+    assert set(two) == set(single) and [r["stage"] for r in two["rows"]] == [r["stage"] for r in single["rows"]]
+    assert [set(r) for r in two["rows"]] == [set(r) for r in single["rows"]]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_torchrun_run_refuses_a_batch_the_ranks_cannot_split_before_anything_is_written(tmp_path):
+    recipe = tmp_path / "odd.yaml"
+    recipe.write_text(RUN_RECIPE.format(out=tmp_path / "out").replace("batch_size: 16, lr: 0.1, ratio",
+                                                                      "batch_size: 15, lr: 0.1, ratio"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "ddkit", "run", str(recipe),
+                          "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "error: " + str(recipe) + ": student.train.batch_size 15 is not divisible by the 2 torchrun" in out.stderr
+    assert not (tmp_path / "out").exists()

@@ -187,7 +187,7 @@ def test_resume_refuses_changed_image_files(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------------------------------ finished work kept
-@pytest.mark.parametrize("override", [[], ["teacher.train.lr=0.5"]])
+@pytest.mark.parametrize("override", [[], ["teacher.train.log_every=4"]])
 def test_rerun_of_a_finished_run_is_skipped_unless_forced(tmp_path, caplog, capsys, override):
     recipe = _recipe(tmp_path)
     assert main(["train", str(recipe), "--no-progress"]) == 0
@@ -196,13 +196,96 @@ def test_rerun_of_a_finished_run_is_skipped_unless_forced(tmp_path, caplog, caps
     capsys.readouterr()
     with caplog.at_level(logging.WARNING, logger="ddkit.train"):
         assert main(["train", str(recipe), "--no-progress", *override]) == 0
-    assert f"{run_dir} finished earlier" in caplog.text and "--force" in caplog.text
+    assert f"{run_dir} finished earlier" in caplog.text and "with this recipe" in caplog.text
+    assert ("train.log_every: 2 -> 4, which do not change the result" in caplog.text) == bool(override)
+    assert "--force" in caplog.text
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["model_path"] == str(run_dir / "model.pt")
     assert _snapshot(run_dir) == before
-    assert main(["train", str(recipe), "--no-progress", "--force", *override]) == 0
+    assert main(["train", str(recipe), "--no-progress", "--force", "teacher.train.lr=0.5"]) == 0
     after = _snapshot(run_dir)
-    assert after["model.pt"][1] != before["model.pt"][1]
-    assert (after["model.pt"][0] != before["model.pt"][0]) == bool(override)  # same recipe: the same weights
+    assert after["model.pt"][1] != before["model.pt"][1] and after["model.pt"][0] != before["model.pt"][0]
+    with caplog.at_level(logging.WARNING, logger="ddkit.train"):  # the same recipe again: the same weights
+        assert main(["train", str(recipe), "--no-progress", "--force", *override]) == 0
+    assert _snapshot(run_dir)["model.pt"][0] == before["model.pt"][0]
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("teacher.train.lr=0.5", "train.lr: 0.05 -> 0.5"),
+    ("teacher.model.dropout=0.4", "model.dropout: 0.2 -> 0.4"),
+    ("data.split.seed=3", "the training data"),
+])
+def test_a_finished_run_of_another_recipe_is_refused_not_reported_done(tmp_path, capsys, override, shown):
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    run_dir = tmp_path / "out" / "teacher"
+    before = _snapshot(run_dir)
+    err = _fails_in_one_line(["train", str(recipe), "--no-progress", override], capsys,
+                             f"stage teacher finished earlier ({run_dir / 'model.pt'}) with another recipe", shown,
+                             "--force", "run.out_dir")
+    assert "nothing to do" not in err
+    assert _snapshot(run_dir) == before
+
+
+def test_a_finished_runs_rerun_checks_the_recipe_first(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    run_dir = tmp_path / "out" / "teacher"
+    before = _snapshot(run_dir)
+    _fails_in_one_line(["train", str(recipe), "--no-progress", "teacher.model.name=torchvision",
+                        "teacher.model.arch=resnt18"], capsys, "teacher.model: ", "'resnt18'", "resnet18")
+    assert _snapshot(run_dir) == before
+
+
+def test_a_student_whose_teacher_changed_is_refused_not_reported_done(tmp_path, capsys):
+    recipe = _recipe(tmp_path)
+    assert main(["train", str(recipe), "--no-progress"]) == 0
+    assert main(["train", str(recipe), "--stage", "student", "--no-progress"]) == 0
+    assert main(["train", str(recipe), "--no-progress", "--force", "teacher.train.lr=0.5"]) == 0
+    before = _snapshot(tmp_path / "out" / "student")
+    _fails_in_one_line(["train", str(recipe), "--stage", "student", "--no-progress"], capsys,
+                       "stage student finished earlier", "the teacher checkpoint (sha256)", "--force")
+    assert _snapshot(tmp_path / "out" / "student") == before
+
+
+# ---------------------------------------------------------------------------------------- unfinished work kept
+def _interrupt_at(monkeypatch, iteration: int) -> None:
+    """Ctrl-C during training step ``iteration``."""
+    from ddkit.engine.trainer import Trainer
+
+    step = Trainer.run_step
+
+    def run_step(self) -> None:
+        if self.iter == iteration:
+            raise KeyboardInterrupt
+        step(self)
+
+    monkeypatch.setattr(Trainer, "run_step", run_step)
+
+
+def test_an_interrupted_run_is_not_started_over_without_asking(tmp_path, capsys, monkeypatch):
+    recipe = _recipe(tmp_path)
+    _interrupt_at(monkeypatch, 5)
+    assert main(["train", str(recipe), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert "ddkit train: interrupted; re-run the same command with --resume to continue" in err
+    monkeypatch.undo()
+    run_dir = tmp_path / "out" / "teacher"
+    before = _snapshot(run_dir)
+    _fails_in_one_line(["train", str(recipe), "--no-progress"], capsys, "stage teacher was interrupted at "
+                       "iteration 5 of 8", str(run_dir / "checkpoints" / "last.pt"), "--resume", "--force")
+    assert _snapshot(run_dir) == before  # the checkpoint of iterations 0-4 is still there
+    capsys.readouterr()
+    assert main(["train", str(recipe), "--no-progress", "--resume"]) == 0
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["finished"]
+
+
+def test_a_run_stopped_by_max_iterations_is_not_started_over_without_asking(stopped, capsys):
+    recipe, run_dir = stopped
+    before = _snapshot(run_dir)
+    _fails_in_one_line(["train", str(recipe), "--no-progress", "teacher.train.max_iterations=4"], capsys,
+                       "iteration 4 of 8", "--resume", "--force")
+    assert _snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize("prepare", ["nothing", "empty_folder"])

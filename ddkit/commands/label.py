@@ -17,6 +17,7 @@ from ddkit.engine.label import quality_table, run_label
 from ddkit.engine.shards import parse_shard_arg
 
 HELP = "pseudo-label unlabeled images with a teacher: multi-transform inference, aggregation, selection"
+ON_INTERRUPT = "re-run the same command to resume: the shards written are kept"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

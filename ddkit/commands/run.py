@@ -1,12 +1,19 @@
-"""``ddkit run RECIPE [overrides]``: teacher -> label -> student -> evaluate, resumable, with a report."""
+"""``ddkit run RECIPE [overrides]``: teacher -> label -> student -> evaluate, resumable, with a report.
+
+Under ``torchrun --nproc-per-node N -m ddkit run`` every training stage is data-parallel over the N processes (gloo
+on CPU, NCCL on GPU) as in ``ddkit train``, every labelling stage labels one part of the shards per process, and
+rank 0 alone writes the run folder's files and prints the results."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ddkit.config import load_config
 
 HELP = "run a distillation recipe end to end (teacher, labelling, student, baselines, report)"
+ON_INTERRUPT = ("re-run the same command to resume: finished stages are skipped, the interrupted one "
+                "continues from its checkpoint or shards")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,10 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.run import results_markdown, run_recipe
+    from ddkit.runtime import torchrun_group
 
     cfg = load_config(args.recipe, args.overrides)
-    summary = run_recipe(cfg, source=args.recipe, force=args.force,
-                         progress=False if args.no_progress else sys.stderr.isatty() or None)
+    with torchrun_group((cfg.get("run") or {}).get("device")):
+        summary = run_recipe(cfg, source=args.recipe, force=args.force,
+                             progress=False if args.no_progress else sys.stderr.isatty() or None)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     print()
     print(results_markdown(summary))
     print(f"\nrun folder: {summary['run_dir']}  (report: {summary['run_dir']}/report.html)")

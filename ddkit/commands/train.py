@@ -6,9 +6,11 @@ The run folder is ``<run.out_dir>/<stage>``: ``config.yaml`` (the resolved recip
 ends with the same weights and metrics as an uninterrupted run. Under ``torchrun --nproc-per-node N -m ddkit train``
 every process trains on its share of each batch (gloo on CPU, NCCL on GPU).
 
-A finished run is not trained again (the command names it and exits 0) unless ``--force``; ``--resume`` refuses a
-checkpoint whose recipe differs in a way that changes the result (it names the keys and both values) and notes
-the harmless changes (logging, cadence, ``max_iterations``).
+A finished run of the same recipe is not trained again (the command names it and exits 0) unless ``--force``; a
+finished run of another recipe is refused in one line that names the keys and both values, as ``--resume`` refuses
+a checkpoint whose recipe differs in a way that changes the result (and notes the harmless changes: logging,
+cadence, ``max_iterations``). An unfinished run (Ctrl-C, killed, ``max_iterations``) is never started over without
+``--force``: the command refuses and names ``--resume``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 from ddkit.engine.recipe import load_recipe
 
 HELP = "train a teacher or a student (KD losses, pseudo-labels) from a recipe; resumable, DDP with torchrun"
+ON_INTERRUPT = "re-run the same command with --resume to continue from its last checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,48 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which section to train (default: teacher if the recipe has one, else student)")
     parser.add_argument("--resume", action="store_true", help="continue from <run dir>/checkpoints/last.pt")
     parser.add_argument("--force", action="store_true",
-                        help="train again from scratch although the run finished (replaces model.pt) or its "
-                             "checkpoint is for another recipe")
+                        help="train again from scratch although the run finished (replaces model.pt), stopped "
+                             "early (replaces its checkpoint) or is for another recipe")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: run.device, else auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _init_distributed(device: str | None) -> bool:
-    """NCCL when the processes train on GPUs (one each), gloo when the recipe or --device says cpu."""
-    import torch.distributed as dist
-
-    from ddkit.engine.train import resolve_device
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    dev = resolve_device(device or "auto")
-    if dev.type == "cuda":
-        import torch
-
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return True
-
-
 def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.train import run_train
+    from ddkit.runtime import torchrun_group
+
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     cfg = load_recipe(args.recipe, args.overrides)
-    started = _init_distributed(args.device or (cfg.get("run") or {}).get("device"))
-    try:
-        from ddkit.engine.train import run_train
-
+    with torchrun_group(args.device or (cfg.get("run") or {}).get("device")):
         result = run_train(cfg, stage=args.stage, resume=args.resume, source=args.recipe, device=args.device,
                            progress=False if args.no_progress else None, force=args.force)
-        if started:  # no rank tears gloo down while another is still in a collective (it aborts at exit)
-            import torch.distributed as dist
-
-            dist.barrier()
-    finally:
-        if started:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
     if rank == 0:
         print(json.dumps({k: result[k] for k in ("run_dir", "model_path", "checkpoint", "iterations",
                                                  "total_iterations", "finished", "metrics")}))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 from torch import nn
 
@@ -64,14 +64,20 @@ def resume_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[list
     return refused, harmless
 
 
+def recorded_changes(state: Mapping[str, Any], recipe: Mapping[str, Any],
+                     inputs: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """``(refused, harmless)`` (see :func:`resume_changes`) between what a checkpoint records and this run."""
+    old_recipe = state.get("recipe") or {"train": state.get("train_cfg") or {}}
+    return resume_changes({"recipe": old_recipe, "inputs": state.get("inputs") or {}},
+                          {"recipe": recipe, "inputs": inputs})
+
+
 def check_resume(last: Path, state: Mapping[str, Any], recipe: Mapping[str, Any], inputs: Mapping[str, Any],
                   total: int) -> list[str]:
     """Refuse a checkpoint of another recipe or other inputs (one line: keys, both values, how to start fresh);
     return the harmless changes."""
     fresh = "start fresh with --force (ddkit train) or --force <stage> (ddkit run)"
-    old_recipe = state.get("recipe") or {"train": state.get("train_cfg") or {}}
-    refused, harmless = resume_changes({"recipe": old_recipe, "inputs": state.get("inputs") or {}},
-                                       {"recipe": recipe, "inputs": inputs})
+    refused, harmless = recorded_changes(state, recipe, inputs)
     if refused:
         raise ConfigError(f"cannot resume {last}: this run differs in {'; '.join(refused)}; {fresh}, or resume "
                           "with the checkpoint's values")
@@ -79,6 +85,26 @@ def check_resume(last: Path, state: Mapping[str, Any], recipe: Mapping[str, Any]
         raise ConfigError(f"cannot resume {last}: it was for {state.get('total_iterations')} iterations, this "
                           f"run has {total} (the schedule or the data changed); {fresh}")
     return harmless
+
+
+def check_finished(stage: str, model: Path, state: Mapping[str, Any], recipe: Mapping[str, Any],
+                   inputs: Mapping[str, Any]) -> list[str]:
+    """A finished stage stands for this recipe only when its final checkpoint (``state``) records the same recipe
+    and inputs: else refuse in one line (the keys, both values, how to retrain); return the harmless changes."""
+    refused, harmless = recorded_changes(state, recipe, inputs)
+    if refused:
+        raise ConfigError(f"stage {stage} finished earlier ({model}) with another recipe: {'; '.join(refused)}; "
+                          f"pass --force to train it again with this recipe (replaces model.pt), or use another "
+                          f"run.out_dir")
+    return harmless
+
+
+def refuse_fresh_start(stage: str, last: Path, state: Mapping[str, Any]) -> NoReturn:
+    """An unfinished stage's checkpoint (interrupted, killed or stopped by ``max_iterations``) is never replaced by
+    a fresh start that nobody asked for: refuse in one line that says how to continue or start over."""
+    raise ConfigError(f"stage {stage} was interrupted at iteration {state.get('iteration')} of "
+                      f"{state.get('total_iterations')} (or stopped by max_iterations; checkpoint {last}); add "
+                      f"--resume to continue it, or --force (or another run.out_dir) to start over")
 
 
 def clean_stale_temp(ckpt_dir: Path) -> None:

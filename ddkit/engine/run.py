@@ -17,6 +17,10 @@ A stage whose marker exists and whose inputs (the recipe sections it reads, hash
 ``force`` redoes a stage and every stage after it. Before any stage runs, the finished stages that will be redone
 are removed, with the results files. An interrupted stage resumes from its own checkpoints or shards.
 The results table, ``results.json`` and ``report.html`` are rewritten at the end of every run.
+
+Under ``torchrun`` (an initialised process group) every process runs every stage but ``select``: the training
+stages are data-parallel (as ``ddkit train``), the labelling stages split the shards between the processes, and
+rank 0 alone writes the markers and results (the others wait for it, then read the stage's result from its marker).
 """
 from __future__ import annotations
 
@@ -36,8 +40,8 @@ from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
-from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, label_dataset, label_stage, make_source,
-                               parse_label_config, select_stage)
+from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
+                               make_source, parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
@@ -46,6 +50,7 @@ from ddkit.engine.train import parse_train_config, resolve_device, total_iterati
 from ddkit.errors import ConfigError, DegenerateResultError
 from ddkit.io import atomic_write_json, atomic_write_text
 from ddkit.registry import Registry, _to_plain
+from ddkit.runtime import dist_info
 
 log = logging.getLogger("ddkit.run")
 
@@ -56,6 +61,7 @@ class Stage:
     inputs: tuple[str, ...]  # recipe sections whose content decides the stage's output
     fn: Callable[[], dict[str, Any]]
     ignore: tuple[str, ...] = ()  # keys of those sections that do not decide it (``section.key``)
+    writer_only: bool = False  # under torchrun rank 0 alone runs it (it only reads files and writes its own)
 
 
 # what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
@@ -85,6 +91,8 @@ class Runner:
         self.out = Path(self.run.get("out_dir") or f"runs/{self.run.get('name') or 'ddkit'}")
         self.seed = int(self.run.get("seed", 0) or 0)
         self.device = resolve_device(self.run.get("device", "auto"))
+        self.rank, self.world = dist_info()  # torchrun: every rank runs the stages, rank 0 writes
+        self.is_main = self.rank == 0
         for key in ("task", "data", "teacher"):
             if cfg.get(key) is None:
                 raise ConfigError(f"{source}: ddkit run needs a {key!r} section")
@@ -120,7 +128,15 @@ class Runner:
 
     def _check_later_stages(self) -> None:
         """What a later stage would otherwise find wrong only after the teacher has trained: the unlabeled images,
-        the student's mixing ratio and every model block (built once here, so a bad one fails now)."""
+        the student's mixing ratio, the label and TTA strategies against the task, the batch split under torchrun,
+        every model block (built once here, so a bad one fails now) and the loss terms against those models."""
+        self._check_unlabeled()
+        self._check_strategies()
+        self._check_ddp_batches()
+        self._check_loss_terms(self._build_models())
+
+    def _check_unlabeled(self) -> None:
+        """The images the label stage reads, and a student ratio that samples them."""
         if self.label_cfg is not None:
             try:  # the label stage's own reader: the folder or COCO file named, or the unlabeled part
                 source = make_source(parse_label_config(self.label_cfg), self.splits.unlabeled, self.splits.info)
@@ -137,15 +153,80 @@ class Runner:
             if ratio is not None and not ratio[1] > 0:  # the student would be the labeled-only baseline again
                 raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
                                   f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
-        blocks = {"student": (self.student_cfg or {}).get("model")}
+
+    def _check_strategies(self) -> None:
+        """The label section (and the TTA stages' views) as their stages build them: an aggregator or selector that
+        does not fit the task's predictions, or a YOLO output for image labels, fails now."""
+        sections = {"label": self.label_cfg} if self.label_cfg is not None else {}
+        if self.evaluate_cfg.get("tta"):
+            sections["evaluate"] = self._tta_label_cfg()
+        for where, section in sections.items():
+            try:
+                check_label_section(parse_label_config(section, where=where), self.task, self.splits.info,
+                                    self.registry, where=where)
+            except ConfigError as err:
+                raise ConfigError(f"{self.source}: {err}") from None
+
+    def _build_models(self) -> dict[str, Any]:
+        """Every model block of the recipe built once (``student``, ``teacher`` unless a checkpoint gives it, and
+        each KD variant's own ``model``): a bad block fails now, naming its field."""
+        blocks = {"student.model": (self.student_cfg or {}).get("model")}
         if not self.teacher_cfg.get("checkpoint"):
-            blocks["teacher"] = self.teacher_cfg.get("model")
-        for section, model_cfg in blocks.items():
+            blocks["teacher.model"] = self.teacher_cfg.get("model")
+        for variant, block in (self.kd.get("variants") or {}).items():
+            blocks[f"kd.variants.{variant}.model"] = (block or {}).get("model")
+        models = {}
+        for where, model_cfg in blocks.items():
             if model_cfg is not None:
                 try:
-                    self.task.build_model(model_cfg, self.splits.info)
+                    models[where] = self.task.build_model(model_cfg, self.splits.info)
                 except ConfigError as err:
-                    raise ConfigError(f"{self.source}: {section}.model: {err}") from None
+                    raise ConfigError(f"{self.source}: {where}: {err}") from None
+        return models
+
+    def _check_loss_terms(self, models: Mapping[str, Any]) -> None:
+        """Each student's loss terms asked (through their own ``check_models``, any plugin's) whether they work with
+        the built student and teacher, e.g. that a hint's layers exist: found now, not when that student starts."""
+        students = {"student.losses": ((self.student_cfg or {}).get("losses"), models.get("student.model"))}
+        for variant, block in (self.kd.get("variants") or {}).items():
+            model = models.get(f"kd.variants.{variant}.model") or models.get("student.model")
+            students[f"kd.variants.{variant}.losses"] = ((block or {}).get("losses"), model)
+        if not any(losses for losses, _ in students.values()):
+            return
+        teacher = models.get("teacher.model")
+        if teacher is None and self.teacher_cfg.get("checkpoint"):
+            teacher = load_model(self.teacher_cfg["checkpoint"], registry=self.registry)[1]
+        for where, (losses, student) in students.items():
+            for i, block in enumerate(losses or []):
+                self._check_term(f"{where}[{i}]", block, student, teacher)
+
+    def _check_term(self, where: str, block: Any, student: Any, teacher: Any) -> None:
+        term = self.registry.build("losses", block, where=f"{self.source}: {where}")
+        check = getattr(term, "check_models", None)
+        try:
+            if check is not None and student is not None:
+                check(student, teacher)
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}: {where}: {err}") from None
+        finally:
+            getattr(term, "close", lambda: None)()
+
+    def _check_ddp_batches(self) -> None:
+        """Under torchrun every training stage splits its batch over the ranks: a batch size that the number of
+        processes does not divide is refused now, not when that stage starts."""
+        if self.world <= 1:
+            return
+        student_train = self._student_like().get("train") or {}
+        blocks = {"student.train": student_train}
+        if not self.teacher_cfg.get("checkpoint"):
+            blocks["teacher.train"] = self.teacher_cfg.get("train") or {}
+        for variant, block in (self.kd.get("variants") or {}).items():
+            blocks[f"kd.variants.{variant}.train"] = {**student_train, **((block or {}).get("train") or {})}
+        for where, block in blocks.items():
+            size = parse_train_config(block).batch_size
+            if size % self.world:
+                raise ConfigError(f"{self.source}: {where}.batch_size {size} is not divisible by the {self.world} "
+                                  f"torchrun processes; give a multiple of {self.world}")
 
     def _data_fingerprint(self) -> dict[str, str]:
         """What every stage reads from the data: each part's targets and image files (path, size, mtime),
@@ -195,7 +276,8 @@ class Runner:
                 # the label stage reads every label key but the selection's: another selector re-uses the shards
                 stages.append(Stage(f"label{sfx}", models + LABEL_STAGE_KEYS,
                                     lambda p=prev, s=sfx: self._label(p, s)))
-                stages.append(Stage(f"select{sfx}", models + ("label",), lambda s=sfx: self._select(s)))
+                stages.append(Stage(f"select{sfx}", models + ("label",), lambda s=sfx: self._select(s),
+                                    writer_only=True))
                 stages.append(Stage(f"student{sfx}", base + ("teacher", "label", "student"),
                                     lambda s=sfx: self._train_student(s)))
         if self.baselines.get("labeled_only"):
@@ -217,31 +299,53 @@ class Runner:
 
     # ------------------------------------------------------------------------------------------------ running
     def execute(self) -> dict[str, Any]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(with_defaults(self.cfg, self.registry), self.out)
         keys = [_digest({**self._inputs(st), "data files": self.data_key}) for st in self.stages]  # a changed file
-        self._remove_stale(keys)                                                              # re-runs a stage
+        if self.is_main:                                                                      # re-runs a stage
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(with_defaults(self.cfg, self.registry), self.out)
+            self._remove_stale(keys)
+        self._barrier()  # every rank sees the same markers from here on
         for i, stage in enumerate(self.stages):
-            folder = self.out / stage.name
-            marker = folder / "stage.json"
+            marker = self.out / stage.name / "stage.json"
             if marker.is_file():
                 log.info("stage %s: complete, skipped (--force %s to redo)", stage.name, stage.name)
-                print(f"[ddkit run] {stage.name}: done earlier, skipped")
+                self._say(f"{stage.name}: done earlier, skipped")
                 self.results[stage.name] = json.loads(marker.read_text())["result"]
                 continue
-            if self._forced(i) and folder.exists():
-                shutil.rmtree(folder)  # redo from scratch, not resume
-            print(f"[ddkit run] {stage.name}: running")
-            t0 = time.perf_counter()
+            self._run_stage(i, stage, keys[i])
+        return self._write_results() if self.is_main else self.summarize()
+
+    def _run_stage(self, index: int, stage: Stage, key: str) -> None:
+        """Run one stage (every rank, or rank 0 alone for a ``writer_only`` one) and record its result: rank 0
+        writes the marker, the other ranks then read the result from it, so every rank holds the same results."""
+        folder, marker = self.out / stage.name, self.out / stage.name / "stage.json"
+        if self.is_main and self._forced(index) and folder.exists():
+            shutil.rmtree(folder)  # redo from scratch, not resume
+        self._barrier()
+        self._say(f"{stage.name}: running")
+        t0 = time.perf_counter()
+        result: dict[str, Any] = {}
+        if self.is_main or not stage.writer_only:
             try:
                 result = stage.fn()
-            except DegenerateResultError as err:  # the finished stages' results are written, and say why it stopped
-                self._write_results(f"stage {stage.name}: {err}")
+            except DegenerateResultError as err:  # the finished stages' results are written, say why it stopped
+                if self.is_main:
+                    self._write_results(f"stage {stage.name}: {err}")
                 raise
+        if self.is_main:
             result["seconds"] = round(time.perf_counter() - t0, 2)
-            self.results[stage.name] = result
-            atomic_write_json(marker, {"stage": stage.name, "inputs": keys[i], "result": result})
-        return self._write_results()
+            atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
+        self._barrier()
+        self.results[stage.name] = result if self.is_main else json.loads(marker.read_text())["result"]
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _say(self, line: str) -> None:
+        """One console line per run, not one per torchrun process."""
+        if self.is_main:
+            print(f"[ddkit run] {line}")
 
     def _forced(self, index: int) -> bool:
         return self.force_from is not None and index >= self.force_from
@@ -333,7 +437,7 @@ class Runner:
         as it is and evaluated on the test part for the table."""
         _, model, info = load_model(path, device=self.device, registry=self.registry)
         check_same_classes(info, self.splits.info, str(path), self.source)
-        metrics = self.task.evaluate(model, self.splits.test, 8) if self.splits.test is not None else {}
+        metrics = self.task.evaluate(model, self.splits.test, 8) if self.is_main else {}  # the others: the marker
         return {"model": str(path.resolve()), "metrics": metrics, "iterations": 0}
 
     def _model_path(self, stage: str) -> Path:
@@ -346,9 +450,9 @@ class Runner:
         teachers = [load_model(p, device=self.device, registry=self.registry)[1] for p in paths]
         out = self.out / f"label{sfx}"
         res = label_stage(self.task, teachers, self.splits.info, self.splits.unlabeled, self.label_cfg, out,
-                          teacher_checkpoint=paths, device=self.device, progress=bool(self.progress),
+                          teacher_checkpoint=paths, device=self.device, progress=bool(self.progress) and self.is_main,
                           registry=self.registry, seed=self.seed)
-        if not res.complete:
+        if not res.complete and self.is_main:  # under torchrun the other ranks label their part only
             raise ConfigError(f"stage label{sfx}: not every shard is labelled; re-run to resume it")
         named = [str(p) for p in paths]
         return {**res.to_dict(), "pseudo_labels": str(out / "pseudo_labels.json"),
@@ -364,7 +468,7 @@ class Runner:
         if skipped:  # said on the console and at the head of the results, not only in the label folder's files
             out["warning"] = f"select{sfx}: {skipped} unlabeled image(s) could not be read and were skipped " \
                              f"(see {res.skipped_path})"
-            print(f"[ddkit run] {out['warning']}")
+            self._say(out["warning"])
         if res.yolo_path is not None:
             out["yolo_dataset"] = str(res.yolo_path)
         return out
@@ -432,6 +536,16 @@ class Runner:
         """Evaluate a stage's model on the test part with the multi-transform ensemble, beside one view."""
         path = self._model_path(stage)
         _, model, _ = load_model(path, device=self.device, registry=self.registry)
+        label = self._tta_label_cfg()
+        res = label_dataset(self.task, model, self.splits.info, HiddenLabels(self.splits.test), self.splits.labeled,
+                            label, self.out / f"tta_{stage}", teacher_checkpoint=path, device=self.device,
+                            registry=self.registry, seed=self.seed)
+        quality = res.quality or {}
+        return {"single": quality.get("single"), "ensemble": quality.get("ensemble")}
+
+    def _tta_label_cfg(self) -> dict[str, Any]:
+        """The label section a TTA stage runs: the label views and aggregator (or ``evaluate``'s), every view's
+        prediction kept (threshold 0), with the quality report."""
         label = dict(self.label_cfg or {})
         for key in ("transforms", "aggregator"):
             if self.evaluate_cfg.get(key) is not None:
@@ -441,11 +555,7 @@ class Runner:
         keep = {"transforms", "aggregator", "batch_size", "keypoints"}
         label = {k: v for k, v in label.items() if k in keep}
         label.update(selector={"name": "score_threshold", "threshold": 0.0}, quality=True)
-        res = label_dataset(self.task, model, self.splits.info, HiddenLabels(self.splits.test), self.splits.labeled,
-                            label, self.out / f"tta_{stage}", teacher_checkpoint=path, device=self.device,
-                            registry=self.registry, seed=self.seed)
-        quality = res.quality or {}
-        return {"single": quality.get("single"), "ensemble": quality.get("ensemble")}
+        return label
 
     # ------------------------------------------------------------------------------------------------ results
     def summarize(self) -> dict[str, Any]:

@@ -223,6 +223,11 @@ def category_ids(model: nn.Module) -> list[int]:
 # ------------------------------------------------------------------------------------------------------ losses
 @runtime_checkable
 class LossTerm(Protocol):
+    """A loss term. Optional methods the trainer and the runner call when a term has them: ``check_models(student,
+    teacher)`` (before any stage trains, with the recipe's built models; raise :class:`ConfigError` for models the
+    term cannot work with, e.g. a hint layer that does not exist; ``teacher`` may be None), ``setup(ctx)`` (its
+    trainable extras, once, with a dry batch) and ``close()``."""
+
     weight: float
     teacher_outputs: str
 

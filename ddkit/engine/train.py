@@ -51,7 +51,8 @@ from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
 from ddkit.engine.hooks import CheckpointHook, EvalHook, FinalHook, LogHook, RunLog, TrainingDiverged, describe_run
 from ddkit.engine.losses import SetupContext
-from ddkit.engine.resume import check_resume, clean_stale_temp, recipe_record, resume_changes
+from ddkit.engine.resume import (check_finished, check_resume, clean_stale_temp, recipe_record, refuse_fresh_start,
+                                 resume_changes)
 from ddkit.engine.sampler import MixedRatioSampler
 from ddkit.engine.task import Task, unwrap_model
 from ddkit.engine.teacher_cache import TeacherCache, TeacherOutputs, _Indexed, dataset_fingerprint
@@ -440,6 +441,48 @@ def _student_teacher(cfg: Any, section: Mapping[str, Any], tcfg: TrainConfig, re
     return teacher
 
 
+def _seed(cfg: TrainConfig, run_seed: int) -> int:
+    """A stage's seed: ``train.seed`` when set, else the run's (what :func:`train_model` trains with)."""
+    return cfg.seed if cfg.seed is not None else int(run_seed)
+
+
+def _inputs_record(train_sets: Sequence[Any], teacher: str | Path | None) -> dict[str, Any]:
+    """What :func:`train_model` records of its inputs (the training data's fingerprint, the teacher's sha256),
+    computed without training, for comparing with a checkpoint's record."""
+    data = dataset_fingerprint(ConcatDataset([s for s in train_sets if s is not None]))
+    return {"data": data, "teacher": file_sha256(resolve_checkpoint(teacher)) if teacher is not None else None}
+
+
+@dataclass
+class _Record:
+    """What a stage's run would record: its recipe (train block, losses, model, seed) and inputs."""
+
+    stage: str
+    recipe: dict[str, Any]
+    inputs: dict[str, Any]
+
+
+def _earlier_run(run_dir: Path, record: _Record) -> dict[str, Any] | None:
+    """Without ``--resume`` / ``--force``: a finished run of the same recipe is the result (returned, nothing to
+    do); a finished run of another recipe, or an unfinished run's checkpoint, is refused in one line (how to
+    retrain or continue): nothing is silently skipped or overwritten. None: no earlier run to keep."""
+    done, last = _finished_run(run_dir), run_dir / "checkpoints" / LAST
+    if not last.is_file():
+        if done is not None:  # a finished run whose checkpoint was removed: its recipe cannot be compared
+            log.warning("ddkit train: %s finished earlier (%s; no checkpoint to compare its recipe with); nothing "
+                        "to do. Pass --force to train it again from scratch (replaces model.pt)", run_dir,
+                        done["model_path"])
+        return done
+    state = load_checkpoint(last, fresh_hint="delete it or start fresh with --force")
+    if done is None:
+        refuse_fresh_start(record.stage, last, state)
+    harmless = check_finished(record.stage, run_dir / "model.pt", state, record.recipe, record.inputs)
+    log.warning("ddkit train: %s finished earlier (%s) with this recipe%s; nothing to do. Pass --force to train it "
+                "again from scratch (replaces model.pt)", run_dir, done["model_path"],
+                f" (changed only {'; '.join(harmless)}, which do not change the result)" if harmless else "")
+    return done
+
+
 def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: str = "recipe",
               device: str | None = None, progress: bool | None = None, registry: Any = None,
               force: bool = False) -> dict[str, Any]:
@@ -450,8 +493,9 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     and ``teacher`` (the teacher checkpoint for KD losses or ``init: teacher``; default ``teacher.checkpoint``, then
     ``<out_dir>/teacher``). The run folder is ``<run.out_dir>/<stage>``.
 
-    A finished run (its ``model.pt``) is not trained again unless ``force`` (start fresh) or ``resume``; the whole
-    recipe is validated and the data and models are built before anything is written into the run folder.
+    The whole recipe is validated and the data and models are built before anything is said or written. Without
+    ``resume`` or ``force``, a finished run of the same recipe is returned (nothing to do), and a finished run of
+    another recipe or an unfinished run's checkpoint is refused (:func:`_earlier_run`); ``force`` starts fresh.
     """
     from ddkit.config import save_config, validate_config
     from ddkit.engine.defaults import with_defaults
@@ -469,21 +513,25 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     rank, _ = dist_info()
     run_dir = stage_run_dir(cfg, stage)
     tcfg = parse_train_config(section.get("train"), where=f"{source}: {stage}.train")
-    done = None if resume or force else _finished_run(run_dir)
-    if done is not None:
-        log.warning("ddkit train: %s finished earlier (%s); nothing to do. Pass --force to train it again from "
-                    "scratch (replaces model.pt) or --resume to continue it", run_dir, done["model_path"])
-        return done
     task = registry.build("tasks", cfg.task, where=f"{source}: task")
     splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
-    torch.manual_seed(mix_seed(tcfg.seed if tcfg.seed is not None else seed, "model"))
-    model = task.build_model(section["model"], splits.info)
+    torch.manual_seed(mix_seed(_seed(tcfg, seed), "model"))
+    try:
+        model = task.build_model(section["model"], splits.info)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {stage}.model: {err}") from None
     train_sets, teacher = [splits.labeled], None
     if stage == "student":
         if section.get("pseudo_labels"):
             train_sets.append(_pseudo_set(section, splits, run_dir))
         teacher = _student_teacher(cfg, section, tcfg, registry, source, run_dir)
     last = run_dir / "checkpoints" / LAST
+    if not (resume or force):  # the recipe is known good: now say what became of this stage's earlier run
+        record = _Record(stage, recipe_record(tcfg, section.get("losses"), model, _seed(tcfg, seed)),
+                         _inputs_record(train_sets, teacher))
+        done = _earlier_run(run_dir, record)
+        if done is not None:
+            return done
     if resume and not force and not last.is_file():
         log.warning("ddkit train --resume: no checkpoint %s; starting fresh", last)
 

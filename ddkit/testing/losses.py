@@ -55,11 +55,11 @@ def toy_detection(model: dict[str, Any] | None = None) -> tuple[Task, nn.Module,
 
 
 def check_loss_term(term: Any) -> torch.Tensor:
-    """The trainer's view of a term: ``weight``, ``teacher_outputs``, optional ``setup``, ``compute`` -> scalar with
-    a gradient for the student; on a toy classification step, or, for a term whose ``tasks`` attribute (optional:
-    the task kinds it supports) leaves classification out, a detection step of the first toy detector (two-stage,
-    then one-stage) whose ``setup`` does not refuse it. A term for another library's detectors names a toy model
-    block it accepts as ``contract_model`` (tried first)."""
+    """The trainer's view of a term: ``weight``, ``teacher_outputs``, optional ``check_models`` and ``setup``,
+    ``compute`` -> scalar with a gradient for the student; on a toy classification step, or, for a term whose
+    ``tasks`` attribute (optional: the task kinds it supports) leaves classification out, a detection step of the
+    first toy detector (two-stage, then one-stage) whose ``check_models`` and ``setup`` do not refuse it. A term
+    for another library's detectors names a toy model block it accepts as ``contract_model`` (tried first)."""
     assert isinstance(getattr(term, "weight", None), (int, float)) and term.weight >= 0, "term.weight must be >= 0"
     assert getattr(term, "teacher_outputs", None) in TEACHER_OUTPUTS, \
         f"term.teacher_outputs must be one of {TEACHER_OUTPUTS}"
@@ -73,6 +73,8 @@ def check_loss_term(term: Any) -> torch.Tensor:
     for i, toy in enumerate(toys):
         task, student, teacher, batch = toy()
         try:
+            if callable(getattr(term, "check_models", None)):  # its own check passes the models it works with
+                term.check_models(student, teacher)
             extra = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10)) \
                 if hasattr(term, "setup") else None
             break

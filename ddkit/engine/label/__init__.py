@@ -32,7 +32,8 @@ Python API::
 from __future__ import annotations
 
 from ddkit.engine.label.config import (LABEL_STAGE_KEYS, LabelConfig, Strategies, build_selector,
-                                       build_strategies, parse_label_config, selector_factory, strategy_block)
+                                       build_strategies, check_label_section, parse_label_config, selector_factory,
+                                       strategy_block)
 from ddkit.engine.label.labeller import BatchPredictions, Labeller, Timer
 from ddkit.engine.label.quality import format_quality_table, keypoint_sigmas, quality_table
 from ddkit.engine.label.runner import label_dataset, label_stage, run_label, select_stage
@@ -46,8 +47,8 @@ from ddkit.engine.shards import unpack_instances
 __all__ = [
     "LABEL_STAGE_KEYS", "BatchPredictions", "CocoSource", "DatasetSource", "FolderSource", "IMAGE_EXTENSIONS", "Item", "LabelConfig",
     "LabelResult", "Labeller", "SelectInputs", "ShardStream", "ShardedLabels", "Source", "Strategies", "Timer",
-    "adapt_image", "build_selector", "build_strategies", "file_names", "format_quality_table", "keypoint_sigmas",
-    "label_dataset", "label_shard", "label_shards", "label_stage", "labeled_stats", "make_source",
+    "adapt_image", "build_selector", "build_strategies", "check_label_section", "file_names", "format_quality_table",
+    "keypoint_sigmas", "label_dataset", "label_shard", "label_shards", "label_stage", "labeled_stats", "make_source",
     "parse_label_config", "plan_shards", "quality_table", "run_label", "select_pseudo_labels", "select_stage",
     "selector_factory", "strategy_block", "unpack_instances",
 ]

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 from ddkit.engine.prediction_kinds import PredictionKind, prediction_kind
+from ddkit.engine.pseudo import COCO
 from ddkit.errors import ConfigError
 from ddkit.engine.keypoint_meta import require_flip_indices
 from ddkit.registry import _to_plain, parse_section
@@ -225,6 +226,22 @@ def build_strategies(cfg: LabelConfig, task: Any, info: DatasetInfo, registry: A
         single = len(views) - 1
     return Strategies(kind, views, view_blocks, aggregator, agg_block, kp_agg, kp_block, sel_block, make_selector,
                       single, transform_blocks, ensemble, needs_labeled)
+
+
+def check_output_format(cfg: LabelConfig, kind: PredictionKind, where: str = "label") -> None:
+    """``label.format: yolo | both`` writes boxes: refused for pseudo-labels of another kind (one label per image)."""
+    if cfg.writes_yolo and kind.pseudo_format != COCO:
+        raise ConfigError(f"{where}.format={cfg.format!r}: a YOLO dataset holds boxes; {kind.name} pseudo-labels "
+                          f"are one label per image (use {where}.format=coco)")
+
+
+def check_label_section(cfg: LabelConfig, task: Any, info: DatasetInfo, registry: Any = None,
+                        where: str = "label") -> None:
+    """What the label and select stages would refuse, checked before any model trains: every strategy built (the
+    aggregator's input against the task's predictions, the keypoint aggregator, the views, the selector) and the
+    output format against the pseudo-labels' kind."""
+    strategies = build_strategies(cfg, task, info, registry, where=where)
+    check_output_format(cfg, strategies.kind, where)
 
 
 # The recipe keys that decide the shards (every label key but the selection's): ``ddkit run``'s label stage reads

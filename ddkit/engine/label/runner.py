@@ -15,7 +15,7 @@ from torch import nn
 
 from ddkit.engine.checkpoint import resolve_checkpoint
 from ddkit.engine.label.config import (LabelConfig, Strategies, build_selector, build_strategies,
-                                           parse_label_config, selector_factory, strategy_block)
+                                           check_output_format, parse_label_config, selector_factory, strategy_block)
 from ddkit.engine.label.labeller import Labeller, Timer
 from ddkit.engine.label.selecting import LabelResult, SelectInputs, select_pseudo_labels
 from ddkit.engine.label.sharded import ShardedLabels, label_shards, plan_shards
@@ -23,7 +23,6 @@ from ddkit.engine.label.sources import Source, make_source
 from ddkit.engine.coco_results import coco_ground_truth
 from ddkit.engine.data import get_target, item_file
 from ddkit.engine.prediction_kinds import prediction_kind
-from ddkit.engine.pseudo import COCO
 from ddkit.engine.yolo_export import write_yolo_dataset
 from ddkit.errors import ConfigError, DataError
 from ddkit.io import atomic_write_json, file_sha256
@@ -138,9 +137,7 @@ def select_stage(sharded: ShardedLabels, task: Any, info: DatasetInfo, labeled: 
     block = strategy_block(cfg.selector)
     inputs = SelectInputs(prediction_kind(task), info, selector_factory(block, registry, "label.selector"), block,
                           labeled=labeled, keep_raw=cfg.keep_raw, quality=cfg.quality)
-    if cfg.writes_yolo and inputs.kind.pseudo_format != COCO:
-        raise ConfigError(f"label.format={cfg.format!r}: a YOLO dataset holds boxes; {inputs.kind.name} "
-                          f"pseudo-labels are one label per image (use label.format=coco)")
+    check_output_format(cfg, inputs.kind)
     result = select_pseudo_labels(sharded, inputs, out_dir, timer)
     if cfg.writes_yolo:
         result.yolo_path = write_pseudo_yolo(result.pseudo_path, Path(out_dir) / "yolo", info, cfg, labeled)
