@@ -174,6 +174,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, teacher):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("pseudo-labels:") == 1  # rank 0 merged, rank 1 labelled its part only
+    assert "rank 0 selects" in proc.stdout and "--shard" not in proc.stdout  # no advice about options not given
     for name in ("pseudo_labels.json", "summary.json", "quality.json", "skipped.jsonl"):
         a = (tmp_path / "one" / "label" / name).read_text()
         b = (tmp_path / "two" / "label" / name).read_text()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from ddkit.engine.recipe import load_recipe
 from ddkit.engine.label import quality_table, run_label
@@ -37,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     result = run_label(cfg, keep_raw=args.keep_raw, worker=worker, max_shards=args.max_shards,
                        progress=not args.no_progress, source=args.recipe)
     if not result.complete:
-        print(f"labelled {len(result.shards_done)} shard(s) into {result.out_dir / 'shards'}; "
-              f"run without --shard/--max-shards to finish and select the pseudo-labels")
+        rank = int(os.environ.get("RANK", "0")) if worker is None and args.max_shards is None else 0
+        then = "rank 0 selects the pseudo-labels" if rank else \
+            "run without --shard/--max-shards to finish and select the pseudo-labels"  # a torchrun rank's part
+        print(f"labelled {len(result.shards_done)} shard(s) into {result.out_dir / 'shards'}; {then}")
         return 0
     s = result.summary or {}
     images = s.get("images", {})
