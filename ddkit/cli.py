@@ -64,6 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "_run"):
         build_parser().print_help()
         return 0
+    from ddkit.engine.data import NO_PROGRESS_ENV
+
+    if getattr(args, "no_progress", False):  # for the bars built deep below the command (checking images)
+        os.environ[NO_PROGRESS_ENV] = "1"
     try:
         return int(args._run(args) or 0)
     except DDKitError as err:
@@ -81,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = getattr(args, "_on_interrupt", None)
         print(f"ddkit {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 130
+    finally:
+        os.environ.pop(NO_PROGRESS_ENV, None)
 
 
 if __name__ == "__main__":  # pragma: no cover

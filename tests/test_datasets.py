@@ -3,6 +3,7 @@ splits and hidden labels; the contract over every registered dataset."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -309,3 +310,29 @@ def test_wide_grey_images_read_as_their_8_bit_copy(tmp_path, wide):
     assert image.shape == eight.shape == (3, 6, 8) and image.dtype == torch.float32
     torch.testing.assert_close(image, eight, atol=1e-6, rtol=0)
     assert 0.4 < float(image.mean()) < 0.5  # not all white
+
+
+def test_no_progress_hides_the_checking_images_bar_and_is_undone_after_the_command(tmp_path, monkeypatch):
+    """``--no-progress`` reaches the bar that datasets draw deep below the command, for that command only."""
+    from types import SimpleNamespace
+
+    import tqdm.auto
+
+    from ddkit.cli import main
+    from ddkit.engine.data import NO_PROGRESS_ENV
+
+    bars = []
+    real = tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **k: bars.append(k.get("desc")) or real(*a, **k))
+    seen = {}
+
+    def command(args):
+        seen["env"] = os.environ.get(NO_PROGRESS_ENV)
+        check_images([], progress=True)
+        return 0
+
+    monkeypatch.setattr("ddkit.cli._parse", lambda argv: SimpleNamespace(_run=command, command="x",
+                                                                         no_progress="--no-progress" in argv))
+    assert main(["x", "--no-progress"]) == 0 and seen["env"] == "1" and bars == []
+    assert NO_PROGRESS_ENV not in os.environ
+    assert main(["x"]) == 0 and seen["env"] is None and bars == ["checking images"]

@@ -12,6 +12,7 @@ for classification). The unlabeled part is a :class:`HiddenLabels` view: trainin
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -360,13 +361,17 @@ def check_image(path: str | Path) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
+NO_PROGRESS_ENV = "DDKIT_NO_PROGRESS"  # set by the commands' --no-progress
+
+
 def check_images(paths: Iterable[str | Path], progress: bool = False) -> list[tuple[str, str]]:
-    """``[(path, reason), ...]`` for every file in ``paths`` that cannot be read as an image."""
+    """``[(path, reason), ...]`` for every file in ``paths`` that cannot be read as an image. The bar is left out
+    off a terminal and under ``--no-progress`` (``DDKIT_NO_PROGRESS``: datasets are built deep below the command)."""
     paths = list(paths)
-    if progress:
+    if progress and not os.environ.get(NO_PROGRESS_ENV):
         from tqdm.auto import tqdm
 
-        paths = tqdm(paths, desc="checking images", unit="img", leave=False)
+        paths = tqdm(paths, desc="checking images", unit="img", leave=False, disable=None)
     bad = []
     for p in paths:
         reason = check_image(p)
