@@ -4,6 +4,7 @@ as COCO results or YOLO txt lines that map back to the model's own boxes."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -462,3 +463,39 @@ def test_predict_coco_results_carry_the_files_category_ids_matched_by_name(detec
     written = json.loads((tmp_path / "a" / "predictions.json").read_text())
     assert written and {r["category_id"] for r in written} == {7}
     assert by_file(tmp_path / "a", 7) == by_file(tmp_path / "b", ours)
+
+
+def test_eval_on_a_folder_of_some_classes_matches_them_by_name(digits_run, tmp_path, capsys):
+    """A folder of RGB photos of three of the grey digits model's ten classes: the classes are matched by name (the
+    folder numbers its own 0..2), the images fit the model's input, and the accuracy is the one computed by hand."""
+    from PIL import Image
+
+    from ddkit.engine.data import adapt_image, read_image
+
+    _, run = digits_run
+    _, model, info = load_model(run / "student" / "model.pt")
+    digits = ddkit.build("datasets", {"name": "digits"})
+    names = {int(c["id"]): str(c["name"]) for c in info.categories}
+    chosen = sorted(names)[3:6]
+    truth, images = [], []
+    for i in range(len(digits)):
+        image, target = digits[i]
+        if target["label"] in chosen and sum(t == target["label"] for t in truth) < 4:
+            path = tmp_path / "folder" / names[target["label"]] / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image[0] * 255).round().byte().numpy()).convert("RGB").save(path)
+            truth.append(target["label"])
+            images.append(adapt_image(read_image(path), info.extra["image_shape"]))
+    by_folder = sorted(zip([names[t] for t in truth], truth, images), key=lambda r: r[0])  # the folder's order
+    with torch.no_grad():
+        predicted = model(torch.stack([im for _, _, im in by_folder])).argmax(1).tolist()
+    ids = [int(c["id"]) for c in info.categories]
+    expected = sum(ids[p] == t for p, (_, t, _) in zip(predicted, by_folder)) / len(by_folder)
+    out = tmp_path / "e.json"
+    assert main(["eval", str(run / "student" / "model.pt"), "--data", str(tmp_path / "folder"), "-o", str(out)]) == 0
+    assert "classes matched by name: the dataset's 3 of the model's 10 classes" in capsys.readouterr().out
+    assert json.loads(out.read_text())["metrics"]["accuracy"] == pytest.approx(expected)
+    (tmp_path / "folder" / "cat").mkdir()
+    shutil.copy(next((tmp_path / "folder" / names[chosen[0]]).iterdir()), tmp_path / "folder" / "cat")
+    assert main(["eval", str(run / "student" / "model.pt"), "--data", str(tmp_path / "folder")]) == 2
+    assert "'cat' not among the model's" in capsys.readouterr().err

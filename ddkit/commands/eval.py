@@ -140,8 +140,8 @@ def tta_from_args(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> t
 
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.checkpoint import load_model
-    from ddkit.engine.data import get_info
-    from ddkit.engine.evaluate import Predictor, category_map, evaluate_dataset
+    from ddkit.engine.data import get_info, is_classification, match_classes
+    from ddkit.engine.evaluate import Predictor, category_map, check_same_classes, evaluate_dataset
     from ddkit.engine.label import format_quality_table
     from ddkit.io import atomic_write_json
     from ddkit.runtime import resolve_device
@@ -152,7 +152,16 @@ def run(args: argparse.Namespace) -> int:
     task, model, info = load_model(path, device=device)
     dataset, data_what = _dataset(args, cfg, source)
     plain = Predictor(task, model, info, device=device)
-    categories = category_map(info, get_info(dataset), str(path), data_what, by_name=not plain.gives_probs)
+    categories = None
+    if plain.gives_probs and is_classification(dataset):  # class ids by name, as a recipe's test part
+        matched = match_classes(dataset, info, data_what, whose=f"the model's ({path})")
+        if matched is not dataset:
+            print(f"classes matched by name: the dataset's {len(get_info(dataset).categories)} of the model's "
+                  f"{len(info.categories)} classes")
+        dataset = matched
+        check_same_classes(info, get_info(dataset), str(path), data_what)
+    else:
+        categories = category_map(info, get_info(dataset), str(path), data_what, by_name=not plain.gives_probs)
     strategies, block = tta_from_args(args, task, info, cfg)
     print(f"evaluating {what} on {data_what} ({len(dataset)} items)")
     if categories is not None:

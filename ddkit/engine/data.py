@@ -145,7 +145,7 @@ class ClassesByName(Dataset):
         return self._relabel(get_target(self.dataset, i))
 
 
-def match_classes(dataset: Any, info: DatasetInfo, where: str) -> Any:
+def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the train part's") -> Any:
     """``dataset`` (a test or unlabeled part) with the class ids of the training part's ``info``, matched by class
     name: the same classes under the same ids as it is, a subset renumbered (:class:`ClassesByName`); a class the
     training part lacks is a :class:`ConfigError` naming ``where`` and the class. Other tasks' datasets are returned
@@ -159,7 +159,7 @@ def match_classes(dataset: Any, info: DatasetInfo, where: str) -> Any:
     if extra or len(names) != len(theirs.categories) or len(ours) != len(info.categories):
         source = theirs.extra.get("source") or type(dataset).__name__
         raise ConfigError(f"{where} ({source}): class(es) {', '.join(map(repr, extra[:6])) or '(repeated names)'} "
-                          f"not among the train part's classes ({', '.join(list(ours)[:10])}"
+                          f"not among {whose} classes ({', '.join(list(ours)[:10])}"
                           f"{', ...' if len(ours) > 10 else ''}); class ids follow class names, so give it only "
                           "classes the training data has (a subset is fine)")
     return ClassesByName(dataset, info, {cid: ours[name] for name, cid in names.items()})

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ddkit.engine.data import adapt_image
 from ddkit.engine.label import Labeller, Strategies, build_strategies, parse_label_config
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.errors import ConfigError
@@ -75,7 +76,10 @@ class Predictor:
         return prediction_kind(self.task) is PROBS
 
     def raw(self, images: Sequence[Tensor]) -> list[Any]:
-        """One view: the task's own predictions; TTA: the labelling engine's aggregated ones."""
+        """One view: the task's own predictions; TTA: the labelling engine's aggregated ones. A fixed-size model's
+        images are first made to fit its input (``adapt_image``: an RGB folder for a grey classifier)."""
+        shape = (self.info.extra or {}).get("image_shape")
+        images = [adapt_image(im, shape) for im in images]
         with torch.no_grad():
             if self.labeller is None:
                 return list(self.task.predict(self.model, list(images)))
