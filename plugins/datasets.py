@@ -129,10 +129,12 @@ class CocoDataset(_TargetsDataset):
         k = len(kp_names) if use_kps else None
         by_image = coco.annotations_by_image()
         self.files, self.targets = [], []
+        sizes = {}  # what the JSON says, checked against the files below
         for img in sorted(coco.images, key=lambda im: im["id"]):
             iid = int(img["id"])
             self.files.append(coco.image_path(img))
             self.targets.append(coco.target(img, k, by_image[iid]))
+            sizes[str(self.files[-1])] = (int(img["width"]), int(img["height"]))
         kinfo = _keypoint_info(k, str(path), names=kp_names if k else None, flip_indices=flip_indices,
                                sigmas=_sigmas_option(sigmas, keypoint_sigmas, str(path)))
         self.info = DatasetInfo(
@@ -142,6 +144,23 @@ class CocoDataset(_TargetsDataset):
             extra={"keypoint_names": list(kp_names) if k else None, "source": str(path), **kinfo["extra"]},
         )
         self._drop_unreadable(check_images, str(path))
+        if check_images:
+            _check_sizes(self.files, sizes, str(path))
+
+
+def _check_sizes(files: list[Path], sizes: dict[str, tuple[int, int]], source: str) -> None:
+    """Refuse a COCO file whose ``width`` / ``height`` differ from its images' own (boxes would be clipped to the
+    wrong frame), as detectron2 does; PIL reads only the header."""
+    from PIL import Image
+
+    wrong = []
+    for f in files:
+        with Image.open(f) as im:
+            if im.size != sizes[str(f)]:
+                wrong.append(f"{f.name} (JSON {sizes[str(f)][0]}x{sizes[str(f)][1]}, file {im.size[0]}x{im.size[1]})")
+    if wrong:
+        raise DataError(f"{source}: {len(wrong)} image(s) whose width x height differ from the file's, e.g. "
+                        f"{wrong[0]}; fix 'width' / 'height' in the JSON's images")
 
 
 # --------------------------------------------------------------------------------------------------------- YOLO

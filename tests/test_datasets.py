@@ -336,3 +336,13 @@ def test_no_progress_hides_the_checking_images_bar_and_is_undone_after_the_comma
     assert main(["x", "--no-progress"]) == 0 and seen["env"] == "1" and bars == []
     assert NO_PROGRESS_ENV not in os.environ
     assert main(["x"]) == 0 and seen["env"] is None and bars == ["checking images"]
+
+
+@needs_data
+def test_a_coco_width_that_is_not_the_files_is_refused_naming_both(tmp_path):
+    """detectron2 refuses a JSON size that is not the image's: boxes would be clipped to the wrong frame."""
+    path = _bad_coco(tmp_path, lambda d: d["images"][1].__setitem__("width", 100))
+    name = json.loads(path.read_text())["images"][1]["file_name"]
+    with pytest.raises(DataError, match=rf"1 image\(s\) .* {name} \(JSON 100x\d+, file \d+x\d+\).*'width'"):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert len(ddkit.build("datasets", {"name": "coco", "annotations": str(_bad_coco(tmp_path, lambda d: None))})) == 4
