@@ -373,6 +373,8 @@ class ImageFolder(_TargetsDataset):
             raise DataError(f"{base}: no readable images")
         if image_size is None:
             image_size = list(read_image(self.files[0]).shape[1:])
+            log.info("%s: no image_size given, so every image is resized to the first one's, %d x %d (H x W); set "
+                     "image_size: [H, W] to choose", base, *image_size)
         if len(image_size) != 2:
             raise ConfigError(f"image_folder: image_size must be [H, W], got {image_size}")
         self.image_size = [int(s) for s in image_size]

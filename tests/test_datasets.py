@@ -131,7 +131,7 @@ def test_yolo_label_with_wrong_length_is_an_error(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- image folder
-def test_image_folder(tmp_path):
+def test_image_folder(tmp_path, caplog):
     from PIL import Image
 
     for cls, color in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
@@ -145,6 +145,9 @@ def test_image_folder(tmp_path):
     check_dataset(ds)
     image, target = ds[5]
     assert target["label"] == 1 and image.shape == (3, 8, 8) and image[2].mean() > 0.9
+    with caplog.at_level("INFO", logger="ddkit.data"):  # no size given: the first image's, said once
+        first = ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path)})
+    assert first[5][0].shape == (3, 8, 10) and "resized to the first one's, 8 x 10" in caplog.text
 
 
 
