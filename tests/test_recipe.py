@@ -54,7 +54,7 @@ def test_defaults_are_written_out(capsys):
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["teacher"]["train"]["warmup_factor"] == 0.001  # a train default the recipe does not set
     assert cfg["teacher"]["train"]["iterations"] == 1500  # the recipe's own value wins
-    assert cfg["task"] == {"name": "classification", "label_smoothing": 0.0}
+    assert cfg["task"] == {"name": "classification", "label_smoothing": 0.1}  # the recipe's own
     assert cfg["label"]["selector"]["name"] == "count_match" and len(cfg["label"]["selector"]) > 1
     assert cfg["run"]["device"] == "auto"
     assert cfg["label"]["shard_size"] == 256 and cfg["label"]["format"] == "coco"  # the label section's own keys
