@@ -248,16 +248,21 @@ def test_a_student_whose_teacher_changed_is_refused_not_reported_done(tmp_path, 
 
 
 # ---------------------------------------------------------------------------------------- unfinished work kept
-def _interrupt_at(monkeypatch, iteration: int) -> None:
-    """Ctrl-C during training step ``iteration``."""
+def _interrupt_at(monkeypatch, iteration: int, times: int = 1) -> None:
+    """Ctrl-C (a real SIGINT, ``times`` times) at the end of training step ``iteration``, after its optimizer
+    update: the moment a checkpoint taken at once would record the step as not done."""
+    import os
+    import signal
+
     from ddkit.engine.trainer import Trainer
 
     step = Trainer.run_step
 
     def run_step(self) -> None:
-        if self.iter == iteration:
-            raise KeyboardInterrupt
         step(self)
+        if self.iter == iteration:
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(Trainer, "run_step", run_step)
 
@@ -272,12 +277,32 @@ def test_an_interrupted_run_is_not_started_over_without_asking(tmp_path, capsys,
     run_dir = tmp_path / "out" / "teacher"
     before = _snapshot(run_dir)
     _fails_in_one_line(["train", str(recipe), "--no-progress"], capsys, "stage teacher was interrupted at "
-                       "iteration 5 of 8", str(run_dir / "checkpoints" / "last.pt"), "--resume", "--force")
-    assert _snapshot(run_dir) == before  # the checkpoint of iterations 0-4 is still there
+                       "iteration 6 of 8", str(run_dir / "checkpoints" / "last.pt"), "--resume", "--force")
+    assert _snapshot(run_dir) == before  # the checkpoint of iterations 0-5 is still there
     capsys.readouterr()
     assert main(["train", str(recipe), "--no-progress", "--resume"]) == 0
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["finished"]
+
+
+def test_ctrl_c_finishes_the_step_so_the_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys, monkeypatch):
+    """Ctrl-C right after step 4's optimizer update: the checkpoint says 5 steps are done, and the resumed run ends
+    with the uninterrupted run's weights (a checkpoint saying 4 would apply step 4 twice). A second Ctrl-C stops at
+    once and writes no checkpoint of a step cut in the middle."""
+    recipe = _recipe(tmp_path)
+    _interrupt_at(monkeypatch, 4)
+    assert main(["train", str(recipe), "--no-progress"]) == 130
+    run_dir = tmp_path / "out" / "teacher"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 5
+    monkeypatch.undo()
+    assert main(["train", str(recipe), "--no-progress", "--resume"]) == 0
+    assert main(["train", str(recipe), "--no-progress", f"run.out_dir={tmp_path / 'ref'}"]) == 0
+    a, b = load_model(run_dir)[1].state_dict(), load_model(tmp_path / "ref" / "teacher")[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    _interrupt_at(monkeypatch, 0, times=2)  # twice: at once, in step 0, before any periodic checkpoint
+    assert main(["train", str(recipe), "--no-progress", f"run.out_dir={tmp_path / 'twice'}"]) == 130
+    assert not (tmp_path / "twice" / "teacher" / "checkpoints" / "last.pt").exists()
+    assert "a step cut in the middle is not saved" in (tmp_path / "twice" / "teacher" / "train.log").read_text()
 
 
 def test_a_run_stopped_by_max_iterations_is_not_started_over_without_asking(stopped, capsys):

@@ -273,11 +273,18 @@ class CheckpointHook(HookBase):
             self.save(done)
 
     def on_interrupt(self) -> None:
+        """A checkpoint of the whole steps done; none when stopped mid-step (a second Ctrl-C, or under DDP): a step
+        half applied would resume to another result, so the last periodic checkpoint stands."""
         t = self.trainer
-        if t.is_main and t.iter > t.start:
+        if not t.is_main:
+            return
+        if t.whole_steps and t.iter > t.start:
             self.save(t.iter)
             self.runlog(f"interrupted at iteration {t.iter}; checkpoint written: re-run the same `ddkit run` "
                         f"command, or `ddkit train` with --resume, to resume")
+        else:
+            kept = f"the checkpoint {self.last} stands" if self.last.exists() else "no checkpoint was written"
+            self.runlog(f"interrupted during iteration {t.iter}; {kept} (a step cut in the middle is not saved)")
 
     def after_train(self) -> None:
         t = self.trainer

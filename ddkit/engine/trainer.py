@@ -10,10 +10,14 @@ pure function of the step, so a resumed run repeats the very RNG calls of an uni
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -34,6 +38,31 @@ def _reseed(value: int, dev: torch.device) -> None:
     torch.default_generator.manual_seed(value)
     if dev.type == "cuda":
         torch.cuda.manual_seed(value)
+
+
+@contextlib.contextmanager
+def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], bool]]:
+    """Ctrl-C finishes the current step before it stops the loop, so the checkpoint holds whole steps only (a
+    step cut between its optimizer update and its end would be applied twice on resume); a second Ctrl-C stops at
+    once. Yields "was Ctrl-C pressed?". Off (a plain KeyboardInterrupt) under DDP, where the ranks could stop at
+    different steps, and outside the main thread, where no signal handler can be set."""
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    pressed: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if pressed:
+            raise KeyboardInterrupt
+        pressed.append(True)
+        print("Ctrl-C: finishing this iteration, then writing a checkpoint (Ctrl-C again to stop at once)",
+              file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: bool(pressed)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclasses.dataclass
@@ -164,13 +193,18 @@ class Trainer:
         for h in self.hooks:
             h.before_train()
         t0 = time.perf_counter()
+        self.whole_steps = False  # whether an interrupt came between steps (its checkpoint resumes exactly)
         try:
-            for self.iter in range(start, stop):
-                for h in self.hooks:
-                    h.before_step()
-                self.run_step()
-                for h in self.hooks:
-                    h.after_step()
+            with deferred_interrupt(self.ddp.world == 1) as pressed:
+                for self.iter in range(start, stop):
+                    for h in self.hooks:
+                        h.before_step()
+                    self.run_step()
+                    for h in self.hooks:
+                        h.after_step()
+                    if pressed():
+                        self.iter, self.whole_steps = self.iter + 1, True
+                        raise KeyboardInterrupt
             self.iter = stop
         except KeyboardInterrupt:
             for h in self.hooks:
