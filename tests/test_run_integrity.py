@@ -194,3 +194,29 @@ def test_unlabeled_photos_are_read_like_the_labeled_grey_folders_by_label_and_st
         j = [f.name for f in folder.files].index(Path(pseudo.images[i]["file_name"]).name)
         assert pseudo[i][0].shape == (1, 8, 8)
         assert torch.equal(pseudo[i][0], folder[j][0])
+
+
+@pytest.mark.parametrize("images, expected", [
+    ("unlabeled", None),
+    ("unlabeled+leak", "label.images and data.test share 1 image file(s)"),  # a link to a test image: same file
+    ("train/a", "label.images and data.train share 4 image file(s)")])
+def test_label_images_that_are_test_or_labeled_files_are_warned_about(tmp_path, images, expected, caplog):
+    root = tmp_path / "data"
+    for k, part in enumerate(("train", "val")):
+        for c, name in enumerate(("a", "b")):
+            _photos(root / part / name, [(8, 8)] * 4, seed=10 * k + c)
+    _photos(root / "unlabeled", [(8, 8)] * 4, seed=99)
+    if images.endswith("+leak"):
+        (root / "unlabeled" / "leak.png").symlink_to(root / "val" / "b" / "01.png")
+    path = tmp_path / "folders.yaml"
+    path.write_text(FOLDERS_RECIPE.format(out=tmp_path / "out", root=root))
+    cfg = load_config(path, [f"label.images={root / images.split('+')[0]}"])
+    summary = run_recipe(cfg, source=str(path), progress=False)
+    results_md = (tmp_path / "out" / "results.md").read_text()
+    if expected is None:
+        assert "warnings" not in summary and "WARNING" not in results_md
+        return
+    said = [w for w in summary.get("warnings", []) if "label.images" in w]
+    assert len(said) == 1 and expected in said[0], summary.get("warnings")
+    assert results_md.startswith("**WARNING:**") and expected in results_md.split("|")[0]
+    assert expected in caplog.text

@@ -187,3 +187,30 @@ def test_image_paths_default_to_the_pseudo_files_names(tmp_path):
     assert (tmp_path / "out" / "labels" / "pseudo" / "b.txt").read_text() == "0 0.200000 0.250000 0.200000 0.250000\n"
     with pytest.raises(DataError, match="no image_root"):
         pseudo_image_paths({**pseudo, "info": {}})
+
+
+def test_label_yolo_labeled_merges_the_labeled_ground_truth(tmp_path):
+    """``label.yolo_labeled: true`` (what the select stage writes): the labeled part holds the labeled images and
+    their ground truth, read back by ddkit's own YOLO reader (it crashed: the records had no ``file_name``)."""
+    from ddkit.engine.label.config import parse_label_config
+    from ddkit.engine.label.runner import write_pseudo_yolo
+
+    lab_ds = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "train"})
+    unl_ds = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "val"})
+    pseudo, _ = _as_pseudo(unl_ds, False)
+    pseudo["info"]["image_root"] = str(DATA / "coco8" / "images" / "val")
+    pseudo_path = tmp_path / "pseudo_labels.json"
+    pseudo_path.write_text(json.dumps(pseudo))
+    cfg = parse_label_config({"format": "both", "yolo_labeled": True})
+    data_yaml = write_pseudo_yolo(pseudo_path, tmp_path / "yolo", lab_ds.info, cfg, lab_ds)
+    assert "labeled: 4 images" in data_yaml.read_text()
+    back = ddkit.build("datasets", {"name": "yolo", "root": str(tmp_path / "yolo"), "split": "labeled"})
+    _same_instances(lab_ds, back, False)
+    assert all((tmp_path / "yolo" / "images" / "labeled" / f.name).is_symlink() for f in lab_ds.files)
+
+
+def test_label_yolo_labeled_without_a_yolo_output_is_refused():
+    from ddkit.engine.label.config import parse_label_config
+
+    with pytest.raises(ConfigError, match=r"yolo_labeled: true needs .*format: both"):
+        parse_label_config({"format": "coco", "yolo_labeled": True})

@@ -323,16 +323,40 @@ def item_file(dataset: Any, i: int, depth: int = 0) -> str | None:
     return None
 
 
+def _files(dataset: Any) -> set[str]:
+    """The resolved image files of a dataset's items (none for items without files)."""
+    return {f for i in range(len(dataset)) if (f := item_file(dataset, i))}
+
+
 def _shared_files(parts: Mapping[str, Any], where: str) -> list[str]:
     """A warning for each pair of parts that share image files (test images among the unlabeled ones would be
     pseudo-labelled, trained on and then scored: a result that looks better than it is)."""
-    files = {k: {f for i in range(len(d)) if (f := item_file(d, i))} for k, d in parts.items()}
+    files = {k: _files(d) for k, d in parts.items()}
     out = []
     for a, b in (("unlabeled", "test"), ("train", "test"), ("train", "unlabeled")):
         shared = sorted(files.get(a, set()) & files.get(b, set()))
         if shared:
             msg = (f"{where}.{a} and {where}.{b} share {len(shared)} image file(s) (e.g. {shared[0]}): results on "
                    f"{b} are not measured on unseen images")
+            log.warning(msg)
+            out.append(msg)
+    return out
+
+
+def label_overlap_warnings(files: Iterable[str], splits: Splits, field: str, data: str = "data") -> list[str]:
+    """A warning when the images a label section reads (``files``: resolved paths; ``field`` names them, e.g.
+    ``label.images``) are image files of the test part (the student trains on pseudo-labels of the images it is
+    scored on) or of the labeled part (those images are labelled twice, by hand and by the teacher)."""
+    label_files = set(files)
+    out = []
+    for part, key, consequence in (
+            (splits.test, "test", "the student trains on pseudo-labels of test images, so results on test are not "
+                                  "measured on unseen images; remove them from"),
+            (splits.labeled, "train", "those images are both labeled and pseudo-labelled; remove them from")):
+        shared = sorted(label_files & _files(part)) if part is not None and label_files else []
+        if shared:
+            name = field.rpartition(": ")[2]
+            msg = f"{field} and {data}.{key} share {len(shared)} image file(s) (e.g. {shared[0]}): {consequence} {name}"
             log.warning(msg)
             out.append(msg)
     return out

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
-from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data
+from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data, label_overlap_warnings
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
@@ -139,9 +139,13 @@ class Runner:
         """The images the label stage reads, and a student ratio that samples them."""
         if self.label_cfg is not None:
             try:  # the label stage's own reader: the folder or COCO file named, or the unlabeled part
-                source = make_source(parse_label_config(self.label_cfg), self.splits.unlabeled, self.splits.info)
+                label_cfg = parse_label_config(self.label_cfg)
+                source = make_source(label_cfg, self.splits.unlabeled, self.splits.info)
             except ConfigError as err:
                 raise ConfigError(f"{self.source}: {err}") from None
+            field = "label.coco" if label_cfg.coco else "label.images"
+            self.splits.warnings += label_overlap_warnings(source.image_files(), self.splits,
+                                                           f"{self.source}: {field}")
             if len(source) == 0:
                 described = source.describe()
                 where = described.get("file") or described.get("root") or "the unlabeled part"

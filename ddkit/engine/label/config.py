@@ -79,6 +79,9 @@ class LabelConfig:
             raise ValueError("transforms must be a non-empty list of transform blocks, e.g. [{name: identity}]")
         if not isinstance(self.keypoints, Mapping) or set(self.keypoints) - {"aggregator"}:
             raise ValueError(f"keypoints must be {{aggregator: {{name: heatmap_mean}}}}, got {self.keypoints!r}")
+        if self.yolo_labeled and not self.writes_yolo:
+            raise ValueError("yolo_labeled: true needs a YOLO dataset to merge into; set format: both (or yolo), "
+                             "or yolo_labeled: false")
 
 
 def parse_label_config(section: Any, where: str = "label") -> LabelConfig:

@@ -20,7 +20,7 @@ from ddkit.engine.label.labeller import Labeller, Timer
 from ddkit.engine.label.selecting import LabelResult, SelectInputs, select_pseudo_labels
 from ddkit.engine.label.sharded import ShardedLabels, label_shards, plan_shards
 from ddkit.engine.label.sources import Source, make_source
-from ddkit.engine.coco_results import coco_ground_truth
+from ddkit.engine.coco_results import CocoGroundTruthBuilder
 from ddkit.engine.data import get_target, item_file
 from ddkit.engine.prediction_kinds import prediction_kind
 from ddkit.engine.yolo_export import write_yolo_dataset
@@ -144,18 +144,27 @@ def select_stage(sharded: ShardedLabels, task: Any, info: DatasetInfo, labeled: 
     return result
 
 
+def labeled_ground_truth(labeled: Any, info: DatasetInfo) -> tuple[dict[str, Any], dict[int, str]]:
+    """The labeled dataset's ground truth as a COCO dict whose image records name their files, and
+    ``{image id: file}``: the ``labeled`` part of a YOLO dataset (``label.yolo_labeled``)."""
+    files = [item_file(labeled, i) for i in range(len(labeled))]
+    if any(f is None for f in files):
+        raise ConfigError("label.yolo_labeled: the labeled dataset's items have no image files to link; "
+                          "set label.yolo_labeled=false")
+    builder = CocoGroundTruthBuilder(info.categories)
+    for i, f in enumerate(files):
+        t = get_target(labeled, i)
+        builder.add(i, *t["size"], t, file_name=f)
+    return builder.to_dict(), dict(enumerate(files))
+
+
 def write_pseudo_yolo(pseudo_path: Path, out: Path, info: DatasetInfo, cfg: LabelConfig, labeled: Any) -> Path:
     """``label.format: yolo | both``: the pseudo-labels (and with ``yolo_labeled`` the labeled set) as a YOLO
     dataset in ``out``; returns its ``data.yaml``."""
     pseudo = json.loads(pseudo_path.read_text())
     merged: dict[str, Any] = {}
     if cfg.yolo_labeled:
-        files = [item_file(labeled, i) for i in range(len(labeled))]
-        if any(f is None for f in files):
-            raise ConfigError("label.yolo_labeled: the labeled dataset's items have no image files to link")
-        targets = [get_target(labeled, i) for i in range(len(labeled))]
-        merged["labeled"] = coco_ground_truth(((i, *t["size"], t) for i, t in enumerate(targets)), info.categories)
-        merged["labeled_paths"] = dict(enumerate(files))
+        merged["labeled"], merged["labeled_paths"] = labeled_ground_truth(labeled, info)
     return write_yolo_dataset(pseudo, None, out, info=info, images=cfg.yolo_images, **merged)
 
 

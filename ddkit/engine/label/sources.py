@@ -42,6 +42,11 @@ class Source:
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def image_files(self) -> list[str]:
+        """The image files it reads as resolved paths (for the overlap check with the data's parts); ``[]`` when it
+        reads a dataset's items (the data section checks its own parts)."""
+        return []
+
 
 def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()
@@ -75,6 +80,9 @@ class FolderSource(Source):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "folder", "root": self.image_root, "num_images": len(self)}
+
+    def image_files(self) -> list[str]:
+        return [str((self.root / f).resolve()) for f in self.files]
 
 
 class CocoSource(Source):
@@ -118,6 +126,9 @@ class CocoSource(Source):
     def describe(self) -> dict[str, Any]:
         return {"kind": "coco", "file": str(self.path.resolve()), "image_root": self.image_root,
                 "num_images": len(self)}
+
+    def image_files(self) -> list[str]:
+        return [str((Path(self.image_root) / im["file_name"]).resolve()) for im in self.images]
 
 
 class DatasetSource(Source):
