@@ -214,3 +214,16 @@ def test_label_yolo_labeled_without_a_yolo_output_is_refused():
 
     with pytest.raises(ConfigError, match=r"yolo_labeled: true needs .*format: both"):
         parse_label_config({"format": "coco", "yolo_labeled": True})
+
+
+def test_crowd_regions_are_left_out_of_the_yolo_labels(tmp_path):
+    """A COCO crowd region (``iscrowd: 1``) is not an object to detect: no YOLO row, as Ultralytics' converter."""
+    ds = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "val"})
+    pseudo, paths = _as_pseudo(ds, False)
+    first = pseudo["images"][0]
+    plain = sum(a["image_id"] == first["id"] for a in pseudo["annotations"])
+    pseudo["annotations"].append({"id": 999, "image_id": first["id"], "category_id": pseudo["annotations"][0][
+        "category_id"], "score": 1.0, "bbox": [1.0, 1.0, 20.0, 20.0], "iscrowd": 1})
+    write_yolo_dataset(pseudo, paths, tmp_path / "yolo", info=ds.info)
+    rows = (tmp_path / "yolo" / "labels" / "pseudo" / f"{Path(first['file_name']).stem}.txt").read_text().splitlines()
+    assert len(rows) == plain > 0

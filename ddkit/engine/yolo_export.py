@@ -90,7 +90,8 @@ def _write_part(coco: CocoFile, paths: Mapping[int, str | Path], root: Path, par
     used: set[str] = set()
     n_images = n_inst = 0
     for im in sorted(coco.images, key=lambda r: r["id"]):
-        anns = by_image[int(im["id"])]
+        # crowd regions are not objects to detect: left out, as Ultralytics' own COCO conversion does
+        anns = [a for a in by_image[int(im["id"])] if not a.get("iscrowd")]
         if skip_empty and not anns:
             continue
         if int(im["id"]) not in paths:
@@ -151,7 +152,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def write_yolo_dataset(pseudo: Mapping[str, Any], image_paths: Mapping[int, str | Path] | None,
                        out_dir: str | Path, *, info: DatasetInfo, images: str = "symlink",
-                       labeled: Mapping[str, Any] | None = None, labeled_paths: Mapping[int, str | Path] | None = None, skip_empty: bool = False,
+                       labeled: Mapping[str, Any] | None = None,
+                       labeled_paths: Mapping[int, str | Path] | None = None, skip_empty: bool = False,
                        mix_ratio: float | None = None) -> Path:
     """Write pseudo-labels (and optionally the labeled set) as a YOLO dataset (see the module docstring).
 
