@@ -156,6 +156,25 @@ def test_eval_of_a_stage_uses_the_batch_size_the_run_evaluated_it_with(tmp_path,
     assert json.loads((tmp_path / "c.json").read_text())["metrics"] == reported
 
 
+def test_eval_refuses_a_dataset_of_no_readable_image(detector, tmp_path, capsys):
+    """A COCO file whose images lie elsewhere is one error line (exit 2, nothing written), not a table of zeros;
+    the images root its fix text names is then taken."""
+    ann = tmp_path / "elsewhere" / "test.json"
+    ann.parent.mkdir()
+    coco = json.loads((DATA / "coco-val2017-mini" / "test_coco.json").read_text())
+    for record in coco["annotations"] + coco["categories"]:  # boxes only: the detector predicts no keypoints
+        record.pop("keypoints", None), record.pop("num_keypoints", None), record.pop("skeleton", None)
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(detector), "--data", str(ann), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {ann}: 0 items to evaluate" in err and f"under the JSON's folder ({ann.parent})" in err
+    assert "images: DIR}" in err and not out.exists()
+    block = f"{{name: coco, annotations: {ann}, images: {DATA / 'coco-val2017-mini'}}}"
+    assert main(["eval", str(detector), "--data", block, "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["items"] == 4
+
+
 def test_eval_refuses_a_dataset_of_other_classes(digits_run, tmp_path, capsys):
     _, run = digits_run
     with pytest.raises(ConfigError, match="categories .* are not the model's"):

@@ -138,6 +138,17 @@ def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, f
     return folder / "eval.json"
 
 
+def _no_items(spec: str, block: dict[str, Any]) -> str:
+    """The one-line refusal of a ``--data`` dataset with 0 items: what was given and where images were looked for."""
+    where = f"--data {spec}: 0 items to evaluate (no image could be read)"
+    ann = block.get("annotations")
+    if ann and not block.get("images"):  # a COCO file (its block's keys, not its name)
+        return (f"{where}; a COCO file's images are looked for under the JSON's folder ({Path(ann).parent}) "
+                f"unless an images root is given: "
+                f"--data \"{{name: {block['name']}, annotations: {ann}, images: DIR}}\"")
+    return f"{where}; check the path (and a COCO block's 'images' root)"
+
+
 def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[Any, str]:
     from ddkit.engine.data import build_data, build_dataset
     from ddkit.engine.evaluate import dataset_block
@@ -145,7 +156,10 @@ def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[An
 
     if args.data:
         block = dataset_block(args.data, args.split)
-        return build_dataset(get_registry(), block, "--data"), json.dumps(block)
+        dataset = build_dataset(get_registry(), block, "--data")
+        if len(dataset) == 0:  # a table of zeros would read as a measured result
+            raise ConfigError(_no_items(args.data, block))
+        return dataset, json.dumps(block)
     if cfg is None:
         raise ConfigError(f"{args.target}: a checkpoint alone has no data; pass --data (a COCO .json, a YOLO "
                            "folder, ...) or evaluate a recipe or run folder")
@@ -157,6 +171,8 @@ def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[An
         raise ConfigError(f"--split {split!r}: the recipe's splits are test, labeled, unlabeled")
     if part[split] is None:
         raise ConfigError(f"{source}: the recipe has no {split} split; pass --split or --data")
+    if len(part[split]) == 0:
+        raise ConfigError(f"{source}: data, split {split}: 0 items to evaluate; pass --split or --data")
     return part[split], f"{source}: data, split {split}"
 
 
