@@ -117,6 +117,64 @@ def test_eval_a_checkpoint_on_a_yolo_folder(detector, tmp_path):
     assert set(record["metrics"]) >= {"AP", "AP50"} and record["items"] == 4
 
 
+DET_RECIPE = """
+run: {{name: det, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: detection}}
+data:
+  train: {{dataset: {{name: yolo, root: "{data}/coco8", split: val}}}}
+  test: {{dataset: {{name: yolo, root: "{data}/coco8", split: val}}}}
+teacher:
+  model: {model}
+  train: {train}
+"""
+
+
+def _det_run(tmp_path: Path, name: str, train: str, extra: str = "") -> Path:
+    model = json.dumps({"name": "fasterrcnn", **TINY, "max_size": 96, "detections_per_img": 50})
+    recipe = tmp_path / f"{name}.yaml"
+    recipe.write_text(DET_RECIPE.format(out=tmp_path / name, data=DATA, model=model, train=train) + extra)
+    assert main(["run", str(recipe), "--no-progress"]) == 0
+    return tmp_path / name
+
+
+def test_eval_of_a_stage_uses_the_batch_size_the_run_evaluated_it_with(tmp_path, capsys):
+    """A detector's AP depends on the batch (coco8's images differ in size and are padded to one): ``ddkit eval``
+    of a stage folder, and a ``teacher.checkpoint`` teacher, reproduce the run's own metrics exactly."""
+    run = _det_run(tmp_path, "trained", "{iterations: 40, batch_size: 1, lr: 0.02, log_every: 40}")
+    reported = json.loads((run / "teacher" / "stage.json").read_text())["result"]["metrics"]
+    assert main(["eval", str(run / "teacher"), "-o", str(tmp_path / "a.json")]) == 0
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert record["metrics"] == reported and record["batch_size"] == 1
+    assert main(["eval", str(run / "teacher"), "--batch-size", "4", "-o", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["metrics"] != reported  # batching matters here
+    given = tmp_path / "given.pt"
+    shutil.copy(run / "teacher" / "model.pt", given)
+    again = _det_run(tmp_path, "given", "{iterations: 1, batch_size: 4, eval_batch_size: 1}",
+                     f"  checkpoint: {given}\n")
+    assert json.loads((again / "teacher" / "stage.json").read_text())["result"]["metrics"] == reported
+    assert main(["eval", str(again / "teacher"), "-o", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["metrics"] == reported
+
+
+def test_eval_refuses_a_dataset_of_no_readable_image(detector, tmp_path, capsys):
+    """A COCO file whose images lie elsewhere is one error line (exit 2, nothing written), not a table of zeros;
+    the images root its fix text names is then taken."""
+    ann = tmp_path / "elsewhere" / "test.json"
+    ann.parent.mkdir()
+    coco = json.loads((DATA / "coco-val2017-mini" / "test_coco.json").read_text())
+    for record in coco["annotations"] + coco["categories"]:  # boxes only: the detector predicts no keypoints
+        record.pop("keypoints", None), record.pop("num_keypoints", None), record.pop("skeleton", None)
+    ann.write_text(json.dumps(coco))
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(detector), "--data", str(ann), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--data {ann}: 0 items to evaluate" in err and f"under the JSON's folder ({ann.parent})" in err
+    assert "images: DIR}" in err and not out.exists()
+    block = f"{{name: coco, annotations: {ann}, images: {DATA / 'coco-val2017-mini'}}}"
+    assert main(["eval", str(detector), "--data", block, "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["items"] == 4
+
+
 def test_eval_refuses_a_dataset_of_other_classes(digits_run, tmp_path, capsys):
     _, run = digits_run
     with pytest.raises(ConfigError, match="categories .* are not the model's"):

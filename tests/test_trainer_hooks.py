@@ -69,6 +69,25 @@ def test_metrics_csv_has_fixed_columns_and_resumes_like_the_jsonl(digits, tmp_pa
     assert header_b == header and strip(rows_b) == strip(rows)
 
 
+def test_metrics_csv_has_the_evaluations_as_columns(digits, tmp_path):
+    """As Ultralytics' results.csv: each evaluation's metrics on the row of its iteration, other rows empty."""
+    task = ddkit.build("tasks", "classification")
+    torch.manual_seed(0)
+    student = task.build_model({"name": "mlp", "hidden": [16]}, digits.info)
+    cfg = {"iterations": 20, "batch_size": 16, "lr": 0.05, "log_every": 3, "eval_every": 6}
+    train_model(task, student, digits.labeled, cfg, tmp_path / "run", eval_set=digits.test, seed=1, progress=False)
+    header, rows = _csv(tmp_path / "run")
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["iteration"]: r["eval"] for r in evals if r.get("eval") and not r.get("final")}
+    assert sorted(evals) == [6, 12, 18, 20] and header[:4] == ["iteration", "lr", "loss", "hard_label"]
+    names = [f"eval/{k}" for k in evals[20]]
+    assert header[-len(names):] == names and [int(r["iteration"]) for r in rows] == [3, 6, 9, 12, 15, 18, 20]
+    for row in rows:
+        measured = evals.get(int(row["iteration"]))
+        assert [row[n] for n in names] == ([repr(v) for v in measured.values()] if measured else [""] * len(names))
+        assert row["loss"] != ""  # the training values stay on the same row
+
+
 def test_resume_changes_sorts_refused_from_harmless():
     old = {"recipe": {"train": {"lr": 0.05, "log_every": 10, "max_iterations": 5, "num_workers": 0},
                       "losses": [{"name": "hard_label"}], "seed": 0},

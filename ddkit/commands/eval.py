@@ -11,6 +11,8 @@ recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writ
   ``'{name: yolo, root: ..., split: val}'``), else the recipe's ``--split`` (default ``test``). A detector's
   classes must be the dataset's; when only the ids differ (a model trained on YOLO files, ids 1-80, scored on a COCO
   file, ids 1-90) they are matched by name and the model's classes the dataset lacks are not scored.
+* the batch size: ``--batch-size``, else the one the run evaluated that stage with (its ``train.eval_batch_size``,
+  else its ``train.batch_size``; a detector's AP depends on it), else 8; eval.json records it.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Any, Sequence
 
 from ddkit.errors import ConfigError
 
+DEFAULT_BATCH_SIZE = 8
 HELP = "evaluate a trained model (plain and multi-transform) on a recipe's split or a dataset; writes eval.json"
 
 
@@ -35,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", action="store_true", help="also evaluate the multi-transform ensemble")
     parser.add_argument("--transforms", help="TTA views as YAML, e.g. '[{name: identity}, {name: hflip}]'")
     parser.add_argument("--aggregator", help="TTA aggregator as YAML, e.g. '{name: wbf, iou_thr: 0.55}'")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="evaluation batch size (default: the one the run evaluated the model's stage with, "
+                             f"else {DEFAULT_BATCH_SIZE}); a detector's AP depends on it")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
     parser.add_argument("-o", "--output", help="eval.json path (default: beside the model's run folder)")
 
@@ -76,9 +81,17 @@ def _recipe_and_default_model(args: argparse.Namespace) -> tuple[Any, str | None
     return None, None, None, "checkpoint"
 
 
-def _model_path(args: argparse.Namespace, run_dir: Path | None, kind: str) -> tuple[Path, str]:
+def _stage_folder(source: Path) -> Path | None:
+    """The folder that trained the model ``source`` (a stage or ``ddkit train`` folder, or a file in one)."""
+    folder = source if source.is_dir() else source.parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def _model_path(args: argparse.Namespace, run_dir: Path | None, kind: str) -> tuple[Path, str, Path | None]:
+    """``(model file, what it is, the folder that trained it)``: a stage folder of a run gives its stage's model
+    (also a ``teacher.checkpoint`` teacher's file outside the run)."""
     from ddkit.engine.checkpoint import resolve_checkpoint
-    from ddkit.engine.run_folder import describe_stage, final_student, is_run_folder
+    from ddkit.engine.run_folder import describe_stage, final_student, is_run_folder, stage_model
 
     source = args.checkpoint or (args.target if kind == "checkpoint" else None)
     if source is None:
@@ -87,17 +100,53 @@ def _model_path(args: argparse.Namespace, run_dir: Path | None, kind: str) -> tu
         source = str(run_dir)
     if is_run_folder(source):
         path, stage, note = final_student(source)
-        return path, f"{describe_stage(stage)} of {source}" + (f" ({note})" if note else "")
+        return path, f"{describe_stage(stage)} of {source}" + (f" ({note})" if note else ""), Path(source) / stage
+    folder = _stage_folder(Path(source))
+    if Path(source).is_dir() and (folder / "stage.json").is_file():
+        path = stage_model(folder.parent, folder.name)
+        return path, str(path), folder
     path = resolve_checkpoint(source)
-    return path, str(path)
+    return path, str(path), folder
 
 
-def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, model: Path) -> Path:
+def _batch_size(args: argparse.Namespace, folder: Path | None) -> int:
+    """``--batch-size``, else the one the stage (or ``ddkit train``) folder evaluated its model with: its
+    ``stage.json``'s, else its checkpoint's train config (runs that predate that record), else the default."""
+    from ddkit.engine.checkpoint import LAST, load_checkpoint
+    from ddkit.engine.train_config import parse_train_config
+
+    if args.batch_size is not None:
+        if args.batch_size < 1:
+            raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+        return args.batch_size
+    if folder is None:
+        return DEFAULT_BATCH_SIZE
+    marker = folder / "stage.json"
+    recorded = (json.loads(marker.read_text()).get("result") or {}).get("eval_batch_size") \
+        if marker.is_file() else None
+    if recorded:
+        return int(recorded)
+    last = folder / "checkpoints" / LAST
+    train_cfg = load_checkpoint(last).get("train_cfg") if last.is_file() else None
+    return parse_train_config(train_cfg).evaluation_batch_size if train_cfg else DEFAULT_BATCH_SIZE
+
+
+def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, folder: Path) -> Path:
     """``RUN/eval.json`` for a run's final student, else ``eval.json`` in the evaluated model's stage folder."""
     if run_dir is not None and kind != "checkpoint" and not args.checkpoint:
         return run_dir / "eval.json"
-    folder = model.parent.parent if model.parent.name == "checkpoints" else model.parent
     return folder / "eval.json"
+
+
+def _no_items(spec: str, block: dict[str, Any]) -> str:
+    """The one-line refusal of a ``--data`` dataset with 0 items: what was given and where images were looked for."""
+    where = f"--data {spec}: 0 items to evaluate (no image could be read)"
+    ann = block.get("annotations")
+    if ann and not block.get("images"):  # a COCO file (its block's keys, not its name)
+        return (f"{where}; a COCO file's images are looked for under the JSON's folder ({Path(ann).parent}) "
+                f"unless an images root is given: "
+                f"--data \"{{name: {block['name']}, annotations: {ann}, images: DIR}}\"")
+    return f"{where}; check the path (and a COCO block's 'images' root)"
 
 
 def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[Any, str]:
@@ -107,7 +156,10 @@ def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[An
 
     if args.data:
         block = dataset_block(args.data, args.split)
-        return build_dataset(get_registry(), block, "--data"), json.dumps(block)
+        dataset = build_dataset(get_registry(), block, "--data")
+        if len(dataset) == 0:  # a table of zeros would read as a measured result
+            raise ConfigError(_no_items(args.data, block))
+        return dataset, json.dumps(block)
     if cfg is None:
         raise ConfigError(f"{args.target}: a checkpoint alone has no data; pass --data (a COCO .json, a YOLO "
                            "folder, ...) or evaluate a recipe or run folder")
@@ -119,6 +171,8 @@ def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[An
         raise ConfigError(f"--split {split!r}: the recipe's splits are test, labeled, unlabeled")
     if part[split] is None:
         raise ConfigError(f"{source}: the recipe has no {split} split; pass --split or --data")
+    if len(part[split]) == 0:
+        raise ConfigError(f"{source}: data, split {split}: 0 items to evaluate; pass --split or --data")
     return part[split], f"{source}: data, split {split}"
 
 
@@ -147,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
     from ddkit.runtime import resolve_device
 
     cfg, source, run_dir, kind = _recipe_and_default_model(args)
-    path, what = _model_path(args, run_dir, kind)
+    path, what, folder = _model_path(args, run_dir, kind)
+    batch_size = _batch_size(args, folder)
     device = resolve_device(args.device)
     task, model, info = load_model(path, device=device)
     dataset, data_what = _dataset(args, cfg, source)
@@ -163,23 +218,24 @@ def run(args: argparse.Namespace) -> int:
     else:
         categories = category_map(info, get_info(dataset), str(path), data_what, by_name=not plain.gives_probs)
     strategies, block = tta_from_args(args, task, info, cfg)
-    print(f"evaluating {what} on {data_what} ({len(dataset)} items)")
+    print(f"evaluating {what} on {data_what} ({len(dataset)} items, batch size {batch_size})")
     if categories is not None:
         print(f"categories matched by name: the dataset's {len(categories)} of the model's {len(info.categories)} "
               f"classes (ids differ); the model's other classes are not scored")
-    rows = {"1 view": evaluate_dataset(plain, dataset, args.batch_size, categories)}
+    rows = {"1 view": evaluate_dataset(plain, dataset, batch_size, categories)}
     if strategies is not None:
         name = f"TTA ({len(strategies.views)} views: {', '.join(strategies.view_names)})"
-        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, args.batch_size,
+        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, batch_size,
                                       categories)
     print(format_quality_table(rows))
     record = {"model": str(path), "what": what, "data": data_what, "items": len(dataset), "task": task.name,
+              "batch_size": batch_size,
               "metrics": rows["1 view"], "tta": None,
               "categories_by_name": None if categories is None else {str(k): v for k, v in categories.items()}}
     if strategies is not None:
         record["tta"] = {"views": strategies.view_blocks, "aggregator": strategies.aggregator_block,
                          "metrics": rows[name]}
-    out = Path(args.output) if args.output else _default_output(args, run_dir, kind, path)
+    out = Path(args.output) if args.output else _default_output(args, run_dir, kind, folder or _stage_folder(path))
     atomic_write_json(out, record)
     print(f"wrote {out}")
     return 0

@@ -14,6 +14,7 @@ it back through ``load_state_dict`` on resume.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -47,7 +48,9 @@ class RunLog:
 
     ``metrics.csv`` has fixed columns: ``iteration, lr, loss``, every loss term known at start (``loss_names``),
     the other values of the first record (e.g. a term's sub-losses), ``samples_per_s``; a value that a later
-    record adds is only in the jsonl, a missing one is an empty cell (a term outside its stage).
+    record adds is only in the jsonl, a missing one is an empty cell (a term outside its stage). An evaluation's
+    metrics are ``eval/NAME`` columns, added by the first evaluation (as Ultralytics' ``results.csv``): filled on
+    the row of the iteration they were measured at, empty on the others.
     """
 
     def __init__(self, run_dir: Path, is_main: bool, loss_names: Sequence[str] = ()):
@@ -79,6 +82,8 @@ class RunLog:
             fh.flush()
         if "losses" in record:
             self._csv_row(record)
+        elif record.get("eval") and not record.get("final"):  # the final record repeats the last evaluation
+            self._csv_eval(record["iteration"], record["eval"])
 
     def _csv_row(self, record: dict[str, Any]) -> None:
         values = {"iteration": record["iteration"], "lr": record["lr"], "loss": record["loss"],
@@ -93,6 +98,25 @@ class RunLog:
         row = ["" if values.get(c) is None else values[c] for c in self._header]
         with open(self.csv_path, "a", newline="") as fh:
             csv.writer(fh, lineterminator="\n").writerow(row)
+
+    def _csv_eval(self, iteration: int, metrics: dict[str, Any]) -> None:
+        """Put an evaluation's metrics on the row of ``iteration`` (a new row if none), widening the header by
+        the ``eval/NAME`` columns it lacks; the file is rewritten (it is small: one row per log interval)."""
+        header = self._header or self._csv_header_on_disk() or ["iteration", "lr", "loss", *self.loss_names,
+                                                                 "samples_per_s"]
+        rows = []
+        if self.csv_path.is_file():
+            with open(self.csv_path, newline="") as fh:
+                rows = list(csv.reader(fh))[1:]
+        self._header = header + [f"eval/{k}" for k in metrics if f"eval/{k}" not in header]
+        rows = [r + [""] * (len(self._header) - len(r)) for r in rows]
+        if not rows or rows[-1][0] != str(iteration):
+            rows.append([str(iteration)] + [""] * (len(self._header) - 1))
+        for k, v in metrics.items():
+            rows[-1][self._header.index(f"eval/{k}")] = v
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([self._header, *rows])
+        atomic_write_text(self.csv_path, buffer.getvalue())
 
     def _csv_header_on_disk(self) -> list[str] | None:
         """The header of a ``metrics.csv`` being continued (a resumed run keeps its columns)."""

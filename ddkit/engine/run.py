@@ -416,7 +416,8 @@ class Runner:
             raise ConfigError(f"stage {stage} stopped before the end of its schedule (max_iterations?); "
                               f"re-run to resume it")
         return {"model": out["model_path"], "metrics": out["metrics"], "iterations": out["iterations"],
-                "train_time_s": out.get("train_time_s")}
+                "train_time_s": out.get("train_time_s"),
+                "eval_batch_size": parse_train_config(train_cfg, f"{stage}.train").evaluation_batch_size}
 
     def _train_teacher(self) -> dict[str, Any]:
         t = self.teacher_cfg
@@ -438,11 +439,13 @@ class Runner:
 
     def _trained_teacher(self, path: Path) -> dict[str, Any]:
         """``teacher.checkpoint``: a teacher trained elsewhere (e.g. one teacher for several student seeds) is used
-        as it is and evaluated on the test part for the table."""
+        as it is and evaluated on the test part for the table, with the teacher section's evaluation batch size
+        (``teacher.train.eval_batch_size``, else its ``batch_size``) as a trained teacher would be."""
         _, model, info = load_model(path, device=self.device, registry=self.registry)
         check_same_classes(info, self.splits.info, str(path), self.source)
-        metrics = self.task.evaluate(model, self.splits.test, 8) if self.is_main else {}  # the others: the marker
-        return {"model": str(path.resolve()), "metrics": metrics, "iterations": 0}
+        batch = parse_train_config(self.teacher_cfg.get("train"), "teacher.train").evaluation_batch_size
+        metrics = self.task.evaluate(model, self.splits.test, batch) if self.is_main else {}  # the others: the marker
+        return {"model": str(path.resolve()), "metrics": metrics, "iterations": 0, "eval_batch_size": batch}
 
     def _model_path(self, stage: str) -> Path:
         return Path(self.results[stage]["model"])

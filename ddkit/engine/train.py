@@ -207,7 +207,7 @@ def _teacher_cache(cfg: TrainConfig, task: Task, teacher: nn.Module | None, term
         return None
     cache_dir = Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else run_dir / "teacher_cache"
     return TeacherCache.build(task, teacher, _Indexed(data.concat), sha or state_sha256(teacher), cache_dir,
-                              cfg.eval_batch_size or cfg.batch_size, dev, progress, rank, fingerprint=fingerprint)
+                              cfg.evaluation_batch_size, dev, progress, rank, fingerprint=fingerprint)
 
 
 def _check_cache_config(cfg: TrainConfig, teacher: nn.Module | None, terms: list[Any]) -> None:
@@ -342,7 +342,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
     trainer = Trainer(parts, cfg, data.total, seed, rank, dev, loader, runlog=runlog,
                       static={"train_cfg": dataclasses.asdict(cfg), "loss_names": list(names), "recipe": recipe,
                               "inputs": inputs})
-    evaluator = EvalHook(runlog, eval_set, cfg.eval_every, cfg.eval_batch_size or cfg.batch_size)
+    evaluator = EvalHook(runlog, eval_set, cfg.eval_every, cfg.evaluation_batch_size)
     describe = (lambda: describe_run(task, student, data.total, cfg.batch_size, world, dev, data.sizes,
                                      cfg.ratio, names, trainer.start))
     trainer.register_hooks([LogHook(runlog, cfg.log_every, progress, describe), evaluator,

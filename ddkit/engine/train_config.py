@@ -101,6 +101,12 @@ class TrainConfig:
             if not ok:
                 raise ValueError(message)
 
+    @property
+    def evaluation_batch_size(self) -> int:
+        """The batch size every evaluation of this stage uses (``eval_batch_size``, 0: ``batch_size``): a
+        detector's AP depends on it (a batch of images of different sizes is padded to one size)."""
+        return self.eval_batch_size or self.batch_size
+
 
 def parse_train_config(block: Mapping[str, Any] | TrainConfig | None, where: str = "train") -> TrainConfig:
     """Validate a ``train:`` block: an unknown key names the valid keys, a bad value names its key."""
