@@ -192,10 +192,26 @@ def tta_from_args(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> t
     return tta_strategies(task, info, block), block
 
 
+def _match_classes(plain: Any, dataset: Any, info: Any, model: str, data_what: str) -> tuple[Any, Any]:
+    """``(dataset, categories)``: a classifier's dataset with its class ids matched to the model's by name (as a
+    recipe's test part; a subset is fine), or for instance predictions :func:`category_map`'s id map (None: the
+    same ids); anything else is a one-line error naming the class."""
+    from ddkit.engine.data import get_info, is_classification, match_classes
+    from ddkit.engine.evaluate import category_map, check_same_classes
+
+    if not (plain.gives_probs and is_classification(dataset)):
+        return dataset, category_map(info, get_info(dataset), model, data_what, by_name=not plain.gives_probs)
+    matched = match_classes(dataset, info, data_what, whose=f"the model's ({model})")
+    if matched is not dataset:
+        print(f"classes matched by name: the dataset's {len(get_info(dataset).categories)} of the model's "
+              f"{len(info.categories)} classes")
+    check_same_classes(info, get_info(matched), model, data_what)
+    return matched, None
+
+
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.checkpoint import load_model
-    from ddkit.engine.data import get_info, is_classification, match_classes
-    from ddkit.engine.evaluate import Predictor, category_map, check_same_classes, evaluate_dataset
+    from ddkit.engine.evaluate import Predictor, evaluate_dataset
     from ddkit.engine.label import format_quality_table
     from ddkit.io import atomic_write_json
     from ddkit.runtime import resolve_device
@@ -207,16 +223,7 @@ def run(args: argparse.Namespace) -> int:
     task, model, info = load_model(path, device=device)
     dataset, data_what = _dataset(args, cfg, source)
     plain = Predictor(task, model, info, device=device)
-    categories = None
-    if plain.gives_probs and is_classification(dataset):  # class ids by name, as a recipe's test part
-        matched = match_classes(dataset, info, data_what, whose=f"the model's ({path})")
-        if matched is not dataset:
-            print(f"classes matched by name: the dataset's {len(get_info(dataset).categories)} of the model's "
-                  f"{len(info.categories)} classes")
-        dataset = matched
-        check_same_classes(info, get_info(dataset), str(path), data_what)
-    else:
-        categories = category_map(info, get_info(dataset), str(path), data_what, by_name=not plain.gives_probs)
+    dataset, categories = _match_classes(plain, dataset, info, str(path), data_what)
     strategies, block = tta_from_args(args, task, info, cfg)
     print(f"evaluating {what} on {data_what} ({len(dataset)} items, batch size {batch_size})")
     if categories is not None:
