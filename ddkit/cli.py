@@ -60,6 +60,25 @@ def disk_full_message(err: OSError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_torchrun_worker(code)
+    return code
+
+
+def _exit_torchrun_worker(code: int) -> None:
+    """A torchrun worker whose work is done and whose process group is gone leaves without the interpreter's
+    teardown: gloo's threads can abort it there ("terminate called without an active exception", exit -6) after
+    a complete run, and torchrun then reports the whole job failed (seen twice in the test suite's DDP runs)."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parse(argv)
     if not hasattr(args, "_run"):
         build_parser().print_help()

@@ -108,3 +108,17 @@ def test_torchrun_run_refuses_a_batch_the_ranks_cannot_split_before_anything_is_
     assert out.returncode != 0
     assert "error: " + str(recipe) + ": student.train.batch_size 15 is not divisible by the 2 torchrun" in out.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_torchrun_worker_leaves_with_its_exit_code_and_every_line_written():
+    """Under torchrun (WORLD_SIZE > 1) the command ends with os._exit after flushing: the output piped to the
+    parent is whole and the exit code is the command's, as in a single process."""
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "ddkit", "config", "show", str(repo / "configs" / "mnist_dd.yaml")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # piped stdout is block-buffered
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    two = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**env, "WORLD_SIZE": "2"})
+    assert one.returncode == two.returncode == 0 and two.stdout == one.stdout and len(one.stdout) > 1000
+    bad = subprocess.run(cmd + ["run.sed=1"], capture_output=True, text=True, timeout=120,
+                         env={**env, "WORLD_SIZE": "2"})
+    assert bad.returncode == 2 and "unknown key 'sed'" in bad.stderr
