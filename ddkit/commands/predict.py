@@ -118,14 +118,14 @@ class _Writer:
         return [atomic_write_text(self.out / "data.yaml", yaml.safe_dump(data, sort_keys=False)), self.out / "labels"]
 
 
-def _source(args: argparse.Namespace, image_shape: Any) -> Any:
+def _source(args: argparse.Namespace) -> Any:
     """The images to predict: ``--coco``'s (under the folder ``IMAGES``), one image file, or a folder's (the paths
-    were checked by :func:`_check_paths`)."""
+    were checked by :func:`_check_paths`), as read; the predictor fits them to a fixed-size model's input."""
     from ddkit.engine.label import IMAGE_EXTENSIONS, CocoSource, FolderSource
 
     images = Path(args.images)
     if args.coco:
-        source = CocoSource(args.coco, images, image_shape)
+        source = CocoSource(args.coco, images)
         if not len(source):
             raise ConfigError(f"--coco {args.coco}: its 'images' list is empty")
         return source
@@ -133,8 +133,8 @@ def _source(args: argparse.Namespace, image_shape: Any) -> Any:
         if images.suffix.lower() not in IMAGE_EXTENSIONS:
             hint = "; a COCO file's images: IMAGES_FOLDER --coco FILE.json" if images.suffix.lower() == ".json" else ""
             raise ConfigError(f"{images}: neither an image file ({' '.join(IMAGE_EXTENSIONS)}) nor a folder{hint}")
-        return FolderSource(images.parent, image_shape, files=[images.name])
-    source = FolderSource(images, image_shape)
+        return FolderSource(images.parent, files=[images.name])
+    source = FolderSource(images)
     if not len(source):
         raise ConfigError(f"{images}: no image files in this folder")
     return source
@@ -228,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     path, what = _model(args.checkpoint)
     device = resolve_device(args.device)
     task, model, info = load_model(path, device=device)
-    source = _source(args, info.extra.get("image_shape"))
+    source = _source(args)
     strategies, recipe = _strategies(args, task, info)
     predictor = Predictor(task, model, info, strategies, device)
     # COCO results of instances can carry the file's own category ids; YOLO txt and class labels keep the model's

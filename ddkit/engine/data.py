@@ -343,20 +343,21 @@ def _shared_files(parts: Mapping[str, Any], where: str) -> list[str]:
     return out
 
 
-def label_overlap_warnings(files: Iterable[str], splits: Splits, field: str, data: str = "data") -> list[str]:
+def label_overlap_warnings(files: Iterable[str], splits: Splits, field: str, source: str) -> list[str]:
     """A warning when the images a label section reads (``files``: resolved paths; ``field`` names them, e.g.
-    ``label.images``) are image files of the test part (the student trains on pseudo-labels of the images it is
-    scored on) or of the labeled part (those images are labelled twice, by hand and by the teacher)."""
+    ``label.images``, in the recipe ``source``) are image files of the test part (the student trains on
+    pseudo-labels of the images it is scored on) or of the labeled part (labelled twice, by hand and by the
+    teacher)."""
     label_files = set(files)
     out = []
     for part, key, consequence in (
             (splits.test, "test", "the student trains on pseudo-labels of test images, so results on test are not "
-                                  "measured on unseen images; remove them from"),
-            (splits.labeled, "train", "those images are both labeled and pseudo-labelled; remove them from")):
+                                  "measured on unseen images"),
+            (splits.labeled, "train", "those images are both labeled and pseudo-labelled")):
         shared = sorted(label_files & _files(part)) if part is not None and label_files else []
         if shared:
-            name = field.rpartition(": ")[2]
-            msg = f"{field} and {data}.{key} share {len(shared)} image file(s) (e.g. {shared[0]}): {consequence} {name}"
+            msg = (f"{source}: {field} and data.{key} share {len(shared)} image file(s) (e.g. {shared[0]}): "
+                   f"{consequence}; remove them from {field}")
             log.warning(msg)
             out.append(msg)
     return out

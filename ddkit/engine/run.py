@@ -144,8 +144,7 @@ class Runner:
             except ConfigError as err:
                 raise ConfigError(f"{self.source}: {err}") from None
             field = "label.coco" if label_cfg.coco else "label.images"
-            self.splits.warnings += label_overlap_warnings(source.image_files(), self.splits,
-                                                           f"{self.source}: {field}")
+            self.splits.warnings += label_overlap_warnings(source.image_files(), self.splits, field, self.source)
             if len(source) == 0:
                 described = source.describe()
                 where = described.get("file") or described.get("root") or "the unlabeled part"
