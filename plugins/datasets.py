@@ -138,10 +138,11 @@ class CocoDataset(_TargetsDataset):
         kinfo = _keypoint_info(k, str(path), names=kp_names if k else None, flip_indices=flip_indices,
                                sigmas=_sigmas_option(sigmas, keypoint_sigmas, str(path)))
         self.info = DatasetInfo(
-            categories=[{"id": int(c["id"]), "name": str(c.get("name", c["id"]))}
+            categories=[{"id": int(c["id"]), "name": str(c["name"])}
                         for c in sorted(coco.categories, key=lambda c: c["id"])],
             num_keypoints=k, flip_indices=kinfo["flip_indices"], keypoint_sigmas=kinfo["keypoint_sigmas"],
-            extra={"keypoint_names": list(kp_names) if k else None, "source": str(path), **kinfo["extra"]},
+            extra={"keypoint_names": list(kp_names) if k else None, "source": str(path), **kinfo["extra"],
+                   **({"skeleton": coco.skeleton} if k and coco.skeleton else {})},
         )
         self._drop_unreadable(check_images, str(path))
         if check_images:

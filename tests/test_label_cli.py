@@ -215,6 +215,14 @@ def test_keypointrcnn_teacher_end_to_end(tmp_path, capsys):
     assert len(coco["annotations"]) == min(target, len(rec["ensemble"]["scores"]))
     for a in coco["annotations"]:
         assert len(a["keypoints"]) == 21
+    # the file is a COCO keypoint file: its category names the keypoints, so pycocotools and ddkit's COCO reader
+    # see keypoints (and the flip pairs follow from the names) when it is given back as a dataset
+    from pycocotools.coco import COCO
+
+    from ddkit.engine.coco_file import validate_coco
+
+    assert COCO(str(out / "pseudo_labels.json")).loadCats(1)[0]["keypoints"] == info.extra["keypoint_names"]
+    assert validate_coco(coco, out / "pseudo_labels.json").keypoint_names == info.extra["keypoint_names"]
     q = json.loads((out / "quality.json").read_text())
     assert set(q) >= {"single", "ensemble"} and "AP" in q["ensemble"]
     assert "| ensemble |" in capsys.readouterr().out

@@ -3,6 +3,7 @@ and a heatmap keypoint head), through the Python API: detection and keypoints, r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -247,7 +248,7 @@ def test_keypoint_count_match_drops_low_keypoints(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume, shards
-def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch):
+def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch, caplog):
     ds, labeled, unlabeled = shapes_splits()
     cfg = {**DET_CFG, "shard_size": 7}  # 28 images -> 4 shards
     ref = L.label_dataset(FakeTask(), BlobDetector(), ds.info, unlabeled, labeled, cfg, tmp_path / "ref")
@@ -271,8 +272,10 @@ def test_resume_after_interruption_gives_identical_output(tmp_path, monkeypatch)
     assert calls == [14, 21]  # shards 0 and 1 were skipped
     monkeypatch.setattr(L.sharded, "label_shard", real)
     task = FakeTask()
-    done = L.label_dataset(task, BlobDetector(), ds.info, unlabeled, labeled, cfg, tmp_path / "run")
+    with caplog.at_level(logging.INFO, logger="ddkit"):
+        done = L.label_dataset(task, BlobDetector(), ds.info, unlabeled, labeled, cfg, tmp_path / "run")
     assert done.shards_done == [3] and done.complete
+    assert "resuming: 3 of 4 shards already labelled" in caplog.text  # the user is told what is kept
     assert read_bytes(tmp_path / "run") == read_bytes(tmp_path / "ref")
     assert len(read_bytes(tmp_path / "ref")) == 4
     for s in range(4):

@@ -326,3 +326,34 @@ def test_label_coco_ground_truth_follows_the_box_rule(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         src = CocoSource(path)
     assert sum(len(v) for v in src.anns.values()) == 13 and "dropped 1" in caplog.text
+
+
+@pytest.mark.parametrize("name", [None, "", "  ", 3])
+def test_category_without_a_name_is_refused(tmp_path, name):
+    def mutate(d):
+        d["categories"][0].pop("name") if name is None else d["categories"][0].update(name=name)
+    msg = _error(_coco(tmp_path, mutate))
+    assert "categories[0] (id 1)" in msg and "'name'" in msg
+
+
+@pytest.mark.parametrize("skeleton", [[[0, 1]], [[1, 18]], [[1, 2, 3]], [1, 2], "1-2", [[1.5, 2]]])
+def test_skeleton_must_be_one_based_pairs_within_the_keypoints(tmp_path, skeleton):
+    msg = _error(_coco(tmp_path, lambda d: d["categories"][0].update(skeleton=skeleton)))
+    assert "categories[0] (id 1)" in msg and "'skeleton'" in msg and "1-based" in msg
+
+
+def test_keypoint_categories_written_for_a_dataset_read_back_as_the_file_had_them():
+    """``coco_categories`` (what pseudo-label files carry) gives back the COCO file's own keypoint names and
+    1-based skeleton, so a keypoint pseudo-label file reads as a keypoint dataset; without names: keypoint_<i>."""
+    from ddkit.engine.pseudo import coco_categories
+    from ddkit.types import DatasetInfo
+
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(COCO_JSON)})
+    want = [{k: c[k] for k in ("id", "name", "keypoints", "skeleton")}
+            for c in json.loads(COCO_JSON.read_text())["categories"]]
+    assert coco_categories(ds.info) == want
+    bare = DatasetInfo(categories=[{"id": 3, "name": "hand"}], num_keypoints=2)
+    assert coco_categories(bare) == [{"id": 3, "name": "hand", "keypoints": ["keypoint_0", "keypoint_1"],
+                                      "skeleton": []}]
+    boxes = DatasetInfo(categories=[{"id": 1, "name": "car", "supercategory": "vehicle"}])
+    assert coco_categories(boxes) == [{"id": 1, "name": "car"}]

@@ -191,7 +191,8 @@ def test_random_yolo_folders_load_valid_data_or_raise_a_ddkit_error(case):
 @st.composite
 def fuse_inputs(draw) -> tuple[list, dict]:
     """Valid results lists (boxes may stick out) and images, then up to 3 random mutations of entries / images."""
-    coco = valid_coco().map(lambda d: {"images": d["images"], "categories": [{"id": 1}, {"id": 2}]})
+    coco = valid_coco().map(lambda d: {"images": d["images"],
+                                       "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]})
     images = draw(coco)
     preds = []
     for _ in range(draw(st.integers(1, 3))):

@@ -128,7 +128,7 @@ def test_failures_leave_nothing_half_written(tmp_path):
     with pytest.raises(ConfigError, match="image_paths lacks it"):
         write_yolo_dataset(pseudo, {1: tmp_path / "a.png"}, tmp_path / "out", info=info)
     bad = {**pseudo, "annotations": [{"id": 1, "image_id": 1, "category_id": 9, "bbox": [1, 1, 2, 2]}],
-           "categories": [{"id": 9}]}
+           "categories": [{"id": 9, "name": "x"}]}
     with pytest.raises(DataError, match=r"category ids \[9\]"):
         write_yolo_dataset(bad, {1: tmp_path / "a.png", 2: tmp_path / "a.png"}, tmp_path / "out", info=info)
     with pytest.raises(ConfigError, match="'move' is not one of"):

@@ -108,10 +108,17 @@ class CocoFile:
     @property
     def keypoint_names(self) -> list[str] | None:
         """The keypoint names of the first category (by id) that lists them, else ``None``."""
-        for cat in sorted(self.categories, key=lambda c: c["id"]):
-            if cat.get("keypoints"):
-                return [str(n) for n in cat["keypoints"]]
-        return None
+        cat = self._keypoint_category()
+        return None if cat is None else [str(n) for n in cat["keypoints"]]
+
+    @property
+    def skeleton(self) -> list[list[int]] | None:
+        """That category's ``skeleton`` as 0-based index pairs, else ``None``."""
+        cat = self._keypoint_category()
+        return None if cat is None or not cat.get("skeleton") else [[a - 1, b - 1] for a, b in cat["skeleton"]]
+
+    def _keypoint_category(self) -> dict[str, Any] | None:
+        return next((c for c in sorted(self.categories, key=lambda c: c["id"]) if c.get("keypoints")), None)
 
 
 def _load_json(path: Path) -> Any:
@@ -177,9 +184,26 @@ def _check_images(images: list[dict[str, Any]], path: Path, root: Path, allow_ou
 
 def _check_categories(cats: list[dict[str, Any]], path: Path) -> None:
     for i, cat in enumerate(cats):
+        where = f"{path}: categories[{i}] (id {cat['id']})"
+        name = cat.get("name")
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{where}: field 'name' must be a non-empty string (the class name, e.g. \"person\"), "
+                            f"got {name!r}")
         kps = cat.get("keypoints")
         if kps is not None and (not isinstance(kps, list) or not all(isinstance(n, str) for n in kps)):
-            raise DataError(f"{path}: categories[{i}] (id {cat['id']}): field 'keypoints' must be a list of names")
+            raise DataError(f"{where}: field 'keypoints' must be a list of names")
+        _check_skeleton(cat.get("skeleton"), len(kps or []), where)
+
+
+def _check_skeleton(skeleton: Any, k: int, where: str) -> None:
+    """COCO's ``skeleton``: pairs of 1-based keypoint indices (``[16, 14]`` joins the 16th and 14th keypoints)."""
+    if skeleton is None or (skeleton == [] and not k):
+        return
+    ok = isinstance(skeleton, list) and all(
+        isinstance(e, list) and len(e) == 2 and all(_is_int(v) and 1 <= v <= k for v in e) for e in skeleton)
+    if not ok:
+        raise DataError(f"{where}: field 'skeleton' must be a list of [i, j] pairs of 1-based indices into its "
+                        f"{k} 'keypoints' (COCO's convention), got {str(skeleton)[:80]}")
 
 
 def _check_annotation(ann: dict[str, Any], i: int, path: Path, images: dict[int, int],

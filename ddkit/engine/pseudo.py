@@ -43,7 +43,7 @@ class PseudoLabelWriter:
     Args:
         path: the output JSON.
         fmt: ``"coco"`` (instances) or ``"image-labels"`` (classification).
-        categories: the labeled set's categories (written as they are).
+        categories: the categories block, :func:`coco_categories` of the labeled set's info.
         info: the ``info`` block (provenance).
     """
 
@@ -137,10 +137,23 @@ class PseudoLabelWriter:
         return self._num_anns
 
 
+def coco_categories(info: DatasetInfo) -> list[dict[str, Any]]:
+    """The ``categories`` of a COCO file written for ``info``: ``{id, name}``, and for a keypoint dataset COCO's
+    ``keypoints`` (names; ``keypoint_<i>`` where the dataset has none) and ``skeleton`` (1-based pairs), so that the
+    file reads back as a keypoint dataset in ddkit, pycocotools and detectron2."""
+    cats = [{"id": int(c["id"]), "name": str(c["name"])} for c in info.categories]
+    k = info.num_keypoints
+    if not k:
+        return cats
+    names = info.extra.get("keypoint_names") or [f"keypoint_{i}" for i in range(k)]
+    skeleton = [[int(a) + 1, int(b) + 1] for a, b in info.extra.get("skeleton") or []]
+    return [{**c, "keypoints": list(names), "skeleton": skeleton} for c in cats]
+
+
 # ------------------------------------------------------------------------------------------------ reading back
 def info_from_pseudo(data: Mapping[str, Any]) -> DatasetInfo:
     meta = (data.get("info") or {}).get("dataset_info") or {}
-    return DatasetInfo(categories=[dict(c) for c in data.get("categories", [])],
+    return DatasetInfo(categories=[{"id": int(c["id"]), "name": str(c["name"])} for c in data.get("categories", [])],
                        num_keypoints=meta.get("num_keypoints"), flip_indices=meta.get("flip_indices"),
                        keypoint_sigmas=meta.get("keypoint_sigmas"), extra=dict(meta.get("extra") or {}))
 

@@ -21,7 +21,7 @@ from ddkit.engine.label.labeller import Timer
 from ddkit.engine.label.quality import quality_pair
 from ddkit.engine.label.sharded import ShardedLabels
 from ddkit.engine.prediction_kinds import PredictionKind
-from ddkit.engine.pseudo import PseudoLabelWriter
+from ddkit.engine.pseudo import PseudoLabelWriter, coco_categories
 from ddkit.engine.raw_predictions import RawImage, RawPredictions, save_raw
 from ddkit.engine.select import LabeledStats, ScoredPredictions, SelectionCounter, check_selection
 from ddkit.engine.shards import ShardSet, load_shard
@@ -251,7 +251,8 @@ def select_pseudo_labels(sharded: ShardedLabels, inp: SelectInputs, out_dir: str
     with timer("select"):
         fitted = _fit(shards, inp, scan.num_images, do_quality)
     prov = {**sharded.provenance, "thresholds": fitted.thresholds, "selector": inp.selector_block}
-    writer = PseudoLabelWriter(out_dir / "pseudo_labels.json", inp.kind.pseudo_format, inp.info.categories, prov)
+    writer = PseudoLabelWriter(out_dir / "pseudo_labels.json", inp.kind.pseudo_format, coco_categories(inp.info),
+                               prov)
     write = _WritePass(inp, fitted, writer, do_quality, timer)
     try:
         for s in range(shards.num_shards):

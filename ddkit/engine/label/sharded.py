@@ -131,7 +131,11 @@ def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: S
         for stale in shards.stale_files():
             log.info("removing %s: written with another shard count", stale)
             stale.unlink(missing_ok=True)
-    todo = [s for s in worker_shards(shards.num_shards, rank, world) if not shards.done(s)]
+    mine = worker_shards(shards.num_shards, rank, world)
+    todo = [s for s in mine if not shards.done(s)]
+    if todo and len(todo) < len(mine):
+        log.info("resuming: %d of %d shards already labelled in %s; labelling the other %d",
+                 len(mine) - len(todo), len(mine), shards.folder, len(todo))
     if max_shards is not None:
         todo, rest = todo[:max_shards], todo[max_shards:]
     else:
