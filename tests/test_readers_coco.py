@@ -357,3 +357,21 @@ def test_keypoint_categories_written_for_a_dataset_read_back_as_the_file_had_the
                                       "skeleton": []}]
     boxes = DatasetInfo(categories=[{"id": 1, "name": "car", "supercategory": "vehicle"}])
     assert coco_categories(boxes) == [{"id": 1, "name": "car"}]
+
+
+def test_evaluation_works_with_pycocotools_that_requires_info(monkeypatch):
+    """pycocotools 2.0.10 (inside the supported range) reads ``dataset['info']`` in ``loadRes`` unconditionally;
+    ground truth without an ``info`` key (ddkit's own, most hand-made files) must still evaluate."""
+    from pycocotools.coco import COCO
+
+    real = COCO.loadRes
+
+    def load_res_2_0_10(self, res):
+        self.dataset["info"]  # KeyError without it, as in 2.0.10
+        return real(self, res)
+
+    monkeypatch.setattr(COCO, "loadRes", load_res_2_0_10)
+    gt = {"images": [{"id": 1, "height": 20, "width": 20}], "categories": [{"id": 1, "name": "a"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8]}]}
+    stats = coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8], "score": 0.9}])
+    assert stats["AP"] == pytest.approx(1.0)

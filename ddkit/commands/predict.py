@@ -104,12 +104,13 @@ class _Writer:
     def finish(self) -> list[Path]:
         import yaml
 
+        from ddkit.engine.pseudo import coco_categories
         from ddkit.io import atomic_write_json, atomic_write_text
 
         if self.fmt == "coco":
             return [atomic_write_json(self.out / "predictions.json", self.results),
-                    atomic_write_json(self.out / "images.json",
-                                      {"images": self.images, "categories": self.info.categories})]
+                    atomic_write_json(self.out / "images.json", {"info": {}, "images": self.images,
+                                                                 "categories": coco_categories(self.info)})]
         data: dict[str, Any] = {"names": {k: str(c.get("name")) for k, c in enumerate(self.info.categories)}}
         if self.info.num_keypoints:
             data["kpt_shape"] = [int(self.info.num_keypoints), 3]

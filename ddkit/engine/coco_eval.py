@@ -40,6 +40,7 @@ def make_coco(gt: str | Path | Mapping[str, Any] | Any):
     if isinstance(gt, COCO):
         return gt
     data = copy.deepcopy(load_coco_dict(gt))
+    data.setdefault("info", {})  # pycocotools 2.0.10's loadRes copies it unconditionally (KeyError without it)
     data.setdefault("images", [])
     data.setdefault("categories", [])
     anns = data.setdefault("annotations", [])

@@ -70,7 +70,7 @@ class CocoGroundTruthBuilder:
         categories = self.categories
         if not categories:  # none given: the ids the annotations use
             categories = [{"id": c, "name": str(c)} for c in sorted({a["category_id"] for a in self.annotations})]
-        return {"images": self.images, "annotations": self.annotations, "categories": categories}
+        return {"info": {}, "images": self.images, "annotations": self.annotations, "categories": categories}
 
 
 def coco_ground_truth(images: Iterable[tuple[int, int, int, Mapping[str, Any] | None]],
