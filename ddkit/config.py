@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,7 +45,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:
         for override in overrides:
             key, value = override.split("=", 1)
             try:  # update (not merge a dotlist) so that list items can be overridden: label.transforms.0.name=x
-                value = yaml.safe_load(value) if value else None
+                value = _parse_override_value(value)
                 _detach_interpolations(cfg, key.strip())
                 _drop_replaced_block(cfg, key.strip(), value)
                 OmegaConf.update(cfg, key.strip(), value, merge=True, force_add=True)
@@ -130,11 +131,27 @@ def _detach_interpolations(cfg: DictConfig, key: str) -> None:
         node = node._get_node(index)
 
 
+# YAML 1.1 (PyYAML) reads 1e-3 as a string; OmegaConf's recipe loader reads it as a float: overrides must agree
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _parse_override_value(text: str) -> Any:
+    value = yaml.safe_load(text) if text else None
+    unquoted = isinstance(value, str) and value == text.strip()
+    return float(value) if unquoted and _EXPONENT_FLOAT.fullmatch(value) else value
+
+
+def _is_strategy_block(path: str) -> bool:
+    """``student.model``, ``label.transforms.0``: a block whose ``name`` picks a plugin (not ``run``)."""
+    parent, _, last = path.rpartition(".")
+    return last in STRATEGY_SLOTS or (last.isdigit() and parent.rpartition(".")[2] in STRATEGY_SLOTS)
+
+
 def _drop_replaced_block(cfg: DictConfig, key: str, value: Any) -> None:
     """Before an override ``X.name=new`` (or ``X={name: new, ...}``) of a strategy block ``X`` named otherwise,
     empty ``X`` so that the old strategy's keys do not merge into the new one."""
     path, _, last = key.rpartition(".")
-    if last == "name":
+    if last == "name" and _is_strategy_block(path):
         block_path, new_name = path, value
     elif last in STRATEGY_SLOTS or path.rpartition(".")[2] in STRATEGY_SLOTS:  # X={...} or X.0={...}
         block_path, new_name = key, _block_name(OmegaConf.create(value)) if isinstance(value, dict) else value

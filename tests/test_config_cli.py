@@ -169,3 +169,23 @@ def test_a_saved_recipe_names_existing_files_by_absolute_paths(tmp_path, monkeyp
     assert saved["label"]["images"] == str(tmp_path / "data" / "images")
     assert ds["name"] == "coco8" and ds["missing"] == "data/none.json" and ds["split"] == "train"
     assert saved["label"]["transforms"] == [{"name": "identity"}]
+
+
+def test_run_name_override_keeps_the_rest_of_the_run_block(tmp_path):
+    """``run`` is not a strategy block: ``run.name=x`` renames the run, it does not empty the block (out_dir, seed)."""
+    path = _write(tmp_path / "r.yaml", "run: {name: a, seed: 3, out_dir: 'runs/${run.name}/s${run.seed}'}\n"
+                  "student:\n  model: {name: lenet, channels: [8, 16]}\n")
+    cfg = load_config(path, ["run.name=b"])
+    assert cfg.run == {"name": "b", "seed": 3, "out_dir": "runs/b/s3"}
+    swapped = load_config(path, ["student.model.name=mlp"])  # a strategy block still drops the old one's keys
+    assert swapped.student.model == {"name": "mlp"}
+
+
+@pytest.mark.parametrize("text, value", [("1e-3", 0.001), ("-2.5E+2", -250.0), (".5e1", 5.0), ("0.01", 0.01),
+                                         ("3", 3), ("1e3x", "1e3x"), ("'1e-3'", "1e-3")])
+def test_override_numbers_read_like_the_recipe_file(tmp_path, text, value):
+    """PyYAML reads ``1e-3`` as a string (YAML 1.1); in a recipe file OmegaConf reads it as a float."""
+    path = _write(tmp_path / "r.yaml", "student:\n  train: {lr: 1e-3}\n")
+    assert load_config(path).student.train.lr == 0.001
+    got = load_config(path, [f"student.train.lr={text}"]).student.train.lr
+    assert got == value and type(got) is type(value)
