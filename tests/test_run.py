@@ -106,6 +106,15 @@ def test_force_redoes_a_stage_and_what_follows(first_run, recipe, capsys):
         {r["stage"]: r for r in first_run["rows"]}["baseline_full"]
 
 
+def test_logging_and_checkpoint_cadence_redo_nothing(first_run, recipe, capsys):
+    """The keys `ddkit train --resume` accepts as harmless do not change what a stage produces: no stage re-runs."""
+    cfg = load_config(recipe, ["teacher.train.log_every=7", "student.train.checkpoint_every=3",
+                               "student.train.eval_every=5", "label.num_workers=0"])
+    run_recipe(cfg, source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert "running" not in printed and "teacher: done earlier" in printed and "label: done earlier" in printed
+
+
 def test_changed_inputs_redo_only_the_stages_that_read_them(first_run, recipe, capsys):
     cfg = load_config(recipe, ["kd.variants.soft.losses.1.temperature=3.0"])
     run_recipe(cfg, source=str(recipe), progress=False)

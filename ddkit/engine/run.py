@@ -47,6 +47,7 @@ from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.teacher_cache import dataset_fingerprint
 from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
+from ddkit.engine.train_config import HARMLESS_KEYS
 from ddkit.errors import ConfigError, DegenerateResultError
 from ddkit.io import atomic_write_json, atomic_write_text
 from ddkit.registry import Registry, _to_plain
@@ -66,6 +67,24 @@ class Stage:
 
 # what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
 ONE_TEACHER = ("teacher.ensemble",)
+
+
+# how often a stage logs, evaluates or checkpoints and how many loader workers it uses change nothing it produces:
+# left out of its fingerprint, as `ddkit train --resume` accepts them (max_iterations, which does, stays in)
+CADENCE_KEYS = frozenset(HARMLESS_KEYS) - {"max_iterations"}
+_CADENCE = object()
+
+
+def _without_cadence(path: str, value: Any) -> Any:
+    """``value`` (the recipe at dotted ``path``) less every ``train`` block's cadence keys and
+    ``label.num_workers``; :data:`_CADENCE` where ``path`` itself is one."""
+    parent, _, key = path.rpartition(".")
+    if path == "label.num_workers" or (parent.rpartition(".")[2] == "train" and key in CADENCE_KEYS):
+        return _CADENCE
+    if isinstance(value, dict):
+        kept = {k: _without_cadence(f"{path}.{k}", v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v is not _CADENCE}
+    return value
 
 
 def _section(cfg: DictConfig, key: str) -> Any:
@@ -369,8 +388,10 @@ class Runner:
                 (self.out / name).unlink(missing_ok=True)
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
-        """The recipe sections a stage reads, less the keys it ignores: what its digest hashes."""
-        values = {k: _to_plain(OmegaConf.select(self.cfg, k)) for k in stage.inputs}
+        """The recipe sections a stage reads, less the keys it ignores and the cadence keys: what its digest
+        hashes."""
+        values = {k: _without_cadence(k, _to_plain(OmegaConf.select(self.cfg, k))) for k in stage.inputs}
+        values = {k: v for k, v in values.items() if v is not _CADENCE}
         for dotted in stage.ignore:
             section, _, key = dotted.partition(".")
             if isinstance(values.get(section), dict):
