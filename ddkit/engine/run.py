@@ -405,6 +405,7 @@ class Runner:
         if stopped:
             summary["stopped"] = stopped
         warnings = list(self.splits.warnings) + [r["warning"] for r in self.results.values() if r.get("warning")]
+        warnings += summary.pop("warnings", [])
         if self.splits.info.extra.get(SIGMAS_DEFAULT):  # keypoint AP with guessed OKS sigmas is only indicative
             warnings.append(self.splits.info.extra[SIGMAS_DEFAULT])
         if warnings:
@@ -607,7 +608,10 @@ class Runner:
         final = "student" if self.rounds == 1 else f"student_r{self.rounds}"  # the last round's student
         if all(s in by for s in ("baseline_labeled", final, "baseline_full")):
             base, full = by["baseline_labeled"][key], by["baseline_full"][key]
-            if base != full:
+            if (full > base) != self.task.higher_is_better or full == base:  # no gap: a share of it means nothing
+                summary["warnings"] = [f"the fully labeled model ({key} {full}) is not better than the labeled-only "
+                                       f"baseline ({key} {base}): there is no gap for data distillation to close"]
+            else:
                 summary["gap_closed"] = round((base - by[final][key]) / (base - full), 3)
                 if self.rounds > 1:
                     summary["gap_closed_by_round"] = {
