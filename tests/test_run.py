@@ -117,6 +117,18 @@ def test_logging_and_checkpoint_cadence_redo_nothing(first_run, recipe, capsys):
     assert "running" not in printed and "teacher: done earlier" in printed and "label: done earlier" in printed
 
 
+@pytest.mark.parametrize("deleted", ["student/model.pt", "label/pseudo_labels.json"])
+def test_a_deleted_output_file_redoes_its_stage(first_run, recipe, capsys, deleted):
+    """A stage whose model / pseudo-label file was deleted is not "done": it runs again, to the same result."""
+    out = Path(first_run["run_dir"])
+    (out / deleted).unlink()
+    again = run_recipe(load_config(recipe), source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    stage = deleted.split("/")[0]
+    assert f"{stage}: running" in printed and "teacher: done earlier" in printed
+    assert (out / deleted).is_file() and again["rows"] == first_run["rows"]
+
+
 @pytest.mark.parametrize("base, full, student, gap", [(0.2, 0.1, 0.15, 0.5), (0.1, 0.2, 0.3, None),
                                                        (0.1, 0.1, 0.05, None)])
 def test_gap_closed_is_reported_only_when_the_fully_labeled_model_is_better(recipe, base, full, student, gap):
@@ -310,6 +322,6 @@ def test_stale_stages_are_removed_before_anything_runs(recipe, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run_recipe(load_config(recipe, [f"run.out_dir={tmp_path}", *small, "teacher.train.lr=0.2"]),
                    source=str(recipe), progress=False)
-    assert "teacher, label, select, student: inputs changed or forced" in capsys.readouterr().out
+    assert "teacher, label, select, student: inputs changed, forced or an output file deleted" in capsys.readouterr().out
     assert completed_stages(tmp_path) == {}
     assert not (tmp_path / "student").exists() and not (tmp_path / "results.md").exists()

@@ -379,13 +379,23 @@ class Runner:
         stale = []
         for i, stage in enumerate(self.stages):
             marker = self.out / stage.name / "stage.json"
-            if marker.is_file() and (self._forced(i) or json.loads(marker.read_text()).get("inputs") != keys[i]):
+            if not marker.is_file():
+                continue
+            record = json.loads(marker.read_text())
+            if self._forced(i) or record.get("inputs") != keys[i] or self._lost_output(record.get("result") or {}):
                 stale.append(stage.name)
                 shutil.rmtree(marker.parent)
         if stale:
-            print(f"[ddkit run] {', '.join(stale)}: inputs changed or forced; their old outputs were removed")
+            print(f"[ddkit run] {', '.join(stale)}: inputs changed, forced or an output file deleted; their old "
+                  f"outputs were removed")
             for name in ("results.json", "results.md", "report.html"):
                 (self.out / name).unlink(missing_ok=True)
+
+    def _lost_output(self, result: Mapping[str, Any]) -> bool:
+        """Whether a finished stage's model or pseudo-label file inside the run folder was deleted since (a file
+        given by the recipe, such as ``teacher.checkpoint``, is checked when the recipe is validated)."""
+        paths = [Path(result[k]) for k in ("model", "pseudo_labels") if isinstance(result.get(k), str)]
+        return any(p.resolve().is_relative_to(self.out.resolve()) and not p.is_file() for p in paths)
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
         """The recipe sections a stage reads, less the keys it ignores and the cadence keys: what its digest
