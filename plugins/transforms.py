@@ -101,12 +101,19 @@ class Identity(_View):
 
 @dataclass
 class FlipParams:
-    """``flip_indices``: the mirror of each keypoint (default: COCO's 17 person keypoints)."""
+    """``flip_indices``: the mirror of each keypoint (default ``null``: the dataset's own pairs)."""
 
-    flip_indices: list[int] = field(default_factory=lambda: list(COCO_FLIP_INDICES))
+    flip_indices: list[int] | None = None
 
     def __post_init__(self) -> None:
-        check_flip_indices(self.flip_indices)
+        if self.flip_indices is not None:
+            check_flip_indices(self.flip_indices)
+
+
+def _flip_pairs(flip_indices: Sequence[int] | None) -> list[int]:
+    """The pairs a flip view uses: the given ones; COCO's 17 when built without a dataset (a recipe's labelling
+    fills in the dataset's own, or refuses a keypoint dataset that has none)."""
+    return check_flip_indices(COCO_FLIP_INDICES if flip_indices is None else flip_indices)
 
 
 class HFlip(_View):
@@ -115,8 +122,8 @@ class HFlip(_View):
 
     flip = True
 
-    def __init__(self, flip_indices: Sequence[int] = COCO_FLIP_INDICES, name: str = "hflip"):
-        self.flip_indices = check_flip_indices(flip_indices)
+    def __init__(self, flip_indices: Sequence[int] | None = None, name: str = "hflip"):
+        self.flip_indices = _flip_pairs(flip_indices)
         self.name = name
 
     def forward_image(self, image: Tensor) -> Tensor:
@@ -145,10 +152,10 @@ class Scale(_View):
     optionally flipped after resizing. Bilinear, antialiased when downscaling."""
 
     def __init__(self, size: int | None = None, factor: float | None = None, max_size: int | None = None,
-                 flip: bool = False, flip_indices: Sequence[int] = COCO_FLIP_INDICES):
+                 flip: bool = False, flip_indices: Sequence[int] | None = None):
         resized_size((1, 1), size, factor, max_size)  # validates the combination
         self.size, self.factor, self.max_size, self.flip = size, factor, max_size, bool(flip)
-        self.flip_indices = check_flip_indices(flip_indices)
+        self.flip_indices = _flip_pairs(flip_indices)
         base = f"scale{size}" if size is not None else f"scale_x{_fmt(factor)}"
         self.name = base + (f"_max{max_size}" if max_size is not None else "") + ("_flip" if flip else "")
 
@@ -203,7 +210,7 @@ class ScaleParams:
     factors: list[float] | None = None
     max_size: int | None = None
     flip: bool = False
-    flip_indices: list[int] = field(default_factory=lambda: list(COCO_FLIP_INDICES))
+    flip_indices: list[int] | None = None  # null: the dataset's own pairs
 
     def __post_init__(self) -> None:
         if self.sizes is not None and self.factors is not None:
@@ -222,15 +229,16 @@ class ScaleParams:
         if self.max_size is not None and (isinstance(self.max_size, bool) or not isinstance(self.max_size, int)
                                           or self.max_size <= 0):
             raise ValueError(f"scale: max_size must be an int > 0, got {self.max_size!r}")
-        check_flip_indices(self.flip_indices)
+        if self.flip_indices is not None:
+            check_flip_indices(self.flip_indices)
 
 
 def make_scales(sizes: Sequence[int] | None = None, factors: Sequence[float] | None = None,
                 max_size: int | None = None, flip: bool = False,
-                flip_indices: Sequence[int] = COCO_FLIP_INDICES) -> list[Scale]:
+                flip_indices: Sequence[int] | None = None) -> list[Scale]:
     """One :class:`Scale` view per size or factor (followed by its flipped copy when ``flip``)."""
     ScaleParams(None if sizes is None else list(sizes), None if factors is None else list(factors), max_size,
-                flip, list(flip_indices))
+                flip, None if flip_indices is None else list(flip_indices))
     if sizes is None and factors is None:
         sizes = PAPER_SIZES
     views = []

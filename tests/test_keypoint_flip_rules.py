@@ -54,3 +54,31 @@ def test_a_training_flip_without_known_pairs_asks_for_flip_indices(unpaired):
     _, flipped = task.hflip(torch.zeros(3, 8, 8), target, known)
     assert flipped["keypoints"][0, 1, 0] == 8.0 - 2.0  # the new left eye is the mirrored right eye (x = 2)
     assert flipped["keypoints"][0, 0, 0] == 8.0  # the nose stays the nose
+
+
+@pytest.mark.parametrize("transform", [{"name": "hflip"}, {"name": "scale", "factors": [0.8], "flip": True}])
+def test_flip_pairs_of_another_keypoint_count_are_refused_when_the_recipe_is_checked(transform):
+    """Explicit pairs for 17 keypoints on a 7-keypoint dataset: a one-line error naming the field when the views
+    are built (before the teacher trains), not a traceback at the first labelled image."""
+    info = _info({"name": "synthetic_figures", "num_images": 4, "image_size": 64, "min_height": 30, "max_height": 50})
+    task = get_registry().build("tasks", "keypoints")
+    views = [{"name": "identity"}, {**transform, "flip_indices": [0, 2, 1, 4, 3, 6, 5, 8, 7, 10, 9, 12, 11, 14, 13,
+                                                                    16, 15]}]
+    with pytest.raises(ConfigError, match=r"label.transforms\[1\].flip_indices: .*17 entries .*K=7"):
+        build_strategies(parse_label_config({"transforms": views}), task, info)
+
+
+def test_a_recipe_written_with_every_default_labels_with_the_datasets_own_pairs():
+    """``ddkit config show --defaults`` writes ``flip_indices: null`` (the dataset's pairs), not COCO's 17: the
+    written recipe builds views with the 7-keypoint figures' own pairs."""
+    from ddkit.config import load_config
+    from ddkit.engine.recipe import with_defaults
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "synthetic_kpt_dd.yaml"
+    full = with_defaults(load_config(recipe), get_registry())
+    blocks = [t for t in full.label.transforms if "flip_indices" in t]
+    assert blocks and all(t.flip_indices is None for t in blocks)
+    info = build_data(full.data).info
+    strategies = build_strategies(parse_label_config(full.label), get_registry().build("tasks", "keypoints"), info)
+    flips = [v for v in strategies.views if getattr(v, "flip", False)]
+    assert flips and all(v.flip_indices == info.flip_indices for v in flips) and len(info.flip_indices) == 7

@@ -121,6 +121,7 @@ def test_coco_ground_truth_builder_matches_a_hand_written_dict():
     cats = [{"id": 1, "name": "a"}, {"id": 3, "name": "b"}]
     got = coco_ground_truth([(10, 20, 30, t1), (11, 5, 6, None)], cats)
     assert got == {
+        "info": {},
         "images": [{"id": 10, "height": 20, "width": 30}, {"id": 11, "height": 5, "width": 6}],
         "annotations": [
             {"id": 1, "image_id": 10, "category_id": 3, "bbox": [1.0, 2.0, 3.0, 6.0], "area": 18.0, "iscrowd": 0,

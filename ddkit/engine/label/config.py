@@ -9,6 +9,7 @@ from ddkit.engine.prediction_kinds import PredictionKind, prediction_kind
 from ddkit.engine.pseudo import COCO
 from ddkit.errors import ConfigError
 from ddkit.engine.keypoint_meta import require_flip_indices
+from ddkit.ops.geometry import check_flip_indices
 from ddkit.registry import _to_plain, parse_section
 from ddkit.types import DatasetInfo
 
@@ -139,12 +140,17 @@ def _build_views(cfg: LabelConfig, info: DatasetInfo, registry: Any, where: str
     for i, raw in enumerate(cfg.transforms):
         block = strategy_block(raw)
         transform_blocks.append(block)
-        given = "flip_indices" in block
+        given = block.get("flip_indices") is not None  # null (the default) means the dataset's own pairs
         entry, _ = registry.params("transforms", block, where=f"{where}.transforms[{i}]")
         params = entry.spec.params
-        if (info.flip_indices and params is not None and "flip_indices" not in block
-                and "flip_indices" in {f.name for f in dataclasses.fields(params)}):
-            block["flip_indices"] = list(info.flip_indices)  # the dataset's mirror pairs, not COCO's default
+        takes_pairs = params is not None and "flip_indices" in {f.name for f in dataclasses.fields(params)}
+        if given and takes_pairs and info.num_keypoints:
+            try:
+                check_flip_indices(block["flip_indices"], info.num_keypoints)
+            except ValueError as err:
+                raise ConfigError(f"{where}.transforms[{i}].flip_indices: {err}") from None
+        if info.flip_indices and takes_pairs and not given:
+            block["flip_indices"] = list(info.flip_indices)  # the dataset's mirror pairs, not COCO's
         built = registry.build("transforms", block, where=f"{where}.transforms[{i}]")
         built = built if isinstance(built, (list, tuple)) else [built]
         if info.num_keypoints and not given and any(getattr(v, "flip", False) for v in built):
