@@ -30,7 +30,7 @@ from ddkit.engine.box_rule import BoxCheck
 from ddkit.engine.coco_file import read_coco_file
 from ddkit.engine.keypoint_meta import COCO_SIGMAS, flip_indices_from_names, resolve_keypoint_meta  # noqa: F401
 from ddkit.engine.task import IMAGE_EXTENSIONS as IMAGE_EXTS  # the one list of image extensions
-from ddkit.engine.task import adapt_image, check_images, read_image, report_skipped, split_indices
+from ddkit.engine.task import adapt_image, check_images, image_size, read_image, report_skipped, split_indices
 from ddkit.types import DatasetSpec
 
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # offline fixtures (examples only)
@@ -151,14 +151,12 @@ class CocoDataset(_TargetsDataset):
 
 def _check_sizes(files: list[Path], sizes: dict[str, tuple[int, int]], source: str) -> None:
     """Refuse a COCO file whose ``width`` / ``height`` differ from its images' own (boxes would be clipped to the
-    wrong frame), as detectron2 does; PIL reads only the header."""
-    from PIL import Image
-
+    wrong frame), as detectron2 does; the size is the displayed one (EXIF orientation applied), read from the header."""
     wrong = []
     for f in files:
-        with Image.open(f) as im:
-            if im.size != sizes[str(f)]:
-                wrong.append(f"{f.name} (JSON {sizes[str(f)][0]}x{sizes[str(f)][1]}, file {im.size[0]}x{im.size[1]})")
+        w, h = image_size(f)
+        if (w, h) != sizes[str(f)]:
+            wrong.append(f"{f.name} (JSON {sizes[str(f)][0]}x{sizes[str(f)][1]}, file {w}x{h})")
     if wrong:
         raise DataError(f"{source}: {len(wrong)} image(s) whose width x height differ from the file's, e.g. "
                         f"{wrong[0]}; fix 'width' / 'height' in the JSON's images")
@@ -263,11 +261,9 @@ def _warn_missing_labels(lab_dir: Path, files: list[Path]) -> None:
 
 
 def _image_size(f: Path) -> tuple[int, int]:
-    from PIL import Image
-
+    """``(h, w)`` in the displayed frame (EXIF orientation applied): the frame YOLO labels are normalised to."""
     try:
-        with Image.open(f) as im:
-            w, h = im.size
+        w, h = image_size(f)
         return h, w
     except Exception:  # noqa: BLE001 - reported by the readability check
         return 0, 0

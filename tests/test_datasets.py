@@ -349,3 +349,78 @@ def test_a_coco_width_that_is_not_the_files_is_refused_naming_both(tmp_path):
     with pytest.raises(DataError, match=rf"1 image\(s\) .* {name} \(JSON 100x\d+, file \d+x\d+\).*'width'"):
         ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
     assert len(ddkit.build("datasets", {"name": "coco", "annotations": str(_bad_coco(tmp_path, lambda d: None))})) == 4
+
+
+# --------------------------------------------------------------------------------------------- EXIF orientation
+def _exif_jpeg(path: Path, orientation: int = 6, size: tuple[int, int] = (40, 20)) -> Path:
+    """A JPEG stored ``size`` (W x H) wide with an EXIF Orientation tag; the left half dark, the right half light."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    pixels[:, w // 2:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=100)
+    return path
+
+
+def test_read_image_applies_the_exif_orientation(tmp_path):
+    """Ultralytics, detectron2 and annotation tools use the displayed frame (ImageOps.exif_transpose)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from ddkit.engine.data import image_size, read_image
+
+    for orientation in range(1, 9):
+        p = _exif_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
+        want = np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+        got = read_image(p)
+        np.testing.assert_array_equal((got.permute(1, 2, 0) * 255).round().byte().numpy(), want)
+        assert image_size(p) == (want.shape[1], want.shape[0])  # header only, same frame
+    assert tuple(read_image(tmp_path / "o6.jpg").shape) == (3, 40, 20)
+
+
+def test_yolo_labels_land_on_the_exif_transposed_frame(tmp_path):
+    root = tmp_path / "y"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    _exif_jpeg(root / "images" / "train" / "a.jpg", 6, (40, 20))  # displayed 20 wide, 40 high
+    (root / "labels" / "train" / "a.txt").write_text("0 0.5 0.25 0.5 0.5\n")
+    ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    image, t = ds[0]
+    assert tuple(image.shape[1:]) == t["size"] == (40, 20)
+    torch.testing.assert_close(t["boxes"][0], torch.tensor([5.0, 0.0, 15.0, 20.0]))
+
+
+def test_a_coco_file_giving_the_exif_transposed_size_is_accepted(tmp_path):
+    _exif_jpeg(tmp_path / "a.jpg", 6, (40, 20))
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 20, "height": 40}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 30, 10, 8], "area": 80,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(coco))
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    image, t = ds[0]
+    assert tuple(image.shape[1:]) == (40, 20)
+    torch.testing.assert_close(t["boxes"][0], torch.tensor([2.0, 30.0, 12.0, 38.0]))
+    coco["images"][0].update(width=40, height=20)  # the stored frame: refused
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"a.jpg \(JSON 40x20, file 20x40\)"):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+
+
+def test_every_image_is_decoded_by_the_one_reader(tmp_path):
+    """Predict, label sources, image folders and datasets all read through read_image / image_size (so all apply
+    the EXIF orientation): no other module opens image files itself."""
+    from ddkit.engine.label.sources import FolderSource
+
+    repo = Path(__file__).parents[1]
+    openers = sorted(str(p.relative_to(repo)) for d in ("ddkit", "plugins", "integrations")
+                     for p in (repo / d).rglob("*.py") if "tests" not in p.parts
+                     and any(s in p.read_text() for s in ("Image.open(", "cv2.imread", "decode_image(")))
+    assert openers == ["ddkit/engine/data.py"]
+    _exif_jpeg(tmp_path / "a.jpg", 6, (40, 20))
+    assert tuple(FolderSource(tmp_path).load(0).image.shape) == (3, 40, 20)
