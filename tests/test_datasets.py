@@ -130,6 +130,63 @@ def test_yolo_label_with_wrong_length_is_an_error(tmp_path):
         ddkit.build("datasets", {"name": "yolo", "root": str(root)})
 
 
+@needs_data
+def test_the_data_yaml_is_chosen_over_other_yaml_files_and_a_guess_is_refused(tmp_path, caplog):
+    """An args.yaml (sorted before data.yaml / coco8.yaml) once replaced the 80 names by numbers, silently."""
+    root = tmp_path / "y"
+    shutil.copytree(DATA / "coco8", root)
+    (root / "args.yaml").write_text("lr0: 0.01\nmosaic: 1.0\n")
+    names = lambda: [c["name"] for c in ddkit.build("datasets", {"name": "yolo", "root": str(root)}).info.categories]
+    assert names()[:2] == ["person", "bicycle"]  # the one yaml with names
+    (root / "data.yaml").write_text("names: [a, b]\n")
+    (root / "labels" / "train").rename(root / "unused")  # background images: any class index is fine
+    assert names() == ["a", "b"]  # data.yaml first
+    (root / "data.yaml").rename(root / "other.yaml")
+    with pytest.raises(DataError, match=r"2 yaml files could be the data yaml \(coco8.yaml, other.yaml\); set the "
+                                        r"dataset's data_yaml"):
+        names()
+    for f in ("coco8.yaml", "other.yaml", "args.yaml"):
+        (root / f).unlink()
+    with caplog.at_level("WARNING"):
+        names()
+    assert "no class names" in caplog.text
+
+
+def _roboflow(tmp_path: Path) -> Path:
+    """A Roboflow export: train/images, valid/images, and data.yaml with ``train: ../train/images``."""
+    root = tmp_path / "rf"
+    for split, part in (("train", "train"), ("val", "valid")):
+        shutil.copytree(DATA / "coco8" / "images" / split, root / part / "images")
+        shutil.copytree(DATA / "coco8" / "labels" / split, root / part / "labels")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 80\nnames: "
+                                    + json.dumps([f"c{i}" for i in range(80)]) + "\n")
+    return root
+
+
+@needs_data
+def test_yolo_splits_follow_the_data_yaml_as_ultralytics_resolves_them(tmp_path):
+    root = _roboflow(tmp_path)
+    for block in ({"root": str(root)}, {"data_yaml": str(root / "data.yaml")}):
+        val = ddkit.build("datasets", {"name": "yolo", "split": "val", **block})
+        assert [f.parent for f in val.files] == [root / "valid" / "images"] * 4
+        ref = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "val"})
+        assert [len(t["boxes"]) for t in val.targets] == [len(t["boxes"]) for t in ref.targets] \
+            and sum(len(t["boxes"]) for t in val.targets) > 0
+        assert val.info.categories[1]["name"] == "c1"
+    # an image list (paths ./ relative to the list), and path: relative to the yaml's folder
+    (root / "sub").mkdir()
+    (root / "sub" / "list.txt").write_text("".join(f"./../train/images/{f.name}\n"
+                                                    for f in sorted((root / "train" / "images").iterdir())[:2]))
+    (root / "other.yaml").write_text("path: sub\ntrain: list.txt\nnames: " + json.dumps(list(range(80))) + "\n")
+    listed = ddkit.build("datasets", {"name": "yolo", "data_yaml": str(root / "other.yaml"), "check_images": False})
+    assert len(listed) == 2 and all(len(t["boxes"]) for t in listed.targets)
+    with pytest.raises(DataError, match=r"data.yaml: field test: .* does not exist; fix 'test:'"):
+        (root / "data.yaml").write_text((root / "data.yaml").read_text() + "test: ../test/images\n")
+        ddkit.build("datasets", {"name": "yolo", "data_yaml": str(root / "data.yaml"), "split": "test"})
+    with pytest.raises(ConfigError, match="set root .* or data_yaml"):
+        ddkit.build("datasets", {"name": "yolo", "split": "val"})
+
+
 # ------------------------------------------------------------------------------------------------- image folder
 def test_image_folder(tmp_path, caplog):
     from PIL import Image

@@ -416,10 +416,23 @@ def test_data_on_the_command_line_is_a_dataset_block(tmp_path):
     assert dataset_block(str(tmp_path / "classes")) == {"name": "image_folder", "root": str(tmp_path / "classes")}
     assert dataset_block("{name: coco, annotations: x.json, images: i/}") == \
         {"name": "coco", "annotations": "x.json", "images": "i/"}
-    with pytest.raises(ConfigError, match="neither a COCO .json file nor a folder"):
+    with pytest.raises(ConfigError, match="neither a COCO .json file, a YOLO data .yaml nor a folder"):
         dataset_block(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="needs a 'name'"):
         dataset_block("{annotations: x.json}")
+
+
+def test_data_given_as_an_ultralytics_data_yaml_is_its_val_split():
+    """``ddkit eval --data coco8.yaml``, as ``yolo val data=coco8.yaml``: the yaml's val: entry, its names."""
+    import ddkit
+    from ddkit.engine.evaluate import dataset_block
+
+    yaml_file = DATA / "coco8" / "coco8.yaml"
+    block = dataset_block(str(yaml_file))
+    assert block == {"name": "yolo", "data_yaml": str(yaml_file), "split": "val"}
+    ds = ddkit.build("datasets", block)
+    assert [f.parent for f in ds.files] == [DATA / "coco8" / "images" / "val"] * 4
+    assert ds.info.categories[0] == {"id": 0, "name": "person"} and ds.info.num_classes == 80
 
 
 def test_eval_a_stage_folder_of_a_run_takes_the_runs_data_and_views(digits_run, tmp_path, capsys):
