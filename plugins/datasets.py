@@ -289,18 +289,26 @@ def _label_path(image: Path) -> Path:
 
 
 def _parse_yolo_line(line: str, where: str, k: int | None, dims: int, names: dict | None) -> list[float]:
-    """One label row ``cls cx cy w h [x y (v)]*K`` (normalised) -> floats; DataError naming ``where`` (file:line)."""
+    """One label row ``cls cx cy w h [x y (v)]*K`` (normalised) -> floats; DataError naming ``where`` (file:line).
+    A detection row of more than 6 values is a polygon ``cls x1 y1 x2 y2 x3 y3 ...`` (YOLO-seg, Roboflow), made its
+    enclosing box as Ultralytics' ``segments2boxes`` does."""
     vals = line.split()
     expect = 5 + (k * dims if k else 0)
-    if len(vals) != expect:
-        raise DataError(f"{where}: {len(vals)} values, expected {expect} "
-                        f"(cls cx cy w h" + (f" + {k}x{dims} keypoints)" if k else ")"))
+    polygon = not k and len(vals) > 6  # Ultralytics' test for a segment row
+    if polygon and len(vals) % 2 == 0:
+        raise DataError(f"{where}: polygon row with an odd count of coordinates ({len(vals) - 1}); expected "
+                        f"cls x1 y1 x2 y2 x3 y3 ... (x y pairs)")
+    if not polygon and len(vals) != expect:
+        layout = f" + {k}x{dims} keypoints)" if k else ", or a polygon cls x1 y1 x2 y2 x3 y3 ...)"
+        raise DataError(f"{where}: {len(vals)} values, expected {expect} (cls cx cy w h{layout}")
     try:
         row = [float(v) for v in vals]
     except ValueError:
         raise DataError(f"{where}: not numbers: {line.strip()!r}") from None
     if not all(math.isfinite(v) for v in row):
         raise DataError(f"{where}: non-finite value (nan/inf): {line.strip()!r}")
+    if polygon:
+        row = [row[0], *_segment_box(row[1:])]
     if not row[0].is_integer() or not 0 <= row[0] < 2 ** 31:
         raise DataError(f"{where}: class {vals[0]!r} is not a class index (an integer >= 0)")
     if names is not None and int(row[0]) not in names:
@@ -310,6 +318,12 @@ def _parse_yolo_line(line: str, where: str, k: int | None, dims: int, names: dic
     if k and dims == 3 and any(v not in (0.0, 1.0, 2.0) for v in row[7::3]):
         raise DataError(f"{where}: keypoint visibility must be 0, 1 or 2: {line.strip()!r}")
     return row
+
+
+def _segment_box(coords: list[float]) -> list[float]:
+    """``cx cy w h`` of the box enclosing a polygon ``x1 y1 x2 y2 ...`` (Ultralytics' ``segments2boxes``)."""
+    xs, ys = coords[0::2], coords[1::2]
+    return [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
 
 
 def _yolo_target(idx: int, rows: list[list[float]], size: tuple[int, int], k: int | None, dims: int,
@@ -361,7 +375,7 @@ def _image_size(f: Path) -> tuple[int, int]:
 class YoloDataset(_TargetsDataset):
     """Ultralytics YOLO data: the images of the data yaml's ``split:`` entry (a folder or a ``.txt`` list, resolved
     as Ultralytics does), else ``root/images/<split>``; each image's labels at its path with the last ``/images/``
-    made ``/labels/`` (``.txt``), rows ``cls cx cy w h [x y v]*K`` (normalised).
+    made ``/labels/`` (``.txt``), rows ``cls cx cy w h [x y v]*K`` (normalised) or polygons ``cls x y x y ...``.
     Category ids are the YOLO class indices; names, ``kpt_shape`` and ``flip_idx`` come from ``data_yaml``, or the
     ``data.yaml`` (else the one yaml with names) in ``root``. A malformed row is one error naming the file and line;
     boxes follow the box rule (:mod:`ddkit.engine.box_rule`)."""

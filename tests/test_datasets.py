@@ -187,6 +187,26 @@ def test_yolo_splits_follow_the_data_yaml_as_ultralytics_resolves_them(tmp_path)
         ddkit.build("datasets", {"name": "yolo", "split": "val"})
 
 
+@needs_data
+def test_yolo_polygon_rows_are_their_enclosing_boxes(tmp_path):
+    """YOLO-seg / Roboflow polygon rows in a detect dataset, as Ultralytics' segments2boxes reads them."""
+    root = tmp_path / "y"
+    shutil.copytree(DATA / "coco8", root)
+    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("3 0.1 0.1 0.3 0.1 0.3 0.4 0.1 0.4\n0 0.5 0.5 0.2 0.2\n")
+    ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    i = [f.stem for f in ds.files].index(label.stem)
+    h, w = ds.targets[i]["size"]
+    torch.testing.assert_close(ds.targets[i]["boxes"][0], torch.tensor([0.1 * w, 0.1 * h, 0.3 * w, 0.4 * h]))
+    assert ds.targets[i]["labels"].tolist() == [3, 0]
+    label.write_text("0 0.1 0.1 0.3 0.1 0.3 0.4 0.1\n")
+    with pytest.raises(DataError, match=rf"{label.name}: line 1: polygon row with an odd count of coordinates \(7\)"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    label.write_text("0 0.1 0.1 0.3 0.1 0.3\n")
+    with pytest.raises(DataError, match=rf"{label.name}: line 1: 6 values, expected 5"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+
+
 # ------------------------------------------------------------------------------------------------- image folder
 def test_image_folder(tmp_path, caplog):
     from PIL import Image
