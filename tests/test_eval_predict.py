@@ -264,6 +264,34 @@ def test_predict_one_image_file(detector, tmp_path, capsys):
     assert "neither an image file" in capsys.readouterr().err
 
 
+def test_predict_yolo_gives_images_of_one_name_their_own_label_files(detector, tmp_path, caplog):
+    """x.jpg and x.png once wrote one labels/x.txt (the last won): names are made unique as the pseudo-label YOLO
+    export makes them (``yolo_export.unique_name``)."""
+    from PIL import Image
+
+    images = tmp_path / "cam2"
+    images.mkdir()
+    shutil.copy(DATA / "coco8" / "images" / "val" / "000000000042.jpg", images / "frame.jpg")
+    Image.open(DATA / "coco8" / "images" / "val" / "000000000036.jpg").save(images / "frame.png")
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(detector), str(tmp_path), "--format", "yolo", "-o", str(tmp_path / "y")]) == 0
+    labels = tmp_path / "y" / "labels" / "cam2"
+    assert sorted(p.name for p in labels.iterdir()) == ["frame.txt", "frame_1.txt"]
+    from ddkit.commands.predict import _yolo_line
+
+    task, model, info = load_model(detector)
+    index = {int(c["id"]): k for k, c in enumerate(info.categories)}
+    texts = [(labels / name).read_text() for name in ("frame.txt", "frame_1.txt")]
+    for text, image in zip(texts, ("frame.jpg", "frame.png")):
+        x = read_image(images / image)
+        inst = task.predict(model, [x])[0]
+        assert len(inst) > 0 and text == "".join(_yolo_line(inst, j, index[int(inst.labels[j])], *x.shape[-2:]) + "\n"
+                                                 for j in range(len(inst)))
+    assert texts[0] != texts[1]
+    assert "1 label file(s) named after the image id" in caplog.text and "cam2/frame.png -> labels/cam2/frame_1.txt" \
+        in caplog.text
+
+
 def _coco_of(root: Path, path: Path, info, records: list[tuple[int, str]]) -> Path:
     """A COCO file (images only) of ``(id, file_name under root)``; a missing file gets a made-up size."""
     from PIL import Image
