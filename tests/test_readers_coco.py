@@ -15,7 +15,7 @@ import ddkit
 from ddkit.engine.box_rule import CLIPPED, DROPPED, NONFINITE, OK, BoxCheck, box_rule
 from ddkit.engine.coco_eval import coco_evaluate
 from ddkit.engine.coco_file import read_coco_file, validate_coco
-from ddkit.engine.data import get_target
+from ddkit.engine.data import build_data, get_target
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.errors import DataError
 
@@ -357,3 +357,23 @@ def test_keypoint_categories_written_for_a_dataset_read_back_as_the_file_had_the
                                       "skeleton": []}]
     boxes = DatasetInfo(categories=[{"id": 1, "name": "car", "supercategory": "vehicle"}])
     assert coco_categories(boxes) == [{"id": 1, "name": "car"}]
+
+
+def test_a_ddkit_pseudo_label_file_finds_its_images_through_info_image_root(tmp_path):
+    """A pseudo_labels.json lives in the run folder, its images elsewhere: read as a labeled COCO dataset without
+    'images:', it uses the info.image_root it records (only ddkit's own files: another file's info is not trusted)."""
+    from ddkit.engine.coco_file import PSEUDO_DESCRIPTION
+
+    raw = json.loads(COCO_JSON.read_text())
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "pseudo_labels.json"
+    raw["info"] = {"description": PSEUDO_DESCRIPTION, "image_root": str(COCO_JSON.parent)}
+    path.write_text(json.dumps(raw))
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert len(ds) == 4 and ds.skipped == [] and {f.parent for f in ds.files} == {COCO_JSON.parent}
+    raw["info"]["description"] = "someone else's file"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"pseudo_labels.json has no \(readable\) images; add 'images: DIR' to the "
+                                        r"dataset block"):
+        build_data({"train": {"dataset": {"name": "coco", "annotations": str(path)}}})

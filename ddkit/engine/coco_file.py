@@ -255,13 +255,27 @@ def _apply_box_rule(path: Path, images: list[dict[str, Any]], anns: list[dict[st
     return out, check
 
 
+PSEUDO_DESCRIPTION = "ddkit pseudo-labels"  # info.description of the files ddkit label writes
+
+
+def _default_image_root(data: dict[str, Any], path: Path) -> Path:
+    """Where ``file_name`` is relative to when no folder is given: the JSON's folder, except for ddkit's own
+    pseudo-label files, which record their images' folder in ``info.image_root`` (they live in the run folder)."""
+    info = data.get("info")
+    ours = isinstance(info, dict) and info.get("description") == PSEUDO_DESCRIPTION
+    if ours and isinstance(info.get("image_root"), str):
+        return path.parent / info["image_root"]  # recorded absolute; a relative one is the JSON's
+    return path.parent
+
+
 def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, allow_outside_root: bool = False,
                    need_annotations: bool = True, box_tolerance: float = BOX_TOLERANCE) -> CocoFile:
     """Read and validate a COCO file (see the module docstring).
 
     Args:
         path: the JSON file.
-        image_root: the folder ``file_name`` is relative to (default: the JSON's folder).
+        image_root: the folder ``file_name`` is relative to (default: the JSON's folder; for a ddkit pseudo-label
+            file, the ``info.image_root`` it records).
         allow_outside_root: accept ``file_name`` values that leave ``image_root``.
         need_annotations: ``False`` accepts a file with only ``images`` (an image list to label).
         box_tolerance: pixels a box may stick out of its image silently (see :mod:`ddkit.engine.box_rule`).
@@ -283,7 +297,7 @@ def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = N
     if not isinstance(data, dict):
         raise DataError(f"{path}: a COCO file is a JSON object with 'images', 'annotations' and 'categories', "
                         f"got a {type(data).__name__}")
-    root = Path(image_root) if image_root is not None else path.parent
+    root = Path(image_root) if image_root is not None else _default_image_root(data, path)
     images = _records(data, "images", path, required=True)
     anns = _records(data, "annotations", path, required=need_annotations)
     cats = _records(data, "categories", path, required=need_annotations or bool(anns))

@@ -368,7 +368,9 @@ def _check_not_empty(dataset: Any, where: str) -> None:
     if len(dataset) == 0:
         info = getattr(dataset, "info", None)
         source = (info.extra.get("source") if isinstance(info, DatasetInfo) else None) or type(dataset).__name__
-        raise DataError(f"{where}: {source} has no (readable) images; point it at a folder or file with images")
+        hint = ("add 'images: DIR' to the dataset block (the folder its file_name values are relative to)"
+                if str(source).lower().endswith(".json") else "point it at a folder or file with images")
+        raise DataError(f"{where}: {source} has no (readable) images; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------- image reading
