@@ -377,3 +377,28 @@ def test_a_ddkit_pseudo_label_file_finds_its_images_through_info_image_root(tmp_
     with pytest.raises(DataError, match=r"pseudo_labels.json has no \(readable\) images; add 'images: DIR' to the "
                                         r"dataset block"):
         build_data({"train": {"dataset": {"name": "coco", "annotations": str(path)}}})
+
+
+# ------------------------------------------------------------------------------------- keypoint values
+def _set_kp(i: int, j: int, v) -> callable:
+    def mutate(d):
+        d["annotations"][i]["keypoints"][3 * j + 2] = v
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,text", [
+    (_set_kp(0, 3, 7), "field keypoints: visibility 7 of keypoint 3 must be 0 (not labelled), 1"),
+    (_set_kp(0, 3, -1), "field keypoints: visibility -1 of keypoint 3"),
+    (lambda d: d["annotations"][1].__setitem__("num_keypoints", 0), "field num_keypoints is 0 but"),
+    (lambda d: d["annotations"][1].__setitem__("num_keypoints", d["annotations"][1]["num_keypoints"] + 1),
+     "field num_keypoints is"),
+])
+def test_keypoint_visibility_and_num_keypoints_are_checked(tmp_path, mutate, text):
+    """pycocotools skips a person with num_keypoints 0: a count that disagrees with v > 0 changes the AP."""
+    raw = json.loads(COCO_JSON.read_text())
+    i = 0 if "visibility" in text else 1
+    msg = _error(_coco(tmp_path, mutate))
+    assert f"annotation id {raw['annotations'][i]['id']} (annotations[{i}])" in msg and text in msg
+    if "num_keypoints" in text:
+        assert f"set num_keypoints to {raw['annotations'][1]['num_keypoints']}" in msg
+    assert all(a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3]) for a in raw["annotations"])

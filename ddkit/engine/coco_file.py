@@ -8,8 +8,9 @@ the field:
 * ``images`` records need ``id`` (int), ``file_name`` (str), ``width`` and ``height`` (positive ints);
 * ids of images, annotations and categories are unique (the error names the id and both record indices);
 * an annotation's ``image_id`` / ``category_id`` name an existing image / category; ``bbox`` is 4 finite numbers;
-  ``w, h >= 0``; ``keypoints`` (when the category has keypoint names) ``3 * K`` finite numbers; ``num_keypoints`` is filled from
-  the visibilities when absent (crowdpose-style files), so pycocotools can evaluate them;
+  ``w, h >= 0``; ``keypoints`` (when the category has keypoint names) ``3 * K`` finite numbers, visibilities 0, 1 or 2;
+  ``num_keypoints`` is the count of ``v > 0`` (filled when absent, as in crowdpose-style files, so pycocotools can
+  evaluate them);
 * a ``file_name`` that leaves the image root (``../../x.jpg``, an absolute path elsewhere) is refused unless
   ``allow_outside_root``;
 * boxes follow :mod:`ddkit.engine.box_rule` (clipped to the image, empty ones dropped with their annotation, one
@@ -231,8 +232,22 @@ def _check_annotation(ann: dict[str, Any], i: int, path: Path, images: dict[int,
             n = len(kp) if isinstance(kp, list) else type(kp).__name__
             raise DataError(f"{where}: field keypoints must be {3 * k} finite numbers ({k} keypoints x 3), got "
                             f"{n} values" + ("" if not isinstance(kp, list) or len(kp) != 3 * k else " (non-finite)"))
-        if "num_keypoints" not in ann:  # crowdpose-style files: pycocotools needs it
-            ann["num_keypoints"] = sum(1 for v in kp[2::3] if v > 0)
+        _check_visibility(ann, kp, where)
+
+
+def _check_visibility(ann: dict[str, Any], kp: list[Any], where: str) -> None:
+    """COCO's visibilities are 0 (not labelled), 1 (labelled, hidden), 2 (visible); ``num_keypoints`` counts the
+    labelled ones: pycocotools skips a person whose ``num_keypoints`` is 0, so a wrong count changes its AP."""
+    bad = next((j for j, v in enumerate(kp[2::3]) if v not in (0, 1, 2)), None)
+    if bad is not None:
+        raise DataError(f"{where}: field keypoints: visibility {kp[3 * bad + 2]!r} of keypoint {bad} must be 0 (not "
+                        f"labelled), 1 (labelled, hidden) or 2 (visible)")
+    labelled = sum(1 for v in kp[2::3] if v > 0)
+    if "num_keypoints" not in ann:  # crowdpose-style files: pycocotools needs it
+        ann["num_keypoints"] = labelled
+    elif ann["num_keypoints"] != labelled:
+        raise DataError(f"{where}: field num_keypoints is {ann['num_keypoints']!r} but {labelled} keypoints have "
+                        f"v > 0; set num_keypoints to {labelled} (pycocotools skips a person with 0)")
 
 
 def _apply_box_rule(path: Path, images: list[dict[str, Any]], anns: list[dict[str, Any]],
