@@ -121,7 +121,7 @@ class CocoDataset(_TargetsDataset):
                  check_images: bool = True, keypoint_sigmas: list[float] | None = None,
                  sigmas: list[float] | None = None, flip_indices: list[int] | None = None,
                  allow_outside_root: bool = False):
-        coco = read_coco_file(annotations, images, allow_outside_root=allow_outside_root)
+        coco = read_coco_file(annotations, images, allow_outside_root=allow_outside_root, warn_boxes=False)
         path = coco.path
         kp_names = coco.keypoint_names
         use_kps = bool(kp_names) if keypoints is None else keypoints
@@ -148,6 +148,8 @@ class CocoDataset(_TargetsDataset):
         self._drop_unreadable(check_images, str(path))
         if check_images:
             _check_sizes(self.files, sizes, str(path))
+        if coco.box_warning:  # after the size check: boxes clipped to a wrong width / height mislead
+            log.warning("%s", coco.box_warning)
 
 
 def _check_sizes(files: list[Path], sizes: dict[str, tuple[int, int]], source: str) -> None:

@@ -402,3 +402,30 @@ def test_keypoint_visibility_and_num_keypoints_are_checked(tmp_path, mutate, tex
     if "num_keypoints" in text:
         assert f"set num_keypoints to {raw['annotations'][1]['num_keypoints']}" in msg
     assert all(a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3]) for a in raw["annotations"])
+
+
+def test_a_category_keypoint_list_of_the_wrong_length_is_blamed_not_the_annotations(tmp_path):
+    def sixteen(d, skeleton: bool):
+        d["categories"][0]["keypoints"] = d["categories"][0]["keypoints"][:16]
+        if not skeleton:
+            del d["categories"][0]["skeleton"]
+    for skeleton in (False, True):
+        msg = _error(_coco(tmp_path, lambda d: sixteen(d, skeleton)))
+        assert "categories[0] (id 1): field 'keypoints' lists 16 names but every annotation of the category has 51 " \
+               "values (17 keypoints x 3)" in msg
+    # one annotation of another length is still that annotation's error
+    msg = _error(_coco(tmp_path, lambda d: d["annotations"][2].__setitem__("keypoints", [0] * 48)))
+    assert "annotations[2]" in msg and "field keypoints must be 51" in msg
+
+
+def test_a_wrong_image_size_is_the_only_message(tmp_path, caplog):
+    """A JSON width of 64 for a 640-wide file once warned 'dropped N instance(s)' (boxes clipped to the wrong
+    width) before the real error; the box rule's warning now comes after the size check."""
+    path = _coco(tmp_path, lambda d: d["images"][0].__setitem__("width", 64), images=True)
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match=r"width x height differ"):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert "dropped" not in caplog.text and "clipped" not in caplog.text
+    path = _coco(tmp_path, lambda d: d["annotations"][0].__setitem__("bbox", [-500, 10, 20, 20]), images=True)
+    with caplog.at_level(logging.WARNING):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert "dropped 1 instance(s)" in caplog.text

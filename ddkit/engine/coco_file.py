@@ -73,6 +73,7 @@ class CocoFile:
     data: dict[str, Any] = field(default_factory=dict)
     boxes_clipped: int = 0
     boxes_dropped: int = 0
+    box_warning: str | None = None  # the box rule's line, when the reader was asked to hold it back
 
     def annotations_by_image(self) -> dict[int, list[dict[str, Any]]]:
         """``{image_id: [annotation, ...]}`` with an entry (maybe empty) for every image, in file order."""
@@ -196,6 +197,24 @@ def _check_categories(cats: list[dict[str, Any]], path: Path) -> None:
         _check_skeleton(cat.get("skeleton"), len(kps or []), where)
 
 
+def _check_keypoint_names(cats: list[dict[str, Any]], anns: list[dict[str, Any]], path: Path) -> None:
+    """A category whose ``keypoints`` list has the wrong length makes all its annotations disagree alike: blame the
+    category (the one place to fix), not its first annotation or its skeleton."""
+    lengths: dict[int, list[int]] = {}
+    for a in anns:
+        if _is_int(a.get("category_id")) and isinstance(a.get("keypoints"), list):
+            lengths.setdefault(a["category_id"], []).append(len(a["keypoints"]))
+    for i, cat in enumerate(cats):
+        names, counts = cat.get("keypoints"), lengths.get(cat["id"], [])
+        if not (isinstance(names, list) and names and len(counts) > 1 and len(set(counts)) == 1):
+            continue  # one annotation, or several lengths: the annotations are blamed one by one
+        n = counts[0]
+        if n % 3 == 0 and n != 3 * len(names):
+            raise DataError(f"{path}: categories[{i}] (id {cat['id']}): field 'keypoints' lists {len(names)} names "
+                            f"but every annotation of the category has {n} values ({n // 3} keypoints x 3); fix the "
+                            f"category's keypoints (and skeleton)")
+
+
 def _check_skeleton(skeleton: Any, k: int, where: str) -> None:
     """COCO's ``skeleton``: pairs of 1-based keypoint indices (``[16, 14]`` joins the 16th and 14th keypoints)."""
     if skeleton is None or (skeleton == [] and not k):
@@ -266,7 +285,6 @@ def _apply_box_rule(path: Path, images: list[dict[str, Any]], anns: list[dict[st
     changed = torch.nonzero((boxes != xyxy[keep]).any(1)).flatten().tolist()
     for j, b in zip(changed, boxes[changed].tolist()):
         out[j] = {**out[j], "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
-    check.warn()
     return out, check
 
 
@@ -284,7 +302,8 @@ def _default_image_root(data: dict[str, Any], path: Path) -> Path:
 
 
 def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, allow_outside_root: bool = False,
-                   need_annotations: bool = True, box_tolerance: float = BOX_TOLERANCE) -> CocoFile:
+                   need_annotations: bool = True, box_tolerance: float = BOX_TOLERANCE,
+                   warn_boxes: bool = True) -> CocoFile:
     """Read and validate a COCO file (see the module docstring).
 
     Args:
@@ -294,18 +313,21 @@ def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, al
         allow_outside_root: accept ``file_name`` values that leave ``image_root``.
         need_annotations: ``False`` accepts a file with only ``images`` (an image list to label).
         box_tolerance: pixels a box may stick out of its image silently (see :mod:`ddkit.engine.box_rule`).
+        warn_boxes: ``False`` holds the box rule's warning back in ``box_warning`` (a caller that checks the
+            image sizes first: boxes clipped to a wrong width / height would be a misleading first message).
 
     Raises:
         DataError: one line naming the file, the record and the field.
     """
     path = Path(path)
     return validate_coco(_load_json(path), path, image_root, allow_outside_root=allow_outside_root,
-                         need_annotations=need_annotations, box_tolerance=box_tolerance)
+                         need_annotations=need_annotations, box_tolerance=box_tolerance, warn_boxes=warn_boxes)
 
 
 def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = None, *,
                   allow_outside_root: bool = False, need_annotations: bool = True,
-                  box_tolerance: float = BOX_TOLERANCE, num_keypoints: int | None = None) -> CocoFile:
+                  box_tolerance: float = BOX_TOLERANCE, num_keypoints: int | None = None,
+                  warn_boxes: bool = True) -> CocoFile:
     """:func:`read_coco_file` for a COCO dict already loaded from ``path`` (the dict is not modified).
     ``num_keypoints``: the K every annotation's keypoints have (default: from the categories' keypoint names)."""
     path = Path(path)
@@ -320,12 +342,17 @@ def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = N
     _unique_ids(anns, "annotations", path, required=False)
     _unique_ids(cats, "categories", path, required=True)
     _check_images(images, path, root, allow_outside_root)
+    if num_keypoints is None:  # K from the categories' names: a wrong list shows in every annotation
+        _check_keypoint_names(cats, anns, path)
     _check_categories(cats, path)
     cat_k = {int(c["id"]): num_keypoints or len(c.get("keypoints") or []) for c in cats}
     anns = [dict(a) for a in anns]
     for i, ann in enumerate(anns):
         _check_annotation(ann, i, path, img_index, cat_k)
     anns, check = _apply_box_rule(path, images, anns, img_index, box_tolerance)
+    if warn_boxes:
+        check.warn()
     rest = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
     return CocoFile(path=path, image_root=root, images=images, annotations=anns, categories=cats, data=rest,
-                    boxes_clipped=check.clipped, boxes_dropped=check.dropped)
+                    boxes_clipped=check.clipped, boxes_dropped=check.dropped,
+                    box_warning=None if warn_boxes else check.message())
