@@ -271,7 +271,7 @@ def _split_images(base: Path | None, ypath: Path | None, meta: dict[str, Any], s
     entries = _yaml_split_paths(ypath, meta, split) if ypath else None
     layout = base / "images" / split if base else None
     if entries and all(p.exists() for p in entries):
-        return _images_of(entries), f"{ypath}: {split}"
+        return _images_of(entries), ", ".join(str(p) for p in entries)
     if layout is not None and layout.is_dir():
         return _images_of([layout]), str(layout)
     if entries:
