@@ -17,6 +17,7 @@ import gzip
 import importlib.util
 import logging
 import math
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +31,7 @@ from ddkit.engine.box_rule import BoxCheck
 from ddkit.engine.coco_file import read_coco_file
 from ddkit.engine.keypoint_meta import COCO_SIGMAS, flip_indices_from_names, resolve_keypoint_meta  # noqa: F401
 from ddkit.engine.task import IMAGE_EXTENSIONS as IMAGE_EXTS  # the one list of image extensions
-from ddkit.engine.task import adapt_image, check_images, read_image, report_skipped, split_indices
+from ddkit.engine.task import adapt_image, check_images, image_size, read_image, report_skipped, split_indices
 from ddkit.types import DatasetSpec
 
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # offline fixtures (examples only)
@@ -120,7 +121,7 @@ class CocoDataset(_TargetsDataset):
                  check_images: bool = True, keypoint_sigmas: list[float] | None = None,
                  sigmas: list[float] | None = None, flip_indices: list[int] | None = None,
                  allow_outside_root: bool = False):
-        coco = read_coco_file(annotations, images, allow_outside_root=allow_outside_root)
+        coco = read_coco_file(annotations, images, allow_outside_root=allow_outside_root, warn_boxes=False)
         path = coco.path
         kp_names = coco.keypoint_names
         use_kps = bool(kp_names) if keypoints is None else keypoints
@@ -147,18 +148,18 @@ class CocoDataset(_TargetsDataset):
         self._drop_unreadable(check_images, str(path))
         if check_images:
             _check_sizes(self.files, sizes, str(path))
+        if coco.box_warning:  # after the size check: boxes clipped to a wrong width / height mislead
+            log.warning("%s", coco.box_warning)
 
 
 def _check_sizes(files: list[Path], sizes: dict[str, tuple[int, int]], source: str) -> None:
     """Refuse a COCO file whose ``width`` / ``height`` differ from its images' own (boxes would be clipped to the
-    wrong frame), as detectron2 does; PIL reads only the header."""
-    from PIL import Image
-
+    wrong frame), as detectron2 does; the size is the displayed one (EXIF orientation applied), read from the header."""
     wrong = []
     for f in files:
-        with Image.open(f) as im:
-            if im.size != sizes[str(f)]:
-                wrong.append(f"{f.name} (JSON {sizes[str(f)][0]}x{sizes[str(f)][1]}, file {im.size[0]}x{im.size[1]})")
+        w, h = image_size(f)
+        if (w, h) != sizes[str(f)]:
+            wrong.append(f"{f.name} (JSON {sizes[str(f)][0]}x{sizes[str(f)][1]}, file {w}x{h})")
     if wrong:
         raise DataError(f"{source}: {len(wrong)} image(s) whose width x height differ from the file's, e.g. "
                         f"{wrong[0]}; fix 'width' / 'height' in the JSON's images")
@@ -167,7 +168,7 @@ def _check_sizes(files: list[Path], sizes: dict[str, tuple[int, int]], source: s
 # --------------------------------------------------------------------------------------------------------- YOLO
 @dataclass
 class YoloParams:
-    root: str
+    root: str | None = None
     split: str = "train"
     data_yaml: str | None = None
     check_images: bool = True
@@ -176,20 +177,46 @@ class YoloParams:
     flip_indices: list[int] | None = None
 
 
-def _read_yolo_yaml(base: Path, data_yaml: str | None) -> tuple[Path | None, dict[str, Any]]:
+def _load_yaml(ypath: Path) -> dict[str, Any]:
     import yaml
 
-    ypath = Path(data_yaml) if data_yaml else next(iter(sorted(base.glob("*.yaml"))), None)
-    if ypath is None:
-        return None, {}
-    if not ypath.is_file():
-        raise DataError(f"{ypath}: data_yaml not found")
     try:
         meta = yaml.safe_load(ypath.read_text()) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         raise DataError(f"{ypath}: not valid YAML: {str(err).splitlines()[0]}") from None
     if not isinstance(meta, dict):
         raise DataError(f"{ypath}: a YOLO data yaml is a mapping (names, kpt_shape, flip_idx)")
+    return meta
+
+
+def _has_names(ypath: Path) -> bool:
+    try:
+        return _load_yaml(ypath).get("names") is not None
+    except DataError:
+        return False
+
+
+def _find_yolo_yaml(base: Path) -> Path | None:
+    """The data yaml of a dataset root: ``data.yaml``, else the one yaml with ``names`` (an ``args.yaml`` of
+    training settings is not one). Several candidates are refused: a guess would silently lose the class names."""
+    found = sorted(p for pattern in ("*.yaml", "*.yml") for p in base.glob(pattern) if p.is_file())
+    data = [p for p in found if p.stem == "data"]
+    if data:
+        return data[0]
+    candidates = [p for p in found if _has_names(p)] or found
+    if len(candidates) > 1:
+        raise DataError(f"{base}: {len(candidates)} yaml files could be the data yaml "
+                        f"({', '.join(p.name for p in candidates)}); set the dataset's data_yaml to the one with names")
+    return candidates[0] if candidates else None
+
+
+def _read_yolo_yaml(base: Path | None, data_yaml: str | None) -> tuple[Path | None, dict[str, Any]]:
+    ypath = Path(data_yaml) if data_yaml else _find_yolo_yaml(base) if base else None
+    if ypath is None:
+        return None, {}
+    if not ypath.is_file():
+        raise DataError(f"{ypath}: data_yaml not found")
+    meta = _load_yaml(ypath)
     names = meta.get("names")
     if isinstance(names, list):
         meta["names"] = names = dict(enumerate(names))
@@ -202,19 +229,88 @@ def _read_yolo_yaml(base: Path, data_yaml: str | None) -> tuple[Path | None, dic
     return ypath, meta
 
 
+def _yaml_split_paths(ypath: Path, meta: dict[str, Any], split: str) -> list[Path] | None:
+    """The yaml's ``split`` entry (a folder, a ``.txt`` image list, or a list of them) resolved as Ultralytics'
+    ``check_det_dataset`` does: relative to ``path:`` (itself relative to the yaml's folder; default that folder),
+    and a leading ``../`` that leads nowhere tried without it (Roboflow's ``train: ../train/images``)."""
+    entry = meta.get(split)
+    if not entry:
+        return None
+    path = Path(str(meta.get("path") or ""))
+    root = ypath.parent / path  # an absolute path: itself
+    if not root.is_dir() and path.is_dir():
+        root = path  # Ultralytics reads a relative path: from the working directory
+    out = []
+    for e in entry if isinstance(entry, list) else [entry]:
+        if not isinstance(e, str):
+            raise DataError(f"{ypath}: field {split} must be a path or a list of paths, got {e!r}")
+        x = root / e
+        out.append(root / e[3:] if not x.exists() and e.startswith("../") else x)
+    return out
+
+
+def _image_list(txt: Path) -> list[Path]:
+    """An Ultralytics image list: one path a line, ``./`` relative to the list's folder."""
+    try:
+        lines = txt.read_text(encoding="utf-8-sig").split()
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{txt}: cannot read the image list: {err}") from None
+    return [txt.parent / x[2:] if x.startswith("./") else Path(x) for x in lines]
+
+
+def _images_of(paths: list[Path]) -> list[Path]:
+    """The image files of folders (recursively, as Ultralytics globs) and image lists, sorted."""
+    files: list[Path] = []
+    for p in paths:
+        files += p.rglob("*") if p.is_dir() else _image_list(p)
+    return sorted(f for f in files if f.suffix.lower() in IMAGE_EXTS and (f.is_file() or not f.exists()))
+
+
+def _split_images(base: Path | None, ypath: Path | None, meta: dict[str, Any], split: str) -> tuple[list[Path], str]:
+    """A split's image files and where they come from: the yaml's ``split:`` entry, else ``root/images/<split>``."""
+    entries = _yaml_split_paths(ypath, meta, split) if ypath else None
+    layout = base / "images" / split if base else None
+    if entries and all(p.exists() for p in entries):
+        return _images_of(entries), ", ".join(str(p) for p in entries)
+    if layout is not None and layout.is_dir():
+        return _images_of([layout]), str(layout)
+    if entries:
+        missing = next(p for p in entries if not p.exists())
+        raise DataError(f"{ypath}: field {split}: {missing} does not exist; fix '{split}:' (relative to path:, "
+                        "default the yaml's folder)")
+    if layout is None:
+        raise DataError(f"{ypath}: no '{split}:' entry; add '{split}: <images folder>' or set the dataset's root")
+    raise DataError(f"{layout}: no such image folder (YOLO layout root/images/{split}"
+                    + (f", and {ypath} has no '{split}:' entry)" if ypath else ")"))
+
+
+def _label_path(image: Path) -> Path:
+    """Ultralytics' ``img2label_paths``: the last ``/images/`` of the path becomes ``/labels/``, the suffix ``.txt``."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return Path(sb.join(str(image).rsplit(sa, 1))).with_suffix(".txt")
+
+
 def _parse_yolo_line(line: str, where: str, k: int | None, dims: int, names: dict | None) -> list[float]:
-    """One label row ``cls cx cy w h [x y (v)]*K`` (normalised) -> floats; DataError naming ``where`` (file:line)."""
+    """One label row ``cls cx cy w h [x y (v)]*K`` (normalised) -> floats; DataError naming ``where`` (file:line).
+    A detection row of more than 6 values is a polygon ``cls x1 y1 x2 y2 x3 y3 ...`` (YOLO-seg, Roboflow), made its
+    enclosing box as Ultralytics' ``segments2boxes`` does."""
     vals = line.split()
     expect = 5 + (k * dims if k else 0)
-    if len(vals) != expect:
-        raise DataError(f"{where}: {len(vals)} values, expected {expect} "
-                        f"(cls cx cy w h" + (f" + {k}x{dims} keypoints)" if k else ")"))
+    polygon = not k and len(vals) > 6  # Ultralytics' test for a segment row
+    if polygon and len(vals) % 2 == 0:
+        raise DataError(f"{where}: polygon row with an odd count of coordinates ({len(vals) - 1}); expected "
+                        f"cls x1 y1 x2 y2 x3 y3 ... (x y pairs)")
+    if not polygon and len(vals) != expect:
+        layout = f" + {k}x{dims} keypoints)" if k else ", or a polygon cls x1 y1 x2 y2 x3 y3 ...)"
+        raise DataError(f"{where}: {len(vals)} values, expected {expect} (cls cx cy w h{layout}")
     try:
         row = [float(v) for v in vals]
     except ValueError:
         raise DataError(f"{where}: not numbers: {line.strip()!r}") from None
     if not all(math.isfinite(v) for v in row):
         raise DataError(f"{where}: non-finite value (nan/inf): {line.strip()!r}")
+    if polygon:
+        row = [row[0], *_segment_box(row[1:])]
     if not row[0].is_integer() or not 0 <= row[0] < 2 ** 31:
         raise DataError(f"{where}: class {vals[0]!r} is not a class index (an integer >= 0)")
     if names is not None and int(row[0]) not in names:
@@ -224,6 +320,12 @@ def _parse_yolo_line(line: str, where: str, k: int | None, dims: int, names: dic
     if k and dims == 3 and any(v not in (0.0, 1.0, 2.0) for v in row[7::3]):
         raise DataError(f"{where}: keypoint visibility must be 0, 1 or 2: {line.strip()!r}")
     return row
+
+
+def _segment_box(coords: list[float]) -> list[float]:
+    """``cx cy w h`` of the box enclosing a polygon ``x1 y1 x2 y2 ...`` (Ultralytics' ``segments2boxes``)."""
+    xs, ys = coords[0::2], coords[1::2]
+    return [(min(xs) + max(xs)) / 2, (min(ys) + max(ys)) / 2, max(xs) - min(xs), max(ys) - min(ys)]
 
 
 def _yolo_target(idx: int, rows: list[list[float]], size: tuple[int, int], k: int | None, dims: int,
@@ -251,9 +353,10 @@ def _yolo_target(idx: int, rows: list[list[float]], size: tuple[int, int], k: in
     return t
 
 
-def _warn_missing_labels(lab_dir: Path, files: list[Path]) -> None:
+def _warn_missing_labels(files: list[Path]) -> None:
     """Images without a label file train as background: say how many (all of them: probably a wrong folder)."""
-    missing = [f for f in files if not (lab_dir / (f.stem + ".txt")).is_file()]
+    missing = [f for f in files if not _label_path(f).is_file()]
+    lab_dir = _label_path(files[0]).parent
     if len(missing) == len(files):
         log.warning("%s: no label files for the %d images of %s: every image is background (fine for unlabeled "
                     "images; otherwise check root and split)", lab_dir, len(files), files[0].parent)
@@ -263,67 +366,74 @@ def _warn_missing_labels(lab_dir: Path, files: list[Path]) -> None:
 
 
 def _image_size(f: Path) -> tuple[int, int]:
-    from PIL import Image
-
+    """``(h, w)`` in the displayed frame (EXIF orientation applied): the frame YOLO labels are normalised to."""
     try:
-        with Image.open(f) as im:
-            w, h = im.size
+        w, h = image_size(f)
         return h, w
     except Exception:  # noqa: BLE001 - reported by the readability check
         return 0, 0
 
 
 class YoloDataset(_TargetsDataset):
-    """Ultralytics YOLO layout: ``root/images/<split>/*.jpg`` and ``root/labels/<split>/*.txt`` with rows
-    ``cls cx cy w h [x y v]*K`` (normalised). Category ids are the YOLO class indices; names, ``kpt_shape`` and
-    ``flip_idx`` come from the ``*.yaml`` in ``root`` (or ``data_yaml``). A malformed row is one error naming the
-    file and line; boxes follow the box rule (:mod:`ddkit.engine.box_rule`)."""
+    """Ultralytics YOLO data: the images of the data yaml's ``split:`` entry (a folder or a ``.txt`` list, resolved
+    as Ultralytics does), else ``root/images/<split>``; each image's labels at its path with the last ``/images/``
+    made ``/labels/`` (``.txt``), rows ``cls cx cy w h [x y v]*K`` (normalised) or polygons ``cls x y x y ...``.
+    Category ids are the YOLO class indices; names, ``kpt_shape`` and ``flip_idx`` come from ``data_yaml``, or the
+    ``data.yaml`` (else the one yaml with names) in ``root``. A malformed row is one error naming the file and line;
+    boxes follow the box rule (:mod:`ddkit.engine.box_rule`)."""
 
-    def __init__(self, root: str, split: str = "train", data_yaml: str | None = None, check_images: bool = True,
-                 keypoint_sigmas: list[float] | None = None, sigmas: list[float] | None = None,
-                 flip_indices: list[int] | None = None):
-        base = Path(root)
-        img_dir, lab_dir = base / "images" / split, base / "labels" / split
-        if not img_dir.is_dir():
-            raise DataError(f"{img_dir}: no such image folder (YOLO layout root/images/{split})")
+    def __init__(self, root: str | None = None, split: str = "train", data_yaml: str | None = None,
+                 check_images: bool = True, keypoint_sigmas: list[float] | None = None,
+                 sigmas: list[float] | None = None, flip_indices: list[int] | None = None):
+        if not root and not data_yaml:
+            raise ConfigError("yolo dataset: set root (the folder with images/ and labels/) or data_yaml (an "
+                              "Ultralytics data yaml)")
+        base = Path(root) if root else None
         ypath, meta = _read_yolo_yaml(base, data_yaml)
         names = meta.get("names")
         kpt_shape = meta.get("kpt_shape")
         k, dims = (int(kpt_shape[0]), int(kpt_shape[1])) if kpt_shape else (None, 0)
-        files = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        files, where = _split_images(base, ypath, meta, split)
         if not files:
-            raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_EXTS)}) in the YOLO image folder")
+            raise DataError(f"{where}: no images ({', '.join(IMAGE_EXTS)}) in the YOLO image folder")
         self.files, self.targets = [], []
-        check = BoxCheck(str(lab_dir))
+        check = BoxCheck(str(_label_path(files[0]).parent))
         seen_classes: set[int] = set()
         for idx, f in enumerate(files):
-            lab = lab_dir / (f.stem + ".txt")
-            rows, lines = [], []
-            if lab.is_file():
-                try:
-                    text = lab.read_text()
-                except (OSError, UnicodeDecodeError) as err:
-                    raise DataError(f"{lab}: cannot read label file: {err}") from None
-                for ln, line in enumerate(text.splitlines(), 1):
-                    if line.strip():
-                        rows.append(_parse_yolo_line(line, f"{lab}: line {ln}", k, dims, names))
-                        lines.append(ln)
-            t = _yolo_target(idx, rows, _image_size(f), k, dims, check, lab, lines)
+            rows, lines = _read_label_file(_label_path(f), k, dims, names)
+            t = _yolo_target(idx, rows, _image_size(f), k, dims, check, _label_path(f), lines)
             seen_classes.update(t["labels"].tolist())
             self.files.append(f)
             self.targets.append(t)
         check.warn()
-        _warn_missing_labels(lab_dir, files)
+        _warn_missing_labels(files)
+        source = str(base or ypath)
         if names is None:
+            log.warning("%s: no class names (no data yaml with names:): classes are named by their index", source)
             names = {c: str(c) for c in sorted(seen_classes)}
         kinfo = _keypoint_info(k, str(ypath or base), dataset_flip=meta.get("flip_idx"), flip_indices=flip_indices,
-                               sigmas=_sigmas_option(sigmas, keypoint_sigmas, str(base)))
+                               sigmas=_sigmas_option(sigmas, keypoint_sigmas, source))
         self.info = DatasetInfo(
             categories=[{"id": int(c), "name": str(n)} for c, n in sorted(names.items())],
             num_keypoints=kinfo["num_keypoints"], flip_indices=kinfo["flip_indices"],
-            keypoint_sigmas=kinfo["keypoint_sigmas"], extra={"source": str(base), **kinfo["extra"]},
+            keypoint_sigmas=kinfo["keypoint_sigmas"], extra={"source": source, **kinfo["extra"]},
         )
-        self._drop_unreadable(check_images, str(img_dir))
+        self._drop_unreadable(check_images, where)
+
+
+def _read_label_file(lab: Path, k: int | None, dims: int, names: dict | None) -> tuple[list[list[float]], list[int]]:
+    """The parsed rows of one label file and their line numbers; no file: no rows (a background image)."""
+    rows, lines = [], []
+    if lab.is_file():
+        try:
+            text = lab.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"{lab}: cannot read label file: {err}") from None
+        for ln, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                rows.append(_parse_yolo_line(line, f"{lab}: line {ln}", k, dims, names))
+                lines.append(ln)
+    return rows, lines
 
 
 # ------------------------------------------------------------------------------------------------- image folder

@@ -130,6 +130,83 @@ def test_yolo_label_with_wrong_length_is_an_error(tmp_path):
         ddkit.build("datasets", {"name": "yolo", "root": str(root)})
 
 
+@needs_data
+def test_the_data_yaml_is_chosen_over_other_yaml_files_and_a_guess_is_refused(tmp_path, caplog):
+    """An args.yaml (sorted before data.yaml / coco8.yaml) once replaced the 80 names by numbers, silently."""
+    root = tmp_path / "y"
+    shutil.copytree(DATA / "coco8", root)
+    (root / "args.yaml").write_text("lr0: 0.01\nmosaic: 1.0\n")
+    names = lambda: [c["name"] for c in ddkit.build("datasets", {"name": "yolo", "root": str(root)}).info.categories]
+    assert names()[:2] == ["person", "bicycle"]  # the one yaml with names
+    (root / "data.yaml").write_text("names: [a, b]\n")
+    (root / "labels" / "train").rename(root / "unused")  # background images: any class index is fine
+    assert names() == ["a", "b"]  # data.yaml first
+    (root / "data.yaml").rename(root / "other.yaml")
+    with pytest.raises(DataError, match=r"2 yaml files could be the data yaml \(coco8.yaml, other.yaml\); set the "
+                                        r"dataset's data_yaml"):
+        names()
+    for f in ("coco8.yaml", "other.yaml", "args.yaml"):
+        (root / f).unlink()
+    with caplog.at_level("WARNING"):
+        names()
+    assert "no class names" in caplog.text
+
+
+def _roboflow(tmp_path: Path) -> Path:
+    """A Roboflow export: train/images, valid/images, and data.yaml with ``train: ../train/images``."""
+    root = tmp_path / "rf"
+    for split, part in (("train", "train"), ("val", "valid")):
+        shutil.copytree(DATA / "coco8" / "images" / split, root / part / "images")
+        shutil.copytree(DATA / "coco8" / "labels" / split, root / part / "labels")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 80\nnames: "
+                                    + json.dumps([f"c{i}" for i in range(80)]) + "\n")
+    return root
+
+
+@needs_data
+def test_yolo_splits_follow_the_data_yaml_as_ultralytics_resolves_them(tmp_path):
+    root = _roboflow(tmp_path)
+    for block in ({"root": str(root)}, {"data_yaml": str(root / "data.yaml")}):
+        val = ddkit.build("datasets", {"name": "yolo", "split": "val", **block})
+        assert [f.parent for f in val.files] == [root / "valid" / "images"] * 4
+        ref = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "val"})
+        assert [len(t["boxes"]) for t in val.targets] == [len(t["boxes"]) for t in ref.targets] \
+            and sum(len(t["boxes"]) for t in val.targets) > 0
+        assert val.info.categories[1]["name"] == "c1"
+    # an image list (paths ./ relative to the list), and path: relative to the yaml's folder
+    (root / "sub").mkdir()
+    (root / "sub" / "list.txt").write_text("".join(f"./../train/images/{f.name}\n"
+                                                    for f in sorted((root / "train" / "images").iterdir())[:2]))
+    (root / "other.yaml").write_text("path: sub\ntrain: list.txt\nnames: " + json.dumps(list(range(80))) + "\n")
+    listed = ddkit.build("datasets", {"name": "yolo", "data_yaml": str(root / "other.yaml"), "check_images": False})
+    assert len(listed) == 2 and all(len(t["boxes"]) for t in listed.targets)
+    with pytest.raises(DataError, match=r"data.yaml: field test: .* does not exist; fix 'test:'"):
+        (root / "data.yaml").write_text((root / "data.yaml").read_text() + "test: ../test/images\n")
+        ddkit.build("datasets", {"name": "yolo", "data_yaml": str(root / "data.yaml"), "split": "test"})
+    with pytest.raises(ConfigError, match="set root .* or data_yaml"):
+        ddkit.build("datasets", {"name": "yolo", "split": "val"})
+
+
+@needs_data
+def test_yolo_polygon_rows_are_their_enclosing_boxes(tmp_path):
+    """YOLO-seg / Roboflow polygon rows in a detect dataset, as Ultralytics' segments2boxes reads them."""
+    root = tmp_path / "y"
+    shutil.copytree(DATA / "coco8", root)
+    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    label.write_text("3 0.1 0.1 0.3 0.1 0.3 0.4 0.1 0.4\n0 0.5 0.5 0.2 0.2\n")
+    ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    i = [f.stem for f in ds.files].index(label.stem)
+    h, w = ds.targets[i]["size"]
+    torch.testing.assert_close(ds.targets[i]["boxes"][0], torch.tensor([0.1 * w, 0.1 * h, 0.3 * w, 0.4 * h]))
+    assert ds.targets[i]["labels"].tolist() == [3, 0]
+    label.write_text("0 0.1 0.1 0.3 0.1 0.3 0.4 0.1\n")
+    with pytest.raises(DataError, match=rf"{label.name}: line 1: polygon row with an odd count of coordinates \(7\)"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    label.write_text("0 0.1 0.1 0.3 0.1 0.3\n")
+    with pytest.raises(DataError, match=rf"{label.name}: line 1: 6 values, expected 5"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+
+
 # ------------------------------------------------------------------------------------------------- image folder
 def test_image_folder(tmp_path, caplog):
     from PIL import Image
@@ -349,3 +426,78 @@ def test_a_coco_width_that_is_not_the_files_is_refused_naming_both(tmp_path):
     with pytest.raises(DataError, match=rf"1 image\(s\) .* {name} \(JSON 100x\d+, file \d+x\d+\).*'width'"):
         ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
     assert len(ddkit.build("datasets", {"name": "coco", "annotations": str(_bad_coco(tmp_path, lambda d: None))})) == 4
+
+
+# --------------------------------------------------------------------------------------------- EXIF orientation
+def _exif_jpeg(path: Path, orientation: int = 6, size: tuple[int, int] = (40, 20)) -> Path:
+    """A JPEG stored ``size`` (W x H) wide with an EXIF Orientation tag; the left half dark, the right half light."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    pixels = np.zeros((h, w, 3), dtype=np.uint8)
+    pixels[:, w // 2:] = 255
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels).save(path, exif=exif, quality=100)
+    return path
+
+
+def test_read_image_applies_the_exif_orientation(tmp_path):
+    """Ultralytics, detectron2 and annotation tools use the displayed frame (ImageOps.exif_transpose)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from ddkit.engine.data import image_size, read_image
+
+    for orientation in range(1, 9):
+        p = _exif_jpeg(tmp_path / f"o{orientation}.jpg", orientation)
+        want = np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB"))
+        got = read_image(p)
+        np.testing.assert_array_equal((got.permute(1, 2, 0) * 255).round().byte().numpy(), want)
+        assert image_size(p) == (want.shape[1], want.shape[0])  # header only, same frame
+    assert tuple(read_image(tmp_path / "o6.jpg").shape) == (3, 40, 20)
+
+
+def test_yolo_labels_land_on_the_exif_transposed_frame(tmp_path):
+    root = tmp_path / "y"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    _exif_jpeg(root / "images" / "train" / "a.jpg", 6, (40, 20))  # displayed 20 wide, 40 high
+    (root / "labels" / "train" / "a.txt").write_text("0 0.5 0.25 0.5 0.5\n")
+    ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
+    image, t = ds[0]
+    assert tuple(image.shape[1:]) == t["size"] == (40, 20)
+    torch.testing.assert_close(t["boxes"][0], torch.tensor([5.0, 0.0, 15.0, 20.0]))
+
+
+def test_a_coco_file_giving_the_exif_transposed_size_is_accepted(tmp_path):
+    _exif_jpeg(tmp_path / "a.jpg", 6, (40, 20))
+    coco = {"images": [{"id": 1, "file_name": "a.jpg", "width": 20, "height": 40}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 30, 10, 8], "area": 80,
+                             "iscrowd": 0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(coco))
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    image, t = ds[0]
+    assert tuple(image.shape[1:]) == (40, 20)
+    torch.testing.assert_close(t["boxes"][0], torch.tensor([2.0, 30.0, 12.0, 38.0]))
+    coco["images"][0].update(width=40, height=20)  # the stored frame: refused
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=r"a.jpg \(JSON 40x20, file 20x40\)"):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+
+
+def test_every_image_is_decoded_by_the_one_reader(tmp_path):
+    """Predict, label sources, image folders and datasets all read through read_image / image_size (so all apply
+    the EXIF orientation): no other module opens image files itself."""
+    from ddkit.engine.label.sources import FolderSource
+
+    repo = Path(__file__).parents[1]
+    openers = sorted(str(p.relative_to(repo)) for d in ("ddkit", "plugins", "integrations")
+                     for p in (repo / d).rglob("*.py") if "tests" not in p.parts
+                     and any(s in p.read_text() for s in ("Image.open(", "cv2.imread", "decode_image(")))
+    assert openers == ["ddkit/engine/data.py"]
+    _exif_jpeg(tmp_path / "a.jpg", 6, (40, 20))
+    assert tuple(FolderSource(tmp_path).load(0).image.shape) == (3, 40, 20)

@@ -267,6 +267,34 @@ def test_predict_one_image_file(detector, tmp_path, capsys):
     assert "neither an image file" in capsys.readouterr().err
 
 
+def test_predict_yolo_gives_images_of_one_name_their_own_label_files(detector, tmp_path, caplog):
+    """x.jpg and x.png once wrote one labels/x.txt (the last won): names are made unique as the pseudo-label YOLO
+    export makes them (``yolo_export.unique_name``)."""
+    from PIL import Image
+
+    images = tmp_path / "cam2"
+    images.mkdir()
+    shutil.copy(DATA / "coco8" / "images" / "val" / "000000000042.jpg", images / "frame.jpg")
+    Image.open(DATA / "coco8" / "images" / "val" / "000000000036.jpg").save(images / "frame.png")
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(detector), str(tmp_path), "--format", "yolo", "-o", str(tmp_path / "y")]) == 0
+    labels = tmp_path / "y" / "labels" / "cam2"
+    assert sorted(p.name for p in labels.iterdir()) == ["frame.txt", "frame_1.txt"]
+    from ddkit.commands.predict import _yolo_line
+
+    task, model, info = load_model(detector)
+    index = {int(c["id"]): k for k, c in enumerate(info.categories)}
+    texts = [(labels / name).read_text() for name in ("frame.txt", "frame_1.txt")]
+    for text, image in zip(texts, ("frame.jpg", "frame.png")):
+        x = read_image(images / image)
+        inst = task.predict(model, [x])[0]
+        assert len(inst) > 0 and text == "".join(_yolo_line(inst, j, index[int(inst.labels[j])], *x.shape[-2:]) + "\n"
+                                                 for j in range(len(inst)))
+    assert texts[0] != texts[1]
+    assert "1 label file(s) named after the image id" in caplog.text and "cam2/frame.png -> labels/cam2/frame_1.txt" \
+        in caplog.text
+
+
 def _coco_of(root: Path, path: Path, info, records: list[tuple[int, str]]) -> Path:
     """A COCO file (images only) of ``(id, file_name under root)``; a missing file gets a made-up size."""
     from PIL import Image
@@ -419,10 +447,23 @@ def test_data_on_the_command_line_is_a_dataset_block(tmp_path):
     assert dataset_block(str(tmp_path / "classes")) == {"name": "image_folder", "root": str(tmp_path / "classes")}
     assert dataset_block("{name: coco, annotations: x.json, images: i/}") == \
         {"name": "coco", "annotations": "x.json", "images": "i/"}
-    with pytest.raises(ConfigError, match="neither a COCO .json file nor a folder"):
+    with pytest.raises(ConfigError, match="neither a COCO .json file, a YOLO data .yaml nor a folder"):
         dataset_block(str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="needs a 'name'"):
         dataset_block("{annotations: x.json}")
+
+
+def test_data_given_as_an_ultralytics_data_yaml_is_its_val_split():
+    """``ddkit eval --data coco8.yaml``, as ``yolo val data=coco8.yaml``: the yaml's val: entry, its names."""
+    import ddkit
+    from ddkit.engine.evaluate import dataset_block
+
+    yaml_file = DATA / "coco8" / "coco8.yaml"
+    block = dataset_block(str(yaml_file))
+    assert block == {"name": "yolo", "data_yaml": str(yaml_file), "split": "val"}
+    ds = ddkit.build("datasets", block)
+    assert [f.parent for f in ds.files] == [DATA / "coco8" / "images" / "val"] * 4
+    assert ds.info.categories[0] == {"id": 0, "name": "person"} and ds.info.num_classes == 80
 
 
 def test_eval_a_stage_folder_of_a_run_takes_the_runs_data_and_views(digits_run, tmp_path, capsys):

@@ -15,7 +15,7 @@ import ddkit
 from ddkit.engine.box_rule import CLIPPED, DROPPED, NONFINITE, OK, BoxCheck, box_rule
 from ddkit.engine.coco_eval import coco_evaluate
 from ddkit.engine.coco_file import read_coco_file, validate_coco
-from ddkit.engine.data import get_target
+from ddkit.engine.data import build_data, get_target
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.errors import DataError
 
@@ -375,3 +375,73 @@ def test_evaluation_works_with_pycocotools_that_requires_info(monkeypatch):
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8]}]}
     stats = coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8], "score": 0.9}])
     assert stats["AP"] == pytest.approx(1.0)
+def test_a_ddkit_pseudo_label_file_finds_its_images_through_info_image_root(tmp_path):
+    """A pseudo_labels.json lives in the run folder, its images elsewhere: read as a labeled COCO dataset without
+    'images:', it uses the info.image_root it records (only ddkit's own files: another file's info is not trusted)."""
+    from ddkit.engine.coco_file import PSEUDO_DESCRIPTION
+
+    raw = json.loads(COCO_JSON.read_text())
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "pseudo_labels.json"
+    raw["info"] = {"description": PSEUDO_DESCRIPTION, "image_root": str(COCO_JSON.parent)}
+    path.write_text(json.dumps(raw))
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert len(ds) == 4 and ds.skipped == [] and {f.parent for f in ds.files} == {COCO_JSON.parent}
+    raw["info"]["description"] = "someone else's file"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"pseudo_labels.json has no \(readable\) images; add 'images: DIR' to the "
+                                        r"dataset block"):
+        build_data({"train": {"dataset": {"name": "coco", "annotations": str(path)}}})
+
+
+# ------------------------------------------------------------------------------------- keypoint values
+def _set_kp(i: int, j: int, v) -> callable:
+    def mutate(d):
+        d["annotations"][i]["keypoints"][3 * j + 2] = v
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,text", [
+    (_set_kp(0, 3, 7), "field keypoints: visibility 7 of keypoint 3 must be 0 (not labelled), 1"),
+    (_set_kp(0, 3, -1), "field keypoints: visibility -1 of keypoint 3"),
+    (lambda d: d["annotations"][1].__setitem__("num_keypoints", 0), "field num_keypoints is 0 but"),
+    (lambda d: d["annotations"][1].__setitem__("num_keypoints", d["annotations"][1]["num_keypoints"] + 1),
+     "field num_keypoints is"),
+])
+def test_keypoint_visibility_and_num_keypoints_are_checked(tmp_path, mutate, text):
+    """pycocotools skips a person with num_keypoints 0: a count that disagrees with v > 0 changes the AP."""
+    raw = json.loads(COCO_JSON.read_text())
+    i = 0 if "visibility" in text else 1
+    msg = _error(_coco(tmp_path, mutate))
+    assert f"annotation id {raw['annotations'][i]['id']} (annotations[{i}])" in msg and text in msg
+    if "num_keypoints" in text:
+        assert f"set num_keypoints to {raw['annotations'][1]['num_keypoints']}" in msg
+    assert all(a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3]) for a in raw["annotations"])
+
+
+def test_a_category_keypoint_list_of_the_wrong_length_is_blamed_not_the_annotations(tmp_path):
+    def sixteen(d, skeleton: bool):
+        d["categories"][0]["keypoints"] = d["categories"][0]["keypoints"][:16]
+        if not skeleton:
+            del d["categories"][0]["skeleton"]
+    for skeleton in (False, True):
+        msg = _error(_coco(tmp_path, lambda d: sixteen(d, skeleton)))
+        assert "categories[0] (id 1): field 'keypoints' lists 16 names but every annotation of the category has 51 " \
+               "values (17 keypoints x 3)" in msg
+    # one annotation of another length is still that annotation's error
+    msg = _error(_coco(tmp_path, lambda d: d["annotations"][2].__setitem__("keypoints", [0] * 48)))
+    assert "annotations[2]" in msg and "field keypoints must be 51" in msg
+
+
+def test_a_wrong_image_size_is_the_only_message(tmp_path, caplog):
+    """A JSON width of 64 for a 640-wide file once warned 'dropped N instance(s)' (boxes clipped to the wrong
+    width) before the real error; the box rule's warning now comes after the size check."""
+    path = _coco(tmp_path, lambda d: d["images"][0].__setitem__("width", 64), images=True)
+    with caplog.at_level(logging.WARNING), pytest.raises(DataError, match=r"width x height differ"):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert "dropped" not in caplog.text and "clipped" not in caplog.text
+    path = _coco(tmp_path, lambda d: d["annotations"][0].__setitem__("bbox", [-500, 10, 20, 20]), images=True)
+    with caplog.at_level(logging.WARNING):
+        ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
+    assert "dropped 1 instance(s)" in caplog.text

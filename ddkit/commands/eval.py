@@ -7,7 +7,7 @@ recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writ
 * the model: ``--checkpoint`` (a file, a stage folder or a run folder), else a run folder's final student (the
   folder given, or the recipe's ``run.out_dir``), else the stage folder given (then the data and views are its
   run's);
-* the data: ``--data`` (a COCO ``.json``, a YOLO folder, a folder of class folders, or a dataset block
+* the data: ``--data`` (a COCO ``.json``, a YOLO data ``.yaml`` or folder, a folder of class folders, or a dataset block
   ``'{name: yolo, root: ..., split: val}'``), else the recipe's ``--split`` (default ``test``). A detector's
   classes must be the dataset's; when only the ids differ (a model trained on YOLO files, ids 1-80, scored on a COCO
   file, ids 1-90) they are matched by name and the model's classes the dataset lacks are not scored.
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     parser.add_argument("--checkpoint", help="the model to evaluate (default: the run's final student)")
     parser.add_argument("--data", help="evaluate on this dataset instead of the recipe's split: a COCO .json, a "
-                                       "YOLO folder, a folder of class folders, or a YAML dataset block")
+                                       "YOLO data .yaml or folder, a folder of class folders, or a YAML dataset block")
     parser.add_argument("--split", help="the recipe's split (test, labeled, unlabeled; default test), or a YOLO "
                                         "folder's split with --data (default val)")
     parser.add_argument("--tta", action="store_true", help="also evaluate the multi-transform ensemble")

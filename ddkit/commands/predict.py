@@ -12,7 +12,8 @@ image and its mirror. Output in ``OUT``:
 * ``coco`` (default): ``predictions.json``, COCO results (``image_id, category_id, bbox [x, y, w, h], score``,
   ``keypoints``), and ``images.json`` (``images`` with ids and file names, ``categories``); a classifier writes
   ``image_id, file_name, category_id, score`` per image;
-* ``yolo``: ``labels/<image>.txt`` as Ultralytics' ``save_txt`` with ``save_conf``: ``class cx cy w h`` normalised,
+* ``yolo``: ``labels/<image>.txt`` (``<image>_<id>.txt`` for a second image of that name, as the pseudo-label
+  YOLO export names them) as Ultralytics' ``save_txt`` with ``save_conf``: ``class cx cy w h`` normalised,
   for pose then ``x y conf`` per keypoint, then the score; ``data.yaml`` gives the class names (and ``kpt_shape``).
 
 Unreadable images, and images of the COCO file missing under ``IMAGES``, are skipped and named.
@@ -20,10 +21,13 @@ Unreadable images, and images of the COCO file missing under ``IMAGES``, are ski
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
 from ddkit.errors import ConfigError
+
+log = logging.getLogger("ddkit.predict")
 
 HELP = "predict on an image, a folder or a COCO file's images (plain or multi-transform) as COCO results or YOLO txt"
 
@@ -79,6 +83,8 @@ class _Writer:
         self.index = {int(c["id"]): k for k, c in enumerate(info.categories)}
         self.images: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
+        self.label_names: set[str] = set()  # label files written (paths without suffix), kept unique
+        self.renamed: list[str] = []
 
     def add_label(self, image_id: int, file_name: str, category_id: int, score: float) -> None:
         self.images.append({"id": image_id, "file_name": file_name})
@@ -87,6 +93,7 @@ class _Writer:
 
     def add_instances(self, image_id: int, file_name: str, inst: Any, h: int, w: int) -> None:
         from ddkit.engine.coco_results import keypoint_results
+        from ddkit.engine.yolo_export import unique_name
         from ddkit.io import atomic_write_text
 
         self.images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
@@ -99,7 +106,10 @@ class _Writer:
             resolved = name.resolve()
             name = resolved.relative_to(self.root) if self.root and resolved.is_relative_to(self.root) else \
                 Path(*name.parts[1:])
-        atomic_write_text(self.out / "labels" / name.with_suffix(".txt"), "".join(f"{s}\n" for s in lines))
+        label = unique_name(str(name.with_suffix("")), self.label_names, image_id) + ".txt"
+        if label != str(name.with_suffix(".txt")):
+            self.renamed.append(f"{file_name} -> labels/{label}")
+        atomic_write_text(self.out / "labels" / label, "".join(f"{s}\n" for s in lines))
 
     def finish(self) -> list[Path]:
         import yaml
@@ -111,6 +121,9 @@ class _Writer:
             return [atomic_write_json(self.out / "predictions.json", self.results),
                     atomic_write_json(self.out / "images.json", {"info": {}, "images": self.images,
                                                                  "categories": coco_categories(self.info)})]
+        if self.renamed:  # Ultralytics finds a label by the image's name: say which ones differ
+            log.warning("%d label file(s) named after the image id: another image has the same name "
+                        "(e.g. %s)", len(self.renamed), self.renamed[0])
         data: dict[str, Any] = {"names": {k: str(c.get("name")) for k, c in enumerate(self.info.categories)}}
         if self.info.num_keypoints:
             data["kpt_shape"] = [int(self.info.num_keypoints), 3]

@@ -8,8 +8,9 @@ the field:
 * ``images`` records need ``id`` (int), ``file_name`` (str), ``width`` and ``height`` (positive ints);
 * ids of images, annotations and categories are unique (the error names the id and both record indices);
 * an annotation's ``image_id`` / ``category_id`` name an existing image / category; ``bbox`` is 4 finite numbers;
-  ``w, h >= 0``; ``keypoints`` (when the category has keypoint names) ``3 * K`` finite numbers; ``num_keypoints`` is filled from
-  the visibilities when absent (crowdpose-style files), so pycocotools can evaluate them;
+  ``w, h >= 0``; ``keypoints`` (when the category has keypoint names) ``3 * K`` finite numbers, visibilities 0, 1 or 2;
+  ``num_keypoints`` is the count of ``v > 0`` (filled when absent, as in crowdpose-style files, so pycocotools can
+  evaluate them);
 * a ``file_name`` that leaves the image root (``../../x.jpg``, an absolute path elsewhere) is refused unless
   ``allow_outside_root``;
 * boxes follow :mod:`ddkit.engine.box_rule` (clipped to the image, empty ones dropped with their annotation, one
@@ -72,6 +73,7 @@ class CocoFile:
     data: dict[str, Any] = field(default_factory=dict)
     boxes_clipped: int = 0
     boxes_dropped: int = 0
+    box_warning: str | None = None  # the box rule's line, when the reader was asked to hold it back
 
     def annotations_by_image(self) -> dict[int, list[dict[str, Any]]]:
         """``{image_id: [annotation, ...]}`` with an entry (maybe empty) for every image, in file order."""
@@ -195,6 +197,24 @@ def _check_categories(cats: list[dict[str, Any]], path: Path) -> None:
         _check_skeleton(cat.get("skeleton"), len(kps or []), where)
 
 
+def _check_keypoint_names(cats: list[dict[str, Any]], anns: list[dict[str, Any]], path: Path) -> None:
+    """A category whose ``keypoints`` list has the wrong length makes all its annotations disagree alike: blame the
+    category (the one place to fix), not its first annotation or its skeleton."""
+    lengths: dict[int, list[int]] = {}
+    for a in anns:
+        if _is_int(a.get("category_id")) and isinstance(a.get("keypoints"), list):
+            lengths.setdefault(a["category_id"], []).append(len(a["keypoints"]))
+    for i, cat in enumerate(cats):
+        names, counts = cat.get("keypoints"), lengths.get(cat["id"], [])
+        if not (isinstance(names, list) and names and len(counts) > 1 and len(set(counts)) == 1):
+            continue  # one annotation, or several lengths: the annotations are blamed one by one
+        n = counts[0]
+        if n % 3 == 0 and n != 3 * len(names):
+            raise DataError(f"{path}: categories[{i}] (id {cat['id']}): field 'keypoints' lists {len(names)} names "
+                            f"but every annotation of the category has {n} values ({n // 3} keypoints x 3); fix the "
+                            f"category's keypoints (and skeleton)")
+
+
 def _check_skeleton(skeleton: Any, k: int, where: str) -> None:
     """COCO's ``skeleton``: pairs of 1-based keypoint indices (``[16, 14]`` joins the 16th and 14th keypoints)."""
     if skeleton is None or (skeleton == [] and not k):
@@ -231,8 +251,22 @@ def _check_annotation(ann: dict[str, Any], i: int, path: Path, images: dict[int,
             n = len(kp) if isinstance(kp, list) else type(kp).__name__
             raise DataError(f"{where}: field keypoints must be {3 * k} finite numbers ({k} keypoints x 3), got "
                             f"{n} values" + ("" if not isinstance(kp, list) or len(kp) != 3 * k else " (non-finite)"))
-        if "num_keypoints" not in ann:  # crowdpose-style files: pycocotools needs it
-            ann["num_keypoints"] = sum(1 for v in kp[2::3] if v > 0)
+        _check_visibility(ann, kp, where)
+
+
+def _check_visibility(ann: dict[str, Any], kp: list[Any], where: str) -> None:
+    """COCO's visibilities are 0 (not labelled), 1 (labelled, hidden), 2 (visible); ``num_keypoints`` counts the
+    labelled ones: pycocotools skips a person whose ``num_keypoints`` is 0, so a wrong count changes its AP."""
+    bad = next((j for j, v in enumerate(kp[2::3]) if v not in (0, 1, 2)), None)
+    if bad is not None:
+        raise DataError(f"{where}: field keypoints: visibility {kp[3 * bad + 2]!r} of keypoint {bad} must be 0 (not "
+                        f"labelled), 1 (labelled, hidden) or 2 (visible)")
+    labelled = sum(1 for v in kp[2::3] if v > 0)
+    if "num_keypoints" not in ann:  # crowdpose-style files: pycocotools needs it
+        ann["num_keypoints"] = labelled
+    elif ann["num_keypoints"] != labelled:
+        raise DataError(f"{where}: field num_keypoints is {ann['num_keypoints']!r} but {labelled} keypoints have "
+                        f"v > 0; set num_keypoints to {labelled} (pycocotools skips a person with 0)")
 
 
 def _apply_box_rule(path: Path, images: list[dict[str, Any]], anns: list[dict[str, Any]],
@@ -251,39 +285,56 @@ def _apply_box_rule(path: Path, images: list[dict[str, Any]], anns: list[dict[st
     changed = torch.nonzero((boxes != xyxy[keep]).any(1)).flatten().tolist()
     for j, b in zip(changed, boxes[changed].tolist()):
         out[j] = {**out[j], "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]}
-    check.warn()
     return out, check
 
 
+PSEUDO_DESCRIPTION = "ddkit pseudo-labels"  # info.description of the files ddkit label writes
+
+
+def _default_image_root(data: dict[str, Any], path: Path) -> Path:
+    """Where ``file_name`` is relative to when no folder is given: the JSON's folder, except for ddkit's own
+    pseudo-label files, which record their images' folder in ``info.image_root`` (they live in the run folder)."""
+    info = data.get("info")
+    ours = isinstance(info, dict) and info.get("description") == PSEUDO_DESCRIPTION
+    if ours and isinstance(info.get("image_root"), str):
+        return path.parent / info["image_root"]  # recorded absolute; a relative one is the JSON's
+    return path.parent
+
+
 def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, allow_outside_root: bool = False,
-                   need_annotations: bool = True, box_tolerance: float = BOX_TOLERANCE) -> CocoFile:
+                   need_annotations: bool = True, box_tolerance: float = BOX_TOLERANCE,
+                   warn_boxes: bool = True) -> CocoFile:
     """Read and validate a COCO file (see the module docstring).
 
     Args:
         path: the JSON file.
-        image_root: the folder ``file_name`` is relative to (default: the JSON's folder).
+        image_root: the folder ``file_name`` is relative to (default: the JSON's folder; for a ddkit pseudo-label
+            file, the ``info.image_root`` it records).
         allow_outside_root: accept ``file_name`` values that leave ``image_root``.
         need_annotations: ``False`` accepts a file with only ``images`` (an image list to label).
         box_tolerance: pixels a box may stick out of its image silently (see :mod:`ddkit.engine.box_rule`).
+        warn_boxes: ``False`` holds the box rule's warning back in ``box_warning`` (a caller that checks the
+            image sizes first: boxes clipped to a wrong width / height would be a misleading first message).
 
     Raises:
         DataError: one line naming the file, the record and the field.
     """
     path = Path(path)
     return validate_coco(_load_json(path), path, image_root, allow_outside_root=allow_outside_root,
-                         need_annotations=need_annotations, box_tolerance=box_tolerance)
+                         need_annotations=need_annotations, box_tolerance=box_tolerance, warn_boxes=warn_boxes)
 
 
 def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = None, *,
                   allow_outside_root: bool = False, need_annotations: bool = True,
-                  box_tolerance: float = BOX_TOLERANCE, num_keypoints: int | None = None) -> CocoFile:
+                  box_tolerance: float = BOX_TOLERANCE, num_keypoints: int | None = None,
+                  warn_boxes: bool = True) -> CocoFile:
     """:func:`read_coco_file` for a COCO dict already loaded from ``path`` (the dict is not modified).
     ``num_keypoints``: the K every annotation's keypoints have (default: from the categories' keypoint names)."""
     path = Path(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: a COCO file is a JSON object with 'images', 'annotations' and 'categories', "
                         f"got a {type(data).__name__}")
-    root = Path(image_root) if image_root is not None else path.parent
+    root = Path(image_root) if image_root is not None else _default_image_root(data, path)
     images = _records(data, "images", path, required=True)
     anns = _records(data, "annotations", path, required=need_annotations)
     cats = _records(data, "categories", path, required=need_annotations or bool(anns))
@@ -291,12 +342,17 @@ def validate_coco(data: Any, path: str | Path, image_root: str | Path | None = N
     _unique_ids(anns, "annotations", path, required=False)
     _unique_ids(cats, "categories", path, required=True)
     _check_images(images, path, root, allow_outside_root)
+    if num_keypoints is None:  # K from the categories' names: a wrong list shows in every annotation
+        _check_keypoint_names(cats, anns, path)
     _check_categories(cats, path)
     cat_k = {int(c["id"]): num_keypoints or len(c.get("keypoints") or []) for c in cats}
     anns = [dict(a) for a in anns]
     for i, ann in enumerate(anns):
         _check_annotation(ann, i, path, img_index, cat_k)
     anns, check = _apply_box_rule(path, images, anns, img_index, box_tolerance)
+    if warn_boxes:
+        check.warn()
     rest = {k: v for k, v in data.items() if k not in ("images", "annotations", "categories")}
     return CocoFile(path=path, image_root=root, images=images, annotations=anns, categories=cats, data=rest,
-                    boxes_clipped=check.clipped, boxes_dropped=check.dropped)
+                    boxes_clipped=check.clipped, boxes_dropped=check.dropped,
+                    box_warning=None if warn_boxes else check.message())

@@ -368,7 +368,9 @@ def _check_not_empty(dataset: Any, where: str) -> None:
     if len(dataset) == 0:
         info = getattr(dataset, "info", None)
         source = (info.extra.get("source") if isinstance(info, DatasetInfo) else None) or type(dataset).__name__
-        raise DataError(f"{where}: {source} has no (readable) images; point it at a folder or file with images")
+        hint = ("add 'images: DIR' to the dataset block (the folder its file_name values are relative to)"
+                if str(source).lower().endswith(".json") else "point it at a folder or file with images")
+        raise DataError(f"{where}: {source} has no (readable) images; {hint}")
 
 
 # ---------------------------------------------------------------------------------------------- image reading
@@ -422,13 +424,33 @@ def _wide_grey(im: Any) -> torch.Tensor:
     return grey[None].expand(3, -1, -1).contiguous()
 
 
+# EXIF orientations that rotate by 90 degrees (PIL's exif_transpose: TRANSPOSE, ROTATE_270, TRANSVERSE, ROTATE_90)
+_SWAPPED_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image file in its displayed frame (EXIF orientation applied, as by
+    :func:`read_image`), read from the header: what width / height of a COCO file and YOLO labels refer to.
+    (A PNG whose eXIf chunk follows the pixels is decoded: PIL finds that chunk only then.)"""
+    from PIL import ExifTags, Image
+
+    with Image.open(path) as im:
+        w, h = im.size
+        if im.getexif().get(ExifTags.Base.Orientation, 1) in _SWAPPED_ORIENTATIONS:
+            w, h = h, w
+    return w, h
+
+
 def read_image(path: str | Path) -> torch.Tensor:
     """An image file as float ``[3, H, W]`` in ``[0, 1]`` (RGB); :class:`DataError` naming the file if unreadable.
-    8-bit images are scaled by 255, 16-bit grey ones (``I;16``) by 65535: the same picture as an 8-bit copy."""
-    from PIL import Image
+    8-bit images are scaled by 255, 16-bit grey ones (``I;16``) by 65535: the same picture as an 8-bit copy.
+    The EXIF orientation is applied (``ImageOps.exif_transpose``): the frame that Ultralytics, detectron2 and
+    annotation tools show and label, not the stored pixels. Every image ddkit reads comes through here."""
+    from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
+            ImageOps.exif_transpose(im, in_place=True)
             if im.mode in _WIDE_GREY_MODES:
                 return _wide_grey(im)
             arr = torch.frombuffer(bytearray(im.convert("RGB").tobytes()), dtype=torch.uint8)

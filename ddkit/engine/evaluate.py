@@ -168,8 +168,8 @@ def _check_keypoints(model_info: DatasetInfo, data_info: DatasetInfo, model_src:
 
 def dataset_block(spec: str, split: str | None = None) -> dict[str, Any]:
     """A dataset block from the command line: a YAML mapping (``{name: coco, annotations: a.json}``), or a path:
-    a ``.json`` file is COCO, a folder with ``data.yaml`` or ``labels/`` is YOLO (``split``, default ``val``), any
-    other folder is one sub-folder of images per class."""
+    a ``.json`` file is COCO, a ``.yaml`` file is an Ultralytics data yaml and a folder with ``data.yaml`` or
+    ``labels/`` is YOLO (``split``, default ``val``), any other folder is one sub-folder of images per class."""
     import yaml
 
     text = spec.strip()
@@ -185,9 +185,12 @@ def dataset_block(spec: str, split: str | None = None) -> dict[str, Any]:
     path = Path(text).expanduser()
     if path.is_file() and path.suffix.lower() == ".json":
         return {"name": "coco", "annotations": str(path)}
+    if path.is_file() and path.suffix.lower() in (".yaml", ".yml"):
+        return {"name": "yolo", "data_yaml": str(path), "split": split or "val"}
     if path.is_dir() and ((path / "data.yaml").is_file() or (path / "labels").is_dir()):
         return {"name": "yolo", "root": str(path), "split": split or "val"}
     if path.is_dir():
         return {"name": "image_folder", "root": str(path)}
-    raise ConfigError(f"--data: {path} is neither a COCO .json file nor a folder (YOLO or one folder per class); "
+    raise ConfigError(f"--data: {path} is neither a COCO .json file, a YOLO data .yaml nor a folder (YOLO or one "
+                      "folder per class); "
                       "or pass a dataset block such as '{name: coco, annotations: a.json, images: imgs/}'")

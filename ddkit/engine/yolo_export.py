@@ -80,6 +80,14 @@ def _place_image(src: Path, dst: Path, mode: str) -> None:
         shutil.copy2(src, dst)
 
 
+def unique_name(name: str, used: set[str], image_id: int) -> str:
+    """``name``, or ``name_<image id>`` when an earlier image took it (``x.jpg`` and ``x.png``, or two folders'
+    ``frame_1.jpg``, would share one label file); the result is added to ``used``."""
+    out = name if name not in used else f"{name}_{image_id}"
+    used.add(out)
+    return out
+
+
 def _write_part(coco: CocoFile, paths: Mapping[int, str | Path], root: Path, part: str, class_index: Mapping[int, int],
                 k: int | None, mode: str, skip_empty: bool) -> tuple[int, int]:
     """Images and label files of one part (``pseudo`` or ``labeled``); returns ``(images, instances)``."""
@@ -97,8 +105,7 @@ def _write_part(coco: CocoFile, paths: Mapping[int, str | Path], root: Path, par
         if int(im["id"]) not in paths:
             raise ConfigError(f"{coco.path}: image id {im['id']} has no image file (image_paths lacks it)")
         src = Path(paths[int(im["id"])])
-        name = src.stem if src.stem not in used else f"{src.stem}_{im['id']}"
-        used.add(name)
+        name = unique_name(src.stem, used, int(im["id"]))
         _place_image(src, img_dir / f"{name}{src.suffix.lower() or '.jpg'}", mode)
         rows = yolo_rows(anns, (int(im["height"]), int(im["width"])), class_index, k)
         (lab_dir / f"{name}.txt").write_text("".join(r + "\n" for r in rows))

@@ -20,6 +20,7 @@ from ddkit.engine.label.labeller import Labeller, Timer
 from ddkit.engine.label.selecting import LabelResult, SelectInputs, select_pseudo_labels
 from ddkit.engine.label.sharded import ShardedLabels, label_shards, plan_shards
 from ddkit.engine.label.sources import Source, make_source
+from ddkit.engine.coco_file import PSEUDO_DESCRIPTION
 from ddkit.engine.coco_results import CocoGroundTruthBuilder
 from ddkit.engine.data import get_target, item_file
 from ddkit.engine.prediction_kinds import prediction_kind
@@ -55,7 +56,7 @@ def _provenance(task: Any, info: DatasetInfo, strategies: Strategies, source: So
                 teacher_checkpoint: Checkpoints, teacher_sha: str) -> dict[str, Any]:
     checkpoints = [None if c is None else str(c) for c in _as_list(teacher_checkpoint)]
     return {
-        "description": "ddkit pseudo-labels", "ddkit_version": _version(),
+        "description": PSEUDO_DESCRIPTION, "ddkit_version": _version(),
         "teacher_checkpoint": checkpoints[0] if len(checkpoints) == 1 else checkpoints,
         "teacher_sha256": teacher_sha, "task": getattr(task, "name", None),
         "transforms": strategies.transform_blocks,
