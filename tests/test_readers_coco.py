@@ -375,6 +375,8 @@ def test_evaluation_works_with_pycocotools_that_requires_info(monkeypatch):
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8]}]}
     stats = coco_evaluate(gt, [{"image_id": 1, "category_id": 1, "bbox": [2, 2, 8, 8], "score": 0.9}])
     assert stats["AP"] == pytest.approx(1.0)
+
+
 def test_a_ddkit_pseudo_label_file_finds_its_images_through_info_image_root(tmp_path):
     """A pseudo_labels.json lives in the run folder, its images elsewhere: read as a labeled COCO dataset without
     'images:', it uses the info.image_root it records (only ddkit's own files: another file's info is not trusted)."""
