@@ -438,3 +438,23 @@ def test_teacher_ensemble_keypoints_average_each_teachers_heatmaps(tmp_path):
     assert torch.equal(one["boxes"], two["boxes"]) and len(one["boxes"]) > 5  # NMS keeps one of each duplicate
     assert torch.allclose(one["keypoints"][..., :2], two["keypoints"][..., :2], atol=1e-3)
     assert torch.allclose(2.0 * one["keypoints"][..., 2], two["keypoints"][..., 2], rtol=1e-4)
+
+
+def test_an_interrupted_relabel_with_other_views_leaves_nothing_of_the_old_recipe(tmp_path, caplog):
+    """Another recipe's shards are removed with the pseudo-labels selected from them before the first new shard
+    is written: a re-label stopped half-way leaves no old pseudo_labels.json beside new shards."""
+    ds, labeled, unlabeled = shapes_splits()
+    cfg = {**DET_CFG, "shard_size": 7}  # 4 shards
+    L.label_dataset(FakeTask(), BlobDetector(), ds.info, unlabeled, labeled, cfg, tmp_path)
+    assert (tmp_path / "pseudo_labels.json").is_file() and (tmp_path / "summary.json").is_file()
+    other = {**cfg, "transforms": [{"name": "identity"}]}
+    with caplog.at_level(logging.WARNING, logger="ddkit"):
+        part = L.label_dataset(FakeTask(), BlobDetector(), ds.info, unlabeled, labeled, other, tmp_path,
+                               max_shards=1)
+    assert not part.complete and part.shards_done == [0]
+    assert "4 shard(s) of another labelling recipe" in caplog.text
+    assert not (tmp_path / "pseudo_labels.json").exists() and not (tmp_path / "summary.json").exists()
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["shard-00000-of-00004.pt"]
+    done = L.label_dataset(FakeTask(), BlobDetector(), ds.info, unlabeled, labeled, other, tmp_path)
+    assert done.complete and done.shards_done == [1, 2, 3]
+    assert json.loads((tmp_path / "pseudo_labels.json").read_text())["info"]["views"] == ["identity"]

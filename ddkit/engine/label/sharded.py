@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +122,28 @@ def _progress_bar(todo: list[int], n_total: int, num_shards: int) -> Any:
     return tqdm(total=total, desc="labelling", unit="img")
 
 
+# what the select stage writes beside the shards: it describes the shards of the recipe that wrote it
+SELECT_OUTPUTS = ("pseudo_labels.json", "summary.json", "quality.json", "skipped.jsonl", "raw_predictions.pt", "yolo")
+
+
+def _remove_other_recipes(shards: ShardSet) -> None:
+    """Remove the shards of another labelling recipe (another shard count, or another teacher / views / data) and
+    the outputs selected from them, before any new shard is written: an interrupted re-label leaves no
+    pseudo-labels of the old recipe beside shards of the new one."""
+    other = shards.stale_files() + [shards.path(s) for s in range(shards.num_shards)
+                                    if shards.path(s).is_file() and not shards.done(s)]
+    if not other:
+        return
+    for path in other:
+        path.unlink(missing_ok=True)
+    out_dir = shards.folder.parent
+    removed = [name for name in SELECT_OUTPUTS if (out_dir / name).exists()]
+    for name in removed:
+        shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink()
+    log.warning("%s: %d shard(s) of another labelling recipe (teacher, views, data or shard count changed) "
+                "removed%s", out_dir, len(other), f", and their {', '.join(removed)}" if removed else "")
+
+
 def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: ShardSet, n_total: int,
                  rank: int = 0, world: int = 1, max_shards: int | None = None, progress: bool = False
                  ) -> tuple[list[int], bool]:
@@ -128,9 +151,7 @@ def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: S
 
     Returns ``(shards written now, whether every shard of this worker is written)``."""
     if rank == 0:
-        for stale in shards.stale_files():
-            log.info("removing %s: written with another shard count", stale)
-            stale.unlink(missing_ok=True)
+        _remove_other_recipes(shards)
     mine = worker_shards(shards.num_shards, rank, world)
     todo = [s for s in mine if not shards.done(s)]
     if todo and len(todo) < len(mine):
