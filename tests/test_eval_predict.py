@@ -137,6 +137,16 @@ def _det_run(tmp_path: Path, name: str, train: str, extra: str = "") -> Path:
     return tmp_path / name
 
 
+def test_eval_of_a_ddkit_train_folder_uses_the_recipe_it_saved(digits_run, tmp_path, capsys):
+    """A `ddkit train` folder holds its recipe (config.yaml) and model: its test split is evaluated, to the
+    metrics the training reported."""
+    recipe, _ = digits_run
+    assert main(["train", str(recipe), "--stage", "teacher", f"run.out_dir={tmp_path}", "--no-progress"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(tmp_path / "teacher"), "-o", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["metrics"] == trained["metrics"]
+
+
 def test_eval_of_a_stage_uses_the_batch_size_the_run_evaluated_it_with(tmp_path, capsys):
     """A detector's AP depends on the batch (coco8's images differ in size and are padded to one): ``ddkit eval``
     of a stage folder, and a ``teacher.checkpoint`` teacher, reproduce the run's own metrics exactly."""

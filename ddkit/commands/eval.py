@@ -47,13 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def saved_recipe(folder: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, str | None]:
     """``(recipe, its file)`` that a `ddkit run` folder saved (``config.yaml``), for the run folder or one of its
-    stage folders (``ddkit predict`` takes either); ``(None, None)`` for anything else."""
+    stage folders (``ddkit predict`` takes either), or that a `ddkit train` folder saved; ``(None, None)`` for
+    anything else."""
     from ddkit.config import load_config
     from ddkit.engine.run_folder import is_run_folder
 
     folder = Path(folder)
     run_dir = next((d for d in (folder, folder.parent) if folder.is_dir() and is_run_folder(d)), None)
-    saved = run_dir / "config.yaml" if run_dir is not None else None
+    saved = run_dir / "config.yaml" if run_dir is not None else folder / "config.yaml" if folder.is_dir() else None
     if saved is None or not saved.is_file():
         return None, None
     return load_config(saved, overrides), str(saved)
@@ -71,7 +72,9 @@ def _recipe_and_default_model(args: argparse.Namespace) -> tuple[Any, str | None
         return cfg, str(target), out, "recipe"
     if is_run_folder(target):
         return *saved_recipe(target, args.overrides), target, "run"
-    if target.is_dir() and is_run_folder(target.parent) and not args.checkpoint:  # a stage of a run: its data
+    # a stage of a run, or a `ddkit train` folder: the data of the recipe it saved
+    if target.is_dir() and (is_run_folder(target.parent) or (target / "config.yaml").is_file()) \
+            and not args.checkpoint:
         cfg, saved = saved_recipe(target, args.overrides)
         if cfg is not None:
             return cfg, saved, None, "checkpoint"
