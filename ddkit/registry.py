@@ -150,7 +150,8 @@ def parse_section(cls: type[T], block: Any, where: str) -> T:
     hints = typing.get_type_hints(cls)
     for key, value in block.items():
         if not _matches(value, hints.get(key, Any)):
-            raise ConfigError(f"{where}: key {key!r} = {value!r} is not of type {_type_name(hints[key])}")
+            hint = " (a YAML list, e.g. [6, 4])" if _type_name(hints[key]).startswith("list") else ""
+            raise ConfigError(f"{where}: key {key!r} = {value!r} is not of type {_type_name(hints[key])}{hint}")
     try:
         return cls(**block)
     except (TypeError, ValueError) as err:

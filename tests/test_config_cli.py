@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -189,3 +190,14 @@ def test_override_numbers_read_like_the_recipe_file(tmp_path, text, value):
     assert load_config(path).student.train.lr == 0.001
     got = load_config(path, [f"student.train.lr={text}"]).student.train.lr
     assert got == value and type(got) is type(value)
+
+
+@pytest.mark.parametrize("override, words", [("student.train.ratio=[0, 0]", "with a positive sum"),
+                                             ("student.train.ratio=6:4", "a YAML list, e.g. [6, 4]"),
+                                             ("data.split.labeled=0.0001", "data.split.labeled = 0.0001")])
+def test_recipe_value_errors_say_how_to_write_the_value(override, words):
+    from ddkit.engine.run import Runner
+
+    recipe = REPO / "configs" / "mnist_dd.yaml"
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        Runner(load_config(recipe, [override, "run.out_dir=/nonexistent/never"]), source=str(recipe))

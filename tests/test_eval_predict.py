@@ -277,6 +277,19 @@ def test_predict_one_image_file(detector, tmp_path, capsys):
     assert "neither an image file" in capsys.readouterr().err
 
 
+def test_predict_refuses_when_no_image_is_readable_and_an_output_that_is_a_file(detector, tmp_path, capsys):
+    """Nothing readable is an error, not an empty (successful-looking) result; ``-o`` names a folder."""
+    corrupt = tmp_path / "bad.jpg"
+    corrupt.write_bytes(b"not a jpeg")
+    assert main(["predict", str(detector), str(corrupt), "-o", str(tmp_path / "p")]) == 2
+    assert "none of the 1 image(s) could be read" in capsys.readouterr().err
+    assert not (tmp_path / "p" / "predictions.json").exists()
+    image = DATA / "coco8" / "images" / "val" / "000000000042.jpg"
+    assert main(["predict", str(detector), str(image), "-o", str(corrupt)]) == 2
+    err = capsys.readouterr().err
+    assert "-o" in err and "an existing file" in err and "Traceback" not in err
+
+
 def test_predict_yolo_gives_images_of_one_name_their_own_label_files(detector, tmp_path, caplog):
     """x.jpg and x.png once wrote one labels/x.txt (the last won): names are made unique as the pseudo-label YOLO
     export makes them (``yolo_export.unique_name``)."""

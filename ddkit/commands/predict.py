@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DataError
 
 log = logging.getLogger("ddkit.predict")
 
@@ -160,6 +160,8 @@ def _check_paths(args: argparse.Namespace) -> None:
         raise ConfigError(f"--coco {args.coco}: no such file")
     if not Path(args.images).exists():
         raise ConfigError(f"{args.images}: no such image file or folder")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise ConfigError(f"-o {args.output}: an existing file; -o names the folder to write the predictions into")
     if args.coco and not Path(args.images).is_dir():
         raise ConfigError(f"{args.images}: with --coco, IMAGES is the folder that the COCO file's file_name values "
                           "are relative to")
@@ -256,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         f"{len(source)} image(s) of {args.images}"
     print(f"predicting {images} with {what}, {views}")
     skipped = _predict_all(predictor, source, writer, args.batch_size, args.min_score, categories)
+    if not writer.images:  # an empty result would read as "nothing detected"
+        raise DataError(f"{args.images}: none of the {len(source)} image(s) could be read ({', '.join(skipped[:3])})")
     written = writer.finish()
     if skipped:
         more = " ..." if len(skipped) > 5 else ""

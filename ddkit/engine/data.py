@@ -233,7 +233,8 @@ def split_dataset(dataset: Any, labeled: float, unlabeled: float = 0.0, test: fl
     """Split ``dataset`` into labeled / unlabeled (labels hidden) / test parts by fraction and seed."""
     lab, unl, tst = split_indices(dataset, [labeled, unlabeled, test], seed=seed, stratify=stratify)
     if not lab:
-        raise ConfigError(f"the labeled split of {len(dataset)} items with fraction {labeled} is empty")
+        raise ConfigError(f"data.split.labeled = {labeled}: the labeled part of the {len(dataset)} items is empty; "
+                          f"raise it (a fraction in (0, 1])")
     return Splits(labeled=Subset(dataset, lab), unlabeled=HiddenLabels(Subset(dataset, unl)) if unl else None,
                   test=Subset(dataset, tst) if tst else None, info=get_info(dataset))
 

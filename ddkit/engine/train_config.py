@@ -90,7 +90,7 @@ class TrainConfig:
             (0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}"),
             (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 or null"),
             (len(self.ratio) >= 1 and all(r >= 0 for r in self.ratio) and sum(self.ratio) > 0,
-             f"ratio must be non-negative weights, got {self.ratio}"),
+             f"ratio must be non-negative weights with a positive sum, e.g. [6, 4], got {self.ratio}"),
             (0 <= self.hflip <= 1, f"hflip must be a probability, got {self.hflip}"),
             (self.translate >= 0, f"translate must be >= 0 pixels, got {self.translate}"),
             (min(self.checkpoint_every, self.eval_every, self.log_every, self.eval_batch_size,
