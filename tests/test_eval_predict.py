@@ -98,6 +98,8 @@ def test_eval_tta_is_the_mean_of_the_views_probabilities(digits_run, tmp_path):
     tta = float((((plain + mirrored) / 2).argmax(1) == labels).float().mean())
     assert record["tta"]["metrics"]["accuracy"] == pytest.approx(tta)
     assert [v["name"] for v in record["tta"]["views"]] == ["identity", "hflip"]
+    # the ensemble is batched as the run's TTA stages batch it (label.batch_size), the single view as its stage
+    assert record["tta"]["batch_size"] == load_config(recipe).label.batch_size == 64 != record["batch_size"]
     assert main(["eval", str(recipe), "-o", str(out)]) == 0  # a recipe alone: its run folder's final student
     assert json.loads(out.read_text())["model"] == str(run / "student" / "model.pt")
 

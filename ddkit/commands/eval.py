@@ -12,7 +12,8 @@ recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writ
   classes must be the dataset's; when only the ids differ (a model trained on YOLO files, ids 1-80, scored on a COCO
   file, ids 1-90) they are matched by name and the model's classes the dataset lacks are not scored.
 * the batch size: ``--batch-size``, else the one the run evaluated that stage with (its ``train.eval_batch_size``,
-  else its ``train.batch_size``; a detector's AP depends on it), else 8; eval.json records it.
+  else its ``train.batch_size``; a detector's AP depends on it), else 8; the ``--tta`` row's: the recipe's
+  ``label.batch_size``, as the run's TTA stages batch it; eval.json records both.
 """
 from __future__ import annotations
 
@@ -235,7 +236,8 @@ def run(args: argparse.Namespace) -> int:
     rows = {"1 view": evaluate_dataset(plain, dataset, batch_size, categories)}
     if strategies is not None:
         name = f"TTA ({len(strategies.views)} views: {', '.join(strategies.view_names)})"
-        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, batch_size,
+        tta_batch = args.batch_size or block.get("batch_size") or batch_size  # as the run's TTA stage batches
+        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, tta_batch,
                                       categories)
     print(format_quality_table(rows))
     record = {"model": str(path), "what": what, "data": data_what, "items": len(dataset), "task": task.name,
@@ -244,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
               "categories_by_name": None if categories is None else {str(k): v for k, v in categories.items()}}
     if strategies is not None:
         record["tta"] = {"views": strategies.view_blocks, "aggregator": strategies.aggregator_block,
-                         "metrics": rows[name]}
+                         "batch_size": tta_batch, "metrics": rows[name]}
     out = Path(args.output) if args.output else _default_output(args, run_dir, kind, folder or _stage_folder(path))
     atomic_write_json(out, record)
     print(f"wrote {out}")

@@ -41,6 +41,9 @@ def tta_block(transforms: Sequence[Any] | None = None, aggregator: Any = None,
     keypoints = (recipe.get("label") or {}).get("keypoints")
     if keypoints:
         block["keypoints"] = keypoints
+    batch = (recipe.get("label") or {}).get("batch_size")
+    if batch:  # the run's TTA stages batch as its labelling does (a detector's AP depends on it)
+        block["batch_size"] = batch
     return block
 
 
