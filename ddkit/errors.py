@@ -16,7 +16,12 @@ class UnknownStrategyError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class PluginClashError(DDKitError):
+class PluginError(DDKitError):
+    """An installed plugin is broken (fails to import, its hook raises, yields wrong specs): the message names the
+    plugin, its distribution and how to disable it."""
+
+
+class PluginClashError(PluginError):
     """Two plugins register the same name for one kind."""
 
 
