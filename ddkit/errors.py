@@ -21,6 +21,11 @@ class PluginError(DDKitError):
     plugin, its distribution and how to disable it."""
 
 
+class PluginContractError(PluginError, TypeError):
+    """A strategy returned something its kind's contract refuses (a wrong shape, dtype, range or a non-finite
+    value): the message names the strategy and what was wrong. A ``TypeError`` as well, as it was before."""
+
+
 class PluginClashError(PluginError):
     """Two plugins register the same name for one kind."""
 
