@@ -37,3 +37,12 @@ class DataError(DDKitError, ValueError):
 class DegenerateResultError(DataError):
     """A stage finished with an outcome that must not be reported as a success (e.g. 0 pseudo-labels): the run
     stops, and its results say why."""
+
+
+DEBUG_ENV = "DDKIT_DEBUG"  # set (to anything) to get a stage's original exception and its traceback
+
+
+class StageError(DDKitError):
+    """A stage's code (often a plugin's strategy) raised an exception that is not a :class:`DDKitError`: one line
+    naming the stage, the exception and where it was raised; the original is its ``__cause__``, and with
+    ``DDKIT_DEBUG=1`` it propagates as it is, with its traceback. The CLI exits 1 (not 2: it may be a bug)."""

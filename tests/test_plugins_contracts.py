@@ -12,7 +12,7 @@ from ddkit.config import load_config
 from ddkit.engine.prediction_kinds import PROBS
 from ddkit.errors import PluginContractError
 from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
-from ddkit.types import AggregatorSpec
+from ddkit.types import AggregatorSpec, LossSpec, ModelSpec
 
 RECIPE = """
 run: {{name: tiny, out_dir: "{out}", seed: 0, device: cpu}}
@@ -40,15 +40,53 @@ class _Plugin:
     class NoCall:
         pass
 
+    class LossNoCompute:
+        weight = 1.0
+
+    class LossMinimal:  # what the README's plugin section used to describe: compute() alone
+        def compute(self, ctx):
+            return ctx.student_logits.float().pow(2).mean()
+
+    class LossBadOutputs:
+        weight = 1.0
+
+        def compute(self, ctx):
+            return ctx.student_logits.float().sum(-1)  # [B], not a scalar
+
+    class ThreeWay(torch.nn.Module):  # a head hard-coded to 3 classes
+        def __init__(self, *, info):
+            super().__init__()
+            c, h, w = info.extra["image_shape"]
+            self.fc = torch.nn.Linear(c * h * w, 3)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    @hookimpl
+    def ddkit_models(self):
+        yield ModelSpec(name="zz_three_way", factory=_Plugin.ThreeWay, task="classification", summary="3 outputs")
+
     @hookimpl
     def ddkit_aggregators(self):
         yield AggregatorSpec(name="zz_agg_nocall", factory=_Plugin.NoCall, input="probs", summary="no __call__")
+
+    class LossRaises:
+        weight = 1.0
+
+        def compute(self, ctx):
+            raise RuntimeError("boom from zz_loss_raises")
+
+    @hookimpl
+    def ddkit_losses(self):
+        yield LossSpec(name="zz_loss_raises", factory=_Plugin.LossRaises, summary="raises in compute")
+        yield LossSpec(name="zz_loss_nocompute", factory=_Plugin.LossNoCompute, summary="no compute")
+        yield LossSpec(name="zz_loss_minimal", factory=_Plugin.LossMinimal, summary="no weight")
 
 
 @pytest.fixture
 def with_plugin(monkeypatch):
     registry = registry_from_plugin_manager(make_plugin_manager([_Plugin()]))
-    monkeypatch.setattr("ddkit.plugin_manager.get_registry", lambda refresh=False: registry)
+    monkeypatch.setattr("ddkit.plugin_manager._registry", registry)  # what get_registry() returns, everywhere
     return registry
 
 
@@ -102,3 +140,61 @@ def test_contract_errors_are_plugin_errors_and_type_errors():
 def test_an_aggregator_that_is_not_callable_is_refused_at_validation(recipe, with_plugin):
     _refused(recipe, ["label.aggregator.name=zz_agg_nocall"],
              r"label.aggregator: 'zz_agg_nocall' \(\w+\) built a NoCall, which is not callable")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("student.losses=[{name: hard_label}, {name: zz_loss_nocompute}]",
+     r"student.losses\[1\]: loss 'zz_loss_nocompute' \(\w+\) has no compute\(ctx\) method"),
+    ("student.losses=[{name: zz_loss_minimal}]",
+     r"student.losses\[0\]: loss 'zz_loss_minimal' \(\w+\) needs a number 'weight' attribute"),
+    ("student.losses=[{name: hard_label}, {name: detector_kd}]",
+     r"student.losses\[1\]: loss 'detector_kd' \(ddkit\) supports the tasks detection, keypoints, not this "
+     r"recipe's 'classification'; losses for classification: .*hard_label"),
+    ("student.losses=[]", r"^recipe: student.losses is empty: give at least one loss block"),
+    ("student.losses=hard_label", r"^recipe: student.losses must be a list of loss blocks, e.g. "
+                                  r"\[\{name: hard_label\}\]; got 'hard_label'"),
+    ("label.transforms=hflip", r"label.transforms must be a list of transform blocks"),
+])
+def test_a_loss_that_breaks_the_contract_is_refused_at_validation(recipe, with_plugin, override, message):
+    _refused(recipe, [override], message)
+
+
+def test_a_loss_value_that_is_not_a_scalar_names_the_loss_on_the_first_step(tmp_path):
+    import ddkit
+    from ddkit.engine.data import split_dataset
+    from ddkit.engine.train import train_model
+
+    splits = split_dataset(ddkit.build("datasets", "digits"), labeled=0.1, test=0.1, seed=0)
+    task = ddkit.build("tasks", "classification")
+    model = task.build_model({"name": "mlp", "hidden": [8]}, splits.info)
+    with pytest.raises(PluginContractError, match=r"^loss 'lossbadoutputs'.compute must return a scalar "
+                                                  r"floating-point tensor, got torch.float32 \(8,\)"):
+        train_model(task, model, splits.labeled, {"iterations": 2, "batch_size": 8}, tmp_path,
+                    losses=[_Plugin.LossBadOutputs()], device="cpu", progress=False)
+
+
+def test_a_model_with_the_wrong_number_of_outputs_is_refused_at_validation(recipe, with_plugin):
+    _refused(recipe, ["student.model={name: zz_three_way}"],
+             r"^recipe: student.model: the model gives \(3,\) outputs per image, but the data has 10 classes")
+
+
+def test_the_reusable_model_contract_check_catches_a_hard_coded_head(with_plugin):
+    from ddkit.testing.models import check_model
+
+    with pytest.raises(AssertionError, match=r"model 'zz_three_way': logits \(2, 3\) != \(2, C\)"):
+        check_model(with_plugin.get("models", "zz_three_way"), registry=with_plugin)
+    check_model(with_plugin.get("models", "mlp"), registry=with_plugin)  # a head sized from info passes
+
+
+def test_an_exception_inside_a_stage_is_one_line_naming_the_stage(recipe, with_plugin, capsys, monkeypatch):
+    from ddkit.cli import main
+
+    args = ["run", str(recipe), "teacher.losses=[{name: zz_loss_raises}]", "--no-progress"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ddkit run: error: stage teacher: RuntimeError: boom from "
+                                                    "zz_loss_raises (raised at ")
+    assert "test_plugins_contracts.py:" in err and "in compute); DDKIT_DEBUG=1 shows the traceback" in err
+    monkeypatch.setenv("DDKIT_DEBUG", "1")  # the original exception, with its traceback
+    with pytest.raises(RuntimeError, match="^boom from zz_loss_raises$"):
+        main(args)
