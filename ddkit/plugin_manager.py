@@ -18,7 +18,7 @@ import pluggy
 
 from ddkit import hookspecs
 from ddkit.errors import PluginClashError, PluginError
-from ddkit.registry import Entry, Registry
+from ddkit.registry import Entry, Registry, check_spec_fields
 from ddkit.types import SPEC_TYPES, StrategySpec
 
 ENTRY_POINT_GROUP = "ddkit"
@@ -128,6 +128,7 @@ def _hook_specs(impl: Any, kind: str, hook_name: str, provider: str) -> list[Str
         if not isinstance(spec, spec_type):
             raise PluginClashError(f"Plugin {impl.plugin_name!r} ({provider}): {hook_name} must yield "
                                    f"{spec_type.__name__}, got {type(spec).__name__}")
+        check_spec_fields(Entry(spec=spec, provider=provider, plugin=impl.plugin_name))
     return specs
 
 

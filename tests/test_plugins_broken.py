@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from dataclasses import dataclass
 import textwrap
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from ddkit import PluginError, hookimpl
 from ddkit import plugin_manager
 from ddkit.cli import main
 from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
-from ddkit.types import SelectorSpec
+from ddkit.types import AggregatorSpec, SelectorSpec
 
 GOOD = """
 from ddkit import hookimpl
@@ -103,7 +104,38 @@ class MisspeltHook:
         return []
 
 
+class _NotADataclass:
+    margin: float = 0.5
+
+
+@dataclass
+class _UnresolvedHints:
+    thing: "NameOnlyImportedUnderTypeChecking | None" = None  # noqa: F821
+
+
+class BadSpecFields:
+    @hookimpl
+    def ddkit_aggregators(self):
+        yield AggregatorSpec(name="zz_agg_prob", factory=object, input="prob")
+
+
+class ParamsNotADataclass:
+    @hookimpl
+    def ddkit_selectors(self):
+        yield SelectorSpec(name="zz_sel_nodc", factory=object, params=_NotADataclass)
+
+
+class ParamsHintsDoNotResolve:
+    @hookimpl
+    def ddkit_selectors(self):
+        yield SelectorSpec(name="zz_sel_fwd", factory=object, params=_UnresolvedHints)
+
+
 @pytest.mark.parametrize("plugin, words", [
+    (BadSpecFields(), ["aggregator 'zz_agg_prob': input must be one of instances, heatmaps, probs, got 'prob'"]),
+    (ParamsNotADataclass(), ["selector 'zz_sel_nodc': params must be a dataclass type"]),
+    (ParamsHintsDoNotResolve(), ["selector 'zz_sel_fwd': the type hints of params _UnresolvedHints do not resolve",
+                                 "NameError"]),
     (HookRaises(), ["ddkit_models raised RuntimeError: no licence file"]),
     (ReturnsOneSpec(), ["ddkit_selectors must yield SelectorSpec objects", "got a single SelectorSpec"]),
     (MisspeltHook(), ["unknown hook 'ddkit_aggregator'", "Did you mean 'ddkit_aggregators'?",
@@ -115,7 +147,7 @@ def test_a_broken_registration_hook_is_one_line_naming_the_plugin(plugin, words)
     with pytest.raises(PluginError) as err:
         registry_from_plugin_manager(pm)
     msg = str(err.value)
-    assert "\n" not in msg and f"plugin {name!r}" in msg and msg.endswith(f"DDKIT_DISABLE_PLUGINS={name}")
+    assert "\n" not in msg and f"plugin {name!r}" in msg.lower() and msg.endswith(f"DDKIT_DISABLE_PLUGINS={name}")
     for word in words:
         assert word in msg
     broken: dict[str, str] = {}
