@@ -1,7 +1,7 @@
 """ddkit: plugin-based data distillation and knowledge distillation for PyTorch."""
 from importlib.metadata import PackageNotFoundError, version
 
-from ddkit.errors import ConfigError, DataError, DDKitError, PluginClashError, UnknownStrategyError
+from ddkit.errors import ConfigError, DataError, DDKitError, PluginClashError, PluginError, UnknownStrategyError
 from ddkit.hookspecs import hookimpl
 from ddkit.plugin_manager import build, get_registry
 from ddkit.types import DatasetInfo, Instances
@@ -12,4 +12,4 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
 __all__ = ["hookimpl", "build", "get_registry", "Instances", "DatasetInfo", "DDKitError", "ConfigError",
-           "DataError", "PluginClashError", "UnknownStrategyError", "__version__"]
+           "DataError", "PluginClashError", "PluginError", "UnknownStrategyError", "__version__"]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import ddkit.commands
-from ddkit.errors import DDKitError
+from ddkit.errors import DDKitError, StageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,7 +91,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(args._run(args) or 0)
     except DDKitError as err:
         print(f"ddkit {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(err, StageError) else 2
     except BrokenPipeError:  # `ddkit plugins | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -29,6 +29,8 @@ STRATEGY_SLOTS: dict[str, str] = {
     "selector": "selectors",
     "losses": "losses",
 }
+# The plural slots hold a list of blocks (a bare name would be walked letter by letter); True: at least one.
+LIST_SLOTS: dict[str, bool] = {"transforms": False, "losses": True}
 # The sections a recipe may have; a stage adds its own here when it is written.
 TOP_LEVEL_KEYS: set[str] = {"defaults", "run", "task", "data", "teacher", "student", "label", "evaluate",
                             "bench", "fuse", "kd", "baselines", "rounds"}
@@ -179,6 +181,7 @@ def _validate_node(node: Any, registry: Registry, source: str, path: str) -> Non
             sub = f"{path}.{key}" if path else str(key)
             kind = STRATEGY_SLOTS.get(str(key))
             if kind is not None and value is not None:
+                _check_list_slot(str(key), value, kind, f"{source}: {sub}")
                 blocks = value if isinstance(value, ListConfig) else [value]
                 for i, block in enumerate(blocks):
                     where = f"{source}: {sub}[{i}]" if isinstance(value, ListConfig) else f"{source}: {sub}"
@@ -188,6 +191,23 @@ def _validate_node(node: Any, registry: Registry, source: str, path: str) -> Non
     elif isinstance(node, ListConfig):
         for i, value in enumerate(node):
             _validate_node(value, registry, source, f"{path}[{i}]")
+
+
+def _check_list_slot(key: str, value: Any, kind: str, where: str) -> None:
+    """A plural slot (``losses``, ``transforms``) holds a list of blocks, and ``losses`` at least one."""
+    if key not in LIST_SLOTS:
+        return
+    noun = kind[:-2] if kind.endswith("sses") else kind[:-1]
+    example = f"e.g. [{{name: {value}}}]" if isinstance(value, str) else "e.g. [{name: ...}]"
+    if not isinstance(value, ListConfig):
+        raise ConfigError(f"{where} must be a list of {noun} blocks, {example}; got {_to_text(value)}")
+    if LIST_SLOTS[key] and len(value) == 0:
+        raise ConfigError(f"{where} is empty: give at least one {noun} block, e.g. [{{name: hard_label}}], or "
+                          f"remove the key for the default")
+
+
+def _to_text(value: Any) -> str:
+    return repr(OmegaConf.to_container(value) if isinstance(value, DictConfig) else value)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -16,7 +16,17 @@ class UnknownStrategyError(ConfigError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class PluginClashError(DDKitError):
+class PluginError(DDKitError):
+    """An installed plugin is broken (fails to import, its hook raises, yields wrong specs): the message names the
+    plugin, its distribution and how to disable it."""
+
+
+class PluginContractError(PluginError, TypeError):
+    """A strategy returned something its kind's contract refuses (a wrong shape, dtype, range or a non-finite
+    value): the message names the strategy and what was wrong. A ``TypeError`` as well, as it was before."""
+
+
+class PluginClashError(PluginError):
     """Two plugins register the same name for one kind."""
 
 
@@ -27,3 +37,12 @@ class DataError(DDKitError, ValueError):
 class DegenerateResultError(DataError):
     """A stage finished with an outcome that must not be reported as a success (e.g. 0 pseudo-labels): the run
     stops, and its results say why."""
+
+
+DEBUG_ENV = "DDKIT_DEBUG"  # set (to anything) to get a stage's original exception and its traceback
+
+
+class StageError(DDKitError):
+    """A stage's code (often a plugin's strategy) raised an exception that is not a :class:`DDKitError`: one line
+    naming the stage, the exception and where it was raised; the original is its ``__cause__``, and with
+    ``DDKIT_DEBUG=1`` it propagates as it is, with its traceback. The CLI exits 1 (not 2: it may be a bug)."""

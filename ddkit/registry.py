@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, TypeVar
 
 from ddkit.errors import ConfigError, PluginClashError, UnknownStrategyError
-from ddkit.types import KINDS, StrategySpec
+from ddkit.types import AGGREGATOR_INPUTS, KINDS, StrategySpec
 
 T = TypeVar("T")
 _SINGULAR = {kind: kind[:-2] if kind.endswith("sses") else kind[:-1] for kind in KINDS}  # losses -> loss
@@ -53,6 +53,7 @@ class Registry:
         if not spec.name or spec.name != spec.name.strip():
             raise PluginClashError(f"Plugin {entry.plugin!r} ({entry.provider}) registered a {_SINGULAR[spec.kind]} "
                                    f"with an invalid name {spec.name!r}")
+        check_spec_fields(entry)
         key = (spec.kind, spec.name)
         if key in self._table:
             other = self._table[key]
@@ -114,6 +115,25 @@ class Registry:
         """Build the strategy a config block names. ``runtime`` kwargs (not user-facing) go to the factory."""
         entry, kwargs = self.params(kind, cfg, where)
         return entry.spec.factory(**kwargs, **runtime)
+
+
+def check_spec_fields(entry: Entry) -> None:
+    """A spec's fields, checked when it registers (not when a recipe first uses it): ``params`` a dataclass whose
+    type hints resolve at run time, an aggregator's ``input`` one of :data:`~ddkit.types.AGGREGATOR_INPUTS`."""
+    spec = entry.spec
+    who = f"Plugin {entry.plugin!r} ({entry.provider}): {_SINGULAR[spec.kind]} {spec.name!r}"
+    fix = f"; fix the plugin or disable it with DDKIT_DISABLE_PLUGINS={entry.plugin}"
+    if spec.params is not None:
+        if not (isinstance(spec.params, type) and dataclasses.is_dataclass(spec.params)):
+            raise PluginClashError(f"{who}: params must be a dataclass type, got {spec.params!r}{fix}")
+        try:
+            typing.get_type_hints(spec.params)
+        except Exception as err:  # NameError of a name imported under TYPE_CHECKING only, and the like
+            raise PluginClashError(f"{who}: the type hints of params {spec.params.__name__} do not resolve at run "
+                                   f"time ({type(err).__name__}: {err}){fix}") from None
+    inputs = getattr(spec, "input", None)
+    if inputs is not None and inputs not in AGGREGATOR_INPUTS:
+        raise PluginClashError(f"{who}: input must be one of {', '.join(AGGREGATOR_INPUTS)}, got {inputs!r}{fix}")
 
 
 def unknown_key_error(where: str, key: Any, valid: Iterable[str]) -> ConfigError:

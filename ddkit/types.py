@@ -48,6 +48,9 @@ class AggregatorSpec(StrategySpec):
     input: str = "instances"
 
 
+AGGREGATOR_INPUTS = ("instances", "heatmaps", "probs")  # what AggregatorSpec.input may say
+
+
 @dataclass(frozen=True)
 class SelectorSpec(StrategySpec):
     kind: ClassVar[str] = "selectors"

@@ -384,3 +384,59 @@ def test_classification_raw_without_labels_says_how_to_get_them_and_writes_nothi
     err = capsys.readouterr().err
     assert "no ground truth" in err and "data.split" in err and "bench.gt" not in err
     assert not (tmp_path / "run" / "bench").exists()
+
+
+# ------------------------------------------------------------------------------------------------ broken strategies
+class _BrokenPlugin:
+    """An installed plugin whose strategies fail: each failing cell becomes a row with its reason."""
+
+    class Raises:
+        def __call__(self, probs):
+            raise RuntimeError("boom from agg_raise")
+
+    class OutOfRange:
+        def __call__(self, probs):
+            return torch.full((probs.shape[1],), 99, dtype=torch.int64), torch.ones(probs.shape[1])
+
+    class NoSelect:
+        needs_labeled_stats = False
+
+        def fit(self, labeled, predictions):
+            return {}
+
+    @hookimpl
+    def ddkit_aggregators(self):
+        from ddkit.types import AggregatorSpec
+
+        yield AggregatorSpec(name="zz_agg_raise", factory=_BrokenPlugin.Raises, input="probs", summary="raises")
+        yield AggregatorSpec(name="zz_agg_oob", factory=_BrokenPlugin.OutOfRange, input="probs", summary="99")
+
+    @hookimpl
+    def ddkit_selectors(self):
+        from ddkit.types import SelectorSpec
+
+        yield SelectorSpec(name="zz_sel_noselect", factory=_BrokenPlugin.NoSelect, summary="no select()")
+
+
+def test_a_strategy_that_raises_is_a_failed_row_and_the_others_are_measured(tmp_path):
+    registry = registry_from_plugin_manager(make_plugin_manager([_BrokenPlugin()]))
+    raw = B.make_synthetic_classification(num_images=30, num_views=3, num_categories=4, seed=2)
+    result = B.run_bench(raw, aggregators={"prob_mean": None, "zz_agg_raise": None, "zz_agg_oob": None},
+                         selectors={"top_k": None, "zz_sel_noselect": None}, include_unlisted=False,
+                         registry=registry)
+    cells = {(r["aggregator"], r["selector"]): r for r in result.rows}
+    assert len(cells) == 6 and all(set(r) == set(result.rows[0]) for r in result.rows)
+    good = cells[("prob_mean", "top_k")]
+    assert good["error"] == "" and 0 < good["accuracy"] <= 1
+    assert cells[("zz_agg_raise", "top_k")]["error"] == "aggregator 'zz_agg_raise': RuntimeError: boom from agg_raise"
+    oob = cells[("zz_agg_oob", "top_k")]["error"]
+    assert oob.startswith("aggregator 'zz_agg_oob': PluginContractError:") and "labels 99..99 for 4 classes" in oob
+    assert cells[("prob_mean", "zz_sel_noselect")]["error"].startswith(
+        "selector 'zz_sel_noselect': AttributeError:")
+    assert all(r["accuracy"] != r["accuracy"] for k, r in cells.items() if k != ("prob_mean", "top_k"))  # NaN
+    assert result.sorted_rows()[0]["aggregator"] == "prob_mean" and "5 of 6 cells failed" in result.notes[-1]
+    paths = B.write_outputs(result, tmp_path, "t")
+    md = paths["markdown"].read_text()
+    assert "| error |" in md and "boom from agg_raise" in md
+    rows = json.loads(paths["json"].read_text())["rows"]
+    assert len(rows) == 6 and rows[0]["error"] == ""

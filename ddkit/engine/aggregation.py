@@ -3,8 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from ddkit.errors import ConfigError
+import torch
+from torch import Tensor
+
+from ddkit.errors import ConfigError, PluginContractError
 from ddkit.types import Instances
+
+PROBS_CONTRACT = "(labels [N] int, scores [N] finite float)"
 
 
 def build_instance_aggregator(method_cfg: Mapping[str, Any] | str, registry: Any = None,
@@ -21,8 +26,32 @@ def build_instance_aggregator(method_cfg: Mapping[str, Any] | str, registry: Any
     return registry.build("aggregators", method_cfg, where=where)
 
 
+def check_probs_output(out: Any, num_images: int, num_classes: int, who: str = "aggregator") -> tuple[Tensor, Tensor]:
+    """Validate what a ``probs`` aggregator returned for ``probs [V, N, C]``: ``(labels [N] int in [0, C), scores [N]
+    finite float)``; raise :class:`PluginContractError` naming the aggregator and what was wrong (as
+    :func:`ddkit.engine.select.check_selection` does for selectors). Returns ``(labels int64, scores float32)``."""
+    want = f"{who} must return {PROBS_CONTRACT} for {num_images} images"
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        got = f"{len(out)} values" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise PluginContractError(f"{want}, got {got}")
+    labels, scores = out
+    for what, t in (("labels", labels), ("scores", scores)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (num_images,):
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise PluginContractError(f"{want}, got {what} {shape}")
+    if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+        raise PluginContractError(f"{want}, got labels of dtype {labels.dtype}")
+    if num_images and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise PluginContractError(f"{want}, got labels {int(labels.min())}..{int(labels.max())} for {num_classes} "
+                                  f"classes (labels are column indices 0..{num_classes - 1})")
+    if not scores.is_floating_point() or not bool(torch.isfinite(scores).all()):
+        bad = "non-finite scores" if scores.is_floating_point() else f"scores of dtype {scores.dtype}"
+        raise PluginContractError(f"{want}, got {bad}")
+    return labels.long(), scores.float()
+
+
 def aggregate_images(agg: Any, views_per_image: Sequence[Sequence[Instances]],
-                     sizes: Sequence[tuple[int, int]]) -> list[Instances]:
+                     sizes: Sequence[tuple[int, int]], who: str = "aggregator") -> list[Instances]:
     """Run an instance aggregator over many images: ``agg.batch`` when it has one, else one call per image.
 
     ``views_per_image[i]`` holds image ``i``'s per-view :class:`Instances`; ``sizes[i]`` is its ``(H, W)``."""
@@ -36,5 +65,5 @@ def aggregate_images(agg: Any, views_per_image: Sequence[Sequence[Instances]],
     else:
         out = [agg(views, size) for views, size in zip(views_per_image, sizes)]
     if len(out) != len(views_per_image):
-        raise RuntimeError(f"aggregator returned {len(out)} results for {len(views_per_image)} images")
+        raise PluginContractError(f"{who} returned {len(out)} results for {len(views_per_image)} images")
     return out

@@ -237,6 +237,10 @@ def run_bench(raw: RawPredictions, gt: GroundTruth | None = None, *, aggregators
         labeled = labeled_stats_from_gt(gt, image_ids, cat_ids)
     sort_by = sort_by or raw.kind.quality_metric
     rows = bench(raw, gt, aggs, sels, labeled, registry, iou_thr, timing_repeats, progress)
+    failed = [r for r in rows if r["error"]]
+    if failed:
+        notes.append(f"{len(failed)} of {len(rows)} cells failed (their strategy raised; see the error column): "
+                     + "; ".join(dict.fromkeys(r["error"] for r in failed)))
     result = BenchResult(ptype, rows, sort_by, len(raw.images), raw.num_views, notes)
     result.sorted_rows()  # validates sort_by
     return result
@@ -268,6 +272,50 @@ def _select(selector: Any, preds: list, labeled: Any, who: str) -> tuple[list[Te
     return keeps, fitted
 
 
+def _failure(who: str, err: Exception) -> str:
+    """One line for a grid cell whose strategy raised: ``aggregator 'x': ValueError: ...``."""
+    text = str(err).strip().splitlines()
+    return f"{who}: {type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _failed_row(agg_v: Variant, sel_v: Variant, error: str) -> dict[str, Any]:
+    """The row of a cell that could not be measured: its metrics are filled in (as missing) by :func:`_fill_rows`."""
+    return {"aggregator": agg_v.label, "selector": sel_v.label, "error": error,
+            "aggregator_name": agg_v.name, "aggregator_block": json.dumps(agg_v.block),
+            "selector_name": sel_v.name, "selector_block": json.dumps(sel_v.block)}
+
+
+def _fill_rows(rows: list[dict[str, Any]], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Every row with the same keys (a measured row's, in its order): a failed cell's metrics are NaN."""
+    keys = next((list(r) for r in rows if not r.get("error")), ["aggregator", "selector", *metrics, "error"])
+    keys += [k for r in rows for k in r if k not in keys]
+    return [{k: r.get(k, "" if k == "error" else float("nan")) for k in keys} for r in rows]
+
+
+def _run_cells(aggs: list[Variant], sels: list[Variant], metrics: Sequence[str], aggregate: Any,
+               cell: Any) -> list[dict[str, Any]]:
+    """The grid: ``aggregate(agg_v) -> state`` once per aggregator variant, ``cell(agg_v, state, sel_v) -> row``
+    per selector variant. A strategy that raises makes its cells failed rows (with the one-line reason) and the
+    others are still measured, so one broken installed plugin does not lose the grid."""
+    rows = []
+    for agg_v in aggs:
+        try:
+            state = aggregate(agg_v)
+        except Exception as err:  # a plugin's code: the row says what went wrong
+            error = _failure(f"aggregator {agg_v.label!r}", err)
+            log.warning("bench: %s; its %d cells are marked failed", error, len(sels))
+            rows += [_failed_row(agg_v, sel_v, error) for sel_v in sels]
+            continue
+        for sel_v in sels:
+            try:
+                rows.append({**cell(agg_v, state, sel_v), "error": ""})
+            except Exception as err:  # likewise, for the selector
+                error = _failure(f"selector {sel_v.label!r}", err)
+                log.warning("bench: %s x %s failed: %s", agg_v.label, sel_v.label, error)
+                rows.append(_failed_row(agg_v, sel_v, error))
+    return _fill_rows(rows, metrics)
+
+
 def _bench_instances(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progress) -> list[dict[str, Any]]:
     from ddkit.engine.coco_eval import coco_evaluate
     from ddkit.engine.select import ScoredPredictions
@@ -277,10 +325,11 @@ def _bench_instances(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, p
     views = [img.views for img in raw.images]
     n = len(ids)
     gt_total = sum(len(gt.labels.get(i, ())) for i in ids)
-    rows = []
-    for agg_v in aggs:
+
+    def aggregate(agg_v: Variant) -> tuple:
         agg = registry.build("aggregators", agg_v.block, where=f"bench aggregator {agg_v.label}")
-        fused, seconds = _time_aggregation(lambda: aggregate_images(agg, views, sizes), repeats)
+        who = f"aggregator {agg_v.label!r}"
+        fused, seconds = _time_aggregation(lambda: aggregate_images(agg, views, sizes, who), repeats)
         results = [r for iid, inst in zip(ids, fused) for r in instances_to_results(iid, inst)]
         coco = coco_evaluate(gt.coco, results, image_ids=ids)
         preds = [ScoredPredictions(inst.scores.float(), inst.labels.long()) for inst in fused]
@@ -288,33 +337,38 @@ def _bench_instances(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, p
                    for i, inst in zip(ids, fused)]
         if progress:
             log.info("bench: %s AP %.3f (%.2f ms/image)", agg_v.label, coco["AP"], 1000 * seconds / n)
-        for sel_v in sels:
-            selector = registry.build("selectors", sel_v.block, where=f"bench selector {sel_v.label}")
-            keeps, fitted = _select(selector, preds, labeled, sel_v.label)
-            kept = tp = 0
-            for inst, keep, iid in zip(fused, keeps, ids):
-                kept += int(keep.sum())
-                # matching is recomputed on the kept subset: a kept box may take a ground truth that a dropped,
-                # higher-scoring box took in the full set
-                tp += int(greedy_match(inst.boxes[keep], inst.scores[keep], inst.labels[keep], gt.boxes[iid],
-                                       gt.labels[iid], iou_thr).sum())
-            rows.append({
-                "aggregator": agg_v.label, "selector": sel_v.label,
-                "AP": coco["AP"], "AP50": coco["AP50"], "AR": coco["AR@100"],
-                "precision": tp / kept if kept else float("nan"),
-                "recall": tp / gt_total if gt_total else float("nan"),
-                "inst_per_image": kept / n, "agg_inst_per_image": sum(len(f) for f in fused) / n,
-                "gt_per_image": gt_total / n, "agg_ms_per_image": 1000.0 * seconds / n,
-                "tp": tp, "kept": kept,
-                "agg_recall": int(sum(int(t.sum()) for t in tps_all)) / gt_total if gt_total else float("nan"),
-                "aggregator_name": agg_v.name, "aggregator_block": json.dumps(agg_v.block),
-                "selector_name": sel_v.name, "selector_block": json.dumps(sel_v.block),
-                "thresholds": json.dumps(fitted, default=str),
-            })
-    return rows
+        return fused, seconds, coco, preds, tps_all
+
+    def cell(agg_v: Variant, state: tuple, sel_v: Variant) -> dict[str, Any]:
+        fused, seconds, coco, preds, tps_all = state
+        selector = registry.build("selectors", sel_v.block, where=f"bench selector {sel_v.label}")
+        keeps, fitted = _select(selector, preds, labeled, f"selector {sel_v.label!r}")
+        kept = tp = 0
+        for inst, keep, iid in zip(fused, keeps, ids):
+            kept += int(keep.sum())
+            # matching is recomputed on the kept subset: a kept box may take a ground truth that a dropped,
+            # higher-scoring box took in the full set
+            tp += int(greedy_match(inst.boxes[keep], inst.scores[keep], inst.labels[keep], gt.boxes[iid],
+                                   gt.labels[iid], iou_thr).sum())
+        return {
+            "aggregator": agg_v.label, "selector": sel_v.label,
+            "AP": coco["AP"], "AP50": coco["AP50"], "AR": coco["AR@100"],
+            "precision": tp / kept if kept else float("nan"),
+            "recall": tp / gt_total if gt_total else float("nan"),
+            "inst_per_image": kept / n, "agg_inst_per_image": sum(len(f) for f in fused) / n,
+            "gt_per_image": gt_total / n, "agg_ms_per_image": 1000.0 * seconds / n,
+            "tp": tp, "kept": kept,
+            "agg_recall": int(sum(int(t.sum()) for t in tps_all)) / gt_total if gt_total else float("nan"),
+            "aggregator_name": agg_v.name, "aggregator_block": json.dumps(agg_v.block),
+            "selector_name": sel_v.name, "selector_block": json.dumps(sel_v.block),
+            "thresholds": json.dumps(fitted, default=str),
+        }
+
+    return _run_cells(aggs, sels, INSTANCES.bench_metrics, aggregate, cell)
 
 
 def _bench_probs(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progress) -> list[dict[str, Any]]:
+    from ddkit.engine.aggregation import check_probs_output
     from ddkit.engine.select import ScoredPredictions
 
     ids = [img.image_id for img in raw.images]
@@ -324,34 +378,37 @@ def _bench_probs(raw, gt, aggs, sels, labeled, registry, iou_thr, repeats, progr
                         f"same views and classes")
     probs = torch.stack([img.probs for img in raw.images], 1)  # [V, N, C]
     truth = torch.tensor([gt.class_labels[i] for i in ids], dtype=torch.int64)
-    n = len(ids)
+    n, num_classes = probs.shape[1], probs.shape[2]
     column_ids = None
     if raw.categories and len(raw.categories) == probs.shape[2]:
         column_ids = torch.tensor([int(c["id"]) for c in raw.categories], dtype=torch.int64)
-    rows = []
-    for agg_v in aggs:
+
+    def aggregate(agg_v: Variant) -> tuple:
         agg = registry.build("aggregators", agg_v.block, where=f"bench aggregator {agg_v.label}")
-        (labels, scores), seconds = _time_aggregation(lambda: agg(probs), repeats)
-        labels, scores = torch.as_tensor(labels).long().reshape(-1), torch.as_tensor(scores).float().reshape(-1)
+        out, seconds = _time_aggregation(lambda: agg(probs), repeats)
+        labels, scores = check_probs_output(out, n, num_classes, f"aggregator {agg_v.label!r}")
         if column_ids is not None:  # probs columns -> dataset category ids
             labels = column_ids[labels]
-        correct = labels == truth
         preds = [ScoredPredictions(scores[i:i + 1], labels[i:i + 1]) for i in range(n)]
-        for sel_v in sels:
-            selector = registry.build("selectors", sel_v.block, where=f"bench selector {sel_v.label}")
-            keeps, fitted = _select(selector, preds, labeled, sel_v.label)
-            keep = torch.cat(keeps)
-            k = int(keep.sum())
-            rows.append({
-                "aggregator": agg_v.label, "selector": sel_v.label,
-                "accuracy": float(correct.double().mean()),
-                "selected_accuracy": float(correct[keep].double().mean()) if k else float("nan"),
-                "coverage": k / n, "selected": k, "agg_ms_per_image": 1000.0 * seconds / n,
-                "aggregator_name": agg_v.name, "aggregator_block": json.dumps(agg_v.block),
-                "selector_name": sel_v.name, "selector_block": json.dumps(sel_v.block),
-                "thresholds": json.dumps(fitted, default=str),
-            })
-    return rows
+        return labels == truth, preds, seconds
+
+    def cell(agg_v: Variant, state: tuple, sel_v: Variant) -> dict[str, Any]:
+        correct, preds, seconds = state
+        selector = registry.build("selectors", sel_v.block, where=f"bench selector {sel_v.label}")
+        keeps, fitted = _select(selector, preds, labeled, f"selector {sel_v.label!r}")
+        keep = torch.cat(keeps)
+        k = int(keep.sum())
+        return {
+            "aggregator": agg_v.label, "selector": sel_v.label,
+            "accuracy": float(correct.double().mean()),
+            "selected_accuracy": float(correct[keep].double().mean()) if k else float("nan"),
+            "coverage": k / n, "selected": k, "agg_ms_per_image": 1000.0 * seconds / n,
+            "aggregator_name": agg_v.name, "aggregator_block": json.dumps(agg_v.block),
+            "selector_name": sel_v.name, "selector_block": json.dumps(sel_v.block),
+            "thresholds": json.dumps(fitted, default=str),
+        }
+
+    return _run_cells(aggs, sels, PROBS.bench_metrics, aggregate, cell)
 
 
 _BY_KIND = {INSTANCES.name: (_instance_categories, _bench_instances), PROBS.name: (_probs_categories, _bench_probs)}

@@ -63,13 +63,15 @@ def _fmt_cell(key: str, v: Any) -> str:
 
 
 def markdown_table(result: BenchResult) -> str:
-    """The grid as a markdown table, sorted by ``result.sort_by`` (percentages for rates, ms for time)."""
+    """The grid as a markdown table, sorted by ``result.sort_by`` (percentages for rates, ms for time); an ``error``
+    column when some cell failed."""
     metrics = result.kind.bench_metrics
-    cols = ("aggregator", "selector") + metrics
+    failed = ("error",) if any(r.get("error") for r in result.rows) else ()
+    cols = ("aggregator", "selector") + metrics + failed
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("aggregator", "selector") else "---:"
                                                              for c in cols) + "|"]
     for row in result.sorted_rows():
-        lines.append("| " + " | ".join(_fmt_cell(c, row.get(c)) for c in cols) + " |")
+        lines.append("| " + " | ".join(_fmt_cell(c, row.get(c)).replace("|", "/") for c in cols) + " |")
     return "\n".join(lines)
 
 

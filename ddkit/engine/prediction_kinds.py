@@ -43,8 +43,9 @@ class PredictionKind:
         raise NotImplementedError
 
     def aggregate(self, aggregator: Any, per_view: Sequence[Any], sizes: Sequence[tuple[int, int]],
-                  category_ids: Sequence[int]) -> Any:
-        """Ensemble ``per_view`` (one :meth:`inverse` result per view) into one prediction per image."""
+                  category_ids: Sequence[int], who: str = "aggregator") -> Any:
+        """Ensemble ``per_view`` (one :meth:`inverse` result per view) into one prediction per image; what the
+        aggregator returns is checked against its contract (an error names it as ``who``)."""
         raise NotImplementedError
 
     def pack_ensemble(self, preds: Sequence[Any], num_keypoints: int | None = None) -> dict[str, Tensor]:
@@ -97,8 +98,12 @@ class ProbsKind(PredictionKind):
     def inverse(self, view: Any, preds: Sequence[Any], sizes: Sequence[tuple[int, int]]) -> Any:
         return torch.stack([view.inverse_probs(p.detach().float()) for p in preds]).cpu()  # [B, C]
 
-    def aggregate(self, aggregator: Any, per_view: Sequence[Any], sizes: Any, category_ids: Sequence[int]) -> list[Any]:
-        labels, scores = aggregator(torch.stack(list(per_view)))  # [V, B, C] -> [B], [B]
+    def aggregate(self, aggregator: Any, per_view: Sequence[Any], sizes: Any, category_ids: Sequence[int],
+                  who: str = "aggregator") -> list[Any]:
+        from ddkit.engine.aggregation import check_probs_output
+
+        probs = torch.stack(list(per_view))  # [V, B, C] -> [B], [B]
+        labels, scores = check_probs_output(aggregator(probs), probs.shape[1], probs.shape[2], who)
         ids = torch.as_tensor(list(category_ids), dtype=torch.int64)
         labels, scores = ids[labels.long().cpu()], scores.float().cpu()
         return [(labels[j:j + 1], scores[j:j + 1]) for j in range(len(labels))]
@@ -150,10 +155,11 @@ class InstancesKind(PredictionKind):
     def inverse(self, view: Any, preds: Sequence[Any], sizes: Sequence[tuple[int, int]]) -> Any:
         return [view.inverse_instances(p, sizes[b]).to("cpu") for b, p in enumerate(preds)]
 
-    def aggregate(self, aggregator: Any, per_view: Sequence[Any], sizes: Any, category_ids: Sequence[int]) -> list[Any]:
+    def aggregate(self, aggregator: Any, per_view: Sequence[Any], sizes: Any, category_ids: Sequence[int],
+                  who: str = "aggregator") -> list[Any]:
         from ddkit.engine.aggregation import aggregate_images
 
-        return aggregate_images(aggregator, [[v[b] for v in per_view] for b in range(len(sizes))], sizes)
+        return aggregate_images(aggregator, [[v[b] for v in per_view] for b in range(len(sizes))], sizes, who)
 
     def pack_ensemble(self, preds: Sequence[Any], num_keypoints: int | None = None) -> dict[str, Tensor]:
         return pack_instances(preds, num_keypoints)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -43,12 +44,14 @@ from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data, l
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
+from ddkit.engine.losses import check_term_contract
+from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.teacher_cache import dataset_fingerprint
 from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
 from ddkit.engine.train_config import HARMLESS_KEYS
-from ddkit.errors import ConfigError, DegenerateResultError
+from ddkit.errors import DEBUG_ENV, ConfigError, DDKitError, DegenerateResultError, StageError
 from ddkit.io import atomic_write_json, atomic_write_text
 from ddkit.registry import Registry, _to_plain
 from ddkit.runtime import dist_info
@@ -204,7 +207,24 @@ class Runner:
                     models[where] = self.task.build_model(model_cfg, self.splits.info)
                 except ConfigError as err:
                     raise ConfigError(f"{self.source}: {where}: {err}") from None
+                self._check_outputs(where, models[where])
         return models
+
+    def _check_outputs(self, where: str, model: Any) -> None:
+        """For one label per image (probs, where a forward costs milliseconds): a dry forward of one labeled image
+        must give one score per class, so a head of the wrong size fails now, not after teacher, label and select."""
+        if prediction_kind(self.task) is not PROBS or not len(self.splits.labeled):
+            return
+        num_classes = len(self.splits.info.categories)
+        image = self.splits.labeled[0][0]
+        try:
+            out = self.task.predict(model, [image])[0]
+        except Exception as err:  # the model's own forward: named, in one line
+            raise ConfigError(f"{self.source}: {where}: a forward pass on one {tuple(image.shape)} image failed: "
+                              f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+        if tuple(out.shape) != (num_classes,):
+            raise ConfigError(f"{self.source}: {where}: the model gives {tuple(out.shape)} outputs per image, but the "
+                              f"data has {num_classes} classes; its head must have info.num_classes outputs")
 
     def _check_loss_terms(self, models: Mapping[str, Any]) -> None:
         """Each student's loss terms asked (through their own ``check_models``, any plugin's) whether they work with
@@ -223,15 +243,23 @@ class Runner:
                 self._check_term(f"{where}[{i}]", block, student, teacher)
 
     def _check_term(self, where: str, block: Any, student: Any, teacher: Any) -> None:
+        entry, _ = self.registry.params("losses", block, where=f"{self.source}: {where}")
         term = self.registry.build("losses", block, where=f"{self.source}: {where}")
         check = getattr(term, "check_models", None)
         try:
+            check_term_contract(term, f"{self.source}: {where}: loss {entry.spec.name!r} ({entry.provider})",
+                                self.task.name, self._losses_for_task())
             if check is not None and student is not None:
                 check(student, teacher)
         except ConfigError as err:
             raise ConfigError(f"{self.source}: {where}: {err}") from None
         finally:
             getattr(term, "close", lambda: None)()
+
+    def _losses_for_task(self) -> list[str]:
+        """The registered losses whose declared ``tasks`` (asked of each factory) include this recipe's task."""
+        return [e.spec.name for e in self.registry.entries("losses")
+                if self.task.name in (getattr(e.spec.factory, "tasks", None) or (self.task.name,))]
 
     def _check_ddp_batches(self) -> None:
         """Under torchrun every training stage splits its batch over the ranks: a batch size that the number of
@@ -354,6 +382,12 @@ class Runner:
                 if self.is_main:
                     self._write_results(f"stage {stage.name}: {err}")
                 raise
+            except (DDKitError, OSError):  # one line already (a full disk: the CLI's own message)
+                raise
+            except Exception as err:  # a strategy's own code, often a plugin's: which stage, and where
+                if os.environ.get(DEBUG_ENV):
+                    raise
+                raise StageError(stage_failure(stage.name, err)) from err
         if self.is_main:
             result["seconds"] = round(time.perf_counter() - t0, 2)
             atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
@@ -682,6 +716,18 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
     for stage, gain in (summary.get("kd_ap_gain") or {}).items():
         lines.append(f"\n{stage}: {gain:+.2f} AP over the student alone")
     return stopped + "\n".join(lines)
+
+
+def stage_failure(stage: str, err: BaseException) -> str:
+    """``stage student: RuntimeError: boom (raised at plugin.py:12 in compute); DDKIT_DEBUG=1 shows the
+    traceback``: the exception's first line and its innermost frame, which is the plugin's code when it raised."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    at = f" (raised at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    lines = str(err).strip().splitlines()
+    return (f"stage {stage}: {type(err).__name__}: {lines[0] if lines else ''}{at}; {DEBUG_ENV}=1 shows the "
+            f"traceback")
 
 
 def run_recipe(cfg: DictConfig, source: str = "recipe", force: Sequence[str] = (), progress: bool | None = None,

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddkit.errors import PluginContractError
+
 KEEP_NOTHING = math.inf
 KEEP_ALL = -math.inf
 
@@ -361,15 +363,16 @@ class SelectionCounter:
 
 
 def check_selection(pred: ScoredPredictions, sel: Any, who: str = "selector") -> Selection:
-    """Validate what a selector returned (shapes and dtypes); raise ``TypeError`` naming the selector."""
+    """Validate what a selector returned (shapes and dtypes); raise :class:`PluginContractError` (a ``TypeError``)
+    naming the selector."""
     if not isinstance(sel, Selection):
-        raise TypeError(f"{who}.select must return ddkit.engine.select.Selection, got {type(sel).__name__}")
+        raise PluginContractError(f"{who}.select must return ddkit.engine.select.Selection, got {type(sel).__name__}")
     if sel.keep.dtype != torch.bool or sel.keep.shape != pred.scores.shape:
-        raise TypeError(f"{who}.select: keep must be bool [{len(pred)}], got {sel.keep.dtype} "
+        raise PluginContractError(f"{who}.select: keep must be bool [{len(pred)}], got {sel.keep.dtype} "
                         f"{tuple(sel.keep.shape)}")
     if sel.keypoints is not None:
         want = None if pred.keypoint_scores is None else tuple(pred.keypoint_scores.shape)
         if sel.keypoints.dtype != torch.bool or tuple(sel.keypoints.shape) != want:
-            raise TypeError(f"{who}.select: keypoints must be bool {want}, got {sel.keypoints.dtype} "
+            raise PluginContractError(f"{who}.select: keypoints must be bool {want}, got {sel.keypoints.dtype} "
                             f"{tuple(sel.keypoints.shape)}")
     return sel

@@ -151,7 +151,7 @@ class TeacherOutputs:
                  device: torch.device) -> torch.Tensor | None:
         if self.teacher is None:
             return None
-        kinds = {self.terms[i].teacher_outputs for i in active}
+        kinds = {getattr(self.terms[i], "teacher_outputs", "none") for i in active}  # optional, as in _needs_teacher
         need_logits = "logits" in kinds
         logits = None
         if "features" in kinds or (need_logits and self.cache is None):

@@ -26,7 +26,7 @@ from ddkit.engine.amp import Amp
 from ddkit.engine.augment import Augment, mix_seed
 from ddkit.engine.ddp import DDP
 from ddkit.engine.hooks import HookBase, _float, diverged
-from ddkit.engine.losses import LossContext
+from ddkit.engine.losses import LossContext, check_loss_value
 from ddkit.engine.task import Task, TrainOutputs, unwrap_model
 from ddkit.engine.teacher_cache import TeacherOutputs
 from ddkit.engine.train_config import TrainConfig
@@ -156,7 +156,7 @@ class Trainer:
         values: dict[str, torch.Tensor] = {}
         loss = None
         for i in active:
-            value = terms[i].compute(ctx)
+            value = check_loss_value(terms[i].compute(ctx), f"loss {names[i]!r}")
             values[names[i]] = value
             weighted = terms[i].weight * value
             loss = weighted if loss is None else loss + weighted

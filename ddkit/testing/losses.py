@@ -10,12 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ddkit.engine.losses import LossContext, SetupContext
+from ddkit.engine.losses import TEACHER_OUTPUTS, LossContext, SetupContext
 from ddkit.engine.task import Task
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo
-
-TEACHER_OUTPUTS = ("none", "logits", "features", "model")
 
 
 def toy_classification(num_classes: int = 3) -> tuple[Task, nn.Module, nn.Module, dict[str, Any]]:

@@ -24,6 +24,9 @@ def info_for_task(task: str, num_classes: int = 3, num_keypoints: int = 5, image
     return DatasetInfo(cats)
 
 
+CONTRACT_CLASSES = 5
+
+
 def check_model(entry: Entry, block: dict[str, Any] | None = None, registry: Any = None) -> torch.nn.Module:
     """Build ``entry`` through its task and run one forward pass (eval mode) on a small input."""
     from ddkit.plugin_manager import get_registry
@@ -31,7 +34,9 @@ def check_model(entry: Entry, block: dict[str, Any] | None = None, registry: Any
     registry = registry or get_registry()
     spec = entry.spec
     task = registry.build("tasks", {"name": spec.task})
-    info = info_for_task(spec.task, image_shape=(3, 32, 32) if spec.name == "timm" else (1, 16, 16))
+    # 5 classes, not the 3 of info_for_task's default: a head hard-coded to some count fails here
+    info = info_for_task(spec.task, num_classes=CONTRACT_CLASSES,
+                         image_shape=(3, 32, 32) if spec.name == "timm" else (1, 16, 16))
     model = task.build_model({"name": spec.name, **(block or {})}, info)
     assert isinstance(model, torch.nn.Module)
     assert any(p.requires_grad for p in model.parameters()), f"model {spec.name!r} has no trainable parameters"

@@ -175,7 +175,11 @@ def _build_aggregator(block: dict[str, Any], takes: str, registry: Any, where: s
         extra = " (heatmap aggregators go under label.keypoints.aggregator)" if entry.spec.input == "heatmaps" else ""
         raise ConfigError(f"{where}: {entry.spec.name!r} ensembles {entry.spec.input}, but the task "
                           f"{task.name!r} predicts {takes}{extra}; use one of: {', '.join(fits)}")
-    return registry.build("aggregators", block, where=where)
+    aggregator = registry.build("aggregators", block, where=where)
+    if not callable(aggregator):
+        raise ConfigError(f"{where}: {entry.spec.name!r} ({entry.provider}) built a {type(aggregator).__name__}, "
+                          f"which is not callable: an aggregator is called with the views' predictions")
+    return aggregator
 
 
 def selector_factory(block: dict[str, Any], registry: Any, where: str) -> Callable[[], Any]:

@@ -173,7 +173,7 @@ class Labeller:
             back = [self.kind.inverse(self._view(i), p, sizes) for i, p in enumerate(preds)]
         with self.timer("aggregate"):
             ens = self.kind.aggregate(self.s.aggregator, [back[i] for i in self.ens_slots], sizes,
-                                      self.category_ids)
+                                      self.category_ids, f"aggregator {self.s.aggregator_block['name']!r}")
         if self.s.keypoint_aggregator is not None:
             ens = self._keypoints(view_images, ens, sizes)
         elif self.keypoints:
