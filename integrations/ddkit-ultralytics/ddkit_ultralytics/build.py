@@ -95,7 +95,8 @@ def _net(d: dict[str, Any], info: DatasetInfo) -> nn.Module:
     from ultralytics.nn.tasks import DetectionModel, PoseModel
 
     nc = info.num_classes
-    if d.get("kpt_shape"):
+    task = "pose" if d.get("kpt_shape") else "detect"
+    if task == "pose":
         if not info.num_keypoints:
             raise ConfigError(f"model.cfg {d.get('yaml_file')!r} is a pose model, but the dataset has no keypoints; "
                               "use a detection cfg (e.g. yolov8n.yaml)")
@@ -104,7 +105,7 @@ def _net(d: dict[str, Any], info: DatasetInfo) -> nn.Module:
     else:
         net = DetectionModel(d, ch=3, nc=nc, verbose=False)
     net.names = {i: str(c.get("name", c["id"])) for i, c in enumerate(info.categories)}
-    net.args = get_cfg()
+    net.args = get_cfg(overrides={"task": task})  # Ultralytics reads the task of a loaded .pt from its args
     if info.keypoint_sigmas and d.get("kpt_shape"):
         net.kpt_oks_sigmas = torch.tensor(info.keypoint_sigmas, dtype=torch.float32)
     return net

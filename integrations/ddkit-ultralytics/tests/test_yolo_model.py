@@ -144,6 +144,22 @@ def test_export_loads_in_ultralytics_with_the_same_outputs(coco8, tmp_path):
         assert torch.allclose(model.net(x)[0], yolo.model(x)[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("cfg", ["yolov8n-pose.yaml", "yolo26n-pose.yaml"])
+def test_exported_pose_model_is_a_pose_model_in_ultralytics(cfg, coco8_pose, tmp_path):
+    """Ultralytics reads a checkpoint's task from its args: a pose export must say 'pose', or it predicts no
+    keypoints and validates with detection metrics."""
+    from ultralytics import YOLO
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", "keypoints")
+    model = task.build_model({**TINY_POSE, "cfg": cfg}, coco8_pose.info).eval()
+    yolo = YOLO(str(export_ultralytics(model, tmp_path / "pose.pt")))
+    assert yolo.task == "pose"
+    result = yolo.predict(torch.rand(1, 3, 64, 64), imgsz=64, conf=0.0, verbose=False)[0]
+    assert result.keypoints is not None and tuple(result.keypoints.data.shape[1:]) == (17, 3)
+
+
 @pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo26n.yaml", "yolo26n-pose.yaml"])
 def test_other_families_train_and_predict(cfg, coco8, coco8_pose):
     """Any Ultralytics yaml: YOLO11, and YOLO26 with its end-to-end losses (pose too)."""
