@@ -30,7 +30,8 @@ LOSS_GAINS = ("box", "cls", "dfl", "pose", "kobj")
 
 @dataclass
 class YoloParams:
-    """``cfg``: any Ultralytics model yaml (``yolov8n.yaml``, ``yolo11s-pose.yaml``, ``yolo26n.yaml`` or a path);
+    """``cfg``: an Ultralytics model yaml with a Detect or Pose head (``yolov8n.yaml``, ``yolo11s-pose.yaml``,
+    ``yolo26n.yaml`` or a path);
     ``imgsz``: training canvas and evaluation size; ``width``/``depth``/``max_channels``: override the scale's
     multipliers (tiny test models); ``pretrained``: ``true`` (Ultralytics' weights for the cfg) or a file;
     ``trust_checkpoint``: allow unpickling an Ultralytics ``.pt``; ``conf``/``iou``/``max_det``/``multi_label``:
@@ -90,12 +91,28 @@ def _model_dict(cfg: str, width: float | None, depth: float | None, max_channels
     return d
 
 
+def _head_task(d: dict[str, Any]) -> str:
+    """``'detect'`` or ``'pose'`` from the exact class of the cfg's output module (Segment, OBB, YOLOE and World
+    heads subclass Detect in Ultralytics but predict other things: refused, as are Classify and others)."""
+    from ultralytics.nn import modules, tasks
+
+    name = str(d["head"][-1][2])
+    head = getattr(tasks, name, None)
+    kinds = {"detect": ("Detect", "v10Detect"), "pose": ("Pose", "Pose26")}
+    for task, names in kinds.items():
+        if head is not None and any(head is getattr(modules, n, None) for n in names):
+            return task
+    raise ConfigError(f"model.cfg {d.get('yaml_file')!r}: its head is {name}; the yolo model takes Detect heads "
+                      "(task detection, e.g. yolov8n.yaml) and Pose heads (task keypoints, e.g. yolov8n-pose.yaml) "
+                      "only, not -seg, -obb, -cls or other heads")
+
+
 def _net(d: dict[str, Any], info: DatasetInfo) -> nn.Module:
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel, PoseModel
 
     nc = info.num_classes
-    task = "pose" if d.get("kpt_shape") else "detect"
+    task = _head_task(d)
     if task == "pose":
         if not info.num_keypoints:
             raise ConfigError(f"model.cfg {d.get('yaml_file')!r} is a pose model, but the dataset has no keypoints; "

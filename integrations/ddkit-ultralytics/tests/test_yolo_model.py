@@ -47,6 +47,18 @@ def test_bad_blocks_are_one_line_config_errors(coco8):
         task.build_model(TINY_POSE, coco8.info)
 
 
+@pytest.mark.parametrize("cfg, head", [("yolov8n-seg.yaml", "Segment"), ("yolov8n-obb.yaml", "OBB"),
+                                       ("yolov8n-cls.yaml", "Classify"), ("yolo26n-seg.yaml", "Segment26"),
+                                       ("yolov8s-worldv2.yaml", "WorldDetect")])
+def test_heads_other_than_detect_and_pose_are_refused_at_build(cfg, head, coco8):
+    """-seg crashed at evaluation after training, -cls with a traceback, -obb trained silently: refused at build
+    (``ddkit run`` builds every model before the first stage), naming the head and what is supported."""
+    task = ddkit.build("tasks", {"name": "detection"})
+    with pytest.raises(ConfigError, match=f"its head is {head}; the yolo model takes Detect heads") as err:
+        task.build_model({**TINY, "cfg": cfg}, coco8.info)
+    assert "\n" not in str(err.value) and cfg in str(err.value)
+
+
 def test_training_losses_are_ultralytics_and_decrease(coco8):
     task = ddkit.build("tasks", {"name": "detection"})
     torch.manual_seed(0)
@@ -160,9 +172,10 @@ def test_exported_pose_model_is_a_pose_model_in_ultralytics(cfg, coco8_pose, tmp
     assert result.keypoints is not None and tuple(result.keypoints.data.shape[1:]) == (17, 3)
 
 
-@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo26n.yaml", "yolo26n-pose.yaml"])
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolov10n.yaml", "yolo26n.yaml", "yolo26n-pose.yaml"])
 def test_other_families_train_and_predict(cfg, coco8, coco8_pose):
-    """Any Ultralytics yaml: YOLO11, and YOLO26 with its end-to-end losses (pose too)."""
+    """Any Ultralytics yaml with a Detect or Pose head: YOLO11, YOLOv10 (v10Detect), and YOLO26 with its
+    end-to-end losses (pose too)."""
     pose = "pose" in cfg
     data = coco8_pose if pose else coco8
     task = ddkit.build("tasks", "keypoints" if pose else "detection")
