@@ -13,6 +13,7 @@ Weights:
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,9 +78,14 @@ class YoloParams:
 def _model_dict(cfg: str, width: float | None, depth: float | None, max_channels: int | None) -> dict[str, Any]:
     from ultralytics.nn.tasks import yaml_model_load
 
+    if Path(cfg).suffix == ".pt":
+        yaml = Path(cfg).with_suffix(".yaml").name
+        raise ConfigError(f"model.cfg: {cfg!r} is a weights file, cfg takes a model yaml: set cfg: {yaml} with "
+                          f"pretrained: true (Ultralytics' {Path(cfg).name}), or pretrained: <your .pt> with "
+                          "trust_checkpoint: true")
     try:
         d = yaml_model_load(cfg)
-    except (FileNotFoundError, OSError) as err:
+    except (FileNotFoundError, OSError, AssertionError) as err:  # AssertionError: Ultralytics' suffix check
         raise ConfigError(f"model.cfg: {cfg!r} is not an Ultralytics model yaml ({str(err).splitlines()[0]}); "
                           "try yolov8n.yaml, yolo11n.yaml, yolo26n.yaml or their -pose variants") from None
     if width is not None or depth is not None or max_channels is not None:
@@ -151,7 +157,8 @@ def weights_file(cfg: str, pretrained: Any) -> Path:
     if isinstance(pretrained, str):
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.pretrained: {path} is not a file")
+            raise ConfigError(f"model.pretrained: {path} is not a file (pretrained: true takes Ultralytics' weights "
+                              f"named after the cfg, {Path(cfg).stem}.pt)")
         return path
     from ultralytics.utils import SETTINGS
 
@@ -175,24 +182,58 @@ def _offline() -> bool:
     return not ONLINE
 
 
+def _short(text: str, limit: int = 100) -> str:
+    """``text`` on one line, cut at a word boundary with an ellipsis when longer than ``limit``."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _why_unloadable(err: Exception) -> tuple[bool, str]:
+    """``(holds Python objects, detail)`` for a ``torch.load(weights_only=True)`` failure: a pickle naming a class
+    (an Ultralytics .pt) or a file torch cannot read at all (corrupt, truncated, another format)."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return True, found.group(1)
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return False, _short(found.group(1) if found else f"{type(err).__name__}: {text}")
+
+
+def _unreadable(path: Path, detail: str) -> DataError:
+    return DataError(f"model.pretrained: {path} cannot be read as a torch file ({detail}): it is corrupt, truncated "
+                     "or not a checkpoint; copy or download it again")
+
+
+def _trusted_module(path: Path) -> nn.Module:
+    """The ``ema`` or ``model`` module of a pickled Ultralytics checkpoint (runs the file's code)."""
+    from ultralytics.nn.tasks import torch_safe_load
+
+    try:
+        ckpt, _ = torch_safe_load(str(path))
+    except Exception as err:  # noqa: BLE001 - any failure of a damaged file: one line, not a traceback
+        raise _unreadable(path, _short(f"{type(err).__name__}: {err}")) from None
+    module = None
+    if isinstance(ckpt, dict):
+        module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+    if not isinstance(module, nn.Module):
+        raise DataError(f"{path}: an Ultralytics checkpoint needs a 'model' or 'ema' module") from None
+    return module
+
+
 def read_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
     """Tensors of a state dict / ddkit checkpoint (weights only) or, with ``trust_checkpoint``, of a pickled
     Ultralytics checkpoint (its ``ema`` or ``model``)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code in it: only when the user trusts the file
+        pickled, detail = _why_unloadable(err)
+        if not pickled:
+            raise _unreadable(path, detail) from None
         if not trust_checkpoint:
-            raise ConfigError(f"model.pretrained: {path} is a pickled checkpoint (an Ultralytics .pt runs code when "
-                              "loaded); set model.trust_checkpoint: true if you trust it, or give a state dict "
-                              f"({str(err).splitlines()[0][:80]})") from None
-        from ultralytics.nn.tasks import torch_safe_load
-
-        ckpt, _ = torch_safe_load(str(path))
-        module = None
-        if isinstance(ckpt, dict):
-            module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
-        if not isinstance(module, nn.Module):
-            raise DataError(f"{path}: an Ultralytics checkpoint needs a 'model' or 'ema' module") from None
+            raise ConfigError(f"model.pretrained: {path} is a pickled checkpoint holding Python objects ({detail}), "
+                              "and an Ultralytics .pt runs code when loaded; set model.trust_checkpoint: true if you "
+                              "trust it, or give a state dict") from None
+        module = _trusted_module(path)
         return {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

@@ -141,6 +141,34 @@ def test_pretrained_true_is_offline_one_line_error_then_found_in_the_weights_dir
     assert torch.equal(plain.net.model[0].conv.weight, source.net.model[0].conv.weight)
 
 
+def test_weights_file_as_cfg_and_corrupt_weights_are_one_line_diagnoses(coco8, tmp_path, monkeypatch):
+    """``cfg: yolov8n.pt`` (what ``YOLO('yolov8n.pt')`` users write) says what to write instead; a damaged file is
+    called damaged (not "a pickled checkpoint"), with or without trust, and never a traceback."""
+    import random
+
+    from ddkit.errors import DataError
+    from ddkit_ultralytics.export import export_ultralytics
+
+    monkeypatch.chdir(tmp_path)
+    task = ddkit.build("tasks", {"name": "detection"})
+    with pytest.raises(ConfigError, match=r"set cfg: yolov8n.yaml with pretrained: true") as err:
+        task.build_model({**TINY, "cfg": "yolov8n.pt"}, coco8.info)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"yolov8n.pt is not a file \(pretrained: true takes Ultralytics' weights"):
+        task.build_model({**TINY, "pretrained": "yolov8n.pt"}, coco8.info)
+    good = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "good.pt")
+    (tmp_path / "random.pt").write_bytes(random.Random(0).randbytes(5000))
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:20000])
+    for name in ("random.pt", "cut.pt"):
+        for trust in (False, True):
+            with pytest.raises(DataError, match="cannot be read as a torch file .*: it is corrupt, truncated") as err:
+                task.build_model({**TINY, "pretrained": str(tmp_path / name), "trust_checkpoint": trust}, coco8.info)
+            assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"holding Python objects \(ultralytics.nn.tasks.DetectionModel\)") as err:
+        task.build_model({**TINY, "pretrained": str(good)}, coco8.info)
+    assert str(err.value).endswith("or give a state dict")
+
+
 def test_export_loads_in_ultralytics_with_the_same_outputs(coco8, tmp_path):
     from ultralytics import YOLO
 
