@@ -106,18 +106,33 @@ def _unreadable(path: Path, err: Exception) -> str:
     return f"it cannot be read ({type(err).__name__})"
 
 
+def _explained(path: Path, registry: Any = None) -> str | None:
+    """A model plugin's line on how it loads ``path`` (its ``ModelSpec.explain_file``), e.g. another library's
+    checkpoint; the first that recognises the file."""
+    from ddkit.plugin_manager import get_registry
+
+    for entry in (registry or get_registry()).entries("models"):
+        explain = getattr(entry.spec, "explain_file", None)
+        line = explain(path) if explain is not None else None
+        if line:
+            return line
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    fresh_hint: str | None = None) -> dict[str, Any]:
+                    fresh_hint: str | None = None, registry: Any = None) -> dict[str, Any]:
     """Load a ddkit file with ``weights_only=True``; raise :class:`DataError` naming the file if it is not one.
 
-    ``fresh_hint``: what to do instead (default: which files to pass), e.g. for a run's own checkpoint.
+    ``fresh_hint``: what to do instead (default: a model plugin's way to load the file, else which files to pass),
+    e.g. for a run's own checkpoint. ``registry``: whose model plugins are asked (default: the installed ones).
     """
     path = resolve_checkpoint(path)
-    hint = fresh_hint or PASS_INSTEAD
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
+        hint = fresh_hint or _explained(path, registry) or PASS_INSTEAD
         raise DataError(f"{path}: cannot load: {_unreadable(path, err)}; {hint}") from None
+    hint = fresh_hint or PASS_INSTEAD
     if not isinstance(record, dict) or record.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise DataError(f"{path}: not a ddkit checkpoint (no 'format' key of {MODEL_FORMAT} or {CHECKPOINT_FORMAT}); "
                         f"{hint}")
@@ -136,7 +151,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     from ddkit.plugin_manager import get_registry
 
     registry = registry or get_registry()
-    record = load_checkpoint(path)
+    record = load_checkpoint(path, registry=registry)
     task = registry.build("tasks", record["task"], where=f"{path}: task")
     info = info_from_dict(record["info"])
     model_cfg = dict(record["model_cfg"])
