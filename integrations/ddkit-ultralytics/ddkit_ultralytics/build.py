@@ -13,8 +13,10 @@ Weights:
 from __future__ import annotations
 
 import os
+import pickletools
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,6 +225,11 @@ def _trusted_module(path: Path) -> nn.Module:
 def read_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
     """Tensors of a state dict / ddkit checkpoint (weights only) or, with ``trust_checkpoint``, of a pickled
     Ultralytics checkpoint (its ``ema`` or ``model``)."""
+    return read_weights(path, trust_checkpoint)[0]
+
+
+def read_weights(path: Path, trust_checkpoint: bool) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """:func:`read_state_dict` and the class names an Ultralytics checkpoint holds (``None`` for a state dict)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code in it: only when the user trusts the file
@@ -234,19 +241,47 @@ def read_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tenso
                               "and an Ultralytics .pt runs code when loaded; set model.trust_checkpoint: true if you "
                               "trust it, or give a state dict") from None
         module = _trusted_module(path)
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+        names = getattr(module, "names", None)
+        names = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else None
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}, names
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DataError(f"{path}: not a state dict of tensors")
-    return obj
+    return obj, None
+
+
+def _pickle_strings(path: Path) -> list[str]:
+    """The strings of a torch zip file's pickle, read opcode by opcode (``pickletools``: nothing is executed)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            data = archive.read(name) if name else b""
+        return [arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return []
+
+
+def explain_file(path: Any) -> str | None:
+    """For an Ultralytics checkpoint (e.g. ``runs/detect/train/weights/best.pt``, found without unpickling it):
+    the yolo model block that loads it as weights; ``None`` for any other file."""
+    strings = _pickle_strings(Path(path))
+    model = next((s.split()[-1] for s in strings if s.startswith("ultralytics.nn.tasks ")), None)
+    if model is None and "ultralytics.nn.tasks" in strings:  # pickle protocol 4: module and name apart
+        model = strings[strings.index("ultralytics.nn.tasks") + 1]
+    if model is None:
+        return None
+    at = strings.index("yaml_file") + 1 if "yaml_file" in strings else len(strings)
+    yaml = strings[at] if at < len(strings) else "<its model yaml>"
+    return (f"it is an Ultralytics checkpoint ({model}): use it as a yolo model's weights, e.g. teacher.model: "
+            f"{{name: yolo, cfg: {yaml}, pretrained: {path}, trust_checkpoint: true}} (trained further from them)")
 
 
 def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
     """Copy the tensors of ``path`` whose names (with or without ``net.``/``model.`` prefixes) and shapes match."""
-    state = read_state_dict(path, trust_checkpoint)
+    state, names = read_weights(path, trust_checkpoint)
     own = net.state_dict()
     loaded, skipped = {}, []
     for key, value in state.items():
@@ -264,3 +299,16 @@ def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
         warnings.warn(f"{path}: skipped {len(skipped)} tensors of another shape (e.g. the class head): "
                       f"{skipped[:3]}", stacklevel=2)
     net.load_state_dict(loaded, strict=False)
+    _warn_other_names(path, names, [net.names[i] for i in sorted(net.names)])
+
+
+def _warn_other_names(path: Path, theirs: list[str] | None, ours: list[str]) -> None:
+    """One warning when the checkpoint predicts as many classes as the dataset but names them otherwise: its class
+    head was loaded by index (class i of the file became the dataset's class i)."""
+    if theirs is None or len(theirs) != len(ours) or theirs == ours:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    n = sum(a != b for a, b in zip(theirs, ours))
+    warnings.warn(f"{path}: {n} of its {len(ours)} class names differ from the dataset's (class {i} is {theirs[i]!r} "
+                  f"there, {ours[i]!r} here); its class head was loaded by index, so check the dataset's class order",
+                  stacklevel=3)

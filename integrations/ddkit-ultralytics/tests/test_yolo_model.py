@@ -169,6 +169,48 @@ def test_weights_file_as_cfg_and_corrupt_weights_are_one_line_diagnoses(coco8, t
     assert str(err.value).endswith("or give a state dict")
 
 
+def test_ultralytics_pt_as_a_ddkit_checkpoint_is_refused_with_the_block_that_loads_it(coco8, tmp_path):
+    """An Ultralytics .pt (e.g. runs/detect/train/weights/best.pt) given where a ddkit checkpoint goes: the refusal
+    names the yolo model block that loads it (found without unpickling the file), and that block works."""
+    import re
+
+    from ddkit.engine.checkpoint import load_model
+    from ddkit.errors import DataError
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
+    with pytest.raises(DataError, match=r"Ultralytics checkpoint \(DetectionModel\)") as err:
+        load_model(path)
+    block = re.search(r"teacher.model: \{name: yolo, cfg: (\S+), pretrained: (\S+), trust_checkpoint: true\}",
+                      str(err.value))
+    assert block and block.groups() == ("yolov8n.yaml", str(path)) and "\n" not in str(err.value)
+    model = task.build_model({**TINY, "cfg": block[1], "pretrained": block[2], "trust_checkpoint": True}, coco8.info)
+    reference = torch.load(path, weights_only=False)["model"].model[0].conv.weight
+    assert torch.equal(model.net.model[0].conv.weight, reference)
+
+
+def test_class_names_of_an_ultralytics_pt_are_compared_with_the_dataset(coco8, tmp_path):
+    """Same number of classes, other names or order: one warning that the class head was loaded by index."""
+    import dataclasses
+    import warnings
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
+    block = {**TINY, "pretrained": str(path), "trust_checkpoint": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.build_model(block, coco8.info)  # the same names: silent
+    cats = coco8.info.categories
+    reversed_names = [{**c, "name": d["name"]} for c, d in zip(cats, reversed(cats))]
+    info = dataclasses.replace(coco8.info, categories=reversed_names)
+    with pytest.warns(UserWarning, match=r"80 of its 80 class names differ from the dataset's \(class 0 is "
+                                         r"'person' there, 'toothbrush' here\); its class head was loaded by index"):
+        task.build_model(block, info)
+
+
 def test_export_loads_in_ultralytics_with_the_same_outputs(coco8, tmp_path):
     from ultralytics import YOLO
 
