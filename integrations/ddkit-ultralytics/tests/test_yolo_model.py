@@ -90,13 +90,58 @@ def test_losses_equal_ultralytics_criterion_on_its_own_batch(coco8, factor):
     image, target = coco8[0]
     ours = task.training_forward(model, task.collate([(image, target)])).losses
     size = fitted_size(tuple(image.shape[-2:]), 64, factor)
-    x, ratio = letterbox([image], [size], 32, canvas=(64, 64))
+    x, _, _ = letterbox([image], [size], 32, canvas=(64, 64))
     h, w = image.shape[-2:]
+    left, top = round((64 - size[1]) / 2 - 0.1), round((64 - size[0]) / 2 - 0.1)  # centred as Ultralytics does
     b = target["boxes"] / torch.tensor([w, h, w, h]) * torch.tensor([size[1] / 64, size[0] / 64] * 2)
+    b = b + torch.tensor([left / 64, top / 64] * 2)
     ref = {"batch_idx": torch.zeros(len(b)), "cls": target["labels"].float()[:, None],
            "bboxes": torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)}
     vec, _ = model.net.init_criterion()(model.net(x), ref)
     assert torch.allclose(torch.stack(list(ours.values())), vec, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (53, 37), (61, 20), (64, 64)])
+@pytest.mark.parametrize("fixed", [True, False])
+def test_letterbox_places_images_as_ultralytics_letterbox(shape, fixed):
+    """Training (a fixed square canvas) and inference (the smallest stride-multiple canvas, Ultralytics' ``auto``)
+    put the image where Ultralytics' ``LetterBox`` does: centred, the odd pixel of padding after the image. A flat
+    image makes the padding mask exact (resampling aside)."""
+    import numpy as np
+    from ultralytics.data.augment import LetterBox
+
+    from ddkit_ultralytics.letterbox import fitted_size, letterbox
+
+    h, w = shape
+    ref = LetterBox(new_shape=(64, 64), auto=not fixed, stride=32)(image=np.full((h, w, 3), 200, np.uint8))
+    ours, ratio, offset = letterbox([torch.full((3, h, w), 200 / 255)], [fitted_size(shape, 64)], 32,
+                                    canvas=(64, 64) if fixed else None)
+    assert tuple(ours.shape[-2:]) == ref.shape[:2]
+    assert torch.equal((ours[0, 0] * 255).round() == 114, torch.from_numpy(ref[..., 0] == 114))
+    rows, cols = np.nonzero(ref[..., 0] != 114)
+    assert offset[0].tolist() == [cols.min(), rows.min()]
+
+
+def test_predictions_map_back_to_the_pixels_they_cover():
+    """A box and a keypoint on the canvas of a centred image map back to the input pixels they cover, and the
+    canvas->input maps invert input->canvas."""
+    from ddkit_ultralytics.letterbox import (boxes_from_canvas, boxes_to_canvas, fitted_size, keypoints_from_canvas,
+                                             keypoints_to_canvas, letterbox)
+
+    image = torch.zeros(3, 40, 100)
+    image[:, 10:20, 30:50] = 1.0  # a white block at x 30..50, y 10..20
+    batch, ratio, offset = letterbox([image], [fitted_size((40, 100), 64)], 32, canvas=(64, 64))
+    ys, xs = torch.nonzero(batch[0, 0] > 0.5, as_tuple=True)
+    found = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+    assert torch.allclose(boxes_from_canvas(found, ratio[0], offset[0], (40, 100)),
+                          torch.tensor([[30.0, 10.0, 50.0, 20.0]]), atol=1.6)  # one canvas pixel = 1.56 input
+    boxes = torch.tensor([[30.0, 10.0, 50.0, 20.0], [0.0, 0.0, 100.0, 40.0]])
+    assert torch.allclose(boxes_from_canvas(boxes_to_canvas(boxes, ratio[0], offset[0]), ratio[0], offset[0],
+                                            (40, 100)), boxes, atol=1e-4)
+    kps = torch.tensor([[[40.0, 15.0, 2.0], [99.0, 39.0, 1.0]]])
+    on_canvas = keypoints_to_canvas(kps, ratio[0], offset[0])
+    assert bool((batch[0, 0, on_canvas[0, 0, 1].long(), on_canvas[0, 0, 0].long()] > 0.5))
+    assert torch.allclose(keypoints_from_canvas(on_canvas, ratio[0], offset[0], (40, 100)), kps, atol=1e-4)
 
 
 def test_predictions_are_in_input_pixels_at_any_size(coco8):
@@ -283,7 +328,8 @@ def test_pose_batch_with_images_without_people_trains(cfg, empty, coco8_pose):
     total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
-    labels = model._ultralytics_targets([t for _, t in items], torch.ones(2, 2), (64, 64), torch.device("cpu"))
+    labels = model._ultralytics_targets([t for _, t in items], torch.ones(2, 2), torch.zeros(2, 2), (64, 64),
+                                        torch.device("cpu"))
     n = sum(len(t["boxes"]) for _, t in items)
     assert labels["keypoints"].shape == (n, 17, 3) and labels["bboxes"].shape == (n, 4)
     assert labels["batch_idx"].tolist() == [float(i) for i, (_, t) in enumerate(items) for _ in t["boxes"]]
