@@ -125,8 +125,11 @@ def _net(d: dict[str, Any], info: DatasetInfo) -> nn.Module:
         if not info.num_keypoints:
             raise ConfigError(f"model.cfg {d.get('yaml_file')!r} is a pose model, but the dataset has no keypoints; "
                               "use a detection cfg (e.g. yolov8n.yaml)")
-        dims = int(d["kpt_shape"][1])
-        net = PoseModel(d, ch=3, nc=nc, data_kpt_shape=(int(info.num_keypoints), dims), verbose=False)
+    # the dataset's classes and keypoints written into the yaml dict, so Ultralytics logs no "Overriding" line
+    d["nc"] = nc
+    if task == "pose":
+        d["kpt_shape"] = [int(info.num_keypoints), int((d.get("kpt_shape") or (0, 3))[1])]
+        net = PoseModel(d, ch=3, nc=nc, data_kpt_shape=tuple(d["kpt_shape"]), verbose=False)
     else:
         net = DetectionModel(d, ch=3, nc=nc, verbose=False)
     net.names = {i: str(c.get("name", c["id"])) for i, c in enumerate(info.categories)}

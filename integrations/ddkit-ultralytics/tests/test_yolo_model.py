@@ -59,6 +59,21 @@ def test_heads_other_than_detect_and_pose_are_refused_at_build(cfg, head, coco8)
     assert "\n" not in str(err.value) and cfg in str(err.value)
 
 
+@pytest.mark.parametrize("block, task_name", [(TINY, "detection"), (TINY_POSE, "keypoints")])
+def test_a_build_logs_no_ultralytics_override_of_nc_or_kpt_shape(block, task_name, monkeypatch):
+    """The dataset's class and keypoint counts go into the yaml dict: no "Overriding model.yaml nc=80 with nc=3"
+    (printed on every build of every stage) and the network has them."""
+    from ultralytics.nn import tasks
+
+    lines = []
+    monkeypatch.setattr(tasks.LOGGER, "info", lambda msg, *a, **k: lines.append(str(msg)))
+    model = ddkit.build("tasks", task_name).build_model(block, info_for_task(task_name, num_keypoints=5))
+    assert not [line for line in lines if "Overriding" in line]
+    assert model.num_classes == len(info_for_task(task_name).categories) != 80
+    if task_name == "keypoints":
+        assert tuple(model.net.kpt_shape) == (5, 3)
+
+
 def test_training_losses_are_ultralytics_and_decrease(coco8):
     task = ddkit.build("tasks", {"name": "detection"})
     torch.manual_seed(0)
