@@ -184,3 +184,26 @@ def test_a_model_plugin_explains_a_foreign_file_in_the_checkpoint_refusal(tmp_pa
     with pytest.raises(DataError) as err:
         load_checkpoint(path, registry=Registry([spec("a", lambda p: None)]))
     assert str(err.value).endswith(PASS_INSTEAD)
+
+
+def test_a_corrupt_file_is_not_called_a_file_of_python_objects(tmp_path):
+    """Random bytes and a cut torch file fail torch's weights-only loader too, but they are damaged files, not
+    pickles of classes: the refusal says so (it said "it holds Python objects")."""
+    import pickle
+    import random
+
+    import torch
+
+    from ddkit.engine.checkpoint import load_checkpoint
+    from ddkit.errors import DataError
+
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "good.pt")
+    files = {"random.pt": random.Random(0).randbytes(5000), "text.pt": b"hello\n",
+             "cut.pt": (tmp_path / "good.pt").read_bytes()[:3000]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match="it is corrupt, truncated or not a torch file"):
+            load_checkpoint(tmp_path / name, registry=Registry())
+    (tmp_path / "objects.pt").write_bytes(pickle.dumps(Entry, protocol=2))
+    with pytest.raises(DataError, match="it holds Python objects"):
+        load_checkpoint(tmp_path / "objects.pt", registry=Registry())

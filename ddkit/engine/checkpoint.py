@@ -14,6 +14,7 @@ Two formats, both plain dicts of tensors and primitive containers:
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -99,10 +100,11 @@ def _unreadable(path: Path, err: Exception) -> str:
     """Why torch could not load ``path`` with ``weights_only=True``, in words (torch's own advice to retry with
     ``weights_only=False`` would run arbitrary code from the file: never repeated)."""
     text = str(err)
-    if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+    if "Unsupported global" in text:  # a well-formed pickle naming a class: the only sign of Python objects
         return "it holds Python objects, not only tensors and plain containers: it is not a ddkit checkpoint"
-    if "zip" in text.lower() or "central directory" in text or isinstance(err, (EOFError, RuntimeError)):
-        return "it is truncated or not a torch file (an interrupted copy or write?)"
+    if ("Weights only load failed" in text or "zip" in text.lower() or "central directory" in text
+            or isinstance(err, (EOFError, RuntimeError, KeyError, pickle.UnpicklingError))):
+        return "it is corrupt, truncated or not a torch file (an interrupted copy or write?)"
     return f"it cannot be read ({type(err).__name__})"
 
 
