@@ -161,3 +161,49 @@ def test_messages_name_one_strategy_in_the_singular(kind):
     """Every kind's noun in the messages is its singular (``losses`` -> ``loss``, not ``losse``)."""
     with pytest.raises(UnknownStrategyError, match=f"^Unknown {SINGULAR[kind]} 'no_such_name'"):
         ddkit.build(kind, {"name": "no_such_name"})
+
+
+def test_a_model_plugin_explains_a_foreign_file_in_the_checkpoint_refusal(tmp_path):
+    """``ModelSpec.explain_file``: the core asks each model plugin how it loads a file that is not a ddkit
+    checkpoint and puts the first answer in its one-line refusal (no plugin knows it: the generic hint)."""
+    import pickle
+
+    from ddkit.engine.checkpoint import PASS_INSTEAD, load_checkpoint
+    from ddkit.errors import DataError
+    from ddkit.types import ModelSpec
+
+    path = tmp_path / "foreign.pt"
+    path.write_bytes(pickle.dumps(Entry, protocol=2))  # a pickled class: weights_only refuses it
+
+    def spec(name, explain):
+        return Entry(ModelSpec(name=name, factory=dict, explain_file=explain), "x", "x")
+
+    reg = Registry([spec("a", lambda p: None), spec("b", lambda p: f"load {p.name} with model b")])
+    with pytest.raises(DataError, match=r"foreign.pt: cannot load: .*; load foreign.pt with model b$"):
+        load_checkpoint(path, registry=reg)
+    with pytest.raises(DataError) as err:
+        load_checkpoint(path, registry=Registry([spec("a", lambda p: None)]))
+    assert str(err.value).endswith(PASS_INSTEAD)
+
+
+def test_a_corrupt_file_is_not_called_a_file_of_python_objects(tmp_path):
+    """Random bytes and a cut torch file fail torch's weights-only loader too, but they are damaged files, not
+    pickles of classes: the refusal says so (it said "it holds Python objects")."""
+    import pickle
+    import random
+
+    import torch
+
+    from ddkit.engine.checkpoint import load_checkpoint
+    from ddkit.errors import DataError
+
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "good.pt")
+    files = {"random.pt": random.Random(0).randbytes(5000), "text.pt": b"hello\n",
+             "cut.pt": (tmp_path / "good.pt").read_bytes()[:3000]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match="it is corrupt, truncated or not a torch file"):
+            load_checkpoint(tmp_path / name, registry=Registry())
+    (tmp_path / "objects.pt").write_bytes(pickle.dumps(Entry, protocol=2))
+    with pytest.raises(DataError, match="it holds Python objects"):
+        load_checkpoint(tmp_path / "objects.pt", registry=Registry())

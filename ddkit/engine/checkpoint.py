@@ -14,6 +14,7 @@ Two formats, both plain dicts of tensors and primitive containers:
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -99,25 +100,41 @@ def _unreadable(path: Path, err: Exception) -> str:
     """Why torch could not load ``path`` with ``weights_only=True``, in words (torch's own advice to retry with
     ``weights_only=False`` would run arbitrary code from the file: never repeated)."""
     text = str(err)
-    if "Weights only load failed" in text or "Unsupported global" in text or "weights_only" in text:
+    if "Unsupported global" in text:  # a well-formed pickle naming a class: the only sign of Python objects
         return "it holds Python objects, not only tensors and plain containers: it is not a ddkit checkpoint"
-    if "zip" in text.lower() or "central directory" in text or isinstance(err, (EOFError, RuntimeError)):
-        return "it is truncated or not a torch file (an interrupted copy or write?)"
+    if ("Weights only load failed" in text or "zip" in text.lower() or "central directory" in text
+            or isinstance(err, (EOFError, RuntimeError, KeyError, pickle.UnpicklingError))):
+        return "it is corrupt, truncated or not a torch file (an interrupted copy or write?)"
     return f"it cannot be read ({type(err).__name__})"
 
 
+def _explained(path: Path, registry: Any = None) -> str | None:
+    """A model plugin's line on how it loads ``path`` (its ``ModelSpec.explain_file``), e.g. another library's
+    checkpoint; the first that recognises the file."""
+    from ddkit.plugin_manager import get_registry
+
+    for entry in (registry or get_registry()).entries("models"):
+        explain = getattr(entry.spec, "explain_file", None)
+        line = explain(path) if explain is not None else None
+        if line:
+            return line
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    fresh_hint: str | None = None) -> dict[str, Any]:
+                    fresh_hint: str | None = None, registry: Any = None) -> dict[str, Any]:
     """Load a ddkit file with ``weights_only=True``; raise :class:`DataError` naming the file if it is not one.
 
-    ``fresh_hint``: what to do instead (default: which files to pass), e.g. for a run's own checkpoint.
+    ``fresh_hint``: what to do instead (default: a model plugin's way to load the file, else which files to pass),
+    e.g. for a run's own checkpoint. ``registry``: whose model plugins are asked (default: the installed ones).
     """
     path = resolve_checkpoint(path)
-    hint = fresh_hint or PASS_INSTEAD
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
+        hint = fresh_hint or _explained(path, registry) or PASS_INSTEAD
         raise DataError(f"{path}: cannot load: {_unreadable(path, err)}; {hint}") from None
+    hint = fresh_hint or PASS_INSTEAD
     if not isinstance(record, dict) or record.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise DataError(f"{path}: not a ddkit checkpoint (no 'format' key of {MODEL_FORMAT} or {CHECKPOINT_FORMAT}); "
                         f"{hint}")
@@ -136,7 +153,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     from ddkit.plugin_manager import get_registry
 
     registry = registry or get_registry()
-    record = load_checkpoint(path)
+    record = load_checkpoint(path, registry=registry)
     task = registry.build("tasks", record["task"], where=f"{path}: task")
     info = info_from_dict(record["info"])
     model_cfg = dict(record["model_cfg"])

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ddkit.errors import DataError
 from ddkit_ultralytics.letterbox import (boxes_from_canvas, boxes_to_canvas, fitted_size, keypoints_from_canvas,
-                                         letterbox)
+                                         keypoints_to_canvas, letterbox)
 
 
 class YoloAdapter(nn.Module):
@@ -69,9 +69,9 @@ class YoloAdapter(nn.Module):
 
     def feature_forward(self, images: Sequence[Tensor]) -> None:
         """One forward of the network on the training canvas (what hint losses hook: a teacher's maps then line
-        up with a student's, both letterboxed to the top-left of a square canvas); returns nothing."""
+        up with a student's, both centred on a square canvas); returns nothing."""
         sizes = [fitted_size(tuple(im.shape[-2:]), self.imgsz) for im in images]
-        batch, _ = letterbox(images, sizes, self.stride, canvas=(self.imgsz, self.imgsz))
+        batch, _, _ = letterbox(images, sizes, self.stride, canvas=(self.imgsz, self.imgsz))
         self.net(batch)
 
     # ----------------------------------------------------------------------------------------- forward
@@ -93,9 +93,9 @@ class YoloAdapter(nn.Module):
         lo, hi = self.train_scale
         factors = (torch.rand(len(images)) * (hi - lo) + lo).tolist() if hi > lo else [lo] * len(images)
         sizes = [fitted_size(tuple(im.shape[-2:]), self.imgsz, f) for im, f in zip(images, factors)]
-        batch, ratios = letterbox(images, sizes, self.stride, canvas=(self.imgsz, self.imgsz))
+        batch, ratios, offsets = letterbox(images, sizes, self.stride, canvas=(self.imgsz, self.imgsz))
         h, w = batch.shape[-2:]
-        labels = self._ultralytics_targets(targets, ratios, (h, w), batch.device)
+        labels = self._ultralytics_targets(targets, ratios, offsets, (h, w), batch.device)
         preds = self.net(batch)
         vec, items = self._criterion_for(batch.device)(preds, labels)
         vec = vec / len(images)
@@ -104,15 +104,15 @@ class YoloAdapter(nn.Module):
             return {"yolo_loss": vec.sum()}
         return {name: vec[i] for i, name in enumerate(names)}
 
-    def _ultralytics_targets(self, targets: list[dict[str, Tensor]], ratios: Tensor, canvas: tuple[int, int],
-                             device: torch.device) -> dict[str, Tensor]:
+    def _ultralytics_targets(self, targets: list[dict[str, Tensor]], ratios: Tensor, offsets: Tensor,
+                             canvas: tuple[int, int], device: torch.device) -> dict[str, Tensor]:
         """torchvision targets -> Ultralytics' batch dict: ``batch_idx [M]``, ``cls [M, 1]`` (0-based),
         ``bboxes [M, 4]`` normalised ``cxcywh`` and ``keypoints [M, K, 3]`` normalised ``(x, y, v)``."""
         h, w = canvas
         norm = torch.tensor([w, h, w, h], dtype=torch.float32, device=device)
         idx, cls, boxes, kps = [], [], [], []
         for i, t in enumerate(targets):
-            b = boxes_to_canvas(t["boxes"].float().reshape(-1, 4), ratios[i]) / norm
+            b = boxes_to_canvas(t["boxes"].float().reshape(-1, 4), ratios[i], offsets[i]) / norm
             boxes.append(torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1))
             cls.append(t["labels"].reshape(-1, 1).float() - 1)
             idx.append(torch.full((len(b),), float(i), device=device))
@@ -120,13 +120,14 @@ class YoloAdapter(nn.Module):
                 if "keypoints" not in t:
                     raise DataError(f"image {t.get('image_id')}: a YOLO pose model needs keypoint targets (task "
                                     "keypoints); for boxes only use a detection cfg such as yolov8n.yaml")
-                kps.append(self._keypoint_targets(t, len(b), ratios[i], canvas))
+                kps.append(self._keypoint_targets(t, len(b), ratios[i], offsets[i], canvas))
         out = {"batch_idx": torch.cat(idx), "cls": torch.cat(cls), "bboxes": torch.cat(boxes)}
         if self.kpt_shape is not None:
             out["keypoints"] = torch.cat(kps)
         return out
 
-    def _keypoint_targets(self, t: dict[str, Tensor], n: int, ratio: Tensor, canvas: tuple[int, int]) -> Tensor:
+    def _keypoint_targets(self, t: dict[str, Tensor], n: int, ratio: Tensor, offset: Tensor,
+                          canvas: tuple[int, int]) -> Tensor:
         """One image's ``keypoints [n, K, 3]`` (input pixels) -> ``[n, K, d]`` normalised to the canvas, with ``(K,
         d)`` the network's ``kpt_shape``. The shape is the model's, not inferred from the tensor: an image without
         instances (a background image, or an unlabeled one that got no pseudo-labels) has ``0`` keypoint values,
@@ -137,13 +138,13 @@ class YoloAdapter(nn.Module):
         if kp.numel() != n * nk * 3:
             raise DataError(f"image {t.get('image_id')}: keypoints of shape {tuple(kp.shape)} for {n} instances; "
                             f"the YOLO pose model expects [{n}, {nk}, 3] (x, y, visibility)")
-        k = kp.reshape(n, nk, 3).clone()
-        k[..., 0] *= ratio[0].item() / w
-        k[..., 1] *= ratio[1].item() / h
+        k = keypoints_to_canvas(kp.reshape(n, nk, 3), ratio, offset)
+        k[..., 0] /= w
+        k[..., 1] /= h
         return k[..., :dims]
 
     # ----------------------------------------------------------------------------------------- inference
-    def _eval_batch(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    def _eval_batch(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         imgsz = None if self._keep_size else self.imgsz
         sizes = [fitted_size(tuple(im.shape[-2:]), imgsz) for im in images]
         return letterbox(images, sizes, self.stride)
@@ -153,22 +154,23 @@ class YoloAdapter(nn.Module):
 
         if not images:
             return []
-        batch, ratios = self._eval_batch(images)
+        batch, ratios, offsets = self._eval_batch(images)
         raw = self.net(batch)
         dets = non_max_suppression(raw, self.conf, self.iou, multi_label=self.multi_label, max_det=self.max_det,
                                    nc=self.num_classes, end2end=bool(getattr(self.net, "end2end", False)),
                                    max_time_img=1e6)  # no wall-clock cut-off: results must not depend on speed
-        return [self._to_torchvision(d, ratios[i], tuple(images[i].shape[-2:])) for i, d in enumerate(dets)]
+        return [self._to_torchvision(d, ratios[i], offsets[i], tuple(images[i].shape[-2:]))
+                for i, d in enumerate(dets)]
 
-    def _to_torchvision(self, det: Tensor, ratio: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
+    def _to_torchvision(self, det: Tensor, ratio: Tensor, offset: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
         """One image's NMS rows ``[n, 6 + K * d]`` (xyxy, conf, cls, keypoints) -> torchvision's output dict."""
         det = det.float()
-        out = {"boxes": boxes_from_canvas(det[:, :4], ratio, size), "scores": det[:, 4],
+        out = {"boxes": boxes_from_canvas(det[:, :4], ratio, offset, size), "scores": det[:, 4],
                "labels": det[:, 5].long() + 1}
         if self.kpt_shape is not None:
             k, d = self.kpt_shape
             kp = det[:, 6:6 + k * d].reshape(len(det), k, d)  # [0, K, d] when nothing is detected
             if d == 2:
                 kp = torch.cat([kp, torch.ones_like(kp[..., :1])], -1)
-            out["keypoints"] = keypoints_from_canvas(kp, ratio, size)
+            out["keypoints"] = keypoints_from_canvas(kp, ratio, offset, size)
         return out

@@ -13,7 +13,10 @@ Weights:
 from __future__ import annotations
 
 import os
+import pickletools
+import re
 import warnings
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,8 @@ LOSS_GAINS = ("box", "cls", "dfl", "pose", "kobj")
 
 @dataclass
 class YoloParams:
-    """``cfg``: any Ultralytics model yaml (``yolov8n.yaml``, ``yolo11s-pose.yaml``, ``yolo26n.yaml`` or a path);
+    """``cfg``: an Ultralytics model yaml with a Detect or Pose head (``yolov8n.yaml``, ``yolo11s-pose.yaml``,
+    ``yolo26n.yaml`` or a path);
     ``imgsz``: training canvas and evaluation size; ``width``/``depth``/``max_channels``: override the scale's
     multipliers (tiny test models); ``pretrained``: ``true`` (Ultralytics' weights for the cfg) or a file;
     ``trust_checkpoint``: allow unpickling an Ultralytics ``.pt``; ``conf``/``iou``/``max_det``/``multi_label``:
@@ -76,9 +80,14 @@ class YoloParams:
 def _model_dict(cfg: str, width: float | None, depth: float | None, max_channels: int | None) -> dict[str, Any]:
     from ultralytics.nn.tasks import yaml_model_load
 
+    if Path(cfg).suffix == ".pt":
+        yaml = Path(cfg).with_suffix(".yaml").name
+        raise ConfigError(f"model.cfg: {cfg!r} is a weights file, cfg takes a model yaml: set cfg: {yaml} with "
+                          f"pretrained: true (Ultralytics' {Path(cfg).name}), or pretrained: <your .pt> with "
+                          "trust_checkpoint: true")
     try:
         d = yaml_model_load(cfg)
-    except (FileNotFoundError, OSError) as err:
+    except (FileNotFoundError, OSError, AssertionError) as err:  # AssertionError: Ultralytics' suffix check
         raise ConfigError(f"model.cfg: {cfg!r} is not an Ultralytics model yaml ({str(err).splitlines()[0]}); "
                           "try yolov8n.yaml, yolo11n.yaml, yolo26n.yaml or their -pose variants") from None
     if width is not None or depth is not None or max_channels is not None:
@@ -90,21 +99,41 @@ def _model_dict(cfg: str, width: float | None, depth: float | None, max_channels
     return d
 
 
+def _head_task(d: dict[str, Any]) -> str:
+    """``'detect'`` or ``'pose'`` from the exact class of the cfg's output module (Segment, OBB, YOLOE and World
+    heads subclass Detect in Ultralytics but predict other things: refused, as are Classify and others)."""
+    from ultralytics.nn import modules, tasks
+
+    name = str(d["head"][-1][2])
+    head = getattr(tasks, name, None)
+    kinds = {"detect": ("Detect", "v10Detect"), "pose": ("Pose", "Pose26")}
+    for task, names in kinds.items():
+        if head is not None and any(head is getattr(modules, n, None) for n in names):
+            return task
+    raise ConfigError(f"model.cfg {d.get('yaml_file')!r}: its head is {name}; the yolo model takes Detect heads "
+                      "(task detection, e.g. yolov8n.yaml) and Pose heads (task keypoints, e.g. yolov8n-pose.yaml) "
+                      "only, not -seg, -obb, -cls or other heads")
+
+
 def _net(d: dict[str, Any], info: DatasetInfo) -> nn.Module:
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel, PoseModel
 
     nc = info.num_classes
-    if d.get("kpt_shape"):
+    task = _head_task(d)
+    if task == "pose":
         if not info.num_keypoints:
             raise ConfigError(f"model.cfg {d.get('yaml_file')!r} is a pose model, but the dataset has no keypoints; "
                               "use a detection cfg (e.g. yolov8n.yaml)")
-        dims = int(d["kpt_shape"][1])
-        net = PoseModel(d, ch=3, nc=nc, data_kpt_shape=(int(info.num_keypoints), dims), verbose=False)
+    # the dataset's classes and keypoints written into the yaml dict, so Ultralytics logs no "Overriding" line
+    d["nc"] = nc
+    if task == "pose":
+        d["kpt_shape"] = [int(info.num_keypoints), int((d.get("kpt_shape") or (0, 3))[1])]
+        net = PoseModel(d, ch=3, nc=nc, data_kpt_shape=tuple(d["kpt_shape"]), verbose=False)
     else:
         net = DetectionModel(d, ch=3, nc=nc, verbose=False)
     net.names = {i: str(c.get("name", c["id"])) for i, c in enumerate(info.categories)}
-    net.args = get_cfg()
+    net.args = get_cfg(overrides={"task": task})  # Ultralytics reads the task of a loaded .pt from its args
     if info.keypoint_sigmas and d.get("kpt_shape"):
         net.kpt_oks_sigmas = torch.tensor(info.keypoint_sigmas, dtype=torch.float32)
     return net
@@ -133,7 +162,8 @@ def weights_file(cfg: str, pretrained: Any) -> Path:
     if isinstance(pretrained, str):
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise ConfigError(f"model.pretrained: {path} is not a file")
+            raise ConfigError(f"model.pretrained: {path} is not a file (pretrained: true takes Ultralytics' weights "
+                              f"named after the cfg, {Path(cfg).stem}.pt)")
         return path
     from ultralytics.utils import SETTINGS
 
@@ -157,37 +187,104 @@ def _offline() -> bool:
     return not ONLINE
 
 
+def _short(text: str, limit: int = 100) -> str:
+    """``text`` on one line, cut at a word boundary with an ellipsis when longer than ``limit``."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _why_unloadable(err: Exception) -> tuple[bool, str]:
+    """``(holds Python objects, detail)`` for a ``torch.load(weights_only=True)`` failure: a pickle naming a class
+    (an Ultralytics .pt) or a file torch cannot read at all (corrupt, truncated, another format)."""
+    text = str(err)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
+        return True, found.group(1)
+    found = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    return False, _short(found.group(1) if found else f"{type(err).__name__}: {text}")
+
+
+def _unreadable(path: Path, detail: str) -> DataError:
+    return DataError(f"model.pretrained: {path} cannot be read as a torch file ({detail}): it is corrupt, truncated "
+                     "or not a checkpoint; copy or download it again")
+
+
+def _trusted_module(path: Path) -> nn.Module:
+    """The ``ema`` or ``model`` module of a pickled Ultralytics checkpoint (runs the file's code)."""
+    from ultralytics.nn.tasks import torch_safe_load
+
+    try:
+        ckpt, _ = torch_safe_load(str(path))
+    except Exception as err:  # noqa: BLE001 - any failure of a damaged file: one line, not a traceback
+        raise _unreadable(path, _short(f"{type(err).__name__}: {err}")) from None
+    module = None
+    if isinstance(ckpt, dict):
+        module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
+    if not isinstance(module, nn.Module):
+        raise DataError(f"{path}: an Ultralytics checkpoint needs a 'model' or 'ema' module") from None
+    return module
+
+
 def read_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
     """Tensors of a state dict / ddkit checkpoint (weights only) or, with ``trust_checkpoint``, of a pickled
     Ultralytics checkpoint (its ``ema`` or ``model``)."""
+    return read_weights(path, trust_checkpoint)[0]
+
+
+def read_weights(path: Path, trust_checkpoint: bool) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """:func:`read_state_dict` and the class names an Ultralytics checkpoint holds (``None`` for a state dict)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code in it: only when the user trusts the file
+        pickled, detail = _why_unloadable(err)
+        if not pickled:
+            raise _unreadable(path, detail) from None
         if not trust_checkpoint:
-            raise ConfigError(f"model.pretrained: {path} is a pickled checkpoint (an Ultralytics .pt runs code when "
-                              "loaded); set model.trust_checkpoint: true if you trust it, or give a state dict "
-                              f"({str(err).splitlines()[0][:80]})") from None
-        from ultralytics.nn.tasks import torch_safe_load
-
-        ckpt, _ = torch_safe_load(str(path))
-        module = None
-        if isinstance(ckpt, dict):
-            module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
-        if not isinstance(module, nn.Module):
-            raise DataError(f"{path}: an Ultralytics checkpoint needs a 'model' or 'ema' module") from None
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+            raise ConfigError(f"model.pretrained: {path} is a pickled checkpoint holding Python objects ({detail}), "
+                              "and an Ultralytics .pt runs code when loaded; set model.trust_checkpoint: true if you "
+                              "trust it, or give a state dict") from None
+        module = _trusted_module(path)
+        names = getattr(module, "names", None)
+        names = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else None
+        return {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}, names
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DataError(f"{path}: not a state dict of tensors")
-    return obj
+    return obj, None
+
+
+def _pickle_strings(path: Path) -> list[str]:
+    """The strings of a torch zip file's pickle, read opcode by opcode (``pickletools``: nothing is executed)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"), None)
+            data = archive.read(name) if name else b""
+        return [arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str)]
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile):
+        return []
+
+
+def explain_file(path: Any) -> str | None:
+    """For an Ultralytics checkpoint (e.g. ``runs/detect/train/weights/best.pt``, found without unpickling it):
+    the yolo model block that loads it as weights; ``None`` for any other file."""
+    strings = _pickle_strings(Path(path))
+    model = next((s.split()[-1] for s in strings if s.startswith("ultralytics.nn.tasks ")), None)
+    if model is None and "ultralytics.nn.tasks" in strings:  # pickle protocol 4: module and name apart
+        model = strings[strings.index("ultralytics.nn.tasks") + 1]
+    if model is None:
+        return None
+    at = strings.index("yaml_file") + 1 if "yaml_file" in strings else len(strings)
+    yaml = strings[at] if at < len(strings) else "<its model yaml>"
+    return (f"it is an Ultralytics checkpoint ({model}): use it as a yolo model's weights, e.g. teacher.model: "
+            f"{{name: yolo, cfg: {yaml}, pretrained: {path}, trust_checkpoint: true}} (trained further from them)")
 
 
 def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
     """Copy the tensors of ``path`` whose names (with or without ``net.``/``model.`` prefixes) and shapes match."""
-    state = read_state_dict(path, trust_checkpoint)
+    state, names = read_weights(path, trust_checkpoint)
     own = net.state_dict()
     loaded, skipped = {}, []
     for key, value in state.items():
@@ -205,3 +302,16 @@ def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
         warnings.warn(f"{path}: skipped {len(skipped)} tensors of another shape (e.g. the class head): "
                       f"{skipped[:3]}", stacklevel=2)
     net.load_state_dict(loaded, strict=False)
+    _warn_other_names(path, names, [net.names[i] for i in sorted(net.names)])
+
+
+def _warn_other_names(path: Path, theirs: list[str] | None, ours: list[str]) -> None:
+    """One warning when the checkpoint predicts as many classes as the dataset but names them otherwise: its class
+    head was loaded by index (class i of the file became the dataset's class i)."""
+    if theirs is None or len(theirs) != len(ours) or theirs == ours:
+        return
+    i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    n = sum(a != b for a, b in zip(theirs, ours))
+    warnings.warn(f"{path}: {n} of its {len(ours)} class names differ from the dataset's (class {i} is {theirs[i]!r} "
+                  f"there, {ours[i]!r} here); its class head was loaded by index, so check the dataset's class order",
+                  stacklevel=3)

@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ddkit.errors import ConfigError
+from ddkit.errors import ConfigError, DataError
 
 
 def _net_of(model: nn.Module) -> nn.Module:
@@ -27,6 +27,17 @@ def _net_of(model: nn.Module) -> nn.Module:
     if net is None or not hasattr(net, "yaml"):
         raise ConfigError("export_ultralytics needs a ddkit 'yolo' model (built with model: {name: yolo, ...})")
     return net
+
+
+def model_file(source: str | Path) -> tuple[Path, str]:
+    """``(file, what it is in words)``: a ``ddkit run`` folder gives its final student (as ``ddkit export`` takes
+    it), a stage folder or a checkpoint file itself."""
+    from ddkit.engine.run_folder import describe_stage, final_student, is_run_folder
+
+    if is_run_folder(source):
+        path, stage, note = final_student(source)
+        return path, f"{describe_stage(stage)} (stage {stage}, {path})" + (f"; {note}" if note else "")
+    return Path(source), str(source)
 
 
 def export_ultralytics(model: nn.Module | str | Path, path: str | Path) -> Path:
@@ -41,7 +52,7 @@ def export_ultralytics(model: nn.Module | str | Path, path: str | Path) -> Path:
     if isinstance(model, (str, Path)):
         from ddkit.engine.checkpoint import load_model
 
-        _, model, _ = load_model(model)
+        _, model, _ = load_model(model_file(model)[0])
     net = copy.deepcopy(_net_of(model)).cpu().float().eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -55,12 +66,19 @@ def export_ultralytics(model: nn.Module | str | Path, path: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddkit-yolo-export", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="a ddkit checkpoint, model.pt or run folder of a 'yolo' model")
+    parser.add_argument("model", help="a ddkit checkpoint, model.pt, stage folder or `ddkit run` folder (its final "
+                                      "student) of a 'yolo' model")
     parser.add_argument("output", help="the Ultralytics .pt to write")
     args = parser.parse_args(argv)
     try:
-        out = export_ultralytics(args.model, args.output)
-    except ConfigError as err:
+        source, what = model_file(args.model)
+        out = export_ultralytics(source, args.output)
+    except (ConfigError, DataError) as err:
         parser.exit(2, f"ddkit-yolo-export: {err}\n")
+    print(f"exported {what}")
     print(f"wrote {out} (load it with ultralytics.YOLO({str(out)!r}))")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

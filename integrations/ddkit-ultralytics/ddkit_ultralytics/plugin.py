@@ -19,11 +19,17 @@ def _build(**kwargs: Any):
     return build_yolo(**kwargs)
 
 
+def _explain_file(path: Any) -> str | None:
+    from ddkit_ultralytics.build import explain_file
+
+    return explain_file(path)
+
+
 @hookimpl
 def ddkit_models():
     yield ModelSpec(name="yolo", factory=_build, params=YoloParams, task="detection", also_tasks=("keypoints",),
                     summary="Ultralytics YOLO (v8/11/26 yaml; a -pose cfg for keypoints) with Ultralytics' losses",
-                    examples=(TINY,))
+                    examples=(TINY,), explain_file=_explain_file)
 
 
 @hookimpl

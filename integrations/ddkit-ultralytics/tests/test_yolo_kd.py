@@ -66,7 +66,7 @@ def _canvas(batch, student) -> torch.Tensor:
     """The letterboxed batch the student trains on (``train_scale`` 1)."""
     images = list(batch["images"])
     sizes = [fitted_size(tuple(im.shape[-2:]), TINY["imgsz"]) for im in images]
-    canvas, _ = letterbox(images, sizes, student.stride, canvas=(TINY["imgsz"],) * 2)
+    canvas, _, _ = letterbox(images, sizes, student.stride, canvas=(TINY["imgsz"],) * 2)
     return canvas
 
 

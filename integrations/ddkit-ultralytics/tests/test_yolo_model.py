@@ -47,6 +47,33 @@ def test_bad_blocks_are_one_line_config_errors(coco8):
         task.build_model(TINY_POSE, coco8.info)
 
 
+@pytest.mark.parametrize("cfg, head", [("yolov8n-seg.yaml", "Segment"), ("yolov8n-obb.yaml", "OBB"),
+                                       ("yolov8n-cls.yaml", "Classify"), ("yolo26n-seg.yaml", "Segment26"),
+                                       ("yolov8s-worldv2.yaml", "WorldDetect")])
+def test_heads_other_than_detect_and_pose_are_refused_at_build(cfg, head, coco8):
+    """-seg crashed at evaluation after training, -cls with a traceback, -obb trained silently: refused at build
+    (``ddkit run`` builds every model before the first stage), naming the head and what is supported."""
+    task = ddkit.build("tasks", {"name": "detection"})
+    with pytest.raises(ConfigError, match=f"its head is {head}; the yolo model takes Detect heads") as err:
+        task.build_model({**TINY, "cfg": cfg}, coco8.info)
+    assert "\n" not in str(err.value) and cfg in str(err.value)
+
+
+@pytest.mark.parametrize("block, task_name", [(TINY, "detection"), (TINY_POSE, "keypoints")])
+def test_a_build_logs_no_ultralytics_override_of_nc_or_kpt_shape(block, task_name, monkeypatch):
+    """The dataset's class and keypoint counts go into the yaml dict: no "Overriding model.yaml nc=80 with nc=3"
+    (printed on every build of every stage) and the network has them."""
+    from ultralytics.nn import tasks
+
+    lines = []
+    monkeypatch.setattr(tasks.LOGGER, "info", lambda msg, *a, **k: lines.append(str(msg)))
+    model = ddkit.build("tasks", task_name).build_model(block, info_for_task(task_name, num_keypoints=5))
+    assert not [line for line in lines if "Overriding" in line]
+    assert model.num_classes == len(info_for_task(task_name).categories) != 80
+    if task_name == "keypoints":
+        assert tuple(model.net.kpt_shape) == (5, 3)
+
+
 def test_training_losses_are_ultralytics_and_decrease(coco8):
     task = ddkit.build("tasks", {"name": "detection"})
     torch.manual_seed(0)
@@ -78,13 +105,58 @@ def test_losses_equal_ultralytics_criterion_on_its_own_batch(coco8, factor):
     image, target = coco8[0]
     ours = task.training_forward(model, task.collate([(image, target)])).losses
     size = fitted_size(tuple(image.shape[-2:]), 64, factor)
-    x, ratio = letterbox([image], [size], 32, canvas=(64, 64))
+    x, _, _ = letterbox([image], [size], 32, canvas=(64, 64))
     h, w = image.shape[-2:]
+    left, top = round((64 - size[1]) / 2 - 0.1), round((64 - size[0]) / 2 - 0.1)  # centred as Ultralytics does
     b = target["boxes"] / torch.tensor([w, h, w, h]) * torch.tensor([size[1] / 64, size[0] / 64] * 2)
+    b = b + torch.tensor([left / 64, top / 64] * 2)
     ref = {"batch_idx": torch.zeros(len(b)), "cls": target["labels"].float()[:, None],
            "bboxes": torch.cat([(b[:, :2] + b[:, 2:]) / 2, b[:, 2:] - b[:, :2]], 1)}
     vec, _ = model.net.init_criterion()(model.net(x), ref)
     assert torch.allclose(torch.stack(list(ours.values())), vec, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (53, 37), (61, 20), (64, 64)])
+@pytest.mark.parametrize("fixed", [True, False])
+def test_letterbox_places_images_as_ultralytics_letterbox(shape, fixed):
+    """Training (a fixed square canvas) and inference (the smallest stride-multiple canvas, Ultralytics' ``auto``)
+    put the image where Ultralytics' ``LetterBox`` does: centred, the odd pixel of padding after the image. A flat
+    image makes the padding mask exact (resampling aside)."""
+    import numpy as np
+    from ultralytics.data.augment import LetterBox
+
+    from ddkit_ultralytics.letterbox import fitted_size, letterbox
+
+    h, w = shape
+    ref = LetterBox(new_shape=(64, 64), auto=not fixed, stride=32)(image=np.full((h, w, 3), 200, np.uint8))
+    ours, ratio, offset = letterbox([torch.full((3, h, w), 200 / 255)], [fitted_size(shape, 64)], 32,
+                                    canvas=(64, 64) if fixed else None)
+    assert tuple(ours.shape[-2:]) == ref.shape[:2]
+    assert torch.equal((ours[0, 0] * 255).round() == 114, torch.from_numpy(ref[..., 0] == 114))
+    rows, cols = np.nonzero(ref[..., 0] != 114)
+    assert offset[0].tolist() == [cols.min(), rows.min()]
+
+
+def test_predictions_map_back_to_the_pixels_they_cover():
+    """A box and a keypoint on the canvas of a centred image map back to the input pixels they cover, and the
+    canvas->input maps invert input->canvas."""
+    from ddkit_ultralytics.letterbox import (boxes_from_canvas, boxes_to_canvas, fitted_size, keypoints_from_canvas,
+                                             keypoints_to_canvas, letterbox)
+
+    image = torch.zeros(3, 40, 100)
+    image[:, 10:20, 30:50] = 1.0  # a white block at x 30..50, y 10..20
+    batch, ratio, offset = letterbox([image], [fitted_size((40, 100), 64)], 32, canvas=(64, 64))
+    ys, xs = torch.nonzero(batch[0, 0] > 0.5, as_tuple=True)
+    found = torch.tensor([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=torch.float32)
+    assert torch.allclose(boxes_from_canvas(found, ratio[0], offset[0], (40, 100)),
+                          torch.tensor([[30.0, 10.0, 50.0, 20.0]]), atol=1.6)  # one canvas pixel = 1.56 input
+    boxes = torch.tensor([[30.0, 10.0, 50.0, 20.0], [0.0, 0.0, 100.0, 40.0]])
+    assert torch.allclose(boxes_from_canvas(boxes_to_canvas(boxes, ratio[0], offset[0]), ratio[0], offset[0],
+                                            (40, 100)), boxes, atol=1e-4)
+    kps = torch.tensor([[[40.0, 15.0, 2.0], [99.0, 39.0, 1.0]]])
+    on_canvas = keypoints_to_canvas(kps, ratio[0], offset[0])
+    assert bool((batch[0, 0, on_canvas[0, 0, 1].long(), on_canvas[0, 0, 0].long()] > 0.5))
+    assert torch.allclose(keypoints_from_canvas(on_canvas, ratio[0], offset[0], (40, 100)), kps, atol=1e-4)
 
 
 def test_predictions_are_in_input_pixels_at_any_size(coco8):
@@ -129,6 +201,76 @@ def test_pretrained_true_is_offline_one_line_error_then_found_in_the_weights_dir
     assert torch.equal(plain.net.model[0].conv.weight, source.net.model[0].conv.weight)
 
 
+def test_weights_file_as_cfg_and_corrupt_weights_are_one_line_diagnoses(coco8, tmp_path, monkeypatch):
+    """``cfg: yolov8n.pt`` (what ``YOLO('yolov8n.pt')`` users write) says what to write instead; a damaged file is
+    called damaged (not "a pickled checkpoint"), with or without trust, and never a traceback."""
+    import random
+
+    from ddkit.errors import DataError
+    from ddkit_ultralytics.export import export_ultralytics
+
+    monkeypatch.chdir(tmp_path)
+    task = ddkit.build("tasks", {"name": "detection"})
+    with pytest.raises(ConfigError, match=r"set cfg: yolov8n.yaml with pretrained: true") as err:
+        task.build_model({**TINY, "cfg": "yolov8n.pt"}, coco8.info)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"yolov8n.pt is not a file \(pretrained: true takes Ultralytics' weights"):
+        task.build_model({**TINY, "pretrained": "yolov8n.pt"}, coco8.info)
+    good = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "good.pt")
+    (tmp_path / "random.pt").write_bytes(random.Random(0).randbytes(5000))
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:20000])
+    for name in ("random.pt", "cut.pt"):
+        for trust in (False, True):
+            with pytest.raises(DataError, match="cannot be read as a torch file .*: it is corrupt, truncated") as err:
+                task.build_model({**TINY, "pretrained": str(tmp_path / name), "trust_checkpoint": trust}, coco8.info)
+            assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match=r"holding Python objects \(ultralytics.nn.tasks.DetectionModel\)") as err:
+        task.build_model({**TINY, "pretrained": str(good)}, coco8.info)
+    assert str(err.value).endswith("or give a state dict")
+
+
+def test_ultralytics_pt_as_a_ddkit_checkpoint_is_refused_with_the_block_that_loads_it(coco8, tmp_path):
+    """An Ultralytics .pt (e.g. runs/detect/train/weights/best.pt) given where a ddkit checkpoint goes: the refusal
+    names the yolo model block that loads it (found without unpickling the file), and that block works."""
+    import re
+
+    from ddkit.engine.checkpoint import load_model
+    from ddkit.errors import DataError
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
+    with pytest.raises(DataError, match=r"Ultralytics checkpoint \(DetectionModel\)") as err:
+        load_model(path)
+    block = re.search(r"teacher.model: \{name: yolo, cfg: (\S+), pretrained: (\S+), trust_checkpoint: true\}",
+                      str(err.value))
+    assert block and block.groups() == ("yolov8n.yaml", str(path)) and "\n" not in str(err.value)
+    model = task.build_model({**TINY, "cfg": block[1], "pretrained": block[2], "trust_checkpoint": True}, coco8.info)
+    reference = torch.load(path, weights_only=False)["model"].model[0].conv.weight
+    assert torch.equal(model.net.model[0].conv.weight, reference)
+
+
+def test_class_names_of_an_ultralytics_pt_are_compared_with_the_dataset(coco8, tmp_path):
+    """Same number of classes, other names or order: one warning that the class head was loaded by index."""
+    import dataclasses
+    import warnings
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
+    block = {**TINY, "pretrained": str(path), "trust_checkpoint": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        task.build_model(block, coco8.info)  # the same names: silent
+    cats = coco8.info.categories
+    reversed_names = [{**c, "name": d["name"]} for c, d in zip(cats, reversed(cats))]
+    info = dataclasses.replace(coco8.info, categories=reversed_names)
+    with pytest.warns(UserWarning, match=r"80 of its 80 class names differ from the dataset's \(class 0 is "
+                                         r"'person' there, 'toothbrush' here\); its class head was loaded by index"):
+        task.build_model(block, info)
+
+
 def test_export_loads_in_ultralytics_with_the_same_outputs(coco8, tmp_path):
     from ultralytics import YOLO
 
@@ -144,9 +286,26 @@ def test_export_loads_in_ultralytics_with_the_same_outputs(coco8, tmp_path):
         assert torch.allclose(model.net(x)[0], yolo.model(x)[0], atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo26n.yaml", "yolo26n-pose.yaml"])
+@pytest.mark.parametrize("cfg", ["yolov8n-pose.yaml", "yolo26n-pose.yaml"])
+def test_exported_pose_model_is_a_pose_model_in_ultralytics(cfg, coco8_pose, tmp_path):
+    """Ultralytics reads a checkpoint's task from its args: a pose export must say 'pose', or it predicts no
+    keypoints and validates with detection metrics."""
+    from ultralytics import YOLO
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", "keypoints")
+    model = task.build_model({**TINY_POSE, "cfg": cfg}, coco8_pose.info).eval()
+    yolo = YOLO(str(export_ultralytics(model, tmp_path / "pose.pt")))
+    assert yolo.task == "pose"
+    result = yolo.predict(torch.rand(1, 3, 64, 64), imgsz=64, conf=0.0, verbose=False)[0]
+    assert result.keypoints is not None and tuple(result.keypoints.data.shape[1:]) == (17, 3)
+
+
+@pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolov10n.yaml", "yolo26n.yaml", "yolo26n-pose.yaml"])
 def test_other_families_train_and_predict(cfg, coco8, coco8_pose):
-    """Any Ultralytics yaml: YOLO11, and YOLO26 with its end-to-end losses (pose too)."""
+    """Any Ultralytics yaml with a Detect or Pose head: YOLO11, YOLOv10 (v10Detect), and YOLO26 with its
+    end-to-end losses (pose too)."""
     pose = "pose" in cfg
     data = coco8_pose if pose else coco8
     task = ddkit.build("tasks", "keypoints" if pose else "detection")
@@ -184,7 +343,8 @@ def test_pose_batch_with_images_without_people_trains(cfg, empty, coco8_pose):
     total.backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(bool(torch.isfinite(g).all()) for g in grads)
-    labels = model._ultralytics_targets([t for _, t in items], torch.ones(2, 2), (64, 64), torch.device("cpu"))
+    labels = model._ultralytics_targets([t for _, t in items], torch.ones(2, 2), torch.zeros(2, 2), (64, 64),
+                                        torch.device("cpu"))
     n = sum(len(t["boxes"]) for _, t in items)
     assert labels["keypoints"].shape == (n, 17, 3) and labels["bboxes"].shape == (n, 4)
     assert labels["batch_idx"].tolist() == [float(i) for i, (_, t) in enumerate(items) for _ in t["boxes"]]

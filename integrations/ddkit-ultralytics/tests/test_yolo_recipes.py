@@ -82,7 +82,7 @@ def test_yolo_det_recipe_runs_end_to_end(tmp_path):
     assert yolo.task == "detect" and yolo.names[0] == "person"
 
 
-def test_yolo_pose_recipe_runs_end_to_end_with_keypoint_fusion(tmp_path):
+def test_yolo_pose_recipe_runs_end_to_end_with_keypoint_fusion(tmp_path, capsys):
     out = tmp_path / "pose"
     cfg = load_config(REPO / "configs" / "yolo_pose_dd.yaml", _overrides(out, "coco8-pose", "yolov8n-pose.yaml"))
     assert cfg.label.aggregator.name == "keypoint_fusion"
@@ -90,6 +90,17 @@ def test_yolo_pose_recipe_runs_end_to_end_with_keypoint_fusion(tmp_path):
     _check_run(result, out, keypoints=True)
     pseudo = json.loads((out / "label" / "pseudo_labels.json").read_text())
     assert any(any(v == 2 for v in a["keypoints"][2::3]) for a in pseudo["annotations"])
+    # ddkit-yolo-export takes the run folder itself (its final student, as `ddkit export` does): a pose model there
+    from ultralytics import YOLO
+
+    from ddkit.engine.checkpoint import load_model
+    from ddkit_ultralytics.export import main
+
+    assert main([str(out), str(out / "pose_yolo.pt")]) == 0
+    assert f"student (stage student, {out / 'student' / 'model.pt'})" in capsys.readouterr().out
+    yolo = YOLO(str(out / "pose_yolo.pt"))
+    student = load_model(out / "student" / "model.pt")[1]
+    assert yolo.task == "pose" and torch.equal(yolo.model.model[0].conv.weight, student.net.model[0].conv.weight)
 
 
 def test_coco_recipe_resolves():
