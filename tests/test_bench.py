@@ -202,7 +202,7 @@ def test_third_party_strategies_join_the_grid(synthetic, tmp_path, monkeypatch, 
     from ddkit.cli import main
 
     registry = registry_from_plugin_manager(make_plugin_manager([_ExtraPlugin()]))
-    monkeypatch.setattr("ddkit.plugin_manager.get_registry", lambda refresh=False: registry)
+    monkeypatch.setattr("ddkit.plugin_manager._registry", registry)  # the process-wide registry, restored after
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"run: {{out_dir: {tmp_path / 'run'}}}\n"
                       "bench:\n  synthetic: {kind: detection, num_images: 12, num_views: 4, num_categories: 2, "

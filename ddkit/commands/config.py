@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ddkit.config import load_config, to_yaml
-from ddkit.plugin_manager import get_registry
+from ddkit import plugin_manager
 
 HELP = "show a recipe resolved with its defaults and overrides, after validation"
 
@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from ddkit.engine.recipe import validate_recipe, with_defaults
 
     cfg = load_config(args.recipe, args.overrides)
-    registry = get_registry()
+    registry = plugin_manager.get_registry()  # looked up per call: a test may swap the registry
     validate_recipe(cfg, registry, source=args.recipe)
     print(to_yaml(with_defaults(cfg, registry) if args.defaults else cfg), end="")
     return 0
