@@ -68,7 +68,8 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
     """Copy the tensors of ``state`` whose name (after stripping one of ``prefixes``) and shape match ``module``'s.
 
     Names starting with one of ``skip`` keep the module's own initialisation (a class head sized for other
-    classes). Other tensors of a different shape are skipped with a warning. Returns the module's loaded names;
+    classes). 3-channel input filters for a model of other input channels are adapted (:func:`_rgb_filters_for`).
+    Other tensors of a different shape are skipped with a warning. Returns the module's loaded names;
     raises :class:`DataError` when nothing matches.
     """
     own = module.state_dict()
@@ -81,6 +82,10 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
                     pass  # a head for other classes keeps its own init
                 elif own[name].shape == value.shape:
                     loaded[name] = value
+                elif _rgb_filters_for(own[name], value):  # the input conv of a grey (or N-channel) model
+                    from timm.models import adapt_input_conv
+
+                    loaded[name] = adapt_input_conv(own[name].shape[1], value)
                 else:
                     skipped.append(name)
                 break
@@ -91,6 +96,13 @@ def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: 
         warnings.warn(f"{source}: skipped {len(skipped)} tensors of a different shape: {skipped[:4]}", stacklevel=3)
     module.load_state_dict(loaded, strict=False)
     return set(loaded)
+
+
+def _rgb_filters_for(own: torch.Tensor, value: torch.Tensor) -> bool:
+    """A file's 3-channel conv filters where the model's conv takes another channel count, all else equal: they are
+    adapted as timm's ``adapt_input_conv`` does (grey: the RGB filters summed), as library weights are."""
+    return (own.ndim == value.ndim == 4 and value.shape[1] == 3 and own.shape[1] != 3
+            and own.shape[0] == value.shape[0] and own.shape[2:] == value.shape[2:])
 
 
 def load_pretrained(module: nn.Module, path: str | Path, prefixes: tuple[str, ...] = ("module.",)) -> nn.Module:

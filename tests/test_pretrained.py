@@ -79,6 +79,18 @@ def test_torchvision_classifier_on_grey_images_sums_the_rgb_filters(torch_home):
     assert torch.allclose(model.state_dict()["features.0.0.weight"], file["features.0.0.weight"].sum(1, keepdim=True))
 
 
+@pytest.mark.parametrize("cfg", [{"name": "torchvision", "arch": "resnet18"},
+                                 {"name": "timm", "model_name": "resnet18"}])
+def test_a_local_rgb_weights_file_on_grey_images_sums_the_rgb_filters(tmp_path, cfg):
+    """A local file of ImageNet-style (3-channel) weights gives a grey model the summed RGB filters, as library
+    weights do (it used to skip the first conv with a warning and keep a random one)."""
+    file = _distinct(torchvision.models.resnet18(weights=None).state_dict())
+    torch.save(file, tmp_path / "rgb.pth")
+    model = _build("classification", {**cfg, "pretrained": str(tmp_path / "rgb.pth")}, image_shape=(1, 16, 16))
+    assert torch.allclose(model.state_dict()["conv1.weight"], file["conv1.weight"].sum(1, keepdim=True))
+    assert torch.equal(model.state_dict()["layer1.0.conv1.weight"], file["layer1.0.conv1.weight"])
+
+
 def test_timm_loads_through_its_hugging_face_cache(tmp_path, monkeypatch):
     import safetensors.torch as safetensors_torch
     import timm
