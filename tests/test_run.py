@@ -322,6 +322,7 @@ def test_stale_stages_are_removed_before_anything_runs(recipe, tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         run_recipe(load_config(recipe, [f"run.out_dir={tmp_path}", *small, "teacher.train.lr=0.2"]),
                    source=str(recipe), progress=False)
-    assert "teacher, label, select, student: inputs changed, forced or an output file deleted" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "teacher, label, select, student: inputs changed, forced or an output file deleted" in printed
     assert completed_stages(tmp_path) == {}
     assert not (tmp_path / "student").exists() and not (tmp_path / "results.md").exists()

@@ -24,7 +24,8 @@ Data conventions (shared by every dataset and task):
 This module is the engine API that plugins may import (with :mod:`ddkit.types`, :mod:`ddkit.errors`,
 :mod:`ddkit.io`, :mod:`ddkit.ops`): the Task protocol, what loss terms see (:class:`LossContext`,
 :class:`SetupContext`, :class:`FeatureHook`) and the dataset helpers of :mod:`ddkit.engine.data` it re-exports
-(``get_target``, ``read_image``, ``image_size``, ``adapt_image``, ``check_images``, ``report_skipped``, ``split_indices``).
+(``get_target``, ``read_image``, ``image_size``, ``adapt_image``, ``check_images``, ``report_skipped``,
+``split_indices``).
 
 Loss terms (kind ``losses``):
 
@@ -65,7 +66,8 @@ from ddkit.types import DatasetInfo, Instances
 
 __all__ = ["coco_evaluate", "coco_ground_truth", "Task", "KeypointTask", "TrainOutputs", "Batch", "LossTerm", "LossContext", "SetupContext", "FeatureHook",
            "get_submodule", "unwrap_model", "attach_model_info", "model_info", "category_ids", "get_target",
-           "read_image", "image_size", "adapt_image", "check_images", "report_skipped", "split_indices", "IMAGE_EXTENSIONS"]
+           "read_image", "image_size", "adapt_image", "check_images", "report_skipped", "split_indices",
+           "IMAGE_EXTENSIONS"]
 
 Batch = dict[str, Any]
 
