@@ -367,3 +367,34 @@ def test_run_stage_init_follows_train_seed(tmp_path, monkeypatch):
     assert seeds == [1, 1, 2, 1002, 1002, 1001]
     assert torch.equal(inits[0], inits[1]) and not torch.equal(inits[0], inits[2])
     assert torch.equal(inits[3], inits[4]) and not torch.equal(inits[3], inits[2])  # an extra teacher's offset
+
+
+@pytest.mark.parametrize("classes", ["fewer", "renamed"])
+def test_a_teacher_of_other_classes_is_refused_before_training_unless_only_its_features_are_read(digits, tmp_path,
+                                                                                                 classes):
+    """Soft targets read the teacher's class outputs: a teacher of other classes (fewer; or as many, named
+    otherwise) is one error before any step; a hint reads features only, so such a teacher may serve it."""
+    import dataclasses
+
+    from ddkit.engine.checkpoint import save_model
+
+    task = ddkit.build("tasks", "classification")
+    cats = digits.info.categories
+    other = cats[:5] if classes == "fewer" else [{**c, "name": f"class {c['id']}"} for c in cats]
+    torch.manual_seed(0)
+    teacher = task.build_model({"name": "mlp", "hidden": [24]}, dataclasses.replace(digits.info, categories=other))
+    save_model(teacher, tmp_path / "teacher.pt")
+    cfg = {"iterations": 3, "batch_size": 8, "log_every": 1}
+
+    def train(losses, out):
+        torch.manual_seed(0)
+        student = task.build_model({"name": "mlp", "hidden": [16]}, digits.info)
+        return train_model(task, student, [digits.labeled], cfg, tmp_path / out, teacher=tmp_path / "teacher.pt",
+                           losses=losses, progress=False)
+
+    with pytest.raises(ConfigError, match=r"loss terms \['soft_target'\].* are not the model's .*give a teacher "
+                                          r"trained on these classes"):
+        train([{"name": "hard_label"}, {"name": "soft_target"}], "soft")
+    assert not (tmp_path / "soft" / "checkpoints").exists()
+    hint = {"name": "hint", "teacher_layer": "1", "student_layer": "1", "weight": 0.1}
+    assert train([{"name": "hard_label"}, hint], "hint")["finished"]

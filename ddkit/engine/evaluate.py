@@ -151,14 +151,14 @@ def _pairs(info: DatasetInfo) -> list[tuple[int, str]]:
     return [(int(c["id"]), str(c.get("name"))) for c in info.categories]
 
 
-def check_same_classes(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str) -> None:
+def check_same_classes(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str,
+                       fix: str = "evaluate on a dataset with the classes the model was trained on") -> None:
     """The model's categories (ids and names) must be the dataset's: labels are compared by id."""
     ours, theirs = _pairs(model_info), _pairs(data_info)
     if ours != theirs:
         missing = sorted({name for _, name in theirs} - {name for _, name in ours})
         raise ConfigError(f"{data_src}: its categories {theirs[:6]}{'...' if len(theirs) > 6 else ''} are not the "
-                          f"model's {ours[:6]}{'...' if len(ours) > 6 else ''} ({model_src}); evaluate on a dataset "
-                          "with the classes the model was trained on"
+                          f"model's {ours[:6]}{'...' if len(ours) > 6 else ''} ({model_src}); {fix}"
                           + (f" (the model has no class named {', '.join(map(repr, missing[:4]))})" if missing else ""))
     _check_keypoints(model_info, data_info, model_src, data_src)
 

@@ -507,7 +507,8 @@ class Runner:
         as it is and evaluated on the test part for the table, with the teacher section's evaluation batch size
         (``teacher.train.eval_batch_size``, else its ``batch_size``) as a trained teacher would be."""
         _, model, info = load_model(path, device=self.device, registry=self.registry)
-        check_same_classes(info, self.splits.info, str(path), self.source)
+        check_same_classes(info, self.splits.info, str(path), self.source,
+                           fix="give a teacher.checkpoint trained on the recipe's classes")
         batch = parse_train_config(self.teacher_cfg.get("train"), "teacher.train").evaluation_batch_size
         metrics = self.task.evaluate(model, self.splits.test, batch) if self.is_main else {}  # the others: the marker
         return {"model": str(path.resolve()), "metrics": metrics, "iterations": 0, "eval_batch_size": batch}

@@ -49,18 +49,20 @@ from ddkit.engine.augment import Augment, mix_seed, shift_image
 from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, resolve_checkpoint
 from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
+from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.hooks import CheckpointHook, EvalHook, FinalHook, LogHook, RunLog, TrainingDiverged, describe_run
 from ddkit.engine.losses import SetupContext
 from ddkit.engine.resume import (check_finished, check_resume, clean_stale_temp, recipe_record, refuse_fresh_start,
                                  resume_changes)
 from ddkit.engine.sampler import MixedRatioSampler
-from ddkit.engine.task import Task, unwrap_model
+from ddkit.engine.task import Task, model_info, unwrap_model
 from ddkit.engine.teacher_cache import TeacherCache, TeacherOutputs, _Indexed, dataset_fingerprint
 from ddkit.engine.train_config import TrainConfig, lr_factor, parse_train_config, total_iterations
 from ddkit.engine.trainer import StepParts, Trainer
 from ddkit.errors import ConfigError
 from ddkit.io import file_sha256
 from ddkit.runtime import dist_info, resolve_device, state_sha256
+from ddkit.types import DatasetInfo
 
 __all__ = ["TrainConfig", "TrainingDiverged", "TeacherCache", "lr_factor", "parse_train_config", "resume_changes",
            "run_train", "shift_image", "stage_run_dir", "total_iterations", "train_model", "resolve_device"]
@@ -194,6 +196,18 @@ def _optimizer(cfg: TrainConfig, params: list[torch.Tensor], total: int) -> tupl
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, total, cfg))
 
 
+def _check_teacher_classes(teacher: nn.Module | None, terms: Sequence[Any], names: Sequence[str],
+                           info: DatasetInfo) -> None:
+    """Terms that read the teacher's predictions need a teacher of the data's classes, ids and names (a 10-class
+    teacher on 5-class data crashed mid-training; the same count under other names trained silently mismatched).
+    A hint reads features only, so any teacher may serve it."""
+    reading = [names[i] for i, t in enumerate(terms) if getattr(t, "teacher_outputs", "none") in ("logits", "model")]
+    if teacher is None or not reading or not hasattr(unwrap_model(teacher), "ddkit_info"):
+        return  # a plain module (the Python API): its classes are unknown
+    check_same_classes(model_info(teacher)[1], info, "the teacher", f"the training data (loss terms {reading})",
+                       fix="give a teacher trained on these classes")
+
+
 def _needs_teacher(terms: Sequence[Any]) -> list[int]:
     """Indices of the terms that read the teacher (asked of each term, any plugin's)."""
     return [i for i, t in enumerate(terms) if getattr(t, "teacher_outputs", "none") != "none"]
@@ -321,6 +335,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
         raise ConfigError(f"the loss terms {needing} need a teacher; give a teacher checkpoint")
     if cfg.init == "teacher" and teacher is None:
         raise ConfigError("train.init: teacher needs a teacher")
+    _check_teacher_classes(teacher, terms, names, get_info(data.concat))
     _check_cache_config(cfg, teacher, terms)
     student = model.to(dev)
     if cfg.init == "teacher" and not resume:  # a resumed run may also start fresh: init again after the resume
