@@ -147,6 +147,14 @@ def test_gap_closed_is_reported_only_when_the_fully_labeled_model_is_better(reci
     assert summary.get("gap_closed_by_round") == (None if gap is None else {"student": gap, "student_r2": 0.8})
 
 
+def test_a_null_kd_variant_is_dropped(first_run, recipe, capsys):
+    """``kd.variants.soft: null`` removes that variant (it trained a hard-label student named after it)."""
+    summary = run_recipe(load_config(recipe, ["kd.variants.soft=null"]), source=str(recipe), progress=False)
+    stages = {r["stage"] for r in summary["rows"]}
+    assert "kd_soft" not in stages and "kd_alone" in stages
+    assert "kd_soft" not in capsys.readouterr().out
+
+
 def test_changed_inputs_redo_only_the_stages_that_read_them(first_run, recipe, capsys):
     cfg = load_config(recipe, ["kd.variants.soft.losses.1.temperature=3.0"])
     run_recipe(cfg, source=str(recipe), progress=False)

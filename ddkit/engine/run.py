@@ -90,6 +90,13 @@ def _without_cadence(path: str, value: Any) -> Any:
     return value
 
 
+def _dropping_null_variants(kd: dict[str, Any]) -> dict[str, Any]:
+    """``kd.variants.X: null`` drops variant X (the way to remove one that ``defaults:`` brought in); ``X: {}`` is a
+    student with the default loss."""
+    variants = kd.get("variants") or {}
+    return {**kd, "variants": {k: v for k, v in variants.items() if v is not None}} if variants else kd
+
+
 def _section(cfg: DictConfig, key: str) -> Any:
     return _to_plain(cfg.get(key)) if cfg.get(key) is not None else None
 
@@ -123,7 +130,7 @@ class Runner:
         self.label_cfg = _section(cfg, "label")
         self.baselines = _section(cfg, "baselines") or {}
         self.evaluate_cfg = _section(cfg, "evaluate") or {}
-        self.kd = _section(cfg, "kd") or {}
+        self.kd = _dropping_null_variants(_section(cfg, "kd") or {})
         self.kd_baseline = self._kd_baseline_variant()
         self.rounds = cfg.get("rounds") or 1
         if self.student_cfg is None and (self.label_cfg is not None or self.kd):
