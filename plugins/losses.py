@@ -258,6 +258,10 @@ class Hint:
         s_shape, t_shape = first[0].shape, first[1].shape
         for h in self._hooks:
             h.clear()
+        if self.distance == "channel_kl" and (len(s_shape) != 4 or len(t_shape) != 4):
+            raise ConfigError(f"hint: distance channel_kl needs [B, C, H, W] maps; student layer "
+                              f"{self.student_layer!r} gives {tuple(s_shape)}, teacher layer {self.teacher_layer!r} "
+                              f"{tuple(t_shape)}")
         self.adapter = self.make_adapter(s_shape, t_shape).to(ctx.device)
         return self.adapter
 

@@ -252,6 +252,21 @@ def test_a_hint_layer_missing_from_a_given_teacher_checkpoint_is_found_first(fir
     assert not out.exists()
 
 
+@pytest.mark.parametrize("overrides, words", [
+    (["kd.variants.soft.losses=[{name: hint, teacher_layer: '1', student_layer: '1', distance: channel_kl}]"],
+     r"kd.variants.soft.losses\[0\]: hint: distance channel_kl needs \[B, C, H, W\] maps; student layer '1'"),
+    (["kd.variants.soft.train={teacher_cache: true, translate: 1}"],
+     r"kd.variants.soft.train: train.teacher_cache is only valid without random augmentation"),
+])
+def test_loss_terms_that_do_not_fit_are_refused_before_anything_is_written(recipe, tmp_path, overrides, words):
+    """Shapes a term learns only from a forward (its setup on a dry batch) and a teacher cache beside random
+    augmentation: refused when the recipe is checked, not after the teacher and the earlier variants trained."""
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match=words):
+        Runner(load_config(recipe, [f"run.out_dir={out}", *overrides]))
+    assert not out.exists()
+
+
 def test_cli_prints_the_results_table(first_run, recipe):
     proc = subprocess.run([sys.executable, "-m", "ddkit", "run", str(recipe), "--no-progress"],
                           capture_output=True, text=True)

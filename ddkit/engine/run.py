@@ -44,12 +44,12 @@ from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data, l
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
-from ddkit.engine.losses import check_term_contract
+from ddkit.engine.losses import SetupContext, check_term_contract
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.teacher_cache import dataset_fingerprint
-from ddkit.engine.train import parse_train_config, resolve_device, total_iterations, train_model
+from ddkit.engine.train import check_cache_config, parse_train_config, resolve_device, total_iterations, train_model
 from ddkit.engine.train_config import HARMLESS_KEYS
 from ddkit.errors import DEBUG_ENV, ConfigError, DDKitError, DegenerateResultError, StageError
 from ddkit.io import atomic_write_json, atomic_write_text
@@ -236,20 +236,28 @@ class Runner:
     def _check_loss_terms(self, models: Mapping[str, Any]) -> None:
         """Each student's loss terms asked (through their own ``check_models``, any plugin's) whether they work with
         the built student and teacher, e.g. that a hint's layers exist: found now, not when that student starts."""
-        students = {"student.losses": ((self.student_cfg or {}).get("losses"), models.get("student.model"))}
+        student_train = (self.student_cfg or {}).get("train") or {}
+        students = {"student": ((self.student_cfg or {}).get("losses"), models.get("student.model"), student_train)}
         for variant, block in (self.kd.get("variants") or {}).items():
             model = models.get(f"kd.variants.{variant}.model") or models.get("student.model")
-            students[f"kd.variants.{variant}.losses"] = ((block or {}).get("losses"), model)
-        if not any(losses for losses, _ in students.values()):
+            train = {**student_train, **((block or {}).get("train") or {})}
+            students[f"kd.variants.{variant}"] = ((block or {}).get("losses"), model, train)
+        if not any(losses for losses, _, _ in students.values()):
             return
         teacher = models.get("teacher.model")
         if teacher is None and self.teacher_cfg.get("checkpoint"):
             teacher = load_model(self.teacher_cfg["checkpoint"], registry=self.registry)[1]
-        for where, (losses, student) in students.items():
-            for i, block in enumerate(losses or []):
-                self._check_term(f"{where}[{i}]", block, student, teacher)
+        for where, (losses, student, train) in students.items():
+            terms = [self._check_term(f"{where}.losses[{i}]", block, student, teacher)
+                     for i, block in enumerate(losses or [])]
+            try:
+                check_cache_config(parse_train_config(train, f"{where}.train"), teacher, terms)
+            except ConfigError as err:
+                raise ConfigError(f"{self.source}: {where}.train: {err}") from None
 
-    def _check_term(self, where: str, block: Any, student: Any, teacher: Any) -> None:
+    def _check_term(self, where: str, block: Any, student: Any, teacher: Any) -> Any:
+        """One loss term, built and asked whether it fits: its contract, its own ``check_models``, and its ``setup``
+        on a dry batch of two labeled items (hint shapes, paired detectors), as the training stage will call it."""
         entry, _ = self.registry.params("losses", block, where=f"{self.source}: {where}")
         term = self.registry.build("losses", block, where=f"{self.source}: {where}")
         check = getattr(term, "check_models", None)
@@ -258,10 +266,17 @@ class Runner:
                                 self.task.name, self._losses_for_task())
             if check is not None and student is not None:
                 check(student, teacher)
+            if getattr(term, "setup", None) is not None and student is not None and teacher is not None:
+                term.setup(SetupContext(self.task, student, teacher, self._dry_batch(), torch.device("cpu"), 1))
         except ConfigError as err:
             raise ConfigError(f"{self.source}: {where}: {err}") from None
         finally:
             getattr(term, "close", lambda: None)()
+        return term
+
+    def _dry_batch(self) -> dict[str, Any]:
+        items = [self.splits.labeled[i] for i in range(min(2, len(self.splits.labeled)))]
+        return self.task.collate([(image, {**target, "_index": i}) for i, (image, target) in enumerate(items)])
 
     def _losses_for_task(self) -> list[str]:
         """The registered losses whose declared ``tasks`` (asked of each factory) include this recipe's task."""

@@ -224,7 +224,8 @@ def _teacher_cache(cfg: TrainConfig, task: Task, teacher: nn.Module | None, term
                               cfg.evaluation_batch_size, dev, progress, rank, fingerprint=fingerprint)
 
 
-def _check_cache_config(cfg: TrainConfig, teacher: nn.Module | None, terms: list[Any]) -> None:
+def check_cache_config(cfg: TrainConfig, teacher: nn.Module | None, terms: list[Any]) -> None:
+    """A teacher-output cache with random augmentation would feed the terms outputs of other images."""
     uses_cache = cfg.teacher_cache and teacher is not None and any(getattr(t, "teacher_outputs", "") == "logits"
                                                                    for t in terms)
     if uses_cache and (cfg.hflip > 0 or cfg.translate > 0):
@@ -336,7 +337,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
     if cfg.init == "teacher" and teacher is None:
         raise ConfigError("train.init: teacher needs a teacher")
     _check_teacher_classes(teacher, terms, names, get_info(data.concat))
-    _check_cache_config(cfg, teacher, terms)
+    check_cache_config(cfg, teacher, terms)
     student = model.to(dev)
     if cfg.init == "teacher" and not resume:  # a resumed run may also start fresh: init again after the resume
         _init_from_teacher(student, teacher)
