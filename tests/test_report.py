@@ -331,3 +331,13 @@ def test_error_is_drawn_in_percent_from_zero_and_every_loss_term_is_drawn():
     assert list(ax_metric.get_lines()[0].get_ydata()) == pytest.approx([3.1, 2.5])
     assert ax_metric.get_ylabel() == "error %" and ax_metric.get_ylim()[0] == 0
     plt.close(fig)
+
+
+def test_kd_lines_are_worded_as_results_md_words_them(tmp_path: Path):
+    """The relative error cut in %, the AP gain in AP points, as results.md: not a bare fraction under a key."""
+    results = {"task": "classification", "metric": "error",
+               "rows": [{"model": "student alone", "stage": "kd_alone", "error %": 5.0}],
+               "kd_relative_error_reduction": {"kd_soft": 0.3}, "kd_ap_gain": {"kd_detector_kd": -0.04}}
+    text = write_report(tmp_path / "kd", results).read_text()
+    assert "kd_soft: <b>30 %</b> relative error reduction" in text
+    assert "kd_detector_kd: <b>-0.04 AP</b> over the student alone" in text and "0.3000" not in text

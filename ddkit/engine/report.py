@@ -232,6 +232,12 @@ def _results_section(results: Mapping[str, Any], plots: Path, rel: str) -> str:
             if _finite(g) else ""
         shown = f"{g:.3f}" if _finite(g) else fmt_value(g)
         parts.append(f"<p>Gap closed: <b>{_esc(shown)}</b>{_esc(extra)}</p>")
+    # the KD lines as results.md words them: a relative cut in %, an AP gain in AP points (the table's unit)
+    for stage, red in (results.get("kd_relative_error_reduction") or {}).items():
+        parts.append(f"<p>{_esc(stage)}: <b>{100 * red:.0f} %</b> relative error reduction over the student "
+                     f"alone</p>")
+    for stage, gain in (results.get("kd_ap_gain") or {}).items():
+        parts.append(f"<p>{_esc(stage)}: <b>{gain:+.2f} AP</b> over the student alone</p>")
     tta = results.get("tta")
     if isinstance(tta, Mapping) and tta:
         parts.append("<h3>Test-time augmentation: single view vs ensemble</h3>")
@@ -239,7 +245,8 @@ def _results_section(results: Mapping[str, Any], plots: Path, rel: str) -> str:
             parts.append(_table([{"model": k, **v} for k, v in tta.items()], text_columns=("model",)))
         else:
             parts.append(_kv_table(tta))
-    known = {"task", "metric", "rows", "gap_closed", "tta", "stopped", "warnings"}
+    known = {"task", "metric", "rows", "gap_closed", "tta", "stopped", "warnings", "kd_relative_error_reduction",
+             "kd_ap_gain"}
     other = {k: v for k, v in results.items() if k not in known}
     if other:
         parts.append("<h3>Other results</h3>")
