@@ -241,7 +241,7 @@ class DetectorKD:
     def setup(self, ctx: SetupContext) -> None:
         student, teacher = paired_detectors(ctx, "detector_kd", "roi_heads.box_predictor",
                                             "two-stage detectors (fasterrcnn, keypointrcnn)", "one-stage: dense_kd",
-                                            lambda m: m.roi_heads.box_predictor.cls_score.out_features)
+                                            lambda m: m.roi_heads.box_predictor.cls_score.out_features - 1)
         self.close()
         self._record(student.roi_heads, "select_training_samples", "rois")  # (proposals, idxs, labels, targets)
         heads = student.roi_heads
