@@ -236,3 +236,14 @@ def test_example_label_recipes_are_valid(path):
     validate_config(cfg, get_registry(), source=str(path))
     lcfg = L.parse_label_config(cfg.label)
     assert lcfg.transforms and cfg.teacher.checkpoint
+
+
+def test_the_label_recipe_headers_train_then_label_command_works(tmp_path):
+    """``ddkit train configs/train_mnist_teacher.yaml && ddkit label configs/label_digits.yaml`` (shrunk): the label
+    recipe finds the teacher where ddkit train wrote it (<out_dir>/teacher)."""
+    out = f"run.out_dir={tmp_path}"
+    assert main(["train", str(REPO / "configs" / "train_mnist_teacher.yaml"), out, "teacher.train.iterations=3",
+                 "--no-progress"]) == 0
+    assert main(["label", str(REPO / "configs" / "label_digits.yaml"), out, "label.max_images=40",
+                 "--no-progress"]) == 0
+    assert (tmp_path / "label" / "pseudo_labels.json").is_file()
