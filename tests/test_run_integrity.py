@@ -220,3 +220,19 @@ def test_label_images_that_are_test_or_labeled_files_are_warned_about(tmp_path, 
     assert len(said) == 1 and expected in said[0], summary.get("warnings")
     assert results_md.startswith("**WARNING:**") and expected in results_md.split("|")[0]
     assert expected in caplog.text
+
+
+def test_copies_of_test_pictures_under_their_file_names_are_warned_about():
+    """coco8-pose's train images 36 and 49 are re-encoded copies of coco8's val images of the same names: as
+    unlabeled images beside coco8 val as test they would be pseudo-labelled and then scored. Same-named files of
+    different pictures (coco8 train against val share no name; folders of 00.png, 01.png ...) are not warned about."""
+    from ddkit.engine.data import build_data
+
+    def part(root, split):
+        return {"dataset": {"name": "yolo", "root": str(root), "split": split}}
+
+    splits = build_data({"train": part(COCO8, "train"), "unlabeled": part(COCO8.parent / "coco8-pose", "train"),
+                         "test": part(COCO8, "val")})
+    assert len(splits.warnings) == 1, splits.warnings
+    assert "data.unlabeled and data.test hold 2 copies of one picture under one file name" in splits.warnings[0]
+    assert "000000000036.jpg" in splits.warnings[0]

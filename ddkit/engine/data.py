@@ -329,18 +329,48 @@ def _files(dataset: Any) -> set[str]:
     return {f for i in range(len(dataset)) if (f := item_file(dataset, i))}
 
 
+def _overlap(a: set[str], b: set[str], what: str, consequence: str) -> list[str]:
+    """Warnings when two sets of image files (resolved paths) share files, or hold copies of one picture under one
+    file name in other folders (COCO-derived sets such as coco8 and coco8-pose name images by their COCO id, and
+    re-encode them); ``what``: "X and Y"."""
+    out = []
+    same = sorted(a & b)
+    if same:
+        out.append(f"{what} share {len(same)} image file(s) (e.g. {same[0]}): {consequence}")
+    by_name = {Path(f).name: f for f in b - a}
+    copies = [(f, by_name[Path(f).name]) for f in sorted(a - b) if Path(f).name in by_name][:MAX_COPY_CHECKS]
+    copies = [pair for pair in copies if _same_picture(*pair)]
+    if copies:
+        out.append(f"{what} hold {len(copies)}{'+' if len(copies) == MAX_COPY_CHECKS else ''} copies of one picture "
+                   f"under one file name (e.g. {copies[0][0]} and {copies[0][1]}): {consequence}")
+    for msg in out:
+        log.warning(msg)
+    return out
+
+
+MAX_COPY_CHECKS = 100  # same-named files compared by content (two decodes each)
+
+
+def _same_picture(a: str, b: str) -> bool:
+    """Whether two image files hold one picture up to re-encoding and resizing: their 32 x 32 grey thumbnails
+    differ by less than 2 % on average."""
+    try:
+        x, y = (torch.nn.functional.interpolate(read_image(p).mean(0)[None, None], size=(32, 32), mode="area")
+                for p in (a, b))
+    except DataError:
+        return False
+    return float((x - y).abs().mean()) < 0.02
+
+
 def _shared_files(parts: Mapping[str, Any], where: str) -> list[str]:
     """A warning for each pair of parts that share image files (test images among the unlabeled ones would be
     pseudo-labelled, trained on and then scored: a result that looks better than it is)."""
     files = {k: _files(d) for k, d in parts.items()}
+    section = where.rpartition(": ")[2]
     out = []
     for a, b in (("unlabeled", "test"), ("train", "test"), ("train", "unlabeled")):
-        shared = sorted(files.get(a, set()) & files.get(b, set()))
-        if shared:
-            msg = (f"{where}.{a} and {where}.{b} share {len(shared)} image file(s) (e.g. {shared[0]}): results on "
-                   f"{b} are not measured on unseen images")
-            log.warning(msg)
-            out.append(msg)
+        out += _overlap(files.get(a, set()), files.get(b, set()), f"{where}.{a} and {section}.{b}",
+                        f"results on {b} are not measured on unseen images")
     return out
 
 
@@ -355,12 +385,9 @@ def label_overlap_warnings(files: Iterable[str], splits: Splits, field: str, sou
             (splits.test, "test", "the student trains on pseudo-labels of test images, so results on test are not "
                                   "measured on unseen images"),
             (splits.labeled, "train", "those images are both labeled and pseudo-labelled")):
-        shared = sorted(label_files & _files(part)) if part is not None and label_files else []
-        if shared:
-            msg = (f"{source}: {field} and data.{key} share {len(shared)} image file(s) (e.g. {shared[0]}): "
-                   f"{consequence}; remove them from {field}")
-            log.warning(msg)
-            out.append(msg)
+        if part is not None and label_files:
+            out += _overlap(label_files, _files(part), f"{source}: {field} and data.{key}",
+                            f"{consequence}; remove them from {field}")
     return out
 
 
