@@ -39,14 +39,21 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    """Options may stand anywhere among a command's positionals (``ddkit train R a=1 --no-progress b=2``):
-    argparse's intermixed parsing, for every command without sub-actions of its own."""
+    """Options may stand anywhere among a command's positionals (``ddkit train R a=1 --no-progress b=2``,
+    ``ddkit config show R --defaults a=1``): argparse's intermixed parsing of the command, or of its sub-action."""
     parser, commands = _build()
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = commands.get(argv[0]) if argv else None
-    if cmd is None or cmd._subparsers is not None:
+    if cmd is None:
         return parser.parse_args(argv)
-    return cmd.parse_intermixed_args(argv[1:])
+    namespace, rest = argparse.Namespace(**cmd._defaults), argv[1:]
+    while cmd._subparsers is not None:  # walk down to the sub-action (config -> show)
+        actions = next(a for a in cmd._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
+        if not rest or rest[0] not in actions.choices:
+            return parser.parse_args(argv)  # argparse's own message (a missing or unknown action)
+        setattr(namespace, actions.dest, rest[0])
+        cmd, rest = actions.choices[rest[0]], rest[1:]
+    return cmd.parse_intermixed_args(rest, namespace=namespace)
 
 
 def disk_full_message(err: OSError) -> str:

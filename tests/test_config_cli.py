@@ -201,3 +201,12 @@ def test_recipe_value_errors_say_how_to_write_the_value(override, words):
     recipe = REPO / "configs" / "mnist_dd.yaml"
     with pytest.raises(ConfigError, match=re.escape(words)):
         Runner(load_config(recipe, [override, "run.out_dir=/nonexistent/never"]), source=str(recipe))
+
+
+def test_config_show_takes_its_options_anywhere_among_the_overrides(capsys):
+    """As every command: ``ddkit config show R --defaults k=v`` (the README says options may stand anywhere)."""
+    recipe = str(REPO / "configs" / "mnist_dd.yaml")
+    assert main(["config", "show", recipe, "--defaults", "run.seed=3"]) == 0
+    first = capsys.readouterr().out
+    assert main(["config", "show", recipe, "run.seed=3", "--defaults"]) == 0
+    assert capsys.readouterr().out == first and "seed: 3" in first and "warmup_factor" in first  # a default
