@@ -18,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="a checkpoint (.pt), a stage folder, or a `ddkit run` folder (its final "
                                            "student)")
     parser.add_argument("-o", "--output", help="output file (default: RUN/model.pt for a run folder, else model.pt "
-                                               "beside the checkpoints)")
+                                               "beside the checkpoints, or model_export.pt where model.pt is the "
+                                               "file exported); a dict whose 'model' is the plain state dict")
     parser.add_argument("--no-verify", action="store_true", help="do not rebuild the model to check the file")
 
 
