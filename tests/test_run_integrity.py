@@ -12,7 +12,7 @@ import ddkit
 from ddkit.cli import main
 from ddkit.config import load_config
 from ddkit.engine.run import run_recipe
-from ddkit.errors import DegenerateResultError
+from ddkit.errors import ConfigError, DegenerateResultError
 
 from test_run import RECIPE
 
@@ -236,3 +236,16 @@ def test_copies_of_test_pictures_under_their_file_names_are_warned_about():
     assert len(splits.warnings) == 1, splits.warnings
     assert "data.unlabeled and data.test hold 2 copies of one picture under one file name" in splits.warnings[0]
     assert "000000000036.jpg" in splits.warnings[0]
+
+
+def test_a_yolo_export_of_images_made_in_memory_is_refused_before_anything_is_written(tmp_path):
+    """Generated shapes have no image files for a YOLO dataset: refused when the recipe is checked (it failed after
+    the teacher trained and the labelling ran, in developer words)."""
+    from ddkit.engine.run import Runner
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "synthetic_det_dd.yaml"
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="label.format: both writes a YOLO dataset of image files, but the "
+                                          "unlabeled images are made in memory"):
+        Runner(load_config(recipe, ["label.format=both", f"run.out_dir={out}"]), source=str(recipe))
+    assert not out.exists()

@@ -40,7 +40,8 @@ from omegaconf import DictConfig, OmegaConf
 from ddkit.config import save_config
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
-from ddkit.engine.data import ConcatDataset, HiddenLabels, Splits, build_data, label_overlap_warnings
+from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, build_data, item_file,
+                              label_overlap_warnings)
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
@@ -178,6 +179,9 @@ class Runner:
                 described = source.describe()
                 where = described.get("file") or described.get("root") or "the unlabeled part"
                 raise ConfigError(f"{self.source}: label: nothing to label, {where} holds no images")
+            if label_cfg.format != "coco" and not (source.image_files() or item_file(self.splits.unlabeled, 0)):
+                raise ConfigError(f"{self.source}: label.format: {label_cfg.format} writes a YOLO dataset of image "
+                                  f"files, but the unlabeled images are made in memory (no files); use format: coco")
             ratio = (self.student_cfg.get("train") or {}).get("ratio")
             if ratio is not None and len(ratio) < 2:
                 raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} needs an entry for each of the "
