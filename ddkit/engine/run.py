@@ -160,35 +160,39 @@ class Runner:
         """What a later stage would otherwise find wrong only after the teacher has trained: the unlabeled images,
         the student's mixing ratio, the label and TTA strategies against the task, the batch split under torchrun,
         every model block (built once here, so a bad one fails now) and the loss terms against those models."""
-        self._check_unlabeled()
+        in_memory = self._check_unlabeled()
         self._check_strategies()
+        fmt = (self.label_cfg or {}).get("format") or "coco"
+        if fmt != "coco" and in_memory:
+            raise ConfigError(f"{self.source}: label.format: {fmt} writes a YOLO dataset of image files, but the "
+                              f"unlabeled images are made in memory (no files); use format: coco")
         self._check_ddp_batches()
         self._check_loss_terms(self._build_models())
 
-    def _check_unlabeled(self) -> None:
-        """The images the label stage reads, and a student ratio that samples them."""
-        if self.label_cfg is not None:
-            try:  # the label stage's own reader: the folder or COCO file named, or the unlabeled part
-                label_cfg = parse_label_config(self.label_cfg)
-                source = make_source(label_cfg, self.splits.unlabeled, self.splits.info)
-            except ConfigError as err:
-                raise ConfigError(f"{self.source}: {err}") from None
-            field = "label.coco" if label_cfg.coco else "label.images"
-            self.splits.warnings += label_overlap_warnings(source.image_files(), self.splits, field, self.source)
-            if len(source) == 0:
-                described = source.describe()
-                where = described.get("file") or described.get("root") or "the unlabeled part"
-                raise ConfigError(f"{self.source}: label: nothing to label, {where} holds no images")
-            if label_cfg.format != "coco" and not (source.image_files() or item_file(self.splits.unlabeled, 0)):
-                raise ConfigError(f"{self.source}: label.format: {label_cfg.format} writes a YOLO dataset of image "
-                                  f"files, but the unlabeled images are made in memory (no files); use format: coco")
-            ratio = (self.student_cfg.get("train") or {}).get("ratio")
-            if ratio is not None and len(ratio) < 2:
-                raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} needs an entry for each of the "
-                                  f"student's two sources, labeled and pseudo-labeled (e.g. [6, 4])")
-            if ratio is not None and not ratio[1] > 0:  # the student would be the labeled-only baseline again
-                raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
-                                  f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
+    def _check_unlabeled(self) -> bool:
+        """The images the label stage reads, and a student ratio that samples them; returns whether those images are
+        made in memory (no files, as generated shapes)."""
+        if self.label_cfg is None:
+            return False
+        try:  # the label stage's own reader: the folder or COCO file named, or the unlabeled part
+            label_cfg = parse_label_config(self.label_cfg)
+            source = make_source(label_cfg, self.splits.unlabeled, self.splits.info)
+        except ConfigError as err:
+            raise ConfigError(f"{self.source}: {err}") from None
+        field = "label.coco" if label_cfg.coco else "label.images"
+        self.splits.warnings += label_overlap_warnings(source.image_files(), self.splits, field, self.source)
+        if len(source) == 0:
+            described = source.describe()
+            where = described.get("file") or described.get("root") or "the unlabeled part"
+            raise ConfigError(f"{self.source}: label: nothing to label, {where} holds no images")
+        ratio = (self.student_cfg.get("train") or {}).get("ratio")
+        if ratio is not None and len(ratio) < 2:
+            raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} needs an entry for each of the "
+                              f"student's two sources, labeled and pseudo-labeled (e.g. [6, 4])")
+        if ratio is not None and not ratio[1] > 0:  # the student would be the labeled-only baseline again
+            raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
+                              f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
+        return not (source.image_files() or item_file(self.splits.unlabeled, 0))
 
     def _check_strategies(self) -> None:
         """The label section (and the TTA stages' views) as their stages build them: an aggregator or selector that
