@@ -91,7 +91,7 @@ def registry_from_plugin_manager(pm: pluggy.PluginManager, broken: dict[str, str
 
     A hook that raises, returns a non-iterable or yields another type than its kind's spec, and a hook whose name
     is not a ddkit hook, raise :class:`PluginError`; with ``broken`` given they are recorded there and skipped."""
-    providers = {id(plugin): f"{dist.project_name}" for plugin, dist in pm.list_plugin_distinfo()}
+    providers = {id(plugin): dist.project_name for plugin, dist in pm.list_plugin_distinfo()}
     _check_hook_names(pm, providers, broken)
     registry = Registry()
     for kind, hook_name in hookspecs.HOOK_OF_KIND.items():
