@@ -180,7 +180,8 @@ class Runner:
         except ConfigError as err:
             raise ConfigError(f"{self.source}: {err}") from None
         field = "label.coco" if label_cfg.coco else "label.images"
-        self.splits.warnings += label_overlap_warnings(source.image_files(), self.splits, field, self.source)
+        files = source.image_files()
+        self.splits.warnings += label_overlap_warnings(files, self.splits, field, self.source)
         if len(source) == 0:
             described = source.describe()
             where = described.get("file") or described.get("root") or "the unlabeled part"
@@ -192,7 +193,7 @@ class Runner:
         if ratio is not None and not ratio[1] > 0:  # the student would be the labeled-only baseline again
             raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
                               f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
-        return not (source.image_files() or item_file(self.splits.unlabeled, 0))
+        return not (files or item_file(self.splits.unlabeled, 0))
 
     def _check_strategies(self) -> None:
         """The label section (and the TTA stages' views) as their stages build them: an aggregator or selector that
@@ -255,15 +256,16 @@ class Runner:
         teacher = models.get("teacher.model")
         if teacher is None and self.teacher_cfg.get("checkpoint"):
             teacher = load_model(self.teacher_cfg["checkpoint"], registry=self.registry)[1]
+        dry = self._dry_batch()  # read once: every term's setup sees the same two labeled items
         for where, (losses, student, train) in students.items():
-            terms = [self._check_term(f"{where}.losses[{i}]", block, student, teacher)
+            terms = [self._check_term(f"{where}.losses[{i}]", block, student, teacher, dry)
                      for i, block in enumerate(losses or [])]
             try:
                 check_cache_config(parse_train_config(train, f"{where}.train"), teacher, terms)
             except ConfigError as err:
                 raise ConfigError(f"{self.source}: {where}.train: {err}") from None
 
-    def _check_term(self, where: str, block: Any, student: Any, teacher: Any) -> Any:
+    def _check_term(self, where: str, block: Any, student: Any, teacher: Any, dry: dict[str, Any]) -> Any:
         """One loss term, built and asked whether it fits: its contract, its own ``check_models``, and its ``setup``
         on a dry batch of two labeled items (hint shapes, paired detectors), as the training stage will call it."""
         entry, _ = self.registry.params("losses", block, where=f"{self.source}: {where}")
@@ -275,7 +277,7 @@ class Runner:
             if check is not None and student is not None:
                 check(student, teacher)
             if getattr(term, "setup", None) is not None and student is not None and teacher is not None:
-                term.setup(SetupContext(self.task, student, teacher, self._dry_batch(), torch.device("cpu"), 1))
+                term.setup(SetupContext(self.task, student, teacher, dry, torch.device("cpu"), 1))
         except ConfigError as err:
             raise ConfigError(f"{self.source}: {where}: {err}") from None
         finally:

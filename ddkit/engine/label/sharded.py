@@ -126,14 +126,15 @@ def _progress_bar(todo: list[int], n_total: int, num_shards: int) -> Any:
 SELECT_OUTPUTS = ("pseudo_labels.json", "summary.json", "quality.json", "skipped.jsonl", "raw_predictions.pt", "yolo")
 
 
-def _remove_other_recipes(shards: ShardSet) -> None:
+def _remove_other_recipes(shards: ShardSet) -> set[int]:
     """Remove the shards of another labelling recipe (another shard count, or another teacher / views / data) and
     the outputs selected from them, before any new shard is written: an interrupted re-label leaves no
-    pseudo-labels of the old recipe beside shards of the new one."""
+    pseudo-labels of the old recipe beside shards of the new one. Returns the shards of this recipe already done."""
+    done = {s for s in range(shards.num_shards) if shards.done(s)}
     other = shards.stale_files() + [shards.path(s) for s in range(shards.num_shards)
-                                    if shards.path(s).is_file() and not shards.done(s)]
+                                    if s not in done and shards.path(s).is_file()]
     if not other:
-        return
+        return done
     for path in other:
         path.unlink(missing_ok=True)
     out_dir = shards.folder.parent
@@ -142,6 +143,7 @@ def _remove_other_recipes(shards: ShardSet) -> None:
         shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink()
     log.warning("%s: %d shard(s) of another labelling recipe (teacher, views, data or shard count changed) "
                 "removed%s", out_dir, len(other), f", and their {', '.join(removed)}" if removed else "")
+    return done
 
 
 def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: ShardSet, n_total: int,
@@ -150,10 +152,9 @@ def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: S
     """Label the shards of worker ``rank`` of ``world`` not written yet (at most ``max_shards``).
 
     Returns ``(shards written now, whether every shard of this worker is written)``."""
-    if rank == 0:
-        _remove_other_recipes(shards)
     mine = worker_shards(shards.num_shards, rank, world)
-    todo = [s for s in mine if not shards.done(s)]
+    done = _remove_other_recipes(shards) if rank == 0 else {s for s in mine if shards.done(s)}  # each read once
+    todo = [s for s in mine if s not in done]
     if todo and len(todo) < len(mine):
         log.info("resuming: %d of %d shards already labelled in %s; labelling the other %d",
                  len(mine) - len(todo), len(mine), shards.folder, len(todo))
