@@ -33,7 +33,7 @@ STRATEGY_SLOTS: dict[str, str] = {
 LIST_SLOTS: dict[str, bool] = {"transforms": False, "losses": True}
 # The sections a recipe may have; a stage adds its own here when it is written.
 TOP_LEVEL_KEYS: set[str] = {"defaults", "run", "task", "data", "teacher", "student", "label", "evaluate",
-                            "bench", "fuse", "kd", "baselines", "rounds"}
+                            "bench", "kd", "baselines", "rounds"}
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> DictConfig:

@@ -322,6 +322,11 @@ def _parse_yolo_line(line: str, where: str, k: int | None, dims: int, names: dic
     return row
 
 
+# A person's segment covers about 0.53 of its box in COCO; Ultralytics' pose validation scales OKS by that share of
+# the box area (ultralytics/models/yolo/pose/val.py), so YOLO pose labels score as Ultralytics scores them.
+POSE_AREA_FRACTION = 0.53
+
+
 def _segment_box(coords: list[float]) -> list[float]:
     """``cx cy w h`` of the box enclosing a polygon ``x1 y1 x2 y2 ...`` (Ultralytics' ``segments2boxes``)."""
     xs, ys = coords[0::2], coords[1::2]
@@ -344,6 +349,8 @@ def _yolo_target(idx: int, rows: list[list[float]], size: tuple[int, int], k: in
     t["boxes"] = boxes.float()
     t["labels"] = r[:, 0].long()
     t["area"] = (boxes[:, 2:] - boxes[:, :2]).prod(1)
+    if k:  # YOLO files carry no segment area, COCO's OKS scale: Ultralytics' pose val takes 0.53 x the box area
+        t["area"] = t["area"] * POSE_AREA_FRACTION
     t["iscrowd"] = torch.zeros(len(r), dtype=torch.int64)
     if k:
         kp = r[:, 5:].view(-1, k, dims)

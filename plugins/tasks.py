@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ddkit import ConfigError, DataError, DatasetInfo, Instances, hookimpl
 from ddkit.engine.keypoint_meta import require_flip_indices
-from ddkit.engine.task import (TrainOutputs, coco_ground_truth, attach_model_info, category_ids, coco_evaluate, get_target,
-                               unwrap_model)
+from ddkit.engine.task import (TrainOutputs, attach_model_info, category_ids, coco_evaluate,
+                               coco_evaluate_per_category, coco_ground_truth, get_target, unwrap_model)
 from ddkit.types import TaskSpec
 
 
@@ -171,6 +171,21 @@ class ClassificationTask(_BaseTask):
         pred = torch.stack([p.reshape(-1) for p in preds]).argmax(1)
         acc = float((pred == labels).float().mean())
         return {"accuracy": acc, "error": 1.0 - acc, "num_samples": len(labels)}
+
+    def per_class_metrics(self, preds: Sequence[Tensor], dataset: Any) -> list[dict[str, Any]]:
+        """One row per class: ``accuracy`` (its share of items predicted right: the class's recall), ``precision``
+        (the share right of the items predicted as it) and ``instances``; ``nan`` where a count is 0."""
+        labels = torch.tensor([int(get_target(dataset, i)["label"]) for i in range(len(dataset))])
+        pred = torch.stack([p.reshape(-1) for p in preds]).argmax(1) if preds else labels
+        rows = []
+        for c in dataset.info.categories:
+            k = int(c["id"])
+            true, said = labels == k, pred == k
+            right = int((true & said).sum())
+            rows.append({"id": k, "name": c.get("name"), "instances": int(true.sum()),
+                         "accuracy": right / int(true.sum()) if true.any() else float("nan"),
+                         "precision": right / int(said.sum()) if said.any() else float("nan")})
+        return rows
 
     def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
         return image.flip(-1), target
@@ -355,6 +370,15 @@ class DetectionTask(_BaseTask):
         gt = self.coco_ground_truth(dataset)
         stats = _coco_eval(gt, self._results(preds, False), "bbox")
         return {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+    def per_class_metrics(self, preds: Sequence[Instances], dataset: Any) -> list[dict[str, Any]]:
+        """One row per category: COCO ``AP`` and ``AP50`` (keypoints: OKS AP; see
+        :func:`~ddkit.engine.coco_eval.coco_evaluate_per_category`) and its ground-truth ``instances``."""
+        keypoints = self.has_keypoints
+        per = coco_evaluate_per_category(self.coco_ground_truth(dataset), self._results(preds, keypoints),
+                                         "keypoints" if keypoints else "bbox",
+                                         dataset.info.keypoint_sigmas if keypoints else None)
+        return [{"id": int(c["id"]), "name": c.get("name"), **per[int(c["id"])]} for c in dataset.info.categories]
 
     def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
         w = image.shape[-1]

@@ -44,6 +44,7 @@ def test_save_config_round_trips(recipe, tmp_path):
 
 @pytest.mark.parametrize("text, words", [
     ("run: {seed: 0}\nlable: {}\n", ["unknown section 'lable'", "Did you mean 'label'"]),
+    ("fuse: {method: wbf}\n", ["unknown section 'fuse'"]),  # was accepted and ignored: fusing is `ddkit fuse`
     ("label:\n  aggregator: {name: prob_meen}\n", ["label.aggregator", "Did you mean 'prob_mean'"]),
     ("label:\n  selector: {name: score_threshold, thr: 0.5}\n", ["label.selector", "unknown key 'thr'",
                                                                  "Valid keys: threshold"]),
@@ -210,3 +211,19 @@ def test_config_show_takes_its_options_anywhere_among_the_overrides(capsys):
     first = capsys.readouterr().out
     assert main(["config", "show", recipe, "run.seed=3", "--defaults"]) == 0
     assert capsys.readouterr().out == first and "seed: 3" in first and "warmup_factor" in first  # a default
+
+
+@pytest.mark.parametrize("command", ["config show", "run", "train", "label"])
+def test_an_error_that_an_override_causes_names_the_override_not_only_the_file(command, tmp_path, capsys):
+    """A valid recipe made invalid on the command line: the error says which override (the file is fine); an error
+    in the file itself names the file alone, whatever the overrides."""
+    good = str(REPO / "configs" / "mnist_dd.yaml")
+    out = f"run.out_dir={tmp_path / 'never'}"
+    assert main([*command.split(), good, "run.seed=3", "teacher.train.lr=-1", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{good} with the override teacher.train.lr=-1: teacher.train: lr must be > 0" in err, err
+    bad = _write(tmp_path / "bad.yaml", Path(good).read_text().replace("lr: ", "lrr: ", 1))
+    assert main([*command.split(), str(bad), "run.seed=3", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}: " in err and "with the override" not in err and "unknown key 'lrr'" in err, err
+    assert not (tmp_path / "never").exists()

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,13 @@ def test_eval_run_writes_the_final_students_task_metrics(digits_run, capsys):
     test = build_data(load_config(recipe).data).test
     assert record["metrics"] == pytest.approx(task.evaluate(model, test))
     assert record["items"] == len(test) and record["tta"] is None
+    # one row per class, from the same predictions: the share of each class's test items predicted right
+    said = torch.stack(task.predict(model, [test[i][0] for i in range(len(test))])).argmax(1)
+    truth = torch.tensor([test[i][1]["label"] for i in range(len(test))])
+    assert [r["id"] for r in record["per_class"]] == list(range(10)) and "per class, 1 view (10 of the 10" in printed
+    for r in record["per_class"]:
+        assert r["instances"] == int((truth == r["id"]).sum())
+        assert r["accuracy"] == pytest.approx(float((said[truth == r["id"]] == r["id"]).float().mean()))
     assert main(["eval", str(run), "--checkpoint", str(run / "teacher")]) == 0  # another model: its own folder
     assert json.loads((run / "teacher" / "eval.json").read_text())["model"] == str(run / "teacher" / "model.pt")
 
@@ -117,6 +125,13 @@ def test_eval_a_checkpoint_on_a_yolo_folder(detector, tmp_path):
     task, model, _ = load_model(detector)
     assert record["metrics"] == pytest.approx(task.evaluate(model, _yolo("coco8")), nan_ok=True)
     assert set(record["metrics"]) >= {"AP", "AP50"} and record["items"] == 4
+    # per class: coco8 val's classes with boxes get an AP, the other classes null (no ground truth), as JSON allows
+    with_boxes = [r for r in record["per_class"] if r["instances"]]
+    assert len(record["per_class"]) == 80 and sum(r["instances"] for r in with_boxes) == \
+        sum(len(_yolo("coco8")[i][1]["boxes"]) for i in range(4))
+    assert all(0 <= r["AP"] <= 1 for r in with_boxes)
+    assert all(r["AP"] is None for r in record["per_class"] if not r["instances"])
+    assert "NaN" not in out.read_text()
 
 
 DET_RECIPE = """
@@ -277,6 +292,50 @@ def test_predict_one_image_file(detector, tmp_path, capsys):
     capsys.readouterr()
     assert main(["predict", str(detector), str(DATA / "coco8" / "coco8.yaml"), "-o", str(tmp_path / "q")]) == 2
     assert "neither an image file" in capsys.readouterr().err
+
+
+def test_predict_save_images_draws_each_images_predictions(detector, digits_run, tmp_path, caplog):
+    """``--save-images`` (Ultralytics' ``save=True``): OUT/images/<name>.jpg at the image's own size, in its
+    EXIF-rotated frame, with each box drawn in its class colour; a classifier's label framed; same-named images get
+    their own files."""
+    from PIL import Image
+
+    from ddkit.engine.draw import category_colors
+
+    def decode(path: Path) -> torch.Tensor:
+        return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+    images = tmp_path / "in"
+    (images / "cam2").mkdir(parents=True)
+    shutil.copy(DATA / "coco8" / "images" / "val" / "000000000042.jpg", images / "frame.jpg")
+    Image.open(DATA / "coco8" / "images" / "val" / "000000000036.jpg").save(images / "cam2" / "frame.png")
+    shutil.copy(DATA / "coco8" / "images" / "val" / "000000000061.jpg", images / "cam2" / "frame.jpg")
+    with caplog.at_level("WARNING"):
+        assert main(["predict", str(detector), str(images), "--save-images", "-o", str(tmp_path / "p")]) == 0
+    out = tmp_path / "p" / "images"
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.jpg")) == \
+        ["cam2/frame.jpg", "cam2/frame_1.jpg", "frame.jpg"]
+    assert "1 drawn image(s) named after the image id" in caplog.text
+    index = json.loads((tmp_path / "p" / "images.json").read_text())
+    results = json.loads((tmp_path / "p" / "predictions.json").read_text())
+    _, _, info = load_model(detector)
+    colors = category_colors(sorted(int(c["id"]) for c in info.categories))
+    for im in index["images"]:
+        stem = str(Path(im["file_name"]).with_suffix(""))
+        drawn = decode(out / f"{stem}{'_1' if im['file_name'].endswith('.png') else ''}.jpg")
+        assert tuple(drawn.shape) == (3, im["height"], im["width"])
+        top = max((r for r in results if r["image_id"] == im["id"]), key=lambda r: r["score"])
+        x, y, w, h = (int(round(v)) for v in top["bbox"])
+        if w > 8 and h > 8 and y > 0:
+            want = torch.tensor([int(colors[top["category_id"]][i:i + 2], 16) for i in (1, 3, 5)]).float()
+            on_edge = drawn[:, y, x + 2:x + w - 2].float().mean(1)  # the box's top line, in its class colour
+            assert float((on_edge - want).abs().max()) < 60, (im["file_name"], on_edge, want)
+    _, run = digits_run
+    assert main(["predict", str(run), str(images / "frame.jpg"), "--save-images", "-o", str(tmp_path / "c")]) == 0
+    framed = decode(tmp_path / "c" / "images" / "frame.jpg")
+    label = json.loads((tmp_path / "c" / "predictions.json").read_text())[0]["category_id"]
+    want = torch.tensor([int(category_colors(list(range(10)))[label][i:i + 2], 16) for i in (1, 3, 5)]).float()
+    assert float((framed[:, -1, 20:-20].float().mean(1) - want).abs().max()) < 60  # the frame's bottom edge
 
 
 def test_predict_refuses_when_no_image_is_readable_and_an_output_that_is_a_file(detector, tmp_path, capsys):

@@ -285,3 +285,24 @@ def test_a_saved_model_rebuilds_without_its_library_weights(torch_home, tmp_path
     _, again, _ = load_model(tmp_path / "model.pt")
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
+
+
+def test_a_coco_detector_is_usable_untrained_only_when_coco_names_every_class(torch_home):
+    """``train.iterations: 0`` (a teacher labelling with torchvision's COCO weights as they are) needs every class
+    head row from the weights: classes COCO names pass, one it does not is refused, naming the class head."""
+    from ddkit.engine.as_built import check_as_built
+
+    weights = torchvision.models.detection.FasterRCNN_MobileNet_V3_Large_FPN_Weights.COCO_V1
+    _cache(weights, _distinct(torchvision.models.detection.fasterrcnn_mobilenet_v3_large_fpn(
+        weights=None, weights_backbone=None, num_classes=91).state_dict()))
+    task = ddkit.build("tasks", "detection")
+    cfg = {"name": "fasterrcnn", "backbone": "mobilenet_v3_large", "pretrained": True, "min_size": 64, "max_size": 64}
+    for names, ok in ((("dog", "Person"), True), (("dog", "unicorn"), False)):
+        info = info_for_task("detection", num_classes=2)
+        for c, name in zip(info.categories, names):
+            c["name"] = name
+        if ok:
+            check_as_built(lambda: task.build_model(cfg, info), "r.yaml: teacher")
+        else:
+            with pytest.raises(ConfigError, match=r"random.*roi_heads\.box_predictor\.cls_score\.weight"):
+                check_as_built(lambda: task.build_model(cfg, info), "r.yaml: teacher")

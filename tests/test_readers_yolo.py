@@ -158,3 +158,15 @@ def test_missing_label_files_are_counted_not_silent(tmp_path, caplog):
         ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
     assert sum(len(get_target(ds, i)["boxes"]) for i in range(4)) == 0
     assert "no label files for the 4 images" in caplog.text and "every image is background" in caplog.text
+
+
+def test_area_is_the_box_area_and_for_pose_labels_ultralytics_053_of_it():
+    """YOLO files carry no segment area. Boxes: the box area (COCO's size ranges). Pose: 0.53 x the box area, the
+    OKS scale Ultralytics' pose validation uses (a person covers about 0.53 of its box in COCO), so keypoint AP on
+    YOLO pose labels is not inflated by a scale about twice COCO's."""
+    for name, share in (("coco8", 1.0), ("coco8-pose", 0.53)):
+        ds = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / name), "split": "train"})
+        for i in range(len(ds)):
+            t = get_target(ds, i)
+            box = (t["boxes"][:, 2:] - t["boxes"][:, :2]).prod(1)
+            assert len(box) and torch.allclose(t["area"].double(), share * box.double()), (name, i)

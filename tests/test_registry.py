@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import pytest
+import torch
 
 import ddkit
 from ddkit import ConfigError, PluginClashError, UnknownStrategyError
@@ -51,6 +52,29 @@ def test_third_party_plugin_is_discovered_with_its_provider(with_example_plugin,
     assert entry.provider == "ddkit-example-plugin" and entry.plugin == "example"
     agg = registry.build("aggregators", {"name": "best_per_class", "min_score": 0.5})
     assert agg.min_score == 0.5
+
+
+def test_environment_names_the_distribution_and_version_of_each_strategy_a_recipe_uses(with_example_plugin,
+                                                                                     monkeypatch):
+    """A run's environment.json: which plugin release supplied each strategy, the packages (each provider's own
+    run-time requirements too), the CPU kernels torch picked, and the variables that change the arithmetic."""
+    from ddkit.engine.environment import describe_environment
+
+    monkeypatch.setenv("DDKIT_DISABLE_PLUGINS", "example_clash")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    registry = registry_from_plugin_manager(make_plugin_manager())
+    recipe = {"task": {"name": "detection"}, "label": {"aggregator": {"name": "best_per_class"},
+                                                       "transforms": [{"name": "identity"}, {"name": "hflip"}]}}
+    env = describe_environment(recipe, registry)
+    ddkit_version = env["packages"]["ddkit"]
+    assert env["strategies"] == {"aggregators.best_per_class": "ddkit-example-plugin 0.1.0",
+                                 "tasks.detection": f"ddkit {ddkit_version}",
+                                 "transforms.hflip": f"ddkit {ddkit_version}",
+                                 "transforms.identity": f"ddkit {ddkit_version}"}
+    assert env["packages"]["ddkit-example-plugin"] == "0.1.0" and env["packages"]["torch"] == torch.__version__.split("+")[0]
+    assert env["packages"]["pycocotools"]  # a requirement of ddkit's, recorded with its version
+    assert env["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["env"] == {"OMP_NUM_THREADS": "1", "DDKIT_DISABLE_PLUGINS": "example_clash"}
 
 
 def test_third_party_plugin_can_be_blocked(with_example_plugin, monkeypatch):

@@ -190,7 +190,9 @@ def test_draw_instances_boxes_and_keypoints():
     img = torch.zeros(3, 300, 300)
     anns = [{"image_id": 1, "category_id": 2, "bbox": [50, 60, 100, 80], "score": 0.9,
              "keypoints": [200, 250, 2, 260, 250, 2, 0, 0, 0]}]
-    out = rep._draw_instances(img, anns, {2: "square"}, {2: "#00ff00"}, [(0, 1), (1, 2)])
+    from ddkit.engine.draw import draw_instances
+
+    out = draw_instances(img, anns, {2: "square"}, {2: "#00ff00"}, [(0, 1), (1, 2)])
     assert out.dtype == torch.uint8 and out.shape == (3, 300, 300)
     assert out[:, 100, 50].tolist() == [0, 255, 0]       # left edge of the box, in the category's colour
     assert out[:, 100, 100].tolist() == [0, 0, 0]        # inside is not filled

@@ -60,6 +60,8 @@ def test_every_stage_runs_and_writes_its_artifacts(first_run, recipe):
     for stage in stages:
         assert (out / stage / "stage.json").is_file(), stage
     assert (out / "config.yaml").is_file() and (out / "report.html").is_file()
+    env = json.loads((out / "environment.json").read_text())  # what it ran on, beside the recipe
+    assert env["packages"]["torch"] == torch.__version__.split("+")[0] and env["strategies"]["models.mlp"].startswith("ddkit ")
     assert json.loads((out / "results.json").read_text()) == first_run
     rows = {r["stage"]: r for r in first_run["rows"]}
     assert set(rows) >= {"teacher", "student", "baseline_labeled", "baseline_full", "kd_alone", "kd_soft"}
@@ -325,6 +327,9 @@ def test_teacher_ensemble_trains_more_teachers_and_labels_with_all(first_run, re
         Runner(load_config(recipe, ["teacher.ensemble=0"]))
     with pytest.raises(ConfigError, match="teacher.ensemble: 2 teachers are trained by the run; remove teacher"):
         Runner(load_config(recipe, ["teacher.ensemble=2", f"teacher.checkpoint={out / 'teacher' / 'model.pt'}"]))
+    with pytest.raises(ConfigError, match=r"teacher.ensemble: 2 teachers used as built from the same weights \(train"
+                                          r"\.iterations: 0\) are one model; set ensemble: 1"):
+        Runner(load_config(recipe, ["teacher.ensemble=2", "teacher.train.iterations=0"]))
 
 
 def test_stale_stages_are_removed_before_anything_runs(recipe, tmp_path, monkeypatch, capsys):

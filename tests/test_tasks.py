@@ -222,3 +222,88 @@ def test_coco_evaluate_uses_the_given_keypoint_sigmas():
     tight = coco_evaluate(gt, pred, "keypoints", sigmas=[0.01] * 3)["AP"]
     loose = coco_evaluate(gt, pred, "keypoints", sigmas=[1.0] * 3)["AP"]
     assert loose == pytest.approx(1.0) and tight < 0.5
+
+
+def _one_category_ap(gt: dict, results: list[dict], category: int, iou_type: str = "bbox") -> tuple[float, float]:
+    """The slow reference: pycocotools run on one category alone (``params.catIds``), its AP and AP50."""
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+
+    from ddkit.engine.coco_eval import make_coco
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = make_coco(gt)
+        ev = COCOeval(coco, coco.loadRes([dict(r) for r in results]), iou_type)
+        ev.params.catIds = [category]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return float(ev.stats[0]), float(ev.stats[1])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_per_category_ap_is_pycocotools_run_on_each_category_alone(seed):
+    """Random boxes of 4 categories on 6 images, predictions jittered, missed, invented and mislabelled: each
+    category's AP and AP50 equal pycocotools' own summary restricted to that category; a category without ground
+    truth is nan, one with ground truth but no prediction 0."""
+    import math
+
+    from ddkit.engine.coco_eval import coco_evaluate_per_category
+
+    g = torch.Generator().manual_seed(seed)
+    images = [{"id": i, "height": 200, "width": 240} for i in range(1, 7)]
+    cats = [{"id": c, "name": f"c{c}"} for c in (1, 3, 4, 9)]  # 9: no ground truth; 4: never predicted
+    anns, results = [], []
+    for im in images:
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            cat = (1, 3, 4)[int(torch.randint(0, 3, (1,), generator=g))]
+            x, y = (torch.rand(2, generator=g) * 150).tolist()
+            w, h = (torch.rand(2, generator=g) * 40 + 10).tolist()
+            anns.append({"id": len(anns) + 1, "image_id": im["id"], "category_id": cat, "bbox": [x, y, w, h],
+                         "area": w * h, "iscrowd": 0})
+            if cat != 4 and float(torch.rand(1, generator=g)) < 0.8:  # found, a few pixels off
+                jitter = (torch.randn(4, generator=g) * 3).tolist()
+                label = cat if float(torch.rand(1, generator=g)) < 0.9 else 9
+                results.append({"image_id": im["id"], "category_id": label, "score": float(torch.rand(1, generator=g)),
+                                "bbox": [x + jitter[0], y + jitter[1], w + jitter[2], h + jitter[3]]})
+        results.append({"image_id": im["id"], "category_id": 1, "bbox": [0, 0, 30, 30],  # an invented box
+                        "score": float(torch.rand(1, generator=g))})
+    gt = {"images": images, "categories": cats, "annotations": anns}
+    per = coco_evaluate_per_category(gt, results)
+    assert sorted(per) == [1, 3, 4, 9]
+    for c in (1, 3):
+        assert (per[c]["AP"], per[c]["AP50"]) == pytest.approx(_one_category_ap(gt, results, c))
+        assert per[c]["instances"] == sum(a["category_id"] == c for a in anns)
+    assert per[4]["AP"] == 0.0 and per[4]["instances"] > 0
+    assert math.isnan(per[9]["AP"]) and per[9]["instances"] == 0
+
+
+@needs_data
+def test_per_class_metrics_of_each_builtin_instance_task_and_classification():
+    """Ground truth as predictions: AP 1 for each class with ground truth (boxes; keypoints by OKS); with every
+    other person dropped, the person's box AP is pycocotools' on that category. Classification: each class's
+    accuracy (recall) and precision by hand."""
+    ds = ddkit.build("datasets", {"name": "coco", "annotations": str(COCO_JSON)})
+    for task_name, keypoints in (("detection", False), ("keypoints", True)):
+        task = ddkit.build("tasks", task_name)
+        rows = task.per_class_metrics(_AsPredictions.of(ds, keypoints), ds)
+        assert [r["name"] for r in rows] == [c["name"] for c in ds.info.categories]
+        assert rows[0]["AP"] == pytest.approx(1.0) and rows[0]["instances"] == sum(len(get_target(ds, i)["boxes"]) for i in range(len(ds)))
+    task = ddkit.build("tasks", "detection")
+    half = [p[torch.arange(len(p)) % 2 == 0] for p in _AsPredictions.of(ds, False)]
+    row = task.per_class_metrics(half, ds)[0]
+    gt, results = task.coco_ground_truth(ds), task._results(half, False)
+    assert (row["AP"], row["AP50"]) == pytest.approx(_one_category_ap(gt, results, int(row["id"])))
+    cls = ddkit.build("tasks", "classification")
+    digits = split_dataset(ddkit.build("datasets", "digits"), labeled=0.05, seed=0).labeled
+    labels = [get_target(digits, i)["label"] for i in range(len(digits))]
+    said = [(y + 1) % 10 if i % 3 == 0 else y for i, y in enumerate(labels)]
+    rows = cls.per_class_metrics([torch.nn.functional.one_hot(torch.tensor(s), 10).float() for s in said], digits)
+    for r in rows:
+        k = r["id"]
+        right = sum(1 for y, s in zip(labels, said) if y == s == k)
+        assert r["instances"] == labels.count(k)
+        assert r["accuracy"] == pytest.approx(right / labels.count(k))
+        assert r["precision"] == pytest.approx(right / said.count(k))

@@ -22,8 +22,10 @@ def run_dir_of(cfg, recipe: str) -> Path:
 def run(args: argparse.Namespace) -> int:
     from ddkit.config import save_config
     from ddkit.engine.bench import bench_from_config, markdown_table
+    from ddkit.engine.environment import save_environment
     from ddkit.engine.recipe import load_recipe
     from ddkit.plugin_manager import get_registry
+    from ddkit.registry import _to_plain
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     registry = get_registry()
@@ -31,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir = run_dir_of(cfg, args.recipe)
     result, paths = bench_from_config(cfg, run_dir, source=args.recipe, registry=registry)
     save_config(cfg, run_dir / "bench", "config.yaml")  # after the inputs proved usable: a failed bench writes none
+    save_environment(_to_plain(cfg), registry, run_dir / "bench")
     title = "bench" + (" (SYNTHETIC data)" if cfg.get("bench", {}).get("synthetic") is not None else "")
     print(f"## {title}: {result.num_images} images x {result.num_views} views, sorted by {result.sort_by}")
     print(markdown_table(result))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ddkit.config import load_config, to_yaml
+from ddkit.config import to_yaml
 from ddkit import plugin_manager
 
 HELP = "show a recipe resolved with its defaults and overrides, after validation"
@@ -19,10 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ddkit.engine.recipe import validate_recipe, with_defaults
+    from ddkit.engine.recipe import load_recipe, with_defaults
 
-    cfg = load_config(args.recipe, args.overrides)
     registry = plugin_manager.get_registry()  # looked up per call: a test may swap the registry
-    validate_recipe(cfg, registry, source=args.recipe)
+    cfg = load_recipe(args.recipe, args.overrides, registry)
     print(to_yaml(with_defaults(cfg, registry) if args.defaults else cfg), end="")
     return 0

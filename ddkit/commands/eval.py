@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from ddkit.errors import ConfigError
 
@@ -213,9 +214,27 @@ def _match_classes(plain: Any, dataset: Any, info: Any, model: str, data_what: s
     return matched, None
 
 
+def _scores(predictor: Any, dataset: Any, batch_size: int,
+            categories: Mapping[int, int] | None) -> tuple[dict[str, float], list[dict[str, Any]] | None]:
+    """The task's metrics and, where the task gives them (``per_class_metrics``, asked of any task plugin), one row
+    of metrics per class, from one prediction pass."""
+    from ddkit.engine.evaluate import predict_dataset
+
+    preds = predict_dataset(predictor, dataset, batch_size, categories)
+    per_class = getattr(predictor.task, "per_class_metrics", None)
+    return (predictor.task.evaluate_predictions(preds, dataset),
+            per_class(preds, dataset) if per_class is not None else None)
+
+
+def _json_safe(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """``nan`` (a class without ground truth) as null: strict JSON readers refuse NaN."""
+    return None if rows is None else [{k: None if isinstance(v, float) and math.isnan(v) else v
+                                       for k, v in row.items()} for row in rows]
+
+
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.checkpoint import load_model
-    from ddkit.engine.evaluate import Predictor, evaluate_dataset
+    from ddkit.engine.evaluate import Predictor
     from ddkit.engine.label import format_quality_table
     from ddkit.io import atomic_write_json
     from ddkit.runtime import resolve_device
@@ -233,20 +252,27 @@ def run(args: argparse.Namespace) -> int:
     if categories is not None:
         print(f"categories matched by name: the dataset's {len(categories)} of the model's {len(info.categories)} "
               f"classes (ids differ); the model's other classes are not scored")
-    rows = {"1 view": evaluate_dataset(plain, dataset, batch_size, categories)}
+    rows, per_class = {}, {}
+    rows["1 view"], per_class["1 view"] = _scores(plain, dataset, batch_size, categories)
     if strategies is not None:
         name = f"TTA ({len(strategies.views)} views: {', '.join(strategies.view_names)})"
         tta_batch = args.batch_size or block.get("batch_size") or batch_size  # as the run's TTA stage batches
-        rows[name] = evaluate_dataset(Predictor(task, model, info, strategies, device), dataset, tta_batch,
-                                      categories)
+        rows[name], per_class[name] = _scores(Predictor(task, model, info, strategies, device), dataset, tta_batch,
+                                              categories)
     print(format_quality_table(rows))
+    for row_name, classes in per_class.items():
+        shown = [c for c in classes or [] if c.get("instances")]  # a class absent from the data has no score
+        if shown:
+            print(f"\nper class, {row_name} ({len(shown)} of the {len(classes)} classes are in the data):\n"
+                  + format_quality_table({str(c["name"]): {k: v for k, v in c.items() if k not in ("id", "name")}
+                                          for c in shown}, "class"))
     record = {"model": str(path), "what": what, "data": data_what, "items": len(dataset), "task": task.name,
               "batch_size": batch_size,
-              "metrics": rows["1 view"], "tta": None,
+              "metrics": rows["1 view"], "per_class": _json_safe(per_class["1 view"]), "tta": None,
               "categories_by_name": None if categories is None else {str(k): v for k, v in categories.items()}}
     if strategies is not None:
         record["tta"] = {"views": strategies.view_blocks, "aggregator": strategies.aggregator_block,
-                         "batch_size": tta_batch, "metrics": rows[name]}
+                         "batch_size": tta_batch, "metrics": rows[name], "per_class": _json_safe(per_class[name])}
     out = Path(args.output) if args.output else _default_output(args, run_dir, kind, folder or _stage_folder(path))
     atomic_write_json(out, record)
     print(f"wrote {out}")

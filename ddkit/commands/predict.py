@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transforms", help="TTA views as YAML, e.g. '[{name: identity}, {name: hflip}]'")
     parser.add_argument("--aggregator", help="TTA aggregator as YAML, e.g. '{name: wbf}'")
     parser.add_argument("--min-score", type=float, default=0.0, help="drop instances scored below this")
+    parser.add_argument("--save-images", action="store_true", help="also write each image with its predictions "
+                                                                   "drawn, as OUT/images/<name>.jpg")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
 
@@ -73,43 +75,80 @@ def _yolo_line(inst: Any, j: int, cls: int, h: int, w: int) -> str:
 
 
 class _Writer:
-    """Collects one image's predictions at a time and writes the chosen format at the end."""
+    """Collects one image's predictions at a time and writes the chosen format at the end (with ``draw``, each image
+    with its predictions drawn at once)."""
 
-    def __init__(self, out: Path, fmt: str, info: Any, is_classifier: bool, root: str | None = None):
+    def __init__(self, out: Path, fmt: str, info: Any, is_classifier: bool, root: str | None = None,
+                 draw: bool = False):
+        from ddkit.engine.draw import category_colors
+
         if fmt == "yolo" and is_classifier:  # the command's own choices, not a plugin name
             raise ConfigError("--format yolo writes boxes (and keypoints); a classifier's predictions are COCO-style "
                               "image labels: use --format coco")
-        self.out, self.fmt, self.info, self.root = out, fmt, info, root
+        self.out, self.fmt, self.info, self.root, self.draw = out, fmt, info, root, draw
         self.index = {int(c["id"]): k for k, c in enumerate(info.categories)}
+        self.names = {int(c["id"]): str(c.get("name")) for c in info.categories}
+        self.colors = category_colors(sorted(self.names))
         self.images: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
-        self.label_names: set[str] = set()  # label files written (paths without suffix), kept unique
-        self.renamed: list[str] = []
+        self.stems: set[str] = set()  # output names (paths below OUT without suffix), kept unique
+        self.stem_of: dict[int, str] = {}
+        self.renamed: list[tuple[str, str]] = []  # (file name, output name) of images named after their id
 
-    def add_label(self, image_id: int, file_name: str, category_id: int, score: float) -> None:
+    def add_label(self, image_id: int, file_name: str, image: Any, category_id: int, score: float) -> None:
         self.images.append({"id": image_id, "file_name": file_name})
         self.results.append({"image_id": image_id, "file_name": file_name, "category_id": category_id,
                              "score": score})
+        h, w = image.shape[-2:]  # the label on a frame around the whole image, as Ultralytics' classify plots it
+        self._draw(image_id, file_name, image, [{"bbox": [0, 0, w, h], "category_id": category_id, "score": score}])
 
-    def add_instances(self, image_id: int, file_name: str, inst: Any, h: int, w: int) -> None:
+    def add_instances(self, image_id: int, file_name: str, image: Any, inst: Any) -> None:
         from ddkit.engine.coco_results import keypoint_results
-        from ddkit.engine.yolo_export import unique_name
         from ddkit.io import atomic_write_text
 
+        h, w = (int(v) for v in image.shape[-2:])
         self.images.append({"id": image_id, "file_name": file_name, "height": h, "width": w})
+        rows = keypoint_results(image_id, inst)
+        self._draw(image_id, file_name, image, rows)
         if self.fmt == "coco":
-            self.results += keypoint_results(image_id, inst)
+            self.results += rows
             return
         lines = [_yolo_line(inst, j, self.index[int(inst.labels[j])], h, w) for j in range(len(inst))]
-        name = Path(file_name)
-        if name.is_absolute():  # a COCO file_name may be absolute (inside IMAGES): its path below IMAGES
-            resolved = name.resolve()
-            name = resolved.relative_to(self.root) if self.root and resolved.is_relative_to(self.root) else \
-                Path(*name.parts[1:])
-        label = unique_name(str(name.with_suffix("")), self.label_names, image_id) + ".txt"
-        if label != str(name.with_suffix(".txt")):
-            self.renamed.append(f"{file_name} -> labels/{label}")
-        atomic_write_text(self.out / "labels" / label, "".join(f"{s}\n" for s in lines))
+        atomic_write_text(self.out / "labels" / f"{self._stem(image_id, file_name)}.txt",
+                          "".join(f"{s}\n" for s in lines))
+
+    def _stem(self, image_id: int, file_name: str) -> str:
+        """The image's output name without suffix: its path below IMAGES (``<name>_<id>`` for a second image of
+        that name, as the pseudo-label YOLO export names them); the same for its label file and drawn image."""
+        from ddkit.engine.yolo_export import unique_name
+
+        if image_id not in self.stem_of:
+            name = Path(file_name)
+            if name.is_absolute():  # a COCO file_name may be absolute (inside IMAGES): its path below IMAGES
+                resolved = name.resolve()
+                name = resolved.relative_to(self.root) if self.root and resolved.is_relative_to(self.root) else \
+                    Path(*name.parts[1:])
+            stem = unique_name(str(name.with_suffix("")), self.stems, image_id)
+            if stem != str(name.with_suffix("")):
+                self.renamed.append((file_name, stem))
+            self.stem_of[image_id] = stem
+        return self.stem_of[image_id]
+
+    def _draw(self, image_id: int, file_name: str, image: Any, rows: list[dict[str, Any]]) -> None:
+        if not self.draw:
+            return
+        import io
+
+        from PIL import Image
+
+        from ddkit.engine.draw import draw_instances
+        from ddkit.io import atomic_write_bytes
+
+        skeleton = [tuple(e) for e in self.info.extra.get("skeleton") or []]
+        drawn = draw_instances(image, rows, self.names, self.colors, skeleton, upscale=False)
+        buf = io.BytesIO()
+        Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
+        atomic_write_bytes(self.out / "images" / f"{self._stem(image_id, file_name)}.jpg", buf.getvalue())
 
     def finish(self) -> list[Path]:
         import yaml
@@ -117,19 +156,23 @@ class _Writer:
         from ddkit.engine.pseudo import coco_categories
         from ddkit.io import atomic_write_json, atomic_write_text
 
+        if self.renamed:  # Ultralytics finds a label by the image's name: say which ones differ
+            kind, where = ("label file(s)", "labels/{}.txt") if self.fmt == "yolo" else \
+                ("drawn image(s)", "images/{}.jpg")
+            log.warning("%d %s named after the image id: another image has the same name (e.g. %s -> %s)",
+                        len(self.renamed), kind, self.renamed[0][0], where.format(self.renamed[0][1]))
+        drawn = [self.out / "images"] if self.draw else []
         if self.fmt == "coco":
             return [atomic_write_json(self.out / "predictions.json", self.results),
                     atomic_write_json(self.out / "images.json", {"info": {}, "images": self.images,
-                                                                 "categories": coco_categories(self.info)})]
-        if self.renamed:  # Ultralytics finds a label by the image's name: say which ones differ
-            log.warning("%d label file(s) named after the image id: another image has the same name "
-                        "(e.g. %s)", len(self.renamed), self.renamed[0])
+                                                                 "categories": coco_categories(self.info)})] + drawn
         data: dict[str, Any] = {"names": {k: str(c.get("name")) for k, c in enumerate(self.info.categories)}}
         if self.info.num_keypoints:
             data["kpt_shape"] = [int(self.info.num_keypoints), 3]
             if self.info.flip_indices:
                 data["flip_idx"] = list(self.info.flip_indices)
-        return [atomic_write_text(self.out / "data.yaml", yaml.safe_dump(data, sort_keys=False)), self.out / "labels"]
+        return [atomic_write_text(self.out / "data.yaml", yaml.safe_dump(data, sort_keys=False)),
+                self.out / "labels"] + drawn
 
 
 def _source(args: argparse.Namespace) -> Any:
@@ -215,12 +258,12 @@ def _predict_all(predictor: Any, source: Any, writer: _Writer, batch_size: int, 
         images = [it.image for it in items]
         if predictor.gives_probs:
             for it, (cat, score) in zip(items, predictor.labels(images)):
-                writer.add_label(it.image_id, it.file_name, cat, score)
+                writer.add_label(it.image_id, it.file_name, it.image, cat, score)
             continue
         for it, inst in zip(items, predictor.predict(images)):
             inst = inst[inst.scores >= min_score] if min_score > 0 else inst
             inst = relabel(inst, categories) if categories is not None else inst
-            writer.add_instances(it.image_id, it.file_name, inst, int(it.image.shape[-2]), int(it.image.shape[-1]))
+            writer.add_instances(it.image_id, it.file_name, it.image, inst)
     return skipped
 
 
@@ -251,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     with_coco_ids = args.coco and args.format == "coco" and not predictor.gives_probs
     categories = _coco_categories(source, info, args.coco) if with_coco_ids else None
     out = Path(args.output)
-    writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root)
+    writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root, args.save_images)
     views = f"{len(strategies.views)} views ({', '.join(strategies.view_names)})" if strategies else "1 view"
     views += f" as the recipe {recipe} sets" if recipe and not (args.transforms and args.aggregator) else ""
     images = f"the {len(source)} image(s) of {args.coco} under {args.images}" if args.coco else \

@@ -9,7 +9,6 @@ import argparse
 import os
 import sys
 
-from ddkit.config import load_config
 
 HELP = "run a distillation recipe end to end (teacher, labelling, student, baselines, report)"
 ON_INTERRUPT = ("re-run the same command to resume: finished stages are skipped, the interrupted one "
@@ -25,10 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.recipe import load_recipe
     from ddkit.engine.run import results_markdown, run_recipe
     from ddkit.runtime import torchrun_group
 
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_recipe(args.recipe, args.overrides)
     with torchrun_group((cfg.get("run") or {}).get("device")):
         summary = run_recipe(cfg, source=args.recipe, force=args.force,
                              progress=False if args.no_progress else sys.stderr.isatty() or None)

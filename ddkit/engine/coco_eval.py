@@ -3,7 +3,8 @@
 ``coco_evaluate(gt, results)`` -> ``{"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR@100", "ARs",
 "ARm", "ARl"}`` (keypoints: ``AP, AP50, AP75, APm, APl, AR@20, AR50, AR75, ARm, ARl`` with ``AR@100`` an alias of the
 max-detections recall). Values are pycocotools' summary statistics in ``[0, 1]``; ``-1`` means "no ground truth in
-that range", exactly as pycocotools reports it. pycocotools' printing is silenced.
+that range", exactly as pycocotools reports it. pycocotools' printing is silenced. ``coco_evaluate_per_category``
+gives each category's AP and AP50 from the same accumulation.
 """
 from __future__ import annotations
 
@@ -76,36 +77,69 @@ def coco_evaluate(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Ma
     Returns:
         the named summary statistics (see the module docstring).
     """
+    keys = BBOX_KEYS if iou_type == "bbox" else KEYPOINT_KEYS
+    ev = _cocoeval(gt, results, iou_type, image_ids, max_dets, sigmas)
+    out = {k: 0.0 for k in keys} if ev is None else {k: float(v) for k, v in zip(keys, ev.stats)}
+    if iou_type == "keypoints":
+        out["AR@100"] = out["AR@20"]
+    return out
+
+
+def coco_evaluate_per_category(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Mapping[str, Any]],
+                               iou_type: str = "bbox", sigmas: Sequence[float] | None = None
+                               ) -> dict[int, dict[str, float]]:
+    """``{category id: {"AP", "AP50", "instances"}}`` for every category of ``gt``, from the same accumulation as
+    :func:`coco_evaluate` (all areas, the most detections), as detectron2's per-category table: AP averages
+    pycocotools' precision over the IoU thresholds and recall points where it is defined; ``nan`` for a category
+    without ground truth. ``instances``: its non-crowd ground-truth annotations."""
+    import numpy as np
+
+    coco_gt = make_coco(gt)
+    ev = _cocoeval(coco_gt, results, iou_type, None, None, sigmas)
+    out = {}
+    for k, cat in enumerate(sorted(coco_gt.getCatIds())):
+        instances = sum(1 for a in coco_gt.loadAnns(coco_gt.getAnnIds(catIds=[cat])) if not a.get("iscrowd"))
+        row = {"AP": float("nan"), "AP50": float("nan"), "instances": instances}
+        if instances and ev is None:
+            row.update(AP=0.0, AP50=0.0)
+        elif instances:
+            precision = ev.eval["precision"][:, :, k, 0, -1]  # [IoU thresholds, recall points]
+            for key, p in (("AP", precision), ("AP50", precision[0])):
+                p = p[p > -1]
+                row[key] = float(np.mean(p)) if p.size else float("nan")
+        out[int(cat)] = row
+    return out
+
+
+def _cocoeval(gt: Any, results: Sequence[Mapping[str, Any]], iou_type: str, image_ids: Iterable[int] | None,
+              max_dets: Sequence[int] | None, sigmas: Sequence[float] | None) -> Any:
+    """pycocotools' ``COCOeval`` evaluated, accumulated and summarised (silenced); ``None`` when there is nothing
+    to score (no result or no image)."""
     from pycocotools.cocoeval import COCOeval
 
     if iou_type not in ("bbox", "keypoints"):
         raise ValueError(f"iou_type must be 'bbox' or 'keypoints', got {iou_type!r}")
     coco_gt = make_coco(gt)
-    keys = BBOX_KEYS if iou_type == "bbox" else KEYPOINT_KEYS
     ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
     results = [dict(r) for r in results]
     if not results or not ids:
-        out = {k: 0.0 for k in keys}
-    else:
-        for r in results:  # loadRes recomputes area from bbox; keep ids pycocotools-friendly
-            r.pop("id", None)
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco_dt = coco_gt.loadRes(results)
-            ev = COCOeval(coco_gt, coco_dt, iou_type)
-            ev.params.imgIds = ids
-            if max_dets is not None:
-                ev.params.maxDets = list(max_dets)
-            if sigmas is not None:
-                import numpy as np
+        return None
+    for r in results:  # loadRes recomputes area from bbox; keep ids pycocotools-friendly
+        r.pop("id", None)
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.params.imgIds = ids
+        if max_dets is not None:
+            ev.params.maxDets = list(max_dets)
+        if sigmas is not None:
+            import numpy as np
 
-                ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
-            ev.evaluate()
-            ev.accumulate()
-            ev.summarize()
-        out = {k: float(v) for k, v in zip(keys, ev.stats)}
-    if iou_type == "keypoints":
-        out["AR@100"] = out["AR@20"]
-    return out
+            ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    return ev
 
 
 def format_metrics_table(rows: Mapping[str, Mapping[str, float]], keys: Sequence[str] = SUMMARY_KEYS) -> str:

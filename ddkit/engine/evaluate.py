@@ -111,16 +111,22 @@ class Predictor:
         return out
 
 
-def evaluate_dataset(predictor: Predictor, dataset: Any, batch_size: int = 8,
-                     categories: Mapping[int, int] | None = None) -> dict[str, float]:
-    """The task's metrics of ``predictor`` on every item of ``dataset`` (which keeps its labels); ``categories``
-    (see :func:`category_map`) turns the model's category ids of instance predictions into the dataset's."""
+def predict_dataset(predictor: Predictor, dataset: Any, batch_size: int = 8,
+                    categories: Mapping[int, int] | None = None) -> list[Any]:
+    """``predictor``'s predictions of every item of ``dataset``; ``categories`` (see :func:`category_map`) turns the
+    model's category ids of instance predictions into the dataset's."""
     preds: list[Any] = []
     for idx in _batches(len(dataset), batch_size):
         preds.extend(predictor.predict([dataset[i][0] for i in idx]))
     if categories is not None:
         preds = [relabel(p, categories) for p in preds]
-    return predictor.task.evaluate_predictions(preds, dataset)
+    return preds
+
+
+def evaluate_dataset(predictor: Predictor, dataset: Any, batch_size: int = 8,
+                     categories: Mapping[int, int] | None = None) -> dict[str, float]:
+    """The task's metrics of ``predictor`` on every item of ``dataset`` (which keeps its labels)."""
+    return predictor.task.evaluate_predictions(predict_dataset(predictor, dataset, batch_size, categories), dataset)
 
 
 def relabel(inst: Instances, categories: Mapping[int, int]) -> Instances:

@@ -74,6 +74,10 @@ def _ensemble(teacher: Mapping[str, Any], where: str) -> None:
     if n > 1 and teacher.get("checkpoint"):
         raise ConfigError(f"{where}: {n} teachers are trained by the run; remove teacher.checkpoint (one file is one "
                           "teacher) or set ensemble: 1")
+    train = teacher.get("train") or {}
+    if n > 1 and train.get("iterations") == 0 and not train.get("epochs"):
+        raise ConfigError(f"{where}: {n} teachers used as built from the same weights (train.iterations: 0) are one "
+                          "model; set ensemble: 1")
 
 
 def _rounds(value: Any, where: str) -> None:
@@ -90,7 +94,7 @@ def _kd(block: Any, where: str) -> None:
         parse_train_config((variant or {}).get("train"), where=f"{where}.variants.{name}.train")
 
 
-# section -> its check; ``task``, ``data`` and ``fuse`` are strategy blocks / data blocks checked elsewhere
+# section -> its check; ``task`` and ``data`` are strategy blocks / data blocks checked elsewhere
 SECTION_CHECKS: dict[str, Callable[[Any, str], Any]] = {
     "run": lambda b, w: parse_section(RunConfig, b, w),
     "teacher": _model_section("teacher"),
@@ -120,5 +124,27 @@ def load_recipe(path: str, overrides: Sequence[str] = (), registry: Registry | N
 
         registry = get_registry()
     cfg = load_config(path, overrides)
-    validate_recipe(cfg, registry, source=str(path))
+    try:
+        validate_recipe(cfg, registry, source=str(path))
+    except ConfigError as err:
+        blamed = _blamed_overrides(path, overrides, registry)
+        if not blamed:
+            raise
+        with_overrides = f"{path} with the override{'s' if len(blamed) > 1 else ''} {', '.join(blamed)}"
+        raise type(err)(str(err).replace(str(path), with_overrides, 1)) from None
     return cfg
+
+
+def _blamed_overrides(path: str, overrides: Sequence[str], registry: Registry) -> list[str]:
+    """The command-line overrides that make a valid recipe invalid: the first one that does alone, else all of them
+    (together); none when the file itself is invalid."""
+    def valid(chosen: Sequence[str]) -> bool:
+        try:
+            validate_recipe(load_config(path, chosen), registry, source=str(path))
+        except ConfigError:
+            return False
+        return True
+
+    if not overrides or not valid(()):
+        return []
+    return next(([o] for o in overrides if not valid([o])), list(overrides))

@@ -33,6 +33,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from ddkit.engine.draw import category_colors, draw_instances, to_uint8_rgb
 from ddkit.engine.pseudo import IMAGE_LABELS
 from ddkit.io import atomic_write_bytes, atomic_write_text
 from ddkit.types import DatasetInfo
@@ -658,82 +659,6 @@ class _ImageFinder:
         return img
 
 
-def _to_uint8_rgb(img: Any) -> Any:
-    import torch
-
-    img = img.detach().float().cpu()
-    if img.dim() == 2:
-        img = img[None]
-    if img.shape[0] == 1:
-        img = img.expand(3, -1, -1)
-    elif img.shape[0] > 3:
-        img = img[:3]
-    if img.numel() and float(img.max()) > 1.5:  # 0..255 floats
-        img = img / 255.0
-    return (img.clamp(0, 1) * 255).round().to(torch.uint8).contiguous()
-
-
-def _hex(color: Sequence[float]) -> str:
-    return "#" + "".join(f"{int(round(255 * c)):02x}" for c in color[:3])
-
-
-def _font_path() -> str | None:
-    """matplotlib's bundled TrueType font (legible box labels; PIL's default bitmap font is tiny)."""
-    try:
-        from matplotlib import font_manager
-
-        path = font_manager.findfont("DejaVu Sans", fallback_to_default=True)
-        return path if path and Path(path).is_file() and path.lower().endswith(".ttf") else None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _draw_instances(img: Any, anns: Sequence[Mapping[str, Any]], names: Mapping[int, str],
-                    cat_colors: Mapping[int, str], skeleton: Sequence[tuple[int, int]] | None) -> Any:
-    import torch
-    from torchvision.utils import draw_bounding_boxes, draw_keypoints
-
-    rgb = _to_uint8_rgb(img)
-    h, w = rgb.shape[-2:]
-    scale = max(1, int(math.ceil(256 / max(min(h, w), 1)))) if max(h, w) < 256 else 1
-    if scale > 1:  # small images: upscale so that boxes and labels stay legible
-        rgb = torch.nn.functional.interpolate(rgb[None].float(), scale_factor=scale, mode="nearest")[0].to(
-            torch.uint8)
-    boxes, labels, colors, kps = [], [], [], []
-    for a in anns:
-        b = a.get("bbox")
-        if not (isinstance(b, (list, tuple)) and len(b) == 4 and all(_finite(v) for v in b)):
-            continue
-        x, y, bw, bh = (float(v) * scale for v in b)
-        boxes.append([x, y, x + max(bw, 1.0), y + max(bh, 1.0)])
-        cid = int(a.get("category_id", -1))
-        score = a.get("score")
-        labels.append(names.get(cid, str(cid)) + (f" {score:.2f}" if _finite(score) else ""))
-        colors.append(cat_colors.get(cid, "#ff0000"))
-        k = a.get("keypoints")
-        if isinstance(k, (list, tuple)) and len(k) >= 3 and len(k) % 3 == 0:
-            kps.append((torch.tensor(k, dtype=torch.float32).reshape(-1, 3), cat_colors.get(cid, "#ff0000")))
-    if boxes:
-        font = _font_path()
-        size = max(10, round(min(rgb.shape[-2:]) / 28))
-        rgb = draw_bounding_boxes(rgb, torch.tensor(boxes), labels=labels, colors=colors,
-                                  width=2 if scale > 1 or min(h, w) >= 200 else 1, font=font,
-                                  font_size=size if font else None, fill_labels=font is not None,
-                                  label_colors="white" if font else None)
-    for k, color in kps:
-        pts = k[:, :2] * scale
-        vis = k[:, 2] > 0
-        if not bool(vis.any()):
-            continue
-        conn = [(i, j) for i, j in (skeleton or []) if 0 <= i < len(k) and 0 <= j < len(k)]
-        radius = max(3, round(min(rgb.shape[-2:]) / 80))
-        if conn:  # the skeleton (white lines), then the points on top of it
-            rgb = draw_keypoints(rgb, pts[None], connectivity=conn, colors=color, radius=radius, width=2,
-                                 visibility=vis[None])
-        rgb = draw_keypoints(rgb, pts[None], colors=color, radius=radius, visibility=vis[None])
-    return rgb
-
-
 def _skeleton(data: Mapping[str, Any], info: DatasetInfo | None, num_kp: int) -> list[tuple[int, int]] | None:
     sk = None
     for c in data.get("categories") or []:
@@ -772,8 +697,7 @@ def _images_plot(data: Mapping[str, Any], label_dir: Path, run_dir: Path, info: 
     candidates = _spread(with_labels, max_images) + [im for im in images if int(im["id"]) not in anns]
     names = _category_names(info, data)
     cat_ids = sorted(names) or sorted({int(a.get("category_id", -1)) for v in anns.values() for a in v})
-    palette = _colors(max(len(cat_ids), 1))
-    cat_colors = {cid: _hex(palette[i]) for i, cid in enumerate(cat_ids)}
+    cat_colors = category_colors(cat_ids)
     root = (data.get("info") or {}).get("image_root")
     roots = [Path(root)] if root else []
     roots += [label_dir, run_dir]
@@ -801,10 +725,10 @@ def _images_plot(data: Mapping[str, Any], label_dir: Path, run_dir: Path, info: 
                 cid = int(a[0].get("category_id", -1))
                 score = a[0].get("score")
                 title = names.get(cid, str(cid)) + (f" ({score:.2f})" if _finite(score) else "")
-            tiles.append((_to_uint8_rgb(img), title))
+            tiles.append((to_uint8_rgb(img), title))
         else:
             n = len(a)
-            tiles.append((_draw_instances(img, a, names, cat_colors, skeleton),
+            tiles.append((draw_instances(img, a, names, cat_colors, skeleton),
                           f"image {iid}: {n} pseudo-label{'s' if n != 1 else ''}"))
     if not tiles:
         src = "the unlabeled dataset" if unlabeled is not None else "no unlabeled dataset given"

@@ -38,8 +38,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ddkit.config import save_config
+from ddkit.engine.as_built import check_as_built
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
+from ddkit.engine.environment import save_environment
 from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, build_data, item_file,
                               label_overlap_warnings)
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
@@ -211,19 +213,24 @@ class Runner:
     def _build_models(self) -> dict[str, Any]:
         """Every model block of the recipe built once (``student``, ``teacher`` unless a checkpoint gives it, and
         each KD variant's own ``model``): a bad block fails now, naming its field."""
-        blocks = {"student.model": (self.student_cfg or {}).get("model")}
+        student_train = (self.student_cfg or {}).get("train") or {}
+        blocks = {"student.model": ((self.student_cfg or {}).get("model"), student_train)}
         if not self.teacher_cfg.get("checkpoint"):
-            blocks["teacher.model"] = self.teacher_cfg.get("model")
+            blocks["teacher.model"] = (self.teacher_cfg.get("model"), self.teacher_cfg.get("train"))
         for variant, block in (self.kd.get("variants") or {}).items():
-            blocks[f"kd.variants.{variant}.model"] = (block or {}).get("model")
+            blocks[f"kd.variants.{variant}.model"] = ((block or {}).get("model"),
+                                                      {**student_train, **((block or {}).get("train") or {})})
         models = {}
-        for where, model_cfg in blocks.items():
+        for where, (model_cfg, train) in blocks.items():
             if model_cfg is not None:
                 try:
                     models[where] = self.task.build_model(model_cfg, self.splits.info)
                 except ConfigError as err:
                     raise ConfigError(f"{self.source}: {where}: {err}") from None
                 self._check_outputs(where, models[where])
+                if total_iterations(parse_train_config(train), [1]) == 0:  # used as built: no random head
+                    check_as_built(lambda: self.task.build_model(model_cfg, self.splits.info),
+                                   f"{self.source}: {where.removesuffix('.model')}")
         return models
 
     def _check_outputs(self, where: str, model: Any) -> None:
@@ -385,6 +392,7 @@ class Runner:
         if self.is_main:                                                                      # re-runs a stage
             self.out.mkdir(parents=True, exist_ok=True)
             save_config(with_defaults(self.cfg, self.registry), self.out)
+            save_environment(_to_plain(self.cfg), self.registry, self.out)
             self._remove_stale(keys)
         self._barrier()  # every rank sees the same markers from here on
         for i, stage in enumerate(self.stages):
@@ -607,16 +615,23 @@ class Runner:
     def _student_like(self) -> dict[str, Any]:
         return self.student_cfg or self.teacher_cfg
 
+    def _teacher_untrained(self) -> bool:
+        """A teacher used as built (``teacher.train.iterations: 0``): it has no schedule for the baseline."""
+        return total_iterations(parse_train_config(self.teacher_cfg.get("train")), [1]) == 0
+
     def _baseline_is_teacher(self) -> bool:
         """Whether the labeled-only baseline is the teacher's own training (same model, plain losses)."""
-        return self._student_like()["model"] == self.teacher_cfg["model"] and not self.teacher_cfg.get("losses")
+        return (self._student_like()["model"] == self.teacher_cfg["model"] and not self.teacher_cfg.get("losses")
+                and not self._teacher_untrained())
 
     def _baseline_labeled(self) -> dict[str, Any]:
-        """The student's model on the labeled part alone, with the teacher's schedule (the paper's baseline)."""
+        """The student's model on the labeled part alone, with the teacher's schedule (the paper's baseline), or the
+        student's when the teacher was not trained here."""
         s = self._student_like()
         if self._baseline_is_teacher():
             return {**self.results["teacher"], "same_as": "teacher"}  # the same training: do not repeat it
-        return self._train("baseline_labeled", s["model"], self.teacher_cfg.get("train"), [self.splits.labeled])
+        train = s.get("train") if self._teacher_untrained() else self.teacher_cfg.get("train")
+        return self._train("baseline_labeled", s["model"], train, [self.splits.labeled])
 
     def _baseline_full(self) -> dict[str, Any]:
         """The upper bound: the unlabeled part with its true labels, as many iterations as the student."""

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ddkit.engine.amp import Amp
+from ddkit.engine.as_built import check_as_built
 from ddkit.engine.augment import Augment, mix_seed, shift_image
 from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, resolve_checkpoint
 from ddkit.engine.data import ConcatDataset, get_info
@@ -516,6 +517,7 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     from ddkit.config import save_config, validate_config
     from ddkit.engine.defaults import with_defaults
     from ddkit.engine.data import build_data
+    from ddkit.engine.environment import save_environment
     from ddkit.registry import _to_plain
 
     if registry is None:
@@ -536,6 +538,8 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
         model = task.build_model(section["model"], splits.info)
     except ConfigError as err:
         raise ConfigError(f"{source}: {stage}.model: {err}") from None
+    if total_iterations(tcfg, [1]) == 0:  # used as built: no random head
+        check_as_built(lambda: task.build_model(section["model"], splits.info), f"{source}: {stage}")
     train_sets, teacher = [splits.labeled], None
     if stage == "student":
         if section.get("pseudo_labels"):
@@ -555,6 +559,7 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(with_defaults(cfg, registry), run_dir)  # the full recipe, every default written
+            save_environment(_to_plain(cfg), registry, run_dir)
             if force:
                 (run_dir / "model.pt").unlink(missing_ok=True)  # the old result goes; the new one replaces it
 

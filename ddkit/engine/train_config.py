@@ -77,7 +77,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (self.iterations >= 1, f"iterations must be >= 1, got {self.iterations}"),
+            (self.iterations >= 0, f"iterations must be >= 0 (0: the model as built, e.g. its pretrained weights), "
+                                    f"got {self.iterations}"),
             (self.epochs is None or self.epochs > 0, f"epochs must be > 0, got {self.epochs}"),
             (self.max_iterations is None or self.max_iterations >= 0, "max_iterations must be >= 0"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -129,6 +130,8 @@ def total_iterations(cfg: TrainConfig, sizes: Sequence[int]) -> int:
     if cfg.epochs is not None:
         return max(1, math.ceil(cfg.epochs * n_all / cfg.batch_size))
     total = cfg.iterations
+    if total == 0:  # the model as built: pretrained weights used as they are
+        return 0
     if cfg.scale_with_data and sizes[0] > 0:
         total = round(total * n_all / sizes[0])
     return max(1, total)

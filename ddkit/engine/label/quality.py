@@ -96,13 +96,13 @@ def quality_pair(kind: PredictionKind, info: DatasetInfo) -> tuple[Any, Any]:
     return ens, InstanceQuality(info, gt=ens.gt)
 
 
-def format_quality_table(quality: Mapping[str, Any]) -> str:
-    """A markdown table with one row per view (``{name: {metric: value}}``)."""
+def format_quality_table(quality: Mapping[str, Any], first: str = "view") -> str:
+    """A markdown table with one row per view (``{name: {metric: value}}``); ``first`` heads the name column."""
     rows = [(name, q) for name, q in quality.items() if isinstance(q, Mapping)]
     if not rows:
         return ""
     keys = [k for k in rows[0][1] if isinstance(rows[0][1][k], (int, float)) or rows[0][1][k] is None]
-    lines = ["| view | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines = [f"| {first} | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     for name, q in rows:
         cells = []
         for k in keys:

@@ -244,6 +244,8 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     from ddkit.engine.defaults import with_defaults
     from ddkit.engine.checkpoint import load_model
     from ddkit.engine.data import build_data
+    from ddkit.engine.environment import save_environment
+    from ddkit.registry import _to_plain
 
     if registry is None:
         from ddkit.plugin_manager import get_registry
@@ -276,6 +278,7 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
         raise ConfigError(f"{source}: the data's categories differ from the teacher's")
     if rank == 0:
         save_config(with_defaults(cfg, registry), out_root / "label")  # the full recipe, every default
+        save_environment(_to_plain(cfg), registry, out_root / "label")
     return label_dataset(task, model, info, None if splits is None else splits.unlabeled,
                          None if splits is None else splits.labeled, lcfg, out_root / "label",
                          teacher_checkpoint=resolve_checkpoint(teacher_path), device=device, worker=worker,

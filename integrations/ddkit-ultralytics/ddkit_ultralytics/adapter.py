@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ddkit.errors import DataError
 from ddkit_ultralytics.letterbox import (boxes_from_canvas, boxes_to_canvas, fitted_size, keypoints_from_canvas,
-                                         keypoints_to_canvas, letterbox)
+                                         keypoints_to_canvas, letterbox, own_canvas)
 
 
 class YoloAdapter(nn.Module):
@@ -144,23 +144,28 @@ class YoloAdapter(nn.Module):
         return k[..., :dims]
 
     # ----------------------------------------------------------------------------------------- inference
-    def _eval_batch(self, images: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    def _predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Each image on its own smallest stride-multiple canvas, as Ultralytics' predictor letterboxes one image:
+        the images of one canvas shape share a forward, so an image's boxes do not depend on the others in the
+        batch (a shared canvas sized to the largest padded the smaller ones more, and moved their scores)."""
         imgsz = None if self._keep_size else self.imgsz
         sizes = [fitted_size(tuple(im.shape[-2:]), imgsz) for im in images]
-        return letterbox(images, sizes, self.stride)
+        canvases = [own_canvas(size, self.stride) for size in sizes]
+        out: list[dict[str, Tensor]] = [{}] * len(images)
+        for canvas in dict.fromkeys(canvases):  # one forward per canvas shape, in order of first appearance
+            group = [i for i, c in enumerate(canvases) if c == canvas]
+            batch, ratios, offsets = letterbox([images[i] for i in group], [sizes[i] for i in group], self.stride,
+                                               canvas=canvas)
+            for j, det in enumerate(self._nms(self.net(batch))):
+                out[group[j]] = self._to_torchvision(det, ratios[j], offsets[j], tuple(images[group[j]].shape[-2:]))
+        return out
 
-    def _predict(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    def _nms(self, raw: Any) -> list[Tensor]:
         from ultralytics.utils.nms import non_max_suppression
 
-        if not images:
-            return []
-        batch, ratios, offsets = self._eval_batch(images)
-        raw = self.net(batch)
-        dets = non_max_suppression(raw, self.conf, self.iou, multi_label=self.multi_label, max_det=self.max_det,
+        return non_max_suppression(raw, self.conf, self.iou, multi_label=self.multi_label, max_det=self.max_det,
                                    nc=self.num_classes, end2end=bool(getattr(self.net, "end2end", False)),
                                    max_time_img=1e6)  # no wall-clock cut-off: results must not depend on speed
-        return [self._to_torchvision(d, ratios[i], offsets[i], tuple(images[i].shape[-2:]))
-                for i, d in enumerate(dets)]
 
     def _to_torchvision(self, det: Tensor, ratio: Tensor, offset: Tensor, size: tuple[int, int]) -> dict[str, Tensor]:
         """One image's NMS rows ``[n, 6 + K * d]`` (xyxy, conf, cls, keypoints) -> torchvision's output dict."""

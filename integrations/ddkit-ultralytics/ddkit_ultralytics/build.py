@@ -279,7 +279,8 @@ def explain_file(path: Any) -> str | None:
     at = strings.index("yaml_file") + 1 if "yaml_file" in strings else len(strings)
     yaml = strings[at] if at < len(strings) else "<its model yaml>"
     return (f"it is an Ultralytics checkpoint ({model}): use it as a yolo model's weights, e.g. teacher.model: "
-            f"{{name: yolo, cfg: {yaml}, pretrained: {path}, trust_checkpoint: true}} (trained further from them)")
+            f"{{name: yolo, cfg: {yaml}, pretrained: {path}, trust_checkpoint: true}} (trained further from them, or "
+            "used as they are with teacher.train.iterations: 0)")
 
 
 def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:

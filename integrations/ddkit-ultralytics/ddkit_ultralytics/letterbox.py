@@ -29,6 +29,12 @@ def centred_offset(pad: int) -> int:
     return round(pad / 2 - 0.1)
 
 
+def own_canvas(size: tuple[int, int], stride: int) -> tuple[int, int]:
+    """The smallest canvas of stride-multiple sides that holds an image resized to ``size`` (Ultralytics'
+    ``LetterBox(auto=True)`` for one image)."""
+    return math.ceil(size[0] / stride) * stride, math.ceil(size[1] / stride) * stride
+
+
 def letterbox(images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], stride: int,
               canvas: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Resize each image to its target size and centre all in one padded batch.

@@ -175,6 +175,34 @@ def test_predictions_are_in_input_pixels_at_any_size(coco8):
     assert native.image_size == (96, 128) and bool((native.boxes[:, 2] <= 128).all())
 
 
+def test_an_images_predictions_do_not_depend_on_the_others_in_its_batch(coco8):
+    """Images of other sizes in one batch: each image's boxes are those it gets alone (its own smallest canvas, as
+    Ultralytics' predictor letterboxes one image); a shared canvas sized to the largest moved them (the scores of a
+    pose model by up to 23 AP points between ``eval --batch-size`` 1 and 2). Ultralytics' own ``LetterBox(auto)`` on
+    one image makes that canvas."""
+    import numpy as np
+    from ultralytics.data.augment import LetterBox
+
+    from ddkit_ultralytics.letterbox import fitted_size, own_canvas
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    torch.manual_seed(0)
+    model = task.build_model({**TINY, "imgsz": 128, "conf": 0.0}, coco8.info).eval()
+    val = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "val"})
+    images = [val[i][0] for i in range(4)]
+    assert len({tuple(im.shape[-2:]) for im in images}) > 1  # coco8's val mixes portrait and landscape images
+    together = task.predict(model, images)
+    for image, batched in zip(images, together):
+        alone = task.predict(model, [image])[0]
+        assert len(alone) == len(batched) > 0
+        assert torch.equal(alone.labels, batched.labels)
+        assert torch.allclose(alone.boxes, batched.boxes, atol=1e-3) and torch.allclose(alone.scores, batched.scores,
+                                                                                        atol=1e-5)
+        h, w = image.shape[-2:]
+        ref = LetterBox(new_shape=(128, 128), auto=True, stride=32)(image=np.zeros((h, w, 3), np.uint8))
+        assert own_canvas(fitted_size((h, w), 128), 32) == ref.shape[:2]
+
+
 def test_pretrained_true_is_offline_one_line_error_then_found_in_the_weights_dir(coco8, monkeypatch, tmp_path):
     from ultralytics.utils import SETTINGS
 
@@ -348,3 +376,62 @@ def test_pose_batch_with_images_without_people_trains(cfg, empty, coco8_pose):
     n = sum(len(t["boxes"]) for _, t in items)
     assert labels["keypoints"].shape == (n, 17, 3) and labels["bboxes"].shape == (n, 4)
     assert labels["batch_idx"].tolist() == [float(i) for i, (_, t) in enumerate(items) for _ in t["boxes"]]
+
+
+def test_an_ultralytics_pt_of_the_same_classes_labels_untrained_and_one_of_other_classes_is_refused(coco8, tmp_path):
+    """``teacher.train.iterations: 0`` with an Ultralytics ``best.pt``: every tensor comes from the file when its
+    classes are the dataset's; with fewer classes its class head is skipped, left random, and refused by name."""
+    import dataclasses
+
+    from ddkit.engine.as_built import check_as_built
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
+    block = {**TINY, "pretrained": str(path), "trust_checkpoint": True}
+    check_as_built(lambda: task.build_model(block, coco8.info), "r.yaml: teacher")
+    fewer = dataclasses.replace(coco8.info, categories=coco8.info.categories[:3])
+    with pytest.warns(UserWarning, match="skipped"), \
+            pytest.raises(ConfigError, match=r"teacher.train.iterations: 0 .* tensors are random.*model\.22\.cv3"):
+        check_as_built(lambda: task.build_model(block, fewer), "r.yaml: teacher")
+
+
+def test_keypoint_similarity_on_yolo_pose_labels_is_ultralytics(coco8_pose):
+    """YOLO pose files carry no segment area: the OKS that ddkit's keypoint AP (pycocotools) computes on them is
+    Ultralytics' pose validation's (``kpt_iou`` with 0.53 x the box area), not one scaled by the whole box."""
+    import contextlib
+    import io
+
+    from pycocotools.cocoeval import COCOeval
+    from ultralytics.utils.metrics import OKS_SIGMA, kpt_iou
+
+    from ddkit.engine.coco_eval import make_coco
+
+    task = ddkit.build("tasks", {"name": "keypoints"})
+    gt = task.coco_ground_truth(coco8_pose)
+    g = torch.Generator().manual_seed(0)
+    results = []
+    for a in gt["annotations"]:
+        kp = torch.tensor(a["keypoints"]).reshape(-1, 3)
+        moved = kp[:, :2] + torch.randn(len(kp), 2, generator=g) * 6
+        results.append({"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9,
+                        "keypoints": torch.cat([moved, torch.ones(len(kp), 1)], 1).reshape(-1).tolist()})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = make_coco(gt)
+        ev = COCOeval(coco, coco.loadRes(results), "keypoints")
+        ev.params.kpt_oks_sigmas = torch.tensor(OKS_SIGMA).double().numpy()
+        ev.evaluate()
+    compared = 0
+    for image in gt["images"]:
+        anns = [a for a in gt["annotations"] if a["image_id"] == image["id"] and a["num_keypoints"] > 0]
+        if not anns:
+            continue
+        ours = torch.as_tensor(ev.ious[(image["id"], anns[0]["category_id"])]).float()  # [detections, truths]
+        truth = torch.tensor([a["keypoints"] for a in anns]).reshape(len(anns), -1, 3)
+        preds = torch.tensor([r["keypoints"] for r in results if r["image_id"] == image["id"]]).reshape(len(anns),
+                                                                                                         -1, 3)
+        area = torch.tensor([a["bbox"][2] * a["bbox"][3] for a in anns]) * 0.53
+        theirs = kpt_iou(truth, preds, area, OKS_SIGMA).T
+        assert torch.allclose(ours, theirs, atol=1e-4), image["id"]
+        compared += len(anns)
+    assert compared >= 2
