@@ -172,6 +172,10 @@ class ClassificationTask(_BaseTask):
         acc = float((pred == labels).float().mean())
         return {"accuracy": acc, "error": 1.0 - acc, "num_samples": len(labels)}
 
+    def chance_level(self, info: DatasetInfo) -> float:
+        """The error % of a model that learnt nothing (uniform guessing): ``100 (1 - 1 / C)``."""
+        return 100.0 * (1.0 - 1.0 / max(1, info.num_classes))
+
     def per_class_metrics(self, preds: Sequence[Tensor], dataset: Any) -> list[dict[str, Any]]:
         """One row per class: ``accuracy`` (its share of items predicted right: the class's recall), ``precision``
         (the share right of the items predicted as it) and ``instances``; ``nan`` where a count is 0."""
@@ -370,6 +374,10 @@ class DetectionTask(_BaseTask):
         gt = self.coco_ground_truth(dataset)
         stats = _coco_eval(gt, self._results(preds, False), "bbox")
         return {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+
+    def chance_level(self, info: DatasetInfo) -> float:
+        """The AP (%) of a model that learnt nothing: 0."""
+        return 0.0
 
     def per_class_metrics(self, preds: Sequence[Instances], dataset: Any) -> list[dict[str, Any]]:
         """One row per category: COCO ``AP`` and ``AP50`` (keypoints: OKS AP; see

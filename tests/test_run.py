@@ -13,6 +13,7 @@ import torch
 from ddkit import ConfigError
 from ddkit.config import load_config
 from ddkit.engine.run import Runner, run_recipe
+from ddkit.engine.run_folder import read_marker
 
 RECIPE = """
 run: {{name: tiny, out_dir: "{out}", seed: 0, device: cpu}}
@@ -316,8 +317,9 @@ def test_teacher_ensemble_trains_more_teachers_and_labels_with_all(first_run, re
     first, second = (torch.load(out / s / "model.pt", weights_only=True)["model"] for s in ("teacher", "teacher_2"))
     assert any(not torch.equal(first[k], second[k]) for k in first)  # another seed: another model
     label = json.loads((out / "label" / "stage.json").read_text())["result"]
-    models = [json.loads((out / s / "stage.json").read_text())["result"]["model"] for s in ("teacher", "teacher_2")]
-    assert label["teacher"] == models and models[1] == str(out / "teacher_2" / "model.pt")
+    models = [read_marker(out / s / "stage.json")["result"]["model"] for s in ("teacher", "teacher_2")]
+    # the copied folder's own teachers, not those of the run it was copied from
+    assert label["teacher"] == models == [str(out.resolve() / s / "model.pt") for s in ("teacher", "teacher_2")]
     info = json.loads((out / "label" / "pseudo_labels.json").read_text())["info"]
     assert info["teacher_checkpoint"] == label["teacher"]
     rows = {r["stage"]: r for r in summary["rows"]}

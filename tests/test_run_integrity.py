@@ -213,8 +213,8 @@ def test_label_images_that_are_test_or_labeled_files_are_warned_about(tmp_path, 
     cfg = load_config(path, [f"label.images={root / images.split('+')[0]}"])
     summary = run_recipe(cfg, source=str(path), progress=False)
     results_md = (tmp_path / "out" / "results.md").read_text()
-    if expected is None:
-        assert "warnings" not in summary and "WARNING" not in results_md
+    if expected is None:  # (this 8x8-pixel teacher is at chance, 50 % on two classes: that warning stands)
+        assert not any("label.images" in w for w in summary.get("warnings", [])) and "label.images" not in results_md
         return
     said = [w for w in summary.get("warnings", []) if "label.images" in w]
     assert len(said) == 1 and expected in said[0], summary.get("warnings")

@@ -14,6 +14,7 @@ Two formats, both plain dicts of tensors and primitive containers:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pickle
 from pathlib import Path
 from typing import Any, Mapping
@@ -25,6 +26,8 @@ from ddkit.engine.task import Task, model_info, unwrap_model
 from ddkit.errors import ConfigError, DataError
 from ddkit.io import atomic_torch_save
 from ddkit.types import DatasetInfo
+
+log = logging.getLogger("ddkit.checkpoint")
 
 CHECKPOINT_FORMAT = "ddkit-checkpoint-v1"
 MODEL_FORMAT = "ddkit-model-v1"
@@ -159,6 +162,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model_cfg = dict(record["model_cfg"])
     for key in [k for k in model_cfg if k.startswith("pretrained")]:
         model_cfg[key] = None  # the weights come from this file: no init file, no download (pretrained_backbone too)
+    iteration, total = record.get("iteration"), record.get("total_iterations")
+    if isinstance(iteration, int) and isinstance(total, int) and iteration < total:
+        log.warning("%s: an unfinished training checkpoint (iteration %d of %d), not the finished model; finish "
+                    "it with ddkit train --resume, or ddkit run", path, iteration, total)
     model = task.build_model(model_cfg, info)
     missing, unexpected = model.load_state_dict(record["model"], strict=False)
     if missing or unexpected:

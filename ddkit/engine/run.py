@@ -50,6 +50,7 @@ from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
 from ddkit.engine.losses import SetupContext, check_term_contract
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.engine.pseudo import load_pseudo_dataset
+from ddkit.engine.run_folder import read_marker
 from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.teacher_cache import dataset_fingerprint
 from ddkit.engine.train import check_cache_config, parse_train_config, resolve_device, total_iterations, train_model
@@ -69,6 +70,7 @@ class Stage:
     fn: Callable[[], dict[str, Any]]
     ignore: tuple[str, ...] = ()  # keys of those sections that do not decide it (``section.key``)
     writer_only: bool = False  # under torchrun rank 0 alone runs it (it only reads files and writes its own)
+    trains: bool = False  # it trains a model (its resume check may refuse the run before anything is written)
 
 
 # what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
@@ -121,6 +123,10 @@ class Runner:
         self.cfg, self.source, self.registry, self.progress = cfg, source, registry, progress
         self.run = _section(cfg, "run") or {}
         self.out = Path(self.run.get("out_dir") or f"runs/{self.run.get('name') or 'ddkit'}")
+        blocking = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"{source}: run.out_dir {self.out}: {blocking} is a file, not a folder; give another "
+                              f"run.out_dir")
         self.seed = int(self.run.get("seed", 0) or 0)
         self.device = resolve_device(self.run.get("device", "auto"))
         self.rank, self.world = dist_info()  # torchrun: every rank runs the stages, rank 0 writes
@@ -157,6 +163,7 @@ class Runner:
                               f"{', '.join(st.name for st in self.stages)}")
         self.force_from = min((i for i, st in enumerate(self.stages) if st.name in force), default=None)
         self.results: dict[str, dict[str, Any]] = {}
+        self._recipe_saved = False
 
     def _check_later_stages(self) -> None:
         """What a later stage would otherwise find wrong only after the teacher has trained: the unlabeled images,
@@ -354,9 +361,9 @@ class Runner:
     # ---------------------------------------------------------------------------------------------- the plan
     def _plan(self) -> list[Stage]:
         base = ("task", "data", "run.seed")
-        stages = [Stage("teacher", base + ("teacher",), self._train_teacher, ONE_TEACHER)]
-        stages += [Stage(name, base + ("teacher",), lambda k=k: self._train_extra_teacher(k), ONE_TEACHER)
-                   for k, name in enumerate(self._teacher_stages()[1:], start=1)]
+        stages = [Stage("teacher", base + ("teacher",), self._train_teacher, ONE_TEACHER, trains=True)]
+        stages += [Stage(name, base + ("teacher",), lambda k=k: self._train_extra_teacher(k), ONE_TEACHER,
+                         trains=True) for k, name in enumerate(self._teacher_stages()[1:], start=1)]
         if self.label_cfg is not None:  # data distillation
             for r in range(1, self.rounds + 1):
                 sfx = "" if r == 1 else f"_r{r}"
@@ -368,16 +375,17 @@ class Runner:
                 stages.append(Stage(f"select{sfx}", models + ("label",), lambda s=sfx: self._select(s),
                                     writer_only=True))
                 stages.append(Stage(f"student{sfx}", base + ("teacher", "label", "student"),
-                                    lambda s=sfx: self._train_student(s)))
+                                    lambda s=sfx: self._train_student(s), trains=True))
         if self.baselines.get("labeled_only"):
             stages.append(Stage("baseline_labeled", base + ("teacher", "student"), self._baseline_labeled,
-                                ONE_TEACHER))
+                                ONE_TEACHER, trains=True))
         if self.baselines.get("fully_labeled"):
-            stages.append(Stage("baseline_full", base + ("teacher", "student"), self._baseline_full, ONE_TEACHER))
+            stages.append(Stage("baseline_full", base + ("teacher", "student"), self._baseline_full, ONE_TEACHER,
+                                trains=True))
         for variant in (self.kd.get("variants") or {}):
             # one variant's own block: adding or changing another variant does not redo this one
             stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", f"kd.variants.{variant}"),
-                                lambda v=variant: self._kd(v), ONE_TEACHER))
+                                lambda v=variant: self._kd(v), ONE_TEACHER, trains=True))
         if self.evaluate_cfg.get("tta"):
             for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
                 if st == "baseline_labeled" and self._baseline_is_teacher():
@@ -391,8 +399,6 @@ class Runner:
         keys = [_digest({**self._inputs(st), "data files": self.data_key}) for st in self.stages]  # a changed file
         if self.is_main:                                                                      # re-runs a stage
             self.out.mkdir(parents=True, exist_ok=True)
-            save_config(with_defaults(self.cfg, self.registry), self.out)
-            save_environment(_to_plain(self.cfg), self.registry, self.out)
             self._remove_stale(keys)
         self._barrier()  # every rank sees the same markers from here on
         for i, stage in enumerate(self.stages):
@@ -400,7 +406,7 @@ class Runner:
             if marker.is_file():
                 log.info("stage %s: complete, skipped (--force %s to redo)", stage.name, stage.name)
                 self._say(f"{stage.name}: done earlier, skipped")
-                self.results[stage.name] = json.loads(marker.read_text())["result"]
+                self.results[stage.name] = read_marker(marker)["result"]  # _remove_stale dropped unreadable ones
                 continue
             self._run_stage(i, stage, keys[i])
         return self._write_results() if self.is_main else self.summarize()
@@ -413,6 +419,8 @@ class Runner:
             shutil.rmtree(folder)  # redo from scratch, not resume
         self._barrier()
         self._say(f"{stage.name}: running")
+        if not stage.trains:  # a training stage saves the recipe once its resume check has passed (_train)
+            self._save_recipe()
         t0 = time.perf_counter()
         result: dict[str, Any] = {}
         if self.is_main or not stage.writer_only:
@@ -429,10 +437,20 @@ class Runner:
                     raise
                 raise StageError(stage_failure(stage.name, err)) from err
         if self.is_main:
+            self._save_recipe()  # a stage that wrote nothing of its own (a teacher given by teacher.checkpoint)
             result["seconds"] = round(time.perf_counter() - t0, 2)
-            atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result})
+            atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result,
+                                       "run_dir": str(self.out.resolve()), "outputs": self._output_sizes(result)})
         self._barrier()
-        self.results[stage.name] = result if self.is_main else json.loads(marker.read_text())["result"]
+        self.results[stage.name] = result if self.is_main else read_marker(marker)["result"]
+
+    def _save_recipe(self) -> None:
+        """``config.yaml`` (every default written) and ``environment.json``, once, when the first stage starts
+        work: a run that a stage then refuses (an interrupted stage of another recipe) leaves the old ones."""
+        if self.is_main and not self._recipe_saved:
+            save_config(with_defaults(self.cfg, self.registry), self.out)
+            save_environment(_to_plain(self.cfg), self.registry, self.out)
+            self._recipe_saved = True
 
     def _barrier(self) -> None:
         if self.world > 1:
@@ -455,21 +473,37 @@ class Runner:
             marker = self.out / stage.name / "stage.json"
             if not marker.is_file():
                 continue
-            record = json.loads(marker.read_text())
-            if self._forced(i) or record.get("inputs") != keys[i] or self._lost_output(record.get("result") or {}):
+            record = read_marker(marker)
+            if record is None:  # truncated (a copy cut short): the stage runs again, resuming from its own files
+                marker.unlink()
+                self._say(f"{stage.name}: its stage.json could not be read (truncated?); the stage runs again")
+                continue
+            if self._forced(i) or record.get("inputs") != keys[i] or self._lost_output(record):
                 stale.append(stage.name)
                 shutil.rmtree(marker.parent)
         if stale:
-            print(f"[ddkit run] {', '.join(stale)}: inputs changed, forced or an output file deleted; their old "
-                  f"outputs were removed")
+            print(f"[ddkit run] {', '.join(stale)}: inputs changed, forced or an output file deleted or changed; "
+                  f"their old outputs were removed")
             for name in ("results.json", "results.md", "report.html"):
                 (self.out / name).unlink(missing_ok=True)
 
-    def _lost_output(self, result: Mapping[str, Any]) -> bool:
-        """Whether a finished stage's model or pseudo-label file inside the run folder was deleted since (a file
-        given by the recipe, such as ``teacher.checkpoint``, is checked when the recipe is validated)."""
+    def _output_files(self, result: Mapping[str, Any]) -> list[Path]:
+        """A stage result's model and pseudo-label files inside the run folder (a file given by the recipe, such
+        as ``teacher.checkpoint``, is checked when the recipe is validated)."""
         paths = [Path(result[k]) for k in ("model", "pseudo_labels") if isinstance(result.get(k), str)]
-        return any(p.resolve().is_relative_to(self.out.resolve()) and not p.is_file() for p in paths)
+        return [p for p in paths if p.resolve().is_relative_to(self.out.resolve())]
+
+    def _output_sizes(self, result: Mapping[str, Any]) -> dict[str, int]:
+        """``{path below the run folder: size in bytes}`` of a finished stage's output files."""
+        return {str(p.resolve().relative_to(self.out.resolve())): p.stat().st_size
+                for p in self._output_files(result) if p.is_file()}
+
+    def _lost_output(self, record: Mapping[str, Any]) -> bool:
+        """Whether a finished stage's output file was deleted, or changed size (cut short by a copy), since."""
+        if any(not p.is_file() for p in self._output_files(record.get("result") or {})):
+            return True
+        sizes = record.get("outputs") or {}
+        return any(not (self.out / f).is_file() or (self.out / f).stat().st_size != n for f, n in sizes.items())
 
     def _inputs(self, stage: Stage) -> dict[str, Any]:
         """The recipe sections a stage reads, less the keys it ignores and the cadence keys: what its digest
@@ -516,7 +550,7 @@ class Runner:
         model = self.task.build_model(model_cfg, self.splits.info)
         out = train_model(self.task, model, train_sets, train_cfg, self.out / stage, teacher=teacher,
                           losses=losses, eval_set=self.splits.test, resume=True, seed=seed,
-                          device=self.device, progress=self.progress)
+                          device=self.device, progress=self.progress, on_start=self._save_recipe)
         if not out.get("finished"):
             raise ConfigError(f"stage {stage} stopped before the end of its schedule (max_iterations?); "
                               f"re-run to resume it")
@@ -709,10 +743,27 @@ class Runner:
                     summary["gap_closed_by_round"] = {
                         s: round((base - by[s][key]) / (base - full), 3) for s in by if s.startswith("student")}
         summary.update(self._kd_gains(by, key))
+        chance = self._chance_warning(by.get("teacher"), key)
+        if chance:
+            summary.setdefault("warnings", []).insert(0, chance)
         label = self.results.get("select")  # the select stage writes the quality report
         if label and label.get("quality"):
             summary["pseudo_label_quality"] = {k: label["quality"].get(k) for k in ("single", "ensemble")}
         return summary
+
+    def _chance_warning(self, teacher: Mapping[str, Any] | None, key: str) -> str | None:
+        """A teacher within 2 points of what a model that learnt nothing scores (asked of the task:
+        ``chance_level``, in its headline's units): its pseudo-labels are noise, whatever the student's row says."""
+        chance = getattr(self.task, "chance_level", None)
+        if chance is None or teacher is None or key not in teacher:
+            return None
+        level, value = float(chance(self.splits.info)), float(teacher[key])
+        better = value - level if self.task.higher_is_better else level - value
+        if better >= 2.0:
+            return None
+        return (f"the teacher is at chance level ({key} {value}; a model that learnt nothing scores {level:.1f}): its "
+                f"pseudo-labels are noise and the student's figures mean nothing; train the teacher longer or check "
+                f"its lr")
 
     def _tta_columns(self, tta: Mapping[str, Any] | None) -> dict[str, float]:
         """``<metric> 1 view`` and ``<metric> TTA`` columns from a TTA stage's quality report (the task says which

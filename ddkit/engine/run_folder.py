@@ -16,16 +16,57 @@ from ddkit.engine.checkpoint import resolve_checkpoint
 _ROUND = re.compile(r"student(?:_r(\d+))?")
 
 
+def read_marker(marker: str | Path) -> dict[str, Any] | None:
+    """A stage's ``stage.json`` record, its paths moved into the run folder it now lies in: a copied or moved run
+    folder names its own files (``run_dir``, the folder it was written in, is recorded since session 20; older
+    markers are placed by their stage's own output file). ``None`` when it cannot be read (truncated)."""
+    marker = Path(marker)
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("result") or {}, dict):
+        return None
+    here = str(marker.parent.parent.resolve())
+    written_in = record.get("run_dir") or _written_in(record.get("result") or {}, marker.parent.name)
+    if written_in and written_in != here:
+        record["result"] = _moved(record.get("result") or {}, written_in, here)
+    return record
+
+
+def _written_in(result: dict[str, Any], stage: str) -> str | None:
+    """The run folder an older marker was written in: the parent of its stage's own model or pseudo-label file."""
+    for key in ("model", "pseudo_labels"):
+        path = Path(str(result.get(key) or ""))
+        if path.parent.name == stage:
+            return str(path.parent.parent)
+    return None
+
+
+def _moved(node: Any, old: str, new: str) -> Any:
+    """``node`` with every path string under ``old`` moved under ``new``."""
+    if isinstance(node, dict):
+        return {k: _moved(v, old, new) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_moved(v, old, new) for v in node]
+    if isinstance(node, str) and node.startswith(old) and Path(node).is_relative_to(old):
+        return str(Path(new) / Path(node).relative_to(old))
+    return node
+
+
 def completed_stages(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{stage: result}`` for every stage folder of ``run_dir`` with a ``stage.json`` marker."""
+    """``{stage: result}`` for every stage folder of ``run_dir`` with a readable ``stage.json`` marker."""
     out = {}
     for marker in sorted(Path(run_dir).glob("*/stage.json")):
-        try:
-            done = json.loads(marker.read_text())
-        except (OSError, ValueError):
-            continue  # a marker is written atomically; an unreadable one is not ours
-        out[marker.parent.name] = done.get("result") or {}
+        record = read_marker(marker)
+        if record is not None:  # a marker is written atomically; an unreadable one is not ours
+            out[marker.parent.name] = record.get("result") or {}
     return out
+
+
+def unreadable_markers(run_dir: str | Path) -> list[str]:
+    """The stages of ``run_dir`` whose ``stage.json`` cannot be read (a truncated copy)."""
+    return [m.parent.name for m in sorted(Path(run_dir).glob("*/stage.json")) if read_marker(m) is None]
 
 
 def is_run_folder(path: str | Path) -> bool:
@@ -74,8 +115,10 @@ def final_student(run_dir: str | Path) -> tuple[Path, str, str]:
     if kd:
         raise ConfigError(f"{run_dir}: the run has several KD students ({', '.join(kd)}); pass one stage folder, "
                           f"e.g. {run_dir / kd[0]}")
-    raise ConfigError(f"{run_dir}: the run has no finished student (stages done: {', '.join(stages) or 'none'}); "
-                      f"pass a stage folder such as {run_dir / 'teacher'} to use that model")
+    bad = unreadable_markers(run_dir)
+    raise ConfigError(f"{run_dir}: the run has no finished student (stages done: {', '.join(stages) or 'none'}"
+                      + (f"; unreadable stage.json in {', '.join(bad)}: re-run ddkit run to redo them" if bad else "")
+                      + f"); pass a stage folder such as {run_dir / 'teacher'} to use that model")
 
 
 def describe_stage(stage: str) -> str:

@@ -17,7 +17,8 @@ from torch import Tensor
 from ddkit.engine.label.config import LabelConfig, Strategies
 from ddkit.engine.label.labeller import Labeller
 from ddkit.engine.label.sources import ImageRange, Source, as_list
-from ddkit.engine.shards import ShardSet, fingerprint, pack_targets, save_shard, shard_bounds, worker_shards
+from ddkit.engine.shards import (ShardSet, fingerprint, load_shard, pack_targets, save_shard, shard_bounds,
+                                 worker_shards)
 from ddkit.errors import DataError
 
 log = logging.getLogger("ddkit.label")
@@ -135,15 +136,29 @@ def _remove_other_recipes(shards: ShardSet) -> set[int]:
                                     if s not in done and shards.path(s).is_file()]
     if not other:
         return done
+    torn = [p for p in other if not _readable(p)]  # cut short (an interrupted copy), not another recipe's
     for path in other:
         path.unlink(missing_ok=True)
     out_dir = shards.folder.parent
     removed = [name for name in SELECT_OUTPUTS if (out_dir / name).exists()]
     for name in removed:
         shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink()
-    log.warning("%s: %d shard(s) of another labelling recipe (teacher, views, data or shard count changed) "
-                "removed%s", out_dir, len(other), f", and their {', '.join(removed)}" if removed else "")
+    also = f", and their {', '.join(removed)}" if removed else ""
+    if torn:
+        log.warning("%s: %d unreadable (truncated?) shard(s) removed, to be labelled again: %s%s", out_dir,
+                    len(torn), ", ".join(p.name for p in torn[:3]), also)
+    if len(other) > len(torn):
+        log.warning("%s: %d shard(s) of another labelling recipe (teacher, views, data or shard count changed) "
+                    "removed%s", out_dir, len(other) - len(torn), also)
     return done
+
+
+def _readable(path: Path) -> bool:
+    try:
+        load_shard(path, mmap=True)
+    except DataError:
+        return False
+    return True
 
 
 def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: ShardSet, n_total: int,
