@@ -99,6 +99,13 @@ class Task(Protocol):
             augmentation; classification of small images).
         headline: the results-table column that ranks models (``"error %"``, ``"AP"``), one of
             :meth:`table_row`'s keys; ``higher_is_better`` its direction.
+
+    Optional methods, asked for with ``getattr`` (a task without them works, with less said):
+
+    * ``per_class_metrics(preds, dataset) -> [{"id", "name", "instances", <metric>: value, ...}]``: one row per
+      category of ``dataset.info`` (``nan`` where a class has no item), printed and saved by ``ddkit eval``;
+    * ``chance_level(info) -> float``: the headline value of a model that learnt nothing; a teacher within 2 points
+      of it is a warning atop the run's results.
     """
 
     name: str
