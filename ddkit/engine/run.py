@@ -51,6 +51,7 @@ from ddkit.engine.losses import SetupContext, check_term_contract
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.recipe import validate_recipe, with_defaults
+from ddkit.engine.run_lock import RunLock
 from ddkit.engine.teacher_cache import dataset_fingerprint
 from ddkit.engine.train import check_cache_config, parse_train_config, resolve_device, total_iterations, train_model
 from ddkit.engine.train_config import HARMLESS_KEYS
@@ -112,13 +113,14 @@ class Runner:
     """Runs the stages of one recipe; see the module docstring."""
 
     def __init__(self, cfg: DictConfig, source: str = "recipe", registry: Registry | None = None,
-                 force: Sequence[str] = (), progress: bool | None = None):
+                 force: Sequence[str] = (), progress: bool | None = None, lock: RunLock | None = None):
         if registry is None:
             from ddkit.plugin_manager import get_registry
 
             registry = get_registry()
         validate_recipe(cfg, registry, source=source)
         self.cfg, self.source, self.registry, self.progress = cfg, source, registry, progress
+        self.lock = lock or RunLock(enabled=False)  # the command's, taken where the run folder is first written
         self.run = _section(cfg, "run") or {}
         self.out = Path(self.run.get("out_dir") or f"runs/{self.run.get('name') or 'ddkit'}")
         self.seed = int(self.run.get("seed", 0) or 0)
@@ -390,7 +392,7 @@ class Runner:
     def execute(self) -> dict[str, Any]:
         keys = [_digest({**self._inputs(st), "data files": self.data_key}) for st in self.stages]  # a changed file
         if self.is_main:                                                                      # re-runs a stage
-            self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire(self.out)  # creates the folder; refused while another command writes it
             save_config(with_defaults(self.cfg, self.registry), self.out)
             save_environment(_to_plain(self.cfg), self.registry, self.out)
             self._remove_stale(keys)
@@ -779,6 +781,7 @@ def stage_failure(stage: str, err: BaseException) -> str:
 
 
 def run_recipe(cfg: DictConfig, source: str = "recipe", force: Sequence[str] = (), progress: bool | None = None,
-               registry: Registry | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage of a recipe; return the summary written to ``results.json``."""
-    return Runner(cfg, source=source, registry=registry, force=force, progress=progress).execute()
+               registry: Registry | None = None, lock: RunLock | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage of a recipe; return the summary written to ``results.json``. ``lock``: the
+    command's (:mod:`ddkit.engine.run_lock`), taken on ``run.out_dir`` once the recipe is validated."""
+    return Runner(cfg, source=source, registry=registry, force=force, progress=progress, lock=lock).execute()
