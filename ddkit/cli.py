@@ -1,20 +1,25 @@
 """The ``ddkit`` command. Each subcommand is one module in :mod:`ddkit.commands` that defines
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``ON_INTERRUPT`` (what to
-do after Ctrl-C, when re-running does more than start again); modules are discovered, not listed."""
+do after Ctrl-C or SIGTERM, when re-running does more than start again); modules are discovered, not listed.
+``args.command_line`` is the command as typed (``ddkit train R ...``), for the run folder's lock to name."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
 import pkgutil
+import shlex
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import ddkit.commands
-from ddkit.errors import DDKitError, StageError
+from ddkit.errors import DDKitError, Interrupted, StageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +51,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     cmd = commands.get(argv[0]) if argv else None
     if cmd is None:
         return parser.parse_args(argv)
-    namespace, rest = argparse.Namespace(**cmd._defaults), argv[1:]
+    namespace, rest = argparse.Namespace(**cmd._defaults, command_line=shlex.join(["ddkit", *argv])), argv[1:]
     while cmd._subparsers is not None:  # walk down to the sub-action (config -> show)
         actions = next(a for a in cmd._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
         if not rest or rest[0] not in actions.choices:
@@ -64,6 +69,25 @@ def disk_full_message(err: OSError) -> str:
     free = shutil.disk_usage(folder).free
     return (f"no space left on the device writing {path} ({free / 2**20:.0f} MiB free in {folder}); free some "
             f"space and re-run the same command to resume")
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (Slurm, Kubernetes, ``docker stop``) stops a command as Ctrl-C does rather than killing it on the
+    spot: :class:`~ddkit.errors.Interrupted` is raised (atomic writes drop their temporary file, the training loop
+    defers it to the end of the step and checkpoints) and the CLI says how to resume. The old handler is restored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -95,7 +119,8 @@ def _main(argv: Sequence[str] | None) -> int:
     if getattr(args, "no_progress", False):  # for the bars built deep below the command (checking images)
         os.environ[NO_PROGRESS_ENV] = "1"
     try:
-        return int(args._run(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args._run(args) or 0)
     except DDKitError as err:
         print(f"ddkit {args.command}: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, StageError) else 2
@@ -107,10 +132,12 @@ def _main(argv: Sequence[str] | None) -> int:
             raise
         print(f"ddkit {args.command}: error: {disk_full_message(err)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Interrupted): exit 128 + the signal, as a shell says
+        signum = getattr(err, "signum", signal.SIGINT)
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         hint = getattr(args, "_on_interrupt", None)
-        print(f"ddkit {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
-        return 130
+        print(f"ddkit {args.command}: interrupted{by}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 128 + signum
     finally:
         os.environ.pop(NO_PROGRESS_ENV, None)
 

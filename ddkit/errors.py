@@ -1,4 +1,5 @@
 """Errors a user can act on. The CLI prints them as one line, without a traceback."""
+import signal
 
 
 class DDKitError(Exception):
@@ -46,3 +47,17 @@ class StageError(DDKitError):
     """A stage's code (often a plugin's strategy) raised an exception that is not a :class:`DDKitError`: one line
     naming the stage, the exception and where it was raised; the original is its ``__cause__``, and with
     ``DDKIT_DEBUG=1`` it propagates as it is, with its traceback. The CLI exits 1 (not 2: it may be a bug)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (``signum``: SIGINT as Ctrl-C, or SIGTERM from Slurm, Kubernetes, ``docker stop``) stopped the
+    command; a KeyboardInterrupt, so that whatever handles Ctrl-C handles it. The CLI exits ``128 + signum``."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal_name(signum))
+        self.signum = signum
+
+
+def signal_name(signum: int) -> str:
+    """``Ctrl-C`` for SIGINT, else the signal's name (``SIGTERM``)."""
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, IO
@@ -14,10 +15,36 @@ def _umask() -> int:
     return mask
 
 
+# The temporary file of an atomic write: ``.<name>.<random>.tmp`` beside the target, the random part being
+# mkstemp's 8 characters of [a-z0-9_] (CPython's tempfile._RandomNameSequence). Exactly this, so that a clean-up
+# never takes a user's file with ".tmp" in its name.
+TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def is_atomic_temp(name: str) -> bool:
+    """Whether a file name is that of an atomic writer's temporary file (see :data:`TEMP_NAME`)."""
+    return TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_stale_temp(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Remove the temporary files that writers killed mid-write left under ``folder`` (its subfolders too, unless
+    ``recursive`` is False; symlinked folders are not entered); returns them. Only safe while no writer can be
+    running there (``ddkit.engine.run_lock`` holds the folder)."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if is_atomic_temp(name):
+                (Path(root) / name).unlink(missing_ok=True)
+                removed.append(Path(root) / name)
+        if not recursive:
+            break
+    return removed
+
+
 def _atomic(path: str | os.PathLike, mode: str, write: Callable[[IO], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)  # TEMP_NAME
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the permissions open() would
         with os.fdopen(fd, mode) as fh:

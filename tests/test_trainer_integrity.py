@@ -305,6 +305,83 @@ def test_ctrl_c_finishes_the_step_so_the_resumed_run_equals_the_uninterrupted_on
     assert "a step cut in the middle is not saved" in (tmp_path / "twice" / "teacher" / "train.log").read_text()
 
 
+# A `ddkit train` whose step 2 waits, once done, for the test to send SIGTERM (argv: ready file, sent file, the
+# command's arguments): the signal comes mid-training at a known step, as Slurm's or Kubernetes' would at any.
+SIGTERM_CHILD = """
+import sys, time
+from pathlib import Path
+from ddkit.engine.trainer import Trainer
+step, ready, sent = Trainer.run_step, Path(sys.argv[1]), Path(sys.argv[2])
+def run_step(self):
+    step(self)
+    if self.iter == 2:
+        ready.touch()
+        deadline = time.time() + 120
+        while not sent.exists() and time.time() < deadline:
+            time.sleep(0.01)
+Trainer.run_step = run_step
+from ddkit.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_says_how_to_resume(tmp_path, capsys):
+    """SIGTERM (Slurm, Kubernetes, docker stop) mid-training acts as the first Ctrl-C: the step ends, a checkpoint
+    of iteration 3 is written (none periodic: checkpoint_every 100), the command says how to resume and exits 143;
+    --resume then ends with the uninterrupted run's weights."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    recipe, cadence = _recipe(tmp_path), "teacher.train.checkpoint_every=100"
+    ready, sent = tmp_path / "ready", tmp_path / "sent"
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_CHILD, str(ready), str(sent), "train", str(recipe),
+                             "--no-progress", cadence], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not ready.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        sent.touch()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert "SIGTERM: finishing this iteration, then writing a checkpoint" in err
+    assert "ddkit train: interrupted by SIGTERM; re-run the same command with --resume to continue" in err
+    run_dir = tmp_path / "out" / "teacher"
+    assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
+    assert "interrupted (SIGTERM) at iteration 3; checkpoint written" in (run_dir / "train.log").read_text()
+    assert not (run_dir / "model.pt").exists()
+    assert main(["train", str(recipe), "--no-progress", "--resume", cadence]) == 0
+    assert main(["train", str(recipe), "--no-progress", cadence, f"run.out_dir={tmp_path / 'ref'}"]) == 0
+    a, b = load_model(run_dir)[1].state_dict(), load_model(tmp_path / "ref" / "teacher")[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_stop_signal_handlers_are_restored_after_training():
+    import signal
+
+    from ddkit.engine.trainer import deferred_interrupt
+
+    def mine(signum, frame):
+        pass
+
+    before = signal.signal(signal.SIGTERM, mine)
+    try:
+        sigint = signal.getsignal(signal.SIGINT)
+        with deferred_interrupt(True) as stop_signal:
+            assert signal.getsignal(signal.SIGTERM) is not mine and stop_signal() is None
+            signal.raise_signal(signal.SIGTERM)
+            assert stop_signal() == signal.SIGTERM  # deferred: noted, not raised
+        assert signal.getsignal(signal.SIGTERM) is mine and signal.getsignal(signal.SIGINT) is sigint
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_a_run_stopped_by_max_iterations_is_not_started_over_without_asking(stopped, capsys):
     recipe, run_dir = stopped
     before = _snapshot(run_dir)
@@ -329,8 +406,8 @@ def test_resume_without_a_checkpoint_says_it_starts_fresh(tmp_path, caplog, prep
 def test_stale_temp_files_are_removed_on_start(stopped, resume):
     recipe, run_dir = stopped
     ckpts = run_dir / "checkpoints"
-    (ckpts / ".last.pt.k1ll3d.tmp").write_bytes(b"")
-    (ckpts / ".last.pt.h4lf.tmp").write_bytes(b"PK\x03\x04 half a zip")
+    (ckpts / ".last.pt.k1ll3d_0.tmp").write_bytes(b"")  # mkstemp's names: 8 characters of [a-z0-9_]
+    (ckpts / ".last.pt.h4lfz1p_.tmp").write_bytes(b"PK\x03\x04 half a zip")
     args = ["train", str(recipe), "--no-progress"] + (["--resume"] if resume else ["--force"])
     assert main(args) == 0
     assert not list(ckpts.glob(".*.tmp")) and (ckpts / "last.pt").is_file()

@@ -15,6 +15,7 @@ import os
 
 from ddkit.engine.recipe import load_recipe
 from ddkit.engine.label import quality_table, run_label
+from ddkit.engine.run_lock import run_lock
 from ddkit.engine.shards import parse_shard_arg
 
 HELP = "pseudo-label unlabeled images with a teacher: multi-transform inference, aggregation, selection"
@@ -35,8 +36,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_recipe(args.recipe, args.overrides)
     worker = parse_shard_arg(args.shard) if args.shard else None
-    result = run_label(cfg, keep_raw=args.keep_raw, worker=worker, max_shards=args.max_shards,
-                       progress=not args.no_progress, source=args.recipe)
+    # the label folder, once validated; --shard workers share it (they label side by side), others hold it alone
+    with run_lock(shared=worker is not None, command=getattr(args, "command_line", None)) as lock:
+        result = run_label(cfg, keep_raw=args.keep_raw, worker=worker, max_shards=args.max_shards,
+                           progress=not args.no_progress, source=args.recipe, lock=lock)
     if not result.complete:
         rank = int(os.environ.get("RANK", "0")) if worker is None and args.max_shards is None else 0
         then = "rank 0 selects the pseudo-labels" if rank else \

@@ -26,11 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.recipe import load_recipe
     from ddkit.engine.run import results_markdown, run_recipe
+    from ddkit.engine.run_lock import run_lock
     from ddkit.runtime import torchrun_group
 
     cfg = load_recipe(args.recipe, args.overrides)
-    with torchrun_group((cfg.get("run") or {}).get("device")):
-        summary = run_recipe(cfg, source=args.recipe, force=args.force,
+    with torchrun_group((cfg.get("run") or {}).get("device")), \
+            run_lock(command=getattr(args, "command_line", None)) as lock:  # run.out_dir, once validated
+        summary = run_recipe(cfg, source=args.recipe, force=args.force, lock=lock,
                              progress=False if args.no_progress else sys.stderr.isatty() or None)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

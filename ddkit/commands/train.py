@@ -9,8 +9,9 @@ every process trains on its share of each batch (gloo on CPU, NCCL on GPU).
 A finished run of the same recipe is not trained again (the command names it and exits 0) unless ``--force``; a
 finished run of another recipe is refused in one line that names the keys and both values, as ``--resume`` refuses
 a checkpoint whose recipe differs in a way that changes the result (and notes the harmless changes: logging,
-cadence, ``max_iterations``). An unfinished run (Ctrl-C, killed, ``max_iterations``) is never started over without
-``--force``: the command refuses and names ``--resume``.
+cadence, ``max_iterations``). An unfinished run (Ctrl-C, SIGTERM, killed, ``max_iterations``) is never started
+over without ``--force``: the command refuses and names ``--resume``. Another command writing the same folder
+refuses this one (:mod:`ddkit.engine.run_lock`).
 """
 from __future__ import annotations
 
@@ -39,15 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.run_lock import run_lock
     from ddkit.engine.train import run_train
     from ddkit.runtime import torchrun_group
 
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     cfg = load_recipe(args.recipe, args.overrides)
-    with torchrun_group(args.device or (cfg.get("run") or {}).get("device")):
+    with torchrun_group(args.device or (cfg.get("run") or {}).get("device")), \
+            run_lock(command=getattr(args, "command_line", None)) as lock:  # the stage folder, once validated
         result = run_train(cfg, stage=args.stage, resume=args.resume, source=args.recipe, device=args.device,
-                           progress=False if args.no_progress else None, force=args.force)
+                           progress=False if args.no_progress else None, force=args.force, lock=lock)
     if rank == 0:
         print(json.dumps({k: result[k] for k in ("run_dir", "model_path", "checkpoint", "iterations",
                                                  "total_iterations", "finished", "metrics")}))

@@ -1,14 +1,15 @@
 """Trainer hooks (detectron2 style): each owns its state and its part of the checkpoint.
 
 A hook sees the :class:`~ddkit.engine.trainer.Trainer` as ``self.trainer`` and may implement ``before_train``,
-``before_step``, ``after_step``, ``after_train`` (only after a complete loop), ``on_interrupt`` (Ctrl-C) and
-``close`` (always). A hook with a ``state_key`` stores ``state_dict()`` under that key of the checkpoint and gets
-it back through ``load_state_dict`` on resume.
+``before_step``, ``after_step``, ``after_train`` (only after a complete loop), ``on_interrupt`` (Ctrl-C, SIGTERM;
+``trainer.stopped_by`` says which) and ``close`` (always). A hook with a ``state_key`` stores ``state_dict()``
+under that key of the checkpoint and gets it back through ``load_state_dict`` on resume.
 
 * :class:`LogHook`: the window of per-term loss means, ``metrics.jsonl`` records (and ``metrics.csv`` rows),
   ``train.log`` lines, the bar;
 * :class:`EvalHook`: evaluation every ``eval_every`` iterations (before the checkpoint of the same iteration);
-* :class:`CheckpointHook`: ``checkpoints/last.pt`` every ``checkpoint_every`` iterations, on Ctrl-C and at the end;
+* :class:`CheckpointHook`: ``checkpoints/last.pt`` every ``checkpoint_every`` iterations, on Ctrl-C or SIGTERM and
+  at the end;
 * :class:`FinalHook`: when the schedule is complete, the last evaluation, ``model.pt`` and the final record.
 """
 from __future__ import annotations
@@ -279,8 +280,8 @@ class EvalHook(HookBase):
 
 
 class CheckpointHook(HookBase):
-    """``checkpoints/last.pt`` (atomic, weights-only) every ``checkpoint_every`` iterations, on Ctrl-C and at the
-    end; stale temporary files of a killed writer are removed on start."""
+    """``checkpoints/last.pt`` (atomic, weights-only) every ``checkpoint_every`` iterations, on Ctrl-C or SIGTERM
+    and at the end; stale temporary files of a killed writer are removed on start."""
 
     def __init__(self, runlog: RunLog, ckpt_dir: Path, checkpoint_every: int):
         self.runlog, self.ckpt_dir, self.every = runlog, ckpt_dir, checkpoint_every
@@ -304,11 +305,12 @@ class CheckpointHook(HookBase):
             return
         if t.whole_steps and t.iter > t.start:
             self.save(t.iter)
-            self.runlog(f"interrupted at iteration {t.iter}; checkpoint written: re-run the same `ddkit run` "
-                        f"command, or `ddkit train` with --resume, to resume")
+            self.runlog(f"interrupted ({t.stopped_by}) at iteration {t.iter}; checkpoint written: re-run the same "
+                        f"`ddkit run` command, or `ddkit train` with --resume, to resume")
         else:
             kept = f"the checkpoint {self.last} stands" if self.last.exists() else "no checkpoint was written"
-            self.runlog(f"interrupted during iteration {t.iter}; {kept} (a step cut in the middle is not saved)")
+            self.runlog(f"interrupted ({t.stopped_by}) during iteration {t.iter}; {kept} (a step cut in the middle "
+                        f"is not saved)")
 
     def after_train(self) -> None:
         t = self.trainer

@@ -17,6 +17,7 @@ from torch import nn
 from ddkit.engine.task import model_info
 from ddkit.engine.train_config import HARMLESS_KEYS, TrainConfig
 from ddkit.errors import ConfigError
+from ddkit.io import remove_stale_temp
 
 
 def _loss_blocks(losses: Sequence[Any] | None) -> list[Any]:
@@ -108,8 +109,8 @@ def refuse_fresh_start(stage: str, last: Path, state: Mapping[str, Any]) -> NoRe
 
 
 def clean_stale_temp(ckpt_dir: Path) -> None:
-    """Temporary files of a writer killed mid-write (``checkpoints/.last.pt.*.tmp``) are never read: remove them."""
-    for tmp in ckpt_dir.glob(".*.tmp"):
-        tmp.unlink(missing_ok=True)
+    """Temporary files of a writer killed mid-write (``checkpoints/.last.pt.<random>.tmp``) are never read: remove
+    them (the commands also clean their whole folder once they hold its lock, :mod:`ddkit.engine.run_lock`)."""
+    remove_stale_temp(ckpt_dir, recursive=False)
 
 

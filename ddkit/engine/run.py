@@ -52,6 +52,7 @@ from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.run_folder import read_marker
 from ddkit.engine.recipe import validate_recipe, with_defaults
+from ddkit.engine.run_lock import RunLock
 from ddkit.engine.teacher_cache import dataset_fingerprint
 from ddkit.engine.train import check_cache_config, parse_train_config, resolve_device, total_iterations, train_model
 from ddkit.engine.train_config import HARMLESS_KEYS
@@ -114,13 +115,14 @@ class Runner:
     """Runs the stages of one recipe; see the module docstring."""
 
     def __init__(self, cfg: DictConfig, source: str = "recipe", registry: Registry | None = None,
-                 force: Sequence[str] = (), progress: bool | None = None):
+                 force: Sequence[str] = (), progress: bool | None = None, lock: RunLock | None = None):
         if registry is None:
             from ddkit.plugin_manager import get_registry
 
             registry = get_registry()
         validate_recipe(cfg, registry, source=source)
         self.cfg, self.source, self.registry, self.progress = cfg, source, registry, progress
+        self.lock = lock or RunLock(enabled=False)  # the command's, taken where the run folder is first written
         self.run = _section(cfg, "run") or {}
         self.out = Path(self.run.get("out_dir") or f"runs/{self.run.get('name') or 'ddkit'}")
         blocking = next((p for p in (self.out, *self.out.parents) if p.exists() and not p.is_dir()), None)
@@ -399,6 +401,7 @@ class Runner:
         keys = [_digest({**self._inputs(st), "data files": self.data_key}) for st in self.stages]  # a changed file
         if self.is_main:                                                                      # re-runs a stage
             self.out.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire(self.out)  # refused while another command writes the folder
             self._remove_stale(keys)
         self._barrier()  # every rank sees the same markers from here on
         for i, stage in enumerate(self.stages):
@@ -830,6 +833,7 @@ def stage_failure(stage: str, err: BaseException) -> str:
 
 
 def run_recipe(cfg: DictConfig, source: str = "recipe", force: Sequence[str] = (), progress: bool | None = None,
-               registry: Registry | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage of a recipe; return the summary written to ``results.json``."""
-    return Runner(cfg, source=source, registry=registry, force=force, progress=progress).execute()
+               registry: Registry | None = None, lock: RunLock | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage of a recipe; return the summary written to ``results.json``. ``lock``: the
+    command's (:mod:`ddkit.engine.run_lock`), taken on ``run.out_dir`` once the recipe is validated."""
+    return Runner(cfg, source=source, registry=registry, force=force, progress=progress, lock=lock).execute()

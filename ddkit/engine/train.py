@@ -55,6 +55,7 @@ from ddkit.engine.hooks import CheckpointHook, EvalHook, FinalHook, LogHook, Run
 from ddkit.engine.losses import SetupContext
 from ddkit.engine.resume import (check_finished, check_resume, clean_stale_temp, recipe_record, refuse_fresh_start,
                                  resume_changes)
+from ddkit.engine.run_lock import RunLock
 from ddkit.engine.sampler import MixedRatioSampler
 from ddkit.engine.task import Task, model_info, unwrap_model
 from ddkit.engine.teacher_cache import TeacherCache, TeacherOutputs, _Indexed, dataset_fingerprint
@@ -502,7 +503,7 @@ def _earlier_run(run_dir: Path, record: _Record) -> dict[str, Any] | None:
 
 def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: str = "recipe",
               device: str | None = None, progress: bool | None = None, registry: Any = None,
-              force: bool = False) -> dict[str, Any]:
+              force: bool = False, lock: RunLock | None = None) -> dict[str, Any]:
     """Train the recipe's ``teacher`` or ``student`` section (``ddkit train``).
 
     The section holds ``model``, ``train`` (see :class:`TrainConfig`) and optionally ``losses``. A student section
@@ -513,6 +514,8 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     The whole recipe is validated and the data and models are built before anything is said or written. Without
     ``resume`` or ``force``, a finished run of the same recipe is returned (nothing to do), and a finished run of
     another recipe or an unfinished run's checkpoint is refused (:func:`_earlier_run`); ``force`` starts fresh.
+    ``lock`` (the command's): refuses a folder another command holds before its checkpoint is read, and is taken
+    when the run folder is first written.
     """
     from ddkit.config import save_config, validate_config
     from ddkit.engine.defaults import with_defaults
@@ -530,6 +533,8 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     seed = int(run.get("seed", 0) or 0)
     rank, _ = dist_info()
     run_dir = stage_run_dir(cfg, stage)
+    lock = lock or RunLock(enabled=False)
+    lock.check(run_dir)  # before the folder's checkpoint is read: another command's is not an interrupted run
     tcfg = parse_train_config(section.get("train"), where=f"{source}: {stage}.train")
     task = registry.build("tasks", cfg.task, where=f"{source}: task")
     splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
@@ -557,7 +562,7 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
 
     def on_start() -> None:  # the recipe, the data, the models and the resume check passed
         if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire(run_dir)  # creates the folder
             save_config(with_defaults(cfg, registry), run_dir)  # the full recipe, every default written
             save_environment(_to_plain(cfg), registry, run_dir)
             if force:

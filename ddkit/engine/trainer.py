@@ -30,6 +30,7 @@ from ddkit.engine.losses import LossContext, check_loss_value
 from ddkit.engine.task import Task, TrainOutputs, unwrap_model
 from ddkit.engine.teacher_cache import TeacherOutputs
 from ddkit.engine.train_config import TrainConfig
+from ddkit.errors import Interrupted, signal_name
 
 
 def _reseed(value: int, dev: torch.device) -> None:
@@ -40,29 +41,34 @@ def _reseed(value: int, dev: torch.device) -> None:
         torch.cuda.manual_seed(value)
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; Slurm, Kubernetes and `docker stop` before a SIGKILL
+
+
 @contextlib.contextmanager
-def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], bool]]:
-    """Ctrl-C finishes the current step before it stops the loop, so the checkpoint holds whole steps only (a
-    step cut between its optimizer update and its end would be applied twice on resume); a second Ctrl-C stops at
-    once. Yields "was Ctrl-C pressed?". Off (a plain KeyboardInterrupt) under DDP, where the ranks could stop at
-    different steps, and outside the main thread, where no signal handler can be set."""
+def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], int | None]]:
+    """Ctrl-C or SIGTERM finishes the current step before it stops the loop, so the checkpoint holds whole steps
+    only (a step cut between its optimizer update and its end would be applied twice on resume); a second one
+    stops at once (:class:`~ddkit.errors.Interrupted`). Yields "which signal asked to stop?" (None: none). Off (the
+    signals raise at once) under DDP, where the ranks could stop at different steps, and outside the main thread,
+    where no signal handler can be set. The previous handlers are restored on exit."""
     if not enabled or threading.current_thread() is not threading.main_thread():
-        yield lambda: False
+        yield lambda: None
         return
-    pressed: list[bool] = []
+    received: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:
-        if pressed:
-            raise KeyboardInterrupt
-        pressed.append(True)
-        print("Ctrl-C: finishing this iteration, then writing a checkpoint (Ctrl-C again to stop at once)",
-              file=sys.stderr)
+        if received:
+            raise Interrupted(signum)
+        received.append(signum)
+        print(f"{signal_name(signum)}: finishing this iteration, then writing a checkpoint ({signal_name(signum)} "
+              f"again to stop at once)", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield lambda: bool(pressed)
+        yield lambda: received[0] if received else None
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 @dataclasses.dataclass
@@ -109,6 +115,7 @@ class Trainer:
         self.train_time = 0.0
         self.step_values: dict[str, torch.Tensor] = {}
         self.step_samples = 0
+        self.stopped_by = ""  # what interrupted the loop (Ctrl-C, SIGTERM), for the checkpoint hook's message
 
     def register_hooks(self, hooks: Sequence[HookBase]) -> None:
         for h in hooks:
@@ -195,18 +202,19 @@ class Trainer:
         t0 = time.perf_counter()
         self.whole_steps = False  # whether an interrupt came between steps (its checkpoint resumes exactly)
         try:
-            with deferred_interrupt(self.ddp.world == 1) as pressed:
+            with deferred_interrupt(self.ddp.world == 1) as stop_signal:
                 for self.iter in range(start, stop):
                     for h in self.hooks:
                         h.before_step()
                     self.run_step()
                     for h in self.hooks:
                         h.after_step()
-                    if pressed():
+                    if stop_signal() is not None:
                         self.iter, self.whole_steps = self.iter + 1, True
-                        raise KeyboardInterrupt
+                        raise Interrupted(stop_signal())
             self.iter = stop
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
+            self.stopped_by = signal_name(getattr(err, "signum", signal.SIGINT))
             for h in self.hooks:
                 h.on_interrupt()
             raise

@@ -24,6 +24,7 @@ from ddkit.engine.coco_file import PSEUDO_DESCRIPTION
 from ddkit.engine.coco_results import CocoGroundTruthBuilder
 from ddkit.engine.data import get_target, item_file
 from ddkit.engine.prediction_kinds import prediction_kind
+from ddkit.engine.run_lock import RunLock
 from ddkit.engine.yolo_export import write_yolo_dataset
 from ddkit.errors import ConfigError, DataError
 from ddkit.io import atomic_write_json, file_sha256
@@ -237,9 +238,10 @@ def _quality_possible(cfg: Any, lcfg: LabelConfig) -> bool:
 
 def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None = None,
               worker: tuple[int, int] | None = None, max_shards: int | None = None, progress: bool = False,
-              registry: Any = None, source: str = "recipe") -> LabelResult:
+              registry: Any = None, source: str = "recipe", lock: RunLock | None = None) -> LabelResult:
     """Run the labelling stage of a loaded recipe (what ``ddkit label`` does): validate everything, load the
-    teacher and the data, build every strategy, then label (nothing is read before the recipe is known good)."""
+    teacher and the data, build every strategy, then label (nothing is read before the recipe is known good).
+    ``lock``: the command's (:mod:`ddkit.engine.run_lock`), taken on the label folder before its first write."""
     from ddkit.config import save_config, validate_config
     from ddkit.engine.defaults import with_defaults
     from ddkit.engine.checkpoint import load_model
@@ -277,6 +279,8 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     if splits is not None and [int(c["id"]) for c in splits.info.categories] != [int(c["id"]) for c in info.categories]:
         raise ConfigError(f"{source}: the data's categories differ from the teacher's")
     if rank == 0:
+        if lock is not None:
+            lock.acquire(out_root / "label")
         save_config(with_defaults(cfg, registry), out_root / "label")  # the full recipe, every default
         save_environment(_to_plain(cfg), registry, out_root / "label")
     return label_dataset(task, model, info, None if splits is None else splits.unlabeled,
