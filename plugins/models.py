@@ -102,7 +102,7 @@ class MLP(nn.Sequential):
         layers.append(nn.Linear(width, info.num_classes))
         super().__init__(*layers)
         if pretrained:
-            load_pretrained(self, pretrained)
+            load_pretrained(self, pretrained, info=info)
 
 
 @dataclass
@@ -136,7 +136,7 @@ class LeNet(nn.Module):
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c * 4, hidden), nn.ReLU(inplace=True),
                                         nn.Dropout(dropout), nn.Linear(hidden, info.num_classes))
         if pretrained:
-            load_pretrained(self, pretrained)
+            load_pretrained(self, pretrained, info=info)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))
@@ -172,7 +172,7 @@ def build_timm(model_name="resnet18", pretrained=None, drop_rate=0.0, normalize=
     else:
         model = timm.create_model(arch, pretrained=False, **kw)
         if pretrained:
-            load_pretrained(model, pretrained)
+            load_pretrained(model, pretrained, info=info)
     if normalize:
         cfg = model.pretrained_cfg
         normalize_input(model, tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD)), chans)
@@ -261,7 +261,7 @@ def build_torchvision(arch="resnet18", pretrained=None, normalize=True, kwargs=N
     if chans != 3:
         _adapt_input_channels(model, chans)
     if pretrained and not wants_library_weights(pretrained):
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, info=info)
     return normalize_input(model, IMAGENET_MEAN, IMAGENET_STD, chans) if normalize else model
 
 
@@ -484,7 +484,7 @@ def _finish(model: nn.Module, pretrained: bool | str | None, detector: str, back
     if wants_library_weights(pretrained):
         load_coco_detector(model, detector, backbone, pretrained, info)
     elif pretrained:
-        load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained, info=info)
     return model
 
 

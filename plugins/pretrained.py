@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ddkit import ConfigError, DataError
+from ddkit import ConfigError, DataError, DatasetInfo
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
 _LOCAL_HINT = "or set pretrained to a local weights file (a state dict or a ddkit .pt)"
@@ -45,6 +45,11 @@ def wants_library_weights(value: Any) -> bool:
 # ------------------------------------------------------------------------------------------------ local files
 def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a local weights file (``weights_only`` load; ``model``/``state_dict`` entries unwrapped)."""
+    return _read_weights(path)[0]
+
+
+def _read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """:func:`state_dict_from_file`'s tensors and, for a ddkit checkpoint, its class names (``info``)."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"pretrained: {path} is not a local file. ddkit never downloads a path; pass the path of "
@@ -54,13 +59,15 @@ def state_dict_from_file(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise DataError(f"{path}: cannot load weights: {str(err).splitlines()[0]}") from None
+    info = obj.get("info") if isinstance(obj, dict) else None
+    names = [str(c.get("name")) for c in info.get("categories") or []] if isinstance(info, dict) else None
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DataError(f"{path}: not a state dict of tensors")
-    return obj
+    return obj, names
 
 
 def load_matching(module: nn.Module, state: Mapping[str, torch.Tensor], source: str,
@@ -105,10 +112,19 @@ def _rgb_filters_for(own: torch.Tensor, value: torch.Tensor) -> bool:
             and own.shape[0] == value.shape[0] and own.shape[2:] == value.shape[2:])
 
 
-def load_pretrained(module: nn.Module, path: str | Path, prefixes: tuple[str, ...] = ("module.",)) -> nn.Module:
+def load_pretrained(module: nn.Module, path: str | Path, prefixes: tuple[str, ...] = ("module.",),
+                    info: DatasetInfo | None = None) -> nn.Module:
     """Load matching weights from a local file; tensors whose shape differs (e.g. a new class head) are skipped
-    with a warning. Raises :class:`DataError` when nothing matches."""
-    load_matching(module, state_dict_from_file(path), str(path), prefixes)
+    with a warning. Raises :class:`DataError` when nothing matches. A ddkit checkpoint of as many classes as
+    ``info`` under other names warns that its class head was loaded by index."""
+    state, names = _read_weights(path)
+    load_matching(module, state, str(path), prefixes)
+    ours = [str(c.get("name")) for c in info.categories] if info is not None else None
+    if names is not None and ours is not None and len(names) == len(ours) and names != ours:
+        i = next(i for i, (a, b) in enumerate(zip(names, ours)) if a != b)
+        warnings.warn(f"{path}: {sum(a != b for a, b in zip(names, ours))} of its {len(ours)} class names differ "
+                      f"from the dataset's (class {i} is {names[i]!r} there, {ours[i]!r} here); its class head was "
+                      f"loaded by index, so check the dataset's class order", stacklevel=2)
     return module
 
 

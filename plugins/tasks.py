@@ -379,6 +379,18 @@ class DetectionTask(_BaseTask):
         """The AP (%) of a model that learnt nothing: 0."""
         return 0.0
 
+    def input_size(self, model: nn.Module, image_size: tuple[int, int]) -> tuple[int, int]:
+        """``(H, W)`` the model runs an image of ``image_size`` at by default: its own ``input_size`` (a model that
+        resizes its input itself, e.g. YOLO's ``imgsz``), else torchvision's transform (``min_size`` /
+        ``max_size``, as ``GeneralizedRCNNTransform`` resizes in eval)."""
+        inner = unwrap_model(model)
+        own = getattr(inner, "input_size", None)
+        if callable(own):
+            return tuple(own(image_size))
+        h, w = image_size
+        scale = min(float(inner.transform.min_size[-1]) / min(h, w), float(inner.transform.max_size) / max(h, w))
+        return int(h * scale), int(w * scale)
+
     def per_class_metrics(self, preds: Sequence[Instances], dataset: Any) -> list[dict[str, Any]]:
         """One row per category: COCO ``AP`` and ``AP50`` (keypoints: OKS AP; see
         :func:`~ddkit.engine.coco_eval.coco_evaluate_per_category`) and its ground-truth ``instances``."""

@@ -155,6 +155,9 @@ class Scale(_View):
                  flip: bool = False, flip_indices: Sequence[int] | None = None):
         resized_size((1, 1), size, factor, max_size)  # validates the combination
         self.size, self.factor, self.max_size, self.flip = size, factor, max_size, bool(flip)
+        # a shorter side in pixels (the paper's 400..1200) is run at that size; a factor is a share of the model's
+        # own input size (ddkit.engine.label.frames)
+        self.sets_pixel_size = size is not None
         self.flip_indices = _flip_pairs(flip_indices)
         base = f"scale{size}" if size is not None else f"scale_x{_fmt(factor)}"
         self.name = base + (f"_max{max_size}" if max_size is not None else "") + ("_flip" if flip else "")

@@ -685,3 +685,13 @@ def test_eval_on_a_folder_of_some_classes_matches_them_by_name(digits_run, tmp_p
     shutil.copy(next((tmp_path / "folder" / names[chosen[0]]).iterdir()), tmp_path / "folder" / "cat")
     assert main(["eval", str(run / "student" / "model.pt"), "--data", str(tmp_path / "folder")]) == 2
     assert "'cat' not among the model's" in capsys.readouterr().err
+
+
+def test_a_box_model_on_a_coco_file_with_keypoints_is_told_how_to_score_its_boxes(detector, tmp_path, capsys):
+    coco = DATA / "coco-val2017-mini" / "test_coco.json"
+    assert main(["eval", str(detector), "--data", str(coco), "-o", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert "17 keypoints per instance" in err and "keypoints: false" in err
+    block = json.dumps({"name": "coco", "annotations": str(coco), "keypoints": False})
+    assert main(["eval", str(detector), "--data", block, "-o", str(tmp_path / "e.json")]) == 0
+    assert "AP" in json.loads((tmp_path / "e.json").read_text())["metrics"]

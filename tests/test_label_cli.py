@@ -247,3 +247,21 @@ def test_the_label_recipe_headers_train_then_label_command_works(tmp_path):
     assert main(["label", str(REPO / "configs" / "label_digits.yaml"), out, "label.max_images=40",
                  "--no-progress"]) == 0
     assert (tmp_path / "label" / "pseudo_labels.json").is_file()
+
+
+def test_without_teacher_checkpoint_label_takes_the_teacher_ddkit_train_wrote(tmp_path, teacher, capsys):
+    """``ddkit train --stage teacher`` then ``ddkit label`` of the same recipe: no teacher.checkpoint needed (as
+    ``ddkit train --stage student`` finds it); with none trained, the error says where it looked."""
+    import shutil
+
+    path = recipe(tmp_path, teacher)
+    cfg = json.loads(path.read_text())
+    del cfg["teacher"]
+    path.write_text(json.dumps(cfg))
+    assert main(["label", str(path), "--no-progress"]) == 2
+    assert f"{tmp_path / 'run' / 'teacher'} holds none" in capsys.readouterr().err
+    (tmp_path / "run" / "teacher").mkdir(parents=True)
+    shutil.copy(teacher, tmp_path / "run" / "teacher" / "model.pt")
+    assert main(["label", str(path), "--no-progress"]) == 0
+    info = json.loads((tmp_path / "run" / "label" / "pseudo_labels.json").read_text())["info"]
+    assert info["teacher_checkpoint"] == str(tmp_path / "run" / "teacher" / "model.pt")

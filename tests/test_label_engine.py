@@ -458,3 +458,60 @@ def test_an_interrupted_relabel_with_other_views_leaves_nothing_of_the_old_recip
     done = L.label_dataset(FakeTask(), BlobDetector(), ds.info, unlabeled, labeled, other, tmp_path)
     assert done.complete and done.shards_done == [1, 2, 3]
     assert json.loads((tmp_path / "pseudo_labels.json").read_text())["info"]["views"] == ["identity"]
+
+
+# --------------------------------------------------------------------------------------- the size views run at
+COCO8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco8"
+
+
+def _rcnn_below_the_image_size():
+    """A tiny Faster R-CNN whose min_size (64) is far below coco8's 480 x 640 photos, scoring everything."""
+    ds = get_registry().build("datasets", {"name": "yolo", "root": str(COCO8), "split": "val"})
+    task = get_registry().build("tasks", "detection")
+    torch.manual_seed(0)
+    model = task.build_model({"name": "fasterrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64,
+                              "anchor_sizes": [16, 32, 64, 128, 256], "representation_size": 32,
+                              "score_thresh": 0.0, "detections_per_img": 5}, ds.info).eval()
+    return ds, task, model
+
+
+def test_a_view_that_keeps_the_size_is_the_plain_prediction_and_a_factor_is_a_share_of_the_models_size():
+    """``[identity, hflip]`` through the labeller: the identity view's own predictions are the plain model's
+    (it ran at its 64-pixel input, not at the photo's 640); a scale factor runs at that share of the model's input
+    size; a shorter side in pixels at that size (the paper's absolute scales)."""
+    from ddkit.engine.label.frames import model_frames
+
+    ds, task, model = _rcnn_below_the_image_size()
+    images = [ds[i][0] for i in range(3)]
+    strategies = L.build_strategies(L.parse_label_config({**DET_CFG, "transforms": [
+        {"name": "identity"}, {"name": "hflip"}]}), task, ds.info)
+    single = L.Labeller(task, model, ds.info, strategies).label_batch(images).single
+    plain = task.predict(model, images)
+    assert torch.equal(single["boxes"], torch.cat([p.boxes for p in plain]))
+    assert torch.equal(single["scores"], torch.cat([p.scores for p in plain]))
+    sizes = [tuple(x.shape[-2:]) for x in images]
+    own = [task.input_size(model, s) for s in sizes]  # longer side 64
+    assert all(max(o) == 64 for o in own)
+    registry = get_registry()
+    half = registry.build("transforms", {"name": "scale", "factors": [0.5]})[0]
+    frames = model_frames(task, model, half, [half.forward_image(x) for x in images], sizes)
+    assert frames.native and [tuple(x.shape[-2:]) for x in frames.images] == \
+        [(round(h * 0.5), round(w * 0.5)) for h, w in own]
+    pixels = registry.build("transforms", {"name": "scale", "sizes": [300]})[0]
+    frames = model_frames(task, model, pixels, [pixels.forward_image(x) for x in images], sizes)
+    assert frames.native and all(min(x.shape[-2:]) == 300 for x in frames.images) and frames.ratios == [None] * 3
+
+
+def test_predictions_of_a_resized_view_come_back_in_the_views_frame():
+    """A factor view's image is resized to the model's share here; its boxes come back in the view's own frame
+    (then the view maps them to the original): the identity ensemble of a doubled image is the plain one's."""
+    ds, task, model = _rcnn_below_the_image_size()
+    images = [ds[i][0] for i in range(2)]
+    strategies = L.build_strategies(L.parse_label_config({**DET_CFG, "transforms": [
+        {"name": "scale", "factors": [1.0, 2.0]}], "aggregator": {"name": "nms", "iou_thr": 0.5}}), task, ds.info)
+    labeller = L.Labeller(task, model, ds.info, strategies)
+    _, _, back, _ = labeller._run(images)
+    plain = task.predict(model, images)
+    for b in range(2):  # factor 1: the model's own size, so the plain prediction, mapped back to the original
+        assert torch.allclose(back[0][b].boxes, plain[b].boxes, atol=1e-3)
+        assert back[1][b].image_size == plain[b].image_size and len(back[1][b]) > 0

@@ -306,3 +306,24 @@ def test_a_coco_detector_is_usable_untrained_only_when_coco_names_every_class(to
         else:
             with pytest.raises(ConfigError, match=r"random.*roi_heads\.box_predictor\.cls_score\.weight"):
                 check_as_built(lambda: task.build_model(cfg, info), "r.yaml: teacher")
+
+
+def test_a_ddkit_weights_file_of_other_class_names_warns_that_its_head_loaded_by_index(tmp_path):
+    """``pretrained: model.pt`` (a ddkit checkpoint) on data of as many classes under other names: loaded by
+    index, as an Ultralytics .pt is, and said (a giraffe teacher silently became an okapi one)."""
+    import dataclasses
+    import warnings
+
+    from ddkit.engine.checkpoint import save_model
+
+    info = info_for_task("classification", num_classes=3)
+    path = save_model(_build("classification", {"name": "mlp", "hidden": [8]}, num_classes=3), tmp_path / "m.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ddkit.build("tasks", "classification").build_model({"name": "mlp", "hidden": [8], "pretrained": str(path)},
+                                                           info)  # the same names: silent
+    renamed = dataclasses.replace(info, categories=[{**c, "name": f"other{k}"} for k, c in enumerate(info.categories)])
+    with pytest.warns(UserWarning, match=r"3 of its 3 class names differ from the dataset's \(class 0 is .* there, "
+                                         r"'other0' here\); its class head was loaded by index"):
+        ddkit.build("tasks", "classification").build_model({"name": "mlp", "hidden": [8], "pretrained": str(path)},
+                                                           renamed)

@@ -1,6 +1,7 @@
 """The plugin system: discovery through entry points, blocking, clashes, and the registry's errors."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -64,17 +65,23 @@ def test_environment_names_the_distribution_and_version_of_each_strategy_a_recip
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     registry = registry_from_plugin_manager(make_plugin_manager())
     recipe = {"task": {"name": "detection"}, "label": {"aggregator": {"name": "best_per_class"},
-                                                       "transforms": [{"name": "identity"}, {"name": "hflip"}]}}
+                                                       "transforms": [{"name": "identity"}, {"name": "hflip"}]},
+              "data": {"dataset": {"name": "yolo", "root": "x"}}}
     env = describe_environment(recipe, registry)
     ddkit_version = env["packages"]["ddkit"]
+    yolo = registry.get("datasets", "yolo").provider
     assert env["strategies"] == {"aggregators.best_per_class": "ddkit-example-plugin 0.1.0",
+                                 "datasets.yolo": f"{yolo} {env['packages'][yolo]}",  # not the yolo model plugin
                                  "tasks.detection": f"ddkit {ddkit_version}",
                                  "transforms.hflip": f"ddkit {ddkit_version}",
                                  "transforms.identity": f"ddkit {ddkit_version}"}
     assert env["packages"]["ddkit-example-plugin"] == "0.1.0" and env["packages"]["torch"] == torch.__version__.split("+")[0]
     assert env["packages"]["pycocotools"]  # a requirement of ddkit's, recorded with its version
     assert env["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    assert env["env"] == {"OMP_NUM_THREADS": "1", "DDKIT_DISABLE_PLUGINS": "example_clash"}
+    from ddkit.engine.environment import NUMERIC_ENV
+
+    assert env["env"] == {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}  # e.g. ATEN_CPU_CAPABILITY
+    assert env["env"]["OMP_NUM_THREADS"] == "1" and env["env"]["DDKIT_DISABLE_PLUGINS"] == "example_clash"
 
 
 def test_third_party_plugin_can_be_blocked(with_example_plugin, monkeypatch):

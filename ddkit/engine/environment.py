@@ -18,6 +18,8 @@ from typing import Any, Iterator
 
 import torch
 
+from ddkit.config import STRATEGY_SLOTS
+from ddkit.errors import ConfigError
 from ddkit.io import atomic_write_json
 
 __all__ = ["describe_environment", "save_environment"]
@@ -43,26 +45,31 @@ def _runtime_requirements(distribution: str) -> list[str]:
     return [re.split(r"[\s<>=!~;\[(]", r, maxsplit=1)[0] for r in requires if "extra ==" not in r]
 
 
-def _names(node: Any) -> Iterator[str]:
-    """Every ``name`` value of the recipe's blocks."""
+def _used(node: Any, kind: str | None = None) -> Iterator[tuple[str, str]]:
+    """``(kind, name)`` of every strategy block of the recipe, by the slot that holds it (``model:``, ``dataset:``,
+    ``losses:`` ...: :data:`ddkit.config.STRATEGY_SLOTS`), so a model and a dataset of one name stay apart."""
     if isinstance(node, dict):
-        if isinstance(node.get("name"), str):
-            yield node["name"]
-        for value in node.values():
-            yield from _names(value)
+        if kind is not None and isinstance(node.get("name"), str):
+            yield kind, node["name"]
+        for key, value in node.items():
+            yield from _used(value, STRATEGY_SLOTS.get(key))
     elif isinstance(node, list):
         for value in node:
-            yield from _names(value)
+            yield from _used(value, kind)
+    elif kind is not None and isinstance(node, str):  # a bare name (task: detection)
+        yield kind, node
 
 
 def _strategies(recipe: Any, registry: Any) -> dict[str, str]:
-    """``{"<kind>.<name>": "<distribution> <version>"}`` for each registered strategy whose name the recipe uses."""
-    used = set(_names(recipe))
+    """``{"<kind>.<name>": "<distribution> <version>"}`` for each strategy the recipe names."""
     out = {}
-    for entry in registry.entries():
-        if entry.spec.name in used:
-            version = _version(entry.provider)
-            out[f"{entry.spec.kind}.{entry.spec.name}"] = entry.provider + (f" {version}" if version else "")
+    for kind, name in set(_used(recipe)):
+        try:
+            provider = registry.get(kind, name).provider
+        except ConfigError:  # not registered: the recipe check has refused it already
+            continue
+        version = _version(provider)
+        out[f"{kind}.{name}"] = provider + (f" {version}" if version else "")
     return dict(sorted(out.items()))
 
 

@@ -765,8 +765,8 @@ class Runner:
         if better >= 2.0:
             return None
         return (f"the teacher is at chance level ({key} {value}; a model that learnt nothing scores {level:.1f}): its "
-                f"pseudo-labels are noise and the student's figures mean nothing; train the teacher longer or check "
-                f"its lr")
+                f"pseudo-labels are noise and the student's figures mean nothing; check its training (iterations, lr) "
+                f"or its weights (teacher.checkpoint, model.pretrained)")
 
     def _tta_columns(self, tta: Mapping[str, Any] | None) -> dict[str, float]:
         """``<metric> 1 view`` and ``<metric> TTA`` columns from a TTA stage's quality report (the task says which

@@ -27,6 +27,8 @@ import torch
 from torch import Tensor, nn
 
 from ddkit.engine.label.config import Strategies, build_strategies, parse_label_config
+from ddkit.engine.label.frames import ViewFrames, model_frames, to_view_frame
+from ddkit.ops.geometry import scale_boxes
 from ddkit.types import DatasetInfo, Instances
 
 
@@ -84,6 +86,8 @@ class Labeller:
         self.slot_names = [self._slot_name(i) for i in self.ens_slots]
         self.keypoints = strategies.keypoint_block is not None  # a heatmap stage, or an aggregator that fuses them
         self.num_keypoints = info.num_keypoints if self.keypoints else None
+        self._sizes: list[tuple[int, int]] = []
+        self._frame_cache: dict[int, list[ViewFrames]] = {}
 
     @classmethod
     def from_block(cls, task: Any, model: nn.Module, info: DatasetInfo, block: Any, registry: Any = None,
@@ -105,27 +109,39 @@ class Labeller:
         """Predictions ``[M * V][B]`` (teacher-major slots) of the transformed images ``[V][B]``."""
         return [p for model in self.models for p in self._predict_one(model, view_images)]
 
+    def _frames(self, model: nn.Module, view_images: list[list[Tensor]]) -> list[ViewFrames]:
+        """Each view's images at the size this teacher runs them (:mod:`~ddkit.engine.label.frames`), made once
+        per batch and teacher (the keypoint stage reuses them)."""
+        key = id(model)
+        if key not in self._frame_cache:
+            with self.timer("transform"):
+                self._frame_cache[key] = [model_frames(self.task, model, view, imgs, self._sizes)
+                                          for view, imgs in zip(self.s.views, view_images)]
+        return self._frame_cache[key]
+
     def _predict_one(self, model: nn.Module, view_images: list[list[Tensor]]) -> list[list[Any]]:
-        """One teacher's predictions ``[V][B]`` of the transformed images ``[V][B]``; images of one shape share a
-        call."""
+        """One teacher's predictions ``[V][B]`` of the transformed images ``[V][B]``, in each view's frame; images
+        of one shape share a call."""
+        frames = self._frames(model, view_images)
         groups: dict[Any, list[tuple[int, int]]] = defaultdict(list)
-        shapes = {tuple(x.shape) for imgs in view_images for x in imgs}
+        shapes = {tuple(x.shape) for f in frames for x in f.images}
         # Same-shape images batch without padding. Images of many sizes (real photos) go one call per view
         # instead, so that calls stay large; a task that stacks its input (probs) always gets one shape per call.
         by_shape = self.kind.stacks_input or len(shapes) <= len(view_images)
-        for v, imgs in enumerate(view_images):
-            for b, x in enumerate(imgs):
-                groups[tuple(x.shape) if by_shape else ("view", v)].append((v, b))
+        for v, f in enumerate(frames):
+            for b, x in enumerate(f.images):
+                groups[(f.native, tuple(x.shape) if by_shape else v)].append((v, b))
         out: list[list[Any]] = [[None] * len(imgs) for imgs in view_images]
         with torch.no_grad():
-            for members in groups.values():
+            for (native, _), members in groups.items():
                 with self.timer("model"):
-                    preds = self.task.predict(model, [view_images[v][b] for v, b in members], native_size=True)
+                    preds = self.task.predict(model, [frames[v].images[b] for v, b in members], native_size=native)
                 if len(preds) != len(members):
                     raise RuntimeError(f"task {self.task.name!r}: predict returned {len(preds)} results for "
                                        f"{len(members)} images")
                 for (v, b), p in zip(members, preds):
-                    out[v][b] = p
+                    ratio = frames[v].ratios[b]
+                    out[v][b] = p if ratio is None else to_view_frame(p, ratio, tuple(view_images[v][b].shape[-2:]))
         return out
 
     def _no_keypoints(self, inst: Instances) -> Instances:
@@ -148,9 +164,12 @@ class Labeller:
                     rois[v] = [view.forward_instances(Instances(ens[b].boxes, ens[b].scores, ens[b].labels,
                                                                 image_size=sizes[b]), sizes[b]).boxes.to(self.device)
                                for b in todo]
+            frames = self._frames(model, view_images)[v]
+            in_frame = [r if frames.ratios[b] is None else scale_boxes(r, *frames.ratios[b])
+                        for b, r in zip(todo, rois[v])]
             with torch.no_grad(), self.timer("model"):
-                maps = self.task.keypoint_heatmaps(model, [view_images[v][b] for b in todo], rois[v],
-                                                   native_size=True)
+                maps = self.task.keypoint_heatmaps(model, [frames.images[b] for b in todo], in_frame,
+                                                   native_size=frames.native)
             with self.timer("inverse"):
                 maps_per_view.append([view.inverse_heatmaps(m) for m in maps])
         out = list(ens)
@@ -165,6 +184,7 @@ class Labeller:
     def _run(self, images: list[Tensor]) -> tuple[list[tuple[int, int]], list[list[Tensor]], list[Any], list[Any]]:
         """``(sizes, view images [V][B], per-slot predictions mapped back [M * V], aggregated per image [B])``."""
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
+        self._sizes, self._frame_cache = sizes, {}  # this batch's
         with self.timer("transform"):
             images = [x.to(self.device) for x in images]
             view_images = [[view.forward_image(x) for x in images] for view in self.s.views]

@@ -258,8 +258,11 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     run = cfg.get("run") or {}
     out_root = Path(run_dir if run_dir is not None else run.get("out_dir") or "runs/label")
     teacher_path = (cfg.get("teacher") or {}).get("checkpoint")
+    if not teacher_path and (out_root / "teacher" / "model.pt").is_file():  # `ddkit train --stage teacher` wrote it
+        teacher_path = str(out_root / "teacher")
     if not teacher_path:
-        raise ConfigError(f"{source}: teacher.checkpoint is required (a model.pt or a run folder)")
+        raise ConfigError(f"{source}: teacher.checkpoint is required (a model.pt or a run folder); without it the "
+                          f"teacher `ddkit train --stage teacher` wrote is used, but {out_root / 'teacher'} holds none")
     device = _label_device(run)
     rank = int(os.environ.get("RANK", "0")) if worker is None else 0
     sel_block, selector = build_selector(lcfg, registry, where=f"{source}: label")

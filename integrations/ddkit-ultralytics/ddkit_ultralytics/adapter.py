@@ -67,6 +67,10 @@ class YoloAdapter(nn.Module):
         finally:
             self.__dict__["_keep_size"] = old
 
+    def input_size(self, size: tuple[int, int]) -> tuple[int, int]:
+        """``(H, W)`` an image of ``size`` is resized to before letterboxing (the longer side to ``imgsz``)."""
+        return fitted_size(tuple(size), self.imgsz)
+
     def feature_forward(self, images: Sequence[Tensor]) -> None:
         """One forward of the network on the training canvas (what hint losses hook: a teacher's maps then line
         up with a student's, both centred on a square canvas); returns nothing."""
