@@ -77,6 +77,7 @@ def test_environment_names_the_distribution_and_version_of_each_strategy_a_recip
                                  "transforms.identity": f"ddkit {ddkit_version}"}
     assert env["packages"]["ddkit-example-plugin"] == "0.1.0" and env["packages"]["torch"] == torch.__version__.split("+")[0]
     assert env["packages"]["pycocotools"]  # a requirement of ddkit's, recorded with its version
+    assert env["cwd"] == os.getcwd()  # the command's relative paths are relative to it
     assert env["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     from ddkit.engine.environment import NUMERIC_ENV
 

@@ -87,7 +87,8 @@ def describe_environment(recipe: Any, registry: Any) -> dict[str, Any]:
     for provider in providers:
         distributions.update(_runtime_requirements(provider))
     packages = {d: v for d in sorted(distributions, key=str.lower) if (v := _version(d)) is not None}
-    return {"command": sys.argv, "python": platform.python_version(), "platform": platform.platform(),
+    return {"command": sys.argv, "cwd": os.getcwd(), "python": platform.python_version(),
+            "platform": platform.platform(),
             "packages": packages, "strategies": _strategies(recipe, registry), "torch": _devices(),
             "env": {k: os.environ[k] for k in NUMERIC_ENV if k in os.environ}}
 
