@@ -453,6 +453,9 @@ def test_predict_tta_of_a_run_uses_the_recipes_views_as_eval_does(digits_run, tm
     assert ours == json.loads((tmp_path / "q" / "predictions.json").read_text())
     assert main(["predict", str(run / "teacher"), str(images), "--tta", "-o", str(tmp_path / "s")]) == 0
     assert "2 views (identity, translate" in capsys.readouterr().out
+    # views given, the aggregator the recipe's: the line says which came from the recipe
+    assert main(["predict", str(run), str(images), "--tta", *explicit[:2], "-o", str(tmp_path / "t")]) == 0
+    assert "(aggregator as the recipe " in capsys.readouterr().out
     assert main(["predict", str(run / "student" / "model.pt"), str(images), "--tta", "-o", str(tmp_path / "m")]) == 0
     assert "2 views (identity, hflip)" in capsys.readouterr().out
 

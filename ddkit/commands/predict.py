@@ -296,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root, args.save_images)
     views = f"{len(strategies.views)} views ({', '.join(strategies.view_names)})" if strategies else "1 view"
-    views += f" as the recipe {recipe} sets" if recipe and not (args.transforms and args.aggregator) else ""
+    from_recipe = [what for what, given in (("views", args.transforms), ("aggregator", args.aggregator)) if not given]
+    views += f" ({' and '.join(from_recipe)} as the recipe {recipe} sets)" if recipe and from_recipe else ""
     images = f"the {len(source)} image(s) of {args.coco} under {args.images}" if args.coco else \
         f"{len(source)} image(s) of {args.images}"
     print(f"predicting {images} with {what}, {views}")
