@@ -226,4 +226,8 @@ def test_an_error_that_an_override_causes_names_the_override_not_only_the_file(c
     assert main([*command.split(), str(bad), "run.seed=3", out]) == 2
     err = capsys.readouterr().err.strip()
     assert f"{bad}: " in err and "with the override" not in err and "unknown key 'lrr'" in err, err
+    # both wrong: the file's own mistake is said (before, the override's was, blamed on the file)
+    assert main([*command.split(), str(bad), "run.sed=3", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown key 'lrr'" in err and "'sed'" not in err, err
     assert not (tmp_path / "never").exists()

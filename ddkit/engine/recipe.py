@@ -127,24 +127,21 @@ def load_recipe(path: str, overrides: Sequence[str] = (), registry: Registry | N
     try:
         validate_recipe(cfg, registry, source=str(path))
     except ConfigError as err:
-        blamed = _blamed_overrides(path, overrides, registry)
-        if not blamed:
+        if not overrides:
             raise
+        in_file = _error(path, (), registry)
+        if in_file is not None:  # the file's own mistake first (an override's would be blamed on the file)
+            raise in_file from None
+        blamed = next(([o] for o in overrides if _error(path, [o], registry) is not None), list(overrides))
         with_overrides = f"{path} with the override{'s' if len(blamed) > 1 else ''} {', '.join(blamed)}"
         raise type(err)(str(err).replace(str(path), with_overrides, 1)) from None
     return cfg
 
 
-def _blamed_overrides(path: str, overrides: Sequence[str], registry: Registry) -> list[str]:
-    """The command-line overrides that make a valid recipe invalid: the first one that does alone, else all of them
-    (together); none when the file itself is invalid."""
-    def valid(chosen: Sequence[str]) -> bool:
-        try:
-            validate_recipe(load_config(path, chosen), registry, source=str(path))
-        except ConfigError:
-            return False
-        return True
-
-    if not overrides or not valid(()):
-        return []
-    return next(([o] for o in overrides if not valid([o])), list(overrides))
+def _error(path: str, overrides: Sequence[str], registry: Registry) -> ConfigError | None:
+    """What is wrong with the recipe file with these overrides (one at a time, to find the one to blame)."""
+    try:
+        validate_recipe(load_config(path, overrides), registry, source=str(path))
+    except ConfigError as err:
+        return err
+    return None
