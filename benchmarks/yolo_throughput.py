@@ -7,7 +7,7 @@
    and mosaic off; offline). Each side reports the median of per-iteration rates after ``--warmup`` iterations,
    data loading included. Ultralytics also applies its colour/affine augmentation and steps the optimiser once per
    64 images (nominal batch accumulation); ddkit flips only and steps every batch.
-2. Labelling images/s with 5 views (identity, hflip, scale x0.5 / x0.75 / x1.25, each view at its own size) through
+2. Labelling images/s with 5 views (identity, hflip, scale x0.5 / x0.75 / x1.25 of the model's imgsz) through
    ``ddkit``'s labelling engine, and the share of the labelling time spent outside the model (reading, transforms,
    inverse maps, WBF, packing; from the engine's ``timing.json``).
 
@@ -151,7 +151,7 @@ def main() -> None:
     print("| measurement | ddkit | Ultralytics | ddkit / Ultralytics |")
     print("|---|---|---|---|")
     print(f"| training samples/s | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x |")
-    print(f"| labelling images/s ({views} views, own sizes) | {ips:.2f} | | |")
+    print(f"| labelling images/s ({views} views: identity, hflip, x0.5 / x0.75 / x1.25 of imgsz) | {ips:.2f} | | |")
     print(f"| labelling time outside the model | {100 * outside:.1f} % | | |")
 
 
