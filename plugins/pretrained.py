@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ddkit import ConfigError, DataError, DatasetInfo
+from ddkit.engine.task import warn_renamed_classes
 
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
 _LOCAL_HINT = "or set pretrained to a local weights file (a state dict or a ddkit .pt)"
@@ -119,12 +120,8 @@ def load_pretrained(module: nn.Module, path: str | Path, prefixes: tuple[str, ..
     ``info`` under other names warns that its class head was loaded by index."""
     state, names = _read_weights(path)
     load_matching(module, state, str(path), prefixes)
-    ours = [str(c.get("name")) for c in info.categories] if info is not None else None
-    if names is not None and ours is not None and len(names) == len(ours) and names != ours:
-        i = next(i for i, (a, b) in enumerate(zip(names, ours)) if a != b)
-        warnings.warn(f"{path}: {sum(a != b for a, b in zip(names, ours))} of its {len(ours)} class names differ "
-                      f"from the dataset's (class {i} is {names[i]!r} there, {ours[i]!r} here); its class head was "
-                      f"loaded by index, so check the dataset's class order", stacklevel=2)
+    if info is not None:
+        warn_renamed_classes(path, names, [str(c.get("name")) for c in info.categories])
     return module
 
 

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from ddkit import ConfigError, DataError, DatasetInfo, Instances, hookimpl
 from ddkit.engine.keypoint_meta import require_flip_indices
-from ddkit.engine.task import (TrainOutputs, attach_model_info, category_ids, coco_evaluate,
-                               coco_evaluate_per_category, coco_ground_truth, get_target, unwrap_model)
+from ddkit.engine.task import (TrainOutputs, attach_model_info, category_ids, coco_evaluate_per_category,
+                               coco_ground_truth, get_target, unwrap_model)
 from ddkit.types import TaskSpec
 
 
@@ -163,24 +163,18 @@ class ClassificationTask(_BaseTask):
         return list(F.softmax(model(x).float(), dim=-1).cpu())
 
     def evaluate_predictions(self, preds: Sequence[Tensor], dataset: Any) -> dict[str, float]:
+        return self.evaluate_per_class(preds, dataset)[0]
+
+    def evaluate_per_class(self, preds: Sequence[Tensor], dataset: Any
+                           ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Accuracy and error, and one row per class: ``accuracy`` (its share of items predicted right: the class's
+        recall), ``precision`` (the share right of the items predicted as it) and ``instances``; ``nan`` where a
+        count is 0."""
         if len(preds) != len(dataset):
             raise ValueError(f"{len(preds)} predictions for {len(dataset)} items")
-        if not preds:
-            return {"accuracy": float("nan"), "error": float("nan"), "num_samples": 0}
-        labels = torch.tensor([int(get_target(dataset, i)["label"]) for i in range(len(dataset))])
-        pred = torch.stack([p.reshape(-1) for p in preds]).argmax(1)
-        acc = float((pred == labels).float().mean())
-        return {"accuracy": acc, "error": 1.0 - acc, "num_samples": len(labels)}
-
-    def chance_level(self, info: DatasetInfo) -> float:
-        """The error % of a model that learnt nothing (uniform guessing): ``100 (1 - 1 / C)``."""
-        return 100.0 * (1.0 - 1.0 / max(1, info.num_classes))
-
-    def per_class_metrics(self, preds: Sequence[Tensor], dataset: Any) -> list[dict[str, Any]]:
-        """One row per class: ``accuracy`` (its share of items predicted right: the class's recall), ``precision``
-        (the share right of the items predicted as it) and ``instances``; ``nan`` where a count is 0."""
-        labels = torch.tensor([int(get_target(dataset, i)["label"]) for i in range(len(dataset))])
+        labels = torch.tensor([int(get_target(dataset, i)["label"]) for i in range(len(dataset))], dtype=torch.int64)
         pred = torch.stack([p.reshape(-1) for p in preds]).argmax(1) if preds else labels
+        acc = float((pred == labels).float().mean()) if preds else float("nan")
         rows = []
         for c in dataset.info.categories:
             k = int(c["id"])
@@ -189,7 +183,11 @@ class ClassificationTask(_BaseTask):
             rows.append({"id": k, "name": c.get("name"), "instances": int(true.sum()),
                          "accuracy": right / int(true.sum()) if true.any() else float("nan"),
                          "precision": right / int(said.sum()) if said.any() else float("nan")})
-        return rows
+        return {"accuracy": acc, "error": 1.0 - acc, "num_samples": len(labels)}, rows
+
+    def chance_level(self, info: DatasetInfo) -> float:
+        """The error % of a model that learnt nothing (uniform guessing): ``100 (1 - 1 / C)``."""
+        return 100.0 * (1.0 - 1.0 / max(1, info.num_classes))
 
     def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
         return image.flip(-1), target
@@ -243,11 +241,21 @@ def _at_size(transform: nn.Module, size: tuple[int, int] | None):
         transform.min_size, transform.max_size = old
 
 
-def _coco_eval(gt: dict, results: list[dict], iou_type: str, sigmas: list[float] | None = None) -> dict[str, float]:
-    """COCO AP of ``results``; 0 everywhere when there is nothing to score (pycocotools would give -1)."""
-    if not results or not gt["annotations"]:
-        return {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0}
-    return coco_evaluate(gt, results, iou_type, sigmas=sigmas)
+def _coco_eval(gt: dict, results: list[dict], iou_type: str, sigmas: list[float] | None = None
+               ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """COCO AP of ``results`` and each category's, from one evaluation; the summary is 0 everywhere when there is
+    nothing to score (pycocotools would give -1)."""
+    zeros = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0}
+    if not gt["annotations"]:  # no category has an instance: nothing to score
+        return zeros, {int(c["id"]): {"AP": float("nan"), "AP50": float("nan"), "instances": 0}
+                       for c in gt["categories"]}
+    stats, per = coco_evaluate_per_category(gt, results, iou_type, sigmas)
+    return (zeros if not results else stats), per
+
+
+def _rows(per: Mapping[int, Mapping[str, float]], info: DatasetInfo) -> list[dict[str, Any]]:
+    """Per-category metrics as rows in the dataset's category order, with each category's id and name."""
+    return [{"id": int(c["id"]), "name": c.get("name"), **per[int(c["id"])]} for c in info.categories]
 
 
 class DetectionTask(_BaseTask):
@@ -369,11 +377,21 @@ class DetectionTask(_BaseTask):
         return "kp_AP" if "kp_AP" in quality else "AP"
 
     def evaluate_predictions(self, preds: Sequence[Instances], dataset: Any) -> dict[str, float]:
+        return self.evaluate_per_class(preds, dataset)[0]
+
+    def evaluate_per_class(self, preds: Sequence[Instances], dataset: Any
+                           ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """:meth:`evaluate_predictions`'s metrics and one row per category: COCO ``AP`` and ``AP50`` (keypoints:
+        OKS AP; :func:`~ddkit.engine.coco_eval.coco_evaluate_per_category`) and its ground-truth ``instances``,
+        from the same evaluation."""
         if len(preds) != len(dataset):
             raise ValueError(f"{len(preds)} predictions for {len(dataset)} items")
-        gt = self.coco_ground_truth(dataset)
-        stats = _coco_eval(gt, self._results(preds, False), "bbox")
-        return {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+        return self._box_eval(preds, self.coco_ground_truth(dataset), dataset.info)
+
+    def _box_eval(self, preds: Sequence[Instances], gt: dict, info: DatasetInfo
+                  ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        stats, per = _coco_eval(gt, self._results(preds, False), "bbox")
+        return {k: stats[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}, _rows(per, info)
 
     def chance_level(self, info: DatasetInfo) -> float:
         """The AP (%) of a model that learnt nothing: 0."""
@@ -390,15 +408,6 @@ class DetectionTask(_BaseTask):
         h, w = image_size
         scale = min(float(inner.transform.min_size[-1]) / min(h, w), float(inner.transform.max_size) / max(h, w))
         return int(h * scale), int(w * scale)
-
-    def per_class_metrics(self, preds: Sequence[Instances], dataset: Any) -> list[dict[str, Any]]:
-        """One row per category: COCO ``AP`` and ``AP50`` (keypoints: OKS AP; see
-        :func:`~ddkit.engine.coco_eval.coco_evaluate_per_category`) and its ground-truth ``instances``."""
-        keypoints = self.has_keypoints
-        per = coco_evaluate_per_category(self.coco_ground_truth(dataset), self._results(preds, keypoints),
-                                         "keypoints" if keypoints else "bbox",
-                                         dataset.info.keypoint_sigmas if keypoints else None)
-        return [{"id": int(c["id"]), "name": c.get("name"), **per[int(c["id"])]} for c in dataset.info.categories]
 
     def hflip(self, image: Tensor, target: dict[str, Any], info: DatasetInfo) -> tuple[Tensor, dict[str, Any]]:
         w = image.shape[-1]
@@ -427,14 +436,18 @@ class KeypointTask(DetectionTask):
         if not info.num_keypoints:
             raise ConfigError("the keypoints task needs a dataset with keypoints (DatasetInfo.num_keypoints)")
 
-    def evaluate_predictions(self, preds: Sequence[Instances], dataset: Any) -> dict[str, float]:
-        box = super().evaluate_predictions(preds, dataset)
+    def evaluate_per_class(self, preds: Sequence[Instances], dataset: Any
+                           ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Keypoint AP (OKS, the dataset's sigmas) beside box AP (``bbox_AP``...); the rows are per category's
+        keypoint AP."""
+        if len(preds) != len(dataset):
+            raise ValueError(f"{len(preds)} predictions for {len(dataset)} items")
         gt = self.coco_ground_truth(dataset)
-        sigmas = dataset.info.keypoint_sigmas
-        stats = _coco_eval(gt, self._results(preds, True), "keypoints", sigmas)
+        box, _ = self._box_eval(preds, gt, dataset.info)
+        stats, per = _coco_eval(gt, self._results(preds, True), "keypoints", dataset.info.keypoint_sigmas)
         out = {k: stats[k] for k in ("AP", "AP50", "AP75", "APm", "APl")}
         out.update({f"bbox_{k}": v for k, v in box.items()})
-        return out
+        return out, _rows(per, dataset.info)
 
     @torch.no_grad()
     def keypoint_heatmaps(self, model: nn.Module, images: Sequence[Tensor], rois: Sequence[Tensor],

@@ -15,6 +15,8 @@ from ddkit.engine.as_built import check_as_built, random_tensors
 from ddkit.engine.run import run_recipe
 from ddkit.engine.train import run_train
 
+from test_run import RECIPE
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -47,44 +49,29 @@ def test_check_as_built_names_the_section_the_tensors_and_the_fix():
     assert "teacher.model.pretrained" in message and "train at least 1 iteration" in message
 
 
-TRAIN = """
-run: {{name: asb, out_dir: "{out}", seed: 0, device: cpu}}
-task: {{name: classification}}
-data:
-  dataset: {{name: digits}}
-  split: {{labeled: 0.2, unlabeled: 0.5, test: 0.3, seed: 0}}
-teacher:
-  model: {{name: mlp, hidden: [32]{pretrained}}}
-  train: {{iterations: {iterations}, batch_size: 32, lr: 0.1, log_every: 0}}
-label:
-  transforms: [{{name: identity}}, {{name: translate, shifts: [[1, 0], [-1, 0]]}}]
-  aggregator: {{name: prob_mean}}
-  selector: {{name: count_match}}
-  batch_size: 64
-student:
-  model: {{name: mlp, hidden: [32]}}
-  train: {{iterations: 30, batch_size: 32, lr: 0.1, ratio: [6, 4], log_every: 0}}
-"""
+# the tiny run of test_run.py with a teacher alone, its iterations and weights as each test sets
+AS_BUILT = ["kd=null", "evaluate=null", "baselines.labeled_only=false", "baselines.fully_labeled=false",
+            "student.train.iterations=30"]
 
 
-def _recipe(tmp: Path, name: str, iterations: int, pretrained: str | None = None) -> Path:
+def _recipe(tmp: Path, name: str, iterations: int, pretrained: str | None = None) -> tuple[Path, list[str]]:
     path = tmp / f"{name}.yaml"
-    extra = f", pretrained: {pretrained}" if pretrained else ""
-    path.write_text(TRAIN.format(out=tmp / name, iterations=iterations, pretrained=extra))
-    return path
+    path.write_text(RECIPE.format(out=tmp / name))
+    weights = [f"teacher.model.pretrained={pretrained}"] if pretrained else []
+    return path, [*AS_BUILT, f"teacher.train.iterations={iterations}", *weights]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict:
     """A teacher trained elsewhere (60 iterations): its model.pt is the weights file of the tests below."""
     tmp = tmp_path_factory.mktemp("asb")
-    path = _recipe(tmp, "trained", 60)
-    return run_train(load_config(path), "teacher", source=str(path), progress=False)
+    path, overrides = _recipe(tmp, "trained", 60)
+    return run_train(load_config(path, overrides), "teacher", source=str(path), progress=False)
 
 
 def test_a_teacher_trained_for_0_iterations_is_its_weights_file_as_it_is(trained, tmp_path):
-    path = _recipe(tmp_path, "zero", 0, pretrained=trained["model_path"])
-    out = run_train(load_config(path), "teacher", source=str(path), progress=False)
+    path, overrides = _recipe(tmp_path, "zero", 0, pretrained=trained["model_path"])
+    out = run_train(load_config(path, overrides), "teacher", source=str(path), progress=False)
     assert out["finished"] and out["iterations"] == 0
     assert out["metrics"]["accuracy"] == pytest.approx(trained["metrics"]["accuracy"])
     mine = torch.load(out["model_path"], weights_only=True)["model"]
@@ -94,21 +81,22 @@ def test_a_teacher_trained_for_0_iterations_is_its_weights_file_as_it_is(trained
 
 @pytest.mark.parametrize("command", ["train", "run"])
 def test_0_iterations_of_a_random_model_is_refused_before_anything_is_written(tmp_path, command):
-    path = _recipe(tmp_path, "random", 0)
+    path, overrides = _recipe(tmp_path, "random", 0)
     with pytest.raises(ConfigError, match=r"teacher\.train\.iterations: 0 uses the model as built.*"
                                           r"teacher\.model\.pretrained"):
         if command == "train":
-            run_train(load_config(path), "teacher", source=str(path), progress=False)
+            run_train(load_config(path, overrides), "teacher", source=str(path), progress=False)
         else:
-            run_recipe(load_config(path), source=str(path), progress=False)
+            run_recipe(load_config(path, overrides), source=str(path), progress=False)
     assert not (tmp_path / "random").exists()
 
 
 def test_a_run_labels_with_a_pretrained_teacher_it_does_not_train(trained, tmp_path):
     """The teacher is its file; the labeled-only baseline, which has no teacher's schedule to share, trains the
     student's model with the student's schedule (not 0 iterations of a random model)."""
-    path = _recipe(tmp_path, "dd", 0, pretrained=trained["model_path"])
-    result = run_recipe(load_config(path, ["baselines.labeled_only=true"]), source=str(path), progress=False)
+    path, overrides = _recipe(tmp_path, "dd", 0, pretrained=trained["model_path"])
+    result = run_recipe(load_config(path, [*overrides, "baselines.labeled_only=true"]), source=str(path),
+                        progress=False)
     rows = {r["stage"]: r for r in result["rows"]}
     assert rows["teacher"]["accuracy %"] == pytest.approx(100 * trained["metrics"]["accuracy"], abs=0.01)
     stages = {s: json.loads((tmp_path / "dd" / s / "stage.json").read_text())["result"]

@@ -17,6 +17,8 @@ from ddkit.errors import ConfigError, DataError
 from ddkit.testing import example_blocks, registered
 from ddkit.testing.datasets import check_dataset
 
+from test_readers_yolo import _copy, _first_label
+
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 COCO_JSON = DATA / "coco-val2017-mini" / "test_coco.json"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="shared/data fixtures are not beside the repository")
@@ -122,9 +124,8 @@ def test_yolo_boxes_and_pose():
 
 @needs_data
 def test_yolo_label_with_wrong_length_is_an_error(tmp_path):
-    root = tmp_path / "y"
-    shutil.copytree(DATA / "coco8", root)
-    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    root = _copy(tmp_path)
+    label = _first_label(root)
     label.write_text("0 0.5 0.5 0.2\n")
     with pytest.raises(DataError, match=rf"{label.name}: line 1: 4 values, expected 5"):
         ddkit.build("datasets", {"name": "yolo", "root": str(root)})
@@ -133,8 +134,7 @@ def test_yolo_label_with_wrong_length_is_an_error(tmp_path):
 @needs_data
 def test_the_data_yaml_is_chosen_over_other_yaml_files_and_a_guess_is_refused(tmp_path, caplog):
     """An args.yaml (sorted before data.yaml / coco8.yaml) once replaced the 80 names by numbers, silently."""
-    root = tmp_path / "y"
-    shutil.copytree(DATA / "coco8", root)
+    root = _copy(tmp_path)
     (root / "args.yaml").write_text("lr0: 0.01\nmosaic: 1.0\n")
     names = lambda: [c["name"] for c in ddkit.build("datasets", {"name": "yolo", "root": str(root)}).info.categories]
     assert names()[:2] == ["person", "bicycle"]  # the one yaml with names
@@ -190,9 +190,8 @@ def test_yolo_splits_follow_the_data_yaml_as_ultralytics_resolves_them(tmp_path)
 @needs_data
 def test_yolo_polygon_rows_are_their_enclosing_boxes(tmp_path):
     """YOLO-seg / Roboflow polygon rows in a detect dataset, as Ultralytics' segments2boxes reads them."""
-    root = tmp_path / "y"
-    shutil.copytree(DATA / "coco8", root)
-    label = sorted((root / "labels" / "train").glob("*.txt"))[0]
+    root = _copy(tmp_path)
+    label = _first_label(root)
     label.write_text("3 0.1 0.1 0.3 0.1 0.3 0.4 0.1 0.4\n0 0.5 0.5 0.2 0.2\n")
     ds = ddkit.build("datasets", {"name": "yolo", "root": str(root)})
     i = [f.stem for f in ds.files].index(label.stem)

@@ -271,7 +271,10 @@ def test_per_category_ap_is_pycocotools_run_on_each_category_alone(seed):
         results.append({"image_id": im["id"], "category_id": 1, "bbox": [0, 0, 30, 30],  # an invented box
                         "score": float(torch.rand(1, generator=g))})
     gt = {"images": images, "categories": cats, "annotations": anns}
-    per = coco_evaluate_per_category(gt, results)
+    from ddkit.engine.coco_eval import coco_evaluate
+
+    stats, per = coco_evaluate_per_category(gt, results)
+    assert stats == coco_evaluate(gt, results)  # the summary of the same evaluation
     assert sorted(per) == [1, 3, 4, 9]
     for c in (1, 3):
         assert (per[c]["AP"], per[c]["AP50"]) == pytest.approx(_one_category_ap(gt, results, c))
@@ -281,26 +284,29 @@ def test_per_category_ap_is_pycocotools_run_on_each_category_alone(seed):
 
 
 @needs_data
-def test_per_class_metrics_of_each_builtin_instance_task_and_classification():
+def test_per_class_rows_of_each_builtin_instance_task_and_classification():
     """Ground truth as predictions: AP 1 for each class with ground truth (boxes; keypoints by OKS); with every
     other person dropped, the person's box AP is pycocotools' on that category. Classification: each class's
     accuracy (recall) and precision by hand."""
     ds = ddkit.build("datasets", {"name": "coco", "annotations": str(COCO_JSON)})
     for task_name, keypoints in (("detection", False), ("keypoints", True)):
         task = ddkit.build("tasks", task_name)
-        rows = task.per_class_metrics(_AsPredictions.of(ds, keypoints), ds)
+        metrics, rows = task.evaluate_per_class(_AsPredictions.of(ds, keypoints), ds)
+        assert metrics == task.evaluate_predictions(_AsPredictions.of(ds, keypoints), ds)
         assert [r["name"] for r in rows] == [c["name"] for c in ds.info.categories]
-        assert rows[0]["AP"] == pytest.approx(1.0) and rows[0]["instances"] == sum(len(get_target(ds, i)["boxes"]) for i in range(len(ds)))
+        boxes = sum(len(get_target(ds, i)["boxes"]) for i in range(len(ds)))
+        assert rows[0]["AP"] == pytest.approx(1.0) and rows[0]["instances"] == boxes
     task = ddkit.build("tasks", "detection")
     half = [p[torch.arange(len(p)) % 2 == 0] for p in _AsPredictions.of(ds, False)]
-    row = task.per_class_metrics(half, ds)[0]
+    row = task.evaluate_per_class(half, ds)[1][0]
     gt, results = task.coco_ground_truth(ds), task._results(half, False)
     assert (row["AP"], row["AP50"]) == pytest.approx(_one_category_ap(gt, results, int(row["id"])))
     cls = ddkit.build("tasks", "classification")
     digits = split_dataset(ddkit.build("datasets", "digits"), labeled=0.05, seed=0).labeled
     labels = [get_target(digits, i)["label"] for i in range(len(digits))]
     said = [(y + 1) % 10 if i % 3 == 0 else y for i, y in enumerate(labels)]
-    rows = cls.per_class_metrics([torch.nn.functional.one_hot(torch.tensor(s), 10).float() for s in said], digits)
+    one_hot = [torch.nn.functional.one_hot(torch.tensor(s), 10).float() for s in said]
+    rows = cls.evaluate_per_class(one_hot, digits)[1]
     for r in rows:
         k = r["id"]
         right = sum(1 for y, s in zip(labels, said) if y == s == k)

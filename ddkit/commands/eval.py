@@ -216,14 +216,15 @@ def _match_classes(plain: Any, dataset: Any, info: Any, model: str, data_what: s
 
 def _scores(predictor: Any, dataset: Any, batch_size: int,
             categories: Mapping[int, int] | None) -> tuple[dict[str, float], list[dict[str, Any]] | None]:
-    """The task's metrics and, where the task gives them (``per_class_metrics``, asked of any task plugin), one row
-    of metrics per class, from one prediction pass."""
+    """The task's metrics and, where the task gives them (``evaluate_per_class``, asked of any task plugin), one row
+    of metrics per class, from one prediction pass and one evaluation."""
     from ddkit.engine.evaluate import predict_dataset
 
     preds = predict_dataset(predictor, dataset, batch_size, categories)
-    per_class = getattr(predictor.task, "per_class_metrics", None)
-    return (predictor.task.evaluate_predictions(preds, dataset),
-            per_class(preds, dataset) if per_class is not None else None)
+    per_class = getattr(predictor.task, "evaluate_per_class", None)
+    if per_class is None:
+        return predictor.task.evaluate_predictions(preds, dataset), None
+    return per_class(preds, dataset)
 
 
 def _json_safe(rows: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:

@@ -4,7 +4,7 @@
 "ARm", "ARl"}`` (keypoints: ``AP, AP50, AP75, APm, APl, AR@20, AR50, AR75, ARm, ARl`` with ``AR@100`` an alias of the
 max-detections recall). Values are pycocotools' summary statistics in ``[0, 1]``; ``-1`` means "no ground truth in
 that range", exactly as pycocotools reports it. pycocotools' printing is silenced. ``coco_evaluate_per_category``
-gives each category's AP and AP50 from the same accumulation.
+gives each category's AP and AP50 beside the summary, from one evaluation.
 """
 from __future__ import annotations
 
@@ -77,25 +77,32 @@ def coco_evaluate(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Ma
     Returns:
         the named summary statistics (see the module docstring).
     """
+    return _summary(_cocoeval(gt, results, iou_type, image_ids, max_dets, sigmas), iou_type)
+
+
+def coco_evaluate_per_category(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Mapping[str, Any]],
+                               iou_type: str = "bbox", sigmas: Sequence[float] | None = None
+                               ) -> tuple[dict[str, float], dict[int, dict[str, float]]]:
+    """:func:`coco_evaluate`'s summary and, from the same evaluation (all areas, the most detections),
+    ``{category id: {"AP", "AP50", "instances"}}`` for every category of ``gt``, as detectron2's per-category
+    table: AP averages pycocotools' precision over the IoU thresholds and recall points where it is defined;
+    ``nan`` for a category without ground truth. ``instances``: its non-crowd ground-truth annotations."""
+    coco_gt = make_coco(gt)
+    ev = _cocoeval(coco_gt, results, iou_type, None, None, sigmas)
+    return _summary(ev, iou_type), _per_category(ev, coco_gt)
+
+
+def _summary(ev: Any, iou_type: str) -> dict[str, float]:
     keys = BBOX_KEYS if iou_type == "bbox" else KEYPOINT_KEYS
-    ev = _cocoeval(gt, results, iou_type, image_ids, max_dets, sigmas)
     out = {k: 0.0 for k in keys} if ev is None else {k: float(v) for k, v in zip(keys, ev.stats)}
     if iou_type == "keypoints":
         out["AR@100"] = out["AR@20"]
     return out
 
 
-def coco_evaluate_per_category(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Mapping[str, Any]],
-                               iou_type: str = "bbox", sigmas: Sequence[float] | None = None
-                               ) -> dict[int, dict[str, float]]:
-    """``{category id: {"AP", "AP50", "instances"}}`` for every category of ``gt``, from the same accumulation as
-    :func:`coco_evaluate` (all areas, the most detections), as detectron2's per-category table: AP averages
-    pycocotools' precision over the IoU thresholds and recall points where it is defined; ``nan`` for a category
-    without ground truth. ``instances``: its non-crowd ground-truth annotations."""
+def _per_category(ev: Any, coco_gt: Any) -> dict[int, dict[str, float]]:
     import numpy as np
 
-    coco_gt = make_coco(gt)
-    ev = _cocoeval(coco_gt, results, iou_type, None, None, sigmas)
     out = {}
     for k, cat in enumerate(sorted(coco_gt.getCatIds())):
         instances = sum(1 for a in coco_gt.loadAnns(coco_gt.getAnnIds(catIds=[cat])) if not a.get("iscrowd"))

@@ -59,14 +59,14 @@ def _model_section(stage: str) -> Callable[[Any, str], None]:
         if not isinstance(block, Mapping):
             raise ConfigError(f"{where} must be a mapping with keys {', '.join(valid)}")
         check_keys(block, valid, where)
-        parse_train_config(block.get("train"), where=f"{where}.train")
+        train = parse_train_config(block.get("train"), where=f"{where}.train")
         if "ensemble" in block:
-            _ensemble(block, f"{where}.ensemble")
+            _ensemble(block, train.as_built, f"{where}.ensemble")
 
     return check
 
 
-def _ensemble(teacher: Mapping[str, Any], where: str) -> None:
+def _ensemble(teacher: Mapping[str, Any], as_built: bool, where: str) -> None:
     """``teacher.ensemble: N``: N teachers trained here (seeds run.seed + 1000 k) label together."""
     n = teacher["ensemble"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
@@ -74,8 +74,7 @@ def _ensemble(teacher: Mapping[str, Any], where: str) -> None:
     if n > 1 and teacher.get("checkpoint"):
         raise ConfigError(f"{where}: {n} teachers are trained by the run; remove teacher.checkpoint (one file is one "
                           "teacher) or set ensemble: 1")
-    train = teacher.get("train") or {}
-    if n > 1 and train.get("iterations") == 0 and not train.get("epochs"):
+    if n > 1 and as_built:
         raise ConfigError(f"{where}: {n} teachers used as built from the same weights (train.iterations: 0) are one "
                           "model; set ensemble: 1")
 

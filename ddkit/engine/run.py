@@ -237,7 +237,7 @@ class Runner:
                 except ConfigError as err:
                     raise ConfigError(f"{self.source}: {where}: {err}") from None
                 self._check_outputs(where, models[where])
-                if total_iterations(parse_train_config(train), [1]) == 0:  # used as built: no random head
+                if parse_train_config(train).as_built:  # used as its weights build it: no random head
                     check_as_built(lambda: self.task.build_model(model_cfg, self.splits.info),
                                    f"{self.source}: {where.removesuffix('.model')}")
         return models
@@ -654,7 +654,7 @@ class Runner:
 
     def _teacher_untrained(self) -> bool:
         """A teacher used as built (``teacher.train.iterations: 0``): it has no schedule for the baseline."""
-        return total_iterations(parse_train_config(self.teacher_cfg.get("train")), [1]) == 0
+        return parse_train_config(self.teacher_cfg.get("train")).as_built
 
     def _baseline_is_teacher(self) -> bool:
         """Whether the labeled-only baseline is the teacher's own training (same model, plain losses)."""

@@ -51,6 +51,7 @@ by every term.
 from __future__ import annotations
 
 import difflib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -64,7 +65,8 @@ from ddkit.engine.data import (IMAGE_EXTENSIONS, adapt_image, check_images, get_
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo, Instances
 
-__all__ = ["coco_evaluate", "coco_evaluate_per_category", "coco_ground_truth", "Task", "KeypointTask", "TrainOutputs", "Batch", "LossTerm", "LossContext", "SetupContext", "FeatureHook",
+__all__ = ["warn_renamed_classes", "coco_evaluate", "coco_evaluate_per_category",
+           "coco_ground_truth", "Task", "KeypointTask", "TrainOutputs", "Batch", "LossTerm", "LossContext", "SetupContext", "FeatureHook",
            "get_submodule", "unwrap_model", "attach_model_info", "model_info", "category_ids", "get_target",
            "read_image", "image_size", "adapt_image", "check_images", "report_skipped", "split_indices",
            "IMAGE_EXTENSIONS"]
@@ -102,8 +104,9 @@ class Task(Protocol):
 
     Optional methods, asked for with ``getattr`` (a task without them works, with less said):
 
-    * ``per_class_metrics(preds, dataset) -> [{"id", "name", "instances", <metric>: value, ...}]``: one row per
-      category of ``dataset.info`` (``nan`` where a class has no item), printed and saved by ``ddkit eval``;
+    * ``evaluate_per_class(preds, dataset) -> (metrics, [{"id", "name", "instances", <metric>: value, ...}])``:
+      :meth:`evaluate_predictions`'s metrics and, from the same evaluation, one row per category of
+      ``dataset.info`` (``nan`` where a class has no item), printed and saved by ``ddkit eval``;
     * ``chance_level(info) -> float``: the headline value of a model that learnt nothing; a teacher within 2 points
       of it is a warning atop the run's results.
     """
@@ -222,6 +225,18 @@ def model_info(model: nn.Module) -> tuple[dict[str, Any], DatasetInfo, dict[str,
     except AttributeError:
         raise ValueError("this model was not built by a ddkit task (Task.build_model); its config and dataset "
                          "info are unknown") from None
+
+
+def warn_renamed_classes(path: Any, theirs: Sequence[str] | None, ours: Sequence[str]) -> None:
+    """One warning when a weights file predicts as many classes as the dataset but names them otherwise: its class
+    head was loaded by index (class i of the file became the dataset's class i). ``theirs``: ``None`` = unknown."""
+    if theirs is None or len(theirs) != len(ours) or list(theirs) == list(ours):
+        return
+    i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+    n = sum(a != b for a, b in zip(theirs, ours))
+    warnings.warn(f"{path}: {n} of its {len(ours)} class names differ from the dataset's (class {i} is {theirs[i]!r} "
+                  f"there, {ours[i]!r} here); its class head was loaded by index, so check the dataset's class order",
+                  stacklevel=3)
 
 
 def category_ids(model: nn.Module) -> list[int]:

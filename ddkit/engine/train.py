@@ -543,7 +543,7 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
         model = task.build_model(section["model"], splits.info)
     except ConfigError as err:
         raise ConfigError(f"{source}: {stage}.model: {err}") from None
-    if total_iterations(tcfg, [1]) == 0:  # used as built: no random head
+    if tcfg.as_built:  # used as its weights build it: no random head
         check_as_built(lambda: task.build_model(section["model"], splits.info), f"{source}: {stage}")
     train_sets, teacher = [splits.labeled], None
     if stage == "student":
@@ -562,7 +562,8 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
 
     def on_start() -> None:  # the recipe, the data, the models and the resume check passed
         if rank == 0:
-            lock.acquire(run_dir)  # creates the folder
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock.acquire(run_dir)  # refused while another command writes the folder
             save_config(with_defaults(cfg, registry), run_dir)  # the full recipe, every default written
             save_environment(_to_plain(cfg), registry, run_dir)
             if force:

@@ -103,6 +103,11 @@ class TrainConfig:
                 raise ValueError(message)
 
     @property
+    def as_built(self) -> bool:
+        """``iterations: 0`` (and no ``epochs``): the model is used as its weights build it, untrained."""
+        return self.epochs is None and self.iterations == 0
+
+    @property
     def evaluation_batch_size(self) -> int:
         """The batch size every evaluation of this stage uses (``eval_batch_size``, 0: ``batch_size``): a
         detector's AP depends on it (a batch of images of different sizes is padded to one size)."""
@@ -129,9 +134,9 @@ def total_iterations(cfg: TrainConfig, sizes: Sequence[int]) -> int:
     n_all = sum(sizes)
     if cfg.epochs is not None:
         return max(1, math.ceil(cfg.epochs * n_all / cfg.batch_size))
-    total = cfg.iterations
-    if total == 0:  # the model as built: pretrained weights used as they are
+    if cfg.as_built:  # the model as built: pretrained weights used as they are
         return 0
+    total = cfg.iterations
     if cfg.scale_with_data and sizes[0] > 0:
         total = round(total * n_all / sizes[0])
     return max(1, total)

@@ -86,8 +86,6 @@ class Labeller:
         self.slot_names = [self._slot_name(i) for i in self.ens_slots]
         self.keypoints = strategies.keypoint_block is not None  # a heatmap stage, or an aggregator that fuses them
         self.num_keypoints = info.num_keypoints if self.keypoints else None
-        self._sizes: list[tuple[int, int]] = []
-        self._frame_cache: dict[int, list[ViewFrames]] = {}
 
     @classmethod
     def from_block(cls, task: Any, model: nn.Module, info: DatasetInfo, block: Any, registry: Any = None,
@@ -105,24 +103,21 @@ class Labeller:
         return self.s.views[slot % len(self.s.views)]
 
     # ----------------------------------------------------------------------------------------- teacher calls
-    def _predict(self, view_images: list[list[Tensor]]) -> list[list[Any]]:
+    def _frames(self, view_images: list[list[Tensor]], sizes: list[tuple[int, int]]) -> list[list[ViewFrames]]:
+        """``[M][V]``: each view's images at the size each teacher runs them (:mod:`~ddkit.engine.label.frames`),
+        for the boxes and the keypoint stage alike."""
+        with self.timer("transform"):
+            return [[model_frames(self.task, model, view, imgs, sizes)
+                     for view, imgs in zip(self.s.views, view_images)] for model in self.models]
+
+    def _predict(self, frames: list[list[ViewFrames]], view_images: list[list[Tensor]]) -> list[list[Any]]:
         """Predictions ``[M * V][B]`` (teacher-major slots) of the transformed images ``[V][B]``."""
-        return [p for model in self.models for p in self._predict_one(model, view_images)]
+        return [p for model, own in zip(self.models, frames) for p in self._predict_one(model, own, view_images)]
 
-    def _frames(self, model: nn.Module, view_images: list[list[Tensor]]) -> list[ViewFrames]:
-        """Each view's images at the size this teacher runs them (:mod:`~ddkit.engine.label.frames`), made once
-        per batch and teacher (the keypoint stage reuses them)."""
-        key = id(model)
-        if key not in self._frame_cache:
-            with self.timer("transform"):
-                self._frame_cache[key] = [model_frames(self.task, model, view, imgs, self._sizes)
-                                          for view, imgs in zip(self.s.views, view_images)]
-        return self._frame_cache[key]
-
-    def _predict_one(self, model: nn.Module, view_images: list[list[Tensor]]) -> list[list[Any]]:
-        """One teacher's predictions ``[V][B]`` of the transformed images ``[V][B]``, in each view's frame; images
-        of one shape share a call."""
-        frames = self._frames(model, view_images)
+    def _predict_one(self, model: nn.Module, frames: list[ViewFrames],
+                     view_images: list[list[Tensor]]) -> list[list[Any]]:
+        """One teacher's predictions ``[V][B]`` of its ``frames`` of the transformed images ``[V][B]``, in each view's
+        frame; images of one shape share a call."""
         groups: dict[Any, list[tuple[int, int]]] = defaultdict(list)
         shapes = {tuple(x.shape) for f in frames for x in f.images}
         # Same-shape images batch without padding. Images of many sizes (real photos) go one call per view
@@ -148,7 +143,7 @@ class Labeller:
         return Instances(inst.boxes, inst.scores, inst.labels, torch.zeros(len(inst), self.info.num_keypoints, 3),
                          inst.image_size)
 
-    def _keypoints(self, view_images: list[list[Tensor]], ens: list[Instances],
+    def _keypoints(self, frames: list[list[ViewFrames]], view_images: list[list[Tensor]], ens: list[Instances],
                    sizes: list[tuple[int, int]]) -> list[Instances]:
         """Keypoints of the aggregated boxes: RoIs mapped into each view, heatmaps back into the RoI frame,
         averaged by the heatmap aggregator."""
@@ -158,18 +153,17 @@ class Labeller:
         rois: dict[int, list[Tensor]] = {}  # per view: the aggregated boxes in its frame, shared by every teacher
         maps_per_view: list[list[Tensor]] = []
         for slot in self.ens_slots:
-            v, view, model = slot % len(self.s.views), self._view(slot), self.models[slot // len(self.s.views)]
+            m, v = divmod(slot, len(self.s.views))
+            view, model, seen = self.s.views[v], self.models[m], frames[m][v]
             if v not in rois:
                 with self.timer("transform"):
                     rois[v] = [view.forward_instances(Instances(ens[b].boxes, ens[b].scores, ens[b].labels,
                                                                 image_size=sizes[b]), sizes[b]).boxes.to(self.device)
                                for b in todo]
-            frames = self._frames(model, view_images)[v]
-            in_frame = [r if frames.ratios[b] is None else scale_boxes(r, *frames.ratios[b])
-                        for b, r in zip(todo, rois[v])]
+            in_frame = [r if seen.ratios[b] is None else scale_boxes(r, *seen.ratios[b]) for b, r in zip(todo, rois[v])]
             with torch.no_grad(), self.timer("model"):
-                maps = self.task.keypoint_heatmaps(model, [frames.images[b] for b in todo], in_frame,
-                                                   native_size=frames.native)
+                maps = self.task.keypoint_heatmaps(model, [seen.images[b] for b in todo], in_frame,
+                                                   native_size=seen.native)
             with self.timer("inverse"):
                 maps_per_view.append([view.inverse_heatmaps(m) for m in maps])
         out = list(ens)
@@ -184,18 +178,18 @@ class Labeller:
     def _run(self, images: list[Tensor]) -> tuple[list[tuple[int, int]], list[list[Tensor]], list[Any], list[Any]]:
         """``(sizes, view images [V][B], per-slot predictions mapped back [M * V], aggregated per image [B])``."""
         sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
-        self._sizes, self._frame_cache = sizes, {}  # this batch's
         with self.timer("transform"):
             images = [x.to(self.device) for x in images]
             view_images = [[view.forward_image(x) for x in images] for view in self.s.views]
-        preds = self._predict(view_images)
+        frames = self._frames(view_images, sizes)
+        preds = self._predict(frames, view_images)
         with self.timer("inverse"):
             back = [self.kind.inverse(self._view(i), p, sizes) for i, p in enumerate(preds)]
         with self.timer("aggregate"):
             ens = self.kind.aggregate(self.s.aggregator, [back[i] for i in self.ens_slots], sizes,
                                       self.category_ids, f"aggregator {self.s.aggregator_block['name']!r}")
         if self.s.keypoint_aggregator is not None:
-            ens = self._keypoints(view_images, ens, sizes)
+            ens = self._keypoints(frames, view_images, ens, sizes)
         elif self.keypoints:
             ens = [self._no_keypoints(i) if i.keypoints is None else i for i in ens]
         return sizes, view_images, back, ens

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddkit.engine.task import warn_renamed_classes
 from ddkit.errors import ConfigError, DataError
 from ddkit.types import DatasetInfo
 
@@ -303,16 +304,4 @@ def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
         warnings.warn(f"{path}: skipped {len(skipped)} tensors of another shape (e.g. the class head): "
                       f"{skipped[:3]}", stacklevel=2)
     net.load_state_dict(loaded, strict=False)
-    _warn_other_names(path, names, [net.names[i] for i in sorted(net.names)])
-
-
-def _warn_other_names(path: Path, theirs: list[str] | None, ours: list[str]) -> None:
-    """One warning when the checkpoint predicts as many classes as the dataset but names them otherwise: its class
-    head was loaded by index (class i of the file became the dataset's class i)."""
-    if theirs is None or len(theirs) != len(ours) or theirs == ours:
-        return
-    i = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
-    n = sum(a != b for a, b in zip(theirs, ours))
-    warnings.warn(f"{path}: {n} of its {len(ours)} class names differ from the dataset's (class {i} is {theirs[i]!r} "
-                  f"there, {ours[i]!r} here); its class head was loaded by index, so check the dataset's class order",
-                  stacklevel=3)
+    warn_renamed_classes(path, names, [net.names[i] for i in sorted(net.names)])

@@ -36,21 +36,19 @@ def own_canvas(size: tuple[int, int], stride: int) -> tuple[int, int]:
 
 
 def letterbox(images: Sequence[Tensor], sizes: Sequence[tuple[int, int]], stride: int,
-              canvas: tuple[int, int] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+              canvas: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
     """Resize each image to its target size and centre all in one padded batch.
 
     Args:
         images: ``[C, H_i, W_i]`` float images in ``[0, 1]`` on one device.
         sizes: the target ``(h_i, w_i)`` of each image.
         stride: the canvas sides are rounded up to a multiple of it.
-        canvas: a fixed ``(H, W)`` canvas (training), else the smallest that holds every resized image.
+        canvas: the ``(H, W)`` canvas: training's square ``imgsz``, or :func:`own_canvas` of the images' one size.
 
     Returns:
         ``batch [B, C, H, W]``, ``ratios [B, 2]`` (``(w_i / W_i, h_i / H_i)``: canvas pixels per input pixel) and
         ``offsets [B, 2]`` (``(left, top)``: the canvas pixel of the image's corner).
     """
-    if canvas is None:
-        canvas = (max(s[0] for s in sizes), max(s[1] for s in sizes))
     ch, cw = (math.ceil(c / stride) * stride for c in canvas)
     first = images[0]
     batch = torch.full((len(images), first.shape[0], ch, cw), PAD_VALUE, dtype=first.dtype, device=first.device)

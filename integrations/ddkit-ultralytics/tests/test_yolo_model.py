@@ -125,12 +125,12 @@ def test_letterbox_places_images_as_ultralytics_letterbox(shape, fixed):
     import numpy as np
     from ultralytics.data.augment import LetterBox
 
-    from ddkit_ultralytics.letterbox import fitted_size, letterbox
+    from ddkit_ultralytics.letterbox import fitted_size, letterbox, own_canvas
 
     h, w = shape
     ref = LetterBox(new_shape=(64, 64), auto=not fixed, stride=32)(image=np.full((h, w, 3), 200, np.uint8))
     ours, ratio, offset = letterbox([torch.full((3, h, w), 200 / 255)], [fitted_size(shape, 64)], 32,
-                                    canvas=(64, 64) if fixed else None)
+                                    canvas=(64, 64) if fixed else own_canvas(fitted_size(shape, 64), 32))
     assert tuple(ours.shape[-2:]) == ref.shape[:2]
     assert torch.equal((ours[0, 0] * 255).round() == 114, torch.from_numpy(ref[..., 0] == 114))
     rows, cols = np.nonzero(ref[..., 0] != 114)
