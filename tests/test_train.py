@@ -264,7 +264,10 @@ def _env() -> dict[str, str]:
 
 
 def test_cli_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    recipe = _recipe(tmp_path)
+    # long enough to be caught mid-run: 300 tiny steps took under one 0.2 s poll on an idle machine, and the run had
+    # finished (its last checkpoint written, not model.pt) when the kill came
+    total = 3000
+    recipe = _recipe(tmp_path, iterations=total)
     run_dir = tmp_path / "out" / "teacher"
     proc = subprocess.Popen([sys.executable, "-m", "ddkit", "train", str(recipe), "--no-progress"], env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -272,22 +275,22 @@ def test_cli_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         deadline = time.time() + 120
         while time.time() < deadline:
             ckpt = run_dir / "checkpoints" / "last.pt"
-            if ckpt.exists() and torch.load(ckpt, weights_only=True)["iteration"] >= 30:
+            if ckpt.exists() and torch.load(ckpt, weights_only=True)["iteration"] >= total // 10:
                 break
             if proc.poll() is not None:
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
     stopped_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["iteration"]
-    assert 0 < stopped_at < 300 and not (run_dir / "model.pt").exists()
+    assert 0 < stopped_at < total and not (run_dir / "model.pt").exists()
     out = subprocess.run([sys.executable, "-m", "ddkit", "train", str(recipe), "--resume", "--no-progress"],
                          env=_env(), capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["finished"] and summary["iterations"] == 300
+    assert summary["finished"] and summary["iterations"] == total
     assert f"resumed from {run_dir / 'checkpoints' / 'last.pt'} at iteration" in (run_dir / "train.log").read_text()
 
     resumed = _records(run_dir)
