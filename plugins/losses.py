@@ -8,8 +8,9 @@
 * ``hint``: FitNets (Romero et al. 2015): L2 or L1 between a teacher feature and an adapted student feature
   (features captured by forward hooks; the adaptation layer is a 1x1 conv or a linear layer created from the shapes
   seen in a dry forward pass and trained with the student); optional two-stage schedule (``stage_fraction``);
-  ``distance: pearson`` compares the features standardised per channel (Cao et al. 2022, PKD); ``imitate: objects``
-  only the cells under a detector's ground-truth boxes (:mod:`ddkit_plugins.feature_masks`).
+  ``distance: pearson`` compares the features standardised per channel (Cao et al. 2022, PKD), ``channel_kl`` each
+  channel's distribution over positions (CWD), ``attention`` where the maps are active (AT, no adapter);
+  ``imitate: objects`` only the cells under a detector's ground-truth boxes (:mod:`ddkit_plugins.feature_masks`).
 """
 from __future__ import annotations
 
@@ -22,12 +23,16 @@ from torch import Tensor, nn
 
 from ddkit import ConfigError, hookimpl
 from ddkit.engine.task import FeatureHook, LossContext, SetupContext, get_submodule, unwrap_model
-from ddkit.ops.distill import channel_kl
+from ddkit.ops.distill import attention_transfer, channel_kl
 from ddkit.types import LossSpec
 
 from .dense_kd import DenseKD, DenseKDParams
 from .detector_kd import DetectorKD, DetectorKDParams
 from .feature_masks import GroundTruthBoxes
+
+
+# distances between whole [B, C, H, W] maps (distributions over positions), not cell by cell
+WHOLE_MAP_DISTANCES = ("channel_kl", "attention")
 
 
 def _check_weight(weight: float) -> None:
@@ -116,7 +121,7 @@ class SoftTarget:
 class HintParams:
     teacher_layer: str
     student_layer: str
-    distance: Literal["l2", "l1", "pearson", "channel_kl"] = "l2"
+    distance: Literal["l2", "l1", "pearson", "channel_kl", "attention"] = "l2"
     weight: float = 1.0
     stage_fraction: float = 0.0
     imitate: Literal["all", "objects"] = "all"
@@ -126,8 +131,8 @@ class HintParams:
         _check_weight(self.weight)
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.distance == "channel_kl" and self.imitate != "all":
-            raise ValueError("distance: channel_kl compares whole maps (a distribution over positions); "
+        if self.distance in WHOLE_MAP_DISTANCES and self.imitate != "all":
+            raise ValueError(f"distance: {self.distance} compares whole maps (a distribution over positions); "
                              "use imitate: all")
         if not 0.0 <= self.stage_fraction < 1.0:
             raise ValueError(f"stage_fraction must be in [0, 1), got {self.stage_fraction}")
@@ -153,6 +158,10 @@ class Hint:
     ``channel_kl`` (Shu et al. 2021, CWD, for ``[B, C, H, W]`` maps) turns each channel into a distribution over
     its positions (softmax at ``temperature``) and takes the ``T^2``-scaled KL from the teacher's: where each
     channel fires most, not its values, is imitated (:func:`ddkit.ops.distill.channel_kl`).
+
+    ``attention`` (Zagoruyko and Komodakis 2017, AT, for ``[B, C, H, W]`` maps) compares where the maps are active:
+    the channel mean of the squared activations, normalised per image (:func:`ddkit.ops.distill.attention_transfer`).
+    It needs no adapter, so a narrow student's channels are left free for its own heads.
 
     ``imitate: objects`` (torchvision detectors) imitates only the cells under ground-truth boxes, averaged over
     them (:mod:`ddkit_plugins.feature_masks`; Wang et al. 2019's fine-grained imitation with FGD's box masks).
@@ -197,14 +206,16 @@ class Hint:
         t = teacher_feature.detach().to(s.dtype)
         if s.ndim == 4 and s.shape[-2:] != t.shape[-2:]:
             s = F.interpolate(s, size=t.shape[-2:], mode="bilinear", align_corners=False)
+        if self.distance in WHOLE_MAP_DISTANCES and (s.ndim != 4 or t.ndim != 4):
+            raise ConfigError(f"hint: distance {self.distance} needs [B, C, H, W] maps; {self.student_layer} gives "
+                              f"{tuple(s.shape)}, {self.teacher_layer} {tuple(t.shape)}")
+        if self.distance == "attention":
+            return attention_transfer(s, t)
         if s.shape != t.shape:
             raise ConfigError(f"hint: adapted student feature {tuple(s.shape)} does not match teacher feature "
                               f"{tuple(t.shape)} ({self.student_layer} -> {self.teacher_layer})")
         s, t = s.float(), t.float()
         if self.distance == "channel_kl":
-            if s.ndim != 4:
-                raise ConfigError(f"hint: distance channel_kl needs [B, C, H, W] maps; {self.student_layer} gives "
-                                  f"{tuple(s.shape)}")
             return channel_kl(s, t, self.temperature)
         if self.distance == "l1":
             diff = (s - t).abs()
@@ -242,7 +253,7 @@ class Hint:
             except ConfigError as err:
                 raise ConfigError(f"hint {key}: {err}") from None
 
-    def setup(self, ctx: SetupContext) -> nn.Module:
+    def setup(self, ctx: SetupContext) -> nn.Module | None:
         if ctx.teacher is None:
             raise ConfigError("hint needs a teacher")
         self.close()
@@ -258,10 +269,12 @@ class Hint:
         s_shape, t_shape = first[0].shape, first[1].shape
         for h in self._hooks:
             h.clear()
-        if self.distance == "channel_kl" and (len(s_shape) != 4 or len(t_shape) != 4):
-            raise ConfigError(f"hint: distance channel_kl needs [B, C, H, W] maps; student layer "
+        if self.distance in WHOLE_MAP_DISTANCES and (len(s_shape) != 4 or len(t_shape) != 4):
+            raise ConfigError(f"hint: distance {self.distance} needs [B, C, H, W] maps; student layer "
                               f"{self.student_layer!r} gives {tuple(s_shape)}, teacher layer {self.teacher_layer!r} "
                               f"{tuple(t_shape)}")
+        if self.distance == "attention":  # compares channel means: nothing to adapt
+            return None
         self.adapter = self.make_adapter(s_shape, t_shape).to(ctx.device)
         return self.adapter
 
@@ -282,8 +295,8 @@ def ddkit_losses():
     yield LossSpec(name="soft_target", factory=SoftTarget, params=SoftTargetParams,
                    summary="Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T))")
     yield LossSpec(name="hint", factory=Hint, params=HintParams,
-                   summary="FitNets hint: L2, L1, Pearson (PKD) or channel-wise KL (CWD) between a teacher feature "
-                           "and an adapted student feature",
+                   summary="FitNets hint: L2, L1, Pearson (PKD), channel-wise KL (CWD) or attention transfer (AT) between a "
+                           "teacher feature and an adapted student feature",
                    examples=({"teacher_layer": "1", "student_layer": "1"},))
     yield LossSpec(name="detector_kd", factory=DetectorKD, params=DetectorKDParams,
                    summary="Chen et al. 2017 two-stage detector KD, RoI head and RPN: weighted soft targets, bounded "

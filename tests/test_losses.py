@@ -136,6 +136,35 @@ def test_channel_kl_hint_matches_a_per_channel_reference(temperature):
                                "distance": "channel_kl", "imitate": "objects"})
 
 
+@pytest.mark.parametrize("channels", [(3, 3), (2, 5)])
+def test_attention_hint_matches_a_per_image_reference(channels):
+    """AT (Zagoruyko and Komodakis 2017) against a loop over images: the channel mean of the squared activations,
+    divided by its L2 norm, squared differences summed over positions, averaged over images; the channel counts may
+    differ, the teacher's scale does not matter, and 0 when the teacher's map is the student's with channels
+    repeated."""
+    hint = ddkit.build("losses", {"name": "hint", "teacher_layer": "t", "student_layer": "s", "distance": "attention"})
+    g = torch.Generator().manual_seed(sum(channels))
+    s = torch.randn(2, channels[0], 4, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(2, channels[1], 4, 5, generator=g, dtype=torch.float64) + 0.5 * s.mean(1, keepdim=True)
+    total = 0.0
+    for b in range(2):
+        a_s = (s[b].numpy() ** 2).mean(0).flatten()
+        a_t = (t[b].numpy() ** 2).mean(0).flatten()
+        total += float(((a_s / np.linalg.norm(a_s) - a_t / np.linalg.norm(a_t)) ** 2).sum())
+    assert hint(s, t).item() == pytest.approx(total / 2, rel=1e-6)
+    assert hint(s, 3 * t).item() == pytest.approx(total / 2, rel=1e-6)
+    assert hint(s, torch.cat([s, s], 1)).item() == pytest.approx(0.0, abs=1e-9)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    hint(s, t).backward()
+    assert s.grad.abs().sum() > 0 and t.grad is None  # the student learns, the teacher is a fixed target
+    with pytest.raises(ConfigError, match="attention"):
+        hint(torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(ConfigError, match="imitate"):
+        ddkit.build("losses", {"name": "hint", "teacher_layer": "t", "student_layer": "s",
+                               "distance": "attention", "imitate": "objects"})
+
+
 def test_hint_adapters_for_vectors_tokens_and_resized_maps():
     assert isinstance(ddkit.build("losses", {"name": "hint", "teacher_layer": "a", "student_layer": "b"})
                       .make_adapter(torch.Size([4, 8]), torch.Size([4, 12])), nn.Linear)
@@ -301,3 +330,19 @@ def test_hint_between_detector_backbones(tmp_path):
     assert all(r["losses"]["hint"] > 0 for r in logs) and res["finished"]
     adapter = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["losses"][1]
     assert adapter["weight"].shape == (64, 32, 1, 1)  # 1x1 conv: student layer2 (32 ch) -> teacher layer3 (64 ch)
+
+
+def test_attention_hint_between_detector_necks_trains_without_an_adapter(tmp_path):
+    """AT on every FPN level of two detectors of other input sizes: the student's maps are resized to the teacher's,
+    the loss is logged, and no adapter is created (none is saved)."""
+    task, ds = _shapes()
+    torch.manual_seed(0)
+    teacher = task.build_model({**TINY_FASTERRCNN, "min_size": 96, "max_size": 96}, ds.info)
+    student = task.build_model(TINY_FASTERRCNN, ds.info)
+    res = train_model(task, student, ds, {"iterations": 3, "batch_size": 2, "log_every": 1}, tmp_path,
+                      teacher=teacher, losses=[{"name": "hard_label"},
+                                               {"name": "hint", "teacher_layer": "backbone", "student_layer": "backbone",
+                                                "distance": "attention"}], progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
+    assert all(0 < r["losses"]["hint"] <= 2 for r in logs) and res["finished"]
+    assert not torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["losses"][1]

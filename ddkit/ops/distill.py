@@ -9,6 +9,8 @@
   as YOLOv8's DFL bins), at a high temperature, weighted per anchor.
 * :func:`channel_kl`: Shu et al.'s channel-wise distillation (*Channel-wise Knowledge Distillation for Dense
   Prediction*, ICCV 2021, CWD): each channel of a feature map as a distribution over its positions.
+* :func:`attention_transfer`: Zagoruyko and Komodakis's attention transfer (*Paying More Attention to Attention*,
+  ICLR 2017, AT): where a feature map is active (the channel mean of its squares, normalised), whatever its channels.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["channel_kl", "dense_soft_targets", "localization_distillation"]
+__all__ = ["attention_transfer", "channel_kl", "dense_soft_targets", "localization_distillation"]
 
 
 def dense_soft_targets(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -75,3 +77,17 @@ def channel_kl(student: Tensor, teacher: Tensor, temperature: float = 1.0) -> Te
     s_log = F.log_softmax(student.float().flatten(2) / t, dim=-1)
     t_log = F.log_softmax(teacher.detach().float().flatten(2) / t, dim=-1)
     return (t_log.exp() * (t_log - s_log)).sum(-1).mean() * t * t
+
+
+def attention_map(x: Tensor) -> Tensor:
+    """``[B, C, H, W] -> [B, H * W]``: the mean over channels of the squared activations, L2-normalised per image
+    (AT's ``F_sum^2``, p = 2)."""
+    return F.normalize(x.float().square().mean(1).flatten(1), dim=1)
+
+
+def attention_transfer(student: Tensor, teacher: Tensor) -> Tensor:
+    """``[B, Cs, H, W], [B, Ct, H, W] -> scalar``: the squared L2 distance between the two normalised attention maps
+    (:func:`attention_map`), summed over the positions and averaged over the images: in ``[0, 2]``, 0 when one map's
+    attention is the other's. The channel counts may differ: no adapter is needed."""
+    diff = attention_map(student) - attention_map(teacher.detach())
+    return diff.square().sum(1).mean()
