@@ -151,13 +151,14 @@ def torch_hub_cache_file(url: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
 
 
-def offline_error(what: str, url: str, cache: Path | str, err: BaseException) -> DataError:
-    """The one-line error for weights that could be neither downloaded nor found in the library's cache."""
+def offline_error(what: str, url: str, cache: Path | str, err: BaseException, where: str = "") -> DataError:
+    """The one-line error for weights that could be neither downloaded nor found in the library's cache;
+    ``where`` says how to fill the cache when it is more than one file at ``cache``."""
     reason = (str(err).splitlines() or [type(err).__name__])[0]
     if len(reason) > 160:  # whole words: the library's message may be long
         reason = reason[:160].rsplit(" ", 1)[0] + " ..."
-    return DataError(f"{what}: cannot download {url} ({reason}); put the file at {cache} (the library's cache) "
-                     f"{_LOCAL_HINT}")
+    where = where or f"put the file at {cache} (the library's cache)"
+    return DataError(f"{what}: cannot download {url} ({reason}); {where} {_LOCAL_HINT}")
 
 
 def torchvision_state_dict(weights: Any, what: str = "pretrained") -> dict[str, torch.Tensor]:
@@ -237,6 +238,9 @@ def timm_create(model_name: str, value: bool | str, **kwargs: Any) -> nn.Module:
             # the folder huggingface_hub gives the repo: models--<org>--<name> (snapshots/<commit>/<file> inside)
             url = f"https://huggingface.co/{cfg.hf_hub_id}"
             cache = Path(constants.HF_HUB_CACHE) / ("models--" + cfg.hf_hub_id.replace("/", "--"))
-        else:
-            url, cache = cfg.url, torch_hub_cache_file(cfg.url)
-        raise offline_error(f"pretrained timm {full}", url, cache, err) from None
+            # a snapshot folder, not one file: say how to make it, and how to skip the hub's retries next time
+            where = (f"copy the folder that `huggingface-cli download {cfg.hf_hub_id}` writes on a connected machine "
+                     f"to {cache} (the library's cache: refs/main naming a commit, snapshots/<commit>/"
+                     f"model.safetensors) and set HF_HUB_OFFLINE=1 to skip the download retries,")
+            raise offline_error(f"pretrained timm {full}", url, cache, err, where) from None
+        raise offline_error(f"pretrained timm {full}", cfg.url, torch_hub_cache_file(cfg.url), err) from None

@@ -333,9 +333,27 @@ def test_predict_save_images_draws_each_images_predictions(detector, digits_run,
     _, run = digits_run
     assert main(["predict", str(run), str(images / "frame.jpg"), "--save-images", "-o", str(tmp_path / "c")]) == 0
     framed = decode(tmp_path / "c" / "images" / "frame.jpg")
-    label = json.loads((tmp_path / "c" / "predictions.json").read_text())[0]["category_id"]
+    row = json.loads((tmp_path / "c" / "predictions.json").read_text())[0]
+    label = row["category_id"]
+    names = {int(c["id"]): str(c["name"]) for c in load_model(run / "student" / "model.pt")[2].categories}
+    assert row["category_name"] == names[label]  # the class by name, not only its id
     want = torch.tensor([int(category_colors(list(range(10)))[label][i:i + 2], 16) for i in (1, 3, 5)]).float()
     assert float((framed[:, -1, 20:-20].float().mean(1) - want).abs().max()) < 60  # the frame's bottom edge
+
+
+def test_predict_into_a_folder_of_an_earlier_prediction_says_which_files_are_not_its_own(detector, tmp_path, capsys):
+    """A second prediction into the same -o leaves the first one's drawings / label files of other images (they are
+    not deleted) and says so; predicting the same images again rewrites them and says nothing."""
+    val = DATA / "coco8" / "images" / "val"
+    out = tmp_path / "p"
+    for fmt in ("coco", "yolo"):
+        assert main(["predict", str(detector), str(val), "--format", fmt, "--save-images", "-o", str(out)]) == 0
+        assert "earlier prediction" not in capsys.readouterr().out
+    assert main(["predict", str(detector), str(val / "000000000042.jpg"), "--format", "yolo", "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"{out / 'labels'} holds 3 file(s) of an earlier prediction" in said
+    assert f"{out / 'images'} holds 4 file(s) of an earlier prediction" in said
+    assert len(list((out / "labels").glob("*.txt"))) == 4  # nothing deleted
 
 
 def test_predict_refuses_when_no_image_is_readable_and_an_output_that_is_a_file(detector, tmp_path, capsys):
@@ -457,7 +475,23 @@ def test_predict_tta_of_a_run_uses_the_recipes_views_as_eval_does(digits_run, tm
     assert main(["predict", str(run), str(images), "--tta", *explicit[:2], "-o", str(tmp_path / "t")]) == 0
     assert "(aggregator as the recipe " in capsys.readouterr().out
     assert main(["predict", str(run / "student" / "model.pt"), str(images), "--tta", "-o", str(tmp_path / "m")]) == 0
-    assert "2 views (identity, hflip)" in capsys.readouterr().out
+    assert "2 views (identity, hflip) (ddkit's default views (no recipe beside the model)" in capsys.readouterr().out
+
+
+def test_tta_says_when_its_views_are_the_defaults_of_a_recipe_without_label_views():
+    """A KD recipe has no label section: eval / predict --tta then mirror digits by default, and say so."""
+    from argparse import Namespace
+
+    from ddkit.commands.eval import tta_origin
+
+    none_given = Namespace(transforms=None, aggregator=None)
+    kd = tta_origin(none_given, {"task": {"name": "classification"}}, "r/config.yaml")
+    assert "ddkit's default views (the recipe sets none); choose them with --transforms" in kd
+    assert "the task's default aggregator" in kd
+    dd = tta_origin(none_given, {"label": {"transforms": [{"name": "identity"}], "aggregator": {"name": "prob_mean"}}},
+                    "r/config.yaml")
+    assert dd == " (views and aggregator as the recipe r/config.yaml sets)"
+    assert tta_origin(Namespace(transforms="[x]", aggregator="y"), {"label": {}}, "r") == ""
 
 
 # ------------------------------------------------------------------------------------------------- end to end

@@ -129,6 +129,9 @@ def test_timm_offline_without_the_file_is_one_line_naming_the_hub_and_cache(tmp_
     msg = str(err.value)
     assert "\n" not in msg and "huggingface.co/timm/mobilenetv3_small_050.lamb_in1k" in msg
     assert str(tmp_path / "hf" / "models--timm--mobilenetv3_small_050.lamb_in1k") in msg and "local weights file" in msg
+    # the cache is a snapshot folder: the message says how to fill it and how to skip the hub's retries
+    assert "snapshots/<commit>/model.safetensors" in msg and "HF_HUB_OFFLINE=1" in msg
+    assert "huggingface-cli download timm/mobilenetv3_small_050.lamb_in1k" in msg
     with pytest.raises(ConfigError, match="tags of mobilenetv3_small_050: .*lamb_in1k"):
         _build("classification", {"name": "timm", "model_name": "mobilenetv3_small_050", "pretrained": "nope"},
                image_shape=(3, 32, 32))

@@ -339,7 +339,15 @@ def test_kd_lines_are_worded_as_results_md_words_them(tmp_path: Path):
     """The relative error cut in %, the AP gain in AP points, as results.md: not a bare fraction under a key."""
     results = {"task": "classification", "metric": "error",
                "rows": [{"model": "student alone", "stage": "kd_alone", "error %": 5.0}],
-               "kd_relative_error_reduction": {"kd_soft": 0.3}, "kd_ap_gain": {"kd_detector_kd": -0.04}}
+               "kd_relative_error_reduction": {"kd_soft": 0.3, "kd_hint": -0.62},
+               "kd_ap_gain": {"kd_detector_kd": -0.04}}
     text = write_report(tmp_path / "kd", results).read_text()
     assert "kd_soft: <b>30 %</b> relative error reduction" in text
     assert "kd_detector_kd: <b>-0.04 AP</b> over the student alone" in text and "0.3000" not in text
+    # a student worse than alone has more error, not a "-62 % reduction", in both files
+    assert "kd_hint: <b>62 %</b> more error than the student alone" in text and "-62" not in text
+    from ddkit.engine.run import results_markdown
+
+    md = results_markdown(results)
+    assert "kd_soft: 30 % relative error reduction over the student alone" in md
+    assert "kd_hint: 62 % more error than the student alone" in md and "-62" not in md

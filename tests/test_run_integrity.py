@@ -128,7 +128,7 @@ def test_unreadable_unlabeled_images_are_said_on_the_console_and_in_the_results(
                              "kd=null", "evaluate.tta=false", "baselines.fully_labeled=false"])
     run_recipe(cfg, source=str(path), progress=False)
     printed = capsys.readouterr().out
-    assert "select: 1 unlabeled image(s) could not be read and were skipped" in printed
+    assert "label: 1 unlabeled image(s) could not be read and were skipped" in printed
     summary = json.loads((tmp_path / "out" / "results.json").read_text())
     assert any("1 unlabeled image(s) could not be read" in w for w in summary["warnings"])
     assert "1 unlabeled image(s) could not be read" in (tmp_path / "out" / "results.md").read_text()

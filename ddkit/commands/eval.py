@@ -197,6 +197,29 @@ def tta_from_args(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> t
     return tta_strategies(task, info, block), block
 
 
+def tta_origin(args: argparse.Namespace, cfg: Any, recipe: str | None) -> str:
+    """Where ``--tta``'s views and aggregator came from, said after the views (a default can be a poor fit: mirrored
+    digits): ``" (views and aggregator as the recipe R sets)"``, ddkit's default views, or ``""`` when both were
+    given."""
+    from ddkit.registry import _to_plain
+
+    plain = _to_plain(cfg) if cfg is not None else {}
+    sections = [plain.get("evaluate") or {}, plain.get("label") or {}]
+    origin = {what: "given" if flag else "recipe" if any(s.get(key) for s in sections) else "default"
+              for what, key, flag in (("views", "transforms", args.transforms),
+                                      ("aggregator", "aggregator", args.aggregator))}
+    notes = []
+    from_recipe = [what for what, where in origin.items() if where == "recipe"]
+    if from_recipe:
+        notes.append(f"{' and '.join(from_recipe)} as the recipe {recipe} sets")
+    if origin["views"] == "default":
+        why = "the recipe sets none" if recipe else "no recipe beside the model"
+        notes.append(f"ddkit's default views ({why}); choose them with --transforms")
+    if origin["aggregator"] == "default":
+        notes.append("the task's default aggregator")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def _match_classes(plain: Any, dataset: Any, info: Any, model: str, data_what: str) -> tuple[Any, Any]:
     """``(dataset, categories)``: a classifier's dataset with its class ids matched to the model's by name (as a
     recipe's test part; a subset is fine), or for instance predictions :func:`category_map`'s id map (None: the
@@ -257,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
     rows["1 view"], per_class["1 view"] = _scores(plain, dataset, batch_size, categories)
     if strategies is not None:
         name = f"TTA ({len(strategies.views)} views: {', '.join(strategies.view_names)})"
+        print(f"--tta: {len(strategies.views)} views ({', '.join(strategies.view_names)})"
+              f"{tta_origin(args, cfg, source)}")
         tta_batch = args.batch_size or block.get("batch_size") or batch_size  # as the run's TTA stage batches
         rows[name], per_class[name] = _scores(Predictor(task, model, info, strategies, device), dataset, tta_batch,
                                               categories)

@@ -97,8 +97,9 @@ class _Writer:
 
     def add_label(self, image_id: int, file_name: str, image: Any, category_id: int, score: float) -> None:
         self.images.append({"id": image_id, "file_name": file_name})
+        # the class name beside its id: a classifier's ids follow the sorted folder names ("10" before "2")
         self.results.append({"image_id": image_id, "file_name": file_name, "category_id": category_id,
-                             "score": score})
+                             "category_name": self.names[category_id], "score": score})
         h, w = image.shape[-2:]  # the label on a frame around the whole image, as Ultralytics' classify plots it
         self._draw(image_id, file_name, image, [{"bbox": [0, 0, w, h], "category_id": category_id, "score": score}])
 
@@ -150,6 +151,19 @@ class _Writer:
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
         atomic_write_bytes(self.out / "images" / f"{self._stem(image_id, file_name)}.jpg", buf.getvalue())
 
+    def _warn_stale(self) -> None:
+        """Files in ``labels/`` or ``images/`` that this prediction did not write are an earlier one's: a YOLO
+        training on the folder would take them as labels. They are said, not deleted (they may be the user's)."""
+        written = {"labels": ".txt" if self.fmt == "yolo" else None, "images": ".jpg" if self.draw else None}
+        for sub, suffix in written.items():
+            folder = self.out / sub
+            ours = {f"{stem}{suffix}" for stem in self.stem_of.values()} if suffix else set()
+            stale = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                           if p.is_file() and str(p.relative_to(folder)) not in ours) if folder.is_dir() else []
+            if stale:
+                print(f"warning: {folder} holds {len(stale)} file(s) of an earlier prediction (e.g. {stale[0]}), "
+                      "not of these images; delete them or predict into a new -o folder")
+
     def finish(self) -> list[Path]:
         import yaml
 
@@ -162,6 +176,7 @@ class _Writer:
             log.warning("%d %s named after the image id: another image has the same name (e.g. %s -> %s)",
                         len(self.renamed), kind, self.renamed[0][0], where.format(self.renamed[0][1]))
         drawn = [self.out / "images"] if self.draw else []
+        self._warn_stale()
         if self.fmt == "coco":
             return [atomic_write_json(self.out / "predictions.json", self.results),
                     atomic_write_json(self.out / "images.json", {"info": {}, "images": self.images,
@@ -267,15 +282,15 @@ def _predict_all(predictor: Any, source: Any, writer: _Writer, batch_size: int, 
     return skipped
 
 
-def _strategies(args: argparse.Namespace, task: Any, info: Any) -> tuple[Any, str | None]:
-    """``(strategies, the run recipe they follow)`` of ``--tta`` as ``ddkit eval`` builds them; ``(None, None)``
-    without it."""
+def _strategies(args: argparse.Namespace, task: Any, info: Any) -> tuple[Any, str]:
+    """``(strategies, where their views and aggregator came from)`` of ``--tta`` as ``ddkit eval`` builds them (the
+    run recipe's, given, or the defaults); ``(None, "")`` without it."""
     if not args.tta:
-        return None, None
-    from ddkit.commands.eval import saved_recipe, tta_from_args
+        return None, ""
+    from ddkit.commands.eval import saved_recipe, tta_from_args, tta_origin
 
     cfg, saved = saved_recipe(args.checkpoint)
-    return tta_from_args(args, task, info, cfg)[0], saved
+    return tta_from_args(args, task, info, cfg)[0], tta_origin(args, cfg, saved)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -288,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     task, model, info = load_model(path, device=device)
     source = _source(args)
-    strategies, recipe = _strategies(args, task, info)
+    strategies, origin = _strategies(args, task, info)
     predictor = Predictor(task, model, info, strategies, device)
     # COCO results of instances can carry the file's own category ids; YOLO txt and class labels keep the model's
     with_coco_ids = args.coco and args.format == "coco" and not predictor.gives_probs
@@ -296,8 +311,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root, args.save_images)
     views = f"{len(strategies.views)} views ({', '.join(strategies.view_names)})" if strategies else "1 view"
-    from_recipe = [what for what, given in (("views", args.transforms), ("aggregator", args.aggregator)) if not given]
-    views += f" ({' and '.join(from_recipe)} as the recipe {recipe} sets)" if recipe and from_recipe else ""
+    views += origin
     images = f"the {len(source)} image(s) of {args.coco} under {args.images}" if args.coco else \
         f"{len(source)} image(s) of {args.images}"
     print(f"predicting {images} with {what}, {views}")
@@ -308,5 +322,5 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         more = " ..." if len(skipped) > 5 else ""
         print(f"skipped {len(skipped)} unreadable or missing image(s): {', '.join(skipped[:5])}{more}")
-    print(f"wrote {', '.join(str(p) for p in written)} ({len(writer.images)} images)")
+    print(f"wrote {', '.join(str(p) for p in written)} ({len(writer.images)} image{'s' if len(writer.images) != 1 else ''})")
     return 0

@@ -235,8 +235,8 @@ def _results_section(results: Mapping[str, Any], plots: Path, rel: str) -> str:
         parts.append(f"<p>Gap closed: <b>{_esc(shown)}</b>{_esc(extra)}</p>")
     # the KD lines as results.md words them: a relative cut in %, an AP gain in AP points (the table's unit)
     for stage, red in (results.get("kd_relative_error_reduction") or {}).items():
-        parts.append(f"<p>{_esc(stage)}: <b>{100 * red:.0f} %</b> relative error reduction over the student "
-                     f"alone</p>")
+        amount, words = error_change(red)
+        parts.append(f"<p>{_esc(stage)}: <b>{amount}</b> {words}</p>")
     for stage, gain in (results.get("kd_ap_gain") or {}).items():
         parts.append(f"<p>{_esc(stage)}: <b>{gain:+.2f} AP</b> over the student alone</p>")
     tta = results.get("tta")
@@ -785,6 +785,14 @@ def _guarded(title: str, fn: Callable[[], str]) -> str:
     except Exception as err:  # noqa: BLE001
         log.warning("report: section %r failed: %s: %s", title, type(err).__name__, err, exc_info=True)
         return f"<h2>{_esc(title)}</h2>\n" + _note(f"This section could not be drawn: {type(err).__name__}: {err}")
+
+
+def error_change(reduction: float) -> tuple[str, str]:
+    """``(amount, words)`` for a KD student's relative error reduction over the student alone, as results.md and
+    the report say it: a negative reduction is more error, not a "-62 % reduction"."""
+    if reduction < 0:
+        return f"{-100 * reduction:.0f} %", "more error than the student alone"
+    return f"{100 * reduction:.0f} %", "relative error reduction over the student alone"
 
 
 def write_report(run_dir: str | Path, results: Mapping[str, Any] | None, info: DatasetInfo | None = None,

@@ -52,6 +52,7 @@ from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.engine.pseudo import load_pseudo_dataset
 from ddkit.engine.run_folder import read_marker
 from ddkit.engine.recipe import validate_recipe, with_defaults
+from ddkit.engine.report import error_change
 from ddkit.engine.run_lock import RunLock
 from ddkit.engine.teacher_cache import dataset_fingerprint
 from ddkit.engine.train import check_cache_config, parse_train_config, resolve_device, total_iterations, train_model
@@ -616,7 +617,7 @@ class Runner:
         out = {"pseudo_labels": str(res.pseudo_path), "summary": res.summary, "quality": res.quality}
         skipped = res.summary["images"]["skipped"]
         if skipped:  # said on the console and at the head of the results, not only in the label folder's files
-            out["warning"] = f"select{sfx}: {skipped} unlabeled image(s) could not be read and were skipped " \
+            out["warning"] = f"label{sfx}: {skipped} unlabeled image(s) could not be read and were skipped " \
                              f"(see {res.skipped_path})"
             self._say(out["warning"])
         if res.yolo_path is not None:
@@ -814,7 +815,8 @@ def results_markdown(summary: Mapping[str, Any]) -> str:
         for stage, gap in (summary.get("gap_closed_by_round") or {}).items():
             lines.append(f"  {stage}: {100 * gap:.0f} %")
     for stage, red in (summary.get("kd_relative_error_reduction") or {}).items():
-        lines.append(f"\n{stage}: {100 * red:.0f} % relative error reduction over the student alone")
+        amount, words = error_change(red)
+        lines.append(f"\n{stage}: {amount} {words}")
     for stage, gain in (summary.get("kd_ap_gain") or {}).items():
         lines.append(f"\n{stage}: {gain:+.2f} AP over the student alone")
     return stopped + "\n".join(lines)
