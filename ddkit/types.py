@@ -68,7 +68,13 @@ class TaskSpec(StrategySpec):
 
 @dataclass(frozen=True)
 class DatasetSpec(StrategySpec):
+    """``read_at``, given a fixed-size model's input shape ``[C, H, W]``, returns the block keys that make the
+    dataset read its images at that shape (an image folder's ``image_size`` and ``grayscale``), so that each file is
+    resized once: a recipe's test and unlabeled parts at the train part's shape, ``ddkit eval --data`` at the
+    model's. ``None``: the dataset reads at a shape of its own and its items are converted (``adapt_image``)."""
+
     kind: ClassVar[str] = "datasets"
+    read_at: Callable[[list[int]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -470,11 +470,34 @@ def _class_images(folder: Path) -> list[Path]:
     return files
 
 
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the header, ``None`` if unreadable (an unchecked folder fails on reading it)."""
+    try:
+        return image_size(path)
+    except Exception:  # noqa: BLE001 - any decoder failure
+        return None
+
+
+def _first_size(files: list[Path], base: Path) -> list[int]:
+    """The first image's ``[H, W]``, the folder's size when none is given; said once, as a warning when the images'
+    sizes differ (read from the headers until one differs), since every other image is then resized."""
+    h, w = read_image(files[0]).shape[1:]  # a DataError naming the file if it cannot be read
+    other = next(((f, s) for f in files[1:] if (s := _header_size(f)) not in (None, (w, h))), None)
+    if other is None:
+        log.info("%s: no image_size given; every image is %d x %d (H x W)", base, h, w)
+    else:
+        log.warning("%s: no image_size given, so every image is resized to the first one's, %d x %d (H x W; %s is "
+                    "%d x %d); set image_size: [H, W] to choose (a recipe's test and unlabeled parts are read at its "
+                    "train part's size)", base, h, w, other[0].relative_to(base), other[1][1], other[1][0])
+    return [h, w]
+
+
 class ImageFolder(_TargetsDataset):
     """``root/<class name>/*.png``: one folder per class (hidden folders left out, an empty one refused), class
     ids ``0..C-1`` in sorted folder order; a recipe's test folder is matched to its train folder by class name.
-    Images are resized to ``image_size`` ``[H, W]`` (default: the first image's size) so that they batch, and made
-    grey with ``grayscale``; both are declared as ``info.extra["image_shape"]`` and applied by ``adapt_image``."""
+    Images are resized to ``image_size`` ``[H, W]`` (default: the first image's size, a warning when sizes differ)
+    so that they batch, and made grey with ``grayscale``; both are declared as ``info.extra["image_shape"]`` and
+    applied by ``adapt_image``. A recipe's test and unlabeled folders get the train folder's (:func:`_read_at`)."""
 
     def __init__(self, root: str, image_size: list[int] | None = None, grayscale: bool = False,
                  check_images: bool = True):
@@ -490,9 +513,7 @@ class ImageFolder(_TargetsDataset):
         if not self.files:
             raise DataError(f"{base}: no readable images")
         if image_size is None:
-            image_size = list(read_image(self.files[0]).shape[1:])
-            log.info("%s: no image_size given, so every image is resized to the first one's, %d x %d (H x W); set "
-                     "image_size: [H, W] to choose", base, *image_size)
+            image_size = _first_size(self.files, base)
         if len(image_size) != 2:
             raise ConfigError(f"image_folder: image_size must be [H, W], got {image_size}")
         self.image_size = [int(s) for s in image_size]
@@ -503,6 +524,11 @@ class ImageFolder(_TargetsDataset):
         # the core's conversion to info.extra["image_shape"]: unlabeled images (label.images, pseudo-labels,
         # ddkit predict) go through the same function, so every image the model sees is read alike
         return adapt_image(read_image(self.files[i]), self.info.extra["image_shape"]), self.get_target(i)
+
+
+def _read_at(shape: list[int]) -> dict[str, Any]:
+    """The block keys that read a folder at a model's input ``[C, H, W]`` (``DatasetSpec.read_at``)."""
+    return {"image_size": [int(shape[1]), int(shape[2])], "grayscale": int(shape[0]) == 1}
 
 
 # --------------------------------------------------------------------------------------------- bundled digits
@@ -841,7 +867,7 @@ def ddkit_datasets():
     yield DatasetSpec(name="yolo", factory=YoloDataset, params=YoloParams,
                       summary="Ultralytics YOLO folders (boxes or pose)",
                       examples=({"root": str(_DATA / "coco8")}, {"root": str(_DATA / "coco8-pose"), "split": "val"}))
-    yield DatasetSpec(name="image_folder", factory=ImageFolder, params=ImageFolderParams,
+    yield DatasetSpec(name="image_folder", factory=ImageFolder, params=ImageFolderParams, read_at=_read_at,
                       summary="one sub-folder of images per class",
                       examples=({"root": str(_DATA / "coco8" / "images"), "image_size": [32, 32]},))  # classes: train, val
     yield DatasetSpec(name="mnist5k", factory=Mnist5k, params=DigitsParams,

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import ddkit
-from ddkit.engine.data import ClassesByName, HiddenLabels, build_data, check_images, get_target, split_dataset
+from ddkit.engine.data import (ClassesByName, HiddenLabels, build_data, check_images, get_target, item_file,
+                               split_dataset)
 from ddkit.errors import ConfigError, DataError
 from ddkit.testing import example_blocks, registered
 from ddkit.testing.datasets import check_dataset
@@ -264,6 +265,73 @@ def test_test_folder_with_a_class_the_training_lacks_is_refused(tmp_path):
     message = str(err.value)
     assert "\n" not in message and message.startswith("data.test.dataset")
     assert "'cow'" in message and "train part's classes (cat, dog)" in message
+
+
+def _sized_folders(root: Path, sizes: dict[str, list[tuple[int, int]]], mode: str = "RGB") -> None:
+    """``root/<class>/<k>.png`` of the ``(width, height)`` sizes given per class, of noise (a resize shows)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, whs in sizes.items():
+        (root / name).mkdir(parents=True)
+        for k, (w, h) in enumerate(whs):
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).convert(mode).save(root / name / f"{k}.png")
+
+
+def test_test_and_unlabeled_folders_are_read_once_at_the_train_folders_shape(tmp_path, caplog):
+    """The train folder is grey 6 x 6; the test folder is RGB and its first image is 20 x 12, so on its own it reads
+    at [3, 12, 20]: it is read at [1, 6, 6] instead, each file resized once (as adapt_image does the train ones)."""
+    from ddkit.engine.data import adapt_image, read_image
+
+    _sized_folders(tmp_path / "train", {"cat": [(6, 6)] * 2, "dog": [(6, 6)] * 2}, mode="L")
+    _sized_folders(tmp_path / "val", {"cat": [(20, 12), (9, 7)], "dog": [(5, 11)]})
+    train = {"dataset": {"name": "image_folder", "root": str(tmp_path / "train"), "grayscale": True}}
+    shutil.copytree(tmp_path / "val", tmp_path / "unl")
+    splits = build_data({"train": train, "test": _folder_part(tmp_path / "val"),
+                         "unlabeled": _folder_part(tmp_path / "unl")})
+    assert splits.info.extra["image_shape"] == [1, 6, 6] and not any("ignored" in w for w in splits.warnings)
+    assert "resized to the first one's" not in caplog.text  # no first image's size: the train part's
+    for part in (splits.test, splits.unlabeled.ground_truth, splits.unlabeled):
+        assert part.info.extra["image_shape"] == [1, 6, 6]
+        for i in range(3):
+            assert torch.equal(part[i][0], adapt_image(read_image(item_file(part, i)), [1, 6, 6]))
+    explicit = {"dataset": {**_folder_part(tmp_path / "val")["dataset"], "image_size": [12, 20], "grayscale": False}}
+    with caplog.at_level("WARNING", logger="ddkit.data"):
+        said = build_data({"train": train, "test": explicit}, where="r.yaml: data")
+    assert said.test[0][0].shape == (1, 6, 6)  # a model is scored at its training input, as the warning says
+    assert said.warnings[0] == ("r.yaml: data.test.dataset: image_size: [12, 20], grayscale: false ignored; its "
+                                "images are read at the train part's image shape [1, 6, 6] (C, H, W), as the "
+                                "model sees them in training; remove image_size, grayscale there to silence this")
+    assert said.warnings[0] in caplog.text
+
+
+def test_a_test_part_that_cannot_be_read_at_a_shape_is_converted_to_the_train_parts(tmp_path):
+    """The bundled 8 x 8 digits (no ``read_at``) as the test part of a 12 x 12 RGB folder: its items are converted."""
+    from ddkit.engine.data import adapt_image
+
+    _sized_folders(tmp_path / "train", {str(d): [(12, 12)] for d in range(10)})
+    splits = build_data({"train": _folder_part(tmp_path / "train"), "test": {"dataset": {"name": "digits"}}})
+    digits = ddkit.build("datasets", {"name": "digits"})
+    assert splits.test.info.extra["image_shape"] == [3, 12, 12]
+    assert torch.equal(splits.test[5][0], adapt_image(digits[5][0], [3, 12, 12]))
+    assert get_target(splits.test, 5) == get_target(digits, 5)
+
+
+def test_a_folder_of_mixed_sizes_without_image_size_warns_once(tmp_path, caplog):
+    _sized_folders(tmp_path / "same", {"cat": [(7, 5)] * 3})
+    _sized_folders(tmp_path / "mixed", {"cat": [(7, 5), (7, 5)], "dog": [(7, 5), (9, 9), (3, 3)]})
+    with caplog.at_level("INFO", logger="ddkit.data"):
+        same = ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "same")})
+    assert same[0][0].shape == (3, 5, 7)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddkit.data"):
+        ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "mixed")})
+        ddkit.build("datasets", {"name": "image_folder", "root": str(tmp_path / "mixed"), "image_size": [5, 7]})
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "resized to the first one's, 5 x 7 (H x W; dog/1.png is 9 x 9)" in caplog.text
 
 
 def test_image_folder_skips_hidden_folders_and_refuses_empty_class_folders(tmp_path):

@@ -724,6 +724,48 @@ def test_eval_on_a_folder_of_some_classes_matches_them_by_name(digits_run, tmp_p
     assert "'cat' not among the model's" in capsys.readouterr().err
 
 
+def test_eval_on_a_folder_reads_each_image_once_at_the_models_shape(digits_run, tmp_path, caplog):
+    """A folder of 16 x 16 RGB copies of the 8 x 8 grey digits whose first file is 3 x 2: each image is resized
+    once, to the model's [1, 8, 8] (as ``ddkit predict`` reads it), not first to the first file's size; an
+    ``image_size`` that the block gives otherwise is said to be ignored."""
+    from PIL import Image
+
+    _, run = digits_run
+    model_path = run / "student" / "model.pt"
+    _, model, info = load_model(model_path)
+    digits = ddkit.build("datasets", {"name": "digits"})
+    names = {int(c["id"]): str(c["name"]) for c in info.categories}
+    files, truth = [], []
+    for i in range(60):
+        image, target = digits[i]
+        path = tmp_path / "folder" / names[target["label"]] / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        size = (3, 2) if i == 0 else (16, 16)  # digits[0] is a 0: folder "0", sorted first
+        Image.fromarray((image[0] * 255).round().byte().numpy()).convert("RGB").resize(size).save(path)
+        files.append(path)
+        truth.append(target["label"])
+    order = sorted(range(60), key=lambda k: (names[truth[k]], files[k].name))
+    assert order[0] == 0
+    ids = [int(c["id"]) for c in info.categories]
+
+    def accuracy(read) -> float:
+        with torch.no_grad():
+            predicted = model(torch.stack([read(files[k]) for k in order])).argmax(1).tolist()
+        return sum(ids[p] == truth[k] for p, k in zip(predicted, order)) / 60
+
+    once = accuracy(lambda f: adapt_image(read_image(f), [1, 8, 8]))
+    twice = accuracy(lambda f: adapt_image(adapt_image(read_image(f), [3, 2, 3]), [1, 8, 8]))
+    assert once > twice + 0.2  # through the first file's 2 x 3 the digits are lost
+    out = tmp_path / "e.json"
+    assert main(["eval", str(model_path), "--data", str(tmp_path / "folder"), "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["accuracy"] == pytest.approx(once)
+    block = f"{{name: image_folder, root: {tmp_path / 'folder'}, image_size: [2, 3]}}"
+    assert main(["eval", str(model_path), "--data", block, "-o", str(out)]) == 0
+    assert json.loads(out.read_text())["metrics"]["accuracy"] == pytest.approx(once)
+    assert "--data: image_size: [2, 3] ignored; its images are read at the model's image shape [1, 8, 8]" \
+        in caplog.text
+
+
 def test_a_box_model_on_a_coco_file_with_keypoints_is_told_how_to_score_its_boxes(detector, tmp_path, capsys):
     coco = DATA / "coco-val2017-mini" / "test_coco.json"
     assert main(["eval", str(detector), "--data", str(coco), "-o", str(tmp_path / "e.json")]) == 2

@@ -196,6 +196,65 @@ def test_unlabeled_photos_are_read_like_the_labeled_grey_folders_by_label_and_st
         assert torch.equal(pseudo[i][0], folder[j][0])
 
 
+@pytest.fixture(scope="module")
+def grey_and_rgb_run(tmp_path_factory) -> tuple[Path, Path, dict]:
+    """A run on grey 8x8 train folders whose test folder holds RGB photos of other sizes, the first 13 x 20, and no
+    ``grayscale`` / ``image_size``; a lenet teacher (any input size) and an mlp student (8x8 grey only)."""
+    tmp = tmp_path_factory.mktemp("grey_rgb")
+    root = tmp / "data"
+    for c, name in enumerate(("a", "b")):
+        _photos(root / "train" / name, [(8, 8)] * 4, seed=c)
+        _photos(root / "val" / name, [(13, 20), (8, 8), (30, 5), (9, 9)], seed=10 + c)
+    _photos(root / "unlabeled", [(8, 8), (20, 13)], seed=99)
+    path = tmp / "folders.yaml"
+    path.write_text(FOLDERS_RECIPE.format(out=tmp / "out", root=root))
+    cfg = load_config(path, [f"data.test.dataset={{name: image_folder, root: {root / 'val'}}}",
+                             "teacher.model={name: lenet, channels: [4], hidden: 8}"])
+    return path, root, run_recipe(cfg, source=str(path), progress=False)
+
+
+def test_an_rgb_test_folder_of_a_grey_run_is_read_at_the_train_shape(grey_and_rgb_run, tmp_path):
+    """Before, the test folder was read at its first photo's [3, 13, 20]: the run stopped at the teacher's
+    evaluation with a torch shape error. Now the run's accuracy is ``ddkit eval CKPT --data`` on the same folder."""
+    _, root, summary = grey_and_rgb_run
+    out = Path(summary["run_dir"])
+    for stage in ("teacher", "student"):
+        row = next(r for r in summary["rows"] if r["stage"] == stage)
+        assert main(["eval", str(out / stage / "model.pt"), "--data", str(root / "val"), "-o",
+                     str(tmp_path / "e.json")]) == 0
+        assert json.loads((tmp_path / "e.json").read_text())["metrics"]["accuracy"] * 100 == \
+            pytest.approx(row["accuracy %"], abs=0.01)
+
+
+def test_a_teacher_checkpoint_of_another_input_shape_is_checked_before_anything_is_written(grey_and_rgb_run,
+                                                                                             tmp_path, caplog):
+    path, root, summary = grey_and_rgb_run
+    run = Path(summary["run_dir"])
+    out = tmp_path / "out"
+
+    def runner(teacher: str, *overrides: str):
+        from ddkit.engine.run import Runner
+
+        return Runner(load_config(path, [f"run.out_dir={out}", f"teacher.checkpoint={run / teacher / 'model.pt'}",
+                                         *overrides]), source="r.yaml")
+
+    with pytest.raises(ConfigError) as err:  # a grey teacher, RGB data: before, a conv error inside stage teacher
+        runner("teacher", "data.train.dataset.grayscale=false")
+    assert "\n" not in str(err.value) and str(err.value).startswith(
+        f"r.yaml: teacher.checkpoint {run / 'teacher' / 'model.pt'} takes images of shape [1, 8, 8] (C, H, W), the "
+        "data [3, 8, 8]: other channels;")
+    with pytest.raises(ConfigError, match=r"r.yaml: teacher.checkpoint \(images of shape \[1, 8, 8\]\): a forward "
+                                          r"pass on one \(1, 12, 12\) image failed"):
+        runner("student", "data.train.dataset.image_size=[12, 12]")  # an mlp takes 8 x 8 only
+    assert not out.exists()
+    with caplog.at_level("WARNING", logger="ddkit.run"):
+        runs = runner("teacher", "data.train.dataset.image_size=[12, 12]")  # lenet runs at 12 x 12: said
+    said = [w for w in runs.splits.warnings if "teacher.checkpoint" in w]
+    assert len(said) == 1 and said[0] in caplog.text
+    assert "the teacher is scored and labels at 12 x 12, not at its own 8 x 8" in said[0]
+    assert runner("teacher").splits.warnings == [] and not out.exists()  # the same shape: nothing to say
+
+
 @pytest.mark.parametrize("images, expected", [
     ("unlabeled", None),
     ("unlabeled+leak", "label.images and data.test share 1 image file(s)"),  # a link to a test image: same file

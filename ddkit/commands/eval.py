@@ -154,14 +154,16 @@ def _no_items(spec: str, block: dict[str, Any]) -> str:
     return f"{where}; check the path (and a COCO block's 'images' root)"
 
 
-def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[Any, str]:
-    from ddkit.engine.data import build_data, build_dataset
+def _dataset(args: argparse.Namespace, cfg: Any, source: str | None, shape: Any = None) -> tuple[Any, str]:
+    """The items to evaluate: ``--data``, else the recipe's split; a fixed-size model's images read at its input
+    ``shape`` ``[C, H, W]``, once (an image folder is not first resized to its first image's size)."""
+    from ddkit.engine.data import build_at_shape, build_data, fit_shape
     from ddkit.engine.evaluate import dataset_block
     from ddkit.plugin_manager import get_registry
 
     if args.data:
         block = dataset_block(args.data, args.split)
-        dataset = build_dataset(get_registry(), block, "--data")
+        dataset, _ = build_at_shape(get_registry(), block, shape, "--data", whose="the model's")
         if len(dataset) == 0:  # a table of zeros would read as a measured result
             raise ConfigError(_no_items(args.data, block))
         return dataset, json.dumps(block)
@@ -178,7 +180,7 @@ def _dataset(args: argparse.Namespace, cfg: Any, source: str | None) -> tuple[An
         raise ConfigError(f"{source}: the recipe has no {split} split; pass --split or --data")
     if len(part[split]) == 0:
         raise ConfigError(f"{source}: data, split {split}: 0 items to evaluate; pass --split or --data")
-    return part[split], f"{source}: data, split {split}"
+    return fit_shape(part[split], shape), f"{source}: data, split {split}"
 
 
 def tta_from_args(args: argparse.Namespace, task: Any, info: Any, cfg: Any) -> tuple[Any, dict[str, Any] | None]:
@@ -268,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     batch_size = _batch_size(args, folder)
     device = resolve_device(args.device)
     task, model, info = load_model(path, device=device)
-    dataset, data_what = _dataset(args, cfg, source)
+    dataset, data_what = _dataset(args, cfg, source, (info.extra or {}).get("image_shape"))
     plain = Predictor(task, model, info, device=device)
     dataset, categories = _match_classes(plain, dataset, info, str(path), data_what)
     strategies, block = tta_from_args(args, task, info, cfg)

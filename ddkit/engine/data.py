@@ -11,9 +11,10 @@ for classification). The unlabeled part is a :class:`HiddenLabels` view: trainin
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -165,6 +166,62 @@ def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the
     return ClassesByName(dataset, info, {cid: ours[name] for name, cid in names.items()})
 
 
+class AtImageShape(Dataset):
+    """A fixed-size dataset's items converted to another input shape ``[C, H, W]`` (:func:`adapt_image`), for a
+    dataset whose plugin cannot read at a given shape (no ``DatasetSpec.read_at``); ``.info`` declares the shape."""
+
+    def __init__(self, dataset: Any, shape: Sequence[int]):
+        self.dataset = dataset
+        self.shape = [int(v) for v in shape]
+        info = get_info(dataset)
+        self.info = replace(info, extra={**(info.extra or {}), "image_shape": self.shape})
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, target = self.dataset[i]
+        return adapt_image(image, self.shape), target
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        return get_target(self.dataset, i)
+
+
+def image_shape(dataset: Any) -> list[int] | None:
+    """A fixed-size dataset's input shape ``[C, H, W]`` (``info.extra["image_shape"]``), else ``None``."""
+    shape = (get_info(dataset).extra or {}).get("image_shape")
+    return [int(v) for v in shape] if shape else None
+
+
+def fit_shape(dataset: Any, shape: Sequence[int] | None) -> Any:
+    """``dataset`` with its items at ``shape`` (a view converting them when its own shape differs)."""
+    own = image_shape(dataset)
+    if not shape or not own or own == [int(v) for v in shape]:
+        return dataset
+    return AtImageShape(dataset, shape)
+
+
+def build_at_shape(registry: Any, block: Any, shape: Sequence[int] | None, where: str,
+                   whose: str = "the train part's") -> tuple[Any, str | None]:
+    """``(dataset, warning)``: the dataset ``block`` names, its images read at ``shape`` (``[C, H, W]``; None:
+    its own). The keys its plugin's ``DatasetSpec.read_at`` gives go into the block, so each file is resized once
+    (other plugins' items are converted); a key the block sets otherwise is overridden, and ``warning`` says so:
+    a model is scored on images as it sees them in training (``whose``: the shape's owner)."""
+    block = {"name": block} if isinstance(block, str) else dict(block)
+    note = None
+    read_at = getattr(registry.params("datasets", block, where=where)[0].spec, "read_at", None) if shape else None
+    if read_at is not None:
+        wanted = read_at([int(v) for v in shape])
+        given = {k: block[k] for k, v in wanted.items() if k in block and block[k] != v}
+        if given:
+            said = ", ".join(f"{k}: {json.dumps(v)}" for k, v in given.items())
+            note = (f"{where}: {said} ignored; its images are read at {whose} image shape {list(shape)} (C, H, W), "
+                    f"as the model sees them in training; remove {', '.join(given)} there to silence this")
+            log.warning("%s", note)
+        block.update(wanted)
+    return fit_shape(build_dataset(registry, block, where), shape), note
+
+
 def _id_names(info: DatasetInfo) -> list[tuple[int, str]]:
     return [(int(c["id"]), str(c.get("name", c["id"]))) for c in info.categories]
 
@@ -277,23 +334,34 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         dataset = build_dataset(registry, cfg["dataset"], f"{where}.dataset")
         _check_not_empty(dataset, f"{where}.dataset")
         return split_dataset(dataset, p.labeled, p.unlabeled, p.test, p.seed, p.stratify)
-    parts = {}
+    blocks = _part_blocks(cfg, where)
+    parts = {"train": build_dataset(registry, blocks["train"], f"{where}.train.dataset")}
+    _check_not_empty(parts["train"], f"{where}.train.dataset")
+    info, notes = get_info(parts["train"]), []
+    for key in ("unlabeled", "test"):  # read as the train images are: the model's input shape, its class ids
+        if key in blocks:
+            part, note = build_at_shape(registry, blocks[key], image_shape(parts["train"]), f"{where}.{key}.dataset")
+            _check_not_empty(part, f"{where}.{key}.dataset")
+            parts[key] = match_classes(part, info, f"{where}.{key}.dataset")
+            notes += [note] if note else []
+    unl = parts.get("unlabeled")
+    return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
+                  test=parts.get("test"), info=info, warnings=notes + _shared_files(parts, where))
+
+
+def _part_blocks(cfg: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """The dataset block of each part of the layout ``train / unlabeled / test: {dataset: ...}``, checked."""
+    blocks = {}
     for key in cfg:
         if key not in ("train", "unlabeled", "test"):
             raise ConfigError(f"{where}: unknown key {key!r}. Valid keys: dataset, split, or train, unlabeled, test")
         block = cfg[key]
         if not isinstance(block, dict) or "dataset" not in block:
             raise ConfigError(f"{where}.{key} must be {{dataset: {{name: ...}}}}")
-        parts[key] = build_dataset(registry, block["dataset"], f"{where}.{key}.dataset")
-        _check_not_empty(parts[key], f"{where}.{key}.dataset")
-    if "train" not in parts:
+        blocks[key] = block["dataset"]
+    if "train" not in blocks:
         raise ConfigError(f"{where}: needs either 'dataset' (with 'split') or 'train: {{dataset: ...}}'")
-    for key in ("unlabeled", "test"):  # class ids follow class names, not each folder's own numbering
-        if key in parts:
-            parts[key] = match_classes(parts[key], get_info(parts["train"]), f"{where}.{key}.dataset")
-    unl = parts.get("unlabeled")
-    return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
-                  test=parts.get("test"), info=get_info(parts["train"]), warnings=_shared_files(parts, where))
+    return blocks
 
 
 def build_dataset(registry: Any, block: Any, where: str) -> Any:

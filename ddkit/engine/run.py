@@ -155,6 +155,7 @@ class Runner:
         # Everything is known good: now build the task and read the data (nothing is read before this point).
         self.task = registry.build("tasks", cfg.task, where=f"{source}: task")
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
+        self._check_teacher_shape()
         if self.splits.test is None:
             raise ConfigError(f"{source}: data.split needs a test part (e.g. test: 0.2) to measure the results")
         self._check_later_stages()
@@ -346,6 +347,29 @@ class Runner:
             raise ConfigError(f"{self.source}: teacher.checkpoint {str(checkpoint)!r} lies in this run's own teacher "
                               f"folder ({self.out / 'teacher'}), which the run would replace; copy it elsewhere or "
                               "use another run.out_dir")
+
+    def _check_teacher_shape(self) -> None:
+        """A ``teacher.checkpoint``'s input shape (its info's, as ``ddkit eval CKPT`` reads it) against the data's:
+        other channels are refused now, not by its first layer once the stage runs; another size is warned about,
+        since the teacher is then scored and labels at the data's size (neither adapts images to a model), and
+        refused when a dry forward at that size fails (a fixed-size model)."""
+        checkpoint = self.teacher_cfg.get("checkpoint")
+        ours = (self.splits.info.extra or {}).get("image_shape")
+        if not checkpoint or not ours:
+            return
+        _, teacher, info = load_model(checkpoint, registry=self.registry)
+        theirs, ours = [int(v) for v in (info.extra or {}).get("image_shape") or []], [int(v) for v in ours]
+        if not theirs or theirs == ours:
+            return
+        said = f"teacher.checkpoint {checkpoint} takes images of shape {theirs} (C, H, W), the data {ours}"
+        if theirs[0] != ours[0]:
+            raise ConfigError(f"{self.source}: {said}: other channels; read the data with {theirs[0]} channel(s) "
+                              f"(an image folder's grayscale) or give a teacher trained on {ours[0]}-channel images")
+        self._check_outputs(f"teacher.checkpoint (images of shape {theirs})", teacher)
+        note = (f"{self.source}: {said}: the teacher is scored and labels at {ours[1]} x {ours[2]}, not at its own "
+                f"{theirs[1]} x {theirs[2]}; set the data's image size to {theirs[1:]} or train the teacher here")
+        log.warning("%s", note)
+        self.splits.warnings.append(note)
 
     def _kd_baseline_variant(self) -> str | None:
         """The KD variant the others are measured against: ``kd.baseline`` when the recipe names one, else the one
