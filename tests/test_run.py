@@ -191,6 +191,25 @@ def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path, capsys)
     assert teacher.is_file()
 
 
+@pytest.mark.parametrize("force", [[], ["--force", "teacher"], ["--force", "label", "--force", "student"]])
+def test_an_interrupted_run_says_how_to_resume_without_losing_work(recipe, tmp_path, monkeypatch, capsys, force):
+    """Ctrl-C: re-running the same command resumes, unless it had --force, which would start the forced stages
+    over (deleting their shards or checkpoints): then the advice is to re-run it without --force."""
+    from ddkit.cli import main
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "_train_teacher", interrupted)
+    assert main(["run", str(recipe), f"run.out_dir={tmp_path}", "--no-progress", *force]) == 130
+    err = capsys.readouterr().err
+    assert "ddkit run: interrupted; re-run" in err and "finished stages are skipped" in err
+    if force:
+        assert f"re-run it without {' '.join(force)} to resume" in err and "the same command" not in err
+    else:
+        assert "re-run the same command to resume" in err
+
+
 def test_bad_recipes_fail_before_any_work(tmp_path, recipe):
     with pytest.raises(ConfigError, match="--force 'studnet': no such stage"):
         Runner(load_config(recipe), force=["studnet"])
