@@ -174,6 +174,13 @@ def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path, capsys)
     rows = {r["stage"]: r for r in summary["rows"]}
     assert rows["teacher"]["error %"] == {r["stage"]: r for r in first_run["rows"]}["teacher"]["error %"]
     assert rows["teacher"]["iterations"] == 0 and not (tmp_path / "teacher" / "model.pt").exists()
+    # a teacher from elsewhere is not the labeled-only baseline, though its recipe block is the student's model:
+    # the baseline trains the student's model on the labeled part with the student's schedule, and the gap uses it
+    assert rows["baseline_labeled"]["iterations"] == 40 and (tmp_path / "baseline_labeled" / "model.pt").is_file()
+    assert "same_as" not in read_marker(tmp_path / "baseline_labeled" / "stage.json")["result"]
+    assert (tmp_path / "tta_baseline_labeled" / "stage.json").is_file()
+    base, dd, full = (rows[s]["error %"] for s in ("baseline_labeled", "student", "baseline_full"))
+    assert summary.get("gap_closed") == (round((base - dd) / (base - full), 3) if full < base else None)
     label = json.loads((tmp_path / "label" / "stage.json").read_text())["result"]
     assert Path(label["teacher"]) == teacher.resolve()
     # the same file named by a relative path is the same teacher: nothing is redone (or deleted)

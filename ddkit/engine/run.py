@@ -653,17 +653,19 @@ class Runner:
         return self.student_cfg or self.teacher_cfg
 
     def _teacher_untrained(self) -> bool:
-        """A teacher used as built (``teacher.train.iterations: 0``): it has no schedule for the baseline."""
-        return parse_train_config(self.teacher_cfg.get("train")).as_built
+        """A teacher not trained here: used as built (``teacher.train.iterations: 0``) or given by
+        ``teacher.checkpoint`` (trained elsewhere, on data the run does not know). Its schedule is no baseline's."""
+        return bool(self.teacher_cfg.get("checkpoint")) or parse_train_config(self.teacher_cfg.get("train")).as_built
 
     def _baseline_is_teacher(self) -> bool:
-        """Whether the labeled-only baseline is the teacher's own training (same model, plain losses)."""
-        return (self._student_like()["model"] == self.teacher_cfg["model"] and not self.teacher_cfg.get("losses")
+        """Whether the labeled-only baseline is the teacher's own training (same model, plain losses, trained here
+        on the labeled part)."""
+        return (self._student_like()["model"] == self.teacher_cfg.get("model") and not self.teacher_cfg.get("losses")
                 and not self._teacher_untrained())
 
     def _baseline_labeled(self) -> dict[str, Any]:
         """The student's model on the labeled part alone, with the teacher's schedule (the paper's baseline), or the
-        student's when the teacher was not trained here."""
+        student's when the teacher was not trained here (used as built, or a ``teacher.checkpoint``)."""
         s = self._student_like()
         if self._baseline_is_teacher():
             return {**self.results["teacher"], "same_as": "teacher"}  # the same training: do not repeat it
