@@ -1,6 +1,7 @@
 """The ``ddkit`` command. Each subcommand is one module in :mod:`ddkit.commands` that defines
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``ON_INTERRUPT`` (what to
-do after Ctrl-C or SIGTERM, when re-running does more than start again); modules are discovered, not listed.
+do after Ctrl-C or SIGTERM, when re-running does more than start again: a line, or a function of the parsed
+arguments that gives it, as the advice depends on the options given); modules are discovered, not listed.
 ``args.command_line`` is the command as typed (``ddkit train R ...``), for the run folder's lock to name."""
 from __future__ import annotations
 
@@ -136,6 +137,7 @@ def _main(argv: Sequence[str] | None) -> int:
         signum = getattr(err, "signum", signal.SIGINT)
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         hint = getattr(args, "_on_interrupt", None)
+        hint = hint(args) if callable(hint) else hint
         print(f"ddkit {args.command}: interrupted{by}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 128 + signum
     finally:

@@ -174,6 +174,13 @@ def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path, capsys)
     rows = {r["stage"]: r for r in summary["rows"]}
     assert rows["teacher"]["error %"] == {r["stage"]: r for r in first_run["rows"]}["teacher"]["error %"]
     assert rows["teacher"]["iterations"] == 0 and not (tmp_path / "teacher" / "model.pt").exists()
+    # a teacher from elsewhere is not the labeled-only baseline, though its recipe block is the student's model:
+    # the baseline trains the student's model on the labeled part with the student's schedule, and the gap uses it
+    assert rows["baseline_labeled"]["iterations"] == 40 and (tmp_path / "baseline_labeled" / "model.pt").is_file()
+    assert "same_as" not in read_marker(tmp_path / "baseline_labeled" / "stage.json")["result"]
+    assert (tmp_path / "tta_baseline_labeled" / "stage.json").is_file()
+    base, dd, full = (rows[s]["error %"] for s in ("baseline_labeled", "student", "baseline_full"))
+    assert summary.get("gap_closed") == (round((base - dd) / (base - full), 3) if full < base else None)
     label = json.loads((tmp_path / "label" / "stage.json").read_text())["result"]
     assert Path(label["teacher"]) == teacher.resolve()
     # the same file named by a relative path is the same teacher: nothing is redone (or deleted)
@@ -189,6 +196,25 @@ def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path, capsys)
     with pytest.raises(ConfigError, match="lies in this run's own teacher folder"):  # it would be deleted
         Runner(load_config(recipe, [f"teacher.checkpoint={teacher}"]), source=str(recipe))
     assert teacher.is_file()
+
+
+@pytest.mark.parametrize("force", [[], ["--force", "teacher"], ["--force", "label", "--force", "student"]])
+def test_an_interrupted_run_says_how_to_resume_without_losing_work(recipe, tmp_path, monkeypatch, capsys, force):
+    """Ctrl-C: re-running the same command resumes, unless it had --force, which would start the forced stages
+    over (deleting their shards or checkpoints): then the advice is to re-run it without --force."""
+    from ddkit.cli import main
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Runner, "_train_teacher", interrupted)
+    assert main(["run", str(recipe), f"run.out_dir={tmp_path}", "--no-progress", *force]) == 130
+    err = capsys.readouterr().err
+    assert "ddkit run: interrupted; re-run" in err and "finished stages are skipped" in err
+    if force:
+        assert f"re-run it without {' '.join(force)} to resume" in err and "the same command" not in err
+    else:
+        assert "re-run the same command to resume" in err
 
 
 def test_bad_recipes_fail_before_any_work(tmp_path, recipe):

@@ -255,6 +255,103 @@ def test_a_teacher_checkpoint_of_another_input_shape_is_checked_before_anything_
     assert runner("teacher").splits.warnings == [] and not out.exists()  # the same shape: nothing to say
 
 
+def _folders_recipe(tmp_path: Path, *overrides: str):
+    """FOLDERS_RECIPE on grey 8x8 class folders and 6 unlabeled photos: ``(recipe file, data root, a function that
+    runs it with ``overrides`` and returns what it printed)``."""
+    root = tmp_path / "data"
+    for k, part in enumerate(("train", "val")):
+        for c, name in enumerate(("a", "b")):
+            _photos(root / part / name, [(8, 8)] * 4, seed=10 * k + c)
+    _photos(root / "unlabeled", [(8, 8), (20, 13), (5, 30), (64, 48), (9, 9), (12, 7)], seed=99)
+    path = tmp_path / "folders.yaml"
+    path.write_text(FOLDERS_RECIPE.format(out=tmp_path / "out", root=root))
+
+    def run(capsys) -> str:
+        capsys.readouterr()
+        run_recipe(load_config(path, list(overrides)), source=str(path), progress=False)
+        return capsys.readouterr().out
+    return path, root, run
+
+
+def test_changed_unlabeled_images_redo_the_stages_that_read_them(tmp_path, capsys):
+    """label.images is in the fingerprint of label, select and student: an added, replaced or deleted unlabeled
+    image re-runs them (not the teacher), and the student trains on the new pseudo-labels."""
+    from ddkit.engine.pseudo import load_pseudo_dataset
+
+    _, root, run = _folders_recipe(tmp_path)
+    run(capsys)
+    assert "running" not in run(capsys)  # nothing changed: nothing re-runs
+    pseudo = tmp_path / "out" / "label" / "pseudo_labels.json"
+    _photos(tmp_path / "more", [(8, 8)] * 7, seed=5)
+    (tmp_path / "more" / "06.png").rename(root / "unlabeled" / "06.png")  # added
+    printed = run(capsys)
+    assert "teacher: done earlier" in printed, printed
+    assert all(f"{stage}: running" in printed for stage in ("label", "select", "student")), printed
+    assert len(load_pseudo_dataset(pseudo)) == 7
+    (tmp_path / "more" / "00.png").replace(root / "unlabeled" / "00.png")  # replaced: same name, other pixels
+    printed = run(capsys)
+    assert "teacher: done earlier" in printed and "label: running" in printed and "student: running" in printed
+    (root / "unlabeled" / "01.png").unlink()  # deleted
+    printed = run(capsys)
+    assert "label: running" in printed and "student: running" in printed
+    assert len(load_pseudo_dataset(pseudo)) == 6 and "01.png" not in pseudo.read_text()
+
+
+def test_a_changed_select_output_redoes_the_stages_that_read_it(tmp_path, capsys, monkeypatch):
+    """The student reads the select stage's pseudo-labels: when select runs again to the same pseudo-labels the
+    student is kept; when they come out different (as from a teacher retrained on a GPU), the student and the
+    next round that its model labels run again, although no recipe key changed."""
+    from ddkit.engine.run import Runner
+
+    _, _, run = _folders_recipe(tmp_path, "rounds=2")
+    run(capsys)
+    pseudo = tmp_path / "out" / "label" / "pseudo_labels.json"
+    pseudo.unlink()
+    printed = run(capsys)  # select runs again, to the same file: nothing that reads it does
+    assert "select: running" in printed and "student: done earlier" in printed and "label_r2: done earlier" in printed
+    select = Runner._select
+
+    def other_labels(self, sfx):  # every pseudo-label flipped to the other class: the file keeps its size
+        out = select(self, sfx)
+        if not sfx:
+            data = json.loads(pseudo.read_text())
+            for ann in data["annotations"]:
+                ann["category_id"] = 1 - ann["category_id"]
+            pseudo.write_text(json.dumps(data, indent=1))
+        return out
+
+    monkeypatch.setattr(Runner, "_select", other_labels)
+    pseudo.unlink()
+    student = (tmp_path / "out" / "student" / "model.pt").read_bytes()
+    printed = run(capsys)
+    assert "student: the output of select changed since it ran" in printed, printed
+    assert "student: running" in printed and "label_r2: running" in printed and "select_r2: running" in printed
+    assert (tmp_path / "out" / "student" / "model.pt").read_bytes() != student
+    assert "running" not in run(capsys)  # and then it is done
+
+
+def test_label_images_none_of_which_reads_are_refused_before_the_teacher_trains(tmp_path, caplog):
+    """All of label.images unreadable was found only after the teacher had trained: a few files are opened first."""
+    import logging
+
+    from ddkit.engine.run import Runner
+
+    path, root, _ = _folders_recipe(tmp_path)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cut.png").write_bytes((root / "unlabeled" / "00.png").read_bytes()[:40])
+    (bad / "text.jpg").write_text("not an image")
+    with pytest.raises(ConfigError, match=r"label.images: none of the 2 unlabeled image\(s\) could be read; first: "
+                                          r"cut.png: "):
+        run_recipe(load_config(path, [f"label.images={bad}"]), source=str(path), progress=False)
+    assert not (tmp_path / "out").exists()  # nothing written, the teacher not trained
+    for i in range(15):  # 17 files: a sample of 16 is opened, none reads; the rest may: said, not refused
+        (bad / f"{i:02d}.png").write_text("not an image")
+    with caplog.at_level(logging.WARNING, logger="ddkit.run"):
+        Runner(load_config(path, [f"label.images={bad}"]), source=str(path))
+    assert "label.images: none of 16 unlabeled images opened as a check (of 17) could be read" in caplog.text
+
+
 @pytest.mark.parametrize("images, expected", [
     ("unlabeled", None),
     ("unlabeled+leak", "label.images and data.test share 1 image file(s)"),  # a link to a test image: same file

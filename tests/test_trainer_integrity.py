@@ -285,6 +285,19 @@ def test_an_interrupted_run_is_not_started_over_without_asking(tmp_path, capsys,
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["finished"]
 
 
+def test_an_interrupted_forced_run_says_to_resume_with_resume_not_force(tmp_path, capsys, monkeypatch):
+    """``ddkit train --force`` interrupted: re-running the same command would start over again (``--force`` wins
+    over ``--resume``), so the advice names ``--resume`` instead of ``--force``; that command continues."""
+    recipe = _recipe(tmp_path)
+    _interrupt_at(monkeypatch, 5)
+    assert main(["train", str(recipe), "--no-progress", "--force"]) == 130
+    err = capsys.readouterr().err
+    assert "ddkit train: interrupted; re-run it with --resume instead of --force to continue" in err, err
+    monkeypatch.undo()
+    assert main(["train", str(recipe), "--no-progress", "--resume"]) == 0
+    assert "resumed from" in (tmp_path / "out" / "teacher" / "train.log").read_text()
+
+
 def test_ctrl_c_finishes_the_step_so_the_resumed_run_equals_the_uninterrupted_one(tmp_path, capsys, monkeypatch):
     """Ctrl-C right after step 4's optimizer update: the checkpoint says 5 steps are done, and the resumed run ends
     with the uninterrupted run's weights (a checkpoint saying 4 would apply step 4 twice). A second Ctrl-C stops at

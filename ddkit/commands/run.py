@@ -11,8 +11,16 @@ import sys
 
 
 HELP = "run a distillation recipe end to end (teacher, labelling, student, baselines, report)"
-ON_INTERRUPT = ("re-run the same command to resume: finished stages are skipped, the interrupted one "
-                "continues from its checkpoint or shards")
+RESUMES = "finished stages are skipped, the interrupted one continues from its checkpoint or shards"
+
+
+def ON_INTERRUPT(args: argparse.Namespace) -> str:
+    """How to resume: the same command, but without ``--force`` (which would redo the forced stages from scratch,
+    throwing away the shards and checkpoints written before the interruption)."""
+    if not args.force:
+        return f"re-run the same command to resume: {RESUMES}"
+    forced = " ".join(f"--force {stage}" for stage in args.force)
+    return f"re-run it without {forced} to resume ({forced} would start the stage over): {RESUMES}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

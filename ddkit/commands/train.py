@@ -23,7 +23,13 @@ import os
 from ddkit.engine.recipe import load_recipe
 
 HELP = "train a teacher or a student (KD losses, pseudo-labels) from a recipe; resumable, DDP with torchrun"
-ON_INTERRUPT = "re-run the same command with --resume to continue from its last checkpoint"
+
+
+def ON_INTERRUPT(args: argparse.Namespace) -> str:
+    """How to resume: ``--resume``, and without ``--force`` (which starts from scratch, whatever ``--resume``)."""
+    if args.force:
+        return "re-run it with --resume instead of --force to continue from its last checkpoint (--force starts over)"
+    return "re-run the same command with --resume to continue from its last checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,9 +13,13 @@ Stages, each a folder of ``<run.out_dir>`` with a ``stage.json`` marker written 
     kd_<variant>            knowledge distillation variants of the student     (``kd.variants``)
     tta_<stage>             multi-transform evaluation of a model on the test part (``evaluate.tta``)
 
-A stage whose marker exists and whose inputs (the recipe sections it reads, hashed) are unchanged is skipped;
+A stage whose marker exists and whose inputs (the recipe sections it reads and the data files, hashed: those of
+the data parts and, for the stages from ``label`` on, the label source's images) are unchanged is skipped;
 ``force`` redoes a stage and every stage after it. Before any stage runs, the finished stages that will be redone
-are removed, with the results files. An interrupted stage resumes from its own checkpoints or shards.
+are removed, with the results files. A marker also records a digest of the stage's output and those of the earlier
+stages' outputs it read (``reads``): when an earlier stage ran again and its output changed (new pseudo-labels, a
+retrained model), the stages that read it are removed and redone when the run reaches them; an output that came
+back the same redoes nothing. An interrupted stage resumes from its own checkpoints or shards.
 The results table, ``results.json`` and ``report.html`` are rewritten at the end of every run.
 
 Under ``torchrun`` (an initialised process group) every process runs every stage but ``select``: the training
@@ -54,11 +58,11 @@ from ddkit.engine.run_folder import read_marker
 from ddkit.engine.recipe import validate_recipe, with_defaults
 from ddkit.engine.report import error_change
 from ddkit.engine.run_lock import RunLock
-from ddkit.engine.teacher_cache import dataset_fingerprint
+from ddkit.engine.teacher_cache import dataset_fingerprint, files_fingerprint
 from ddkit.engine.train import check_cache_config, parse_train_config, resolve_device, total_iterations, train_model
 from ddkit.engine.train_config import HARMLESS_KEYS
 from ddkit.errors import DEBUG_ENV, ConfigError, DDKitError, DegenerateResultError, StageError
-from ddkit.io import atomic_write_json, atomic_write_text
+from ddkit.io import atomic_write_json, atomic_write_text, file_sha256
 from ddkit.registry import Registry, _to_plain
 from ddkit.runtime import dist_info
 
@@ -73,7 +77,21 @@ class Stage:
     ignore: tuple[str, ...] = ()  # keys of those sections that do not decide it (``section.key``)
     writer_only: bool = False  # under torchrun rank 0 alone runs it (it only reads files and writes its own)
     trains: bool = False  # it trains a model (its resume check may refuse the run before anything is written)
+    reads: tuple[str, ...] = ()  # earlier stages whose output it reads: a changed output (not only a re-run) redoes it
+    unlabeled: bool = False  # it reads the label source's image files (label.images / label.coco): in its key
+    output: str | None = None  # the result key naming its output file, whose content is its digest (trains: model)
 
+    def __post_init__(self) -> None:
+        if self.output is None and self.trains:
+            self.output = "model"
+
+
+# what a stage's result holds that changes from one identical run to the next: not in its output digest
+TIMINGS = ("seconds", "train_time_s")
+
+
+# how many unlabeled image files are opened before the teacher trains, to find a folder none of which reads
+READ_CHECK = 16
 
 # what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
 ONE_TEACHER = ("teacher.ensemble",)
@@ -156,6 +174,7 @@ class Runner:
         self.task = registry.build("tasks", cfg.task, where=f"{source}: task")
         self.splits: Splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
         self._check_teacher_shape()
+        self.label_files_key: str | None = None  # the label source's files (path, size, mtime), set by its check
         if self.splits.test is None:
             raise ConfigError(f"{source}: data.split needs a test part (e.g. test: 0.2) to measure the results")
         self._check_later_stages()
@@ -167,6 +186,7 @@ class Runner:
                               f"{', '.join(st.name for st in self.stages)}")
         self.force_from = min((i for i, st in enumerate(self.stages) if st.name in force), default=None)
         self.results: dict[str, dict[str, Any]] = {}
+        self.digests: dict[str, str | None] = {}  # each done stage's output digest (its marker's ``digest``)
         self._recipe_saved = False
 
     def _check_later_stages(self) -> None:
@@ -195,10 +215,15 @@ class Runner:
         field = "label.coco" if label_cfg.coco else "label.images"
         files = source.image_files()
         self.splits.warnings += label_overlap_warnings(files, self.splits, field, self.source)
+        if files:  # a folder or COCO file (the unlabeled part of data.split is in the data parts' fingerprint)
+            coco = [str(Path(label_cfg.coco).resolve())] if label_cfg.coco else []  # its hidden labels, its list
+            self.label_files_key = files_fingerprint(files + coco)
         if len(source) == 0:
             described = source.describe()
             where = described.get("file") or described.get("root") or "the unlabeled part"
             raise ConfigError(f"{self.source}: label: nothing to label, {where} holds no images")
+        if files:
+            self._check_readable(source, field)
         ratio = (self.student_cfg.get("train") or {}).get("ratio")
         if ratio is not None and len(ratio) < 2:
             raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} needs an entry for each of the "
@@ -207,6 +232,26 @@ class Runner:
             raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
                               f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
         return not (files or item_file(self.splits.unlabeled, 0))
+
+    def _check_readable(self, source: Any, field: str) -> None:
+        """Unlabeled image files that cannot be read at all, found before the teacher trains: up to
+        :data:`READ_CHECK` of them are opened (spread over the list), stopping at the first that reads, so a large
+        folder costs a few decodes. A source of that many images or fewer is refused when none reads; a larger one
+        whose sample does not read is warned about (the label stage skips what it cannot read)."""
+        n = len(source)
+        picks = range(n) if n <= READ_CHECK else sorted({k * n // READ_CHECK for k in range(READ_CHECK)})
+        first = None
+        for i in picks:
+            item = source.load(i)
+            if item.image is not None:
+                return
+            first = first or item
+        said = f"{first.file_name}: {first.reason}"
+        if n <= READ_CHECK:
+            raise ConfigError(f"{self.source}: {field}: none of the {n} unlabeled image(s) could be read; first: "
+                              f"{said}")
+        log.warning("%s: %s: none of %d unlabeled images opened as a check (of %d) could be read; first: %s",
+                    self.source, field, len(picks), n, said)
 
     def _check_strategies(self) -> None:
         """The label section (and the TTA stages' views) as their stages build them: an aggregator or selector that
@@ -393,51 +438,99 @@ class Runner:
                          trains=True) for k, name in enumerate(self._teacher_stages()[1:], start=1)]
         if self.label_cfg is not None:  # data distillation
             for r in range(1, self.rounds + 1):
-                sfx = "" if r == 1 else f"_r{r}"
-                prev = self._teacher_stages() if r == 1 else ["student" if r == 2 else f"student_r{r - 1}"]
-                models = base + (("teacher", "student") if r > 1 else ("teacher",))
-                # the label stage reads every label key but the selection's: another selector re-uses the shards
-                stages.append(Stage(f"label{sfx}", models + LABEL_STAGE_KEYS,
-                                    lambda p=prev, s=sfx: self._label(p, s)))
-                stages.append(Stage(f"select{sfx}", models + ("label",), lambda s=sfx: self._select(s),
-                                    writer_only=True))
-                stages.append(Stage(f"student{sfx}", base + ("teacher", "label", "student"),
-                                    lambda s=sfx: self._train_student(s), trains=True))
+                stages += self._round_stages(base, r)
         if self.baselines.get("labeled_only"):
+            same = ("teacher",) if self._baseline_is_teacher() else ()  # its result is the teacher's
             stages.append(Stage("baseline_labeled", base + ("teacher", "student"), self._baseline_labeled,
-                                ONE_TEACHER, trains=True))
+                                ONE_TEACHER, trains=True, reads=same))
         if self.baselines.get("fully_labeled"):
             stages.append(Stage("baseline_full", base + ("teacher", "student"), self._baseline_full, ONE_TEACHER,
                                 trains=True))
         for variant in (self.kd.get("variants") or {}):
             # one variant's own block: adding or changing another variant does not redo this one
             stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", f"kd.variants.{variant}"),
-                                lambda v=variant: self._kd(v), ONE_TEACHER, trains=True))
+                                lambda v=variant: self._kd(v), ONE_TEACHER, trains=True,
+                                reads=self._teacher_read(*self._kd_losses_train(variant))))
         if self.evaluate_cfg.get("tta"):
             for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
                 if st == "baseline_labeled" and self._baseline_is_teacher():
                     continue  # the same model as the teacher's: its TTA row is the teacher's
                 stages.append(Stage(f"tta_{st}", base + ("teacher", "student", "label", "kd", "evaluate"),
-                                    lambda s=st: self._tta(s), ONE_TEACHER))
+                                    lambda s=st: self._tta(s), ONE_TEACHER, reads=(st,)))
         return stages
+
+    def _round_stages(self, base: tuple[str, ...], r: int) -> list[Stage]:
+        """Round ``r``'s label, select and student stages: each reads the previous one's output (the models that
+        label, the shards, the pseudo-labels) and the label source's images."""
+        sfx = "" if r == 1 else f"_r{r}"
+        prev = self._teacher_stages() if r == 1 else ["student" if r == 2 else f"student_r{r - 1}"]
+        models = base + (("teacher", "student") if r > 1 else ("teacher",))
+        s = self.student_cfg
+        # the label stage reads every label key but the selection's: another selector re-uses the shards
+        return [Stage(f"label{sfx}", models + LABEL_STAGE_KEYS, lambda: self._label(prev, sfx), reads=tuple(prev),
+                      unlabeled=True),
+                Stage(f"select{sfx}", models + ("label",), lambda: self._select(sfx), writer_only=True,
+                      reads=(f"label{sfx}",), unlabeled=True, output="pseudo_labels"),
+                Stage(f"student{sfx}", base + ("teacher", "label", "student"), lambda: self._train_student(sfx),
+                      trains=True, unlabeled=True,
+                      reads=(f"select{sfx}",) + self._teacher_read(s.get("losses"), s.get("train")))]
 
     # ------------------------------------------------------------------------------------------------ running
     def execute(self) -> dict[str, Any]:
-        keys = [_digest({**self._inputs(st), "data files": self.data_key}) for st in self.stages]  # a changed file
-        if self.is_main:                                                                      # re-runs a stage
+        keys = [self._key(st) for st in self.stages]
+        if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.lock.acquire(self.out)  # refused while another command writes the folder
             self._remove_stale(keys)
         self._barrier()  # every rank sees the same markers from here on
         for i, stage in enumerate(self.stages):
             marker = self.out / stage.name / "stage.json"
+            if self.is_main:
+                self._remove_if_read_changed(stage, marker)
+            self._barrier()
             if marker.is_file():
                 log.info("stage %s: complete, skipped (--force %s to redo)", stage.name, stage.name)
                 self._say(f"{stage.name}: done earlier, skipped")
-                self.results[stage.name] = read_marker(marker)["result"]  # _remove_stale dropped unreadable ones
+                record = read_marker(marker)  # _remove_stale dropped unreadable ones
+                self.results[stage.name], self.digests[stage.name] = record["result"], record.get("digest")
                 continue
             self._run_stage(i, stage, keys[i])
         return self._write_results() if self.is_main else self.summarize()
+
+    def _key(self, stage: Stage) -> str:
+        """A stage's inputs digest: the recipe sections it reads and the data files (a changed file re-runs it),
+        with the label source's images for the stages that read them."""
+        files = {"data files": self.data_key}
+        if stage.unlabeled and self.label_files_key is not None:
+            files["label files"] = self.label_files_key
+        return _digest({**self._inputs(stage), **files})
+
+    def _read_digests(self, stage: Stage) -> dict[str, str | None]:
+        """The output digests of the earlier stages a stage reads, as they are now."""
+        return {name: self.digests.get(name) for name in stage.reads}
+
+    def _remove_if_read_changed(self, stage: Stage, marker: Path) -> None:
+        """Remove a finished stage when the output of an earlier stage it read differs from the one it ran on (that
+        stage ran again and gave, e.g., other pseudo-labels): known only once the earlier stages are done."""
+        record = read_marker(marker) if stage.reads and marker.is_file() else None
+        recorded = (record or {}).get("reads")
+        if recorded is None:  # nothing read, or a marker written before ``reads`` was recorded: kept
+            return
+        now = self._read_digests(stage)
+        changed = [name for name in stage.reads if recorded.get(name) != now[name]]
+        if changed:
+            shutil.rmtree(marker.parent)
+            self._say(f"{stage.name}: the output of {', '.join(changed)} changed since it ran; its old outputs were "
+                      f"removed")
+            self._remove_results()
+
+    def _output_digest(self, stage: Stage, result: Mapping[str, Any]) -> str:
+        """What a later stage that reads this one compares: the content of its output file (a model, the
+        pseudo-labels), else its result less the timings (the label stage's shard fingerprint and provenance)."""
+        path = result.get(stage.output) if stage.output else None
+        if isinstance(path, str) and Path(path).is_file():
+            return file_sha256(path)[:16]
+        return _digest({k: v for k, v in result.items() if k not in TIMINGS})
 
     def _run_stage(self, index: int, stage: Stage, key: str) -> None:
         """Run one stage (every rank, or rank 0 alone for a ``writer_only`` one) and record its result: rank 0
@@ -468,9 +561,13 @@ class Runner:
             self._save_recipe()  # a stage that wrote nothing of its own (a teacher given by teacher.checkpoint)
             result["seconds"] = round(time.perf_counter() - t0, 2)
             atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result,
-                                       "run_dir": str(self.out.resolve()), "outputs": self._output_sizes(result)})
+                                       "run_dir": str(self.out.resolve()), "outputs": self._output_sizes(result),
+                                       "digest": self._output_digest(stage, result),
+                                       "reads": self._read_digests(stage)})
         self._barrier()
-        self.results[stage.name] = result if self.is_main else read_marker(marker)["result"]
+        record = read_marker(marker)  # the other ranks read what rank 0 wrote
+        self.results[stage.name] = result if self.is_main else record["result"]
+        self.digests[stage.name] = record.get("digest")
 
     def _save_recipe(self) -> None:
         """``config.yaml`` (every default written) and ``environment.json``, once, when the first stage starts
@@ -512,8 +609,12 @@ class Runner:
         if stale:
             print(f"[ddkit run] {', '.join(stale)}: inputs changed, forced or an output file deleted or changed; "
                   f"their old outputs were removed")
-            for name in ("results.json", "results.md", "report.html"):
-                (self.out / name).unlink(missing_ok=True)
+            self._remove_results()
+
+    def _remove_results(self) -> None:
+        """The results files describe stages that are being redone: removed until the run rewrites them."""
+        for name in ("results.json", "results.md", "report.html"):
+            (self.out / name).unlink(missing_ok=True)
 
     def _output_files(self, result: Mapping[str, Any]) -> list[Path]:
         """A stage result's model and pseudo-label files inside the run folder (a file given by the recipe, such
@@ -660,6 +761,11 @@ class Runner:
         """The teacher checkpoint when a loss term reads the teacher or the student starts from it."""
         return self._model_path("teacher") if self._reads_teacher(losses) or init == "teacher" else None
 
+    def _teacher_read(self, losses: Any, train: Any) -> tuple[str, ...]:
+        """``("teacher",)`` when a student of these losses and train block reads the teacher's model (as
+        :meth:`_teacher_for` gives it): a stage's ``reads``."""
+        return ("teacher",) if self._reads_teacher(losses) or parse_train_config(train).init == "teacher" else ()
+
     def _train_student(self, sfx: str) -> dict[str, Any]:
         s = self.student_cfg
         kept = (self.results[f"select{sfx}"].get("summary") or {}).get("pseudo_labels")
@@ -678,17 +784,19 @@ class Runner:
         return self.student_cfg or self.teacher_cfg
 
     def _teacher_untrained(self) -> bool:
-        """A teacher used as built (``teacher.train.iterations: 0``): it has no schedule for the baseline."""
-        return parse_train_config(self.teacher_cfg.get("train")).as_built
+        """A teacher not trained here: used as built (``teacher.train.iterations: 0``) or given by
+        ``teacher.checkpoint`` (trained elsewhere, on data the run does not know). Its schedule is no baseline's."""
+        return bool(self.teacher_cfg.get("checkpoint")) or parse_train_config(self.teacher_cfg.get("train")).as_built
 
     def _baseline_is_teacher(self) -> bool:
-        """Whether the labeled-only baseline is the teacher's own training (same model, plain losses)."""
-        return (self._student_like()["model"] == self.teacher_cfg["model"] and not self.teacher_cfg.get("losses")
+        """Whether the labeled-only baseline is the teacher's own training (same model, plain losses, trained here
+        on the labeled part)."""
+        return (self._student_like()["model"] == self.teacher_cfg.get("model") and not self.teacher_cfg.get("losses")
                 and not self._teacher_untrained())
 
     def _baseline_labeled(self) -> dict[str, Any]:
         """The student's model on the labeled part alone, with the teacher's schedule (the paper's baseline), or the
-        student's when the teacher was not trained here."""
+        student's when the teacher was not trained here (used as built, or a ``teacher.checkpoint``)."""
         s = self._student_like()
         if self._baseline_is_teacher():
             return {**self.results["teacher"], "same_as": "teacher"}  # the same training: do not repeat it
@@ -706,13 +814,17 @@ class Runner:
         block = {**(s.get("train") or {}), "iterations": iters, "scale_with_data": False, "epochs": None}
         return self._train("baseline_full", s["model"], block, [full])
 
-    def _kd(self, variant: str) -> dict[str, Any]:
+    def _kd_losses_train(self, variant: str) -> tuple[list[Any], dict[str, Any]]:
+        """A KD variant's loss terms and train block (the student's, updated by the variant's own)."""
         v = (self.kd.get("variants") or {})[variant] or {}
-        s = self._student_like()
-        train = {**(s.get("train") or {}), **(v.get("train") or {})}
-        losses = v.get("losses") or [{"name": "hard_label"}]
-        return self._train(f"kd_{variant}", v.get("model") or s["model"], train, [self.splits.labeled], losses,
-                           teacher=self._teacher_for(losses, parse_train_config(train).init))
+        return v.get("losses") or [{"name": "hard_label"}], {**(self._student_like().get("train") or {}),
+                                                              **(v.get("train") or {})}
+
+    def _kd(self, variant: str) -> dict[str, Any]:
+        model = ((self.kd.get("variants") or {})[variant] or {}).get("model") or self._student_like()["model"]
+        losses, train = self._kd_losses_train(variant)
+        teacher = self._teacher_for(losses, parse_train_config(train).init)
+        return self._train(f"kd_{variant}", model, train, [self.splits.labeled], losses, teacher=teacher)
 
     def _tta(self, stage: str) -> dict[str, Any]:
         """Evaluate a stage's model on the test part with the multi-transform ensemble, beside one view."""
