@@ -337,6 +337,12 @@ def test_predict_save_images_draws_each_images_predictions(detector, digits_run,
     label = row["category_id"]
     names = {int(c["id"]): str(c["name"]) for c in load_model(run / "student" / "model.pt")[2].categories}
     assert row["category_name"] == names[label]  # the class by name, not only its id
+    # a 32 x 32 picture is drawn enlarged (x 8), so that its label covers a strip of it, not half
+    small = tmp_path / "small"
+    small.mkdir()
+    Image.open(DATA / "coco8" / "images" / "val" / "000000000042.jpg").resize((32, 32)).save(small / "s.png")
+    assert main(["predict", str(run), str(small), "--save-images", "-o", str(tmp_path / "d")]) == 0
+    assert tuple(decode(tmp_path / "d" / "images" / "s.jpg").shape) == (3, 256, 256)
     want = torch.tensor([int(category_colors(list(range(10)))[label][i:i + 2], 16) for i in (1, 3, 5)]).float()
     assert float((framed[:, -1, 20:-20].float().mean(1) - want).abs().max()) < 60  # the frame's bottom edge
 

@@ -101,7 +101,9 @@ class _Writer:
         self.results.append({"image_id": image_id, "file_name": file_name, "category_id": category_id,
                              "category_name": self.names[category_id], "score": score})
         h, w = image.shape[-2:]  # the label on a frame around the whole image, as Ultralytics' classify plots it
-        self._draw(image_id, file_name, image, [{"bbox": [0, 0, w, h], "category_id": category_id, "score": score}])
+        # a small image (a 28 px digit) is enlarged first, or the label would cover half of it
+        self._draw(image_id, file_name, image, [{"bbox": [0, 0, w, h], "category_id": category_id, "score": score}],
+                   upscale=True)
 
     def add_instances(self, image_id: int, file_name: str, image: Any, inst: Any) -> None:
         from ddkit.engine.coco_results import keypoint_results
@@ -135,7 +137,8 @@ class _Writer:
             self.stem_of[image_id] = stem
         return self.stem_of[image_id]
 
-    def _draw(self, image_id: int, file_name: str, image: Any, rows: list[dict[str, Any]]) -> None:
+    def _draw(self, image_id: int, file_name: str, image: Any, rows: list[dict[str, Any]],
+              upscale: bool = False) -> None:
         if not self.draw:
             return
         import io
@@ -146,7 +149,7 @@ class _Writer:
         from ddkit.io import atomic_write_bytes
 
         skeleton = [tuple(e) for e in self.info.extra.get("skeleton") or []]
-        drawn = draw_instances(image, rows, self.names, self.colors, skeleton, upscale=False)
+        drawn = draw_instances(image, rows, self.names, self.colors, skeleton, upscale=upscale)
         buf = io.BytesIO()
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
         atomic_write_bytes(self.out / "images" / f"{self._stem(image_id, file_name)}.jpg", buf.getvalue())
