@@ -172,13 +172,7 @@ def test_unlabeled_photos_are_read_like_the_labeled_grey_folders_by_label_and_st
     the pseudo-labelled photos read exactly as the labeled folder reads an image (same mode and size)."""
     from ddkit.engine.pseudo import load_pseudo_dataset
 
-    root = tmp_path / "data"
-    for k, part in enumerate(("train", "val")):
-        for c, name in enumerate(("a", "b")):
-            _photos(root / part / name, [(8, 8)] * 4, seed=10 * k + c)
-    _photos(root / "unlabeled", [(8, 8), (20, 13), (5, 30), (64, 48), (9, 9), (12, 7)], seed=99)
-    path = tmp_path / "folders.yaml"
-    path.write_text(FOLDERS_RECIPE.format(out=tmp_path / "out", root=root))
+    path, root, _ = _folders_recipe(tmp_path)
     summary = run_recipe(load_config(path), source=str(path), progress=False)
     assert [r["stage"] for r in summary["rows"]] == ["teacher", "student"]
     pseudo = load_pseudo_dataset(tmp_path / "out" / "label" / "pseudo_labels.json")
