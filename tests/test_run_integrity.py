@@ -267,7 +267,24 @@ def _folders_recipe(tmp_path: Path, *overrides: str):
     return path, root, run
 
 
-def test_changed_unlabeled_images_redo_the_stages_that_read_them(tmp_path, capsys):
+def test_a_resumed_label_stage_says_which_shards_it_kept(tmp_path, capsys):
+    """A label stage cut short (its marker and one shard missing) labels only the missing shard, says how many it
+    kept, and the run's pseudo-labels are those of the uninterrupted run."""
+    _, _, run = _folders_recipe(tmp_path, "label.shards=3")
+    assert "resumed" not in run(capsys)
+    pseudo = tmp_path / "out" / "label" / "pseudo_labels.json"
+    whole = pseudo.read_text()
+    shards = sorted((tmp_path / "out" / "label" / "shards").glob("shard-*"))
+    assert len(shards) == 3
+    shards[1].unlink()
+    (tmp_path / "out" / "label" / "stage.json").unlink()
+    said = run(capsys)
+    assert "label: resumed: 2 of 3 shard(s) labelled earlier (an interrupted run, or ddkit label) were kept, " \
+        "1 labelled now" in said
+    assert pseudo.read_text() == whole
+
+
+
     """label.images is in the fingerprint of label, select and student: an added, replaced or deleted unlabeled
     image re-runs them (not the teacher), and the student trains on the new pseudo-labels."""
     from ddkit.engine.pseudo import load_pseudo_dataset

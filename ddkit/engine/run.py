@@ -730,6 +730,10 @@ class Runner:
                           registry=self.registry, seed=self.seed)
         if not res.complete and self.is_main:  # under torchrun the other ranks label their part only
             raise ConfigError(f"stage label{sfx}: not every shard is labelled; re-run to resume it")
+        earlier = res.shards.num_shards - len(res.shards_done)
+        if earlier and self.world == 1:  # a resumed stage: say what was kept (under torchrun each rank has a share)
+            self._say(f"label{sfx}: resumed: {earlier} of {res.shards.num_shards} shard(s) labelled earlier (an "
+                      f"interrupted run, or ddkit label) were kept, {len(res.shards_done)} labelled now")
         named = [str(p) for p in paths]
         return {**res.to_dict(), "pseudo_labels": str(out / "pseudo_labels.json"),
                 "teacher": named[0] if len(named) == 1 else named}
