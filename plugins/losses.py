@@ -295,8 +295,8 @@ def ddkit_losses():
     yield LossSpec(name="soft_target", factory=SoftTarget, params=SoftTargetParams,
                    summary="Hinton KD: T^2 * KL(softmax(t/T) || softmax(s/T))")
     yield LossSpec(name="hint", factory=Hint, params=HintParams,
-                   summary="FitNets hint: L2, L1, Pearson (PKD), channel-wise KL (CWD) or attention transfer (AT) between a "
-                           "teacher feature and an adapted student feature",
+                   summary="FitNets hint: L2, L1, Pearson (PKD), channel-wise KL (CWD) or attention transfer (AT) "
+                           "between a teacher feature and an adapted student feature",
                    examples=({"teacher_layer": "1", "student_layer": "1"},))
     yield LossSpec(name="detector_kd", factory=DetectorKD, params=DetectorKDParams,
                    summary="Chen et al. 2017 two-stage detector KD, RoI head and RPN: weighted soft targets, bounded "

@@ -340,9 +340,9 @@ def test_attention_hint_between_detector_necks_trains_without_an_adapter(tmp_pat
     teacher = task.build_model({**TINY_FASTERRCNN, "min_size": 96, "max_size": 96}, ds.info)
     student = task.build_model(TINY_FASTERRCNN, ds.info)
     res = train_model(task, student, ds, {"iterations": 3, "batch_size": 2, "log_every": 1}, tmp_path,
-                      teacher=teacher, losses=[{"name": "hard_label"},
-                                               {"name": "hint", "teacher_layer": "backbone", "student_layer": "backbone",
-                                                "distance": "attention"}], progress=False)
+                      teacher=teacher, progress=False,
+                      losses=[{"name": "hard_label"}, {"name": "hint", "teacher_layer": "backbone",
+                                                       "student_layer": "backbone", "distance": "attention"}])
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
     assert all(0 < r["losses"]["hint"] <= 2 for r in logs) and res["finished"]
     assert not torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)["losses"][1]

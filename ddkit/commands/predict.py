@@ -325,5 +325,6 @@ def run(args: argparse.Namespace) -> int:
     if skipped:
         more = " ..." if len(skipped) > 5 else ""
         print(f"skipped {len(skipped)} unreadable or missing image(s): {', '.join(skipped[:5])}{more}")
-    print(f"wrote {', '.join(str(p) for p in written)} ({len(writer.images)} image{'s' if len(writer.images) != 1 else ''})")
+    n = len(writer.images)
+    print(f"wrote {', '.join(str(p) for p in written)} ({n} image{'s' if n != 1 else ''})")
     return 0

@@ -450,7 +450,7 @@ class Runner:
             # one variant's own block: adding or changing another variant does not redo this one
             stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", f"kd.variants.{variant}"),
                                 lambda v=variant: self._kd(v), ONE_TEACHER, trains=True,
-                                reads=self._teacher_read(*self._kd_losses_train(variant))))
+                                reads=self._teacher_read(*self._kd_variant(variant)[1:])))
         if self.evaluate_cfg.get("tta"):
             for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
                 if st == "baseline_labeled" and self._baseline_is_teacher():
@@ -761,14 +761,18 @@ class Runner:
             getattr(t, "close", lambda: None)()
         return needs
 
-    def _teacher_for(self, losses: Any, init: str) -> Path | None:
-        """The teacher checkpoint when a loss term reads the teacher or the student starts from it."""
-        return self._model_path("teacher") if self._reads_teacher(losses) or init == "teacher" else None
+    def _uses_teacher(self, losses: Any, train: Any) -> bool:
+        """Whether a student of these loss terms and train block reads the teacher's model: a term reads it, or the
+        student starts from it."""
+        return self._reads_teacher(losses) or parse_train_config(train).init == "teacher"
+
+    def _teacher_for(self, losses: Any, train: Any) -> Path | None:
+        """The teacher checkpoint such a student is given (:meth:`_uses_teacher`), else None."""
+        return self._model_path("teacher") if self._uses_teacher(losses, train) else None
 
     def _teacher_read(self, losses: Any, train: Any) -> tuple[str, ...]:
-        """``("teacher",)`` when a student of these losses and train block reads the teacher's model (as
-        :meth:`_teacher_for` gives it): a stage's ``reads``."""
-        return ("teacher",) if self._reads_teacher(losses) or parse_train_config(train).init == "teacher" else ()
+        """``("teacher",)`` for a stage's ``reads`` when such a student uses the teacher's model, else ``()``."""
+        return ("teacher",) if self._uses_teacher(losses, train) else ()
 
     def _train_student(self, sfx: str) -> dict[str, Any]:
         s = self.student_cfg
@@ -780,9 +784,8 @@ class Runner:
                 f"(label.selector), then re-run")
         pseudo = load_pseudo_dataset(self.results[f"label{sfx}"]["pseudo_labels"], source=self.splits.unlabeled)
         pseudo.info = self.splits.info
-        init = parse_train_config(s.get("train")).init
         return self._train(f"student{sfx}", s["model"], s.get("train"), [self.splits.labeled, pseudo],
-                           s.get("losses"), teacher=self._teacher_for(s.get("losses"), init))
+                           s.get("losses"), teacher=self._teacher_for(s.get("losses"), s.get("train")))
 
     def _student_like(self) -> dict[str, Any]:
         return self.student_cfg or self.teacher_cfg
@@ -818,17 +821,16 @@ class Runner:
         block = {**(s.get("train") or {}), "iterations": iters, "scale_with_data": False, "epochs": None}
         return self._train("baseline_full", s["model"], block, [full])
 
-    def _kd_losses_train(self, variant: str) -> tuple[list[Any], dict[str, Any]]:
-        """A KD variant's loss terms and train block (the student's, updated by the variant's own)."""
-        v = (self.kd.get("variants") or {})[variant] or {}
-        return v.get("losses") or [{"name": "hard_label"}], {**(self._student_like().get("train") or {}),
-                                                              **(v.get("train") or {})}
+    def _kd_variant(self, variant: str) -> tuple[Any, list[Any], dict[str, Any]]:
+        """A KD variant's ``(model, loss terms, train block)``: the student's, updated by the variant's own."""
+        v, s = (self.kd.get("variants") or {})[variant] or {}, self._student_like()
+        return (v.get("model") or s["model"], v.get("losses") or [{"name": "hard_label"}],
+                {**(s.get("train") or {}), **(v.get("train") or {})})
 
     def _kd(self, variant: str) -> dict[str, Any]:
-        model = ((self.kd.get("variants") or {})[variant] or {}).get("model") or self._student_like()["model"]
-        losses, train = self._kd_losses_train(variant)
-        teacher = self._teacher_for(losses, parse_train_config(train).init)
-        return self._train(f"kd_{variant}", model, train, [self.splits.labeled], losses, teacher=teacher)
+        model, losses, train = self._kd_variant(variant)
+        return self._train(f"kd_{variant}", model, train, [self.splits.labeled], losses,
+                           teacher=self._teacher_for(losses, train))
 
     def _tta(self, stage: str) -> dict[str, Any]:
         """Evaluate a stage's model on the test part with the multi-transform ensemble, beside one view."""
