@@ -309,3 +309,35 @@ def test_boxes_follow_the_shared_box_rule(bbox, text):
     entry = {"image_id": 785, "category_id": 1, "bbox": bbox, "score": 0.5}
     problems = validate_results([entry, {**entry, "bbox": [1.0, 2.0, 3.0, 4.0]}], sizes, "p.json")
     assert len(problems) == 1 and problems[0].index == 0 and text in str(problems[0])
+
+
+@pytest.mark.parametrize("which", ["images", "pred", "gt", "eval"])
+def test_output_that_is_an_input_is_refused_and_nothing_changes(tmp_path, capsys, which):
+    """pass 22 H1: -o naming the --images / --gt file or an input results file overwrote it silently."""
+    coco, preds = _random_case(seed=4, n_models=2)
+    gt = copy.deepcopy(coco)
+    gt["annotations"] = []
+    images, gt_path = _write(tmp_path, "images.json", coco), _write(tmp_path, "gt.json", gt)
+    a, b = _write(tmp_path, "a.json", preds[0]), _write(tmp_path, "b.json", preds[1])
+    out = {"images": images, "pred": b, "gt": gt_path, "eval": tmp_path / "x.json"}[which]
+    if which == "eval":  # -o x.json with --gt writes x.eval.json: here that is the --gt file
+        gt_path = _write(tmp_path, "x.eval.json", gt)
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    rc = main(["fuse", str(a), str(b), "--images", str(images), "-o", str(out), "--gt", str(gt_path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "choose another output" in err, err
+    want = {"images": "is the --images file", "pred": "is input file 2", "gt": "is the --gt file",
+            "eval": "writes " + str(gt_path) + ", which is the --gt file"}[which]
+    assert want in err, err
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_output_that_is_a_folder_is_one_line(tmp_path, capsys):
+    """pass 22 M4: -o FOLDER ended in a traceback (IsADirectoryError) from the atomic writer."""
+    coco, preds = _random_case(seed=4, n_models=1)
+    images, a = _write(tmp_path, "images.json", coco), _write(tmp_path, "a.json", preds[0])
+    (tmp_path / "out").mkdir()
+    rc = main(["fuse", str(a), "--images", str(images), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "is a folder; give a file name" in err
+    assert not list((tmp_path / "out").iterdir())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from ddkit.errors import ConfigError, DataError
@@ -52,12 +53,42 @@ def _method_cfg(args: argparse.Namespace) -> dict:
     return cfg
 
 
+def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(path, what it is)`` of every file fuse reads."""
+    named = [(str(p), f"input file {i + 1} (PRED.json)") for i, p in enumerate(args.predictions)]
+    named.append((str(args.images), "the --images file"))
+    if args.gt:
+        named.append((str(args.gt), "the --gt file"))
+    return named
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (the same path, a symlink or a hard link to it)."""
+    if a.resolve() == b.resolve():
+        return True
+    return a.is_file() and b.is_file() and os.path.samefile(a, b)
+
+
+def check_output(args: argparse.Namespace) -> None:
+    """Refuse an ``-o`` (or its ``OUT.eval.json``) that is a folder or one of the inputs, before anything is read."""
+    out = Path(args.output)
+    if out.is_dir():
+        raise ConfigError(f"-o {out} is a folder; give a file name, e.g. -o {out / 'fused.json'}")
+    eval_path = out.with_name(out.stem + ".eval.json")
+    for path, what in _inputs(args):
+        if _same_file(out, Path(path)):
+            raise ConfigError(f"-o {out} is {what}; choose another output")
+        if args.gt is not None and _same_file(eval_path, Path(path)):
+            raise ConfigError(f"-o {out} with --gt writes {eval_path}, which is {what}; choose another output")
+
+
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.coco_eval import coco_evaluate, format_metrics_table
     from ddkit.engine.fuse import DEFAULT_BOX_TOLERANCE, fuse_results, load_coco_file, load_results_file
     from ddkit.io import atomic_write_json
 
     method = _method_cfg(args)
+    check_output(args)
     coco = load_coco_file(args.images)
     preds = [load_results_file(p) for p in args.predictions]
     tol = DEFAULT_BOX_TOLERANCE if args.box_tolerance is None else args.box_tolerance
