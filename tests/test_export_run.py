@@ -119,3 +119,35 @@ def test_a_copied_run_folder_uses_its_own_models(tmp_path):
     (copy / "student" / "model.pt").write_bytes(b"copy")
     assert final_student(copy)[0].read_bytes() == b"copy"
     assert stage_model(copy, "teacher") == outside
+
+
+def _bytes(run: Path) -> dict:
+    return {p: p.read_bytes() for p in run.rglob("*.pt")}
+
+
+@pytest.mark.parametrize("src,out,text", [
+    ("teacher", "student/model.pt", "is stage student's model.pt; writing over it"),
+    ("student", "teacher/checkpoints/last.pt", "is stage teacher's checkpoints/last.pt"),
+    ("teacher/checkpoints/last.pt", "teacher/checkpoints/last.pt", "is the checkpoint being exported"),
+    ("teacher", "teacher/model.pt", "is the checkpoint being exported"),
+    ("student", "teacher", "is a folder; give a file name"),
+])
+def test_export_never_writes_over_a_stage_model_the_input_or_a_folder(two_rounds, capsys, src, out, text):
+    """pass 22 L7 / M4: `export RUN/teacher -o RUN/student/model.pt` replaced the student with the teacher; `-o
+    FOLDER` was a traceback."""
+    before = _bytes(two_rounds)
+    assert main(["export", str(two_rounds / src), "-o", str(two_rounds / out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and text in err, err
+    assert _bytes(two_rounds) == before
+
+
+def test_export_of_a_stage_checkpoint_by_default_keeps_the_stage_model(two_rounds, capsys):
+    model = two_rounds / "teacher" / "model.pt"
+    before = model.read_bytes()
+    try:
+        assert main(["export", str(two_rounds / "teacher" / "checkpoints" / "last.pt")]) == 0
+        assert str(two_rounds / "teacher" / "model_export.pt") in capsys.readouterr().out
+        assert model.read_bytes() == before
+    finally:
+        (two_rounds / "teacher" / "model_export.pt").unlink(missing_ok=True)

@@ -9,7 +9,10 @@ The output (``ddkit-model-v1``) rebuilds its model from the file alone with
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+
+from ddkit.errors import ConfigError
 
 HELP = "write student-only weights from a training checkpoint, a stage folder or a `ddkit run` folder"
 
@@ -19,8 +22,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                            "student)")
     parser.add_argument("-o", "--output", help="output file (default: RUN/model.pt for a run folder, else model.pt "
                                                "beside the checkpoints, or model_export.pt where model.pt is the "
-                                               "file exported); a dict whose 'model' is the plain state dict")
+                                               "file exported or a stage's model); a dict whose 'model' is the "
+                                               "plain state dict; never a folder, the file exported, nor a stage's "
+                                               "model.pt or checkpoints/*.pt")
     parser.add_argument("--no-verify", action="store_true", help="do not rebuild the model to check the file")
+
+
+def _stage_file(path: Path) -> str | None:
+    """What ``path`` is when it is an existing model or checkpoint of a training folder (a ``ddkit run`` stage, whose
+    ``stage.json`` records it, or a ``ddkit train`` folder): ``"stage teacher's model.pt"``; else None."""
+    if not path.is_file():
+        return None
+    in_checkpoints = path.parent.name == "checkpoints" and path.suffix == ".pt"
+    folder = path.parent.parent if in_checkpoints else path.parent
+    trained = (folder / "stage.json").is_file() or (folder / "checkpoints").is_dir()
+    if in_checkpoints or (path.name == "model.pt" and trained):
+        return f"stage {folder.name}'s {path.relative_to(folder)}"
+    return None
+
+
+def check_output(dest: Path, src: Path) -> None:
+    """Refuse an ``-o`` that is a folder, the file being exported, or a stage's model or checkpoint (which ``ddkit
+    eval`` / ``ddkit run`` read as that stage's); before anything is written."""
+    if dest.is_dir():
+        raise ConfigError(f"-o {dest} is a folder; give a file name, e.g. -o {dest / 'model.pt'}")
+    if dest.resolve() == src.resolve() or (dest.is_file() and os.path.samefile(dest, src)):
+        raise ConfigError(f"-o {dest} is the checkpoint being exported; choose another file")
+    stage = _stage_file(dest)
+    if stage:
+        raise ConfigError(f"-o {dest} is {stage}; writing over it would change what ddkit eval and ddkit run read "
+                          f"as that stage; choose a file outside the stage folders")
 
 
 def _source(arg: str) -> tuple[Path, Path, str]:
@@ -35,7 +66,7 @@ def _source(arg: str) -> tuple[Path, Path, str]:
     src = resolve_checkpoint(arg)
     run_dir = src.parent.parent if src.parent.name == "checkpoints" else src.parent
     dest = run_dir / "model.pt"
-    if dest.resolve() == src.resolve():
+    if dest.resolve() == src.resolve() or _stage_file(dest):  # never over the file exported nor a stage's model
         dest = run_dir / "model_export.pt"
     return src, dest, str(src)
 
@@ -45,11 +76,12 @@ def run(args: argparse.Namespace) -> int:
     from ddkit.io import atomic_torch_save
 
     src, dest, what = _source(args.checkpoint)
+    if args.output:
+        dest = Path(args.output)
+        check_output(dest, src)
     record = load_checkpoint(src)
     out = {k: record[k] for k in ("task", "model_cfg", "info", "model")}
     out["format"] = MODEL_FORMAT
-    if args.output:
-        dest = Path(args.output)
     atomic_torch_save(out, dest)
     if not args.no_verify:
         load_model(dest)
