@@ -341,3 +341,23 @@ def test_output_that_is_a_folder_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "is a folder; give a file name" in err
     assert not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--param", "weights=[1]"], "--param weights=[1] has 1 values for 2 input files"),
+    (["--param", "weights=[1,2,3]"], "--param weights=[1, 2, 3] has 3 values for 2 input files"),
+    (["--method", "nms", "--param", "weights=[2]"], "has 1 values for 2 input files"),
+    (["--box-tolerance", "-3"], "--box-tolerance must be a number of pixels >= 0, got -3.0"),
+    (["--box-tolerance", "nan"], "--box-tolerance must be a number of pixels >= 0"),
+])
+def test_bad_weights_param_and_negative_tolerance_are_one_line(tmp_path, capsys, extra, text):
+    """pass 22 M3 / L6: --param weights= of the wrong count was a traceback; a negative --box-tolerance called every
+    valid box "outside image"."""
+    coco, preds = _random_case(seed=5, n_models=2)
+    images, a, b = (_write(tmp_path, n, o) for n, o in [("i.json", coco), ("a.json", preds[0]), ("b.json", preds[1])])
+    out = tmp_path / "o.json"
+    rc = main(["fuse", str(a), str(b), "--images", str(images), "-o", str(out)] + extra)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and text in err and not out.exists(), err
+    with pytest.raises(ConfigError, match="box_tolerance must be"):
+        fuse_results(preds, coco, "wbf", box_tolerance=-1.0)

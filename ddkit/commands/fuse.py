@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 
@@ -50,7 +51,20 @@ def _method_cfg(args: argparse.Namespace) -> dict:
         if len(args.weights) != len(args.predictions):
             raise ConfigError(f"--weights has {len(args.weights)} values for {len(args.predictions)} input files")
         cfg["weights"] = list(args.weights)
+    weights = cfg.get("weights")
+    if isinstance(weights, (list, tuple)) and len(weights) != len(args.predictions):
+        raise ConfigError(f"--param weights={list(weights)} has {len(weights)} values for {len(args.predictions)} "
+                          f"input files (one weight per file)")
     return cfg
+
+
+def _box_tolerance(args: argparse.Namespace) -> float:
+    from ddkit.engine.fuse import DEFAULT_BOX_TOLERANCE
+
+    tol = DEFAULT_BOX_TOLERANCE if args.box_tolerance is None else args.box_tolerance
+    if not math.isfinite(tol) or tol < 0:
+        raise ConfigError(f"--box-tolerance must be a number of pixels >= 0, got {args.box_tolerance}")
+    return tol
 
 
 def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -84,14 +98,14 @@ def check_output(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.coco_eval import coco_evaluate, format_metrics_table
-    from ddkit.engine.fuse import DEFAULT_BOX_TOLERANCE, fuse_results, load_coco_file, load_results_file
+    from ddkit.engine.fuse import fuse_results, load_coco_file, load_results_file
     from ddkit.io import atomic_write_json
 
     method = _method_cfg(args)
     check_output(args)
+    tol = _box_tolerance(args)
     coco = load_coco_file(args.images)
     preds = [load_results_file(p) for p in args.predictions]
-    tol = DEFAULT_BOX_TOLERANCE if args.box_tolerance is None else args.box_tolerance
     fused = fuse_results(preds, coco, method, sources=list(args.predictions), box_tolerance=tol)
     out = Path(args.output)
     atomic_write_json(out, fused, indent=None)

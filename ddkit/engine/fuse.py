@@ -270,6 +270,8 @@ def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
     """
     if not pred_lists:
         raise ConfigError("fuse needs at least one predictions list")
+    if not _finite(box_tolerance) or box_tolerance < 0:
+        raise ConfigError(f"box_tolerance must be a number of pixels >= 0, got {box_tolerance!r}")
     sources = list(sources) if sources is not None else [f"input{i}" for i in range(len(pred_lists))]
     sizes = image_sizes(coco_images)
     cats = None
