@@ -226,10 +226,10 @@ def test_bad_entries_are_reported_not_clipped(tmp_path, capsys):
     assert '"bbox": [600.0, 10.0, 50.0, 60.0]' in next(ln for ln in lines if "bad.json[2]:" in ln)
     assert "ok.json" not in err
 
-    # an explicit tolerance accepts boxes a hair outside (and clamps them); nothing else changes
-    edge = _write(tmp_path, "edge.json", [{**good, "bbox": [600.0, 10.0, 40.005, 60.0]}])
+    # a box 0.05 px outside is past the default 0.01 px; an explicit tolerance accepts it (and clamps it)
+    edge = _write(tmp_path, "edge.json", [{**good, "bbox": [600.0, 10.0, 40.05, 60.0]}])
     assert main(["fuse", str(edge), "--images", str(COCO_MINI), "-o", str(out)]) == 2
-    assert main(["fuse", str(edge), "--images", str(COCO_MINI), "--box-tolerance", "0.01", "--method", "nms",
+    assert main(["fuse", str(edge), "--images", str(COCO_MINI), "--box-tolerance", "0.1", "--method", "nms",
                  "-o", str(out)]) == 0
     x, y, w, h = json.loads(out.read_text())[0]["bbox"]
     assert x + w == pytest.approx(640.0)
@@ -361,3 +361,30 @@ def test_bad_weights_param_and_negative_tolerance_are_one_line(tmp_path, capsys,
     assert rc == 2 and err.count("\n") == 1 and text in err and not out.exists(), err
     with pytest.raises(ConfigError, match="box_tolerance must be"):
         fuse_results(preds, coco, "wbf", box_tolerance=-1.0)
+
+
+def test_float32_boxes_clipped_by_the_detector_are_accepted_by_default(tmp_path, capsys):
+    """pass 22 M2: detectron2 / mmdet clip float32 xyxy to the image and write x, y, w, h in float32: x + w comes back
+    640.00002 for a 640-pixel image, which the old default tolerance (0) refused."""
+    import torch
+
+    coco, preds = _random_case(seed=6, n_models=2)
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    d2 = []
+    for e in preds[1]:
+        x, y, w, h = e["bbox"]
+        H, W = sizes[e["image_id"]]
+        b = torch.tensor([[x - 2.3, y - 1.7, x + w + W, y + h + H]], dtype=torch.float32)  # overshoot, then clip
+        b[:, 0::2] = b[:, 0::2].clamp(0, W)
+        b[:, 1::2] = b[:, 1::2].clamp(0, H)
+        b[:, 2:] -= b[:, :2]
+        d2.append({**e, "bbox": b[0].tolist()})
+    past = sum(e["bbox"][0] + e["bbox"][2] > sizes[e["image_id"]][1] or
+               e["bbox"][1] + e["bbox"][3] > sizes[e["image_id"]][0] for e in d2)
+    assert past >= 2  # the case the default must accept: float32 noise past the border
+    images, a, b = (_write(tmp_path, n, o) for n, o in [("i.json", coco), ("a.json", preds[0]), ("d2.json", d2)])
+    out = tmp_path / "o.json"
+    assert main(["fuse", str(a), str(b), "--images", str(images), "-o", str(out)]) == 0, capsys.readouterr().err
+    assert not validate_results(json.loads(out.read_text()), sizes, "fused")  # its own float32 noise passes too
+    assert main(["fuse", str(a), str(b), "--images", str(images), "-o", str(out), "--box-tolerance", "0"]) == 2
+    assert "outside image" in capsys.readouterr().err
