@@ -388,3 +388,25 @@ def test_float32_boxes_clipped_by_the_detector_are_accepted_by_default(tmp_path,
     assert not validate_results(json.loads(out.read_text()), sizes, "fused")  # its own float32 noise passes too
     assert main(["fuse", str(a), str(b), "--images", str(images), "-o", str(out), "--box-tolerance", "0"]) == 2
     assert "outside image" in capsys.readouterr().err
+
+
+def test_an_empty_or_partial_input_is_warned_naming_it(tmp_path, capsys, caplog):
+    """pass 22 M5: `[]` as one of two inputs halved every WBF score (avg over the model count), without a word."""
+    coco, preds = _random_case(seed=7, n_models=2)
+    images = _write(tmp_path, "i.json", coco)
+    a, empty = _write(tmp_path, "a.json", preds[0]), _write(tmp_path, "empty.json", [])
+    first = min(e["image_id"] for e in preds[1])
+    part = _write(tmp_path, "part.json", [e for e in preds[1] if e["image_id"] == first])
+    out = tmp_path / "o.json"
+    with caplog.at_level("WARNING", logger="ddkit.fuse"):
+        assert main(["fuse", str(a), str(empty), str(part), "--images", str(images), "-o", str(out)]) == 0
+    lines = [r.getMessage() for r in caplog.records]
+    n_a = len({e["image_id"] for e in preds[0]})
+    assert len(lines) == 2 and n_a > 1
+    assert lines[0].startswith(f"{empty}: 0 detections") and "average over the 3 inputs" in lines[0]
+    assert lines[1].startswith(f"{part}: detections on only 1 of the 5 images of {images} (another input covers "
+                               f"{n_a})")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddkit.fuse"):  # inputs that cover the same images: no word
+        assert main(["fuse", str(a), str(a), "--images", str(images), "-o", str(out)]) == 0
+    assert not caplog.records

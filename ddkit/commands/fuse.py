@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 from pathlib import Path
 
 from ddkit.errors import ConfigError, DataError
+
+log = logging.getLogger("ddkit.fuse")
 
 HELP = "fuse COCO results files of several detectors with any box aggregator (wbf, nms, soft_nms, ...)"
 
@@ -99,7 +102,7 @@ def check_output(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ddkit.engine.coco_eval import coco_evaluate, format_metrics_table
-    from ddkit.engine.fuse import fuse_results, load_coco_file, load_results_file
+    from ddkit.engine.fuse import coverage_warnings, fuse_results, load_coco_file, load_results_file
     from ddkit.io import atomic_write_json
 
     method = _method_cfg(args)
@@ -108,6 +111,9 @@ def run(args: argparse.Namespace) -> int:
     coco = load_coco_file(args.images)
     preds = [load_results_file(p) for p in args.predictions]
     fused = fuse_results(preds, coco, method, sources=list(args.predictions), box_tolerance=tol)
+    if len(preds) > 1:
+        for line in coverage_warnings(preds, list(args.predictions), len(coco["images"]), args.images):
+            log.warning(line)
     out = Path(args.output)
     atomic_write_json(out, fused, indent=None)
     n_in = sum(len(p) for p in preds)

@@ -250,6 +250,26 @@ def results_to_instances(entries: Sequence[Mapping[str, Any]], sizes: Mapping[in
     return out
 
 
+def coverage_warnings(pred_lists: Sequence[Sequence[Mapping[str, Any]]], sources: Sequence[str],
+                      num_images: int, images_source: str = "the images file") -> list[str]:
+    """One line per validated input that has no detections, or detections on fewer images than another input: a
+    crashed detector or one pointed at the wrong folder looks like a model that found nothing, and aggregators that
+    average over the inputs (WBF's ``conf_type: avg``) then lower every fused score."""
+    covered = [len({int(e["image_id"]) for e in preds}) for preds in pred_lists]
+    most = max(covered, default=0)
+    n = len(pred_lists)
+    lines = []
+    for src, preds, k in zip(sources, pred_lists, covered):
+        if not preds:
+            lines.append(f"{src}: 0 detections (a crashed detector or the wrong folder?); it is fused as a model "
+                         f"that found nothing, which lowers the scores of aggregators that average over the {n} "
+                         f"inputs")
+        elif k < most:
+            lines.append(f"{src}: detections on only {k} of the {num_images} images of {images_source} (another "
+                         f"input covers {most}); on the others it is fused as a model that found nothing")
+    return lines
+
+
 # ------------------------------------------------------------------------------------------------ aggregation
 def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
                  coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
