@@ -410,3 +410,60 @@ def test_an_empty_or_partial_input_is_warned_naming_it(tmp_path, capsys, caplog)
     with caplog.at_level("WARNING", logger="ddkit.fuse"):  # inputs that cover the same images: no word
         assert main(["fuse", str(a), str(a), "--images", str(images), "-o", str(out)]) == 0
     assert not caplog.records
+
+
+def _with_keypoints(preds, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in preds:
+        rows = []
+        for e in p:
+            x, y, w, h = e["bbox"]
+            kps = [v for _ in range(k) for v in (x + rng.uniform(0, w), y + rng.uniform(0, h), rng.uniform(0.1, 1))]
+            rows.append({**e, "keypoints": kps})
+        out.append(rows)
+    return out
+
+
+def test_keypoints_are_carried_by_aggregators_that_keep_or_fuse_them(tmp_path, caplog):
+    """pass 22 M1: fuse dropped `keypoints` even with --method keypoint_fusion or nms."""
+    from ddkit.engine.fuse import results_to_instances
+    from ddkit.engine.aggregation import build_instance_aggregator
+
+    coco, preds = _random_case(seed=8, n_models=2)
+    kp = _with_keypoints(preds)
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    inputs = [e for p in kp for e in p]
+    kept = fuse_results(kp, coco, "nms")
+    assert kept
+    for e in kept:  # nms keeps the kept box's own keypoints (float32), confidences included
+        src = [i for i in inputs if i["image_id"] == e["image_id"] and i["score"] == pytest.approx(e["score"])
+               and np.allclose(i["bbox"], e["bbox"], atol=1e-3)]
+        assert len(src) == 1 and e["keypoints"] == pytest.approx(src[0]["keypoints"], abs=1e-3)
+    fused = fuse_results(kp, coco, "keypoint_fusion")
+    ids = sorted({e["image_id"] for p in kp for e in p})
+    views = [results_to_instances(p, sizes, ids, 3) for p in kp]
+    agg = build_instance_aggregator("keypoint_fusion")
+    want = [v for i in ids for v in agg([views[0][i], views[1][i]], sizes[i]).keypoints.reshape(-1).tolist()]
+    assert [v for e in fused for v in e["keypoints"]] == pytest.approx(want, abs=1e-4)
+    with caplog.at_level("WARNING", logger="ddkit.fuse"):
+        fused = fuse_results(kp, coco, "wbf")
+    assert not any("keypoints" in e for e in fused)
+    assert len(caplog.records) == 1 and "keypoints are dropped: the aggregator wbf" in caplog.text
+    assert "keypoint_fusion" in caplog.text and "nms" in caplog.text
+
+
+def test_keypoints_of_two_kinds_or_malformed_and_segmentation(tmp_path, caplog):
+    coco, preds = _random_case(seed=9, n_models=2)
+    kp = _with_keypoints(preds)
+    with pytest.raises(DataError, match=r"^input0 has results with 3 keypoints and input1 results with no keypoints"):
+        fuse_results([kp[0], preds[1]], coco, "nms")
+    with pytest.raises(DataError, match=r"input1 results with 2 keypoints"):
+        fuse_results([kp[0], _with_keypoints(preds[1:], k=2)[0]], coco, "nms")
+    bad = [dict(kp[1][0], keypoints=[1.0, 2.0]), dict(kp[1][1], keypoints=[1.0, 2.0, float("nan")])]
+    with pytest.raises(DataError, match=r"input1\[0\]: keypoints is not a list of K x 3 finite numbers"):
+        fuse_results([kp[0], bad], coco, "nms")
+    with caplog.at_level("WARNING", logger="ddkit.fuse"):
+        fuse_results([preds[0], [dict(e, segmentation=[[0, 0, 1, 1, 2, 2]]) for e in preds[1]]], coco, "wbf",
+                     sources=["a.json", "m.json"])
+    assert caplog.text.count("\n") == 1 and "m.json: the 'segmentation' of the results is dropped" in caplog.text

@@ -17,7 +17,9 @@ HELP = "fuse COCO results files of several detectors with any box aggregator (wb
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("predictions", nargs="+", metavar="PRED.json",
-                        help="COCO results files ([{image_id, category_id, bbox, score}, ...]), one per model")
+                        help="COCO results files ([{image_id, category_id, bbox, score}, ...], keypoints too), one "
+                             "per model; an aggregator that keeps or fuses keypoints (nms, soft_nms, box_voting, "
+                             "keypoint_fusion) carries them to OUT, the others warn that they are dropped")
     parser.add_argument("--images", required=True, metavar="COCO.json",
                         help="COCO file whose 'images' give each image's height and width")
     parser.add_argument("--method", default="wbf", help="a registered box aggregator (default: wbf)")

@@ -26,6 +26,20 @@ def build_instance_aggregator(method_cfg: Mapping[str, Any] | str, registry: Any
     return registry.build("aggregators", method_cfg, where=where)
 
 
+def carries_keypoints(aggregator: Any) -> bool:
+    """Whether an instance aggregator (or its factory class) puts keypoints on its output: fused ones
+    (``fuses_keypoints``) or those of the input box each output box comes from (``keeps_keypoints``)."""
+    return bool(getattr(aggregator, "fuses_keypoints", False) or getattr(aggregator, "keeps_keypoints", False))
+
+
+def keypoint_aggregators(registry: Any = None) -> list[str]:
+    """The names of the registered instance aggregators that carry keypoints (:func:`carries_keypoints`)."""
+    from ddkit.plugin_manager import get_registry
+
+    specs = (registry or get_registry()).specs("aggregators")
+    return [s.name for s in specs if getattr(s, "input", "instances") == "instances" and carries_keypoints(s.factory)]
+
+
 def check_probs_output(out: Any, num_images: int, num_classes: int, who: str = "aggregator") -> tuple[Tensor, Tensor]:
     """Validate what a ``probs`` aggregator returned for ``probs [V, N, C]``: ``(labels [N] int in [0, C), scores [N]
     finite float)``; raise :class:`PluginContractError` naming the aggregator and what was wrong (as

@@ -19,12 +19,13 @@ def instances_to_results(image_id: int, inst: Instances) -> list[dict[str, Any]]
             for b, s, c in zip(xywh, scores, labels)]
 
 
-def keypoint_results(image_id: int, inst: Instances) -> list[dict[str, Any]]:
-    """:func:`instances_to_results` with ``keypoints`` (``x, y, 1`` per keypoint) when ``inst`` has them."""
+def keypoint_results(image_id: int, inst: Instances, keep_scores: bool = False) -> list[dict[str, Any]]:
+    """:func:`instances_to_results` with ``keypoints`` (``x, y, 1`` per keypoint; ``x, y, score`` with
+    ``keep_scores``) when ``inst`` has them."""
     res = instances_to_results(image_id, inst)
     if inst.keypoints is not None:
         for r, k in zip(res, inst.keypoints.tolist()):
-            r["keypoints"] = [v for xyz in k for v in (xyz[0], xyz[1], 1)]
+            r["keypoints"] = [v for xyz in k for v in (xyz[0], xyz[1], xyz[2] if keep_scores else 1)]
     return res
 
 

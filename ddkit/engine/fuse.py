@@ -2,7 +2,10 @@
 
 Each input file is one "view" (model) of the aggregator; every image's boxes are fused in pixel coordinates with
 the image size taken from the COCO images file. Any registered aggregator of input type ``instances`` works
-(``wbf``, ``nms``, ``soft_nms``, ``nmw``, ``box_voting`` or a third-party one).
+(``wbf``, ``nms``, ``soft_nms``, ``nmw``, ``box_voting`` or a third-party one). Results with ``keypoints`` (``K x (x,
+y, score)``, the same K in every entry) keep them through an aggregator that keeps or fuses keypoints
+(:func:`ddkit.engine.aggregation.carries_keypoints`); any other aggregator drops them with a warning, as it does
+``segmentation``.
 
 Input is validated before anything is fused: an image id missing from the COCO file, a box outside its image, a
 non-finite score or a malformed entry is reported with the file, the index and the entry itself (never clipped or
@@ -17,6 +20,7 @@ Python API::
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 from dataclasses import dataclass
@@ -25,11 +29,14 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from ddkit.engine.aggregation import aggregate_images, build_instance_aggregator
-from ddkit.engine.coco_results import instances_to_results
+from ddkit.engine.aggregation import (aggregate_images, build_instance_aggregator, carries_keypoints,
+                                      keypoint_aggregators)
+from ddkit.engine.coco_results import keypoint_results
 from ddkit.engine.box_rule import CLIPPED, OK, box_rule
 from ddkit.errors import ConfigError, DataError
 from ddkit.types import Instances
+
+log = logging.getLogger("ddkit.fuse")
 
 MAX_REPORTED = 20  # problems listed in an error message; the rest are counted
 # Pixels a box may stick out of its image before it is reported; boxes within it are clamped to the image. 0.01 px by
@@ -145,6 +152,25 @@ def _finite(v: Any) -> bool:
         return False
 
 
+def _keypoints_ok(kps: Any) -> bool:
+    return isinstance(kps, (list, tuple)) and len(kps) >= 3 and len(kps) % 3 == 0 and all(_finite(v) for v in kps)
+
+
+def num_keypoints(pred_lists: Sequence[Sequence[Mapping[str, Any]]], sources: Sequence[str]) -> int | None:
+    """K of the validated inputs' ``keypoints`` (None: no entry has any); a :class:`DataError` naming two files (or
+    one) where some entries have K keypoints and others another K or none."""
+    seen: dict[int | None, str] = {}
+    for preds, src in zip(pred_lists, sources):
+        for e in preds:
+            seen.setdefault(len(e["keypoints"]) // 3 if "keypoints" in e else None, src)
+    if len(seen) > 1:
+        (k1, s1), (k2, s2) = list(seen.items())[:2]
+        said = {k: "no keypoints" if k is None else f"{k} keypoints" for k in (k1, k2)}
+        raise DataError(f"{s1} has results with {said[k1]} and {s2} results with {said[k2]}; fuse results of one "
+                        f"kind together (the same keypoints on every entry, or none)")
+    return next(iter(seen), None)
+
+
 def validate_results(entries: Sequence[Any], sizes: Mapping[int, tuple[int, int]], source: str,
                      category_ids: Iterable[int] | None = None,
                      box_tolerance: float = DEFAULT_BOX_TOLERANCE) -> list[Problem]:
@@ -196,6 +222,10 @@ def validate_results(entries: Sequence[Any], sizes: Mapping[int, tuple[int, int]
         if w < 0 or h < 0:
             problems.append(Problem(source, i, "bbox has a negative width or height", e))
             continue
+        if "keypoints" in e and not _keypoints_ok(e["keypoints"]):
+            problems.append(Problem(source, i, "keypoints is not a list of K x 3 finite numbers "
+                                               "[x1, y1, v1, x2, y2, v2, ...]", e))
+            continue
         boxes.append((i, e, [x, y, x + w, y + h]))
     problems += _box_problems(boxes, sizes, source, box_tolerance)
     return sorted(problems, key=lambda p: p.index)
@@ -224,9 +254,11 @@ def _box_problems(boxes: Sequence[tuple[int, Any, list[float]]], sizes: Mapping[
 
 # ------------------------------------------------------------------------------------------------ conversion
 def results_to_instances(entries: Sequence[Mapping[str, Any]], sizes: Mapping[int, tuple[int, int]],
-                         image_ids: Iterable[int] | None = None) -> dict[int, Instances]:
+                         image_ids: Iterable[int] | None = None,
+                         num_keypoints: int | None = None) -> dict[int, Instances]:
     """Group validated results by image: ``{image_id: Instances}`` (xyxy pixels, labels = category ids), one for
-    every id of ``image_ids`` (default: the ids in ``entries``), empty where an image has no entry."""
+    every id of ``image_ids`` (default: the ids in ``entries``), empty where an image has no entry. With
+    ``num_keypoints`` K, every entry's ``keypoints`` (K x ``x, y, score``) become ``Instances.keypoints``."""
     grouped: dict[int, list[Mapping[str, Any]]] = {}
     for e in entries:
         grouped.setdefault(int(e["image_id"]), []).append(e)
@@ -236,7 +268,7 @@ def results_to_instances(entries: Sequence[Mapping[str, Any]], sizes: Mapping[in
         rows = grouped.get(int(iid), [])
         size = sizes[int(iid)]
         if not rows:
-            out[int(iid)] = Instances.empty(image_size=size)
+            out[int(iid)] = Instances.empty(num_keypoints, image_size=size)
             continue
         xywh = torch.tensor([[float(v) for v in r["bbox"]] for r in rows], dtype=torch.float64)
         boxes = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
@@ -246,7 +278,10 @@ def results_to_instances(entries: Sequence[Mapping[str, Any]], sizes: Mapping[in
         boxes = boxes.float()
         scores = torch.tensor([float(r["score"]) for r in rows], dtype=torch.float32)
         labels = torch.tensor([int(r["category_id"]) for r in rows], dtype=torch.int64)
-        out[int(iid)] = Instances(boxes, scores, labels, image_size=size)
+        kps = None
+        if num_keypoints is not None:
+            kps = torch.tensor([[float(v) for v in r["keypoints"]] for r in rows]).reshape(-1, num_keypoints, 3)
+        out[int(iid)] = Instances(boxes, scores, labels, kps, image_size=size)
     return out
 
 
@@ -311,11 +346,31 @@ def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
     if problems:
         raise problems_error(problems)
     agg = build_instance_aggregator(method_cfg, registry)
+    k = _carried_keypoints(agg, num_keypoints(pred_lists, sources), registry)
+    _warn_segmentation(pred_lists, sources)
     ids = sorted({int(e["image_id"]) for preds in pred_lists for e in preds})
-    per_view = [results_to_instances(preds, sizes, ids) for preds in pred_lists]
+    per_view = [results_to_instances(preds, sizes, ids, k) for preds in pred_lists]
     views = [[pv[iid] for pv in per_view] for iid in ids]
     fused = aggregate_images(agg, views, [sizes[i] for i in ids])
     out: list[dict[str, Any]] = []
     for iid, inst in zip(ids, fused):
-        out += instances_to_results(iid, inst)
+        out += keypoint_results(iid, inst, keep_scores=True)
     return out
+
+
+def _carried_keypoints(agg: Any, k: int | None, registry: Any = None) -> int | None:
+    """K when the inputs have keypoints and ``agg`` carries them to its output; else None, with a warning when the
+    inputs' keypoints are dropped."""
+    if k is None or carries_keypoints(agg):
+        return k
+    log.warning("the inputs' keypoints are dropped: the aggregator %s neither fuses nor keeps keypoints (boxes only); "
+                "for keypoints use one of: %s", getattr(agg, "name", type(agg).__name__),
+                ", ".join(keypoint_aggregators(registry)))
+    return None
+
+
+def _warn_segmentation(pred_lists: Sequence[Sequence[Mapping[str, Any]]], sources: Sequence[str]) -> None:
+    with_masks = [src for preds, src in zip(pred_lists, sources) if any("segmentation" in e for e in preds)]
+    if with_masks:
+        log.warning("%s: the 'segmentation' of the results is dropped: fuse ensembles boxes (and keypoints), "
+                    "not masks", ", ".join(with_masks))
