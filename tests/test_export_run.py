@@ -151,3 +151,23 @@ def test_export_of_a_stage_checkpoint_by_default_keeps_the_stage_model(two_round
         assert model.read_bytes() == before
     finally:
         (two_rounds / "teacher" / "model_export.pt").unlink(missing_ok=True)
+
+
+def test_export_of_an_unfinished_checkpoint_warns_and_keeps_its_counts(two_rounds, tmp_path, capsys, caplog):
+    """pass 22 M6: export turned an unfinished checkpoint into a file that eval took for a finished model."""
+    record = torch.load(two_rounds / "teacher" / "checkpoints" / "last.pt", weights_only=True)
+    assert record["iteration"] == record["total_iterations"] == 20
+    record["iteration"] = 10  # as a `ddkit train` stopped half way leaves it
+    src = tmp_path / "checkpoints" / "last.pt"
+    src.parent.mkdir()
+    torch.save(record, src)
+    with caplog.at_level("WARNING", logger="ddkit.checkpoint"):
+        assert main(["export", str(src), "-o", str(tmp_path / "x.pt")]) == 0
+    assert len(caplog.records) == 1, caplog.text  # once, naming the checkpoint (not again by the verification)
+    assert f"{src}: an unfinished training checkpoint (iteration 10 of 20)" in caplog.text
+    out = torch.load(tmp_path / "x.pt", weights_only=True)
+    assert out["iteration"] == 10 and out["total_iterations"] == 20 and "optimizer" not in out
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddkit.checkpoint"):
+        load_model(tmp_path / "x.pt")  # what eval / predict call: the exported file still says it
+    assert "x.pt: an unfinished training checkpoint (iteration 10 of 20)" in caplog.text

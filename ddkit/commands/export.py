@@ -72,7 +72,7 @@ def _source(arg: str) -> tuple[Path, Path, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ddkit.engine.checkpoint import MODEL_FORMAT, load_checkpoint, load_model
+    from ddkit.engine.checkpoint import MODEL_FORMAT, load_checkpoint, load_model, unfinished, warn_unfinished
     from ddkit.io import atomic_torch_save
 
     src, dest, what = _source(args.checkpoint)
@@ -82,9 +82,12 @@ def run(args: argparse.Namespace) -> int:
     record = load_checkpoint(src)
     out = {k: record[k] for k in ("task", "model_cfg", "info", "model")}
     out["format"] = MODEL_FORMAT
+    if unfinished(record):  # kept, so that eval / predict of the exported file still say so
+        warn_unfinished(src, record)
+        out.update({k: record[k] for k in ("iteration", "total_iterations")})
     atomic_torch_save(out, dest)
     if not args.no_verify:
-        load_model(dest)
+        load_model(dest, warn=False)  # warned above, naming the checkpoint
     n = sum(v.numel() for v in out["model"].values())
     print(f"exported {what}")
     print(f"wrote {dest} ({out['task']['name']} / {out['model_cfg'].get('name')}, {n:,} values)")

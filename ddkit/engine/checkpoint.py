@@ -4,7 +4,8 @@ Two formats, both plain dicts of tensors and primitive containers:
 
 * ``ddkit-model-v1`` (``ddkit export``, ``<run>/model.pt``): ``task`` (the task's config block), ``model_cfg`` (the
   model's config block), ``info`` (the dataset's :class:`~ddkit.types.DatasetInfo` as a dict) and ``model`` (the
-  state dict). Student-only: no optimizer, no adaptation layers, no teacher.
+  state dict). Student-only: no optimizer, no adaptation layers, no teacher. Exported from an unfinished checkpoint,
+  it keeps ``iteration`` and ``total_iterations``, so that loading it still warns that it is unfinished.
 * ``ddkit-checkpoint-v1`` (``<run>/checkpoints/last.pt``, written atomically by the trainer): the same keys plus
   ``optimizer``, ``scheduler``, ``scaler``, ``sampler``, ``rng``, ``losses`` (loss terms' own parameters, e.g. hint
   adaptation layers), ``iteration`` and ``total_iterations``.
@@ -144,14 +145,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     return record
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               registry: Any = None) -> tuple[Task, nn.Module, DatasetInfo]:
+def unfinished(record: Mapping[str, Any]) -> tuple[int, int] | None:
+    """``(iteration, total_iterations)`` of a checkpoint saved before its training finished; None otherwise."""
+    iteration, total = record.get("iteration"), record.get("total_iterations")
+    if isinstance(iteration, int) and isinstance(total, int) and iteration < total:
+        return iteration, total
+    return None
+
+
+def warn_unfinished(path: str | Path, record: Mapping[str, Any]) -> None:
+    """One warning line when ``record`` (read from ``path``) is an unfinished training checkpoint."""
+    counts = unfinished(record)
+    if counts:
+        log.warning("%s: an unfinished training checkpoint (iteration %d of %d), not the finished model; finish "
+                    "it with ddkit train --resume, or ddkit run", path, *counts)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu", registry: Any = None,
+               warn: bool = True) -> tuple[Task, nn.Module, DatasetInfo]:
     """Rebuild ``(task, model, info)`` from a ddkit checkpoint or exported model alone; the model is in eval mode.
 
     Args:
         path: a ``.pt`` written by the trainer or ``ddkit export``, or a run folder.
         device: where to put the model.
         registry: the registry to build the task and model from (default: the installed plugins).
+        warn: warn when the file is an unfinished training checkpoint (:func:`warn_unfinished`).
     """
     from ddkit.plugin_manager import get_registry
 
@@ -162,10 +180,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
     model_cfg = dict(record["model_cfg"])
     for key in [k for k in model_cfg if k.startswith("pretrained")]:
         model_cfg[key] = None  # the weights come from this file: no init file, no download (pretrained_backbone too)
-    iteration, total = record.get("iteration"), record.get("total_iterations")
-    if isinstance(iteration, int) and isinstance(total, int) and iteration < total:
-        log.warning("%s: an unfinished training checkpoint (iteration %d of %d), not the finished model; finish "
-                    "it with ddkit train --resume, or ddkit run", path, iteration, total)
+    if warn:
+        warn_unfinished(path, record)
     model = task.build_model(model_cfg, info)
     missing, unexpected = model.load_state_dict(record["model"], strict=False)
     if missing or unexpected:
