@@ -440,3 +440,24 @@ def test_a_strategy_that_raises_is_a_failed_row_and_the_others_are_measured(tmp_
     assert "| error |" in md and "boom from agg_raise" in md
     rows = json.loads(paths["json"].read_text())["rows"]
     assert len(rows) == 6 and rows[0]["error"] == ""
+
+
+@pytest.mark.parametrize("override,text", [
+    ("bench.aggregators.wbff=null", "bench_synthetic.yaml: bench.aggregators.wbff: Unknown aggregator 'wbff'. "
+                                    "Did you mean 'wbf'?"),
+    ("bench.sort_by=APX", "bench_synthetic.yaml: bench.sort_by: 'APX' is not a metric of this bench"),
+    ("bench.aggregators.nms.0.iou_thr=7", "bench_synthetic.yaml: bench.aggregators.nms: "),
+    ("bench.selectors.top_kk=null", "bench_synthetic.yaml: bench.selectors.top_kk: Unknown selector"),
+])
+def test_a_bad_grid_or_sort_by_is_refused_before_anything_is_written(tmp_path, capsys, override, text):
+    """pass 22 M7: gt.json and raw_predictions.pt were written before the grid was checked (sort_by only after
+    every aggregator ran), and an unknown aggregator's error named neither the field nor the recipe."""
+    from ddkit.cli import main
+
+    recipe = REPO / "configs" / "bench_synthetic.yaml"
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "bench.md").write_text("an earlier table")
+    rc = main(["bench", str(recipe), f"run.out_dir={tmp_path}", "bench.synthetic.num_images=4", override])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and text in err, err
+    assert [p.name for p in (tmp_path / "bench").iterdir()] == ["bench.md"]  # nothing new beside the old table

@@ -154,7 +154,10 @@ def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *,
     entries = {e.spec.name: e for e in registry.entries(kind)}
     for name in listed:
         if name not in entries:
-            registry.get(kind, name)  # raises with the available names and a suggestion
+            try:
+                registry.get(kind, name)  # raises with the available names and a suggestion
+            except ConfigError as err:
+                raise ConfigError(f"{where}.{kind}.{name}: {err}") from None
     variants: list[Variant] = []
     for name, entry in entries.items():
         if name in exclude:
@@ -187,6 +190,23 @@ def grid_variants(registry: Any, kind: str, listed: Mapping[str, Any] | None, *,
     return variants, notes
 
 
+# numeric row keys a bench of each prediction kind writes beyond its ``bench_metrics`` (sortable as well)
+_COUNT_KEYS = {INSTANCES.name: ("tp", "kept", "agg_recall")}
+
+
+def sort_keys(kinds: Iterable[Any] = (INSTANCES, PROBS)) -> list[str]:
+    """The metrics a bench of these prediction kinds can be sorted by."""
+    return list(dict.fromkeys(k for kind in kinds for k in (*kind.bench_metrics, *_COUNT_KEYS.get(kind.name, ()))))
+
+
+def check_sort_by(sort_by: str | None, kinds: Iterable[Any] = (INSTANCES, PROBS), where: str = "bench") -> None:
+    """Refuse a ``sort_by`` that no row of a bench of these kinds has, before anything runs."""
+    keys = sort_keys(kinds)
+    if sort_by is not None and sort_by not in keys:
+        raise ConfigError(f"{where}.sort_by: {sort_by!r} is not a metric of this bench; choose one of "
+                          f"{', '.join(keys)}")
+
+
 def _time_aggregation(fn, repeats: int) -> tuple[Any, float]:
     best = math.inf
     out = None
@@ -201,7 +221,7 @@ def run_bench(raw: RawPredictions, gt: GroundTruth | None = None, *, aggregators
               selectors: Mapping[str, Any] | None = None, exclude_aggregators: Iterable[str] = (),
               exclude_selectors: Iterable[str] = (), include_unlisted: bool = True, labeled: Any = None,
               sort_by: str | None = None, iou_thr: float = 0.5, timing_repeats: int = 1, registry: Any = None,
-              progress: bool = False) -> BenchResult:
+              progress: bool = False, where: str = "bench") -> BenchResult:
     """Evaluate the aggregator x selector grid on raw predictions with known ground truth.
 
     Args:
@@ -213,6 +233,7 @@ def run_bench(raw: RawPredictions, gt: GroundTruth | None = None, *, aggregators
         sort_by: the metric the table is sorted by (default ``AP``, or ``accuracy`` for probs).
         iou_thr: IoU of a true-positive pseudo-label.
         timing_repeats: aggregation is timed this many times; the fastest counts.
+        where: names the recipe section in errors (``"R.yaml: bench"``).
     """
     from ddkit.plugin_manager import get_registry
 
@@ -221,10 +242,11 @@ def run_bench(raw: RawPredictions, gt: GroundTruth | None = None, *, aggregators
         raise DataError("raw predictions hold no image")
     gt = gt if gt is not None else GroundTruth.from_raw_targets(raw)
     ptype = raw.prediction_type
+    check_sort_by(sort_by, [raw.kind], where)
     aggs, notes = grid_variants(registry, "aggregators", aggregators, input_type=ptype, exclude=exclude_aggregators,
-                                include_unlisted=include_unlisted)
+                                include_unlisted=include_unlisted, where=where)
     sels, sel_notes = grid_variants(registry, "selectors", selectors, exclude=exclude_selectors,
-                                    include_unlisted=include_unlisted)
+                                    include_unlisted=include_unlisted, where=where)
     notes += sel_notes
     if not aggs:
         raise ConfigError(f"bench: no aggregator of input type {ptype!r} is registered (or all are excluded)")
@@ -508,18 +530,15 @@ def bench_from_config(cfg: Any, run_dir: str | Path, source: str = "recipe", reg
 
     run_dir = Path(run_dir)
     out_dir = run_dir / "bench"
-    bcfg = parse_bench_config(cfg.get("bench") if hasattr(cfg, "get") else None, f"{source}: bench")
+    where = f"{source}: bench"
+    bcfg = parse_bench_config(cfg.get("bench") if hasattr(cfg, "get") else None, where)
+    check_grid(bcfg, registry, where)  # before anything is generated, labelled or written
     gt_coco = None
     raw_path: Path | None = None
     title = "ddkit bench"
     if bcfg.synthetic is not None:
         gt_coco, raw = synthetic_raw(bcfg.synthetic, source)
         title += " (SYNTHETIC data: generated ground truth and jittered per-view predictions)"
-        save_raw(raw, out_dir / RAW_FILE)
-        if gt_coco is not None:
-            from ddkit.io import atomic_write_json
-
-            atomic_write_json(out_dir / "gt.json", gt_coco, indent=None)
     elif bcfg.raw is not None:
         raw_path = raw_file(bcfg.raw)
         raw = load_raw(raw_path)
@@ -546,6 +565,29 @@ def bench_from_config(cfg: Any, run_dir: str | Path, source: str = "recipe", reg
                        exclude_aggregators=bcfg.exclude_aggregators, exclude_selectors=bcfg.exclude_selectors,
                        include_unlisted=bcfg.include_unlisted, labeled=labeled, sort_by=bcfg.sort_by,
                        iou_thr=bcfg.iou_thr, timing_repeats=bcfg.timing_repeats, registry=registry,
-                       progress=progress)
+                       progress=progress, where=where)
+    if bcfg.synthetic is not None:  # written with the table, once the bench ran: never beside an older table
+        _save_synthetic(raw, gt_coco, out_dir)
     paths = write_outputs(result, out_dir, title)
     return result, paths
+
+
+def check_grid(bcfg: BenchConfig, registry: Any = None, where: str = "bench") -> None:
+    """The listed aggregators and selectors exist and take their parameters, and ``sort_by`` is a metric: checked
+    before the raw predictions exist (their input type is checked once they do, by :func:`run_bench`)."""
+    from ddkit.plugin_manager import get_registry
+
+    registry = registry or get_registry()
+    grid_variants(registry, "aggregators", bcfg.aggregators, exclude=bcfg.exclude_aggregators,
+                  include_unlisted=False, where=where)
+    grid_variants(registry, "selectors", bcfg.selectors, exclude=bcfg.exclude_selectors, include_unlisted=False,
+                  where=where)
+    check_sort_by(bcfg.sort_by, where=where)
+
+
+def _save_synthetic(raw: RawPredictions, gt_coco: dict[str, Any] | None, out_dir: Path) -> None:
+    from ddkit.io import atomic_write_json
+
+    save_raw(raw, out_dir / RAW_FILE)
+    if gt_coco is not None:
+        atomic_write_json(out_dir / "gt.json", gt_coco, indent=None)
