@@ -467,3 +467,29 @@ def test_keypoints_of_two_kinds_or_malformed_and_segmentation(tmp_path, caplog):
         fuse_results([preds[0], [dict(e, segmentation=[[0, 0, 1, 1, 2, 2]]) for e in preds[1]]], coco, "wbf",
                      sources=["a.json", "m.json"])
     assert caplog.text.count("\n") == 1 and "m.json: the 'segmentation' of the results is dropped" in caplog.text
+
+
+def test_gt_is_checked_before_out_is_written_and_the_row_names_the_method_run(tmp_path, capsys):
+    """pass 22 L3: a --gt without annotations or lacking images failed after OUT.json was written; L5: with --param
+    name=nms the table row said 'fused (wbf)'."""
+    coco, preds = _random_case(seed=10, n_models=2)
+    images, a, b = (_write(tmp_path, n, o) for n, o in [("i.json", coco), ("a.json", preds[0]), ("b.json", preds[1])])
+    out = tmp_path / "o.json"
+    base = ["fuse", str(a), str(b), "--images", str(images), "-o", str(out)]
+    assert main(base + ["--gt"]) == 2  # the --images file has no annotations
+    assert "has no 'annotations'" in capsys.readouterr().err and not out.exists()
+    gt = copy.deepcopy(coco)
+    gt["annotations"] = []
+    gt["images"] = gt["images"][1:]
+    assert main(base + ["--gt", str(_write(tmp_path, "gt.json", gt))]) == 2
+    assert "lacks 1 image(s)" in capsys.readouterr().err and not out.exists()
+    gt = copy.deepcopy(coco)
+    gt["annotations"] = [{"id": j + 1, "image_id": e["image_id"], "category_id": e["category_id"],
+                          "bbox": e["bbox"], "area": e["bbox"][2] * e["bbox"][3], "iscrowd": 0}
+                         for j, e in enumerate(preds[0][:5])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(base + ["--param", "name=nms", "--gt", str(_write(tmp_path, "gt.json", gt))]) == 0
+    printed = capsys.readouterr().out
+    assert "| fused (nms) |" in printed and "fused (wbf)" not in printed
+    assert "fused (nms)" in json.loads((tmp_path / "o.eval.json").read_text())["metrics"]

@@ -102,8 +102,40 @@ def check_output(args: argparse.Namespace) -> None:
             raise ConfigError(f"-o {out} with --gt writes {eval_path}, which is {what}; choose another output")
 
 
-def run(args: argparse.Namespace) -> int:
+def _load_gt(args: argparse.Namespace, coco: dict) -> dict | None:
+    """The ``--gt`` ground truth (None without ``--gt``), checked against the ``--images`` file before anything is
+    fused or written."""
+    from ddkit.engine.fuse import load_coco_file
+
+    if args.gt is None:
+        return None
+    gt = coco if args.gt == "" else load_coco_file(args.gt)
+    if "annotations" not in gt:
+        raise ConfigError(f"{args.gt or args.images}: has no 'annotations'; pass the ground truth with --gt GT.json")
+    gt_ids = {img.get("id") for img in gt.get("images", []) if isinstance(img, dict)}
+    missing = [img["id"] for img in coco["images"] if img["id"] not in gt_ids]
+    if missing:
+        raise DataError(f"{args.gt}: the ground truth lacks {len(missing)} image(s) of {args.images}, e.g. "
+                        f"id {missing[0]}")
+    return gt
+
+
+def _evaluate(args: argparse.Namespace, gt: dict, coco: dict, preds: list, fused: list, method: dict) -> None:
+    """Every input's and the fused metrics against ``gt``: a table, and ``OUT.eval.json``."""
     from ddkit.engine.coco_eval import coco_evaluate, format_metrics_table
+    from ddkit.io import atomic_write_json
+
+    ids = [img["id"] for img in coco["images"]]
+    rows = {str(path): coco_evaluate(gt, p, image_ids=ids) for path, p in zip(args.predictions, preds)}
+    rows[f"fused ({method['name']})"] = coco_evaluate(gt, fused, image_ids=ids)  # the method run (--param name=)
+    print(format_metrics_table(rows))
+    out = Path(args.output)
+    eval_path = out.with_name(out.stem + ".eval.json")
+    atomic_write_json(eval_path, {"method": method, "image_ids": ids, "metrics": rows})
+    print(f"metrics -> {eval_path}")
+
+
+def run(args: argparse.Namespace) -> int:
     from ddkit.engine.fuse import coverage_warnings, fuse_results, load_coco_file, load_results_file
     from ddkit.io import atomic_write_json
 
@@ -113,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     coco = load_coco_file(args.images)
     preds = [load_results_file(p) for p in args.predictions]
     fused = fuse_results(preds, coco, method, sources=list(args.predictions), box_tolerance=tol)
+    gt = _load_gt(args, coco)
     if len(preds) > 1:
         for line in coverage_warnings(preds, list(args.predictions), len(coco["images"]), args.images):
             log.warning(line)
@@ -120,22 +153,6 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(out, fused, indent=None)
     n_in = sum(len(p) for p in preds)
     print(f"fused {n_in} detections from {len(preds)} files into {len(fused)} with {json.dumps(method)} -> {out}")
-    if args.gt is not None:
-        gt = coco if args.gt == "" else load_coco_file(args.gt)
-        if "annotations" not in gt:
-            raise ConfigError(f"{args.gt or args.images}: has no 'annotations'; pass the ground truth with --gt GT.json")
-        ids = [img["id"] for img in coco["images"]]
-        gt_ids = {img.get("id") for img in gt.get("images", [])}
-        missing = [i for i in ids if i not in gt_ids]
-        if missing:
-            raise DataError(f"{args.gt}: the ground truth lacks {len(missing)} image(s) of {args.images}, e.g. "
-                            f"id {missing[0]}")
-        rows = {}
-        for path, p in zip(args.predictions, preds):
-            rows[str(path)] = coco_evaluate(gt, p, image_ids=ids)
-        rows[f"fused ({args.method})"] = coco_evaluate(gt, fused, image_ids=ids)
-        print(format_metrics_table(rows))
-        eval_path = out.with_name(out.stem + ".eval.json")
-        atomic_write_json(eval_path, {"method": method, "image_ids": ids, "metrics": rows})
-        print(f"metrics -> {eval_path}")
+    if gt is not None:
+        _evaluate(args, gt, coco, preds, fused, method)
     return 0
