@@ -493,3 +493,35 @@ def test_gt_is_checked_before_out_is_written_and_the_row_names_the_method_run(tm
     printed = capsys.readouterr().out
     assert "| fused (nms) |" in printed and "fused (wbf)" not in printed
     assert "fused (nms)" in json.loads((tmp_path / "o.eval.json").read_text())["metrics"]
+
+
+def test_images_file_problems_name_the_file(tmp_path, capsys):
+    """pass 22 L2 / L8 / L10: a bad or duplicate image record did not name the --images file (a duplicate id was
+    taken silently, the last one winning), an empty 'images' list made every prediction 'not in the COCO images
+    file', an empty file was 'not valid JSON: Expecting value', a folder 'no such file', string ids had no hint."""
+    coco, preds = _random_case(seed=11, n_models=1)
+    a = _write(tmp_path, "a.json", preds[0])
+    out = tmp_path / "o.json"
+
+    def err_of(pred, images) -> str:
+        assert main(["fuse", str(pred), "--images", str(images), "-o", str(out)]) == 2
+        return capsys.readouterr().err
+
+    noh = copy.deepcopy(coco)
+    del noh["images"][1]["height"]
+    assert f"{tmp_path / 'noh.json'}:images[1]: needs integer id" in err_of(a, _write(tmp_path, "noh.json", noh))
+    dup = copy.deepcopy(coco)
+    dup["images"].append({**dup["images"][0], "height": 100, "width": 100})
+    err = err_of(a, _write(tmp_path, "dup.json", dup))
+    assert f"dup.json:images[5]: image id {coco['images'][0]['id']} again (first at images[0])" in err
+    err = err_of(a, _write(tmp_path, "none.json", {**coco, "images": []}))
+    assert err.count("\n") == 1 and "none.json: the 'images' list is empty" in err
+    (tmp_path / "empty.json").write_text("")
+    assert "empty.json: the file is empty" in err_of(tmp_path / "empty.json", _write(tmp_path, "i.json", coco))
+    assert "empty.json: the file is empty" in err_of(a, tmp_path / "empty.json")
+    (tmp_path / "folder").mkdir()
+    assert "folder: is a folder, not a JSON file" in err_of(tmp_path / "folder", tmp_path / "i.json")
+    strid = _write(tmp_path, "s.json", [{**e, "image_id": str(e["image_id"])} for e in preds[0]])
+    err = err_of(strid, tmp_path / "i.json")
+    assert err.count("COCO image ids are integers") == 1 and "s.json[0]: image_id is not an integer" in err
+    assert not out.exists()

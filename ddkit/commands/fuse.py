@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
     tol = _box_tolerance(args)
     coco = load_coco_file(args.images)
     preds = [load_results_file(p) for p in args.predictions]
-    fused = fuse_results(preds, coco, method, sources=list(args.predictions), box_tolerance=tol)
+    fused = fuse_results(preds, coco, method, sources=list(args.predictions), box_tolerance=tol,
+                         images_source=str(args.images))
     gt = _load_gt(args, coco)
     if len(preds) > 1:
         for line in coverage_warnings(preds, list(args.predictions), len(coco["images"]), args.images):

@@ -87,7 +87,10 @@ def image_sizes(coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     images = coco_images.get("images") if isinstance(coco_images, Mapping) else coco_images
     if not isinstance(images, (list, tuple)):
         raise DataError(f"{source}: a COCO file needs an 'images' list of {{id, height, width}}")
+    if not images:
+        raise DataError(f"{source}: the 'images' list is empty; it must give every image's id, height and width")
     sizes: dict[int, tuple[int, int]] = {}
+    first: dict[int, int] = {}
     problems = []
     for i, img in enumerate(images):
         try:
@@ -97,21 +100,35 @@ def image_sizes(coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
         except (TypeError, KeyError):
             problems.append(Problem(f"{source}:images", i, "needs integer id, height > 0 and width > 0", img))
             continue
+        if int(iid) in first:
+            problems.append(Problem(f"{source}:images", i, f"image id {iid} again (first at images[{first[iid]}]); "
+                                                           f"every image needs its own id", img))
+            continue
+        first[int(iid)] = i
         sizes[int(iid)] = (int(h), int(w))
     if problems:
         raise problems_error(problems, "bad image records")
     return sizes
 
 
-def load_coco_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def _read_json(path: Path) -> Any:
+    """A JSON file's content; a :class:`DataError` naming the file when it is missing, a folder, empty or no JSON."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a JSON file")
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
     try:
         with open(path) as fh:
-            data = json.load(fh)
+            return json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: not valid JSON: {err}") from None
+
+
+def load_coco_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    data = _read_json(path)
     if not isinstance(data, dict) or "images" not in data:
         raise DataError(f"{path}: not a COCO file (a mapping with an 'images' list)")
     return data
@@ -120,13 +137,7 @@ def load_coco_file(path: str | Path) -> dict[str, Any]:
 def load_results_file(path: str | Path) -> list[Any]:
     """Read a COCO results file (a JSON list); entries are validated by :func:`validate_results`."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        with open(path) as fh:
-            data = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON: {err}") from None
+    data = _read_json(path)
     if isinstance(data, dict) and "annotations" in data:
         raise DataError(f"{path}: this is a COCO ground-truth file; fuse takes results files (a JSON list of "
                         f"{{image_id, category_id, bbox, score}})")
@@ -194,7 +205,9 @@ def validate_results(entries: Sequence[Any], sizes: Mapping[int, tuple[int, int]
             continue
         iid, cid, bbox, score = e["image_id"], e["category_id"], e["bbox"], e["score"]
         if not _is_int(iid):
-            problems.append(Problem(source, i, "image_id is not an integer", e))
+            fix = "COCO image ids are integers: map your file names or string ids to the --images file's ids" \
+                if isinstance(iid, str) else ""
+            problems.append(Problem(source, i, "image_id is not an integer", e, fix))
             continue
         if int(iid) not in sizes:
             problems.append(Problem(source, i, f"image_id {iid} is not in the COCO images file", e))
@@ -310,7 +323,7 @@ def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
                  coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                  method_cfg: Mapping[str, Any] | str, *, sources: Sequence[str] | None = None,
                  registry: Any = None, box_tolerance: float = DEFAULT_BOX_TOLERANCE,
-                 check_categories: bool = True) -> list[dict[str, Any]]:
+                 check_categories: bool = True, images_source: str = "images") -> list[dict[str, Any]]:
     """Fuse several COCO results lists (one per model/view) image by image.
 
     Args:
@@ -321,6 +334,7 @@ def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
         sources: names of the inputs in error messages (default ``input0``, ``input1``, ...).
         box_tolerance: pixels a box may stick out of its image before it is reported.
         check_categories: report category ids that the COCO dict's ``categories`` does not list.
+        images_source: names ``coco_images`` (its file) in error messages.
 
     Returns:
         the fused COCO results list, sorted by image id (then as the aggregator ordered them).
@@ -333,7 +347,7 @@ def fuse_results(pred_lists: Sequence[Sequence[Mapping[str, Any]]],
     if not _finite(box_tolerance) or box_tolerance < 0:
         raise ConfigError(f"box_tolerance must be a number of pixels >= 0, got {box_tolerance!r}")
     sources = list(sources) if sources is not None else [f"input{i}" for i in range(len(pred_lists))]
-    sizes = image_sizes(coco_images)
+    sizes = image_sizes(coco_images, images_source)
     cats = None
     if check_categories and isinstance(coco_images, Mapping) and coco_images.get("categories"):
         cats = [c["id"] for c in coco_images["categories"]]
