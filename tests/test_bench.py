@@ -461,3 +461,21 @@ def test_a_bad_grid_or_sort_by_is_refused_before_anything_is_written(tmp_path, c
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and text in err, err
     assert [p.name for p in (tmp_path / "bench").iterdir()] == ["bench.md"]  # nothing new beside the old table
+
+
+def test_a_file_that_is_no_raw_predictions_says_what_it_must_be(tmp_path):
+    """pass 22 L1: bench.raw= a COCO results JSON repeated torch's advice to retry with weights_only=False."""
+    from ddkit import DataError
+
+    results = tmp_path / "pred.json"
+    results.write_text(json.dumps([{"image_id": 1, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 0.5}]))
+    with pytest.raises(DataError) as info:
+        B.load_raw(results)
+    text = str(info.value)
+    assert text.startswith(f"{results}: not a ddkit raw-predictions file (a torch .pt written by ddkit label")
+    assert "this is JSON" in text and "ddkit fuse" in text and "\n" not in text
+    assert "weights_only" not in text and "file an issue" not in text
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\x00\x01 not torch")
+    with pytest.raises(DataError, match=r"junk\.pt: not a ddkit raw-predictions file .*not a torch file"):
+        B.load_raw(junk)

@@ -154,6 +154,17 @@ def load_raw(path: str | Path) -> RawPredictions:
         raise DataError(f"{path}: no such raw-predictions file")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle / zip errors
-        raise DataError(f"{path}: cannot be read as a raw-predictions file: {err}") from None
+    except Exception:  # pickle / zip errors; torch's own text would advise weights_only=False, which runs the file
+        raise DataError(f"{path}: {_not_raw(path)}") from None
     return raw_from_dict(data, str(path))
+
+
+def _not_raw(path: Path) -> str:
+    """Why a file torch cannot load is no raw-predictions file, and what to pass instead (one line)."""
+    what = ("not a ddkit raw-predictions file (a torch .pt written by ddkit label with label.keep_raw: true, or by "
+            "a synthetic ddkit bench)")
+    with open(path, "rb") as fh:
+        head = fh.read(64).lstrip()
+    if head[:1] in (b"[", b"{"):
+        return f"{what}; this is JSON: a COCO results file is fused and scored with ddkit fuse ... --gt GT.json"
+    return f"{what}; it is not a torch file, or it is truncated or holds Python objects"
