@@ -148,7 +148,8 @@ def _remove_other_recipes(shards: ShardSet) -> set[int]:
         log.warning("%s: %d unreadable (truncated?) shard(s) removed, to be labelled again: %s%s", out_dir,
                     len(torn), ", ".join(p.name for p in torn[:3]), also)
     if len(other) > len(torn):
-        log.warning("%s: %d shard(s) of another labelling recipe (teacher, views, data or shard count changed) "
+        log.warning("%s: %d shard(s) of another labelling recipe (teacher, views, unlabeled images added, "
+                    "replaced or deleted, data, shard count, batch size or keep_raw changed) "
                     "removed%s", out_dir, len(other) - len(torn), also)
     return done
 

@@ -12,6 +12,7 @@ from ddkit.engine.coco_file import read_coco_file
 from ddkit.engine.data import (IMAGE_EXTENSIONS, HiddenLabels, LABEL_KEYS, adapt_image, get_target, item_file,
                                read_image)
 from ddkit.engine.label.config import LabelConfig
+from ddkit.engine.teacher_cache import files_fingerprint
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo
 
@@ -79,7 +80,10 @@ class FolderSource(Source):
             return Item(i, i, self.files[i], None, reason=_reason(err))
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "folder", "root": self.image_root, "num_images": len(self)}
+        """What it reads: ``files`` digests every image file's path, size and mtime (a stat, no read), so a
+        replaced, added or deleted image changes it (and the shard fingerprint: the shards are labelled again)."""
+        return {"kind": "folder", "root": self.image_root, "num_images": len(self),
+                "files": files_fingerprint(self.image_files())}
 
     def image_files(self) -> list[str]:
         return [str((self.root / f).resolve()) for f in self.files]
@@ -125,7 +129,7 @@ class CocoSource(Source):
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "coco", "file": str(self.path.resolve()), "image_root": self.image_root,
-                "num_images": len(self)}
+                "num_images": len(self), "files": files_fingerprint(self.image_files() + [str(self.path.resolve())])}
 
     def image_files(self) -> list[str]:
         return [str((Path(self.image_root) / im["file_name"]).resolve()) for im in self.images]
