@@ -83,3 +83,44 @@ def test_a_changed_image_folder_relabels_its_shards(tmp_path, teacher, change, c
     assert "unlabeled images added, replaced or deleted" in caplog.text
     names = [im["file_name"] for im in json.loads((out / "pseudo_labels.json").read_text())["images"]]
     assert ("d9.png" in names) == (change == "add") and ("d3.png" in names) == (change != "delete")
+
+
+def _swapped_teacher(tmp_path: Path) -> Path:
+    """A teacher whose classes 0 and 1 carry each other's names: the same ids, other classes."""
+    import dataclasses
+
+    info = build_data(DATA).info
+    cats = [dict(c) for c in info.categories]
+    cats[0]["name"], cats[1]["name"] = cats[1]["name"], cats[0]["name"]
+    model = get_registry().build("tasks", "classification").build_model(
+        {"name": "mlp", "hidden": [8]}, dataclasses.replace(info, categories=cats))
+    return save_model(model, tmp_path / "swapped" / "model.pt")
+
+
+def test_a_teacher_whose_class_names_differ_is_refused_before_anything_is_written(tmp_path, capsys):
+    names = [c["name"] for c in build_data(DATA).info.categories]
+    teacher = _swapped_teacher(tmp_path)
+    assert main(["label", str(recipe(tmp_path, teacher)), "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(teacher) in err[0] and "data.dataset (digits)" in err[0], err
+    assert f"id 0: teacher {names[1]!r} vs data {names[0]!r}" in err[0] and "trained on this data's classes" in err[0]
+    assert not (tmp_path / "run" / "label").exists()
+
+
+def test_pseudo_labels_whose_class_names_differ_are_refused_by_the_student(tmp_path, teacher, capsys):
+    r = recipe(tmp_path, teacher)
+    assert main(["label", str(r), "--no-progress"]) == 0
+    pseudo = tmp_path / "run" / "label" / "pseudo_labels.json"
+    data = json.loads(pseudo.read_text())
+    data["categories"][2]["name"], data["categories"][3]["name"] = "cat", "dog"
+    pseudo.write_text(json.dumps(data))
+    cfg = json.loads(r.read_text())
+    cfg.update(task={"name": "classification"},
+               student={"model": {"name": "mlp", "hidden": [8]}, "pseudo_labels": "auto",
+                        "train": {"iterations": 1, "batch_size": 8, "ratio": [1, 1]}})
+    r.write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["train", str(r), "--stage", "student", "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(pseudo) in err[0] and "id 2: pseudo-labels 'cat' vs data '2'" in err[0], err
+    assert not (tmp_path / "run" / "student").exists()

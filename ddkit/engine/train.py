@@ -47,6 +47,7 @@ from torch import nn
 from ddkit.engine.amp import Amp
 from ddkit.engine.as_built import check_as_built
 from ddkit.engine.augment import Augment, mix_seed, shift_image
+from ddkit.engine.classes import data_where
 from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, resolve_checkpoint
 from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
@@ -425,14 +426,17 @@ def _finished_run(run_dir: Path) -> dict[str, Any] | None:
             "metrics": final.get("eval") or {}, "skipped": True}
 
 
-def _pseudo_set(section: Mapping[str, Any], splits: Any, run_dir: Path) -> Any:
+def _pseudo_set(section: Mapping[str, Any], splits: Any, run_dir: Path, data_src: str = "data") -> Any:
+    """The pseudo-labeled set; its classes (ids and names) must be the labeled data's: labels pass on by id."""
+    from ddkit.engine.classes import check_classes
     from ddkit.engine.pseudo import load_pseudo_dataset
 
     pseudo = section["pseudo_labels"]
     path = Path(run_dir.parent / "label" / "pseudo_labels.json") if pseudo == "auto" else Path(pseudo)
     pds = load_pseudo_dataset(path, source=splits.unlabeled)
-    if [int(c["id"]) for c in pds.info.categories] != [int(c["id"]) for c in splits.info.categories]:
-        raise ConfigError(f"{path}: the pseudo-labels' categories differ from the labeled data's")
+    check_classes(pds.info.categories, splits.info.categories, f"student.pseudo_labels {path}", data_src,
+                  "label the images with a teacher trained on this data's classes, or train the student on the data "
+                  "the pseudo-labels were made for", our_side="pseudo-labels")
     pds.info = splits.info
     return pds
 
@@ -548,7 +552,7 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     train_sets, teacher = [splits.labeled], None
     if stage == "student":
         if section.get("pseudo_labels"):
-            train_sets.append(_pseudo_set(section, splits, run_dir))
+            train_sets.append(_pseudo_set(section, splits, run_dir, f"{source}: {data_where(_to_plain(cfg.data))}"))
         teacher = _student_teacher(cfg, section, tcfg, registry, source, run_dir)
     last = run_dir / "checkpoints" / LAST
     if not (resume or force):  # the recipe is known good: now say what became of this stage's earlier run

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ddkit.engine.checkpoint import resolve_checkpoint
+from ddkit.engine.classes import check_classes, data_where
 from ddkit.engine.label.config import (LabelConfig, Strategies, build_selector, build_strategies,
                                            check_output_format, parse_label_config, selector_factory, strategy_block)
 from ddkit.engine.label.labeller import Labeller, Timer
@@ -279,8 +280,10 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
                                   need_single=lcfg.quality is not False and _quality_possible(cfg, lcfg))
     splits = build_data(cfg.data, registry=registry, where=f"{source}: data") if cfg.get("data") is not None \
         else None
-    if splits is not None and [int(c["id"]) for c in splits.info.categories] != [int(c["id"]) for c in info.categories]:
-        raise ConfigError(f"{source}: the data's categories differ from the teacher's")
+    if splits is not None:  # the pseudo-labels carry the teacher's ids; the student reads them as the data's
+        check_classes(info.categories, splits.info.categories, f"teacher.checkpoint {resolve_checkpoint(teacher_path)}",
+                      f"{source}: {data_where(_to_plain(cfg.data))}",
+                      "label with a teacher trained on this data's classes (same ids and names)")
     if rank == 0:
         if lock is not None:
             lock.acquire(out_root / "label")
