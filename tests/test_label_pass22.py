@@ -124,3 +124,24 @@ def test_pseudo_labels_whose_class_names_differ_are_refused_by_the_student(tmp_p
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(pseudo) in err[0] and "id 2: pseudo-labels 'cat' vs data '2'" in err[0], err
     assert not (tmp_path / "run" / "student").exists()
+
+
+@pytest.mark.parametrize("images, expected", [
+    ("nope", r"^ddkit label: error: \S+recipe.yaml: label.images: \S+nope is not a folder$"),
+    ("empty", r"^ddkit label: error: \S+recipe.yaml: label.images: nothing to label, \S+empty holds no images; "
+              r"point it at images \(.jpg, .*\)$")])
+def test_a_bad_label_images_is_refused_before_the_label_folder_is_rewritten(tmp_path, teacher, images, expected,
+                                                                            capsys):
+    import re
+
+    r = recipe(tmp_path, teacher, images=str(_folder(tmp_path, 2)))
+    assert main(["label", str(r), "--no-progress"]) == 0
+    out = tmp_path / "run" / "label"
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    capsys.readouterr()
+    assert main(["label", str(r), "--no-progress", f"label.images={tmp_path / images}"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.match(expected, err[0]), err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # config.yaml included

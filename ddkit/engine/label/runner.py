@@ -20,7 +20,7 @@ from ddkit.engine.label.config import (LabelConfig, Strategies, build_selector, 
 from ddkit.engine.label.labeller import Labeller, Timer
 from ddkit.engine.label.selecting import LabelResult, SelectInputs, select_pseudo_labels
 from ddkit.engine.label.sharded import ShardedLabels, label_shards, plan_shards
-from ddkit.engine.label.sources import Source, make_source
+from ddkit.engine.label.sources import Source, check_not_empty, make_source
 from ddkit.engine.coco_file import PSEUDO_DESCRIPTION
 from ddkit.engine.coco_results import CocoGroundTruthBuilder
 from ddkit.engine.data import get_target, item_file
@@ -237,6 +237,17 @@ def _quality_possible(cfg: Any, lcfg: LabelConfig) -> bool:
     return lcfg.coco is not None or (lcfg.images is None and has_unlabeled)
 
 
+def _checked_source(lcfg: LabelConfig, unlabeled: Any, info: DatasetInfo, source: str) -> Source:
+    """The images to label (``label.images``, ``label.coco`` or the data's unlabeled part), checked to exist and to
+    hold images before anything is written."""
+    try:
+        src = make_source(lcfg, unlabeled, info)
+        check_not_empty(src, lcfg)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return src
+
+
 def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None = None,
               worker: tuple[int, int] | None = None, max_shards: int | None = None, progress: bool = False,
               registry: Any = None, source: str = "recipe", lock: RunLock | None = None) -> LabelResult:
@@ -284,12 +295,13 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
         check_classes(info.categories, splits.info.categories, f"teacher.checkpoint {resolve_checkpoint(teacher_path)}",
                       f"{source}: {data_where(_to_plain(cfg.data))}",
                       "label with a teacher trained on this data's classes (same ids and names)")
+    unlabeled = _checked_source(lcfg, None if splits is None else splits.unlabeled, info, source)
     if rank == 0:
         if lock is not None:
             lock.acquire(out_root / "label")
         save_config(with_defaults(cfg, registry), out_root / "label")  # the full recipe, every default
         save_environment(_to_plain(cfg), registry, out_root / "label")
-    return label_dataset(task, model, info, None if splits is None else splits.unlabeled,
+    return label_dataset(task, model, info, unlabeled,
                          None if splits is None else splits.labeled, lcfg, out_root / "label",
                          teacher_checkpoint=resolve_checkpoint(teacher_path), device=device, worker=worker,
                          max_shards=max_shards, progress=progress, registry=registry, strategies=strategies,

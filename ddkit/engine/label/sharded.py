@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ddkit.engine.label.config import LabelConfig, Strategies
 from ddkit.engine.label.labeller import Labeller
-from ddkit.engine.label.sources import ImageRange, Source, as_list
+from ddkit.engine.label.sources import ImageRange, Source, as_list, check_not_empty
 from ddkit.engine.shards import (ShardSet, fingerprint, load_shard, pack_targets, save_shard, shard_bounds,
                                  worker_shards)
 from ddkit.errors import DataError
@@ -105,8 +105,7 @@ def plan_shards(cfg: LabelConfig, source: Source, strategies: Strategies, out_di
     """The shard set of a labelling run (its fingerprint says what determines the predictions) and the number of
     images labelled."""
     n_total = len(source) if cfg.max_images is None else min(len(source), cfg.max_images)
-    if n_total == 0:
-        raise DataError(f"no unlabeled images to label in {source.describe()}")
+    check_not_empty(source, cfg)
     num_shards = cfg.shards or max(1, math.ceil(n_total / cfg.shard_size))
     fp = fingerprint({"teacher": teacher_sha, "transforms": strategies.fingerprint_views(),
                       "aggregator": strategies.aggregator_block, "keypoints": strategies.keypoint_block,

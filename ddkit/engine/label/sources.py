@@ -215,3 +215,15 @@ def make_source(cfg: LabelConfig, unlabeled: Any, info: DatasetInfo) -> Source:
         raise ConfigError("label: nothing to label: give label.images (a folder), label.coco (a COCO json) or a "
                           "data section with an unlabeled split")
     return DatasetSource(unlabeled, name="unlabeled", image_shape=shape)
+
+
+def check_not_empty(source: Source, cfg: LabelConfig) -> None:
+    """Refuse, naming the setting and the folder or file, a source with no image to label."""
+    if len(source) > 0:
+        return
+    described = source.describe()
+    field = "label.coco" if cfg.coco else "label.images" if cfg.images else "data: the unlabeled part"
+    where = described.get("file") or described.get("root")
+    fix = f"point it at images ({', '.join(IMAGE_EXTENSIONS)})" if cfg.images and not cfg.coco else \
+        "give it the images to label"
+    raise ConfigError(f"{field}: nothing to label, {where + ' holds no images' if where else 'no images'}; {fix}")
