@@ -145,3 +145,16 @@ def test_a_bad_label_images_is_refused_before_the_label_folder_is_rewritten(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and re.match(expected, err[0]), err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # config.yaml included
+
+
+def test_teacher_model_keys_a_checkpoint_overrides_are_warned_about_and_not_recorded(tmp_path, teacher, caplog):
+    cfg = json.loads(recipe(tmp_path, teacher).read_text())
+    cfg["teacher"]["model"] = {"name": "mlp", "hidden": [16], "dropout": 0.25}  # hidden: as trained; dropout: not
+    r = tmp_path / "model.yaml"
+    r.write_text(json.dumps(cfg))
+    with caplog.at_level(logging.WARNING, logger="ddkit.label"):
+        assert main(["label", str(r), "--no-progress"]) == 0
+    said = [m for m in caplog.messages if "teacher.model" in m]
+    assert len(said) == 1 and "dropout=0.25" in said[0] and "hidden" not in said[0] and str(teacher) in said[0]
+    saved = yaml.safe_load((tmp_path / "run" / "label" / "config.yaml").read_text())
+    assert saved["teacher"]["model"]["dropout"] == 0.0 and saved["teacher"]["model"]["hidden"] == [16]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -40,6 +41,7 @@ def _version() -> str:
 
 
 Teachers = Union[nn.Module, Sequence[nn.Module]]
+log = logging.getLogger("ddkit.label")
 Checkpoints = Union[str, Path, Sequence[Union[str, Path]], None]
 
 
@@ -237,6 +239,36 @@ def _quality_possible(cfg: Any, lcfg: LabelConfig) -> bool:
     return lcfg.coco is not None or (lcfg.images is None and has_unlabeled)
 
 
+def _filled(block: Mapping[str, Any], registry: Any) -> dict[str, Any]:
+    entry, params = registry.params("models", block)
+    return {"name": entry.spec.name, **params}
+
+
+def _ignored_model_keys(cfg: Any, model: nn.Module, registry: Any, checkpoint: Any, source: str) -> Any:
+    """``teacher.model`` with ``teacher.checkpoint``: the teacher is rebuilt from the checkpoint's own ``model_cfg``,
+    so keys set otherwise are not used. Warn in one line naming them; returns the recipe to save, whose
+    ``teacher.model`` holds the values used (the checkpoint's) for those keys."""
+    from omegaconf import OmegaConf
+
+    from ddkit.engine.task import model_info
+    from ddkit.registry import _to_plain
+
+    block = _to_plain((cfg.get("teacher") or {}).get("model"))
+    if not isinstance(block, dict) or "name" not in block:
+        return cfg
+    ours, used = _filled(block, registry), _filled(model_info(model)[0], registry)
+    keys = [k for k in block if not str(k).startswith("pretrained") and ours.get(k) != used.get(k)]
+    if not keys:
+        return cfg
+    log.warning("%s: teacher.model %s ignored: the teacher is rebuilt from teacher.checkpoint %s as it was "
+                "trained (%s); label/config.yaml records the values used", source,
+                ", ".join(f"{k}={ours.get(k)!r}" for k in keys), checkpoint,
+                ", ".join(f"{k}={used.get(k)!r}" for k in keys))
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    saved["teacher"]["model"] = {**block, **{k: used.get(k) for k in keys}}
+    return OmegaConf.create(saved)
+
+
 def _checked_source(lcfg: LabelConfig, unlabeled: Any, info: DatasetInfo, source: str) -> Source:
     """The images to label (``label.images``, ``label.coco`` or the data's unlabeled part), checked to exist and to
     hold images before anything is written."""
@@ -295,11 +327,12 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
         check_classes(info.categories, splits.info.categories, f"teacher.checkpoint {resolve_checkpoint(teacher_path)}",
                       f"{source}: {data_where(_to_plain(cfg.data))}",
                       "label with a teacher trained on this data's classes (same ids and names)")
+    recorded = _ignored_model_keys(cfg, model, registry, resolve_checkpoint(teacher_path), source)
     unlabeled = _checked_source(lcfg, None if splits is None else splits.unlabeled, info, source)
     if rank == 0:
         if lock is not None:
             lock.acquire(out_root / "label")
-        save_config(with_defaults(cfg, registry), out_root / "label")  # the full recipe, every default
+        save_config(with_defaults(recorded, registry), out_root / "label")  # the full recipe, every default
         save_environment(_to_plain(cfg), registry, out_root / "label")
     return label_dataset(task, model, info, unlabeled,
                          None if splits is None else splits.labeled, lcfg, out_root / "label",
