@@ -515,3 +515,47 @@ def test_predictions_of_a_resized_view_come_back_in_the_views_frame():
     for b in range(2):  # factor 1: the model's own size, so the plain prediction, mapped back to the original
         assert torch.allclose(back[0][b].boxes, plain[b].boxes, atol=1e-3)
         assert back[1][b].image_size == plain[b].image_size and len(back[1][b]) > 0
+
+
+def _coco_with_ground_truth(tmp_path: Path, shift: int, n: int = 6) -> Path:
+    """``n`` shapes images and their boxes as a COCO file whose category ids are the dataset's + ``shift`` (the
+    same names)."""
+    from PIL import Image
+
+    ds, _, _ = shapes_splits()
+    images, anns = [], []
+    for i in range(n):
+        image, target = ds[i]
+        Image.fromarray((image.permute(1, 2, 0).numpy() * 255).astype("uint8")).save(tmp_path / f"gt{i}.png")
+        images.append({"id": i, "file_name": f"gt{i}.png", "height": 64, "width": 64})
+        for box, label in zip(target["boxes"].tolist(), target["labels"].tolist()):
+            x0, y0, x1, y1 = box
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": int(label) + shift, "iscrowd": 0,
+                         "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+    cats = [{**c, "id": int(c["id"]) + shift} for c in ds.info.categories]
+    path = tmp_path / f"gt{shift}.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return path
+
+
+def test_label_coco_quality_matches_categories_by_name(tmp_path, caplog):
+    """A COCO file whose ids are not the teacher's (COCO's 1-90 for a YOLO-id teacher) is scored by name: the same
+    report as under the teacher's ids, never a silent precision of 0."""
+    ds, labeled, _ = shapes_splits()
+    cfg = {**DET_CFG, "transforms": [{"name": "identity"}], "selector": {"name": "score_threshold", "threshold": 0.0}}
+    reports = []
+    for shift in (0, 30):
+        res = L.label_dataset(FakeTask(), BlobDetector(), ds.info, None, labeled,
+                              {**cfg, "coco": str(_coco_with_ground_truth(tmp_path, shift))}, tmp_path / f"o{shift}")
+        reports.append(res.quality)
+    assert reports[0]["ensemble"]["precision"] > 0.5 and reports[1] == reports[0]
+    # a file of other classes altogether: one warning naming it, no report
+    other = json.loads((tmp_path / "gt30.json").read_text())
+    other["categories"] = [{**c, "name": f"other{c['id']}"} for c in other["categories"]]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with caplog.at_level(logging.WARNING, logger="ddkit.label"):
+        res = L.label_dataset(FakeTask(), BlobDetector(), ds.info, None, labeled,
+                              {**cfg, "coco": str(tmp_path / "other.json")}, tmp_path / "o_other")
+    assert res.quality is None
+    said = [m for m in caplog.messages if "other.json" in m]
+    assert len(said) == 1 and "3 of its categories are not the teacher's" in said[0] and "no quality report" in said[0]

@@ -1,6 +1,7 @@
 """Unlabeled image sources: a folder of image files, the images of a COCO JSON, or a dataset's items."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -15,6 +16,8 @@ from ddkit.engine.label.config import LabelConfig
 from ddkit.engine.teacher_cache import files_fingerprint
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo
+
+log = logging.getLogger("ddkit.label")
 
 @dataclass
 class Item:
@@ -93,7 +96,7 @@ class CocoSource(Source):
     """The images a COCO JSON lists (in its order); its annotations, if any, are the hidden ground truth."""
 
     def __init__(self, path: str | Path, image_root: str | Path | None = None,
-                 image_shape: Sequence[int] | None = None):
+                 image_shape: Sequence[int] | None = None, categories: Sequence[Mapping[str, Any]] | None = None):
         self.image_shape = image_shape
         self.path = Path(path)
         coco = read_coco_file(self.path, image_root, need_annotations=False)  # the one validating COCO reader
@@ -102,6 +105,29 @@ class CocoSource(Source):
         self.anns = coco.annotations_by_image()
         self.categories = coco.categories
         self.has_ground_truth = bool(coco.annotations)
+        if self.has_ground_truth and categories is not None:
+            self._to_teacher_ids(categories)
+
+    def _to_teacher_ids(self, categories: Sequence[Mapping[str, Any]]) -> None:
+        """The hidden ground truth in the teacher's category ids, matched by name when the file's ids differ (a
+        YOLO-id teacher on a COCO file): the quality report compares ids. The file's classes the teacher lacks are
+        left out of it, with one warning naming them; none in common leaves no ground truth (no report)."""
+        ours = {str(c.get("name")): int(c["id"]) for c in categories}
+        theirs = {int(c["id"]): str(c.get("name")) for c in self.categories}
+        if all(ours.get(name) == cid for cid, name in theirs.items()):
+            return
+        to_ours = {cid: ours[name] for cid, name in theirs.items() if name in ours}
+        lacking = sorted(name for name in theirs.values() if name not in ours)
+        if lacking:
+            log.warning("label.coco %s: %d of its categories are not the teacher's (%s%s): %s", self.path,
+                        len(lacking), ", ".join(map(repr, lacking[:4])), ", ..." if len(lacking) > 4 else "",
+                        "their annotations are left out of the quality report" if to_ours else
+                        "no quality report (give a COCO file of the teacher's classes for one)")
+        self.anns = {im: [{**a, "category_id": to_ours[int(a["category_id"])]} for a in anns
+                          if int(a["category_id"]) in to_ours] for im, anns in self.anns.items()}
+        self.has_ground_truth = bool(to_ours)
+        if to_ours:
+            log.info("label.coco %s: categories matched to the teacher's by name (%d)", self.path, len(to_ours))
 
     def __len__(self) -> int:
         return len(self.images)
@@ -208,7 +234,7 @@ def make_source(cfg: LabelConfig, unlabeled: Any, info: DatasetInfo) -> Source:
         return unlabeled
     shape = info.extra.get("image_shape") if info.extra else None
     if cfg.coco:
-        return CocoSource(cfg.coco, cfg.images, shape)
+        return CocoSource(cfg.coco, cfg.images, shape, info.categories)
     if cfg.images:
         return FolderSource(cfg.images, shape)
     if unlabeled is None:
