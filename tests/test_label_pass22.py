@@ -158,3 +158,22 @@ def test_teacher_model_keys_a_checkpoint_overrides_are_warned_about_and_not_reco
     assert len(said) == 1 and "dropout=0.25" in said[0] and "hidden" not in said[0] and str(teacher) in said[0]
     saved = yaml.safe_load((tmp_path / "run" / "label" / "config.yaml").read_text())
     assert saved["teacher"]["model"]["dropout"] == 0.0 and saved["teacher"]["model"]["hidden"] == [16]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_max_shards_below_one_is_an_argparse_error(tmp_path, teacher, value, capsys):
+    r = recipe(tmp_path, teacher, images=str(_folder(tmp_path, 2)))
+    with pytest.raises(SystemExit) as exc:
+        main(["label", str(r), "--no-progress", "--max-shards", value])
+    assert exc.value.code == 2 and "--max-shards" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_hidden_folders_are_not_labelled(tmp_path, teacher):
+    folder = _folder(tmp_path, 2)
+    _png(folder / ".ipynb_checkpoints" / "d0-checkpoint.png", 0)
+    _png(folder / "sub" / ".hidden.png", 1)
+    _png(folder / "sub" / "d2.png", 2)
+    assert main(["label", str(recipe(tmp_path, teacher, images=str(folder))), "--no-progress"]) == 0
+    data = json.loads((tmp_path / "run" / "label" / "pseudo_labels.json").read_text())
+    assert [im["file_name"] for im in data["images"]] == ["d0.png", "d1.png", "sub/d2.png"]

@@ -22,11 +22,22 @@ HELP = "pseudo-label unlabeled images with a teacher: multi-transform inference,
 ON_INTERRUPT = "re-run the same command to resume: the shards written are kept"
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an int of 1 or more (``--max-shards 0`` would label nothing, ``-1`` all but the last)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1: give how many shards to label, 1 or more")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a YAML recipe with run, data, teacher {checkpoint} and label sections")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. label.shards=8")
     parser.add_argument("--shard", metavar="I/N", help="label only part I of N (0-based) and do not select")
-    parser.add_argument("--max-shards", type=int, metavar="K", help="stop after labelling K shards (resume later)")
+    parser.add_argument("--max-shards", type=positive_int, metavar="K", help="stop after labelling K shards (resume later)")
     parser.add_argument("--keep-raw", action="store_true", default=None,
                         help="also keep every view's predictions (raw_predictions.pt, for ddkit bench)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -19,7 +19,7 @@ from ddkit.engine.label.labeller import Labeller
 from ddkit.engine.label.sources import ImageRange, Source, as_list, check_not_empty
 from ddkit.engine.shards import (ShardSet, fingerprint, load_shard, pack_targets, save_shard, shard_bounds,
                                  worker_shards)
-from ddkit.errors import DataError
+from ddkit.errors import ConfigError, DataError
 
 log = logging.getLogger("ddkit.label")
 
@@ -167,6 +167,8 @@ def label_shards(labeller: Labeller, source: Source, cfg: LabelConfig, shards: S
     """Label the shards of worker ``rank`` of ``world`` not written yet (at most ``max_shards``).
 
     Returns ``(shards written now, whether every shard of this worker is written)``."""
+    if max_shards is not None and max_shards < 1:
+        raise ConfigError(f"max_shards: {max_shards} is below 1; give how many shards to label (1 or more) or None")
     mine = worker_shards(shards.num_shards, rank, world)
     done = _remove_other_recipes(shards) if rank == 0 else {s for s in mine if shards.done(s)}  # each read once
     todo = [s for s in mine if s not in done]

@@ -56,10 +56,17 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()
 
 
+def _image_files(root: Path) -> list[str]:
+    """The image files under ``root`` (recursively, sorted), relative to it; hidden folders and files
+    (``.ipynb_checkpoints/``, macOS ``._*``) left out, as the ``image_folder`` dataset leaves them out."""
+    rels = (p.relative_to(root) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(str(r) for r in rels if not any(part.startswith(".") for part in r.parts) and (root / r).is_file())
+
+
 class FolderSource(Source):
-    """The image files under a folder (recursively, sorted by path); ids are positions ``0..N-1``. With
-    ``image_shape`` (a fixed-size classifier's input ``[C, H, W]``) images are converted to it; with ``files``
-    (paths relative to ``root``) those files only, in that order (``ddkit predict`` on one image file)."""
+    """The image files under a folder (recursively, sorted by path, hidden ones left out); ids are positions
+    ``0..N-1``. With ``image_shape`` (a fixed-size classifier's input ``[C, H, W]``) images are converted to it; with
+    ``files`` (paths relative to ``root``) those files only, in that order (``ddkit predict`` on one image file)."""
 
     def __init__(self, root: str | Path, image_shape: Sequence[int] | None = None,
                  files: Sequence[str] | None = None):
@@ -67,9 +74,7 @@ class FolderSource(Source):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ConfigError(f"label.images: {self.root} is not a folder")
-        self.files = [str(f) for f in files] if files is not None else sorted(
-            str(p.relative_to(self.root)) for p in self.root.rglob("*")
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        self.files = [str(f) for f in files] if files is not None else _image_files(self.root)
         self.image_root = str(self.root.resolve())
 
     def __len__(self) -> int:
