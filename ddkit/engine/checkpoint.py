@@ -125,12 +125,19 @@ def _explained(path: Path, registry: Any = None) -> str | None:
     return None
 
 
+def _plain_state_dict(record: Any) -> bool:
+    """Whether ``record`` is a bare ``model.state_dict()`` (tensor names to tensors), not a ddkit record."""
+    return isinstance(record, dict) and bool(record) and all(isinstance(v, torch.Tensor) for v in record.values())
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
-                    fresh_hint: str | None = None, registry: Any = None) -> dict[str, Any]:
+                    fresh_hint: str | None = None, registry: Any = None,
+                    plain_hint: str | None = None) -> dict[str, Any]:
     """Load a ddkit file with ``weights_only=True``; raise :class:`DataError` naming the file if it is not one.
 
     ``fresh_hint``: what to do instead (default: a model plugin's way to load the file, else which files to pass),
     e.g. for a run's own checkpoint. ``registry``: whose model plugins are asked (default: the installed ones).
+    ``plain_hint``: what to do with a plain state dict, for a command that has its own route (e.g. ``ddkit label``).
     """
     path = resolve_checkpoint(path)
     try:
@@ -138,6 +145,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     except Exception as err:
         hint = fresh_hint or _explained(path, registry) or PASS_INSTEAD
         raise DataError(f"{path}: cannot load: {_unreadable(path, err)}; {hint}") from None
+    if plain_hint and _plain_state_dict(record):
+        raise DataError(f"{path}: a plain state dict (tensor names to tensors), not a ddkit checkpoint; {plain_hint}")
     hint = fresh_hint or PASS_INSTEAD
     if not isinstance(record, dict) or record.get("format") not in (CHECKPOINT_FORMAT, MODEL_FORMAT):
         raise DataError(f"{path}: not a ddkit checkpoint (no 'format' key of {MODEL_FORMAT} or {CHECKPOINT_FORMAT}); "
@@ -162,7 +171,7 @@ def warn_unfinished(path: str | Path, record: Mapping[str, Any]) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", registry: Any = None,
-               warn: bool = True) -> tuple[Task, nn.Module, DatasetInfo]:
+               warn: bool = True, plain_hint: str | None = None) -> tuple[Task, nn.Module, DatasetInfo]:
     """Rebuild ``(task, model, info)`` from a ddkit checkpoint or exported model alone; the model is in eval mode.
 
     Args:
@@ -170,11 +179,12 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", registry: A
         device: where to put the model.
         registry: the registry to build the task and model from (default: the installed plugins).
         warn: warn when the file is an unfinished training checkpoint (:func:`warn_unfinished`).
+        plain_hint: what to do with a plain state dict instead (:func:`load_checkpoint`).
     """
     from ddkit.plugin_manager import get_registry
 
     registry = registry or get_registry()
-    record = load_checkpoint(path, registry=registry)
+    record = load_checkpoint(path, registry=registry, plain_hint=plain_hint)
     task = registry.build("tasks", record["task"], where=f"{path}: task")
     info = info_from_dict(record["info"])
     model_cfg = dict(record["model_cfg"])

@@ -280,6 +280,13 @@ def _checked_source(lcfg: LabelConfig, unlabeled: Any, info: DatasetInfo, source
     return src
 
 
+def weights_route(source: str, weights: str = "FILE") -> str:
+    """How to label with weights that are not a ddkit checkpoint (a plain state dict): make them a teacher first."""
+    return (f"make it a teacher first: ddkit train {source} --stage teacher teacher.model.pretrained={weights} "
+            f"teacher.train.iterations=0, then ddkit label with the same run.out_dir (its teacher/ is used) or "
+            f"teacher.checkpoint=OUT_DIR/teacher; ddkit label ignores teacher.model.pretrained")
+
+
 def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None = None,
               worker: tuple[int, int] | None = None, max_shards: int | None = None, progress: bool = False,
               registry: Any = None, source: str = "recipe", lock: RunLock | None = None) -> LabelResult:
@@ -305,15 +312,20 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
     if not teacher_path and (out_root / "teacher" / "model.pt").is_file():  # `ddkit train --stage teacher` wrote it
         teacher_path = str(out_root / "teacher")
     if not teacher_path:
+        weights = ((cfg.get("teacher") or {}).get("model") or {}).get("pretrained")
+        route = f"; to label with weights in a plain state dict, {weights_route(source, weights)}" \
+            if isinstance(weights, str) else ""
         raise ConfigError(f"{source}: teacher.checkpoint is required (a model.pt or a run folder); without it the "
-                          f"teacher `ddkit train --stage teacher` wrote is used, but {out_root / 'teacher'} holds none")
+                          f"teacher `ddkit train --stage teacher` wrote is used, but {out_root / 'teacher'} holds "
+                          f"none{route}")
     device = _label_device(run)
     rank = int(os.environ.get("RANK", "0")) if worker is None else 0
     sel_block, selector = build_selector(lcfg, registry, where=f"{source}: label")
     if cfg.get("data") is None and getattr(selector, "needs_labeled_stats", False):
         raise ConfigError(f"{source}: selector {sel_block['name']!r} matches the labeled set's counts; "
                           f"the recipe needs a data section with the labeled set")
-    task, model, info = load_model(teacher_path, device="cpu", registry=registry)
+    task, model, info = load_model(teacher_path, device="cpu", registry=registry,
+                                   plain_hint=weights_route(source, str(teacher_path)))
     if cfg.get("task") is not None:
         want = strategy_block(cfg.task)["name"]
         if want != task.name:
