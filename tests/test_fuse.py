@@ -525,3 +525,25 @@ def test_images_file_problems_name_the_file(tmp_path, capsys):
     err = err_of(strid, tmp_path / "i.json")
     assert err.count("COCO image ids are integers") == 1 and "s.json[0]: image_id is not an integer" in err
     assert not out.exists()
+
+
+def test_results_classes_the_gt_file_lacks_are_warned_naming_the_file_and_ids(tmp_path, capsys, caplog):
+    """pass 22 fuse L4: pycocotools scores only the --gt file's categories; results of other classes were left out
+    of the AP without a word."""
+    images = json.loads(COCO_MINI.read_text())
+    images["categories"] = images["categories"] + [{"id": 7, "name": "train"}, {"id": 9, "name": "boat"}]
+    preds = _jittered_gt(0)
+    extra = [dict(d, category_id=7) for d in preds[:3]] + [dict(d, category_id=9) for d in preds[3:4]]
+    files = [_write(tmp_path, "i.json", images), _write(tmp_path, "a.json", preds + extra),
+             _write(tmp_path, "b.json", _jittered_gt(1))]
+    base = ["fuse", str(files[1]), str(files[2]), "--images", str(files[0]), "-o", str(tmp_path / "o.json")]
+    with caplog.at_level("WARNING", logger="ddkit.fuse"):
+        assert main(base + ["--gt", str(COCO_MINI)]) == 0
+    lines = [r.getMessage() for r in caplog.records if "category ids" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith(f"{COCO_MINI}: the results' category ids 7, 9 (2 ids, 4 "
+                                                   f"detections) are not in"), lines
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ddkit.fuse"):  # every class listed: no line
+        assert main(["fuse", str(files[2]), "--images", str(COCO_MINI), "-o", str(tmp_path / "p.json"),
+                     "--gt", str(COCO_MINI)]) == 0
+    assert "category ids" not in caplog.text

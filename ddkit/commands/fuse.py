@@ -120,6 +120,24 @@ def _load_gt(args: argparse.Namespace, coco: dict) -> dict | None:
     return gt
 
 
+def gt_category_warning(gt_source: str, gt: dict, preds: list[list[dict]]) -> str | None:
+    """One line when results carry category ids that the ground truth's ``categories`` do not list: pycocotools
+    scores only the GT's categories, so those detections are left out of every AP (None when all are listed)."""
+    listed = {c.get("id") for c in gt.get("categories", []) if isinstance(c, dict)}
+    counts: dict[int, int] = {}
+    for det in (d for p in preds for d in p):
+        if det["category_id"] not in listed:
+            counts[det["category_id"]] = counts.get(det["category_id"], 0) + 1
+    if not counts:
+        return None
+    ids = sorted(counts)
+    shown = ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
+    return (f"{gt_source}: the results' category ids {shown} ({len(ids)} ids, {sum(counts.values())} detections) "
+            f"are not in this "
+            f"ground truth's categories, so the AP leaves them out; give a GT file that lists every class the "
+            f"detectors predict, or drop those classes from the results")
+
+
 def _evaluate(args: argparse.Namespace, gt: dict, coco: dict, preds: list, fused: list, method: dict) -> None:
     """Every input's and the fused metrics against ``gt``: a table, and ``OUT.eval.json``."""
     from ddkit.engine.coco_eval import coco_evaluate, format_metrics_table
@@ -150,6 +168,9 @@ def run(args: argparse.Namespace) -> int:
     if len(preds) > 1:
         for line in coverage_warnings(preds, list(args.predictions), len(coco["images"]), args.images):
             log.warning(line)
+    cat_line = None if gt is None else gt_category_warning(str(args.gt or args.images), gt, preds)
+    if cat_line:
+        log.warning(cat_line)
     out = Path(args.output)
     atomic_write_json(out, fused, indent=None)
     n_in = sum(len(p) for p in preds)
