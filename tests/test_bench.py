@@ -479,3 +479,16 @@ def test_a_file_that_is_no_raw_predictions_says_what_it_must_be(tmp_path):
     junk.write_bytes(b"\x00\x01 not torch")
     with pytest.raises(DataError, match=r"junk\.pt: not a ddkit raw-predictions file .*not a torch file"):
         B.load_raw(junk)
+
+
+def test_no_synthetic_no_raw_and_no_teacher_names_bench_raw(tmp_path, capsys):
+    """pass 22 fuse L1 (note): bench.synthetic=null without bench.raw talked only of teacher.checkpoint."""
+    from ddkit.cli import main
+
+    recipe = REPO / "configs" / "bench_synthetic.yaml"
+    rc = main(["bench", str(recipe), f"run.out_dir={tmp_path / 'run'}", "bench.synthetic=null"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "bench_synthetic.yaml: bench has no raw predictions to bench: give bench.raw (a raw-predictions file" \
+        in err[0] and "or a teacher to label with (teacher.checkpoint" in err[0], err
+    assert not (tmp_path / "run").exists()

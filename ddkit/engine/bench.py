@@ -493,6 +493,12 @@ def _raw_from_labelling(cfg: Any, run_dir: Path, source: str, registry: Any = No
     Returns the path of the kept ``raw_predictions.pt``."""
     from ddkit.engine.label import run_label
 
+    teacher = cfg.get("teacher") if hasattr(cfg, "get") else None
+    if not (teacher or {}).get("checkpoint") and not (run_dir / "teacher" / "model.pt").is_file():
+        raise ConfigError(f"{source}: bench has no raw predictions to bench: give bench.raw (a raw-predictions file, "
+                          f"e.g. label/raw_predictions.pt of ddkit label --keep-raw), or a teacher to label with "
+                          f"(teacher.checkpoint, or {run_dir / 'teacher'} from ddkit train --stage teacher), "
+                          f"or bench.synthetic")
     result = run_label(cfg, run_dir=run_dir, keep_raw=True, registry=registry, source=source)
     if not result.complete or result.raw_path is None:
         raise DataError(f"{source}: labelling did not finish, so no raw predictions were kept; re-run to resume")
