@@ -65,3 +65,37 @@ def test_the_route_for_a_plain_state_dict_labels_with_its_weights(tmp_path, teac
     assert all(torch.equal(made[k], v) for k, v in torch.load(weights, weights_only=True).items())
     assert main(["label", str(r), "--no-progress"]) == 0
     assert json.loads((tmp_path / "run" / "label" / "pseudo_labels.json").read_text())["annotations"]
+
+
+def _pngs(folder: Path, n: int = 3) -> Path:
+    from PIL import Image
+
+    unlabeled = build_data(DATA).unlabeled
+    for i in range(n):
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((unlabeled[i][0][0].numpy() * 255).astype("uint8")).save(folder / f"d{i}.png")
+    return folder
+
+
+def test_pseudo_labels_whose_images_moved_name_the_file_its_image_root_and_the_fix(tmp_path, teacher, capsys):
+    r = recipe(tmp_path, {"checkpoint": str(teacher)})
+    cfg = json.loads(r.read_text())
+    cfg["data"] = {"dataset": {"name": "digits"}, "split": {"labeled": 0.2, "seed": 0}}  # no unlabeled split
+    cfg["label"]["images"] = str(_pngs(tmp_path / "pngs"))
+    r.write_text(json.dumps(cfg))
+    assert main(["label", str(r), "--no-progress"]) == 0
+    pseudo = tmp_path / "run" / "label" / "pseudo_labels.json"
+    (tmp_path / "pngs").rename(tmp_path / "moved")
+    student = ["train", str(r), "--stage", "student", "--no-progress", "student.pseudo_labels=auto",
+               "student.model={name: mlp, hidden: [8]}", "student.train.iterations=1", "student.train.batch_size=4"]
+    capsys.readouterr()
+    assert main(student) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"ddkit train: error: {pseudo}: 3 of 3 image(s) are not under its "
+                                               f"info.image_root {tmp_path / 'pngs'} (e.g. d0.png"), err
+    assert "set info.image_root in the file to the images' new folder" in err[0]
+    assert not (tmp_path / "run" / "student").exists()
+    data = json.loads(pseudo.read_text())  # the fix the line names
+    data["info"]["image_root"] = str(tmp_path / "moved")
+    pseudo.write_text(json.dumps(data))
+    assert main(student) == 0

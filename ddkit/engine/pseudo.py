@@ -203,6 +203,20 @@ class PseudoLabelDataset(Dataset):
             raise DataError(f"{self.path}: the images are not files (no image_root in its info); pass the "
                             f"unlabeled dataset as source")
 
+    def check_files(self) -> None:
+        """Every image file is where the pseudo-labels say (``info.image_root`` / ``file_name``), when the images
+        are read from files (no ``source``): images moved after labelling are named with this file and its recorded
+        root before training, not as one unreadable image during it."""
+        if self.source is not None:
+            return
+        root = Path(self.image_root or "/")
+        missing = [im["file_name"] for im in self.images if not (root / im["file_name"]).is_file()]
+        if missing:
+            raise DataError(f"{self.path}: {len(missing)} of {len(self.images)} image(s) are not under its "
+                            f"info.image_root {self.image_root} (e.g. {missing[0]}; moved or deleted since "
+                            f"labelling?); put the images back there, or set info.image_root in the file to the "
+                            f"images' new folder")
+
     def __len__(self) -> int:
         return len(self.images)
 

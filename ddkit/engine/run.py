@@ -783,6 +783,7 @@ class Runner:
                 f"student would train on labeled data alone. Check the teacher's metrics and the selector "
                 f"(label.selector), then re-run")
         pseudo = load_pseudo_dataset(self.results[f"label{sfx}"]["pseudo_labels"], source=self.splits.unlabeled)
+        pseudo.check_files()
         pseudo.info = self.splits.info
         return self._train(f"student{sfx}", s["model"], s.get("train"), [self.splits.labeled, pseudo],
                            s.get("losses"), teacher=self._teacher_for(s.get("losses"), s.get("train")))

@@ -434,6 +434,7 @@ def _pseudo_set(section: Mapping[str, Any], splits: Any, run_dir: Path, data_src
     pseudo = section["pseudo_labels"]
     path = Path(run_dir.parent / "label" / "pseudo_labels.json") if pseudo == "auto" else Path(pseudo)
     pds = load_pseudo_dataset(path, source=splits.unlabeled)
+    pds.check_files()
     check_classes(pds.info.categories, splits.info.categories, f"student.pseudo_labels {path}", data_src,
                   "label the images with a teacher trained on this data's classes, or train the student on the data "
                   "the pseudo-labels were made for", our_side="pseudo-labels")
