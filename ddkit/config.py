@@ -158,10 +158,23 @@ def _drop_replaced_block(cfg: DictConfig, key: str, value: Any) -> None:
     elif last in STRATEGY_SLOTS or path.rpartition(".")[2] in STRATEGY_SLOTS:  # X={...} or X.0={...}
         block_path, new_name = key, _block_name(OmegaConf.create(value)) if isinstance(value, dict) else value
     else:
+        _drop_renamed_below(cfg, key, value)
         return
     old = OmegaConf.select(cfg, block_path, default=None) if block_path else None
     if isinstance(old, DictConfig) and new_name is not None and old.get("name") != new_name:
         OmegaConf.update(cfg, block_path, {"name": new_name}, merge=False, force_add=True)
+
+
+def _drop_renamed_below(cfg: DictConfig, key: str, value: Any) -> None:
+    """An override ``X={...}`` of a section that holds strategy blocks (``data.train={dataset: {name: coco, ...}}``):
+    a block under it whose ``name`` changes drops the old strategy's keys, as a ``defaults:`` merge does. The path to
+    ``X`` holds no interpolation here (:func:`_detach_interpolations`); none under it is followed."""
+    if not isinstance(value, dict):
+        return
+    parent_path, _, last = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_path, default=None) if parent_path else cfg
+    if isinstance(parent, DictConfig):
+        _drop_renamed(parent, OmegaConf.create({last: value}))
 
 
 def validate_config(cfg: DictConfig, registry: Registry, source: str = "recipe") -> None:

@@ -231,3 +231,19 @@ def test_an_error_that_an_override_causes_names_the_override_not_only_the_file(c
     err = capsys.readouterr().err.strip()
     assert "unknown key 'lrr'" in err and "'sed'" not in err, err
     assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize("override, want", [
+    ("data.train={dataset: {name: coco, annotations: a.json}}", {"name": "coco", "annotations": "a.json"}),
+    ("data={train: {dataset: {name: coco, annotations: a.json}}}", {"name": "coco", "annotations": "a.json"}),
+    ("data.train={dataset: {split: val}}", {"name": "yolo", "root": "d", "split": "val"}),  # same strategy: merged
+])
+def test_overriding_a_blocks_parent_drops_the_old_strategys_keys_when_its_name_changes(tmp_path, override, want):
+    """pass 22 label L5: ``data.train={dataset: {name: coco, ...}}`` kept the yolo block's ``root``."""
+    path = _write(tmp_path / "r.yaml", "data:\n  train: {dataset: {name: yolo, root: d, split: train}, shuffle: 1}\n"
+                  "teacher:\n  model: {name: m, width: 2}\nstudent:\n  model: ${teacher.model}\n")
+    cfg = load_config(path, [override])
+    assert OmegaConf.to_container(cfg.data.train.dataset) == want
+    assert cfg.data.train.shuffle == 1  # keys outside a renamed strategy block merge as before
+    cfg = load_config(path, ["student={model: {name: n}}"])  # an interpolated block: the student's only
+    assert cfg.student.model == {"name": "n"} and cfg.teacher.model == {"name": "m", "width": 2}
