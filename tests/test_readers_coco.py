@@ -447,3 +447,42 @@ def test_a_wrong_image_size_is_the_only_message(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
     assert "dropped 1 instance(s)" in caplog.text
+
+
+class _Items(torch.utils.data.Dataset):
+    """A dataset of black 50x100 images: not the pseudo-label file's white one."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return torch.zeros(3, 50, 100), {}
+
+
+def _pseudo_from(tmp_path: Path, source: dict) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (100, 50), (255, 255, 255)).save(tmp_path / "a.png")
+    path = _pseudo(tmp_path, [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 5, 5], "score": 0.9}])
+    data = json.loads(path.read_text())
+    data["info"]["source"] = source
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_pseudo_labels_of_a_folder_read_its_files_not_the_unlabeled_part(tmp_path):
+    # label.images labelled a folder: ddkit_index is a position in that folder, so a recipe's unlabeled part given as
+    # source (ddkit run, ddkit train --stage student) must not be read at that position
+    path = _pseudo_from(tmp_path, {"kind": "folder", "root": str(tmp_path), "num_images": 1})
+    ds = load_pseudo_dataset(path, source=_Items(4))
+    assert ds.load_image(0).float().mean() > 0.5  # the white file, not the black dataset item
+
+
+def test_pseudo_labels_of_a_dataset_read_it_and_refuse_another_split(tmp_path):
+    path = _pseudo_from(tmp_path, {"kind": "dataset", "name": "unlabeled", "num_images": 1})
+    assert load_pseudo_dataset(path, source=_Items(1)).load_image(0).float().mean() == 0
+    with pytest.raises(DataError, match="made from 1 unlabeled images, but this data's unlabeled part holds 3"):
+        load_pseudo_dataset(path, source=_Items(3))

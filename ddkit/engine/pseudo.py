@@ -184,7 +184,7 @@ class PseudoLabelDataset(Dataset):
             raise DataError(f"{self.path}: not a pseudo-label file (a COCO object written by ddkit label)")
         self.info = info_from_pseudo(data)
         self.classification = data.get("ddkit_format") == IMAGE_LABELS
-        self.source = source
+        self.source = _image_source(self.path, (data.get("info") or {}).get("source"), source)
         root = image_root if image_root is not None else (data.get("info") or {}).get("image_root")
         self.image_root = None if root is None else Path(root)
         if not self.classification:  # the one COCO validation and box rule of every reader
@@ -251,6 +251,23 @@ class PseudoLabelDataset(Dataset):
 
     def __getitem__(self, i: int):
         return self.load_image(i), self.get_target(i)
+
+
+def _image_source(path: Path, labelled: Any, source: Any) -> Any:
+    """The dataset to read the images from: ``source`` only when the pseudo-labels were made from a dataset's items
+    (their ``ddkit_index`` is a position in it), never when ``ddkit label`` read a folder or a COCO file
+    (``label.images`` / ``label.coco``: the positions are that source's, the images its files). Files written before
+    ``info.source`` existed keep ``source``."""
+    if source is None or not isinstance(labelled, Mapping):
+        return source
+    if labelled.get("kind") != "dataset":
+        return None
+    made_from = labelled.get("num_images")
+    if isinstance(made_from, int) and made_from != len(source):
+        raise DataError(f"{path}: made from {made_from} unlabeled images, but this data's unlabeled part holds "
+                        f"{len(source)}: the pseudo-labels are another split's (data.split changed?); label this "
+                        f"split again (ddkit label), or train with the data they were made for")
+    return source
 
 
 def load_pseudo_dataset(path: str | Path, source: Any = None, image_root: str | Path | None = None,
