@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="a YAML recipe with run, data, teacher {checkpoint} and label sections")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist), e.g. label.shards=8")
     parser.add_argument("--shard", metavar="I/N", help="label only part I of N (0-based) and do not select")
-    parser.add_argument("--max-shards", type=positive_int, metavar="K", help="stop after labelling K shards (resume later)")
+    parser.add_argument("--max-shards", type=positive_int, metavar="K",
+                        help="stop after labelling K shards (resume later)")
     parser.add_argument("--keep-raw", action="store_true", default=None,
                         help="also keep every view's predictions (raw_predictions.pt, for ddkit bench)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

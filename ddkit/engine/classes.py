@@ -27,7 +27,8 @@ def first_class_difference(ours: Sequence[Mapping[str, Any]], theirs: Sequence[M
                     + (repr(other) if other is not None else f"none ({their_side} {name_b!r} is id {id_b})"))
     longer, side = (a, our_side) if len(a) > len(b) else (b, their_side)
     extra = longer[min(len(a), len(b))]
-    return f"{len(a)} {our_side} class(es) vs {len(b)} {their_side} class(es) (id {extra[0]} {extra[1]!r} only the {side}'s)"
+    return (f"{len(a)} {our_side} class(es) vs {len(b)} {their_side} class(es) (id {extra[0]} {extra[1]!r} only "
+            f"the {side}'s)")
 
 
 def check_classes(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[str, Any]], our_src: str,

@@ -300,9 +300,10 @@ def results_to_instances(entries: Sequence[Mapping[str, Any]], sizes: Mapping[in
 
 def coverage_warnings(pred_lists: Sequence[Sequence[Mapping[str, Any]]], sources: Sequence[str],
                       num_images: int, images_source: str = "the images file") -> list[str]:
-    """One line per validated input that has no detections, or detections on fewer images than another input: a
-    crashed detector or one pointed at the wrong folder looks like a model that found nothing, and aggregators that
-    average over the inputs (WBF's ``conf_type: avg``) then lower every fused score."""
+    """One line per validated input that has no detections, or detections on less than half the images another input
+    covers: a crashed detector or one pointed at the wrong folder looks like a model that found nothing, and
+    aggregators that average over the inputs (WBF's ``conf_type: avg``) then lower every fused score. (Detectors
+    differ by a few images in normal use: one finds nothing where another has a false positive.)"""
     covered = [len({int(e["image_id"]) for e in preds}) for preds in pred_lists]
     most = max(covered, default=0)
     n = len(pred_lists)
@@ -312,7 +313,7 @@ def coverage_warnings(pred_lists: Sequence[Sequence[Mapping[str, Any]]], sources
             lines.append(f"{src}: 0 detections (a crashed detector or the wrong folder?); it is fused as a model "
                          f"that found nothing, which lowers the scores of aggregators that average over the {n} "
                          f"inputs")
-        elif k < most:
+        elif 2 * k < most:
             lines.append(f"{src}: detections on only {k} of the {num_images} images of {images_source} (another "
                          f"input covers {most}); on the others it is fused as a model that found nothing")
     return lines
