@@ -145,3 +145,15 @@ def test_batches_equal_the_slot_by_slot_definition():
                               world_size=world)
         for step in (0, 1, 17, rng.randint(0, 10 ** 6)):  # epoch boundaries fall inside batches
             assert s.batch(step) == _reference_batch(s, step), (sizes, ratio, world, s.rank, s.batch_size, step)
+
+
+def test_resume_with_another_process_count_names_it():
+    # pass 22 (torchrun): a 2-process checkpoint resumed by one process blamed "the data or the batch settings",
+    # because each process's batch_size is the global batch split over the processes
+    two = MixedRatioSampler([100, 50], batch_size=32, ratio=[6, 4], seed=0, rank=0, world_size=2)
+    one = MixedRatioSampler([100, 50], batch_size=64, ratio=[6, 4], seed=0)
+    with pytest.raises(ConfigError, match=r"written by 2 process\(es\), this run has 1; resume with the same process "
+                                          r"count \(torchrun --nproc_per_node=2\)"):
+        one.load_state_dict(two.state_dict())
+    with pytest.raises(ConfigError, match="batch_size=32, this run has 64"):  # same count: the batch changed
+        one.load_state_dict({**two.state_dict(), "world_size": 1})

@@ -139,12 +139,16 @@ class MixedRatioSampler(torch.utils.data.Sampler[list[int]]):
                 "batch_size": self.batch_size, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "sizes", "ratio", "batch_size", "world_size"):
-            if key not in state:
+        for key in ("world_size", "seed", "sizes", "ratio", "batch_size"):  # the process count first: it sets the
+            if key not in state:                                              # per-process batch_size
                 continue
             theirs = list(state[key]) if isinstance(state[key], (list, tuple)) else state[key]
             mine = getattr(self, key)
+            if theirs != mine and key == "world_size":
+                raise ConfigError(f"cannot resume: the checkpoint was written by {theirs} process(es), this run has "
+                                  f"{mine}; resume with the same process count (torchrun --nproc_per_node={theirs}"
+                                  f"{'' if theirs > 1 else ', or no torchrun'})")
             if theirs != mine:
                 raise ConfigError(f"cannot resume: the checkpoint's sampler had {key}={theirs}, this run has "
-                                      f"{mine} (the data or the batch settings changed)")
+                                  f"{mine} (the data or the batch settings changed)")
         self.step = int(state["step"])
