@@ -77,6 +77,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic(path, "wb", lambda fh: torch.save(obj, fh))
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file: the same path, a symlink or a hard link to it (an output over an input)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    return a.is_file() and b.is_file() and os.path.samefile(a, b)
+
+
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     import hashlib
 

@@ -9,7 +9,6 @@ The output (``ddkit-model-v1``) rebuilds its model from the file alone with
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from ddkit.errors import ConfigError
@@ -44,9 +43,11 @@ def _stage_file(path: Path) -> str | None:
 def check_output(dest: Path, src: Path) -> None:
     """Refuse an ``-o`` that is a folder, the file being exported, or a stage's model or checkpoint (which ``ddkit
     eval`` / ``ddkit run`` read as that stage's); before anything is written."""
+    from ddkit.io import same_file
+
     if dest.is_dir():
         raise ConfigError(f"-o {dest} is a folder; give a file name, e.g. -o {dest / 'model.pt'}")
-    if dest.resolve() == src.resolve() or (dest.is_file() and os.path.samefile(dest, src)):
+    if same_file(dest, src):
         raise ConfigError(f"-o {dest} is the checkpoint being exported; choose another file")
     stage = _stage_file(dest)
     if stage:

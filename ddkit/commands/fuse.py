@@ -5,7 +5,6 @@ import argparse
 import json
 import logging
 import math
-import os
 from pathlib import Path
 
 from ddkit.errors import ConfigError, DataError
@@ -82,23 +81,18 @@ def _inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
     return named
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file (the same path, a symlink or a hard link to it)."""
-    if a.resolve() == b.resolve():
-        return True
-    return a.is_file() and b.is_file() and os.path.samefile(a, b)
-
-
 def check_output(args: argparse.Namespace) -> None:
     """Refuse an ``-o`` (or its ``OUT.eval.json``) that is a folder or one of the inputs, before anything is read."""
+    from ddkit.io import same_file
+
     out = Path(args.output)
     if out.is_dir():
         raise ConfigError(f"-o {out} is a folder; give a file name, e.g. -o {out / 'fused.json'}")
     eval_path = out.with_name(out.stem + ".eval.json")
     for path, what in _inputs(args):
-        if _same_file(out, Path(path)):
+        if same_file(out, Path(path)):
             raise ConfigError(f"-o {out} is {what}; choose another output")
-        if args.gt is not None and _same_file(eval_path, Path(path)):
+        if args.gt is not None and same_file(eval_path, Path(path)):
             raise ConfigError(f"-o {out} with --gt writes {eval_path}, which is {what}; choose another output")
 
 

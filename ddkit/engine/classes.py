@@ -6,7 +6,8 @@ from typing import Any, Mapping, Sequence
 from ddkit.errors import ConfigError
 
 
-def _pairs(categories: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+def pairs(categories: Sequence[Mapping[str, Any]]) -> list[tuple[int, str]]:
+    """``[(id, name)]`` of a category list, in its order."""
     return [(int(c["id"]), str(c.get("name"))) for c in categories]
 
 
@@ -14,7 +15,7 @@ def first_class_difference(ours: Sequence[Mapping[str, Any]], theirs: Sequence[M
                            our_side: str = "teacher", their_side: str = "data") -> str | None:
     """``None`` when the categories are the same ``(id, name)`` pairs in the same order, else the first that differs,
     as text (``id 0: teacher 'person' vs data 'bicycle'``)."""
-    a, b = _pairs(ours), _pairs(theirs)
+    a, b = pairs(ours), pairs(theirs)
     if a == b:
         return None
     names_a, names_b = dict(a), dict(b)
@@ -32,12 +33,17 @@ def first_class_difference(ours: Sequence[Mapping[str, Any]], theirs: Sequence[M
 
 
 def check_classes(ours: Sequence[Mapping[str, Any]], theirs: Sequence[Mapping[str, Any]], our_src: str,
-                  their_src: str, fix: str, our_side: str = "teacher", their_side: str = "data") -> None:
-    """Refuse, in one line naming both sources, the first differing class and ``fix``, categories that are not the
-    same ``(id, name)`` pairs: labels are passed on by id, so a name under another id would be another class."""
+                  their_src: str, fix: str, our_side: str = "model", their_side: str = "data") -> None:
+    """Refuse, in one line naming both sources, the first differing class, ``fix`` and the names ``ours`` lacks,
+    categories that are not the same ``(id, name)`` pairs: labels are passed on by id, so a name under another id
+    would be another class."""
     diff = first_class_difference(ours, theirs, our_side, their_side)
-    if diff is not None:
-        raise ConfigError(f"{their_src}: its classes are not the {our_side}'s ({our_src}): {diff}; {fix}")
+    if diff is None:
+        return
+    missing = sorted({name for _, name in pairs(theirs)} - {name for _, name in pairs(ours)})
+    hint = f" (the {our_side} has no class named {', '.join(map(repr, missing[:4]))})" if missing else ""
+    raise ConfigError(f"{their_src}: its categories ({len(theirs)}) are not the {our_side}'s ({len(ours)}, "
+                      f"{our_src}): {diff}; {fix}{hint}")
 
 
 def data_where(data: Mapping[str, Any] | None) -> str:

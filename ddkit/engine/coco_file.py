@@ -123,15 +123,19 @@ class CocoFile:
         return next((c for c in sorted(self.categories, key=lambda c: c["id"]) if c.get("keypoints")), None)
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path) -> Any:
+    """A JSON file's content; one :class:`DataError` naming the file when it is a folder, missing, empty or no JSON."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a JSON file")
     if not path.is_file():
-        raise DataError(f"{path}: annotation file not found")
+        raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty")
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            return json.load(fh)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise DataError(f"{path}: not valid JSON: {err}") from None
-    return data
 
 
 def _records(data: dict[str, Any], key: str, path: Path, required: bool) -> list[dict[str, Any]]:
@@ -320,7 +324,7 @@ def read_coco_file(path: str | Path, image_root: str | Path | None = None, *, al
         DataError: one line naming the file, the record and the field.
     """
     path = Path(path)
-    return validate_coco(_load_json(path), path, image_root, allow_outside_root=allow_outside_root,
+    return validate_coco(load_json(path), path, image_root, allow_outside_root=allow_outside_root,
                          need_annotations=need_annotations, box_tolerance=box_tolerance, warn_boxes=warn_boxes)
 
 

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from ddkit.engine.classes import check_classes, pairs
 from ddkit.engine.data import adapt_image
 from ddkit.engine.label import Labeller, Strategies, build_strategies, parse_label_config
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
@@ -146,26 +147,18 @@ def category_map(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str
     ours = {str(c.get("name")): int(c["id"]) for c in model_info.categories}
     theirs = {str(c.get("name")): int(c["id"]) for c in data_info.categories}
     unique = len(ours) == len(model_info.categories) and len(theirs) == len(data_info.categories)
-    if not by_name or not unique or not set(theirs) <= set(ours) or _pairs(model_info) == _pairs(data_info):
+    same = pairs(model_info.categories) == pairs(data_info.categories)
+    if not by_name or not unique or not set(theirs) <= set(ours) or same:
         check_same_classes(model_info, data_info, model_src, data_src)
         return None
     _check_keypoints(model_info, data_info, model_src, data_src)
     return {ours[name]: theirs[name] for name in theirs}
 
 
-def _pairs(info: DatasetInfo) -> list[tuple[int, str]]:
-    return [(int(c["id"]), str(c.get("name"))) for c in info.categories]
-
-
 def check_same_classes(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str,
                        fix: str = "evaluate on a dataset with the classes the model was trained on") -> None:
     """The model's categories (ids and names) must be the dataset's: labels are compared by id."""
-    ours, theirs = _pairs(model_info), _pairs(data_info)
-    if ours != theirs:
-        missing = sorted({name for _, name in theirs} - {name for _, name in ours})
-        raise ConfigError(f"{data_src}: its categories {theirs[:6]}{'...' if len(theirs) > 6 else ''} are not the "
-                          f"model's {ours[:6]}{'...' if len(ours) > 6 else ''} ({model_src}); {fix}"
-                          + (f" (the model has no class named {', '.join(map(repr, missing[:4]))})" if missing else ""))
+    check_classes(model_info.categories, data_info.categories, model_src, data_src, fix)
     _check_keypoints(model_info, data_info, model_src, data_src)
 
 

@@ -31,6 +31,7 @@ import torch
 
 from ddkit.engine.aggregation import (aggregate_images, build_instance_aggregator, carries_keypoints,
                                       keypoint_aggregators)
+from ddkit.engine.coco_file import load_json
 from ddkit.engine.coco_results import keypoint_results
 from ddkit.engine.box_rule import CLIPPED, OK, box_rule
 from ddkit.errors import ConfigError, DataError
@@ -111,24 +112,9 @@ def image_sizes(coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     return sizes
 
 
-def _read_json(path: Path) -> Any:
-    """A JSON file's content; a :class:`DataError` naming the file when it is missing, a folder, empty or no JSON."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a folder, not a JSON file")
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
-    try:
-        with open(path) as fh:
-            return json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not valid JSON: {err}") from None
-
-
 def load_coco_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    data = _read_json(path)
+    data = load_json(path)
     if not isinstance(data, dict) or "images" not in data:
         raise DataError(f"{path}: not a COCO file (a mapping with an 'images' list)")
     return data
@@ -137,7 +123,7 @@ def load_coco_file(path: str | Path) -> dict[str, Any]:
 def load_results_file(path: str | Path) -> list[Any]:
     """Read a COCO results file (a JSON list); entries are validated by :func:`validate_results`."""
     path = Path(path)
-    data = _read_json(path)
+    data = load_json(path)
     if isinstance(data, dict) and "annotations" in data:
         raise DataError(f"{path}: this is a COCO ground-truth file; fuse takes results files (a JSON list of "
                         f"{{image_id, category_id, bbox, score}})")

@@ -47,7 +47,7 @@ from torch import nn
 from ddkit.engine.amp import Amp
 from ddkit.engine.as_built import check_as_built
 from ddkit.engine.augment import Augment, mix_seed, shift_image
-from ddkit.engine.classes import data_where
+from ddkit.engine.classes import check_classes, data_where
 from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, resolve_checkpoint
 from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
@@ -428,7 +428,6 @@ def _finished_run(run_dir: Path) -> dict[str, Any] | None:
 
 def _pseudo_set(section: Mapping[str, Any], splits: Any, run_dir: Path, data_src: str = "data") -> Any:
     """The pseudo-labeled set; its classes (ids and names) must be the labeled data's: labels pass on by id."""
-    from ddkit.engine.classes import check_classes
     from ddkit.engine.pseudo import load_pseudo_dataset
 
     pseudo = section["pseudo_labels"]

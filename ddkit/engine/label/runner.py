@@ -335,11 +335,12 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
                                   need_single=lcfg.quality is not False and _quality_possible(cfg, lcfg))
     splits = build_data(cfg.data, registry=registry, where=f"{source}: data") if cfg.get("data") is not None \
         else None
+    checkpoint = resolve_checkpoint(teacher_path)
     if splits is not None:  # the pseudo-labels carry the teacher's ids; the student reads them as the data's
-        check_classes(info.categories, splits.info.categories, f"teacher.checkpoint {resolve_checkpoint(teacher_path)}",
+        check_classes(info.categories, splits.info.categories, f"teacher.checkpoint {checkpoint}",
                       f"{source}: {data_where(_to_plain(cfg.data))}",
-                      "label with a teacher trained on this data's classes (same ids and names)")
-    recorded = _ignored_model_keys(cfg, model, registry, resolve_checkpoint(teacher_path), source)
+                      "label with a teacher trained on this data's classes (same ids and names)", our_side="teacher")
+    recorded = _ignored_model_keys(cfg, model, registry, checkpoint, source)
     unlabeled = _checked_source(lcfg, None if splits is None else splits.unlabeled, info, source)
     if rank == 0:
         if lock is not None:
@@ -348,6 +349,6 @@ def run_label(cfg: Any, run_dir: str | Path | None = None, keep_raw: bool | None
         save_environment(_to_plain(cfg), registry, out_root / "label")
     return label_dataset(task, model, info, unlabeled,
                          None if splits is None else splits.labeled, lcfg, out_root / "label",
-                         teacher_checkpoint=resolve_checkpoint(teacher_path), device=device, worker=worker,
+                         teacher_checkpoint=checkpoint, device=device, worker=worker,
                          max_shards=max_shards, progress=progress, registry=registry, strategies=strategies,
                          seed=int(run.get("seed", 0) or 0))
