@@ -298,8 +298,9 @@ class CheckpointHook(HookBase):
             self.save(done)
 
     def on_interrupt(self) -> None:
-        """A checkpoint of the whole steps done; none when stopped mid-step (a second Ctrl-C, or under DDP): a step
-        half applied would resume to another result, so the last periodic checkpoint stands."""
+        """A checkpoint of the whole steps done (under DDP every rank stopped after the same step, and the others
+        wait for rank 0's write); none when stopped mid-step (a second Ctrl-C): a step half applied would resume to
+        another result, so the last periodic checkpoint stands."""
         t = self.trainer
         if not t.is_main:
             return

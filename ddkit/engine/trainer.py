@@ -44,24 +44,50 @@ def _reseed(value: int, dev: torch.device) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; Slurm, Kubernetes and `docker stop` before a SIGKILL
 
 
+# Under DDP one stop request can reach a worker twice within milliseconds, and must not then stop it at once: the
+# torchrun agent forwards the signal it got to every worker (torch.distributed.elastic ``SimpleElasticAgent.run``:
+# ``self._shutdown(e.sigval, ...)``, SIGINT for a Ctrl-C, then SIGKILL after ``--shutdown_timeout``, 30 s by default:
+# ``SubprocessContext._close``), and the worker may get it directly too (torch releases whose workers share the
+# terminal's process group; Slurm's scancel, which signals the tasks and the launcher alike). So a repeat within
+# DDP_REPEAT_S is the same request. A user's second Ctrl-C comes later, and reaches torch 2.x workers (sessions of
+# their own) as the SIGTERM of the agent's final shutdown: any later signal, whatever its kind, stops at once.
+DDP_REPEAT_S = 2.0
+
+
+def _same_request(first_at: float) -> bool:
+    """Under DDP: whether a signal now repeats the first stop request (see :data:`DDP_REPEAT_S`)."""
+    return time.monotonic() - first_at < DDP_REPEAT_S
+
+
 @contextlib.contextmanager
-def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], int | None]]:
+def deferred_interrupt(enabled: bool, ddp: bool = False,
+                       announce: bool = True) -> Iterator[Callable[[], int | None]]:
     """Ctrl-C or SIGTERM finishes the current step before it stops the loop, so the checkpoint holds whole steps
     only (a step cut between its optimizer update and its end would be applied twice on resume); a second one
-    stops at once (:class:`~ddkit.errors.Interrupted`). Yields "which signal asked to stop?" (None: none). Off (the
-    signals raise at once) under DDP, where the ranks could stop at different steps, and outside the main thread,
-    where no signal handler can be set. The previous handlers are restored on exit."""
+    stops at once (:class:`~ddkit.errors.Interrupted`). Yields "which signal asked to stop?" (None: none).
+
+    ``ddp`` (a torchrun worker): every rank keeps its signal and the ranks agree on the step to stop after
+    (:class:`StopAgreement`); a repeat of the request (:func:`_same_request`: the launcher's forwarded signal) is
+    ignored, and only ``announce`` (rank 0) prints the message. Off outside the main thread, where no signal handler
+    can be set. The previous handlers are restored on exit."""
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
     received: list[int] = []
+    first_at = [0.0]
 
     def handler(signum: int, frame: Any) -> None:
         if received:
+            if ddp and _same_request(first_at[0]):
+                return
             raise Interrupted(signum)
         received.append(signum)
-        print(f"{signal_name(signum)}: finishing this iteration, then writing a checkpoint ({signal_name(signum)} "
-              f"again to stop at once)", file=sys.stderr)
+        first_at[0] = time.monotonic()
+        if not announce:
+            return
+        where = " and the next on every process" if ddp else ""  # the ranks share it after the next step
+        print(f"{signal_name(signum)}: finishing this iteration{where}, then writing a checkpoint "
+              f"({signal_name(signum)} again to stop at once)", file=sys.stderr)
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
@@ -69,6 +95,51 @@ def deferred_interrupt(enabled: bool) -> Iterator[Callable[[], int | None]]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+class StopAgreement:
+    """Under DDP, the step after which every rank stops: the ranks could get a signal at different steps (or only
+    some of them get one), and a checkpoint of whole steps needs them all to stop after the same one.
+
+    After each step every rank starts an all-reduce (MAX) of its signal number (0: none) and waits for it after the
+    next step, so a signal noted before the all-reduce of step i stops every rank after step i+1, with the largest
+    signal number (SIGTERM over SIGINT). The flag is a CPU tensor on a gloo group (the default group under gloo, a
+    gloo group of all ranks under NCCL), so no step waits for the GPU: a blocking ``.item()`` of a CUDA flag each
+    step would stall the pipeline, and the one-step lag leaves the all-reduce a whole step to finish."""
+
+    def __init__(self, group: Any = None):
+        self.group = group
+        self.flag = torch.zeros((), dtype=torch.int64)
+        self.pending: Any = None
+
+    @classmethod
+    def for_process_group(cls) -> StopAgreement:
+        """Called by every rank at the same point (creating a gloo group under NCCL is a collective)."""
+        dist = torch.distributed
+        return cls(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+
+    def after_step(self, signum: int | None) -> int | None:
+        """Every rank, after every step, with its own signal (None: none): the signal that the ranks agreed to stop
+        on after this step, or None to go on."""
+        agreed = None
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+            agreed = int(self.flag) or None
+        if agreed is None:
+            self.flag.fill_(signum or 0)
+            self.pending = torch.distributed.all_reduce(self.flag, op=torch.distributed.ReduceOp.MAX,
+                                                        group=self.group, async_op=True)
+        return agreed
+
+    def finish(self) -> None:
+        """The loop ended: wait for the last all-reduce (every rank started it; its answer no longer matters)."""
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def barrier(self) -> None:
+        torch.distributed.barrier(group=self.group)
 
 
 @dataclasses.dataclass
@@ -192,6 +263,28 @@ class Trainer:
         self.step_values = {"loss": loss, **values, **ctx.logs}
         self.step_samples = len(samples) * p.ddp.world
 
+    def _loop(self, start: int, stop: int, stop_signal: Callable[[], int | None],
+              agree: StopAgreement | None) -> None:
+        for self.iter in range(start, stop):
+            for h in self.hooks:
+                h.before_step()
+            self.run_step()
+            for h in self.hooks:
+                h.after_step()
+            signum = stop_signal() if agree is None else agree.after_step(stop_signal())
+            if signum is not None:
+                self.iter, self.whole_steps = self.iter + 1, True
+                raise Interrupted(signum)
+        if agree is not None:
+            agree.finish()
+
+    def _interrupted(self, err: KeyboardInterrupt, agree: StopAgreement | None) -> None:
+        self.stopped_by = signal_name(getattr(err, "signum", signal.SIGINT))
+        for h in self.hooks:
+            h.on_interrupt()
+        if agree is not None and self.whole_steps:
+            agree.barrier()  # none exits (torchrun would then end the others) before rank 0's checkpoint is written
+
     def train(self, start: int, stop: int) -> None:
         """Iterations ``[start, stop)``; ``after_train`` hooks run only when the loop completes."""
         self.start, self.stop, self.iter = start, stop, start
@@ -201,23 +294,16 @@ class Trainer:
             h.before_train()
         t0 = time.perf_counter()
         self.whole_steps = False  # whether an interrupt came between steps (its checkpoint resumes exactly)
+        ddp = self.ddp.world > 1
+        agree = StopAgreement.for_process_group() if ddp else None
         try:
-            with deferred_interrupt(self.ddp.world == 1) as stop_signal:
-                for self.iter in range(start, stop):
-                    for h in self.hooks:
-                        h.before_step()
-                    self.run_step()
-                    for h in self.hooks:
-                        h.after_step()
-                    if stop_signal() is not None:
-                        self.iter, self.whole_steps = self.iter + 1, True
-                        raise Interrupted(stop_signal())
+            with deferred_interrupt(True, ddp=ddp, announce=self.is_main) as stop_signal:
+                try:
+                    self._loop(start, stop, stop_signal, agree)
+                except KeyboardInterrupt as err:  # inside: a repeat of the request must not cut the checkpoint
+                    self._interrupted(err, agree)
+                    raise
             self.iter = stop
-        except KeyboardInterrupt as err:
-            self.stopped_by = signal_name(getattr(err, "signum", signal.SIGINT))
-            for h in self.hooks:
-                h.on_interrupt()
-            raise
         finally:
             for h in self.hooks:
                 h.close()
