@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ddkit.engine import trainer
+from ddkit.engine.checkpoint import load_model
 from ddkit.engine.trainer import StopAgreement, deferred_interrupt
 from ddkit.errors import Interrupted
 
@@ -125,13 +126,17 @@ def _interrupted_run(tmp_path: Path, send, env: dict[str, str] | None = None) ->
     return tmp_path / "out" / "teacher", log_path.read_text(), recipe
 
 
-def _resumes_to_the_end(recipe: Path, run_dir: Path) -> None:
+def _torchrun_train(recipe: Path, *args: str) -> None:
     out = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "ddkit", "train", str(recipe),
-                          "--no-progress", "--resume"], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          "--no-progress", *args], env={**os.environ, "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["finished"] and summary["iterations"] == 12
+
+
+def _resumes_to_the_end(recipe: Path, run_dir: Path) -> None:
+    _torchrun_train(recipe, "--resume")
     assert "resumed from" in (run_dir / "train.log").read_text()
 
 
@@ -139,7 +144,8 @@ def _resumes_to_the_end(recipe: Path, run_dir: Path) -> None:
 def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_checkpoints(tmp_path):
     """Ctrl-C as a terminal sends it: SIGINT to torchrun's process group; the agent forwards it to each worker
     (they run in sessions of their own). Noted by step 2, shared after it, every rank stops after step 3: the
-    checkpoint says 4 (none periodic: checkpoint_every 100), as the log line says, and --resume ends the run."""
+    checkpoint says 4 (none periodic: checkpoint_every 100), as the log line says, and --resume ends the run with
+    the uninterrupted run's weights."""
     def ctrl_c(proc: subprocess.Popen, pids: list[int], log_path: Path) -> None:
         os.killpg(proc.pid, signal.SIGINT)
         _wait_for(lambda: log_path.read_text().count("closing signal SIGINT") >= 2, "forwarded SIGINT", proc)
@@ -152,6 +158,9 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_checkpoints(t
     assert output.count("Ctrl-C: finishing this iteration and the next on every process") == 1, output[-4000:]
     assert not (run_dir / "model.pt").exists()
     _resumes_to_the_end(recipe, run_dir)
+    _torchrun_train(recipe, f"run.out_dir={tmp_path / 'ref'}")  # uninterrupted: a step applied twice would differ
+    a, b = load_model(run_dir)[1].state_dict(), load_model(tmp_path / "ref" / "teacher")[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
