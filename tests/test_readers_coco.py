@@ -76,6 +76,22 @@ def test_duplicate_image_ids_never_train_on_the_wrong_boxes(tmp_path):
         ddkit.build("datasets", {"name": "coco", "annotations": str(path)})
 
 
+def test_two_image_records_of_one_file_are_refused(tmp_path):
+    """The second record's boxes would be trained on the first record's picture; ``./x`` is ``x``."""
+    raw = json.loads(COCO_JSON.read_text())["images"]
+    path = _coco(tmp_path, lambda d: d["images"][2].__setitem__("file_name", "./" + d["images"][0]["file_name"]))
+    msg = _error(path)
+    assert f"images {raw[0]['id']} and {raw[2]['id']} both have file_name" in msg
+    assert raw[0]["file_name"] in msg and "one image record" in msg
+
+
+def test_two_categories_of_one_name_are_refused(tmp_path):
+    """ddkit matches classes by name (eval, predict --coco, a recipe's test part): a name is one class."""
+    path = _coco(tmp_path, lambda d: d["categories"].append({"id": 7, "name": d["categories"][0]["name"]}))
+    msg = _error(path)
+    assert "categories 1 and 7 are both named 'person'" in msg and "its own name" in msg
+
+
 # ------------------------------------------------------------------------------------ incomplete image records
 @pytest.mark.parametrize("field", ["id", "file_name", "width", "height"])
 def test_image_record_without_a_field(tmp_path, field):

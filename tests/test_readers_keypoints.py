@@ -95,6 +95,19 @@ def test_resolve_prefers_explicit_options_and_checks_them():
             resolve_keypoint_meta(3, "x", **bad)
 
 
+def test_coco_keypoints_in_another_order_keep_cocos_sigmas_by_name():
+    """COCO's 17 names reversed (and in OpenPose spelling): each keypoint keeps its own COCO sigma, as its flip
+    pair is found by name; 17 names of which one is not COCO's fall back to the default, with the note."""
+    order = list(reversed(range(17)))
+    meta = resolve_keypoint_meta(17, "x", names=[COCO_KEYPOINTS[i] for i in order])
+    assert meta.sigmas == [COCO_SIGMAS[i] for i in order] and SIGMAS_DEFAULT not in meta.extra
+    assert meta.flip_indices == [order.index(COCO_FLIP_INDICES[i]) for i in order]
+    openpose = resolve_keypoint_meta(17, "x", names=["RAnkle", "Nose", *COCO_KEYPOINTS[1:16]])
+    assert openpose.sigmas == [COCO_SIGMAS[16], *COCO_SIGMAS[:16]]
+    other = resolve_keypoint_meta(17, "x", names=["tail", *COCO_KEYPOINTS[1:]])
+    assert other.sigmas == [keypoint_meta.DEFAULT_SIGMA] * 17 and SIGMAS_DEFAULT in other.extra
+
+
 def _renamed_coco(tmp_path: Path, names) -> Path:
     data = json.loads(COCO_JSON.read_text())
     data["categories"][0]["keypoints"] = names

@@ -170,6 +170,7 @@ def _unique_ids(records: list[dict[str, Any]], key: str, path: Path, required: b
 
 def _check_images(images: list[dict[str, Any]], path: Path, root: Path, allow_outside_root: bool) -> None:
     root_abs = os.path.normpath(os.path.abspath(root))
+    files: dict[str, int] = {}  # normalised file_name -> image id: one picture, one record
     for i, im in enumerate(images):
         for f in IMAGE_FIELDS:
             if f not in im:
@@ -177,6 +178,12 @@ def _check_images(images: list[dict[str, Any]], path: Path, root: Path, allow_ou
                                 f"need {', '.join(IMAGE_FIELDS)}")
         if not isinstance(im["file_name"], str) or not im["file_name"]:
             raise DataError(f"{path}: images[{i}] (id {im['id']}): field 'file_name' must be a non-empty string")
+        name = os.path.normpath(im["file_name"])
+        if name in files:
+            raise DataError(f"{path}: images {files[name]} and {im['id']} both have file_name {im['file_name']!r}: "
+                            "the second's annotations would be trained on the first's picture; give each picture "
+                            "one image record (merge their annotations under one id)")
+        files[name] = im["id"]
         for f in ("width", "height"):
             if not _is_size(im[f]):
                 raise DataError(f"{path}: images[{i}] (id {im['id']}): field {f!r} must be a positive integer, "
@@ -189,12 +196,17 @@ def _check_images(images: list[dict[str, Any]], path: Path, root: Path, allow_ou
 
 
 def _check_categories(cats: list[dict[str, Any]], path: Path) -> None:
+    names: dict[str, int] = {}  # classes are matched by name (eval, predict --coco, a recipe's parts): once each
     for i, cat in enumerate(cats):
         where = f"{path}: categories[{i}] (id {cat['id']})"
         name = cat.get("name")
         if not isinstance(name, str) or not name.strip():
             raise DataError(f"{where}: field 'name' must be a non-empty string (the class name, e.g. \"person\"), "
                             f"got {name!r}")
+        if name in names:
+            raise DataError(f"{path}: categories {names[name]} and {cat['id']} are both named {name!r}: ddkit "
+                            "matches classes by name; give each category its own name (or merge the two)")
+        names[name] = cat["id"]
         kps = cat.get("keypoints")
         if kps is not None and (not isinstance(kps, list) or not all(isinstance(n, str) for n in kps)):
             raise DataError(f"{where}: field 'keypoints' must be a list of names")

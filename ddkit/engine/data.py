@@ -121,8 +121,9 @@ class ConcatDataset(Dataset):
 
 
 class ClassesByName(Dataset):
-    """A classification dataset read with another's categories: each item's ``label`` becomes the id that its class
-    name has in ``info`` (``ids``: ``{own id: id in info}``); ``.info`` is ``info``."""
+    """A dataset read with another's categories: each item's class ids (a classifier's ``label``, the ``labels`` of
+    instances) become the ids their class names have in ``info`` (``ids``: ``{own id: id in info}``); ``.info`` is
+    ``info``."""
 
     def __init__(self, dataset: Any, info: DatasetInfo, ids: Mapping[int, int]):
         self.dataset = dataset
@@ -136,6 +137,10 @@ class ClassesByName(Dataset):
         out = dict(target)
         if "label" in out:
             out["label"] = self.ids[int(out["label"])]
+        if "labels" in out:
+            labels = torch.as_tensor(out["labels"])
+            out["labels"] = torch.tensor([self.ids[int(c)] for c in labels.reshape(-1).tolist()],
+                                         dtype=torch.int64).reshape(labels.shape)
         return out
 
     def __getitem__(self, i: int):
@@ -146,24 +151,51 @@ class ClassesByName(Dataset):
         return self._relabel(get_target(self.dataset, i))
 
 
-def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the train part's") -> Any:
+def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the train part's",
+                  our_src: str = "") -> Any:
     """``dataset`` (a test or unlabeled part) with the class ids of the training part's ``info``, matched by class
-    name: the same classes under the same ids as it is, a subset renumbered (:class:`ClassesByName`); a class the
-    training part lacks is a :class:`ConfigError` naming ``where`` and the class. Other tasks' datasets are returned
-    as they are."""
+    name, for class labels (classification) and instance labels (detection, keypoints) alike: the same classes
+    under the same ids as it is, else a view renumbered by name (:class:`ClassesByName`; a subset is fine), so
+    a model is scored against its own classes as ``ddkit eval`` scores it. A class the training part lacks, or a
+    name given twice, is a :class:`ConfigError` naming ``where``, ``our_src`` (the training part) and the class.
+    Datasets without class labels are returned as they are."""
     theirs = get_info(dataset)
-    if not is_classification(dataset) or _id_names(theirs) == _id_names(info):
+    instances = has_instance_labels(dataset)
+    if not (instances or is_classification(dataset)) or _id_names(theirs) == _id_names(info):
         return dataset
+    _check_names(info, our_src or whose, where)  # the training part's, then this part's
+    _check_names(theirs, f"{where} ({_source(dataset)})", where)
     ours = {name: cid for cid, name in _id_names(info)}
     names = {name: cid for cid, name in _id_names(theirs)}
-    extra = [name for name in names if name not in ours]
-    if extra or len(names) != len(theirs.categories) or len(ours) != len(info.categories):
-        source = theirs.extra.get("source") or type(dataset).__name__
-        raise ConfigError(f"{where} ({source}): class(es) {', '.join(map(repr, extra[:6])) or '(repeated names)'} "
-                          f"not among {whose} classes ({', '.join(list(ours)[:10])}"
-                          f"{', ...' if len(ours) > 10 else ''}); class ids follow class names, so give it only "
+    extra = [(name, cid) for name, cid in names.items() if name not in ours]
+    if extra:
+        raise ConfigError(f"{where} ({_source(dataset)}): class(es) "
+                          f"{', '.join(f'{n!r} (id {c})' for n, c in extra[:6])} not among {whose} classes "
+                          f"({', '.join(list(ours)[:10])}{', ...' if len(ours) > 10 else ''})"
+                          f"{f' of {our_src}' if our_src else ''}; class ids follow class names, so give it only "
                           "classes the training data has (a subset is fine)")
-    return ClassesByName(dataset, info, {cid: ours[name] for name, cid in names.items()})
+    # instances keep their own info (keypoint sigmas, source) under the training part's categories
+    view_info = replace(theirs, categories=list(info.categories)) if instances else info
+    return ClassesByName(dataset, view_info, {cid: ours[name] for name, cid in names.items()})
+
+
+def has_instance_labels(dataset: Any) -> bool:
+    """Whether the dataset's targets carry instance class ids (``labels``: detection, keypoints)."""
+    return len(dataset) > 0 and "labels" in get_target(dataset, 0)
+
+
+def _source(dataset: Any) -> str:
+    return str((get_info(dataset).extra or {}).get("source") or type(dataset).__name__)
+
+
+def _check_names(info: DatasetInfo, what: str, where: str) -> None:
+    """Classes matched by name need each name once."""
+    seen: dict[str, int] = {}
+    for cid, name in _id_names(info):
+        if name in seen:
+            raise ConfigError(f"{where}: {what} names class {name!r} twice (ids {seen[name]} and {cid}), so its "
+                              "classes cannot be matched by name; give each class its own name")
+        seen[name] = cid
 
 
 class AtImageShape(Dataset):
@@ -342,7 +374,8 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         if key in blocks:
             part, note = build_at_shape(registry, blocks[key], image_shape(parts["train"]), f"{where}.{key}.dataset")
             _check_not_empty(part, f"{where}.{key}.dataset")
-            parts[key] = match_classes(part, info, f"{where}.{key}.dataset")
+            parts[key] = match_classes(part, info, f"{where}.{key}.dataset",
+                                       our_src=f"{where}.train.dataset ({_source(parts['train'])})")
             notes += [note] if note else []
     unl = parts.get("unlabeled")
     return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,

@@ -81,12 +81,18 @@ def flip_indices_from_names(names: Sequence[str]) -> list[int] | None:
     return out
 
 
-def _is_coco17(names: Sequence[str] | None, k: int) -> bool:
+def _coco17_sigmas(names: Sequence[str] | None, k: int) -> list[float] | None:
+    """COCO's OKS sigmas in the order of ``names`` when they are COCO's 17 keypoints in any order (looked up by
+    name, as the flip pairs are), else ``None``."""
     if k != 17:
-        return False
+        return None
     if names is None:
-        return True  # Ultralytics' convention for an unnamed 17-point set (coco8-pose, COCO-pose)
-    return [_side_and_stem(n) for n in names] == [_side_and_stem(n) for n in COCO_KEYPOINTS]
+        return list(COCO_SIGMAS)  # Ultralytics' convention for an unnamed 17-point set (coco8-pose, COCO-pose)
+    coco = {_side_and_stem(n): s for n, s in zip(COCO_KEYPOINTS, COCO_SIGMAS)}
+    keys = [_side_and_stem(n) for n in names]
+    if len(set(keys)) != k or not all(key in coco for key in keys):
+        return None
+    return [coco[key] for key in keys]
 
 
 def warn_once(message: str) -> None:
@@ -143,8 +149,8 @@ def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = N
         if len(sigmas) != k or not all(isinstance(s, (int, float)) and s > 0 for s in sigmas):
             raise ConfigError(f"{where}: sigmas must be {k} positive numbers (one per keypoint), got {list(sigmas)}")
         out_sigmas = [float(s) for s in sigmas]
-    elif _is_coco17(names, k):
-        out_sigmas = list(COCO_SIGMAS)
+    elif (coco_sigmas := _coco17_sigmas(names, k)) is not None:
+        out_sigmas = coco_sigmas
         if names is None:
             extra[SIGMAS_DEFAULT] = f"{where}: 17 unnamed keypoints: COCO's OKS sigmas assumed (set sigmas if not)"
     else:
