@@ -90,12 +90,12 @@ def test_a_test_part_with_a_class_the_training_lacks_is_one_line(shapes, tmp_pat
     message = str(err.value)
     assert "\n" not in message and message.startswith("data.test.dataset (")
     assert str(shapes / "other.json") in message and str(shapes / "train.json") in message
-    assert "'hexagon' (id 3)" in message and "(square, circle, triangle)" in message
+    assert "'hexagon' not among" in message and "is its id 3" in message and "(square, circle, triangle)" in message
     assert "give it only classes the training data has" in message
     recipe = tmp_path / "r.yaml"
     recipe.write_text(_recipe(shapes, "other.json", tmp_path / "out"))
     assert main(["train", str(recipe), "--stage", "teacher", "--no-progress"]) == 2
-    assert "'hexagon' (id 3)" in capsys.readouterr().err
+    assert "'hexagon', is its id 3" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before the run folder is made
 
 

@@ -169,11 +169,11 @@ def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the
     names = {name: cid for cid, name in _id_names(theirs)}
     extra = [(name, cid) for name, cid in names.items() if name not in ours]
     if extra:
-        raise ConfigError(f"{where} ({_source(dataset)}): class(es) "
-                          f"{', '.join(f'{n!r} (id {c})' for n, c in extra[:6])} not among {whose} classes "
-                          f"({', '.join(list(ours)[:10])}{', ...' if len(ours) > 10 else ''})"
-                          f"{f' of {our_src}' if our_src else ''}; class ids follow class names, so give it only "
-                          "classes the training data has (a subset is fine)")
+        raise ConfigError(f"{where} ({_source(dataset)}): class(es) {', '.join(repr(n) for n, _ in extra[:6])} "
+                          f"not among {whose} classes ({', '.join(list(ours)[:10])}{', ...' if len(ours) > 10 else ''})"
+                          f"{f' of {our_src}' if our_src else ''} (the first, {extra[0][0]!r}, is its id "
+                          f"{extra[0][1]}); class ids follow class names, so give it only classes the training data "
+                          "has (a subset is fine)")
     # instances keep their own info (keypoint sigmas, source) under the training part's categories
     view_info = replace(theirs, categories=list(info.categories)) if instances else info
     return ClassesByName(dataset, view_info, {cid: ours[name] for name, cid in names.items()})
