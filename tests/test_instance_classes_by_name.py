@@ -60,7 +60,11 @@ def shapes(tmp_path_factory) -> Path:
     (root / "train.json").write_text(json.dumps(coco))
     _renumbered(coco, {"square": 0, "circle": 1, "triangle": 2}, root / "test0.json")
     _renumbered(coco, {"circle": 3, "square": 1}, root / "some.json")  # no triangle: a subset
-    _renumbered(coco, {"square": 0, "circle": 1, "triangle": 2, "hexagon": 3}, root / "other.json")
+    listed = _renumbered(coco, {"square": 0, "circle": 1, "triangle": 2, "hexagon": 3}, root / "listed.json")
+    other = json.loads(listed.read_text())  # the triangles annotated as hexagons, a class the training lacks
+    other["annotations"] = [{**a, "category_id": 3 if a["category_id"] == 2 else a["category_id"]}
+                            for a in other["annotations"]]
+    (root / "other.json").write_text(json.dumps(other))
     return root
 
 
@@ -97,6 +101,14 @@ def test_a_test_part_with_a_class_the_training_lacks_is_one_line(shapes, tmp_pat
     assert main(["train", str(recipe), "--stage", "teacher", "--no-progress"]) == 2
     assert "'hexagon', is its id 3" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before the run folder is made
+
+
+def test_a_class_a_test_file_lists_but_never_annotates_is_left_out(shapes):
+    """A file listing more categories than it uses (COCO's 80 with only people annotated) is fine."""
+    splits = build_data(_data(shapes, "listed.json"))
+    assert splits.test.info.categories == splits.info.categories
+    for i in range(len(splits.test)):
+        assert get_target(splits.test, i)["labels"].tolist() == get_target(splits.labeled, i)["labels"].tolist()
 
 
 def test_a_yolo_train_part_and_a_coco_test_file_match_by_name():

@@ -156,8 +156,9 @@ def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the
     """``dataset`` (a test or unlabeled part) with the class ids of the training part's ``info``, matched by class
     name, for class labels (classification) and instance labels (detection, keypoints) alike: the same classes
     under the same ids as it is, else a view renumbered by name (:class:`ClassesByName`; a subset is fine), so
-    a model is scored against its own classes as ``ddkit eval`` scores it. A class the training part lacks, or a
-    name given twice, is a :class:`ConfigError` naming ``where``, ``our_src`` (the training part) and the class.
+    a model is scored against its own classes as ``ddkit eval`` scores it. A class the training part lacks (for
+    instances: one they use; a category only listed is left out), or a name given twice, is a :class:`ConfigError`
+    naming ``where``, ``our_src`` (the training part) and the class.
     Datasets without class labels are returned as they are."""
     theirs = get_info(dataset)
     instances = has_instance_labels(dataset)
@@ -168,6 +169,10 @@ def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the
     ours = {name: cid for cid, name in _id_names(info)}
     names = {name: cid for cid, name in _id_names(theirs)}
     extra = [(name, cid) for name, cid in names.items() if name not in ours]
+    if extra and instances:  # a file that lists more categories than it annotates (e.g. COCO's 80): unused ones go
+        used = _used_ids(dataset)
+        extra = [(name, cid) for name, cid in extra if cid in used]
+        names = {name: cid for name, cid in names.items() if name in ours}
     if extra:
         raise ConfigError(f"{where} ({_source(dataset)}): class(es) {', '.join(repr(n) for n, _ in extra[:6])} "
                           f"not among {whose} classes ({', '.join(list(ours)[:10])}{', ...' if len(ours) > 10 else ''})"
@@ -177,6 +182,11 @@ def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the
     # instances keep their own info (keypoint sigmas, source) under the training part's categories
     view_info = replace(theirs, categories=list(info.categories)) if instances else info
     return ClassesByName(dataset, view_info, {cid: ours[name] for name, cid in names.items()})
+
+
+def _used_ids(dataset: Any) -> set[int]:
+    """The class ids that a detection / keypoint part's instances use."""
+    return {int(c) for i in range(len(dataset)) for c in torch.as_tensor(get_target(dataset, i)["labels"]).reshape(-1)}
 
 
 def has_instance_labels(dataset: Any) -> bool:
