@@ -322,6 +322,17 @@ class DetectionTask(_BaseTask):
                 kps[..., 2] = out["keypoints_scores"].cpu().float()
         return Instances(out["boxes"].cpu().float(), out["scores"].cpu().float(), labels, kps, size)
 
+    def keypoint_score_kind(self, model: nn.Module) -> str:
+        """What the third value of this model's predicted keypoints is: ``"logit"`` for a torchvision heatmap head
+        (``keypoints_scores``: the heatmap's value at its argmax, unbounded), else the model's own
+        ``keypoint_score_kind`` (default ``"probability"``, in [0, 1], e.g. a YOLO pose head's sigmoid)."""
+        inner = unwrap_model(model)
+        own = getattr(inner, "keypoint_score_kind", None)
+        if isinstance(own, str):
+            return own
+        heads = getattr(inner, "roi_heads", None)
+        return "logit" if getattr(heads, "keypoint_predictor", None) is not None else "probability"
+
     @torch.no_grad()
     def predict(self, model: nn.Module, images: Sequence[Tensor], native_size: bool = False) -> list[Instances]:
         """``native_size``: run at each input's own size instead of resizing it to the model's ``min_size``

@@ -10,13 +10,18 @@ stage folders, the run's recipe (``evaluate`` then ``label`` section) as ``ddkit
 image and its mirror. Output in ``OUT``:
 
 * ``coco`` (default): ``predictions.json``, COCO results (``image_id, category_id, bbox [x, y, w, h], score``,
-  ``keypoints``), and ``images.json`` (``images`` with ids and file names, ``categories``); a classifier writes
-  ``image_id, file_name, category_id, score`` per image;
+  ``keypoints`` as ``x, y, 1``, as torchvision writes them: pycocotools ignores the third value), and ``images.json``
+  (``images`` with ids and file names, ``categories``: the ids the results carry, ``--coco``'s when they were
+  matched by name); a classifier writes ``image_id, file_name, category_id, score`` per image;
 * ``yolo``: ``labels/<image>.txt`` (``<image>_<id>.txt`` for a second image of that name, as the pseudo-label
   YOLO export names them) as Ultralytics' ``save_txt`` with ``save_conf``: ``class cx cy w h`` normalised,
-  for pose then ``x y conf`` per keypoint, then the score; ``data.yaml`` gives the class names (and ``kpt_shape``).
+  for pose then ``x y conf`` per keypoint (conf a probability in [0, 1]: a Keypoint R-CNN's heatmap logit through
+  a sigmoid, a YOLO pose model's as it is), then the score; ``data.yaml`` gives the class names, ``kpt_shape``
+  and ``ddkit_category_ids`` (class index -> category id), as the pseudo-label YOLO export writes them.
 
-Unreadable images, and images of the COCO file missing under ``IMAGES``, are skipped and named.
+A ``labels/`` (``--format yolo``) or ``images/`` (``--save-images``) folder in ``OUT`` that already holds files
+is refused before anything is predicted: an earlier prediction's files would mix with this one's. Unreadable
+images, and images of the COCO file missing under ``IMAGES``, are skipped and named.
 """
 from __future__ import annotations
 
@@ -63,12 +68,15 @@ def _model(arg: str) -> tuple[Any, str]:
     return path, str(path)
 
 
-def _yolo_line(inst: Any, j: int, cls: int, h: int, w: int) -> str:
-    """One Ultralytics ``save_txt`` line (normalised ``cx cy w h``, keypoints ``x y conf``, then the score)."""
+def _yolo_line(inst: Any, j: int, cls: int, h: int, w: int, kpt_logits: bool = False) -> str:
+    """One Ultralytics ``save_txt`` line (normalised ``cx cy w h``, keypoints ``x y conf``, then the score);
+    ``kpt_logits``: the keypoint scores are logits, written as their sigmoid (Ultralytics' conf is a probability)."""
     x1, y1, x2, y2 = (float(v) for v in inst.boxes[j])
     vals = [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
     if inst.keypoints is not None:
-        for x, y, c in inst.keypoints[j].tolist():
+        kps = inst.keypoints[j].float()
+        conf = kps[:, 2].sigmoid() if kpt_logits else kps[:, 2]
+        for (x, y), c in zip(kps[:, :2].tolist(), conf.tolist()):
             vals += [x / w, y / h, c]
     vals.append(float(inst.scores[j]))
     return " ".join([str(cls)] + [f"{v:.6g}" for v in vals])
@@ -79,15 +87,23 @@ class _Writer:
     with its predictions drawn at once)."""
 
     def __init__(self, out: Path, fmt: str, info: Any, is_classifier: bool, root: str | None = None,
-                 draw: bool = False):
+                 draw: bool = False, kpt_logits: bool = False,
+                 categories: list[dict[str, Any]] | None = None):
+        """``categories``: those of the ids the results carry when they are not the model's (``--coco``'s,
+        matched by name); ``kpt_logits``: the model's keypoint scores are logits (:func:`_yolo_line`)."""
+        import dataclasses
+
         from ddkit.engine.draw import category_colors
 
         if fmt == "yolo" and is_classifier:  # the command's own choices, not a plugin name
             raise ConfigError("--format yolo writes boxes (and keypoints); a classifier's predictions are COCO-style "
                               "image labels: use --format coco")
         self.out, self.fmt, self.info, self.root, self.draw = out, fmt, info, root, draw
+        self.kpt_logits = kpt_logits
         self.index = {int(c["id"]): k for k, c in enumerate(info.categories)}
-        self.names = {int(c["id"]): str(c.get("name")) for c in info.categories}
+        # the results' own categories, so that images.json names the ids predictions.json carries
+        self.written_info = dataclasses.replace(info, categories=list(categories)) if categories else info
+        self.names = {int(c["id"]): str(c.get("name")) for c in self.written_info.categories}
         self.colors = category_colors(sorted(self.names))
         self.images: list[dict[str, Any]] = []
         self.results: list[dict[str, Any]] = []
@@ -116,7 +132,8 @@ class _Writer:
         if self.fmt == "coco":
             self.results += rows
             return
-        lines = [_yolo_line(inst, j, self.index[int(inst.labels[j])], h, w) for j in range(len(inst))]
+        lines = [_yolo_line(inst, j, self.index[int(inst.labels[j])], h, w, self.kpt_logits)
+                 for j in range(len(inst))]
         atomic_write_text(self.out / "labels" / f"{self._stem(image_id, file_name)}.txt",
                           "".join(f"{s}\n" for s in lines))
 
@@ -154,23 +171,11 @@ class _Writer:
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
         atomic_write_bytes(self.out / "images" / f"{self._stem(image_id, file_name)}.jpg", buf.getvalue())
 
-    def _warn_stale(self) -> None:
-        """Files in ``labels/`` or ``images/`` that this prediction did not write are an earlier one's: a YOLO
-        training on the folder would take them as labels. They are said, not deleted (they may be the user's)."""
-        written = {"labels": ".txt" if self.fmt == "yolo" else None, "images": ".jpg" if self.draw else None}
-        for sub, suffix in written.items():
-            folder = self.out / sub
-            ours = {f"{stem}{suffix}" for stem in self.stem_of.values()} if suffix else set()
-            stale = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
-                           if p.is_file() and str(p.relative_to(folder)) not in ours) if folder.is_dir() else []
-            if stale:
-                print(f"warning: {folder} holds {len(stale)} file(s) of an earlier prediction (e.g. {stale[0]}), "
-                      "not of these images; delete them or predict into a new -o folder")
-
     def finish(self) -> list[Path]:
         import yaml
 
         from ddkit.engine.pseudo import coco_categories
+        from ddkit.engine.yolo_export import class_keys
         from ddkit.io import atomic_write_json, atomic_write_text
 
         if self.renamed:  # Ultralytics finds a label by the image's name: say which ones differ
@@ -179,16 +184,12 @@ class _Writer:
             log.warning("%d %s named after the image id: another image has the same name (e.g. %s -> %s)",
                         len(self.renamed), kind, self.renamed[0][0], where.format(self.renamed[0][1]))
         drawn = [self.out / "images"] if self.draw else []
-        self._warn_stale()
         if self.fmt == "coco":
             return [atomic_write_json(self.out / "predictions.json", self.results),
                     atomic_write_json(self.out / "images.json", {"info": {}, "images": self.images,
-                                                                 "categories": coco_categories(self.info)})] + drawn
-        data: dict[str, Any] = {"names": {k: str(c.get("name")) for k, c in enumerate(self.info.categories)}}
-        if self.info.num_keypoints:
-            data["kpt_shape"] = [int(self.info.num_keypoints), 3]
-            if self.info.flip_indices:
-                data["flip_idx"] = list(self.info.flip_indices)
+                                                                 "categories": coco_categories(self.written_info)})
+                    ] + drawn
+        data = class_keys(self.info)  # the label export's keys: YOLO class index -> name and COCO category id
         return [atomic_write_text(self.out / "data.yaml", yaml.safe_dump(data, sort_keys=False)),
                 self.out / "labels"] + drawn
 
@@ -226,6 +227,14 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.coco and not Path(args.images).is_dir():
         raise ConfigError(f"{args.images}: with --coco, IMAGES is the folder that the COCO file's file_name values "
                           "are relative to")
+    # per-image files of an earlier prediction would mix silently with this one's (predictions.json is replaced
+    # whole, so the coco format alone is not checked)
+    folders = [sub for sub, used in (("labels", args.format == "yolo"), ("images", args.save_images)) if used]
+    for folder in (Path(args.output) / sub for sub in folders):
+        n = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+        if n:
+            raise ConfigError(f"-o {args.output}: {folder} already holds {n} file(s) of an earlier prediction; "
+                              f"predict into another -o folder, or remove {folder}")
 
 
 def _coco_categories(source: Any, info: Any, coco: str) -> dict[int, int] | None:
@@ -312,7 +321,12 @@ def run(args: argparse.Namespace) -> int:
     with_coco_ids = args.coco and args.format == "coco" and not predictor.gives_probs
     categories = _coco_categories(source, info, args.coco) if with_coco_ids else None
     out = Path(args.output)
-    writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root, args.save_images)
+    # the task says whether its keypoint scores are logits (no plugin named here); a task without keypoints or
+    # without the method: written as they are
+    kind = getattr(task, "keypoint_score_kind", None)
+    kpt_logits = bool(info.num_keypoints) and callable(kind) and kind(model) == "logit"
+    writer = _Writer(out, args.format, info, predictor.gives_probs, source.image_root, args.save_images, kpt_logits,
+                     list(source.categories) if categories is not None else None)
     views = f"{len(strategies.views)} views ({', '.join(strategies.view_names)})" if strategies else "1 view"
     views += origin
     images = f"the {len(source)} image(s) of {args.coco} under {args.images}" if args.coco else \

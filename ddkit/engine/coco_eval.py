@@ -68,7 +68,8 @@ def coco_evaluate(gt: str | Path | Mapping[str, Any] | Any, results: Sequence[Ma
 
     Args:
         gt: a COCO json path, a COCO dict or a ``pycocotools.coco.COCO``.
-        results: the detections; an empty list scores 0 everywhere (pycocotools itself refuses it).
+        results: the detections; an empty list scores 0 where there is ground truth, ``-1`` where a range has none
+            (as pycocotools would; its ``loadRes`` refuses an empty list).
         iou_type: ``"bbox"`` or ``"keypoints"``.
         image_ids: evaluate only these images (default: every image of ``gt``).
         max_dets: pycocotools' ``maxDets`` (default ``[1, 10, 100]`` for bbox, ``[20]`` for keypoints).
@@ -120,8 +121,8 @@ def _per_category(ev: Any, coco_gt: Any) -> dict[int, dict[str, float]]:
 
 def _cocoeval(gt: Any, results: Sequence[Mapping[str, Any]], iou_type: str, image_ids: Iterable[int] | None,
               max_dets: Sequence[int] | None, sigmas: Sequence[float] | None) -> Any:
-    """pycocotools' ``COCOeval`` evaluated, accumulated and summarised (silenced); ``None`` when there is nothing
-    to score (no result or no image)."""
+    """pycocotools' ``COCOeval`` evaluated, accumulated and summarised (silenced); ``None`` when there is no image
+    to score."""
     from pycocotools.cocoeval import COCOeval
 
     if iou_type not in ("bbox", "keypoints"):
@@ -129,12 +130,15 @@ def _cocoeval(gt: Any, results: Sequence[Mapping[str, Any]], iou_type: str, imag
     coco_gt = make_coco(gt)
     ids = sorted(coco_gt.getImgIds()) if image_ids is None else sorted(int(i) for i in image_ids)
     results = [dict(r) for r in results]
-    if not results or not ids:
+    if not ids:
         return None
     for r in results:  # loadRes recomputes area from bbox; keep ids pycocotools-friendly
         r.pop("id", None)
     with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
+        # no detections: an empty detection set (loadRes refuses []), so that a size range without ground truth
+        # reads -1 and one with ground truth 0, as pycocotools gives beside any detection
+        coco_dt = coco_gt.loadRes(results) if results else make_coco({"images": coco_gt.dataset["images"],
+                                                                       "categories": coco_gt.dataset["categories"]})
         ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.imgIds = ids
         if max_dets is not None:

@@ -114,6 +114,19 @@ def _write_part(coco: CocoFile, paths: Mapping[int, str | Path], root: Path, par
     return n_images, n_inst
 
 
+def class_keys(info: DatasetInfo) -> dict[str, Any]:
+    """The ``data.yaml`` keys of ``info``'s classes: ``names`` (class index = position in ``info.categories``),
+    ``kpt_shape`` and ``flip_idx`` for keypoints, and ``ddkit_category_ids`` (index -> category id, for mapping
+    YOLO classes back to COCO ids)."""
+    doc: dict[str, Any] = {"names": {i: str(c.get("name", c["id"])) for i, c in enumerate(info.categories)}}
+    if info.num_keypoints:
+        doc["kpt_shape"] = [int(info.num_keypoints), 3]
+        if info.flip_indices is not None:
+            doc["flip_idx"] = [int(i) for i in info.flip_indices]
+    doc["ddkit_category_ids"] = [int(c["id"]) for c in info.categories]
+    return doc
+
+
 def _data_yaml(root_final: Path, info: DatasetInfo, parts: Mapping[str, tuple[int, int]],
                mix_ratio: float | None) -> str:
     import yaml
@@ -121,13 +134,7 @@ def _data_yaml(root_final: Path, info: DatasetInfo, parts: Mapping[str, tuple[in
     train = [f"images/{p}" for p in ("labeled", "pseudo") if p in parts]
     val = "images/labeled" if "labeled" in parts else "images/pseudo"
     doc: dict[str, Any] = {"path": str(root_final.resolve()), "train": train[0] if len(train) == 1 else train,
-                           "val": val, "nc": info.num_classes,
-                           "names": {i: str(c.get("name", c["id"])) for i, c in enumerate(info.categories)}}
-    if info.num_keypoints:
-        doc["kpt_shape"] = [int(info.num_keypoints), 3]
-        if info.flip_indices is not None:
-            doc["flip_idx"] = [int(i) for i in info.flip_indices]
-    doc["ddkit_category_ids"] = [int(c["id"]) for c in info.categories]
+                           "val": val, "nc": info.num_classes, **class_keys(info)}
     lines = [MARKER]
     for part, (n_img, n_inst) in parts.items():
         lines.append(f"# {part}: {n_img} images, {n_inst} instances")

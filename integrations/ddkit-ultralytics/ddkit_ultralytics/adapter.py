@@ -35,6 +35,10 @@ class YoloAdapter(nn.Module):
             of the fitted size (scale augmentation; the canvas stays ``imgsz``).
     """
 
+    # the pose head's keypoint confidences are sigmoids, as Ultralytics' save_conf writes them (the keypoints task
+    # asks for this; a torchvision heatmap head gives logits)
+    keypoint_score_kind = "probability"
+
     def __init__(self, net: nn.Module, imgsz: int = 640, conf: float = 0.001, iou: float = 0.7,
                  max_det: int = 300, multi_label: bool = False, train_scale: Sequence[float] = (1.0, 1.0)):
         super().__init__()

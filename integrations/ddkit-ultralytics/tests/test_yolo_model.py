@@ -456,3 +456,14 @@ def test_a_labelling_view_that_keeps_the_size_runs_at_imgsz_and_a_factor_at_its_
     sizes = [tuple(x.shape[-2:]) for x in images]
     frames = model_frames(task, model, half, [half.forward_image(x) for x in images], sizes)
     assert [max(x.shape[-2:]) for x in frames.images] == [32, 32]
+
+
+def test_pose_keypoint_scores_are_probabilities_written_as_they_are(coco8_pose):
+    """A YOLO pose head's keypoint confidences are sigmoids: the keypoints task says so, so that ``ddkit predict
+    --format yolo`` writes them as they are (a Keypoint R-CNN's heatmap logits go through a sigmoid)."""
+    task = ddkit.build("tasks", "keypoints")
+    torch.manual_seed(0)
+    model = task.build_model(TINY_POSE, coco8_pose.info).eval()
+    assert task.keypoint_score_kind(model) == "probability"
+    conf = task.predict(model, [coco8_pose[0][0]])[0].keypoints[..., 2]
+    assert conf.numel() and float(conf.min()) >= 0 and float(conf.max()) <= 1
