@@ -347,6 +347,21 @@ def test_predict_save_images_draws_each_images_predictions(detector, digits_run,
     assert float((framed[:, -1, 20:-20].float().mean(1) - want).abs().max()) < 60  # the frame's bottom edge
 
 
+def test_predict_into_a_folder_of_an_earlier_prediction_says_which_files_are_not_its_own(detector, tmp_path, capsys):
+    """A second prediction into the same -o leaves the first one's drawings / label files of other images (they are
+    not deleted) and says so; predicting the same images again rewrites them and says nothing."""
+    val = DATA / "coco8" / "images" / "val"
+    out = tmp_path / "p"
+    for fmt in ("coco", "yolo"):
+        assert main(["predict", str(detector), str(val), "--format", fmt, "--save-images", "-o", str(out)]) == 0
+        assert "earlier prediction" not in capsys.readouterr().out
+    assert main(["predict", str(detector), str(val / "000000000042.jpg"), "--format", "yolo", "-o", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert f"{out / 'labels'} holds 3 file(s) of an earlier prediction" in said
+    assert f"{out / 'images'} holds 4 file(s) of an earlier prediction" in said
+    assert len(list((out / "labels").glob("*.txt"))) == 4  # nothing deleted
+
+
 def test_predict_refuses_when_no_image_is_readable_and_an_output_that_is_a_file(detector, tmp_path, capsys):
     """Nothing readable is an error, not an empty (successful-looking) result; ``-o`` names a folder."""
     corrupt = tmp_path / "bad.jpg"

@@ -114,26 +114,6 @@ def test_predict_coco_images_json_lists_the_category_ids_the_results_carry(detec
     assert {dt.cats[a["category_id"]]["name"] for a in dt.anns.values()} == {names[ours]}
 
 
-def test_predict_refuses_an_output_folder_holding_an_earlier_predictions_files(detector, tmp_path, capsys):
-    """labels/ (yolo) or images/ (--save-images) holding files: refused before the model is read, naming the folder,
-    the count and the fix; a coco prediction (one predictions.json, replaced whole) into the same -o is fine."""
-    val = DATA / "coco8" / "images" / "val"
-    out = tmp_path / "p"
-    assert main(["predict", str(detector), str(val), "--format", "yolo", "-o", str(out)]) == 0
-    capsys.readouterr()
-    one = str(val / "000000000042.jpg")
-    assert main(["predict", str(detector), one, "--format", "yolo", "-o", str(out)]) == 2
-    said = capsys.readouterr()
-    assert f"{out / 'labels'} already holds 4 file(s) of an earlier prediction" in said.err
-    assert "another -o folder" in said.err and "predicting" not in said.out
-    assert len(list((out / "labels").glob("*.txt"))) == 4
-    assert main(["predict", str(detector), one, "-o", str(out)]) == 0  # coco: labels/ is not its output
-    assert main(["predict", str(detector), one, "-o", str(out), "--save-images"]) == 0
-    capsys.readouterr()
-    assert main(["predict", str(detector), one, "-o", str(out), "--save-images"]) == 2
-    assert f"{out / 'images'} already holds 1 file(s)" in capsys.readouterr().err
-
-
 def test_predict_yolo_data_yaml_maps_classes_back_to_category_ids(detector, tmp_path):
     """predict's data.yaml has the label stage's YOLO export keys, ``ddkit_category_ids`` included."""
     from ddkit.engine.yolo_export import class_keys

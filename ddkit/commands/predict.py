@@ -19,9 +19,9 @@ image and its mirror. Output in ``OUT``:
   a sigmoid, a YOLO pose model's as it is), then the score; ``data.yaml`` gives the class names, ``kpt_shape``
   and ``ddkit_category_ids`` (class index -> category id), as the pseudo-label YOLO export writes them.
 
-A ``labels/`` (``--format yolo``) or ``images/`` (``--save-images``) folder in ``OUT`` that already holds files
-is refused before anything is predicted: an earlier prediction's files would mix with this one's. Unreadable
-images, and images of the COCO file missing under ``IMAGES``, are skipped and named.
+Files in ``labels/`` or ``images/`` that an earlier prediction into ``OUT`` wrote for other images are named in a
+warning, not deleted. Unreadable images, and images of the COCO file missing under ``IMAGES``, are skipped and
+named.
 """
 from __future__ import annotations
 
@@ -171,6 +171,19 @@ class _Writer:
         Image.fromarray(drawn.permute(1, 2, 0).numpy()).save(buf, "JPEG", quality=90)
         atomic_write_bytes(self.out / "images" / f"{self._stem(image_id, file_name)}.jpg", buf.getvalue())
 
+    def _warn_stale(self) -> None:
+        """Files in ``labels/`` or ``images/`` that this prediction did not write are an earlier one's: a YOLO
+        training on the folder would take them as labels. They are said, not deleted (they may be the user's)."""
+        written = {"labels": ".txt" if self.fmt == "yolo" else None, "images": ".jpg" if self.draw else None}
+        for sub, suffix in written.items():
+            folder = self.out / sub
+            ours = {f"{stem}{suffix}" for stem in self.stem_of.values()} if suffix else set()
+            stale = sorted(str(p.relative_to(folder)) for p in folder.rglob("*")
+                           if p.is_file() and str(p.relative_to(folder)) not in ours) if folder.is_dir() else []
+            if stale:
+                print(f"warning: {folder} holds {len(stale)} file(s) of an earlier prediction (e.g. {stale[0]}), "
+                      "not of these images; delete them or predict into a new -o folder")
+
     def finish(self) -> list[Path]:
         import yaml
 
@@ -184,6 +197,7 @@ class _Writer:
             log.warning("%d %s named after the image id: another image has the same name (e.g. %s -> %s)",
                         len(self.renamed), kind, self.renamed[0][0], where.format(self.renamed[0][1]))
         drawn = [self.out / "images"] if self.draw else []
+        self._warn_stale()
         if self.fmt == "coco":
             return [atomic_write_json(self.out / "predictions.json", self.results),
                     atomic_write_json(self.out / "images.json", {"info": {}, "images": self.images,
@@ -227,14 +241,6 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.coco and not Path(args.images).is_dir():
         raise ConfigError(f"{args.images}: with --coco, IMAGES is the folder that the COCO file's file_name values "
                           "are relative to")
-    # per-image files of an earlier prediction would mix silently with this one's (predictions.json is replaced
-    # whole, so the coco format alone is not checked)
-    folders = [sub for sub, used in (("labels", args.format == "yolo"), ("images", args.save_images)) if used]
-    for folder in (Path(args.output) / sub for sub in folders):
-        n = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
-        if n:
-            raise ConfigError(f"-o {args.output}: {folder} already holds {n} file(s) of an earlier prediction; "
-                              f"predict into another -o folder, or remove {folder}")
 
 
 def _coco_categories(source: Any, info: Any, coco: str) -> dict[int, int] | None:
