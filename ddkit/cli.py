@@ -138,7 +138,8 @@ def _main(argv: Sequence[str] | None) -> int:
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
         hint = getattr(args, "_on_interrupt", None)
         hint = hint(args) if callable(hint) else hint
-        print(f"ddkit {args.command}: interrupted{by}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process stops alike: rank 0 says it once
+            print(f"ddkit {args.command}: interrupted{by}" + (f"; {hint}" if hint else ""), file=sys.stderr)
         return 128 + signum
     finally:
         os.environ.pop(NO_PROGRESS_ENV, None)

@@ -156,6 +156,7 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_checkpoints(t
     assert torch.load(ckpt, weights_only=True)["iteration"] == 4
     assert "interrupted (Ctrl-C) at iteration 4; checkpoint written" in (run_dir / "train.log").read_text()
     assert output.count("Ctrl-C: finishing this iteration and the next on every process") == 1, output[-4000:]
+    assert output.count("ddkit train: interrupted") == 1, output[-4000:]  # rank 0 says it for every process
     assert not (run_dir / "model.pt").exists()
     _resumes_to_the_end(recipe, run_dir)
     _torchrun_train(recipe, f"run.out_dir={tmp_path / 'ref'}")  # uninterrupted: a step applied twice would differ
