@@ -9,7 +9,8 @@ every dataset has ``.info`` (:class:`~ddkit.types.DatasetInfo`) and a fast ``get
 * ``synthetic_shapes`` / ``synthetic_figures``: generated images with known boxes / stick-figure keypoints, for fast
   tests (results on them are synthetic, not comparable with published numbers).
 
-Unreadable images are skipped at load (``check_images: true``) and listed in ``.skipped`` and the log.
+Unreadable images are skipped at load (``check_images: true``), listed in ``.skipped`` and the log, and counted in
+``info.extra["skipped_images"]`` (a recipe's results repeat it).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import importlib.util
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +32,8 @@ from ddkit.engine.box_rule import BoxCheck
 from ddkit.engine.coco_file import read_coco_file
 from ddkit.engine.keypoint_meta import COCO_SIGMAS, flip_indices_from_names, resolve_keypoint_meta  # noqa: F401
 from ddkit.engine.task import IMAGE_EXTENSIONS as IMAGE_EXTS  # the one list of image extensions
-from ddkit.engine.task import adapt_image, check_images, image_size, read_image, report_skipped, split_indices
+from ddkit.engine.task import (adapt_image, check_images, image_size, read_image, report_skipped, skipped_extra,
+                               split_indices)
 from ddkit.types import DatasetSpec
 
 _DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"  # offline fixtures (examples only)
@@ -93,6 +95,8 @@ class _TargetsDataset(torch.utils.data.Dataset):
             self.files = [self.files[i] for i in keep]
             self.targets = [self.targets[i] for i in keep]
             report_skipped(self.skipped, source)
+            if getattr(self, "info", None) is not None:  # an info made later takes skipped_extra itself
+                self.info = replace(self.info, extra={**(self.info.extra or {}), **skipped_extra(self.skipped)})
 
 
 # --------------------------------------------------------------------------------------------------------- COCO
@@ -518,7 +522,8 @@ class ImageFolder(_TargetsDataset):
             raise ConfigError(f"image_folder: image_size must be [H, W], got {image_size}")
         self.image_size = [int(s) for s in image_size]
         self.info = DatasetInfo(categories=[{"id": i, "name": n} for i, n in enumerate(classes)],
-                                extra={"image_shape": [1 if grayscale else 3, *self.image_size], "source": str(base)})
+                                extra={"image_shape": [1 if grayscale else 3, *self.image_size], "source": str(base),
+                                       **skipped_extra(self.skipped)})
 
     def __getitem__(self, i: int):
         # the core's conversion to info.extra["image_shape"]: unlabeled images (label.images, pseudo-labels,

@@ -780,3 +780,21 @@ def test_a_box_model_on_a_coco_file_with_keypoints_is_told_how_to_score_its_boxe
     block = json.dumps({"name": "coco", "annotations": str(coco), "keypoints": False})
     assert main(["eval", str(detector), "--data", block, "-o", str(tmp_path / "e.json")]) == 0
     assert "AP" in json.loads((tmp_path / "e.json").read_text())["metrics"]
+
+
+def test_eval_refuses_data_naming_the_models_keypoints_in_another_order(tmp_path, capsys):
+    """A pose model trained on COCO's order, a file listing the same 17 keypoints reversed: scored index by index,
+    its right ankle would be the model's nose; one error line naming both."""
+    from test_instance_classes_by_name import MINI, reversed_keypoints
+
+    torch.manual_seed(0)
+    info = ddkit.build("datasets", {"name": "coco", "annotations": str(MINI / "test_coco.json")}).info
+    pose = save_model(ddkit.build("tasks", "keypoints").build_model({"name": "keypointrcnn", **TINY,
+                                                                    "keypoint_head": [8]}, info), tmp_path / "pose.pt")
+    other = reversed_keypoints(tmp_path / "other.json")
+    block = json.dumps({"name": "coco", "annotations": str(other), "images": str(MINI)})
+    assert main(["eval", str(pose), "--data", block, "-o", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "keypoint 0 is 'right_ankle', the model's" in err and "is 'nose'" in err and "\n" not in err, err
+    assert "export the data with the model's keypoints, in its order" in err
+    assert not (tmp_path / "e.json").exists()

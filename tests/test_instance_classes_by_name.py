@@ -160,3 +160,47 @@ def test_a_keypoint_test_file_of_other_ids_keeps_its_keypoints_under_the_train_i
         ours, theirs = get_target(splits.labeled, i), get_target(splits.test, i)
         assert set(theirs["labels"].tolist()) <= {1} and theirs["labels"].tolist() == ours["labels"].tolist()
         assert theirs["keypoints"].equal(ours["keypoints"])
+
+
+MINI = DATA / "coco-val2017-mini"
+
+
+def reversed_keypoints(path: Path, drop_last: bool = False) -> Path:
+    """coco-val2017-mini's people with their 17 keypoints listed (and annotated) in reverse order (``drop_last``:
+    the last one left out, 16 keypoints): the same poses in another tool's keypoint order."""
+    coco = json.loads((MINI / "test_coco.json").read_text())
+    n = 16 if drop_last else 17
+    for cat in coco["categories"]:
+        cat["keypoints"] = cat["keypoints"][::-1][:n]
+        cat.pop("skeleton", None)
+    for ann in coco["annotations"]:
+        kps = ann["keypoints"]
+        ann["keypoints"] = [v for j in reversed(range(17)) for v in kps[3 * j:3 * j + 3]][:3 * n]
+        ann["num_keypoints"] = sum(v > 0 for v in ann["keypoints"][2::3])
+    path.write_text(json.dumps(coco))
+    return path
+
+
+@pytest.mark.parametrize("drop_last, said", [
+    (False, "keypoint 0 is 'right_ankle', in data.train.dataset ({train}) it is 'nose'"),
+    (True, "16 keypoints per instance, data.train.dataset ({train}) has 17")])
+def test_a_keypoint_test_or_unlabeled_file_in_another_keypoint_order_is_refused(tmp_path, drop_last, said):
+    """Keypoints are scored index by index: a test file listing them in another order (or another number of them)
+    would compare the model's nose with its right ankle; one error line, before any file is written."""
+    other = reversed_keypoints(tmp_path / "other.json", drop_last)
+    train = {"dataset": {"name": "coco", "annotations": str(MINI / "test_coco.json")}}
+    for key in ("test", "unlabeled"):
+        part = {"dataset": {"name": "coco", "annotations": str(other), "images": str(MINI)}}
+        with pytest.raises(ConfigError) as err:
+            build_data({"train": train, key: part})
+        msg = str(err.value)
+        assert msg.startswith(f"data.{key}.dataset ({other}): ") and "\n" not in msg
+        assert said.format(train=MINI / "test_coco.json") in msg and "export it with the train file's keypoints" in msg
+    assert build_data({"train": train, "test": train}).test.info.num_keypoints == 17  # the train order: fine
+    pose = {"dataset": {"name": "yolo", "root": str(DATA / "coco8-pose"), "split": "val"}}  # unnamed: a count
+    part = {"dataset": {"name": "coco", "annotations": str(other), "images": str(MINI)}}
+    if drop_last:
+        with pytest.raises(ConfigError, match="16 keypoints per instance"):
+            build_data({"train": pose, "test": part})
+    else:
+        assert build_data({"train": pose, "test": part}).test.info.num_keypoints == 17

@@ -134,6 +134,24 @@ def test_unreadable_unlabeled_images_are_said_on_the_console_and_in_the_results(
     assert "1 unlabeled image(s) could not be read" in (tmp_path / "out" / "results.md").read_text()
 
 
+def test_unreadable_train_and_test_images_are_said_in_the_results(tmp_path, capsys):
+    """A broken image in the train and the test folder: skipped at load with a log warning that scrolls by, and one
+    line per part at the head of results.md / results.json and of what ``ddkit run`` prints at the end."""
+    path, root, _ = _folders_recipe(tmp_path)
+    (root / "train" / "a" / "broken.png").write_bytes(b"not a png")
+    (root / "val" / "b" / "broken.png").write_bytes(b"not a png")
+    assert main(["run", str(path), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    lines = [f"data.train.dataset ({root / 'train'}): 1 image(s) could not be read and were skipped (the first: "
+             f"{root / 'train' / 'a' / 'broken.png'}: ", f"data.test.dataset ({root / 'val'}): 1 image(s) could not "
+             f"be read and were skipped (the first: {root / 'val' / 'b' / 'broken.png'}: "]
+    warnings = json.loads((tmp_path / "out" / "results.json").read_text())["warnings"]
+    results = (tmp_path / "out" / "results.md").read_text()
+    for line in lines:
+        assert sum(line in w for w in warnings) == 1, warnings
+        assert f"**WARNING:** {path}: {line}" in results and f"**WARNING:** {path}: {line}" in printed
+
+
 FOLDERS_RECIPE = """
 run: {{name: folders, out_dir: "{out}", seed: 0, device: cpu}}
 task: {{name: classification}}

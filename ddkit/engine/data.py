@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from ddkit.engine.keypoint_meta import first_keypoint_difference
 from ddkit.errors import ConfigError, DataError
 from ddkit.types import DatasetInfo
 
@@ -182,6 +183,26 @@ def match_classes(dataset: Any, info: DatasetInfo, where: str, whose: str = "the
     # instances keep their own info (keypoint sigmas, source) under the training part's categories
     view_info = replace(theirs, categories=list(info.categories)) if instances else info
     return ClassesByName(dataset, view_info, {cid: ours[name] for name, cid in names.items()})
+
+
+def match_keypoints(dataset: Any, info: DatasetInfo, where: str, our_src: str) -> None:
+    """A keypoint test / unlabeled part must have the training part's (``info``) keypoints in its order: they are
+    scored and labelled index by index, so another count or another named order is a :class:`ConfigError`
+    (``where``: the part, ``our_src``: the training part). Unnamed keypoints (a YOLO pose folder) are checked by
+    count. Only parts that both have keypoints are compared: boxes alone are scored by class."""
+    theirs = get_info(dataset)
+    k, ours_k = theirs.num_keypoints, info.num_keypoints
+    if not k or not ours_k or not has_instance_labels(dataset):
+        return
+    fix = "export it with the train file's keypoints, in its order"
+    if k != ours_k:
+        raise ConfigError(f"{where} ({_source(dataset)}): {k} keypoints per instance, {our_src} has {ours_k}; "
+                          f"keypoints are compared by index, so {fix}")
+    diff = first_keypoint_difference(info, theirs)
+    if diff:
+        i, ours, name = diff
+        raise ConfigError(f"{where} ({_source(dataset)}): keypoint {i} is {name!r}, in {our_src} it is {ours!r}; "
+                          f"keypoints are compared by index, not by name, so {fix}")
 
 
 def _used_ids(dataset: Any) -> set[int]:
@@ -375,17 +396,21 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         p = parse_section(SplitParams, cfg.get("split") or {}, f"{where}.split")  # before reading any data
         dataset = build_dataset(registry, cfg["dataset"], f"{where}.dataset")
         _check_not_empty(dataset, f"{where}.dataset")
-        return split_dataset(dataset, p.labeled, p.unlabeled, p.test, p.seed, p.stratify)
+        splits = split_dataset(dataset, p.labeled, p.unlabeled, p.test, p.seed, p.stratify)
+        splits.warnings += skipped_warning(dataset, f"{where}.dataset")
+        return splits
     blocks = _part_blocks(cfg, where)
     parts = {"train": build_dataset(registry, blocks["train"], f"{where}.train.dataset")}
     _check_not_empty(parts["train"], f"{where}.train.dataset")
-    info, notes = get_info(parts["train"]), []
+    info, notes = get_info(parts["train"]), skipped_warning(parts["train"], f"{where}.train.dataset")
     for key in ("unlabeled", "test"):  # read as the train images are: the model's input shape, its class ids
         if key in blocks:
             part, note = build_at_shape(registry, blocks[key], image_shape(parts["train"]), f"{where}.{key}.dataset")
             _check_not_empty(part, f"{where}.{key}.dataset")
-            parts[key] = match_classes(part, info, f"{where}.{key}.dataset",
-                                       our_src=f"{where}.train.dataset ({_source(parts['train'])})")
+            notes += skipped_warning(part, f"{where}.{key}.dataset")  # before a class view takes the train info
+            train_src = f"{where}.train.dataset ({_source(parts['train'])})"
+            match_keypoints(part, info, f"{where}.{key}.dataset", train_src)
+            parts[key] = match_classes(part, info, f"{where}.{key}.dataset", our_src=train_src)
             notes += [note] if note else []
     unl = parts.get("unlabeled")
     return Splits(labeled=parts["train"], unlabeled=HiddenLabels(unl) if unl is not None else None,
@@ -617,6 +642,28 @@ def adapt_image(image: torch.Tensor, shape: Sequence[int] | None) -> torch.Tenso
         image = torch.nn.functional.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
                                                 antialias=True)[0].clamp_(0, 1)
     return image.contiguous()
+
+
+# info.extra key: {"count", "first", "reason"} of the images a dataset left out as unreadable (only the first is
+# kept: the info travels into checkpoints); a recipe's results repeat it, a warning in the log scrolls by
+SKIPPED_IMAGES = "skipped_images"
+
+
+def skipped_extra(skipped: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """The ``info.extra`` entry (:data:`SKIPPED_IMAGES`) of a dataset's skipped ``(file, reason)`` pairs."""
+    if not skipped:
+        return {}
+    return {SKIPPED_IMAGES: {"count": len(skipped), "first": str(skipped[0][0]), "reason": str(skipped[0][1])}}
+
+
+def skipped_warning(dataset: Any, where: str) -> list[str]:
+    """A results warning for a recipe part ``where`` whose dataset skipped unreadable images (a typo'd image root
+    on part of the data shrinks it silently otherwise)."""
+    note = (get_info(dataset).extra or {}).get(SKIPPED_IMAGES)
+    if not note:
+        return []
+    return [f"{where} ({_source(dataset)}): {note['count']} image(s) could not be read and were skipped (the first: "
+            f"{note['first']}: {note['reason']}); fix the image root or the files, or remove them"]
 
 
 def report_skipped(skipped: Sequence[tuple[str, str]], source: str) -> None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from ddkit.engine.classes import check_classes, pairs
 from ddkit.engine.data import adapt_image
+from ddkit.engine.keypoint_meta import first_keypoint_difference
 from ddkit.engine.label import Labeller, Strategies, build_strategies, parse_label_config
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.errors import ConfigError
@@ -168,6 +169,12 @@ def _check_keypoints(model_info: DatasetInfo, data_info: DatasetInfo, model_src:
             "FILE.json, keypoints: false}\")" if data_info.num_keypoints and not model_info.num_keypoints else ""
         raise ConfigError(f"{data_src}: {data_info.num_keypoints or 0} keypoints per instance, the model "
                           f"({model_src}) predicts {model_info.num_keypoints or 0}{boxes_only}")
+    diff = first_keypoint_difference(model_info, data_info)
+    if diff:  # scored index by index: another order would compare one body part's prediction with another's
+        i, ours, theirs = diff
+        raise ConfigError(f"{data_src}: keypoint {i} is {theirs!r}, the model's ({model_src}) is {ours!r}; "
+                          "keypoints are compared by index, not by name, so export the data with the model's "
+                          "keypoints, in its order")
 
 
 def dataset_block(spec: str, split: str | None = None) -> dict[str, Any]:

@@ -171,3 +171,21 @@ def require_flip_indices(info: DatasetInfo, what: str) -> list[int]:
     why = info.extra.get(FLIP_UNKNOWN) or f"the dataset's {info.num_keypoints} keypoints have no known left/right pairs"
     raise ConfigError(f"{what} flips keypoints, but {why}. Give the dataset option flip_indices (each keypoint's "
                       f"mirror index, e.g. [0, 2, 1] for nose, left_eye, right_eye) or drop the flip")
+
+
+def keypoint_names(info: DatasetInfo) -> list[str] | None:
+    """The keypoint names a dataset declares (``info.extra["keypoint_names"]``), ``None`` if it only has a count."""
+    names = (info.extra or {}).get("keypoint_names")
+    return [str(n) for n in names] if names else None
+
+
+def first_keypoint_difference(ours: DatasetInfo, theirs: DatasetInfo) -> tuple[int, str, str] | None:
+    """``(index, our name, their name)`` of the first keypoint the two datasets name differently, ``None`` when the
+    names agree or either side has none (keypoints are compared by index, so only the order tells them apart)."""
+    a, b = keypoint_names(ours), keypoint_names(theirs)
+    if a is None or b is None:
+        return None
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i, x, y
+    return None

@@ -61,14 +61,15 @@ from torch import Tensor, nn
 from ddkit.engine.coco_eval import coco_evaluate, coco_evaluate_per_category
 from ddkit.engine.coco_results import coco_ground_truth
 from ddkit.engine.data import (IMAGE_EXTENSIONS, adapt_image, check_images, get_target, image_size, read_image,
-                               report_skipped, split_indices)
+                               report_skipped, skipped_extra, split_indices)
 from ddkit.errors import ConfigError
 from ddkit.types import DatasetInfo, Instances
 
 __all__ = ["warn_renamed_classes", "coco_evaluate", "coco_evaluate_per_category",
            "coco_ground_truth", "Task", "KeypointTask", "TrainOutputs", "Batch", "LossTerm", "LossContext", "SetupContext", "FeatureHook",
            "get_submodule", "unwrap_model", "attach_model_info", "model_info", "category_ids", "get_target",
-           "read_image", "image_size", "adapt_image", "check_images", "report_skipped", "split_indices",
+           "read_image", "image_size", "adapt_image", "check_images", "report_skipped", "skipped_extra",
+           "split_indices",
            "IMAGE_EXTENSIONS"]
 
 Batch = dict[str, Any]
