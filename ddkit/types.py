@@ -82,12 +82,15 @@ class ModelSpec(StrategySpec):
     """``task`` names the task the model is built for (``classification``, ``detection``, ``keypoints``);
     ``also_tasks`` the other tasks it serves (one YOLO spec builds detectors and pose models); ``explain_file``,
     given a file that is not a ddkit checkpoint, returns one line saying how this model loads it (e.g. its weights
-    under ``pretrained``), or ``None``: the core adds it to its refusal of such a file."""
+    under ``pretrained``), or ``None``: the core adds it to its refusal of such a file. ``export_hint``, given what
+    ``ddkit export`` exported (a run, stage or checkpoint path), returns one line it prints after writing, e.g. how to
+    write the file another library loads."""
 
     kind: ClassVar[str] = "models"
     task: str = "classification"
     also_tasks: tuple[str, ...] = ()
     explain_file: Callable[[Any], str | None] | None = None
+    export_hint: Callable[[str], str | None] | None = None
 
 
 SPEC_TYPES: dict[str, type[StrategySpec]] = {

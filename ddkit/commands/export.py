@@ -40,18 +40,19 @@ def _stage_file(path: Path) -> str | None:
     return None
 
 
-def check_output(dest: Path, src: Path) -> None:
-    """Refuse an ``-o`` that is a folder, the file being exported, or a stage's model or checkpoint (which ``ddkit
-    eval`` / ``ddkit run`` read as that stage's); before anything is written."""
+def check_output(dest: Path, src: Path | None, arg: str = "-o") -> None:
+    """Refuse an output (``arg``: how the command names it) that is a folder, the file being exported, or a stage's
+    model or checkpoint (which ``ddkit eval`` / ``ddkit run`` read as that stage's); before anything is written.
+    Plugins' exporters call it too."""
     from ddkit.io import same_file
 
     if dest.is_dir():
-        raise ConfigError(f"-o {dest} is a folder; give a file name, e.g. -o {dest / 'model.pt'}")
-    if same_file(dest, src):
-        raise ConfigError(f"-o {dest} is the checkpoint being exported; choose another file")
+        raise ConfigError(f"{arg} {dest} is a folder; give a file name, e.g. {arg} {dest / 'model.pt'}")
+    if src is not None and same_file(dest, src):
+        raise ConfigError(f"{arg} {dest} is the checkpoint being exported; choose another file")
     stage = _stage_file(dest)
     if stage:
-        raise ConfigError(f"-o {dest} is {stage}; writing over it would change what ddkit eval and ddkit run read "
+        raise ConfigError(f"{arg} {dest} is {stage}; writing over it would change what ddkit eval and ddkit run read "
                           f"as that stage; choose a file outside the stage folders")
 
 
@@ -92,4 +93,18 @@ def run(args: argparse.Namespace) -> int:
     n = sum(v.numel() for v in out["model"].values())
     print(f"exported {what}")
     print(f"wrote {dest} ({out['task']['name']} / {out['model_cfg'].get('name')}, {n:,} values)")
+    hint = _export_hint(str(out["model_cfg"].get("name")), args.checkpoint)
+    if hint:
+        print(hint)
     return 0
+
+
+def _export_hint(model: str, source: str) -> str | None:
+    """The model plugin's line for an exported file of ``model`` (its ``ModelSpec.export_hint``), if it has one."""
+    from ddkit.plugin_manager import get_registry
+
+    registry = get_registry()
+    if ("models", model) not in registry:
+        return None
+    hint = getattr(registry.get("models", model).spec, "export_hint", None)
+    return hint(source) if hint is not None else None

@@ -8,7 +8,8 @@ Weights:
   there by Ultralytics when missing and online. ``pretrained: <path>`` takes a file.
 * An Ultralytics ``.pt`` is a pickle that runs code when loaded: it is read only with ``trust_checkpoint: true``.
   Otherwise the file must be a plain state dict (``torch.load(weights_only=True)``), e.g. ddkit's own checkpoints.
-* Tensors whose shape differs (a class head for another number of classes) are skipped with a warning.
+* A class head for another number of classes is skipped with a warning (it starts random). Any other difference
+  (another task, keypoint shape, scale or architecture than ``cfg`` builds) is refused, naming both sides.
 """
 from __future__ import annotations
 
@@ -232,8 +233,49 @@ def read_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tenso
     return read_weights(path, trust_checkpoint)[0]
 
 
+def _arch(net: nn.Module) -> dict[str, Any]:
+    """What an Ultralytics network records of its architecture: yaml file, task, keypoint shape and scale."""
+    from ultralytics.nn.tasks import guess_model_task
+
+    d = getattr(net, "yaml", None) or {}
+    scales = d.get("scales") or {}
+    name = d.get("scale") or (next(iter(scales), None) if scales else None)
+    dwm = scales.get(name) if scales else (d.get("depth_multiple"), d.get("width_multiple"), None)
+    kpt = getattr(net.model[-1], "kpt_shape", None) if hasattr(net, "model") else None
+    dwm = [float(v) if v is not None else None for v in dwm] if dwm else None
+    if name == "custom" and dwm:  # width/depth set in ddkit: the cfg family's scale of the same values, if any
+        name = next((k for k, v in _family_scales(d.get("yaml_file")).items() if list(map(float, v)) == dwm), None)
+    return {"yaml": d.get("yaml_file"), "task": guess_model_task(d or net), "kpt_shape": list(kpt) if kpt else None,
+            "scale": name if name and name != "custom" else None, "dwm": dwm}
+
+
+def _family_scales(yaml: str | None) -> dict[str, Any]:
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        return dict(yaml_model_load(yaml).get("scales") or {}) if yaml else {}
+    except Exception:  # noqa: BLE001 - a yaml no longer found: no scale name, the values are said
+        return {}
+
+
+def _describe(arch: dict[str, Any]) -> str:
+    """``'pose model with kpt_shape [17, 3], scale n'`` (width and depth where the scale has no name)."""
+    text = f"{arch['task']} model" + (f" with kpt_shape {arch['kpt_shape']}" if arch["kpt_shape"] else "")
+    if arch["scale"]:
+        return f"{text}, scale {arch['scale']}"
+    return text + (f", depth {arch['dwm'][0]:g}, width {arch['dwm'][1]:g}" if arch["dwm"] else "")
+
+
 def read_weights(path: Path, trust_checkpoint: bool) -> tuple[dict[str, torch.Tensor], list[str] | None]:
     """:func:`read_state_dict` and the class names an Ultralytics checkpoint holds (``None`` for a state dict)."""
+    state, names, _ = read_weights_arch(path, trust_checkpoint)
+    return state, names
+
+
+def read_weights_arch(path: Path, trust_checkpoint: bool
+                      ) -> tuple[dict[str, torch.Tensor], list[str] | None, dict[str, Any] | None]:
+    """:func:`read_weights` and the architecture an Ultralytics checkpoint records (:func:`_arch`; ``None`` for a
+    state dict)."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with code in it: only when the user trusts the file
@@ -247,14 +289,15 @@ def read_weights(path: Path, trust_checkpoint: bool) -> tuple[dict[str, torch.Te
         module = _trusted_module(path)
         names = getattr(module, "names", None)
         names = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else None
-        return {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}, names
+        state = {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
+        return state, names, _arch(module)
     for key in ("model", "state_dict", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise DataError(f"{path}: not a state dict of tensors")
-    return obj, None
+    return obj, None, None
 
 
 def _pickle_strings(path: Path) -> list[str]:
@@ -284,11 +327,29 @@ def explain_file(path: Any) -> str | None:
             "used as they are with teacher.train.iterations: 0)")
 
 
+def _other_arch(path: Path, file: dict[str, Any] | None, net: nn.Module, shapes: list[str]) -> str | None:
+    """Why the weights in ``path`` do not fit ``net`` beyond its class head (another task, keypoint shape or scale;
+    ``shapes``: tensors outside the class head of another shape), or ``None`` when they fit."""
+    own = _arch(net)
+    differ = file is not None and (file["task"] != own["task"] or file["kpt_shape"] != own["kpt_shape"] or (
+        file["dwm"] is not None and own["dwm"] is not None
+        and any(a is not None and b is not None and abs(a - b) > 1e-6 for a, b in zip(file["dwm"], own["dwm"]))))
+    if not differ and not shapes:
+        return None
+    detail = f" ({len(shapes)} tensors outside the class head have other shapes, e.g. {shapes[0]!r})" if shapes else ""
+    theirs = f"is a {_describe(file)}" + (f" ({file['yaml']})" if file["yaml"] else "") if file else \
+        "holds another architecture"
+    return (f"model.pretrained: {path} {theirs}; cfg {own['yaml']} builds a {_describe(own)}{detail}; use the cfg "
+            "the weights were trained with")
+
+
 def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
-    """Copy the tensors of ``path`` whose names (with or without ``net.``/``model.`` prefixes) and shapes match."""
-    state, names = read_weights(path, trust_checkpoint)
+    """Copy the tensors of ``path`` whose names (with or without ``net.``/``model.`` prefixes) match. A class head of
+    another class count is skipped with a warning; any other difference from ``net`` is a :class:`ConfigError`."""
+    state, names, arch = read_weights_arch(path, trust_checkpoint)
     own = net.state_dict()
-    loaded, skipped = {}, []
+    head = f"model.{len(net.model) - 1}."
+    loaded, skipped, other = {}, [], []
     for key, value in state.items():
         name = next((key[len(p):] for p in ("", "net.", "module.net.") if key.startswith(p) and key[len(p):] in own),
                     None)
@@ -296,12 +357,17 @@ def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
             continue
         if own[name].shape == value.shape:
             loaded[name] = value
-        else:
+        elif name.startswith(head) and "cv3" in name.split(".")[2]:  # the class branch (cv3, one2one_cv3)
             skipped.append(name)
+        else:
+            other.append(name)
+    why = _other_arch(path, arch, net, other)
+    if why:
+        raise ConfigError(why)
     if not loaded:
         raise DataError(f"{path}: no tensor matches the YOLO network (first file keys: {list(state)[:3]})")
     if skipped:
-        warnings.warn(f"{path}: skipped {len(skipped)} tensors of another shape (e.g. the class head): "
-                      f"{skipped[:3]}", stacklevel=2)
+        count = f" ({len(names)} classes there, {len(net.names)} here)" if names else ""
+        warnings.warn(f"{path}: its class head was skipped{count}: it starts from random weights", stacklevel=2)
     net.load_state_dict(loaded, strict=False)
     warn_renamed_classes(path, names, [net.names[i] for i in sorted(net.names)])

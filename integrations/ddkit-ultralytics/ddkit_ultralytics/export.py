@@ -25,7 +25,8 @@ def _net_of(model: nn.Module) -> nn.Module:
         inner = inner.module
     net = getattr(inner, "net", None)
     if net is None or not hasattr(net, "yaml"):
-        raise ConfigError("export_ultralytics needs a ddkit 'yolo' model (built with model: {name: yolo, ...})")
+        raise ConfigError(f"the model is a {type(inner).__name__} model; only ddkit yolo models (model: {{name: yolo, "
+                          "...}) export to Ultralytics")
     return net
 
 
@@ -40,19 +41,37 @@ def model_file(source: str | Path) -> tuple[Path, str]:
     return Path(source), str(source)
 
 
-def export_ultralytics(model: nn.Module | str | Path, path: str | Path) -> Path:
+def _load_yolo(source: Path, what: str) -> nn.Module:
+    """The ddkit model in checkpoint ``source``; a one-line refusal naming the model when it is not a yolo one."""
+    from ddkit.engine.checkpoint import load_checkpoint, load_model
+
+    name = load_checkpoint(source)["model_cfg"].get("name")
+    if name != "yolo":
+        raise ConfigError(f"{what} holds a {name} model; only yolo models export to Ultralytics (ddkit export "
+                          "writes ddkit's own file of it)")
+    return load_model(source)[1]
+
+
+def export_ultralytics(model: nn.Module | str | Path, path: str | Path, arg: str = "output") -> Path:
     """Save ``model`` (a ddkit ``yolo`` model, or a ddkit checkpoint / model file of one) for ``ultralytics.YOLO``.
 
-    Returns the written path. The class names are the dataset's category names.
+    Returns the written path. The class names are the dataset's category names. ``path`` is refused (``arg``: how
+    the caller names it) as ``ddkit export`` refuses its ``-o``: a folder, the input file or a stage's model.pt /
+    checkpoints/*.pt (ddkit could no longer read that stage).
     """
     from ultralytics import __version__
 
+    from ddkit.commands.export import check_output
+    from ddkit.engine.checkpoint import resolve_checkpoint
     from ddkit.io import atomic_torch_save
 
     if isinstance(model, (str, Path)):
-        from ddkit.engine.checkpoint import load_model
-
-        _, model, _ = load_model(model_file(model)[0])
+        file, what = model_file(model)
+        source = resolve_checkpoint(file)
+        check_output(Path(path), source, arg)
+        model = _load_yolo(source, what)
+    else:
+        check_output(Path(path), None, arg)
     net = copy.deepcopy(_net_of(model)).cpu().float().eval()
     for p in net.parameters():
         p.requires_grad_(False)
@@ -68,11 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ddkit-yolo-export", description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a ddkit checkpoint, model.pt, stage folder or `ddkit run` folder (its final "
                                       "student) of a 'yolo' model")
-    parser.add_argument("output", help="the Ultralytics .pt to write")
+    parser.add_argument("output", help="the Ultralytics .pt to write; never a folder, the input file nor a stage's "
+                                       "model.pt or checkpoints/*.pt (as ddkit export -o)")
     args = parser.parse_args(argv)
     try:
-        source, what = model_file(args.model)
-        out = export_ultralytics(source, args.output)
+        what = model_file(args.model)[1]
+        out = export_ultralytics(args.model, args.output, "OUT")
     except (ConfigError, DataError) as err:
         parser.exit(2, f"ddkit-yolo-export: {err}\n")
     print(f"exported {what}")

@@ -25,11 +25,15 @@ def _explain_file(path: Any) -> str | None:
     return explain_file(path)
 
 
+def _export_hint(source: str) -> str:
+    return f"for ultralytics.YOLO() use: ddkit-yolo-export {source} OUT.pt (this file is ddkit's format)"
+
+
 @hookimpl
 def ddkit_models():
     yield ModelSpec(name="yolo", factory=_build, params=YoloParams, task="detection", also_tasks=("keypoints",),
                     summary="Ultralytics YOLO (v8/11/26 yaml; a -pose cfg for keypoints) with Ultralytics' losses",
-                    examples=(TINY,), explain_file=_explain_file)
+                    examples=(TINY,), explain_file=_explain_file, export_hint=_export_hint)
 
 
 @hookimpl

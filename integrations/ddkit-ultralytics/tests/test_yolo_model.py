@@ -467,3 +467,53 @@ def test_pose_keypoint_scores_are_probabilities_written_as_they_are(coco8_pose):
     assert task.keypoint_score_kind(model) == "probability"
     conf = task.predict(model, [coco8_pose[0][0]])[0].keypoints[..., 2]
     assert conf.numel() and float(conf.min()) >= 0 and float(conf.max()) <= 1
+
+
+def test_weights_of_another_scale_task_or_keypoint_shape_are_refused_naming_both(coco8, coco8_pose, tmp_path):
+    """pass 23 #3: a best.pt of another scale, task or keypoint count was loaded partly (a warning blaming "the class
+    head") and trained on from a mostly random net: one ConfigError naming what the file and the cfg are."""
+    import dataclasses
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    det, pose = ddkit.build("tasks", {"name": "detection"}), ddkit.build("tasks", {"name": "keypoints"})
+    det_pt = export_ultralytics(det.build_model({**TINY, "width": 0.25}, coco8.info), tmp_path / "det.pt")
+    pose_pt = export_ultralytics(pose.build_model(TINY_POSE, coco8_pose.info), tmp_path / "pose.pt")
+    cases = [
+        (det, {**TINY, "cfg": "yolov8s.yaml", "width": None, "pretrained": str(det_pt)}, coco8.info,
+         f"{det_pt} is a detect model, scale n (yolov8n.yaml); cfg yolov8s.yaml builds a detect model, scale s"),
+        (det, {**TINY, "pretrained": str(pose_pt)}, coco8.info,
+         f"{pose_pt} is a pose model with kpt_shape [17, 3], depth 0.33, width 0.125 (yolov8n-pose.yaml); cfg "
+         "yolov8n.yaml builds a detect model, depth 0.33, width 0.125"),
+        (pose, {**TINY_POSE, "pretrained": str(det_pt)}, coco8_pose.info, "is a detect model, scale n"),
+        (pose, {**TINY_POSE, "pretrained": str(pose_pt)}, dataclasses.replace(coco8_pose.info, num_keypoints=5,
+                                                                            keypoint_sigmas=None),
+         "is a pose model with kpt_shape [17, 3], depth 0.33, width 0.125 (yolov8n-pose.yaml); cfg yolov8n-pose.yaml "
+         "builds a pose model with kpt_shape [5, 3]"),
+    ]
+    for task, block, info, text in cases:
+        with pytest.raises(ConfigError, match="use the cfg the weights were trained with") as err:
+            task.build_model({**block, "trust_checkpoint": True}, info)
+        assert text in str(err.value) and "\n" not in str(err.value), str(err.value)
+    # a plain state dict (nothing recorded) of another width: refused too
+    torch.save(det.build_model({**TINY, "width": 0.25}, coco8.info).state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ConfigError, match=r"plain.pt holds another architecture; cfg yolov8n.yaml builds a detect "
+                                          r"model, depth 0.33, width 0.125 \(\d+ tensors outside the class head"):
+        det.build_model({**TINY, "pretrained": str(tmp_path / "plain.pt")}, coco8.info)
+
+
+def test_a_class_head_of_another_class_count_is_the_only_skip_and_its_warning_says_so(coco8, tmp_path):
+    import dataclasses
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
+    fewer = dataclasses.replace(coco8.info, categories=coco8.info.categories[:3])
+    with pytest.warns(UserWarning) as record:
+        model = task.build_model({**TINY, "pretrained": str(path), "trust_checkpoint": True}, fewer)
+    texts = [str(w.message) for w in record]
+    assert f"{path}: its class head was skipped (80 classes there, 3 here): it starts from random weights" in texts
+    assert not any("tensors" in t for t in texts), texts
+    reference = torch.load(path, weights_only=False)["model"].model[0].conv.weight
+    assert torch.equal(model.net.model[0].conv.weight, reference)
