@@ -3,6 +3,7 @@ training), refused when its weights leave part of it random."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 from ddkit import ConfigError
 from ddkit.config import load_config
 from ddkit.engine.as_built import check_as_built, random_tensors
-from ddkit.engine.run import run_recipe
+from ddkit.engine.run import Runner, run_recipe
 from ddkit.engine.train import run_train
 
 from test_run import RECIPE
@@ -104,3 +105,19 @@ def test_a_run_labels_with_a_pretrained_teacher_it_does_not_train(trained, tmp_p
     assert stages["teacher"]["iterations"] == 0
     assert stages["baseline_labeled"]["iterations"] == stages["student"]["iterations"] == 30
     assert (tmp_path / "dd" / "label" / "pseudo_labels.json").is_file()
+
+
+@pytest.mark.parametrize("init, warned", [("scratch", True), ("teacher", False)])
+def test_a_student_given_the_teachers_weights_file_is_warned_about(trained, tmp_path, caplog, init, warned):
+    """``student.model: ${teacher.model}`` with a teacher's own weights file starts the student as the teacher: one
+    warning line (logged and in the results), unless ``student.train.init: teacher`` asks for it."""
+    weights = trained["model_path"]
+    path, overrides = _recipe(tmp_path, "same", 0, pretrained=weights)
+    overrides += [f"student.model.pretrained={weights}", f"student.train.init={init}"]
+    with caplog.at_level(logging.WARNING):
+        runner = Runner(load_config(path, overrides), source=str(path))
+    said = (f"student.model.pretrained is the teacher's weights file ({weights}): the student starts as the "
+            f"teacher; set its own pretrained or none")
+    assert any(said in w for w in runner.splits.warnings) == warned
+    assert (said in caplog.text) == warned
+    assert not (tmp_path / "same").exists()

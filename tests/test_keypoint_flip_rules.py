@@ -82,3 +82,48 @@ def test_a_recipe_written_with_every_default_labels_with_the_datasets_own_pairs(
     strategies = build_strategies(parse_label_config(full.label), get_registry().build("tasks", "keypoints"), info)
     flips = [v for v in strategies.views if getattr(v, "flip", False)]
     assert flips and all(v.flip_indices == info.flip_indices for v in flips) and len(info.flip_indices) == 7
+
+
+KP_RECIPE = """
+run: {{name: kp, out_dir: "{out}", seed: 0, device: cpu}}
+task: {{name: keypoints}}
+data:
+  dataset: {dataset}
+  split: {{labeled: 0.5, unlabeled: 0.0, test: 0.5, seed: 0}}
+teacher:
+  model: {{name: keypointrcnn, backbone: tiny, min_size: 64, max_size: 64, keypoint_head: [16, 16]}}
+  train: {{iterations: 2, batch_size: 1, hflip: {teacher}}}
+label:
+  images: {images}
+  transforms: [{{name: identity}}]
+  aggregator: {{name: box_voting}}
+  selector: {{name: count_match, keypoints: true}}
+student:
+  model: {{name: keypointrcnn, backbone: tiny, min_size: 64, max_size: 64, keypoint_head: [16, 16]}}
+  train: {{iterations: 2, batch_size: 1, hflip: {student}, ratio: [1, 1]}}
+"""
+
+
+@pytest.mark.parametrize("teacher, student, block", [(0.5, 0.0, "teacher.train"), (0.0, 0.5, "student.train")])
+@pytest.mark.parametrize("command", ["run", "train"])
+def test_a_training_flip_without_known_pairs_is_refused_before_anything_is_written(unpaired, tmp_path, teacher,
+                                                                                    student, block, command):
+    """``train.hflip > 0`` on keypoints without pairs: one error naming the train block and where each kind of
+    dataset takes the pairs, before a stage runs (not at the first flipped image, nor never if none was flipped)."""
+    from ddkit.config import load_config
+    from ddkit.engine.run import Runner
+    from ddkit.engine.train import run_train
+
+    path = tmp_path / "kp.yaml"
+    path.write_text(KP_RECIPE.format(out=tmp_path / "out", dataset=json.dumps(unpaired), images=MINI,
+                                     teacher=teacher, student=student))
+    stage = block.split(".")[0]
+    with pytest.raises(ConfigError) as err:
+        if command == "run":
+            Runner(load_config(path), source=str(path))
+        else:
+            run_train(load_config(path), stage, source=str(path), progress=False)
+    message = str(err.value)
+    assert f"{block}.hflip flips keypoints" in message and "\n" not in message
+    assert "flip_idx: in a YOLO data.yaml" in message and "dataset option flip_indices" in message
+    assert not (tmp_path / "out").exists()

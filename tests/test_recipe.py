@@ -160,3 +160,15 @@ teacher:
     saved = yaml.safe_load((tmp_path / "out" / "teacher" / "config.yaml").read_text())
     assert saved["teacher"]["train"]["warmup_factor"] == 0.001 and saved["teacher"]["train"]["iterations"] == 2
     assert saved["teacher"]["model"]["dropout"] == 0.0 and saved["run"]["seed"] == 0
+
+
+@pytest.mark.parametrize("recipe, cfg", [("yolo_det_dd.yaml", "yolov8n.yaml"),
+                                         ("yolo_pose_dd.yaml", "yolov8n-pose.yaml")])
+def test_the_yolo_recipes_student_does_not_start_from_the_teachers_weights(recipe, cfg):
+    """README's "A teacher you already have" changes the teacher's model block only: its best.pt must not become the
+    student's ``pretrained`` too (the "distilled" student would be the teacher), the rest is as before."""
+    given = load_config(REPO / "configs" / recipe, ["teacher.train.iterations=0", "teacher.model.pretrained=best.pt",
+                                                     "teacher.model.trust_checkpoint=true"])
+    assert given.teacher.model.pretrained == "best.pt"
+    assert "pretrained" not in given.student.model and "trust_checkpoint" not in given.student.model
+    assert dict(given.student.model) == {"name": "yolo", "cfg": cfg, "imgsz": 320, "conf": 0.0, "max_det": 100}

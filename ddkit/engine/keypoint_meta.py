@@ -169,8 +169,16 @@ def require_flip_indices(info: DatasetInfo, what: str) -> list[int]:
     if info.flip_indices is not None:
         return list(info.flip_indices)
     why = info.extra.get(FLIP_UNKNOWN) or f"the dataset's {info.num_keypoints} keypoints have no known left/right pairs"
-    raise ConfigError(f"{what} flips keypoints, but {why}. Give the dataset option flip_indices (each keypoint's "
-                      f"mirror index, e.g. [0, 2, 1] for nose, left_eye, right_eye) or drop the flip")
+    raise ConfigError(f"{what} flips keypoints, but {why}. Give each keypoint's mirror index (e.g. [0, 2, 1] for "
+                      f"nose, left_eye, right_eye) as flip_idx: in a YOLO data.yaml, or as the dataset option "
+                      f"flip_indices in the recipe (any dataset), or drop the flip")
+
+
+def check_train_flip(info: DatasetInfo, hflip: float, where: str) -> None:
+    """A training block ``where`` (``teacher.train``) whose ``hflip > 0`` flips keypoints: their pairs must be known
+    before anything trains, not at the first flipped image (:func:`require_flip_indices`)."""
+    if hflip > 0 and info.num_keypoints:
+        require_flip_indices(info, f"{where}.hflip")
 
 
 def keypoint_names(info: DatasetInfo) -> list[str] | None:

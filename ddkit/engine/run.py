@@ -50,7 +50,7 @@ from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, build_data, 
                               label_overlap_warnings)
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
-from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT
+from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT, check_train_flip
 from ddkit.engine.losses import SetupContext, check_term_contract
 from ddkit.engine.prediction_kinds import PROBS, prediction_kind
 from ddkit.engine.pseudo import load_pseudo_dataset
@@ -200,7 +200,9 @@ class Runner:
             raise ConfigError(f"{self.source}: label.format: {fmt} writes a YOLO dataset of image files, but the "
                               f"unlabeled images are made in memory (no files); use format: coco")
         self._check_ddp_batches()
+        self._check_train_flips()
         self._check_loss_terms(self._build_models())
+        self._warn_student_is_teacher()
 
     def _check_unlabeled(self) -> bool:
         """The images the label stage reads, and a student ratio that samples them; returns whether those images are
@@ -265,6 +267,52 @@ class Runner:
                                     self.registry, where=where)
             except ConfigError as err:
                 raise ConfigError(f"{self.source}: {err}") from None
+
+    def _train_blocks(self) -> dict[str, tuple[Any, Any]]:
+        """``{where: (model block, train block)}`` of every model the run trains from the recipe's blocks: the
+        teacher (unless a checkpoint gives it), the student and each KD variant (its own model, else the student's)."""
+        student = self.student_cfg or {}
+        blocks = {}
+        if not self.teacher_cfg.get("checkpoint"):
+            blocks["teacher"] = (self.teacher_cfg.get("model"), self.teacher_cfg.get("train"))
+        if self.student_cfg is not None:
+            blocks["student"] = (student.get("model"), student.get("train"))
+        for variant, block in (self.kd.get("variants") or {}).items():
+            block = block or {}
+            blocks[f"kd.variants.{variant}"] = (block.get("model") or student.get("model"),
+                                                {**(student.get("train") or {}), **(block.get("train") or {})})
+        return blocks
+
+    def _check_train_flips(self) -> None:
+        """``train.hflip > 0`` on keypoints without known left/right pairs: refused now, not at the first flipped
+        image of a stage (or never, when no image happened to be flipped)."""
+        for where, (_, train) in self._train_blocks().items():
+            tcfg = parse_train_config(train)
+            if where == "teacher" and tcfg.as_built:
+                continue
+            try:
+                check_train_flip(self.splits.info, tcfg.hflip, f"{where}.train")
+            except ConfigError as err:
+                raise ConfigError(f"{self.source}: {err}") from None
+
+    def _warn_student_is_teacher(self) -> None:
+        """A student whose ``pretrained`` names the teacher's weights file starts as the teacher (a recipe's
+        ``student.model: ${teacher.model}`` with the teacher's own best.pt): said unless ``train.init: teacher``."""
+        teacher = self.teacher_cfg.get("model")
+        theirs = teacher.get("pretrained") if isinstance(teacher, Mapping) else None
+        if not isinstance(theirs, str) or not Path(theirs).is_file():
+            return
+        for where, (model, train) in self._train_blocks().items():
+            ours = model.get("pretrained") if isinstance(model, Mapping) else None
+            said_for_student = where.startswith("kd.") and model is (self.student_cfg or {}).get("model")
+            if where == "teacher" or said_for_student or not isinstance(ours, str) \
+                    or parse_train_config(train).init == "teacher":
+                continue
+            if Path(ours).resolve() == Path(theirs).resolve():
+                note = (f"{self.source}: {where}.model.pretrained is the teacher's weights file ({theirs}): the "
+                        f"student starts as the teacher; set its own pretrained or none")
+                log.warning("%s", note)
+                self.splits.warnings.append(note)
 
     def _build_models(self) -> dict[str, Any]:
         """Every model block of the recipe built once (``student``, ``teacher`` unless a checkpoint gives it, and

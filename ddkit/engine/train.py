@@ -53,6 +53,7 @@ from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.hooks import CheckpointHook, EvalHook, FinalHook, LogHook, RunLog, TrainingDiverged, describe_run
+from ddkit.engine.keypoint_meta import check_train_flip
 from ddkit.engine.losses import SetupContext
 from ddkit.engine.resume import (check_finished, check_resume, clean_stale_temp, recipe_record, refuse_fresh_start,
                                  resume_changes)
@@ -542,6 +543,11 @@ def run_train(cfg: Any, stage: str | None = None, resume: bool = False, source: 
     tcfg = parse_train_config(section.get("train"), where=f"{source}: {stage}.train")
     task = registry.build("tasks", cfg.task, where=f"{source}: task")
     splits = build_data(cfg.data, registry=registry, where=f"{source}: data")
+    if not tcfg.as_built:
+        try:
+            check_train_flip(splits.info, tcfg.hflip, f"{stage}.train")
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
     torch.manual_seed(mix_seed(_seed(tcfg, seed), "model"))
     try:
         model = task.build_model(section["model"], splits.info)

@@ -23,6 +23,7 @@ def _overrides(out: Path, data: str, cfg: str) -> list[str]:
             f"data.test.dataset={ds.format(root=root, split='val')}",
             # conf 0: an untrained tiny network scores every box ~1e-4; the selector still gets candidates
             f"teacher.model={{name: yolo, cfg: {cfg}, imgsz: 64, width: 0.125, conf: 0.0, max_det: 30}}",
+            f"student.model={{name: yolo, cfg: {cfg}, imgsz: 64, width: 0.125, conf: 0.0, max_det: 30}}",
             f"teacher.train={TINY_TRAIN}", f"student.train={TINY_TRAIN}",
             "label.transforms=[{name: identity}, {name: hflip}]", "label.batch_size=4",
             # 4 untrained iterations rarely hit the labeled images' categories: count over all categories
