@@ -43,7 +43,7 @@ def test_the_ranks_agree_one_step_after_the_signal_is_shared(tmp_path):
 
 
 def test_under_ddp_a_quick_repeat_is_the_same_request_and_a_later_one_stops_at_once(capsys, monkeypatch):
-    with deferred_interrupt(True, ddp=True, announce=True) as stop_signal:
+    with deferred_interrupt(ddp=True, announce=True) as stop_signal:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)  # the launcher forwarding the Ctrl-C it got
         signal.raise_signal(signal.SIGTERM)  # its shutdown of the workers
@@ -57,7 +57,7 @@ def test_under_ddp_a_quick_repeat_is_the_same_request_and_a_later_one_stops_at_o
 
 
 def test_under_ddp_only_rank_0_says_it_finishes_the_step(capsys):
-    with deferred_interrupt(True, ddp=True, announce=False) as stop_signal:
+    with deferred_interrupt(ddp=True, announce=False) as stop_signal:
         signal.raise_signal(signal.SIGTERM)
         assert stop_signal() == signal.SIGTERM
     assert capsys.readouterr().err == ""

@@ -386,7 +386,7 @@ def test_the_stop_signal_handlers_are_restored_after_training():
     before = signal.signal(signal.SIGTERM, mine)
     try:
         sigint = signal.getsignal(signal.SIGINT)
-        with deferred_interrupt(True) as stop_signal:
+        with deferred_interrupt() as stop_signal:
             assert signal.getsignal(signal.SIGTERM) is not mine and stop_signal() is None
             signal.raise_signal(signal.SIGTERM)
             assert stop_signal() == signal.SIGTERM  # deferred: noted, not raised

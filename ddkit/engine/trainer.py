@@ -60,8 +60,7 @@ def _same_request(first_at: float) -> bool:
 
 
 @contextlib.contextmanager
-def deferred_interrupt(enabled: bool, ddp: bool = False,
-                       announce: bool = True) -> Iterator[Callable[[], int | None]]:
+def deferred_interrupt(ddp: bool = False, announce: bool = True) -> Iterator[Callable[[], int | None]]:
     """Ctrl-C or SIGTERM finishes the current step before it stops the loop, so the checkpoint holds whole steps
     only (a step cut between its optimizer update and its end would be applied twice on resume); a second one
     stops at once (:class:`~ddkit.errors.Interrupted`). Yields "which signal asked to stop?" (None: none).
@@ -70,7 +69,7 @@ def deferred_interrupt(enabled: bool, ddp: bool = False,
     (:class:`StopAgreement`); a repeat of the request (:func:`_same_request`: the launcher's forwarded signal) is
     ignored, and only ``announce`` (rank 0) prints the message. Off outside the main thread, where no signal handler
     can be set. The previous handlers are restored on exit."""
-    if not enabled or threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
     received: list[int] = []
@@ -297,7 +296,7 @@ class Trainer:
         ddp = self.ddp.world > 1
         agree = StopAgreement.for_process_group() if ddp else None
         try:
-            with deferred_interrupt(True, ddp=ddp, announce=self.is_main) as stop_signal:
+            with deferred_interrupt(ddp=ddp, announce=self.is_main) as stop_signal:
                 try:
                     self._loop(start, stop, stop_signal, agree)
                 except KeyboardInterrupt as err:  # inside: a repeat of the request must not cut the checkpoint
