@@ -51,6 +51,17 @@ class YoloAdapter(nn.Module):
         self.__dict__["_criterion"] = None  # not a submodule: rebuilt per device, never in the state dict
         self.__dict__["_keep_size"] = False
 
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``, the class branches first widened to ``state_dict``'s: a model whose class
+        head came by name from weights of more classes (:func:`ddkit_ultralytics.build.load_weights`) is rebuilt
+        from its checkpoint without the weights file."""
+        from ddkit_ultralytics.build import class_width, widen_class_branches
+
+        width = class_width(self.net, state_dict, "net.")
+        if width is not None:
+            widen_class_branches(self.net, width)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def stride(self) -> int:
         return int(self.net.stride.max())

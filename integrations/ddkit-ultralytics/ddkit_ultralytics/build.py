@@ -8,11 +8,14 @@ Weights:
   there by Ultralytics when missing and online. ``pretrained: <path>`` takes a file.
 * An Ultralytics ``.pt`` is a pickle that runs code when loaded: it is read only with ``trust_checkpoint: true``.
   Otherwise the file must be a plain state dict (``torch.load(weights_only=True)``), e.g. ddkit's own checkpoints.
-* A class head for another number of classes is skipped with a warning (it starts random). Any other difference
-  (another task, keypoint shape, scale or architecture than ``cfg`` builds) is refused, naming both sides.
+* The class head follows the class names: when an Ultralytics checkpoint names every class of the dataset (COCO's
+  ``yolov8n.pt`` for ``person`` and ``dog``), the rows of those classes are taken from it, in the dataset's order.
+  Otherwise a class head for another number of classes is skipped with a warning (it starts random). Any other
+  difference (another task, keypoint shape, scale or architecture than ``cfg`` builds) is refused, naming both sides.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickletools
 import re
@@ -30,6 +33,7 @@ from ddkit.errors import ConfigError, DataError
 from ddkit.types import DatasetInfo
 
 SCALES = ("n", "s", "m", "l", "x")
+log = logging.getLogger("ddkit.models")
 LOSS_GAINS = ("box", "cls", "dfl", "pose", "kobj")
 
 
@@ -343,18 +347,94 @@ def _other_arch(path: Path, file: dict[str, Any] | None, net: nn.Module, shapes:
             "the weights were trained with")
 
 
+def _class_head_keys(net: nn.Module) -> list[str]:
+    """The class-dependent tensors of ``net``'s head: weight and bias of the last conv of each ``cv3`` branch (and of
+    ``one2one_cv3``, the end-to-end heads' second class branch), one row per class."""
+    head, at = net.model[-1], f"model.{len(net.model) - 1}."
+    keys = []
+    for attr in ("cv3", "one2one_cv3"):
+        for i, branch in enumerate(getattr(head, attr, None) or []):
+            last = f"{at}{attr}.{i}.{len(branch) - 1}."
+            keys += [last + "weight", last + "bias"]
+    return keys
+
+
+def _rows_by_name(theirs: list[str] | None, ours: list[str]) -> list[int] | None:
+    """The file's class rows for the model's classes, in the model's order, when the file names every one of them and
+    the two lists differ (a subset, or another order); ``None`` otherwise (loaded by index, or skipped)."""
+    if theirs is None or list(theirs) == list(ours) or len(set(ours)) != len(ours) or not set(ours) <= set(theirs):
+        return None
+    return [theirs.index(name) for name in ours]
+
+
+def class_width(net: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> int | None:
+    """The hidden width of the class branches in ``state`` (keys ``prefix`` + ``net``'s) where it differs from
+    ``net``'s, else ``None``: Ultralytics sizes them ``max(channels, min(classes, 100))``, so yolov8n's 80-class
+    branches are wider than those of a 2-class yolov8n."""
+    own = net.state_dict()
+    for key in _class_head_keys(net)[::2]:  # the last convs' weights: [classes, width, 1, 1]
+        value = state.get(prefix + key)
+        if value is not None and value.dim() == 4 and value.shape[1] != own[key].shape[1]:
+            return int(value.shape[1])
+    return None
+
+
+def widen_class_branches(net: nn.Module, width: int) -> bool:
+    """Rebuild ``net``'s class branches (``cv3``, ``one2one_cv3``) at ``width`` hidden channels, for its own class
+    count: the branches of a head built for ``width`` classes with a last conv of ``net``'s. ``False`` when
+    Ultralytics builds no such width for this cfg (nothing changed)."""
+    import copy
+
+    head = net.model[-1]
+    d = copy.deepcopy(net.yaml)
+    d["nc"] = width
+    kwargs = {"data_kpt_shape": tuple(d["kpt_shape"])} if d.get("kpt_shape") else {}
+    wide = type(net)(d, ch=3, nc=width, verbose=False, **kwargs).model[-1]
+    attrs = [a for a in ("cv3", "one2one_cv3") if getattr(head, a, None) is not None]
+    if any(branch[-1].in_channels != width for a in attrs for branch in getattr(wide, a)):
+        return False
+    device = next(head.parameters()).device
+    for attr in attrs:
+        branches = getattr(wide, attr)
+        for branch in branches:
+            branch[-1] = nn.Conv2d(width, head.nc, 1)
+        setattr(head, attr, branches.to(device))
+    return True
+
+
+def _pick_class_rows(net: nn.Module, matched: dict[str, torch.Tensor], rows: list[int],
+                     count: int) -> dict[str, torch.Tensor]:
+    """The class head's tensors made of the file's ``rows`` (all of them, or ``{}`` when one does not fit)."""
+    own = net.state_dict()
+    picked = {}
+    for key in _class_head_keys(net):
+        value = matched.get(key)
+        if value is None or value.shape[0] != count or value.shape[1:] != own[key].shape[1:]:
+            return {}
+        picked[key] = value[rows].clone()
+    return picked
+
+
 def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
-    """Copy the tensors of ``path`` whose names (with or without ``net.``/``model.`` prefixes) match. A class head of
-    another class count is skipped with a warning; any other difference from ``net`` is a :class:`ConfigError`."""
+    """Copy the tensors of ``path`` whose names (with or without ``net.``/``model.`` prefixes) match. The class head
+    takes the file's rows of the model's classes by name when the file names them all (:func:`_rows_by_name`);
+    otherwise a class head of another class count is skipped with a warning. Any other difference from ``net`` is a
+    :class:`ConfigError`."""
     state, names, arch = read_weights_arch(path, trust_checkpoint)
+    ours = [net.names[i] for i in sorted(net.names)]
+    rows = _rows_by_name(names, ours)
+    width = class_width(net, state) if rows is not None else None
+    if width is not None:  # the file's classes made its class branches wider: the model takes the file's width
+        widen_class_branches(net, width)
     own = net.state_dict()
     head = f"model.{len(net.model) - 1}."
-    loaded, skipped, other = {}, [], []
+    matched, loaded, skipped, other = {}, {}, [], []
     for key, value in state.items():
         name = next((key[len(p):] for p in ("", "net.", "module.net.") if key.startswith(p) and key[len(p):] in own),
                     None)
         if name is None:
             continue
+        matched[name] = value
         if own[name].shape == value.shape:
             loaded[name] = value
         elif name.startswith(head) and "cv3" in name.split(".")[2]:  # the class branch (cv3, one2one_cv3)
@@ -366,8 +446,15 @@ def load_weights(net: nn.Module, path: Path, trust_checkpoint: bool) -> None:
         raise ConfigError(why)
     if not loaded:
         raise DataError(f"{path}: no tensor matches the YOLO network (first file keys: {list(state)[:3]})")
+    picked = _pick_class_rows(net, matched, rows, len(names)) if rows is not None and names else {}
+    if picked:
+        loaded.update(picked)
+        skipped = [k for k in skipped if k not in picked]
+        log.info("%s: class head of the dataset's %d classes taken by name from its %d (%s)", path, len(ours),
+                 len(names), ", ".join(ours[:8]) + (" ..." if len(ours) > 8 else ""))
     if skipped:
         count = f" ({len(names)} classes there, {len(net.names)} here)" if names else ""
         warnings.warn(f"{path}: its class head was skipped{count}: it starts from random weights", stacklevel=2)
     net.load_state_dict(loaded, strict=False)
-    warn_renamed_classes(path, names, [net.names[i] for i in sorted(net.names)])
+    if not picked:
+        warn_renamed_classes(path, names, ours)

@@ -10,6 +10,9 @@ from ddkit.testing import check_spec
 from ddkit.testing.models import check_model, info_for_task
 from yolo_common import DATA, TINY, TINY_POSE
 
+# three classes no COCO weights file names: its class head cannot be picked by name
+OTHER3 = [{"id": i, "name": name} for i, name in enumerate(("bolt", "nut", "washer"))]
+
 
 def _entry():
     return next(e for e in ddkit.get_registry().entries("models") if e.spec.name == "yolo")
@@ -279,7 +282,8 @@ def test_ultralytics_pt_as_a_ddkit_checkpoint_is_refused_with_the_block_that_loa
 
 
 def test_class_names_of_an_ultralytics_pt_are_compared_with_the_dataset(coco8, tmp_path):
-    """Same number of classes, other names or order: one warning that the class head was loaded by index."""
+    """Same number of classes, names the file lacks: one warning that the class head was loaded by index (the same
+    names in another order are taken by name, see the test below)."""
     import dataclasses
     import warnings
 
@@ -292,10 +296,10 @@ def test_class_names_of_an_ultralytics_pt_are_compared_with_the_dataset(coco8, t
         warnings.simplefilter("error")
         task.build_model(block, coco8.info)  # the same names: silent
     cats = coco8.info.categories
-    reversed_names = [{**c, "name": d["name"]} for c, d in zip(cats, reversed(cats))]
-    info = dataclasses.replace(coco8.info, categories=reversed_names)
-    with pytest.warns(UserWarning, match=r"80 of its 80 class names differ from the dataset's \(class 0 is "
-                                         r"'person' there, 'toothbrush' here\); its class head was loaded by index"):
+    renamed = [{**c, "name": "pedestrian" if c["name"] == "person" else c["name"]} for c in cats]
+    info = dataclasses.replace(coco8.info, categories=renamed)
+    with pytest.warns(UserWarning, match=r"1 of its 80 class names differ from the dataset's \(class 0 is "
+                                         r"'person' there, 'pedestrian' here\); its class head was loaded by index"):
         task.build_model(block, info)
 
 
@@ -380,7 +384,8 @@ def test_pose_batch_with_images_without_people_trains(cfg, empty, coco8_pose):
 
 def test_an_ultralytics_pt_of_the_same_classes_labels_untrained_and_one_of_other_classes_is_refused(coco8, tmp_path):
     """``teacher.train.iterations: 0`` with an Ultralytics ``best.pt``: every tensor comes from the file when its
-    classes are the dataset's; with fewer classes its class head is skipped, left random, and refused by name."""
+    classes are the dataset's; with fewer classes that it does not name, its class head is skipped, left random, and
+    refused by name."""
     import dataclasses
 
     from ddkit.engine.as_built import check_as_built
@@ -390,7 +395,7 @@ def test_an_ultralytics_pt_of_the_same_classes_labels_untrained_and_one_of_other
     path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
     block = {**TINY, "pretrained": str(path), "trust_checkpoint": True}
     check_as_built(lambda: task.build_model(block, coco8.info), "r.yaml: teacher")
-    fewer = dataclasses.replace(coco8.info, categories=coco8.info.categories[:3])
+    fewer = dataclasses.replace(coco8.info, categories=OTHER3)
     with pytest.raises(ConfigError, match=r"teacher.train.iterations: 0 .* tensors are random.*model\.22\.cv3"):
         check_as_built(lambda: task.build_model(block, fewer), "r.yaml: teacher")  # (its two builds are quiet)
 
@@ -509,7 +514,7 @@ def test_a_class_head_of_another_class_count_is_the_only_skip_and_its_warning_sa
 
     task = ddkit.build("tasks", {"name": "detection"})
     path = export_ultralytics(task.build_model(TINY, coco8.info), tmp_path / "best.pt")
-    fewer = dataclasses.replace(coco8.info, categories=coco8.info.categories[:3])
+    fewer = dataclasses.replace(coco8.info, categories=OTHER3)
     with pytest.warns(UserWarning) as record:
         model = task.build_model({**TINY, "pretrained": str(path), "trust_checkpoint": True}, fewer)
     texts = [str(w.message) for w in record]
@@ -517,3 +522,45 @@ def test_a_class_head_of_another_class_count_is_the_only_skip_and_its_warning_sa
     assert not any("tensors" in t for t in texts), texts
     reference = torch.load(path, weights_only=False)["model"].model[0].conv.weight
     assert torch.equal(model.net.model[0].conv.weight, reference)
+
+
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo26n.yaml"])
+def test_weights_naming_every_class_give_the_class_head_rows_by_name(cfg, coco8, tmp_path):
+    """pass 23 #5: COCO-named weights (yolov8n.pt) for person and dog: the class head's rows of those classes come
+    from the file in the dataset's order (no skip, no warning), so the model scores them exactly as the file does
+    and the as-built check (teacher.train.iterations: 0) passes."""
+    import dataclasses
+    import warnings
+
+    from ddkit.engine.as_built import check_as_built
+    from ddkit_ultralytics.export import export_ultralytics
+
+    task = ddkit.build("tasks", {"name": "detection"})
+    torch.manual_seed(0)
+    source = task.build_model({**TINY, "cfg": cfg}, coco8.info).eval()
+    path = export_ultralytics(source, tmp_path / "coco.pt")
+    names = [c["name"] for c in coco8.info.categories]
+    rows = [names.index("dog"), names.index("person")]
+    two = dataclasses.replace(coco8.info, categories=[{"id": 0, "name": "dog"}, {"id": 1, "name": "person"}])
+    block = {**TINY, "cfg": cfg, "pretrained": str(path), "trust_checkpoint": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = task.build_model(block, two).eval()
+    theirs, ours = source.net.state_dict(), model.net.state_dict()
+    keys = [k for k, v in ours.items() if v.shape[:1] == (2,)]  # the last convs of cv3 (and one2one_cv3): 2 rows
+    assert len(keys) == (12 if cfg.startswith("yolo26") else 6) and all("cv3." in k for k in keys)
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key][rows] if key in keys else theirs[key]), key
+    if cfg == "yolov8n.yaml":  # the outputs: boxes equal, class scores the file's rows of dog and person
+        x = torch.rand(1, 3, 64, 64)
+        with torch.no_grad():
+            a, b = source.net(x)[0], model.net(x)[0]
+        assert b.shape[1] == 4 + 2 and torch.allclose(a[:, :4], b[:, :4], atol=1e-5)
+        assert torch.allclose(a[:, [4 + r for r in rows]], b[:, 4:], atol=1e-6)
+    check_as_built(lambda: task.build_model(block, two), "r.yaml: teacher")
+    # its checkpoint rebuilds without the weights file (ddkit's load_model builds with pretrained: null): the class
+    # branches take the checkpoint's width (yolov8n's 80-class branches are wider than a 2-class model's)
+    fresh = task.build_model({**TINY, "cfg": cfg}, two)
+    fresh.load_state_dict(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
