@@ -233,24 +233,57 @@ def _read_yolo_yaml(base: Path | None, data_yaml: str | None) -> tuple[Path | No
     return ypath, meta
 
 
-def _yaml_split_paths(ypath: Path, meta: dict[str, Any], split: str) -> list[Path] | None:
+def _ultralytics_datasets_dir() -> Path | None:
+    """Ultralytics' settings' ``datasets_dir`` (``yolo settings datasets_dir=...``), where ``yolo train`` looks for a
+    relative ``path:`` not found from the working directory; ``None`` where Ultralytics is not installed (it is an
+    optional extra: imported only here, for such a path)."""
+    try:
+        from ultralytics.utils import SETTINGS
+    except ImportError:
+        return None
+    return Path(SETTINGS["datasets_dir"])
+
+
+def _yaml_root(ypath: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
+    """The folder a data yaml's split entries are relative to, and a one-line reason when ``path:`` is found nowhere
+    (then the yaml-relative guess). Ultralytics' ``check_det_dataset`` order, after the yaml's folder that ddkit tries
+    first: no ``path:`` = the yaml's folder; an absolute one as it is; a relative one from the working directory,
+    else under Ultralytics' ``datasets_dir`` (``path: coco8`` of its ``coco8.yaml``)."""
+    raw = str(meta.get("path") or "")
+    path = Path(raw)
+    tried = {ypath.parent / path: "the yaml's folder"}  # an absolute path: itself
+    datasets_dir = None
+    if raw and not path.is_absolute():
+        tried.setdefault(path, "the working directory")  # Ultralytics reads a relative path from there
+        datasets_dir = _ultralytics_datasets_dir()
+        if datasets_dir is not None:
+            tried.setdefault(datasets_dir / path, "Ultralytics' datasets_dir")
+    found = next((p for p in tried if p.is_dir()), None)
+    if found is not None or not raw:
+        return found or ypath.parent / path, None
+    if path.is_absolute():
+        return path, f"{ypath}: field path: {raw!r} is not a folder; fix 'path:'"
+    where = ", ".join(f"{p} ({label})" for p, label in tried.items())
+    absent = "" if datasets_dir else "; Ultralytics would also look in its settings' datasets_dir (not installed here)"
+    return ypath.parent / path, (f"{ypath}: field path: {raw!r} is not a folder; looked in {where}{absent}; fix "
+                                 "'path:' (absolute, or relative to the yaml's folder)")
+
+
+def _yaml_split_paths(ypath: Path, meta: dict[str, Any], split: str) -> tuple[list[Path] | None, str | None]:
     """The yaml's ``split`` entry (a folder, a ``.txt`` image list, or a list of them) resolved as Ultralytics'
-    ``check_det_dataset`` does: relative to ``path:`` (itself relative to the yaml's folder; default that folder),
-    and a leading ``../`` that leads nowhere tried without it (Roboflow's ``train: ../train/images``)."""
+    ``check_det_dataset`` does: relative to ``path:`` (see :func:`_yaml_root`), and a leading ``../`` that leads
+    nowhere tried without it (Roboflow's ``train: ../train/images``); with :func:`_yaml_root`'s reason, if any."""
     entry = meta.get(split)
     if not entry:
-        return None
-    path = Path(str(meta.get("path") or ""))
-    root = ypath.parent / path  # an absolute path: itself
-    if not root.is_dir() and path.is_dir():
-        root = path  # Ultralytics reads a relative path: from the working directory
+        return None, None
+    root, missing_root = _yaml_root(ypath, meta)
     out = []
     for e in entry if isinstance(entry, list) else [entry]:
         if not isinstance(e, str):
             raise DataError(f"{ypath}: field {split} must be a path or a list of paths, got {e!r}")
         x = root / e
         out.append(root / e[3:] if not x.exists() and e.startswith("../") else x)
-    return out
+    return out, missing_root
 
 
 def _image_list(txt: Path) -> list[Path]:
@@ -272,12 +305,14 @@ def _images_of(paths: list[Path]) -> list[Path]:
 
 def _split_images(base: Path | None, ypath: Path | None, meta: dict[str, Any], split: str) -> tuple[list[Path], str]:
     """A split's image files and where they come from: the yaml's ``split:`` entry, else ``root/images/<split>``."""
-    entries = _yaml_split_paths(ypath, meta, split) if ypath else None
+    entries, missing_root = _yaml_split_paths(ypath, meta, split) if ypath else (None, None)
     layout = base / "images" / split if base else None
     if entries and all(p.exists() for p in entries):
         return _images_of(entries), ", ".join(str(p) for p in entries)
     if layout is not None and layout.is_dir():
         return _images_of([layout]), str(layout)
+    if missing_root:
+        raise DataError(missing_root)
     if entries:
         missing = next(p for p in entries if not p.exists())
         raise DataError(f"{ypath}: field {split}: {missing} does not exist; fix '{split}:' (relative to path:, "

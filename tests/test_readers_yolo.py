@@ -170,3 +170,24 @@ def test_area_is_the_box_area_and_for_pose_labels_ultralytics_053_of_it():
             t = get_target(ds, i)
             box = (t["boxes"][:, 2:] - t["boxes"][:, :2]).prod(1)
             assert len(box) and torch.allclose(t["area"].double(), share * box.double()), (name, i)
+
+
+def test_a_data_yaml_path_found_nowhere_is_one_line_naming_where_it_was_looked_for(tmp_path, monkeypatch):
+    """pass 23 #7: ``path: two`` (as Ultralytics' ``coco8.yaml`` has ``path: coco8``) neither next to the yaml nor in
+    the working directory, Ultralytics not installed: one line naming both places and Ultralytics' datasets_dir."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ultralytics", None)  # "not installed": its import fails
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ymls").mkdir()
+    yml = tmp_path / "ymls" / "two.yaml"
+    yml.write_text("path: two\ntrain: images/train\nval: images/val\nnames: [" + ", ".join(f"c{i}" for i in range(80))
+                   + "]\n")
+    with pytest.raises(DataError) as err:
+        ddkit.build("datasets", {"name": "yolo", "data_yaml": str(yml), "split": "val"})
+    assert str(err.value) == (
+        f"{yml}: field path: 'two' is not a folder; looked in {tmp_path / 'ymls' / 'two'} (the yaml's folder), two "
+        "(the working directory); Ultralytics would also look in its settings' datasets_dir (not installed here); "
+        "fix 'path:' (absolute, or relative to the yaml's folder)")
+    shutil.copytree(DATA / "coco8", tmp_path / "two")  # from the working directory, as Ultralytics reads it
+    assert len(ddkit.build("datasets", {"name": "yolo", "data_yaml": str(yml), "split": "val"})) == 4
