@@ -175,6 +175,7 @@ class YoloParams:
     root: str | None = None
     split: str = "train"
     data_yaml: str | None = None
+    keypoints: bool | None = None
     check_images: bool = True
     keypoint_sigmas: list[float] | None = None
     sigmas: list[float] | None = None
@@ -426,11 +427,13 @@ class YoloDataset(_TargetsDataset):
     made ``/labels/`` (``.txt``), rows ``cls cx cy w h [x y v]*K`` (normalised) or polygons ``cls x y x y ...``.
     Category ids are the YOLO class indices; names, ``kpt_shape`` and ``flip_idx`` come from ``data_yaml``, or the
     ``data.yaml`` (else the one yaml with names) in ``root``. A malformed row is one error naming the file and line;
-    boxes follow the box rule (:mod:`ddkit.engine.box_rule`)."""
+    boxes follow the box rule (:mod:`ddkit.engine.box_rule`). Keypoints are read when the yaml has ``kpt_shape``;
+    ``keypoints: false`` reads the boxes alone (a detector scored on pose labels), ``true`` requires them."""
 
     def __init__(self, root: str | None = None, split: str = "train", data_yaml: str | None = None,
-                 check_images: bool = True, keypoint_sigmas: list[float] | None = None,
-                 sigmas: list[float] | None = None, flip_indices: list[int] | None = None):
+                 keypoints: bool | None = None, check_images: bool = True,
+                 keypoint_sigmas: list[float] | None = None, sigmas: list[float] | None = None,
+                 flip_indices: list[int] | None = None):
         if not root and not data_yaml:
             raise ConfigError("yolo dataset: set root (the folder with images/ and labels/) or data_yaml (an "
                               "Ultralytics data yaml)")
@@ -438,6 +441,8 @@ class YoloDataset(_TargetsDataset):
         ypath, meta = _read_yolo_yaml(base, data_yaml)
         names = meta.get("names")
         kpt_shape = meta.get("kpt_shape")
+        if keypoints and not kpt_shape:
+            raise DataError(f"{ypath or base}: keypoints requested but the data yaml has no kpt_shape")
         k, dims = (int(kpt_shape[0]), int(kpt_shape[1])) if kpt_shape else (None, 0)
         files, where = _split_images(base, ypath, meta, split)
         if not files:
@@ -446,8 +451,9 @@ class YoloDataset(_TargetsDataset):
         check = BoxCheck(str(_label_path(files[0]).parent))
         seen_classes: set[int] = set()
         for idx, f in enumerate(files):
-            rows, lines = _read_label_file(_label_path(f), k, dims, names)
-            t = _yolo_target(idx, rows, _image_size(f), k, dims, check, _label_path(f), lines)
+            rows, lines = _read_label_file(_label_path(f), k, dims, names)  # rows of the files' own layout
+            t = _yolo_target(idx, rows, _image_size(f), k if keypoints is not False else None, dims, check,
+                             _label_path(f), lines)
             seen_classes.update(t["labels"].tolist())
             self.files.append(f)
             self.targets.append(t)
@@ -457,6 +463,7 @@ class YoloDataset(_TargetsDataset):
         if names is None:
             log.warning("%s: no class names (no data yaml with names:): classes are named by their index", source)
             names = {c: str(c) for c in sorted(seen_classes)}
+        k = k if keypoints is not False else None  # keypoints: false: the boxes alone
         kinfo = _keypoint_info(k, str(ypath or base), dataset_flip=meta.get("flip_idx"), flip_indices=flip_indices,
                                sigmas=_sigmas_option(sigmas, keypoint_sigmas, source))
         self.info = DatasetInfo(
@@ -905,7 +912,7 @@ def ddkit_datasets():
                       summary="COCO JSON + image folder (boxes; keypoints when the categories define them)",
                       examples=({"annotations": str(_DATA / "coco-val2017-mini" / "test_coco.json")},))
     yield DatasetSpec(name="yolo", factory=YoloDataset, params=YoloParams,
-                      summary="Ultralytics YOLO folders (boxes or pose)",
+                      summary="Ultralytics YOLO folders (boxes or pose; keypoints: false reads boxes alone)",
                       examples=({"root": str(_DATA / "coco8")}, {"root": str(_DATA / "coco8-pose"), "split": "val"}))
     yield DatasetSpec(name="image_folder", factory=ImageFolder, params=ImageFolderParams, read_at=_read_at,
                       summary="one sub-folder of images per class",

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ddkit
-from ddkit import ConfigError
+from ddkit import ConfigError, DataError
 from ddkit.cli import main
 from ddkit.config import load_config
 from ddkit.engine.checkpoint import load_model, save_model
@@ -780,6 +780,25 @@ def test_a_box_model_on_a_coco_file_with_keypoints_is_told_how_to_score_its_boxe
     block = json.dumps({"name": "coco", "annotations": str(coco), "keypoints": False})
     assert main(["eval", str(detector), "--data", block, "-o", str(tmp_path / "e.json")]) == 0
     assert "AP" in json.loads((tmp_path / "e.json").read_text())["metrics"]
+
+
+def test_a_box_model_on_a_yolo_pose_folder_scores_its_boxes_with_keypoints_false(detector, tmp_path, capsys):
+    """pass 23 #8: the hint names no dataset format, and the yolo dataset's ``keypoints: false`` reads a pose
+    folder's boxes alone (box-only targets), so a detector is scored on them."""
+    pose = DATA / "coco8-pose"
+    assert main(["eval", str(detector), "--data", str(pose), "-o", str(tmp_path / "e.json")]) == 2
+    err = capsys.readouterr().err
+    assert "17 keypoints per instance" in err and "the dataset's keypoints: false" in err and "name: coco" not in err
+    boxes = ddkit.build("datasets", {"name": "yolo", "root": str(pose), "split": "val", "keypoints": False})
+    full = ddkit.build("datasets", {"name": "yolo", "root": str(pose), "split": "val"})
+    assert boxes.info.num_keypoints is None and full.info.num_keypoints == 17
+    for a, b in zip(boxes.targets, full.targets):
+        assert "keypoints" not in a and torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["labels"], b["labels"])
+    block = json.dumps({"name": "yolo", "root": str(pose), "split": "val", "keypoints": False})
+    assert main(["eval", str(detector), "--data", block, "-o", str(tmp_path / "e.json")]) == 0
+    assert "AP" in json.loads((tmp_path / "e.json").read_text())["metrics"]
+    with pytest.raises(DataError, match="keypoints requested but the data yaml has no kpt_shape"):
+        ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8"), "split": "val", "keypoints": True})
 
 
 def test_eval_refuses_data_naming_the_models_keypoints_in_another_order(tmp_path, capsys):

@@ -177,7 +177,8 @@ def test_a_data_yaml_path_found_nowhere_is_one_line_naming_where_it_was_looked_f
     the working directory, Ultralytics not installed: one line naming both places and Ultralytics' datasets_dir."""
     import sys
 
-    monkeypatch.setitem(sys.modules, "ultralytics", None)  # "not installed": its import fails
+    for name in ("ultralytics", "ultralytics.utils"):  # "not installed": its import fails (also once imported)
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "ymls").mkdir()
     yml = tmp_path / "ymls" / "two.yaml"

@@ -165,8 +165,10 @@ def check_same_classes(model_info: DatasetInfo, data_info: DatasetInfo, model_sr
 
 def _check_keypoints(model_info: DatasetInfo, data_info: DatasetInfo, model_src: str, data_src: str) -> None:
     if (model_info.num_keypoints or 0) != (data_info.num_keypoints or 0):
-        boxes_only = " (to score its boxes alone, read the file without them: --data \"{name: coco, annotations: " \
-            "FILE.json, keypoints: false}\")" if data_info.num_keypoints and not model_info.num_keypoints else ""
+        boxes_only = ""
+        if data_info.num_keypoints and not model_info.num_keypoints:
+            boxes_only = (" (to score its boxes alone, read the data without them: the dataset's keypoints: false, "
+                          "as in --data \"{name: FORMAT, ..., keypoints: false}\")")
         raise ConfigError(f"{data_src}: {data_info.num_keypoints or 0} keypoints per instance, the model "
                           f"({model_src}) predicts {model_info.num_keypoints or 0}{boxes_only}")
     diff = first_keypoint_difference(model_info, data_info)
