@@ -15,6 +15,7 @@ Weights:
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import pickletools
@@ -383,8 +384,6 @@ def widen_class_branches(net: nn.Module, width: int) -> bool:
     """Rebuild ``net``'s class branches (``cv3``, ``one2one_cv3``) at ``width`` hidden channels, for its own class
     count: the branches of a head built for ``width`` classes with a last conv of ``net``'s. ``False`` when
     Ultralytics builds no such width for this cfg (nothing changed)."""
-    import copy
-
     head = net.model[-1]
     d = copy.deepcopy(net.yaml)
     d["nc"] = width
