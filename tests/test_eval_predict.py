@@ -90,6 +90,39 @@ def test_eval_run_writes_the_final_students_task_metrics(digits_run, capsys):
     assert json.loads((run / "teacher" / "eval.json").read_text())["model"] == str(run / "teacher" / "model.pt")
 
 
+
+def test_eval_on_other_data_keeps_the_recipe_splits_eval_json(digits_run, tmp_path, capsys):
+    """``eval.json`` is the recipe's test split's; ``--data`` writes ``eval_<stem>[_<split>].json`` beside it and
+    ``--split labeled`` ``eval_labeled.json``, for a run and a stage folder: no evaluation replaces another's."""
+    _, run = digits_run
+    for model, folder in ((run, run), (run / "teacher", run / "teacher")):
+        assert main(["eval", str(model)]) == 0
+        assert f"wrote {folder / 'eval.json'}" in capsys.readouterr().out
+        first = (folder / "eval.json").read_text()
+        assert main(["eval", str(model), "--data", "{name: digits}"]) == 0
+        assert f"wrote {folder / 'eval_digits.json'}" in capsys.readouterr().out
+        assert main(["eval", str(model), "--split", "labeled"]) == 0
+        assert (folder / "eval.json").read_text() == first
+        test, other, labeled = (json.loads((folder / f).read_text())
+                                for f in ("eval.json", "eval_digits.json", "eval_labeled.json"))
+        assert other["items"] == len(ddkit.build("datasets", {"name": "digits"})) != test["items"]
+        assert "split test" in test["data"] and "split labeled" in labeled["data"] and "digits" in other["data"]
+    # the name: the file's stem or the folder's name, with a YOLO split; odd characters made safe
+    from argparse import Namespace
+
+    from ddkit.commands.eval import output_name
+
+    (tmp_path / "coco8-pose.yaml").write_text("path: .\nval: images\nnames: {0: a}\n")
+    (tmp_path / "my data (v2).json").write_text("{}")
+    (tmp_path / "yolo set" / "labels").mkdir(parents=True)
+    named = {spec: output_name(Namespace(data=spec, split=split)) for spec, split in (
+        (str(tmp_path / "coco8-pose.yaml"), None), (str(tmp_path / "my data (v2).json"), None),
+        (f"{tmp_path / 'yolo set'}/", "train"), (f"{{name: coco, annotations: {tmp_path / 'a.json'}}}", None))}
+    assert list(named.values()) == ["eval_coco8-pose_val.json", "eval_my-data-v2.json", "eval_yolo-set_train.json",
+                                    "eval_a.json"]
+    assert output_name(Namespace(data=None, split=None)) == output_name(Namespace(data=None, split="test")) \
+        == "eval.json"
+
 def test_eval_tta_is_the_mean_of_the_views_probabilities(digits_run, tmp_path):
     recipe, run = digits_run
     out = tmp_path / "e.json"

@@ -2,7 +2,10 @@
 
 Evaluates a trained model (teacher, student, exported) and prints the task's metrics, one view and, with
 ``--tta``, the multi-transform ensemble (the views and aggregator of ``--transforms`` / ``--aggregator``, else the
-recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writes ``eval.json``.
+recipe's ``evaluate`` or ``label`` section, else the image and its mirror); writes them to ``-o``, else into the
+run folder (its final student) or the model's stage (or file's) folder: ``eval.json`` on the recipe's test split,
+``eval_<split>.json`` on another of its splits, ``eval_<stem>[_<split>].json`` on ``--data`` (``--data
+coco8-pose.yaml`` -> ``eval_coco8-pose_val.json``), so an evaluation on other data keeps the earlier ones.
 
 * the model: ``--checkpoint`` (a file, a stage folder or a run folder), else a run folder's final student (the
   folder given, or the recipe's ``run.out_dir``), else the stage folder given (then the data and views are its
@@ -26,7 +29,8 @@ from typing import Any, Mapping, Sequence
 from ddkit.errors import ConfigError
 
 DEFAULT_BATCH_SIZE = 8
-HELP = "evaluate a trained model (plain and multi-transform) on a recipe's split or a dataset; writes eval.json"
+HELP = ("evaluate a trained model (plain and multi-transform) on a recipe's split or a dataset; writes eval.json "
+        "(eval_<data>.json with --data)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation batch size (default: the one the run evaluated the model's stage with, "
                              f"else {DEFAULT_BATCH_SIZE}); a detector's AP depends on it")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
-    parser.add_argument("-o", "--output", help="eval.json path (default: beside the model's run folder)")
+    parser.add_argument("-o", "--output", help="the JSON file to write (default: in the run folder, or the model's "
+                                               "stage folder: eval.json on the recipe's test split, "
+                                               "eval_<split>.json on another, eval_<stem>[_<split>].json on --data)")
 
 
 def saved_recipe(folder: str | Path, overrides: Sequence[str] = ()) -> tuple[Any, str | None]:
@@ -136,11 +142,39 @@ def _batch_size(args: argparse.Namespace, folder: Path | None) -> int:
     return parse_train_config(train_cfg).evaluation_batch_size if train_cfg else DEFAULT_BATCH_SIZE
 
 
+def _data_stem(block: Mapping[str, Any]) -> str:
+    """A ``--data`` dataset's short name: its COCO file's, data yaml's or folder's, else the block's ``name``."""
+    for key in ("annotations", "data_yaml", "root"):
+        value = block.get(key)
+        if isinstance(value, str) and value.strip():
+            path = Path(value.strip()).expanduser()
+            return path.stem if path.suffix.lower() in (".json", ".yaml", ".yml") else path.resolve().name
+    return str(block.get("name") or "data")
+
+
+def output_name(args: argparse.Namespace) -> str:
+    """The default file name of an evaluation: ``eval.json`` on the recipe's test split, ``eval_<split>.json`` on
+    another of its splits, ``eval_<stem>[_<split>].json`` on ``--data`` (the stem of its file or folder, the split
+    a YOLO one's), so that an evaluation replaces only an earlier one on the same data."""
+    import re
+
+    from ddkit.engine.evaluate import dataset_block
+
+    if not args.data:
+        split = args.split or "test"
+        return "eval.json" if split == "test" else f"eval_{re.sub(r'[^A-Za-z0-9._-]+', '-', split)}.json"
+    block = dataset_block(args.data, args.split)
+    parts = [_data_stem(block)] + ([str(block["split"])] if block.get("split") else [])
+    safe = [re.sub(r"[^A-Za-z0-9._-]+", "-", part).strip("._-") or "data" for part in parts]
+    return f"eval_{'_'.join(safe)}.json"
+
+
 def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, folder: Path) -> Path:
-    """``RUN/eval.json`` for a run's final student, else ``eval.json`` in the evaluated model's stage folder."""
+    """:func:`output_name` in ``RUN`` for a run's final student, else in the evaluated model's stage folder (or the
+    checkpoint's folder); with or without ``--tta`` (the file then also holds the ensemble's metrics)."""
     if run_dir is not None and kind != "checkpoint" and not args.checkpoint:
-        return run_dir / "eval.json"
-    return folder / "eval.json"
+        return run_dir / output_name(args)
+    return folder / output_name(args)
 
 
 def _no_items(spec: str, block: dict[str, Any]) -> str:
