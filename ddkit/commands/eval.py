@@ -21,6 +21,7 @@ coco8-pose.yaml`` -> ``eval_coco8-pose_val.json``), so an evaluation on other da
 from __future__ import annotations
 
 import argparse
+import re
 import json
 import math
 from pathlib import Path
@@ -156,8 +157,6 @@ def output_name(args: argparse.Namespace) -> str:
     """The default file name of an evaluation: ``eval.json`` on the recipe's test split, ``eval_<split>.json`` on
     another of its splits, ``eval_<stem>[_<split>].json`` on ``--data`` (the stem of its file or folder, the split
     a YOLO one's), so that an evaluation replaces only an earlier one on the same data."""
-    import re
-
     from ddkit.engine.evaluate import dataset_block
 
     if not args.data:
