@@ -21,9 +21,9 @@ coco8-pose.yaml`` -> ``eval_coco8-pose_val.json``), so an evaluation on other da
 from __future__ import annotations
 
 import argparse
-import re
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
