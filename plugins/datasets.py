@@ -48,14 +48,16 @@ def _sigmas_option(sigmas: list[float] | None, keypoint_sigmas: list[float] | No
 
 
 def _keypoint_info(k: int | None, where: str, names: list[str] | None = None, dataset_flip: list[int] | None = None,
-                   flip_indices: list[int] | None = None, sigmas: list[float] | None = None) -> dict[str, Any]:
-    """The keypoint fields of a DatasetInfo (``num_keypoints``, ``flip_indices``, ``keypoint_sigmas``, ``extra``)."""
+                   flip_indices: list[int] | None = None, sigmas: list[float] | None = None,
+                   default_sigma: tuple[float, str] | None = None) -> dict[str, Any]:
+    """The keypoint fields of a DatasetInfo (``num_keypoints``, ``flip_indices``, ``keypoint_sigmas``, ``extra``);
+    ``default_sigma`` as :func:`~ddkit.engine.keypoint_meta.resolve_keypoint_meta` takes it."""
     if not k:
         if flip_indices is not None or sigmas is not None:
             raise ConfigError(f"{where}: flip_indices / sigmas given but the dataset has no keypoints")
         return {"num_keypoints": None, "flip_indices": None, "keypoint_sigmas": None, "extra": {}}
     meta = resolve_keypoint_meta(k, where, names=names, dataset_flip=dataset_flip, flip_indices=flip_indices,
-                                 sigmas=sigmas)
+                                 sigmas=sigmas, **({"default_sigma": default_sigma} if default_sigma else {}))
     return {"num_keypoints": k, "flip_indices": meta.flip_indices, "keypoint_sigmas": meta.sigmas, "extra": meta.extra}
 
 
@@ -464,8 +466,10 @@ class YoloDataset(_TargetsDataset):
             log.warning("%s: no class names (no data yaml with names:): classes are named by their index", source)
             names = {c: str(c) for c in sorted(seen_classes)}
         k = k if keypoints is not False else None  # keypoints: false: the boxes alone
+        # Ultralytics scores a skeleton it does not know with sigma 1/K per keypoint (COCO's for 17): the same here
         kinfo = _keypoint_info(k, str(ypath or base), dataset_flip=meta.get("flip_idx"), flip_indices=flip_indices,
-                               sigmas=_sigmas_option(sigmas, keypoint_sigmas, source))
+                               sigmas=_sigmas_option(sigmas, keypoint_sigmas, source),
+                               default_sigma=(1.0 / k, " (Ultralytics' 1/K, as yolo val scores it)") if k else None)
         self.info = DatasetInfo(
             categories=[{"id": int(c), "name": str(n)} for c, n in sorted(names.items())],
             num_keypoints=kinfo["num_keypoints"], flip_indices=kinfo["flip_indices"],

@@ -11,6 +11,7 @@ import torch
 
 import ddkit
 from ddkit.engine.data import build_data, get_target
+from ddkit.engine.keypoint_meta import COCO_SIGMAS
 from ddkit.errors import ConfigError, DataError
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -192,3 +193,29 @@ def test_a_data_yaml_path_found_nowhere_is_one_line_naming_where_it_was_looked_f
         "fix 'path:' (absolute, or relative to the yaml's folder)")
     shutil.copytree(DATA / "coco8", tmp_path / "two")  # from the working directory, as Ultralytics reads it
     assert len(ddkit.build("datasets", {"name": "yolo", "data_yaml": str(yml), "split": "val"})) == 4
+
+
+def _five_keypoint_folder(tmp_path: Path) -> Path:
+    """coco8-pose cut to its first 5 keypoints (nose, eyes, ears): a skeleton that is not COCO's 17."""
+    root = _copy(tmp_path, "coco8-pose")
+    for label in (root / "labels").rglob("*.txt"):
+        rows = [line.split()[:5 + 5 * 3] for line in label.read_text().splitlines() if line.strip()]
+        label.write_text("".join(" ".join(r) + "\n" for r in rows))
+    (root / "coco8-pose.yaml").write_text("path:\ntrain: images/train\nval: images/val\nkpt_shape: [5, 3]\n"
+                                          "flip_idx: [0, 2, 1, 4, 3]\nnames:\n  0: person\n")
+    return root
+
+
+def test_a_yolo_skeleton_of_unknown_sigmas_takes_ultralytics_1_over_k(tmp_path, caplog):
+    """Ultralytics' pose validation scores a skeleton other than COCO's 17 with sigma 1/K per keypoint
+    (``np.ones(nkpt) / nkpt``), so a YOLO folder's keypoint AP agrees with ``yolo val``; the dataset's own
+    ``sigmas`` win, and COCO's 17 keep COCO's sigmas."""
+    root = _five_keypoint_folder(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        ds = ddkit.build("datasets", {"name": "yolo", "root": str(root), "split": "val"})
+    assert ds.info.num_keypoints == 5 and ds.info.keypoint_sigmas == [0.2] * 5
+    assert "0.2 used for each (Ultralytics' 1/K" in ds.info.extra["keypoint_sigmas_default"]
+    given = ddkit.build("datasets", {"name": "yolo", "root": str(root), "split": "val", "sigmas": [0.1] * 5})
+    assert given.info.keypoint_sigmas == [0.1] * 5 and "keypoint_sigmas_default" not in given.info.extra
+    coco = ddkit.build("datasets", {"name": "yolo", "root": str(DATA / "coco8-pose"), "split": "val"})
+    assert coco.info.keypoint_sigmas == pytest.approx(list(COCO_SIGMAS))

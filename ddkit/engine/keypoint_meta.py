@@ -112,7 +112,8 @@ class KeypointMeta:
 
 def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = None,
                           dataset_flip: Sequence[int] | None = None, flip_indices: Sequence[int] | None = None,
-                          sigmas: Sequence[float] | None = None) -> KeypointMeta:
+                          sigmas: Sequence[float] | None = None,
+                          default_sigma: tuple[float, str] = (DEFAULT_SIGMA, "")) -> KeypointMeta:
     """Flip pairs and OKS sigmas of a ``K``-keypoint dataset.
 
     Args:
@@ -121,6 +122,8 @@ def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = N
         names: keypoint names from the dataset (COCO ``categories[].keypoints``), if any.
         dataset_flip: pairs the dataset declares itself (YOLO ``flip_idx``).
         flip_indices, sigmas: the explicit dataset options (they win).
+        default_sigma: the sigma of every keypoint when none is known, and whose convention it is (a format's own,
+            e.g. Ultralytics' 1/K for YOLO pose folders, so that keypoint AP agrees with ``yolo val``).
 
     Raises:
         ConfigError: an explicit or declared value of the wrong length / not a pairing.
@@ -154,9 +157,10 @@ def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = N
         if names is None:
             extra[SIGMAS_DEFAULT] = f"{where}: 17 unnamed keypoints: COCO's OKS sigmas assumed (set sigmas if not)"
     else:
-        out_sigmas = [DEFAULT_SIGMA] * k
-        extra[SIGMAS_DEFAULT] = (f"{where}: OKS sigmas unknown for these {k} keypoints: {DEFAULT_SIGMA} used for "
-                                 f"each, so keypoint AP is only indicative; set the dataset option sigmas")
+        value, whose = default_sigma
+        out_sigmas = [float(value)] * k
+        extra[SIGMAS_DEFAULT] = (f"{where}: OKS sigmas unknown for these {k} keypoints: {value:.4g} used for "
+                                 f"each{whose}, so keypoint AP is only indicative; set the dataset option sigmas")
     for key in (FLIP_UNKNOWN, SIGMAS_DEFAULT):
         if key in extra:
             warn_once(extra[key])
