@@ -444,7 +444,8 @@ class YoloDataset(_TargetsDataset):
         names = meta.get("names")
         kpt_shape = meta.get("kpt_shape")
         if keypoints and not kpt_shape:
-            raise DataError(f"{ypath or base}: keypoints requested but the data yaml has no kpt_shape")
+            raise DataError(f"{ypath or base}: keypoints requested but the data yaml has no kpt_shape; add kpt_shape: "
+                            "[K, 3] to it, or drop keypoints: true")
         k, dims = (int(kpt_shape[0]), int(kpt_shape[1])) if kpt_shape else (None, 0)
         files, where = _split_images(base, ypath, meta, split)
         if not files:

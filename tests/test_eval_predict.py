@@ -90,7 +90,6 @@ def test_eval_run_writes_the_final_students_task_metrics(digits_run, capsys):
     assert json.loads((run / "teacher" / "eval.json").read_text())["model"] == str(run / "teacher" / "model.pt")
 
 
-
 def test_eval_on_other_data_keeps_the_recipe_splits_eval_json(digits_run, tmp_path, capsys):
     """``eval.json`` is the recipe's test split's; ``--data`` writes ``eval_<stem>[_<split>].json`` beside it and
     ``--split labeled`` ``eval_labeled.json``, for a run and a stage folder: no evaluation replaces another's."""
@@ -122,6 +121,7 @@ def test_eval_on_other_data_keeps_the_recipe_splits_eval_json(digits_run, tmp_pa
                                     "eval_a.json"]
     assert output_name(Namespace(data=None, split=None)) == output_name(Namespace(data=None, split="test")) \
         == "eval.json"
+
 
 def test_eval_tta_is_the_mean_of_the_views_probabilities(digits_run, tmp_path):
     recipe, run = digits_run
