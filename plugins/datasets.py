@@ -255,17 +255,18 @@ def _yaml_root(ypath: Path, meta: dict[str, Any]) -> tuple[Path, str | None]:
     raw = str(meta.get("path") or "")
     path = Path(raw)
     tried = {ypath.parent / path: "the yaml's folder"}  # an absolute path: itself
-    datasets_dir = None
     if raw and not path.is_absolute():
         tried.setdefault(path, "the working directory")  # Ultralytics reads a relative path from there
-        datasets_dir = _ultralytics_datasets_dir()
-        if datasets_dir is not None:
-            tried.setdefault(datasets_dir / path, "Ultralytics' datasets_dir")
     found = next((p for p in tried if p.is_dir()), None)
     if found is not None or not raw:
         return found or ypath.parent / path, None
     if path.is_absolute():
         return path, f"{ypath}: field path: {raw!r} is not a folder; fix 'path:'"
+    datasets_dir = _ultralytics_datasets_dir()  # asked only now: importing Ultralytics takes seconds
+    if datasets_dir is not None:
+        if (datasets_dir / path).is_dir():
+            return datasets_dir / path, None
+        tried.setdefault(datasets_dir / path, "Ultralytics' datasets_dir")
     where = ", ".join(f"{p} ({label})" for p, label in tried.items())
     absent = "" if datasets_dir else "; Ultralytics would also look in its settings' datasets_dir (not installed here)"
     return ypath.parent / path, (f"{ypath}: field path: {raw!r} is not a folder; looked in {where}{absent}; fix "

@@ -192,6 +192,12 @@ def test_a_data_yaml_path_found_nowhere_is_one_line_naming_where_it_was_looked_f
         "(the working directory); Ultralytics would also look in its settings' datasets_dir (not installed here); "
         "fix 'path:' (absolute, or relative to the yaml's folder)")
     shutil.copytree(DATA / "coco8", tmp_path / "two")  # from the working directory, as Ultralytics reads it
+    import ddkit_plugins.datasets as readers
+
+    def not_asked():
+        raise AssertionError("Ultralytics asked for a path: found without it")
+
+    monkeypatch.setattr(readers, "_ultralytics_datasets_dir", not_asked)
     assert len(ddkit.build("datasets", {"name": "yolo", "data_yaml": str(yml), "split": "val"})) == 4
 
 
