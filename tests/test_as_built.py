@@ -107,12 +107,17 @@ def test_a_run_labels_with_a_pretrained_teacher_it_does_not_train(trained, tmp_p
     assert (tmp_path / "dd" / "label" / "pseudo_labels.json").is_file()
 
 
+@pytest.mark.parametrize("given_as", ["pretrained", "checkpoint"])
 @pytest.mark.parametrize("init, warned", [("scratch", True), ("teacher", False)])
-def test_a_student_given_the_teachers_weights_file_is_warned_about(trained, tmp_path, caplog, init, warned):
-    """``student.model: ${teacher.model}`` with a teacher's own weights file starts the student as the teacher: one
-    warning line (logged and in the results), unless ``student.train.init: teacher`` asks for it."""
+def test_a_student_given_the_teachers_weights_file_is_warned_about(trained, tmp_path, caplog, init, warned,
+                                                                   given_as):
+    """``student.model: ${teacher.model}`` with a teacher's own weights file (its ``pretrained``, or the
+    ``teacher.checkpoint`` of a teacher trained before) starts the student as the teacher: one warning line (logged
+    and in the results), unless ``student.train.init: teacher`` asks for it."""
     weights = trained["model_path"]
-    path, overrides = _recipe(tmp_path, "same", 0, pretrained=weights)
+    path, overrides = _recipe(tmp_path, "same", 0, pretrained=weights if given_as == "pretrained" else None)
+    if given_as == "checkpoint":
+        overrides.append(f"teacher.checkpoint={weights}")
     overrides += [f"student.model.pretrained={weights}", f"student.train.init={init}"]
     with caplog.at_level(logging.WARNING):
         runner = Runner(load_config(path, overrides), source=str(path))

@@ -296,11 +296,14 @@ class Runner:
                 raise ConfigError(f"{self.source}: {err}") from None
 
     def _warn_student_is_teacher(self) -> None:
-        """A student whose ``pretrained`` names the teacher's weights file starts as the teacher (a recipe's
-        ``student.model: ${teacher.model}`` with the teacher's own best.pt): said unless ``train.init: teacher``."""
+        """A student whose ``pretrained`` names the teacher's weights file (its ``model.pretrained`` or its
+        ``checkpoint``) starts as the teacher (a recipe's ``student.model: ${teacher.model}`` with the teacher's own
+        best.pt): said unless ``train.init: teacher``."""
         teacher = self.teacher_cfg.get("model")
-        theirs = teacher.get("pretrained") if isinstance(teacher, Mapping) else None
-        if not isinstance(theirs, str) or not Path(theirs).is_file():
+        files = (teacher.get("pretrained") if isinstance(teacher, Mapping) else None,
+                 self.teacher_cfg.get("checkpoint"))
+        teachers = {Path(f).resolve(): f for f in files if isinstance(f, str) and Path(f).is_file()}
+        if not teachers:
             return
         for where, (model, train) in self._train_blocks().items():
             ours = model.get("pretrained") if isinstance(model, Mapping) else None
@@ -308,7 +311,8 @@ class Runner:
             if where == "teacher" or said_for_student or not isinstance(ours, str) \
                     or parse_train_config(train).init == "teacher":
                 continue
-            if Path(ours).resolve() == Path(theirs).resolve():
+            theirs = teachers.get(Path(ours).resolve())
+            if theirs is not None:
                 note = (f"{self.source}: {where}.model.pretrained is the teacher's weights file ({theirs}): the "
                         f"student starts as the teacher; set its own pretrained or none")
                 log.warning("%s", note)
