@@ -550,3 +550,76 @@ def test_results_classes_the_gt_file_lacks_are_warned_naming_the_file_and_ids(tm
         assert main(["fuse", str(files[2]), "--images", str(COCO_MINI), "-o", str(tmp_path / "p.json"),
                      "--gt", str(COCO_MINI)]) == 0
     assert "category ids" not in caplog.text
+
+
+def _gt_as_keypoint_results(seed=None):
+    """The mini COCO file's person annotations with keypoints (pycocotools ignores the others) as results (score 1:
+    keypoint AP 1.0), or with ``seed`` a copy with jittered keypoints and boxes, random scores and one person
+    missed."""
+    coco = json.loads(COCO_MINI.read_text())
+    sizes = {img["id"]: (img["height"], img["width"]) for img in coco["images"]}
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, ann in enumerate(coco["annotations"]):
+        kps, (x, y, w, h) = np.array(ann["keypoints"], dtype=float).reshape(-1, 3), ann["bbox"]
+        if ann["num_keypoints"] == 0 or (seed is not None and i == 2):
+            continue
+        if seed is not None:
+            kps[:, :2] += rng.normal(0, 0.04, (len(kps), 2)) * [w, h]
+            H, W = sizes[ann["image_id"]]
+            x1, y1 = max(0.0, x + rng.normal(0, 0.03) * w), max(0.0, y + rng.normal(0, 0.03) * h)
+            x, y, w, h = x1, y1, min(W - x1, w * rng.uniform(0.95, 1.05)), min(H - y1, h * rng.uniform(0.95, 1.05))
+        out.append({"image_id": ann["image_id"], "category_id": 1, "bbox": [x, y, w, h],
+                    "score": 1.0 if seed is None else float(rng.uniform(0.3, 1.0)),
+                    "keypoints": kps.reshape(-1).tolist()})
+    return out
+
+
+@pytest.mark.parametrize("method", ["nms", "keypoint_fusion", "wbf"])
+def test_gt_with_keypoints_scores_the_keypoints_of_every_input_and_the_fusion(tmp_path, capsys, method):
+    """--gt scored boxes only, even when the ground truth and the results have keypoints."""
+    from ddkit.engine.coco_eval import coco_evaluate
+
+    a, b = _write(tmp_path, "a.json", _gt_as_keypoint_results()), _write(tmp_path, "b.json", _gt_as_keypoint_results(5))
+    out = tmp_path / "f.json"
+    assert main(["fuse", str(a), str(b), "--images", str(COCO_MINI), "--method", method, "--gt", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads((tmp_path / "f.eval.json").read_text())
+    gt, fused_name = json.loads(COCO_MINI.read_text()), f"fused ({method})"
+    ids = [img["id"] for img in gt["images"]]
+    kp = report["keypoint_metrics"]
+    named = {str(a): a, str(b): b, **({} if method == "wbf" else {fused_name: out})}
+    assert list(kp) == list(named) and "keypoints (OKS):" in printed
+    for name, path in named.items():
+        want = coco_evaluate(COCO_MINI, json.loads(path.read_text()), iou_type="keypoints", image_ids=ids)
+        assert kp[name]["AP"] == pytest.approx(want["AP"], abs=1e-9), name
+        assert kp[name] == pytest.approx(want, abs=1e-9), name
+    assert kp[str(a)]["AP"] == pytest.approx(1.0) and 0.1 < kp[str(b)]["AP"] < 0.99
+    assert report["keypoint_sigmas"] == pytest.approx([0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072,
+                                                       0.062, 0.062, 0.107, 0.107, 0.087, 0.087, 0.089, 0.089])
+    assert list(report["metrics"]) == [str(a), str(b), fused_name]  # boxes: every row as before
+    dropped = "no fused keypoint row: wbf drops the inputs' keypoints (boxes only)"
+    assert (dropped in printed) == (method == "wbf")
+
+
+def test_gt_keypoints_boxes_only_inputs_and_unknown_keypoint_names(tmp_path, capsys, caplog):
+    """Boxes-only results give no keypoint metrics; keypoint names ddkit does not know get the default sigma,
+    warned."""
+    from ddkit.engine.keypoint_meta import DEFAULT_SIGMA
+
+    boxes = [{k: v for k, v in e.items() if k != "keypoints"} for e in _gt_as_keypoint_results(6)]
+    a, b = _write(tmp_path, "a.json", boxes), _write(tmp_path, "b.json", _jittered_gt(1))
+    out = tmp_path / "f.json"
+    assert main(["fuse", str(a), str(b), "--images", str(COCO_MINI), "--method", "nms", "--gt", "-o", str(out)]) == 0
+    assert "keypoints (OKS)" not in capsys.readouterr().out
+    assert "keypoint_metrics" not in json.loads((tmp_path / "f.eval.json").read_text())
+    gt = json.loads(COCO_MINI.read_text())
+    gt["categories"][0]["keypoints"] = [f"p{i}" for i in range(17)]
+    gt_path = _write(tmp_path, "gt.json", gt)
+    a = _write(tmp_path, "a.json", _gt_as_keypoint_results())
+    with caplog.at_level("WARNING"):
+        assert main(["fuse", str(a), "--images", str(COCO_MINI), "--method", "nms", "--gt", str(gt_path),
+                     "-o", str(out)]) == 0
+    report = json.loads((tmp_path / "f.eval.json").read_text())
+    assert report["keypoint_sigmas"] == [DEFAULT_SIGMA] * 17 and report["keypoint_metrics"][str(a)]["AP"] == 1.0
+    assert "OKS sigmas unknown for these 17 keypoints" in caplog.text and "flip" not in caplog.text

@@ -1,4 +1,9 @@
-"""``ddkit fuse PRED.json [PRED.json ...] --images COCO.json --method wbf -o OUT.json``: fuse detectors' results."""
+"""``ddkit fuse PRED.json [PRED.json ...] --images COCO.json --method wbf -o OUT.json``: fuse detectors' results.
+
+With ``--gt [GT.json]`` every input and the fused result are scored with pycocotools: boxes, and keypoints (OKS,
+a second table and ``keypoint_metrics`` in ``OUT.eval.json``) for the results that carry keypoints when the ground
+truth's categories define them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gt", nargs="?", const="", default=None, metavar="GT.json",
                         help="evaluate every input and the fused result with pycocotools against this ground "
                              "truth (default when given without a path: the --images file); the metrics go to "
-                             "OUT.eval.json")
+                             "OUT.eval.json. Boxes always; keypoints (OKS, a second table) too when the GT's "
+                             "categories define keypoints and the results carry them, with COCO's sigmas for "
+                             "COCO's 17 names, else a default with a warning")
     parser.add_argument("--box-tolerance", type=float, default=None,
                         help="pixels a box may stick out of its image before it is reported; boxes within it are "
                              "clamped to the image (default 0.01: the float32 rounding of boxes that detectron2 or "
@@ -132,18 +139,69 @@ def gt_category_warning(gt_source: str, gt: dict, preds: list[list[dict]]) -> st
             f"detectors predict, or drop those classes from the results")
 
 
+# The keypoint table's columns (pycocotools' keypoint summary: 20 detections, no small-area range).
+KEYPOINT_TABLE_KEYS = ("AP", "AP50", "AP75", "APm", "APl", "AR@20")
+
+
+def gt_keypoint_sigmas(gt: dict, where: str) -> list[float] | None:
+    """OKS sigmas of the ground truth's keypoints: those of the first category defining ``keypoints`` (COCO
+    ``categories[].keypoints``), resolved from their names as datasets do (COCO's 17 by name, else a default with
+    a warning); None when no category defines keypoints."""
+    from ddkit.engine.keypoint_meta import resolve_keypoint_meta
+
+    names = next((c["keypoints"] for c in gt.get("categories", [])
+                  if isinstance(c, dict) and isinstance(c.get("keypoints"), list) and c["keypoints"]), None)
+    if names is None:
+        return None
+    k = len(names)
+    # scoring needs no flip pairs: the identity keeps resolve_keypoint_meta from warning about them
+    return resolve_keypoint_meta(k, where, names=[str(n) for n in names], flip_indices=list(range(k))).sigmas
+
+
+def _keypoint_rows(gt: dict, where: str, ids: list, named: dict[str, list]) -> tuple[dict, list[float] | None]:
+    """``{name: keypoint metrics}`` of every results list in ``named`` that carries keypoints (with the GT's K),
+    and the sigmas used; nothing when the ground truth defines no keypoints."""
+    from ddkit.engine.coco_eval import coco_evaluate
+
+    sigmas = gt_keypoint_sigmas(gt, where)
+    rows: dict[str, dict] = {}
+    if sigmas is None:
+        return rows, None
+    for name, results in named.items():
+        kps = next((e["keypoints"] for e in results if "keypoints" in e), None)
+        if kps is None:
+            continue
+        if len(kps) != 3 * len(sigmas):
+            log.warning("%s: its results have %d keypoints and %s's categories %d: no keypoint metrics for it",
+                        name, len(kps) // 3, where, len(sigmas))
+            continue
+        rows[name] = coco_evaluate(gt, results, iou_type="keypoints", image_ids=ids, sigmas=sigmas)
+    return rows, sigmas
+
+
 def _evaluate(args: argparse.Namespace, gt: dict, coco: dict, preds: list, fused: list, method: dict) -> None:
-    """Every input's and the fused metrics against ``gt``: a table, and ``OUT.eval.json``."""
+    """Every input's and the fused metrics against ``gt``: a table (and a keypoint table when the ground truth
+    defines keypoints and the results carry them), and ``OUT.eval.json``."""
     from ddkit.engine.coco_eval import coco_evaluate, format_metrics_table
     from ddkit.io import atomic_write_json
 
     ids = [img["id"] for img in coco["images"]]
-    rows = {str(path): coco_evaluate(gt, p, image_ids=ids) for path, p in zip(args.predictions, preds)}
-    rows[f"fused ({method['name']})"] = coco_evaluate(gt, fused, image_ids=ids)  # the method run (--param name=)
+    fused_name = f"fused ({method['name']})"  # the method run (--param name=)
+    named = {**{str(path): p for path, p in zip(args.predictions, preds)}, fused_name: fused}
+    rows = {name: coco_evaluate(gt, p, image_ids=ids) for name, p in named.items()}
     print(format_metrics_table(rows))
+    report = {"method": method, "image_ids": ids, "metrics": rows}
+    kp_rows, sigmas = _keypoint_rows(gt, str(args.gt or args.images), ids, named)
+    if kp_rows:
+        print("keypoints (OKS):")
+        print(format_metrics_table(kp_rows, keys=KEYPOINT_TABLE_KEYS))
+        if fused_name not in kp_rows:
+            why = "the fused result is empty" if not fused else f"{method['name']} drops the inputs' keypoints"
+            print(f"no fused keypoint row: {why} (boxes only)")
+        report.update(keypoint_metrics=kp_rows, keypoint_sigmas=sigmas)
     out = Path(args.output)
     eval_path = out.with_name(out.stem + ".eval.json")
-    atomic_write_json(eval_path, {"method": method, "image_ids": ids, "metrics": rows})
+    atomic_write_json(eval_path, report)
     print(f"metrics -> {eval_path}")
 
 
