@@ -46,8 +46,9 @@ def test_under_ddp_a_quick_repeat_is_the_same_request_and_a_later_one_stops_at_o
     with deferred_interrupt(ddp=True, announce=True) as stop_signal:
         signal.raise_signal(signal.SIGINT)
         signal.raise_signal(signal.SIGINT)  # the launcher forwarding the Ctrl-C it got
-        signal.raise_signal(signal.SIGTERM)  # its shutdown of the workers
         assert stop_signal() == signal.SIGINT
+        signal.raise_signal(signal.SIGTERM)  # its shutdown of the workers: the same request, named by its SIGTERM
+        assert stop_signal() == signal.SIGTERM
         monkeypatch.setattr(trainer, "DDP_REPEAT_S", 0.0)
         with pytest.raises(Interrupted) as err:
             signal.raise_signal(signal.SIGTERM)  # a user's second Ctrl-C (the agent then sends SIGTERM)
@@ -167,7 +168,8 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_one_step_and_checkpoints(t
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
 def test_sigint_then_sigterm_under_torchrun_is_one_request_and_still_checkpoints(tmp_path):
     """SIGINT then, at once, SIGTERM to each worker (a launcher's or scheduler's shutdown after the Ctrl-C): the
-    same request, so every rank still finishes step 3 and rank 0 checkpoints 4 whole steps."""
+    same request, so every rank still finishes step 3 and rank 0 checkpoints 4 whole steps; the request is named
+    SIGTERM whichever handler ran first (CPython may run the second one nested in the first)."""
     def sigint_sigterm(proc: subprocess.Popen, pids: list[int], log_path: Path) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             for pid in pids:
@@ -177,7 +179,7 @@ def test_sigint_then_sigterm_under_torchrun_is_one_request_and_still_checkpoints
     ckpt = run_dir / "checkpoints" / "last.pt"
     assert ckpt.exists(), output[-4000:]
     assert torch.load(ckpt, weights_only=True)["iteration"] == 4
-    assert "interrupted (Ctrl-C) at iteration 4; checkpoint written" in (run_dir / "train.log").read_text()
+    assert "interrupted (SIGTERM) at iteration 4; checkpoint written" in (run_dir / "train.log").read_text()
     _resumes_to_the_end(recipe, run_dir)
 
 

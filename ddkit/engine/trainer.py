@@ -66,8 +66,10 @@ def deferred_interrupt(ddp: bool = False, announce: bool = True) -> Iterator[Cal
     stops at once (:class:`~ddkit.errors.Interrupted`). Yields "which signal asked to stop?" (None: none).
 
     ``ddp`` (a torchrun worker): every rank keeps its signal and the ranks agree on the step to stop after
-    (:class:`StopAgreement`); a repeat of the request (:func:`_same_request`: the launcher's forwarded signal) is
-    ignored, and only ``announce`` (rank 0) prints the message. Off outside the main thread, where no signal handler
+    (:class:`StopAgreement`); a repeat of the request (:func:`_same_request`: the launcher's forwarded signal) does
+    not stop at once, and the request is named by the largest of its signals (SIGTERM over SIGINT), as the ranks'
+    agreement names it: two signals sent at once can run their handlers in either order (one nested in the other's),
+    so the first one handled is not the first one sent. Only ``announce`` (rank 0) prints the message. Off outside the main thread, where no signal handler
     can be set. The previous handlers are restored on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
@@ -78,6 +80,7 @@ def deferred_interrupt(ddp: bool = False, announce: bool = True) -> Iterator[Cal
     def handler(signum: int, frame: Any) -> None:
         if received:
             if ddp and _same_request(first_at[0]):
+                received.append(signum)
                 return
             raise Interrupted(signum)
         received.append(signum)
@@ -90,7 +93,7 @@ def deferred_interrupt(ddp: bool = False, announce: bool = True) -> Iterator[Cal
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
-        yield lambda: received[0] if received else None
+        yield lambda: max(received) if received else None
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
