@@ -57,7 +57,7 @@ def _keypoint_info(k: int | None, where: str, names: list[str] | None = None, da
             raise ConfigError(f"{where}: flip_indices / sigmas given but the dataset has no keypoints")
         return {"num_keypoints": None, "flip_indices": None, "keypoint_sigmas": None, "extra": {}}
     meta = resolve_keypoint_meta(k, where, names=names, dataset_flip=dataset_flip, flip_indices=flip_indices,
-                                 sigmas=sigmas, **({"default_sigma": default_sigma} if default_sigma else {}))
+                                 sigmas=sigmas, default_sigma=default_sigma)
     return {"num_keypoints": k, "flip_indices": meta.flip_indices, "keypoint_sigmas": meta.sigmas, "extra": meta.extra}
 
 

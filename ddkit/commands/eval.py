@@ -153,6 +153,11 @@ def _data_stem(block: Mapping[str, Any]) -> str:
     return str(block.get("name") or "data")
 
 
+def _safe_name(text: str) -> str:
+    """``text`` as a file-name part: runs of other characters than letters, digits and ``._-`` become ``-``."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("._-") or "data"
+
+
 def output_name(args: argparse.Namespace) -> str:
     """The default file name of an evaluation: ``eval.json`` on the recipe's test split, ``eval_<split>.json`` on
     another of its splits, ``eval_<stem>[_<split>].json`` on ``--data`` (the stem of its file or folder, the split
@@ -161,11 +166,10 @@ def output_name(args: argparse.Namespace) -> str:
 
     if not args.data:
         split = args.split or "test"
-        return "eval.json" if split == "test" else f"eval_{re.sub(r'[^A-Za-z0-9._-]+', '-', split)}.json"
+        return "eval.json" if split == "test" else f"eval_{_safe_name(split)}.json"
     block = dataset_block(args.data, args.split)
     parts = [_data_stem(block)] + ([str(block["split"])] if block.get("split") else [])
-    safe = [re.sub(r"[^A-Za-z0-9._-]+", "-", part).strip("._-") or "data" for part in parts]
-    return f"eval_{'_'.join(safe)}.json"
+    return f"eval_{'_'.join(_safe_name(part) for part in parts)}.json"
 
 
 def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, folder: Path) -> Path:

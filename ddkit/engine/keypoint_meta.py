@@ -113,7 +113,7 @@ class KeypointMeta:
 def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = None,
                           dataset_flip: Sequence[int] | None = None, flip_indices: Sequence[int] | None = None,
                           sigmas: Sequence[float] | None = None,
-                          default_sigma: tuple[float, str] = (DEFAULT_SIGMA, "")) -> KeypointMeta:
+                          default_sigma: tuple[float, str] | None = None) -> KeypointMeta:
     """Flip pairs and OKS sigmas of a ``K``-keypoint dataset.
 
     Args:
@@ -123,7 +123,8 @@ def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = N
         dataset_flip: pairs the dataset declares itself (YOLO ``flip_idx``).
         flip_indices, sigmas: the explicit dataset options (they win).
         default_sigma: the sigma of every keypoint when none is known, and whose convention it is (a format's own,
-            e.g. Ultralytics' 1/K for YOLO pose folders, so that keypoint AP agrees with ``yolo val``).
+            e.g. Ultralytics' 1/K for YOLO pose folders, so that keypoint AP agrees with ``yolo val``);
+            default: :data:`DEFAULT_SIGMA`.
 
     Raises:
         ConfigError: an explicit or declared value of the wrong length / not a pairing.
@@ -157,7 +158,7 @@ def resolve_keypoint_meta(k: int, where: str, *, names: Sequence[str] | None = N
         if names is None:
             extra[SIGMAS_DEFAULT] = f"{where}: 17 unnamed keypoints: COCO's OKS sigmas assumed (set sigmas if not)"
     else:
-        value, whose = default_sigma
+        value, whose = default_sigma or (DEFAULT_SIGMA, "")
         out_sigmas = [float(value)] * k
         extra[SIGMAS_DEFAULT] = (f"{where}: OKS sigmas unknown for these {k} keypoints: {value:.4g} used for "
                                  f"each{whose}, so keypoint AP is only indicative; set the dataset option sigmas")
