@@ -258,14 +258,16 @@ class LogHook(HookBase):
 
 
 class EvalHook(HookBase):
-    """Evaluates the student every ``eval_every`` iterations on rank 0 (the others wait)."""
+    """Evaluates the student (its average, under :class:`~ddkit.engine.ema.EMAHook`) every ``eval_every``
+    iterations on rank 0 (the others wait)."""
 
     def __init__(self, runlog: RunLog, eval_set: Any, eval_every: int, batch_size: int):
         self.runlog, self.eval_set, self.eval_every, self.batch_size = runlog, eval_set, eval_every, batch_size
 
     def evaluate(self, it: int) -> dict[str, float]:
         t = self.trainer
-        metrics = t.task.evaluate(unwrap_model(t.student), self.eval_set, self.batch_size) if t.is_main else {}
+        model = t.averaged if t.averaged is not None else unwrap_model(t.student)
+        metrics = t.task.evaluate(model, self.eval_set, self.batch_size) if t.is_main else {}
         t.student.train()
         self.runlog.record({"iteration": it, "eval": metrics})
         self.runlog(f"eval @ {it}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))

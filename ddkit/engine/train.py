@@ -52,6 +52,7 @@ from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, resolve_c
 from ddkit.engine.data import ConcatDataset, get_info
 from ddkit.engine.ddp import DDP
 from ddkit.engine.evaluate import check_same_classes
+from ddkit.engine.ema import EMAHook
 from ddkit.engine.hooks import CheckpointHook, EvalHook, FinalHook, LogHook, RunLog, TrainingDiverged, describe_run
 from ddkit.engine.keypoint_meta import check_train_flip
 from ddkit.engine.losses import SetupContext
@@ -346,6 +347,8 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
     if cfg.init == "teacher" and not resume:  # a resumed run may also start fresh: init again after the resume
         _init_from_teacher(student, teacher)
     student.train()
+    # copied before the loss terms hook the layers they read: the average must not carry a hint's forward hooks
+    averaging = [EMAHook(student, cfg.ema_decay, cfg.ema_tau)] if cfg.ema_decay > 0 else []
     extras = _setup_extras(task, student, teacher, terms, data, dev)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad] + list(extras.parameters())
@@ -366,7 +369,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
     describe = (lambda: describe_run(task, student, data.total, cfg.batch_size, world, dev, data.sizes,
                                      cfg.ratio, names, trainer.start))
     trainer.register_hooks([LogHook(runlog, cfg.log_every, progress, describe), evaluator,
-                            CheckpointHook(runlog, run_dir / "checkpoints", cfg.checkpoint_every),
+                            CheckpointHook(runlog, run_dir / "checkpoints", cfg.checkpoint_every), *averaging,
                             FinalHook(runlog, run_dir / "model.pt", evaluator.evaluate if eval_set is not None
                                       else None)])
     return trainer, recipe, inputs

@@ -31,6 +31,9 @@ class TrainConfig:
         warmup, warmup_factor: linear warmup from ``lr * warmup_factor`` over ``warmup`` iterations.
         steps, gamma: multiply the LR by ``gamma`` at each of these fractions of the total iterations.
         clip_grad_norm: clip the global gradient norm (``null``: off).
+        ema_decay, ema_tau: an exponential moving average of the weights, evaluated during training and saved as
+            the model at the end (:mod:`ddkit.engine.ema`; Ultralytics trains with 0.9999 and 2000): the ``n``-th
+            update keeps ``ema_decay * (1 - exp(-n / ema_tau))`` of the average. ``ema_decay: 0``: off.
         amp: mixed precision; ``null`` = on when training on CUDA.
         ratio: labeled : pseudo-labeled samples per minibatch (expected), e.g. ``[6, 4]``.
         hflip: probability of a random horizontal flip of a training sample (boxes and keypoints too).
@@ -61,6 +64,8 @@ class TrainConfig:
     steps: list[float] = field(default_factory=list)
     gamma: float = 0.1
     clip_grad_norm: float | None = None
+    ema_decay: float = 0.0
+    ema_tau: float = 2000.0
     amp: bool | None = None
     ratio: list[float] = field(default_factory=lambda: [6.0, 4.0])
     hflip: float = 0.0
@@ -90,6 +95,8 @@ class TrainConfig:
              f"steps must be increasing fractions in (0, 1) of the iterations, got {self.steps}"),
             (0 < self.gamma <= 1, f"gamma must be in (0, 1], got {self.gamma}"),
             (self.clip_grad_norm is None or self.clip_grad_norm > 0, "clip_grad_norm must be > 0 or null"),
+            (0 <= self.ema_decay < 1 and self.ema_tau > 0,
+             f"need 0 <= ema_decay < 1 (0: off; e.g. 0.9999) and ema_tau > 0, got {self.ema_decay} and {self.ema_tau}"),
             (len(self.ratio) >= 1 and all(r >= 0 for r in self.ratio) and sum(self.ratio) > 0,
              f"ratio must be non-negative weights with a positive sum, e.g. [6, 4], got {self.ratio}"),
             (0 <= self.hflip <= 1, f"hflip must be a probability, got {self.hflip}"),

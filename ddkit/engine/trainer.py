@@ -189,6 +189,7 @@ class Trainer:
         self.step_values: dict[str, torch.Tensor] = {}
         self.step_samples = 0
         self.stopped_by = ""  # what interrupted the loop (Ctrl-C, SIGTERM), for the checkpoint hook's message
+        self.averaged: nn.Module | None = None  # an average of the weights to evaluate instead (EMAHook)
 
     def register_hooks(self, hooks: Sequence[HookBase]) -> None:
         for h in hooks:

@@ -211,3 +211,51 @@ def test_trains_a_yolo_student_with_yolo_kd_and_a_neck_hint(coco8, tmp_path):
     assert not teacher.training and not teacher.net.model[15]._forward_hooks
     # the teacher ran in eval mode: its BatchNorm statistics did not move
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in teacher_state.items())
+
+
+def test_a_yolo_students_ema_is_ultralytics_model_ema(coco8, tmp_path, monkeypatch):
+    """``train.ema_decay`` against Ultralytics' own ``ModelEMA`` on the same weights: started from the first step's
+    weights and updated with each later step's (ddkit's first update copies), every floating tensor of ``model.pt``
+    equals it; a hint's forward hooks stay out of the average."""
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    from ddkit.engine.checkpoint import load_model
+    from ddkit.engine.ema import EMAHook
+    from ddkit.engine.task import unwrap_model
+    from ddkit.engine.train import train_model
+    from ddkit.engine.trainer import Trainer
+
+    task = ddkit.build("tasks", "detection")
+    torch.manual_seed(0)
+    teacher = task.build_model({**TINY, "width": 0.25}, coco8.info)
+    student = task.build_model(TINY, coco8.info)
+    shell = copy.deepcopy(student)  # holds each step's weights for ModelEMA
+    raw: list[dict[str, torch.Tensor]] = []
+    step = Trainer.run_step
+
+    def recording_step(self):
+        step(self)
+        raw.append(copy.deepcopy(unwrap_model(self.student).state_dict()))
+
+    monkeypatch.setattr(Trainer, "run_step", recording_step)
+    averages: list[nn.Module] = []
+    start = EMAHook.before_train
+    monkeypatch.setattr(EMAHook, "before_train", lambda self: (averages.append(self.average.module), start(self)))
+    losses = [{"name": "hard_label"},
+              {"name": "hint", "teacher_layer": "net.model.15", "student_layer": "net.model.15", "weight": 0.5}]
+    cfg = {"iterations": 4, "batch_size": 2, "optimizer": "adamw", "lr": 0.01, "ema_decay": 0.99, "ema_tau": 2}
+    result = train_model(task, student, coco8, cfg, tmp_path, teacher=teacher, losses=losses, device="cpu",
+                         progress=False)
+    shell.load_state_dict(raw[0])
+    reference = ModelEMA(shell, decay=0.99, tau=2)
+    for weights in raw[1:]:
+        shell.load_state_dict(weights)
+        reference.update(shell)
+    saved = load_model(result["model_path"])[1].state_dict()
+    expected = reference.ema.state_dict()
+    floats = [k for k, v in expected.items() if v.is_floating_point()]
+    assert floats and any("running_mean" in k for k in floats)
+    for k in floats:
+        torch.testing.assert_close(saved[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(saved["net.model.22.cv3.0.2.weight"], raw[-1]["net.model.22.cv3.0.2.weight"])
+    assert len(averages) == 1 and not any(m._forward_hooks for m in averages[0].modules())
