@@ -4,6 +4,7 @@ as COCO results or YOLO txt lines that map back to the model's own boxes."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -106,6 +107,13 @@ def test_eval_on_other_data_keeps_the_recipe_splits_eval_json(digits_run, tmp_pa
                                 for f in ("eval.json", "eval_digits.json", "eval_labeled.json"))
         assert other["items"] == len(ddkit.build("datasets", {"name": "digits"})) != test["items"]
         assert "split test" in test["data"] and "split labeled" in labeled["data"] and "digits" in other["data"]
+        # other data of the same stem gets its own file, named by a digest of its description; again: replaced
+        for _ in range(2):
+            assert main(["eval", str(model), "--data", "{name: digits, test_fraction: 0.5}"]) == 0
+            wrote = capsys.readouterr().out.split("wrote ")[-1].strip()
+            assert re.fullmatch(r"eval_digits-[0-9a-f]{8}\.json", Path(wrote).name) and Path(wrote).parent == folder
+        assert json.loads((folder / "eval_digits.json").read_text()) == other
+        assert "test_fraction" in json.loads(Path(wrote).read_text())["data"]
     # the name: the file's stem or the folder's name, with a YOLO split; odd characters made safe
     from argparse import Namespace
 

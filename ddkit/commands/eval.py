@@ -21,6 +21,7 @@ coco8-pose.yaml`` -> ``eval_coco8-pose_val.json``), so an evaluation on other da
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import re
@@ -172,12 +173,21 @@ def output_name(args: argparse.Namespace) -> str:
     return f"eval_{'_'.join(_safe_name(part) for part in parts)}.json"
 
 
-def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, folder: Path) -> Path:
+def _default_output(args: argparse.Namespace, run_dir: Path | None, kind: str, folder: Path, data: str) -> Path:
     """:func:`output_name` in ``RUN`` for a run's final student, else in the evaluated model's stage folder (or the
-    checkpoint's folder); with or without ``--tta`` (the file then also holds the ensemble's metrics)."""
-    if run_dir is not None and kind != "checkpoint" and not args.checkpoint:
-        return run_dir / output_name(args)
-    return folder / output_name(args)
+    checkpoint's folder); with or without ``--tta`` (the file then also holds the ensemble's metrics). Where that
+    file holds an evaluation of other ``data`` (two datasets of one stem: ``a/val.json``, ``b/val.json``), the
+    name gains a digest of this data's description, so neither evaluation replaces the other."""
+    named = run_dir if run_dir is not None and kind != "checkpoint" and not args.checkpoint else folder
+    out = named / output_name(args)
+    try:
+        recorded = json.loads(out.read_text()).get("data") if out.is_file() else data
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # unreadable: kept, as an evaluation of unknown data
+    if recorded == data:
+        return out
+    digest = hashlib.sha256(data.encode()).hexdigest()[:8]
+    return out.with_name(f"{out.stem}-{digest}{out.suffix}")
 
 
 def _no_items(spec: str, block: dict[str, Any]) -> str:
@@ -338,7 +348,8 @@ def run(args: argparse.Namespace) -> int:
     if strategies is not None:
         record["tta"] = {"views": strategies.view_blocks, "aggregator": strategies.aggregator_block,
                          "batch_size": tta_batch, "metrics": rows[name], "per_class": _json_safe(per_class[name])}
-    out = Path(args.output) if args.output else _default_output(args, run_dir, kind, folder or _stage_folder(path))
+    out = (Path(args.output) if args.output
+           else _default_output(args, run_dir, kind, folder or _stage_folder(path), data_what))
     atomic_write_json(out, record)
     print(f"wrote {out}")
     return 0
