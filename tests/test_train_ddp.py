@@ -32,7 +32,8 @@ student:
   model: {{name: mlp, hidden: [16]}}
   teacher: {tmp_path / 'teacher.pt'}
   losses: [{{name: hard_label}}, {{name: soft_target}}, {{name: hint, teacher_layer: '1', student_layer: '1'}}]
-  train: {{iterations: 40, batch_size: 16, lr: 0.05, teacher_cache: true, log_every: 20}}
+  train: {{iterations: 40, batch_size: 16, lr: 0.05, teacher_cache: true, log_every: 20, ema_decay: 0.9,
+          ema_tau: 5}}
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "ddkit", "train", str(recipe),
@@ -49,6 +50,12 @@ student:
     assert [r["iteration"] for r in records if "losses" in r] == [20, 40]  # rank 0 alone writes
     _, model, _ = load_model(run_dir)
     assert sum(p.numel() for p in model.parameters()) == 64 * 16 + 16 + 16 * 10 + 10
+    # model.pt is the EMA of the weights; the checkpoint keeps the last raw weights (and the average)
+    last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert last["ema"]["updates"] == 40
+    average = {k.removeprefix("module."): v for k, v in last["ema"]["average"].items() if k.startswith("module.")}
+    assert all(torch.equal(v, average[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(model.state_dict()["1.weight"], last["model"]["1.weight"])
 
 
 RUN_RECIPE = """
