@@ -11,6 +11,8 @@ under that key of the checkpoint and gets it back through ``load_state_dict`` on
 * :class:`CheckpointHook`: ``checkpoints/last.pt`` every ``checkpoint_every`` iterations, on Ctrl-C or SIGTERM and
   at the end;
 * :class:`FinalHook`: when the schedule is complete, the last evaluation, ``model.pt`` and the final record.
+* :class:`~ddkit.engine.ema.EMAHook` (``train.ema_decay``): a moving average of the weights, evaluated and
+  saved as the model.
 """
 from __future__ import annotations
 

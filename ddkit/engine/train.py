@@ -26,6 +26,8 @@ What it does:
 * ``metrics.jsonl`` (one JSON object per line: training logs, evaluations, the final record), ``metrics.csv`` (the
   training logs as a table with fixed columns) and ``train.log``;
 * AMP (float16 autocast + GradScaler) when on CUDA unless ``amp: false``;
+* an exponential moving average of the weights (``ema_decay``, Ultralytics' ramp), evaluated and saved as the
+  model (:mod:`ddkit.engine.ema`);
 * DDP when ``torch.distributed`` is initialised (``torchrun``; gloo on CPU, NCCL on GPU): ``batch_size`` is the
   global batch, split over ranks; rank 0 writes files and evaluates.
 
