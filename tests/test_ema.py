@@ -2,6 +2,7 @@
 checked against a slow reference computed from the raw weights of every step, on a model with BatchNorm."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -30,9 +31,9 @@ def _student(task, digits):
     return task.build_model({"name": "lenet", "channels": [4, 8], "hidden": 16, "dropout": 0.2}, digits.info)
 
 
-def _train(task, digits, run, **cfg):
+def _train(task, digits, run, resume=False, **cfg):
     return train_model(task, _student(task, digits), digits.labeled, {**CFG, **cfg}, run, eval_set=digits.test,
-                       seed=1, progress=False)
+                       seed=1, progress=False, resume=resume)
 
 
 def _reference(raw: list[dict[str, torch.Tensor]], decay: float, tau: float) -> dict[str, torch.Tensor]:
@@ -69,25 +70,44 @@ def test_the_saved_model_is_the_average_of_every_step(digits, tmp_path, monkeypa
     assert saved.keys() == expected.keys() and any("running_var" in k for k in saved)
     for k, v in saved.items():
         torch.testing.assert_close(v.double() if v.is_floating_point() else v, expected[k], rtol=1e-5, atol=1e-6)
-    # the average is not the last weights; the checkpoint keeps those for the optimizer to continue from
-    last = load_checkpoint(tmp_path / "ema" / "checkpoints" / LAST)
-    assert all(torch.equal(last["model"][k], raw[-1][k]) for k in raw[-1])
+    # the average is not the last weights; the final checkpoint holds it as its model too
     assert not torch.allclose(saved["classifier.4.weight"], raw[-1]["classifier.4.weight"])
+    last = load_checkpoint(tmp_path / "ema" / "checkpoints" / LAST)
+    assert all(torch.equal(last["model"][k], v) for k, v in saved.items())
     # the final evaluation is of the average
     model = load_model(result["model_path"])[1]
     assert result["metrics"] == task.evaluate(model, digits.test, CFG["batch_size"])
 
 
-def test_an_interrupted_ema_run_resumes_to_the_same_average(digits, tmp_path):
+def test_a_run_killed_after_a_periodic_checkpoint_resumes_to_the_same_average(digits, tmp_path, monkeypatch):
+    """The checkpoint of iteration 5 holds the average of 5 updates (evaluations too see every step), so a run that
+    died at iteration 8 resumes from it to the uninterrupted run's model and metrics."""
     task = ddkit.build("tasks", "classification")
-    full = _train(task, digits, tmp_path / "full")
-    part = _train(task, digits, tmp_path / "part", max_iterations=7)
-    assert part["model_path"] is None
-    rest = train_model(task, _student(task, digits), digits.labeled, CFG, tmp_path / "part", eval_set=digits.test,
-                       seed=1, progress=False, resume=True)
+    full = _train(task, digits, tmp_path / "full", eval_every=5)
+    step = Trainer.run_step
+
+    def dying_step(self):
+        if self.iter == 8:
+            raise RuntimeError("killed")
+        step(self)
+
+    monkeypatch.setattr(Trainer, "run_step", dying_step)
+    with pytest.raises(RuntimeError, match="killed"):
+        _train(task, digits, tmp_path / "part", eval_every=5)
+    killed = load_checkpoint(tmp_path / "part" / "checkpoints" / LAST)
+    assert killed["ema"]["updates"] == 5 and killed["iteration"] == 5
+    # a periodic checkpoint keeps the raw weights for the optimizer, the average beside them
+    average = {k.removeprefix("module."): v for k, v in killed["ema"]["average"].items() if k.startswith("module.")}
+    assert not torch.equal(average["classifier.4.weight"], killed["model"]["classifier.4.weight"])
+    monkeypatch.setattr(Trainer, "run_step", step)
+    rest = _train(task, digits, tmp_path / "part", eval_every=5, resume=True)
     a, b = (load_model(r["model_path"])[1].state_dict() for r in (full, rest))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rest["metrics"] == full["metrics"]
+    evals = [[{k: v for k, v in json.loads(line).items() if k != "train_time_s"}
+              for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+             for run in ("full", "part")]
+    assert evals[0] == evals[1] and [e["iteration"] for e in evals[0]] == [5, 10, 12, 12]  # 12: eval, final
 
 
 def test_off_by_default_and_bad_values_are_refused_with_the_key():

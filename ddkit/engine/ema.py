@@ -6,7 +6,8 @@ too, as Ultralytics does) and Ultralytics' ramp: the ``n``-th update (``n`` = 0,
 :func:`ema_decay_at` ``= decay * (1 - exp(-n / tau))`` of the average, so the first update copies the weights and
 the early average follows the fast-moving weights. Evaluations during training use the average; when the schedule
 is complete it replaces the student's weights, so ``model.pt``, the final evaluation and the returned model are the
-average. The checkpoint keeps the raw weights (the optimizer continues from them) and the average beside them.
+average. A checkpoint keeps the raw weights (the optimizer continues from them) and the average of every step so
+far beside them; the final checkpoint of a complete schedule holds the average as its model, as ``model.pt`` does.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class EMAHook(HookBase):
         self.updates += 1
 
     def after_train(self) -> None:
-        """A complete schedule: the student takes the average's weights (before ``model.pt`` is written)."""
+        """A complete schedule: the student takes the average's weights (before the final checkpoint and
+        ``model.pt`` are written)."""
         t = self.trainer
         if t.stop >= t.total and self.updates:
             unwrap_model(t.student).load_state_dict(self.average.module.state_dict())

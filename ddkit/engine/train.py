@@ -370,8 +370,9 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
     evaluator = EvalHook(runlog, eval_set, cfg.eval_every, cfg.evaluation_batch_size)
     describe = (lambda: describe_run(task, student, data.total, cfg.batch_size, world, dev, data.sizes,
                                      cfg.ratio, names, trainer.start))
-    trainer.register_hooks([LogHook(runlog, cfg.log_every, progress, describe), evaluator,
-                            CheckpointHook(runlog, run_dir / "checkpoints", cfg.checkpoint_every), *averaging,
+    # the average takes each step before an evaluation or a checkpoint of that step
+    trainer.register_hooks([LogHook(runlog, cfg.log_every, progress, describe), *averaging, evaluator,
+                            CheckpointHook(runlog, run_dir / "checkpoints", cfg.checkpoint_every),
                             FinalHook(runlog, run_dir / "model.pt", evaluator.evaluate if eval_set is not None
                                       else None)])
     return trainer, recipe, inputs
