@@ -84,13 +84,17 @@ class ModelSpec(StrategySpec):
     given a file that is not a ddkit checkpoint, returns one line saying how this model loads it (e.g. its weights
     under ``pretrained``), or ``None``: the core adds it to its refusal of such a file. ``export_hint``, given what
     ``ddkit export`` exported (a run, stage or checkpoint path), returns one line it prints after writing, e.g. how to
-    write the file another library loads."""
+    write the file another library loads. ``open_file``, given a file that is not a ddkit checkpoint and that the user
+    trusts (it may be a pickle: reading it runs code from it), returns ``(task name, model block, dataset info)``
+    whose ``task.build_model(block, info)`` builds the model with the file's weights, or ``None`` when this model
+    does not know the file: ``ddkit eval`` / ``ddkit predict --trust-checkpoint`` then take the file as it is."""
 
     kind: ClassVar[str] = "models"
     task: str = "classification"
     also_tasks: tuple[str, ...] = ()
     explain_file: Callable[[Any], str | None] | None = None
     export_hint: Callable[[str], str | None] | None = None
+    open_file: Callable[[Any], tuple[str, dict[str, Any], DatasetInfo] | None] | None = None
 
 
 SPEC_TYPES: dict[str, type[StrategySpec]] = {

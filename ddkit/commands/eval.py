@@ -9,7 +9,8 @@ coco8-pose.yaml`` -> ``eval_coco8-pose_val.json``), so an evaluation on other da
 
 * the model: ``--checkpoint`` (a file, a stage folder or a run folder), else a run folder's final student (the
   folder given, or the recipe's ``run.out_dir``), else the stage folder given (then the data and views are its
-  run's);
+  run's), else the file given; with ``--trust-checkpoint`` also another library's pickled checkpoint that a model
+  plugin opens (``ddkit eval best.pt --trust-checkpoint --data data.yaml``: an Ultralytics ``best.pt``), as it is;
 * the data: ``--data`` (a COCO ``.json``, a YOLO data ``.yaml`` or folder, a folder of class folders, or a dataset block
   ``'{name: yolo, root: ..., split: val}'``), else the recipe's ``--split`` (default ``test``). A detector's
   classes must be the dataset's; when only the ids differ (a model trained on YOLO files, ids 1-80, scored on a COCO
@@ -31,12 +32,18 @@ from typing import Any, Mapping, Sequence
 from ddkit.errors import ConfigError
 
 DEFAULT_BATCH_SIZE = 8
+TRUST_HELP = ("take another library's pickled checkpoint (e.g. an Ultralytics best.pt) through the model plugin that "
+              "knows it; this runs code from the file: only for files you trust")
+# said in the refusal of such a file without --trust-checkpoint (ddkit.engine.checkpoint.load_model's trust_hint)
+TRUST_HINT = ("pass --trust-checkpoint to evaluate/predict it as it is (this runs code from the file: only for files "
+              "you trust)")
 HELP = ("evaluate a trained model (plain and multi-transform) on a recipe's split or a dataset; writes eval.json "
         "(eval_<data>.json with --data)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("target", help="a recipe (.yaml), a `ddkit run` folder, or a checkpoint (with --data)")
+    parser.add_argument("target", help="a recipe (.yaml), a `ddkit run` folder, or a checkpoint (with --data; "
+                                           "another library's with --trust-checkpoint)")
     parser.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     parser.add_argument("--checkpoint", help="the model to evaluate (default: the run's final student)")
     parser.add_argument("--data", help="evaluate on this dataset instead of the recipe's split: a COCO .json, a "
@@ -50,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="evaluation batch size (default: the one the run evaluated the model's stage with, "
                              f"else {DEFAULT_BATCH_SIZE}); a detector's AP depends on it")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     parser.add_argument("-o", "--output", help="the JSON file to write (default: in the run folder, or the model's "
                                                "stage folder: eval.json on the recipe's test split, "
                                                "eval_<split>.json on another, eval_<stem>[_<split>].json on --data)")
@@ -316,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
     path, what, folder = _model_path(args, run_dir, kind)
     batch_size = _batch_size(args, folder)
     device = resolve_device(args.device)
-    task, model, info = load_model(path, device=device)
+    task, model, info = load_model(path, device=device, trust_foreign=args.trust_checkpoint, trust_hint=TRUST_HINT)
     dataset, data_what = _dataset(args, cfg, source, (info.extra or {}).get("image_shape"))
     plain = Predictor(task, model, info, device=device)
     dataset, categories = _match_classes(plain, dataset, info, str(path), data_what)

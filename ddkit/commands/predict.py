@@ -1,13 +1,14 @@
 """``ddkit predict CHECKPOINT IMAGES [--coco FILE.json] [--tta] [--format coco|yolo] -o OUT``: predictions for an
 image or a folder of images.
 
-``CHECKPOINT`` is a model file, a stage folder or a `ddkit run` folder (its final student). ``IMAGES`` is one image
-file (image id 0) or a folder searched recursively (ids ``0..N-1`` in path order); with ``--coco FILE.json`` the
-images are that COCO file's, its ``file_name`` values relative to the folder ``IMAGES``, and the results carry its
-image ids (to evaluate against, or ``ddkit fuse --images FILE.json`` with, that file). With ``--tta`` the views and
-aggregator are the labelling engine's: ``--transforms`` / ``--aggregator``, else, for a run folder or one of its
-stage folders, the run's recipe (``evaluate`` then ``label`` section) as ``ddkit eval RUN --tta`` uses, else the
-image and its mirror. Output in ``OUT``:
+``CHECKPOINT`` is a model file, a stage folder or a `ddkit run` folder (its final student); with
+``--trust-checkpoint`` also another library's pickled checkpoint that a model plugin opens (an Ultralytics
+``best.pt``), as it is. ``IMAGES`` is one image file (image id 0) or a folder searched recursively (ids ``0..N-1`` in
+path order); with ``--coco FILE.json`` the images are that COCO file's, its ``file_name`` values relative to the
+folder ``IMAGES``, and the results carry its image ids (to evaluate against, or ``ddkit fuse --images FILE.json``
+with, that file). With ``--tta`` the views and aggregator are the labelling engine's: ``--transforms`` /
+``--aggregator``, else, for a run folder or one of its stage folders, the run's recipe (``evaluate`` then ``label``
+section) as ``ddkit eval RUN --tta`` uses, else the image and its mirror. Output in ``OUT``:
 
 * ``coco`` (default): ``predictions.json``, COCO results (``image_id, category_id, bbox [x, y, w, h], score``,
   ``keypoints`` as ``x, y, 1``, as torchvision writes them: pycocotools ignores the third value), and ``images.json``
@@ -30,6 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ddkit.commands.eval import TRUST_HELP, TRUST_HINT
 from ddkit.errors import ConfigError, DataError
 
 log = logging.getLogger("ddkit.predict")
@@ -55,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "drawn, as OUT/images/<name>.jpg")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 (default: auto)")
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
 
 
 def _model(arg: str) -> tuple[Any, str]:
@@ -319,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
     _check_paths(args)
     path, what = _model(args.checkpoint)
     device = resolve_device(args.device)
-    task, model, info = load_model(path, device=device)
+    task, model, info = load_model(path, device=device, trust_foreign=args.trust_checkpoint, trust_hint=TRUST_HINT)
     source = _source(args)
     strategies, origin = _strategies(args, task, info)
     predictor = Predictor(task, model, info, strategies, device)

@@ -10,7 +10,8 @@ Two formats, both plain dicts of tensors and primitive containers:
   ``optimizer``, ``scheduler``, ``scaler``, ``sampler``, ``rng``, ``losses`` (loss terms' own parameters, e.g. hint
   adaptation layers), ``iteration`` and ``total_iterations``.
 
-:func:`load_model` accepts either file, or a run folder (``model.pt`` first, then ``checkpoints/last.pt``).
+:func:`load_model` accepts either file, or a run folder (``model.pt`` first, then ``checkpoints/last.pt``); with
+``trust_foreign``, also another library's file that a model plugin opens (``ModelSpec.open_file``).
 """
 from __future__ import annotations
 
@@ -112,16 +113,32 @@ def _unreadable(path: Path, err: Exception) -> str:
     return f"it cannot be read ({type(err).__name__})"
 
 
-def _explained(path: Path, registry: Any = None) -> str | None:
+def _explained(path: Path, registry: Any = None, trust_hint: str | None = None) -> str | None:
     """A model plugin's line on how it loads ``path`` (its ``ModelSpec.explain_file``), e.g. another library's
-    checkpoint; the first that recognises the file."""
+    checkpoint; the first that recognises the file. ``trust_hint`` (how the caller takes a trusted file as it is)
+    follows the line of a plugin that can also open the file (its ``ModelSpec.open_file``)."""
     from ddkit.plugin_manager import get_registry
 
     for entry in (registry or get_registry()).entries("models"):
         explain = getattr(entry.spec, "explain_file", None)
         line = explain(path) if explain is not None else None
         if line:
-            return line
+            opens = trust_hint and getattr(entry.spec, "open_file", None) is not None
+            return f"{line}; or {trust_hint}" if opens else line
+    return None
+
+
+def _open_foreign(path: Path, registry: Any,
+                  device: str | torch.device) -> tuple[Task, nn.Module, DatasetInfo] | None:
+    """``(task, model, info)`` of a trusted file that is not a ddkit checkpoint, built by the first model plugin
+    whose ``ModelSpec.open_file`` knows it (reading it may run code from it); ``None`` when none does."""
+    for entry in registry.entries("models"):
+        open_file = getattr(entry.spec, "open_file", None)
+        opened = open_file(path) if open_file is not None else None
+        if opened is not None:
+            task_name, block, info = opened
+            task = registry.build("tasks", {"name": task_name}, where=f"{path}: task")
+            return task, task.build_model(block, info).to(device).eval(), info
     return None
 
 
@@ -132,18 +149,19 @@ def _plain_state_dict(record: Any) -> bool:
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     fresh_hint: str | None = None, registry: Any = None,
-                    plain_hint: str | None = None) -> dict[str, Any]:
+                    plain_hint: str | None = None, trust_hint: str | None = None) -> dict[str, Any]:
     """Load a ddkit file with ``weights_only=True``; raise :class:`DataError` naming the file if it is not one.
 
     ``fresh_hint``: what to do instead (default: a model plugin's way to load the file, else which files to pass),
     e.g. for a run's own checkpoint. ``registry``: whose model plugins are asked (default: the installed ones).
     ``plain_hint``: what to do with a plain state dict, for a command that has its own route (e.g. ``ddkit label``).
+    ``trust_hint``: how the caller takes a file a model plugin opens as it is (:func:`_explained`).
     """
     path = resolve_checkpoint(path)
     try:
         record = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        hint = fresh_hint or _explained(path, registry) or PASS_INSTEAD
+        hint = fresh_hint or _explained(path, registry, trust_hint) or PASS_INSTEAD
         raise DataError(f"{path}: cannot load: {_unreadable(path, err)}; {hint}") from None
     if plain_hint and _plain_state_dict(record):
         raise DataError(f"{path}: a plain state dict (tensor names to tensors), not a ddkit checkpoint; {plain_hint}")
@@ -171,7 +189,8 @@ def warn_unfinished(path: str | Path, record: Mapping[str, Any]) -> None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", registry: Any = None,
-               warn: bool = True, plain_hint: str | None = None) -> tuple[Task, nn.Module, DatasetInfo]:
+               warn: bool = True, plain_hint: str | None = None, trust_foreign: bool = False,
+               trust_hint: str | None = None) -> tuple[Task, nn.Module, DatasetInfo]:
     """Rebuild ``(task, model, info)`` from a ddkit checkpoint or exported model alone; the model is in eval mode.
 
     Args:
@@ -180,11 +199,20 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", registry: A
         registry: the registry to build the task and model from (default: the installed plugins).
         warn: warn when the file is an unfinished training checkpoint (:func:`warn_unfinished`).
         plain_hint: what to do with a plain state dict instead (:func:`load_checkpoint`).
+        trust_foreign: the user trusts ``path``: a file that is not a ddkit checkpoint is built by the model plugin
+            that knows it (``ModelSpec.open_file``; reading it may run code from it). Never without this consent.
+        trust_hint: how the caller gives that consent, added to the refusal of a file a plugin could open.
     """
     from ddkit.plugin_manager import get_registry
 
     registry = registry or get_registry()
-    record = load_checkpoint(path, registry=registry, plain_hint=plain_hint)
+    try:
+        record = load_checkpoint(path, registry=registry, plain_hint=plain_hint, trust_hint=trust_hint)
+    except DataError:
+        opened = _open_foreign(resolve_checkpoint(path), registry, device) if trust_foreign else None
+        if opened is None:
+            raise
+        return opened
     task = registry.build("tasks", record["task"], where=f"{path}: task")
     info = info_from_dict(record["info"])
     model_cfg = dict(record["model_cfg"])
