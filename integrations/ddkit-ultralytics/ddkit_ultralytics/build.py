@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import pickletools
 import re
@@ -29,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ddkit.engine.keypoint_meta import resolve_keypoint_meta
 from ddkit.engine.task import warn_renamed_classes
 from ddkit.errors import ConfigError, DataError
 from ddkit.types import DatasetInfo
@@ -36,6 +38,7 @@ from ddkit.types import DatasetInfo
 SCALES = ("n", "s", "m", "l", "x")
 log = logging.getLogger("ddkit.models")
 LOSS_GAINS = ("box", "cls", "dfl", "pose", "kobj")
+TASKS = {"detect": "detection", "pose": "keypoints"}  # Ultralytics' task -> the ddkit task of its yolo model
 
 
 @dataclass
@@ -216,8 +219,8 @@ def _unreadable(path: Path, detail: str) -> DataError:
                      "or not a checkpoint; copy or download it again")
 
 
-def _trusted_module(path: Path) -> nn.Module:
-    """The ``ema`` or ``model`` module of a pickled Ultralytics checkpoint (runs the file's code)."""
+def _trusted_checkpoint(path: Path) -> tuple[dict[str, Any], nn.Module]:
+    """A pickled Ultralytics checkpoint (runs the file's code) and its ``ema`` or ``model`` module."""
     from ultralytics.nn.tasks import torch_safe_load
 
     try:
@@ -229,7 +232,7 @@ def _trusted_module(path: Path) -> nn.Module:
         module = ckpt.get("ema") if ckpt.get("ema") is not None else ckpt.get("model")
     if not isinstance(module, nn.Module):
         raise DataError(f"{path}: an Ultralytics checkpoint needs a 'model' or 'ema' module") from None
-    return module
+    return ckpt, module
 
 
 def read_state_dict(path: Path, trust_checkpoint: bool) -> dict[str, torch.Tensor]:
@@ -291,7 +294,7 @@ def read_weights_arch(path: Path, trust_checkpoint: bool
             raise ConfigError(f"model.pretrained: {path} is a pickled checkpoint holding Python objects ({detail}), "
                               "and an Ultralytics .pt runs code when loaded; set model.trust_checkpoint: true if you "
                               "trust it, or give a state dict") from None
-        module = _trusted_module(path)
+        module = _trusted_checkpoint(path)[1]
         names = getattr(module, "names", None)
         names = [str(names[k]) for k in sorted(names)] if isinstance(names, dict) else None
         state = {k: v.float() if v.is_floating_point() else v for k, v in module.state_dict().items()}
@@ -316,13 +319,19 @@ def _pickle_strings(path: Path) -> list[str]:
         return []
 
 
+def _pickled_model(strings: list[str]) -> str | None:
+    """The Ultralytics model class a checkpoint's pickle strings name (``DetectionModel``), else ``None``."""
+    model = next((s.split()[-1] for s in strings if s.startswith("ultralytics.nn.tasks ")), None)
+    if model is None and "ultralytics.nn.tasks" in strings:  # pickle protocol 4: module and name apart
+        model = strings[strings.index("ultralytics.nn.tasks") + 1]
+    return model
+
+
 def explain_file(path: Any) -> str | None:
     """For an Ultralytics checkpoint (e.g. ``runs/detect/train/weights/best.pt``, found without unpickling it):
     the yolo model block that loads it as weights; ``None`` for any other file."""
     strings = _pickle_strings(Path(path))
-    model = next((s.split()[-1] for s in strings if s.startswith("ultralytics.nn.tasks ")), None)
-    if model is None and "ultralytics.nn.tasks" in strings:  # pickle protocol 4: module and name apart
-        model = strings[strings.index("ultralytics.nn.tasks") + 1]
+    model = _pickled_model(strings)
     if model is None:
         return None
     at = strings.index("yaml_file") + 1 if "yaml_file" in strings else len(strings)
@@ -330,6 +339,61 @@ def explain_file(path: Any) -> str | None:
     return (f"it is an Ultralytics checkpoint ({model}): use it as a yolo model's weights, e.g. teacher.model: "
             f"{{name: yolo, cfg: {yaml}, pretrained: {path}, trust_checkpoint: true}} (trained further from them, or "
             "used as they are with teacher.train.iterations: 0)")
+
+
+def _scale_block(path: Path, d: dict[str, Any]) -> dict[str, Any]:
+    """The ``cfg`` (and the scale's ``depth``/``width``/``max_channels``) of a yolo block that builds the network
+    an Ultralytics checkpoint records in its model yaml dict ``d``, at the same scale."""
+    if not d.get("yaml_file"):
+        raise ConfigError(f"{path}: its model records no yaml file; evaluate it with a recipe whose teacher.model is "
+                          f"{{name: yolo, cfg: <its model yaml>, pretrained: {path}, trust_checkpoint: true}}")
+    block: dict[str, Any] = {"cfg": str(d["yaml_file"])}
+    dwm = (d.get("scales") or {}).get(d.get("scale") or "")
+    if dwm:  # the scale's values themselves: a file of ddkit's width/depth ('custom') or of a yaml without a scale
+        block.update(depth=float(dwm[0]), width=float(dwm[1]), max_channels=int(dwm[2]))
+    return block
+
+
+def _train_imgsz(ckpt: dict[str, Any]) -> int | None:
+    """The image size the checkpoint was trained at (its ``train_args``), as a multiple of 32 (Ultralytics rounds it
+    up to the stride); ``None`` when it records none."""
+    imgsz = (ckpt.get("train_args") or {}).get("imgsz")
+    imgsz = max(imgsz) if isinstance(imgsz, (list, tuple)) and imgsz else imgsz
+    return max(32, math.ceil(imgsz / 32) * 32) if isinstance(imgsz, (int, float)) and imgsz > 0 else None
+
+
+def _file_info(path: Path, names: Any, kpt_shape: list[int] | None) -> DatasetInfo:
+    """The dataset info of an Ultralytics checkpoint's classes (ids its class indices) and keypoints, as the yolo
+    dataset makes it of a data yaml without ``flip_idx`` (Ultralytics' OKS sigmas: COCO's for 17, else 1/K)."""
+    names = names if isinstance(names, dict) else dict(enumerate(names or []))
+    categories = [{"id": int(i), "name": str(n)} for i, n in sorted(names.items())]
+    if not kpt_shape:
+        return DatasetInfo(categories, extra={"source": str(path)})
+    k = int(kpt_shape[0])
+    meta = resolve_keypoint_meta(k, str(path), default_sigma=(1.0 / k, " (Ultralytics' 1/K, as yolo val scores it)"))
+    return DatasetInfo(categories, num_keypoints=k, flip_indices=meta.flip_indices, keypoint_sigmas=meta.sigmas,
+                       extra={"source": str(path), **meta.extra})
+
+
+def open_file(path: Any) -> tuple[str, dict[str, Any], DatasetInfo] | None:
+    """For a trusted Ultralytics checkpoint (recognised without unpickling it, then read: this runs its code):
+    ``(ddkit task, yolo block, dataset info)`` that build its network with its weights, classes and keypoints; the
+    block loads the file as ``pretrained``, so its class rows and architecture are checked as for any weights.
+    ``None`` for any other file."""
+    path = Path(path)
+    if _pickled_model(_pickle_strings(path)) is None:
+        return None
+    ckpt, module = _trusted_checkpoint(path)
+    arch = _arch(module)
+    if arch["task"] not in TASKS:
+        raise ConfigError(f"{path}: an Ultralytics {arch['task']} model; the yolo model takes detect and pose models "
+                          "only")
+    block = {"name": "yolo", **_scale_block(path, getattr(module, "yaml", None) or {}), "pretrained": str(path),
+             "trust_checkpoint": True}
+    imgsz = _train_imgsz(ckpt)
+    if imgsz:
+        block["imgsz"] = imgsz
+    return TASKS[arch["task"]], block, _file_info(path, getattr(module, "names", None), arch["kpt_shape"])
 
 
 def _other_arch(path: Path, file: dict[str, Any] | None, net: nn.Module, shapes: list[str]) -> str | None:

@@ -25,6 +25,12 @@ def _explain_file(path: Any) -> str | None:
     return explain_file(path)
 
 
+def _open_file(path: Any) -> Any:
+    from ddkit_ultralytics.build import open_file
+
+    return open_file(path)
+
+
 def _export_hint(source: str) -> str:
     return f"for ultralytics.YOLO() use: ddkit-yolo-export {source} OUT.pt (this file is ddkit's format)"
 
@@ -33,7 +39,8 @@ def _export_hint(source: str) -> str:
 def ddkit_models():
     yield ModelSpec(name="yolo", factory=_build, params=YoloParams, task="detection", also_tasks=("keypoints",),
                     summary="Ultralytics YOLO (v8/11/26 yaml; a -pose cfg for keypoints) with Ultralytics' losses",
-                    examples=(TINY,), explain_file=_explain_file, export_hint=_export_hint)
+                    examples=(TINY,), explain_file=_explain_file, export_hint=_export_hint,
+                    open_file=_open_file)
 
 
 @hookimpl
