@@ -218,6 +218,46 @@ def test_a_model_plugin_explains_a_foreign_file_in_the_checkpoint_refusal(tmp_pa
     assert str(err.value).endswith(PASS_INSTEAD)
 
 
+def test_a_model_plugin_opens_a_foreign_file_only_when_the_user_trusts_it(tmp_path):
+    """``ModelSpec.open_file`` may run code from the file: ``load_model`` asks it only with ``trust_foreign`` (and
+    only for a file that is not a ddkit checkpoint); without, the refusal names the caller's way to trust the file,
+    when the plugin that explains it can open it."""
+    import pickle
+
+    from ddkit.engine.checkpoint import load_model, save_model
+    from ddkit.errors import DataError
+    from ddkit.testing.models import info_for_task
+    from ddkit.types import ModelSpec
+
+    path = tmp_path / "foreign.pt"
+    path.write_bytes(pickle.dumps(Entry, protocol=2))  # a pickled class: weights_only refuses it
+    info = info_for_task("classification")
+    asked = []
+
+    def open_file(p):
+        asked.append(p)
+        return ("classification", {"name": "mlp", "hidden": [4]}, info) if p == path else None
+
+    def registry(**fields):
+        fake = Entry(ModelSpec(name="fake", factory=dict, explain_file=lambda p: f"{p.name} is fake", **fields),
+                     "x", "x")
+        return Registry([*ddkit.get_registry().entries(), fake])
+
+    reg = registry(open_file=open_file)
+    with pytest.raises(DataError, match=r"foreign.pt is fake; or pass --trust it$"):
+        load_model(path, registry=reg, trust_hint="pass --trust it")
+    with pytest.raises(DataError, match=r"foreign.pt is fake$"):  # a caller with no way to trust a file
+        load_model(path, registry=reg)
+    with pytest.raises(DataError, match=r"foreign.pt is fake$"):  # a plugin that only explains the file
+        load_model(path, registry=registry(), trust_hint="pass --trust it", trust_foreign=True)
+    assert asked == []
+    task, model, opened = load_model(path, registry=reg, trust_foreign=True)
+    assert asked == [path] and task.name == "classification" and opened is info and not model.training
+    save_model(model, tmp_path / "model.pt")
+    load_model(tmp_path / "model.pt", registry=reg, trust_foreign=True)  # a ddkit checkpoint: never asked
+    assert asked == [path]
+
+
 def test_a_corrupt_file_is_not_called_a_file_of_python_objects(tmp_path):
     """Random bytes and a cut torch file fail torch's weights-only loader too, but they are damaged files, not
     pickles of classes: the refusal says so (it said "it holds Python objects")."""
