@@ -8,6 +8,8 @@ Weights:
   there by Ultralytics when missing and online. ``pretrained: <path>`` takes a file.
 * An Ultralytics ``.pt`` is a pickle that runs code when loaded: it is read only with ``trust_checkpoint: true``.
   Otherwise the file must be a plain state dict (``torch.load(weights_only=True)``), e.g. ddkit's own checkpoints.
+  :func:`open_file` makes the block (and dataset info) of a trusted ``.pt`` itself, for ``ddkit eval`` / ``ddkit
+  predict --trust-checkpoint``.
 * The class head follows the class names: when an Ultralytics checkpoint names every class of the dataset (COCO's
   ``yolov8n.pt`` for ``person`` and ``dog``), the rows of those classes are taken from it, in the dataset's order.
   Otherwise a class head for another number of classes is skipped with a warning (it starts random). Any other
