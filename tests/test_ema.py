@@ -108,6 +108,12 @@ def test_a_run_killed_after_a_periodic_checkpoint_resumes_to_the_same_average(di
               for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
              for run in ("full", "part")]
     assert evals[0] == evals[1] and [e["iteration"] for e in evals[0]] == [5, 10, 12, 12]  # 12: eval, final
+    # the evaluation at 5 was of the average (the raw weights score otherwise)
+    model = _student(task, digits)
+    model.load_state_dict(average)
+    assert evals[0][0]["eval"] == task.evaluate(model, digits.test, CFG["batch_size"])
+    model.load_state_dict(killed["model"])
+    assert evals[0][0]["eval"] != task.evaluate(model, digits.test, CFG["batch_size"])
 
 
 def test_off_by_default_and_bad_values_are_refused_with_the_key():
