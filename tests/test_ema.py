@@ -74,6 +74,8 @@ def test_the_saved_model_is_the_average_of_every_step(digits, tmp_path, monkeypa
     assert not torch.allclose(saved["classifier.4.weight"], raw[-1]["classifier.4.weight"])
     last = load_checkpoint(tmp_path / "ema" / "checkpoints" / LAST)
     assert all(torch.equal(last["model"][k], v) for k, v in saved.items())
+    first = (tmp_path / "ema" / "train.log").read_text().splitlines()[0]
+    assert first.endswith("; an EMA of the weights (decay 0.9, tau 4)"), first
     # the final evaluation is of the average
     model = load_model(result["model_path"])[1]
     assert result["metrics"] == task.evaluate(model, digits.test, CFG["batch_size"])

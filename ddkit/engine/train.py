@@ -368,8 +368,9 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
                       static={"train_cfg": dataclasses.asdict(cfg), "loss_names": list(names), "recipe": recipe,
                               "inputs": inputs})
     evaluator = EvalHook(runlog, eval_set, cfg.eval_every, cfg.evaluation_batch_size)
+    ema = f"; an EMA of the weights (decay {cfg.ema_decay}, tau {cfg.ema_tau})" if averaging else ""
     describe = (lambda: describe_run(task, student, data.total, cfg.batch_size, world, dev, data.sizes,
-                                     cfg.ratio, names, trainer.start))
+                                     cfg.ratio, names, trainer.start) + ema)
     # the average takes each step before an evaluation or a checkpoint of that step
     trainer.register_hooks([LogHook(runlog, cfg.log_every, progress, describe), *averaging, evaluator,
                             CheckpointHook(runlog, run_dir / "checkpoints", cfg.checkpoint_every),
