@@ -52,8 +52,8 @@ student:
     assert sum(p.numel() for p in model.parameters()) == 64 * 16 + 16 + 16 * 10 + 10
     # model.pt (and the final checkpoint's model) is the EMA of the 40 steps' weights
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
-    assert last["ema"]["updates"] == 40
-    average = {k.removeprefix("module."): v for k, v in last["ema"]["average"].items() if k.startswith("module.")}
+    assert int(last["ema"]["n_averaged"]) == 40
+    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(v, average[k]) and torch.equal(v, last["model"][k]) for k, v in model.state_dict().items())
 
 

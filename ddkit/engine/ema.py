@@ -34,7 +34,6 @@ class EMAHook(HookBase):
 
     def __init__(self, student: nn.Module, decay: float, tau: float):
         self.decay, self.tau = decay, tau
-        self.updates = 0
         self._keep = 0.0
         self.average = AveragedModel(unwrap_model(student), multi_avg_fn=self._lerp, use_buffers=True)
 
@@ -50,10 +49,14 @@ class EMAHook(HookBase):
     def before_train(self) -> None:
         self.trainer.averaged = self.average.module
 
+    @property
+    def updates(self) -> int:
+        """How many steps the average has taken (``AveragedModel``'s count, checkpointed with it)."""
+        return int(self.average.n_averaged)
+
     def after_step(self) -> None:
         self._keep = ema_decay_at(self.updates, self.decay, self.tau)
         self.average.update_parameters(unwrap_model(self.trainer.student))
-        self.updates += 1
 
     def after_train(self) -> None:
         """A complete schedule: the student takes the average's weights (before the final checkpoint and
@@ -63,10 +66,9 @@ class EMAHook(HookBase):
             unwrap_model(t.student).load_state_dict(self.average.module.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "average": self.average.state_dict()}
+        return self.average.state_dict()
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
         """``None``: a checkpoint written without an average (EMA switched on at resume) starts it afresh."""
         if state:
-            self.updates = int(state["updates"])
-            self.average.load_state_dict(state["average"])
+            self.average.load_state_dict(state)
