@@ -52,6 +52,23 @@ def _load_yolo(source: Path, what: str) -> nn.Module:
     return load_model(source)[1]
 
 
+def _data_yaml(model: nn.Module) -> str | None:
+    """The data yaml ``model`` was trained on, for the file's ``train_args.data`` (``YOLO(file).val()`` then
+    validates on it, as on an Ultralytics best.pt, not on its coco8 default): the yolo dataset's yaml, or the one
+    yaml in its folder; ``None`` for other data (a COCO file)."""
+    from ddkit.engine.task import model_info
+
+    try:
+        source = (model_info(model)[1].extra or {}).get("source")
+    except ValueError:  # not built by a ddkit task: its data is unknown
+        return None
+    path = Path(str(source)) if source else None
+    if path is not None and path.is_dir():
+        found = sorted(path.glob("*.yaml")) + sorted(path.glob("*.yml"))
+        path = found[0] if len(found) == 1 else None
+    return str(path) if path is not None and path.suffix in (".yaml", ".yml") and path.is_file() else None
+
+
 def export_ultralytics(model: nn.Module | str | Path, path: str | Path, arg: str = "output") -> Path:
     """Save ``model`` (a ddkit ``yolo`` model, or a ddkit checkpoint / model file of one) for ``ultralytics.YOLO``.
 
@@ -77,6 +94,7 @@ def export_ultralytics(model: nn.Module | str | Path, path: str | Path, arg: str
         p.requires_grad_(False)
     args = dict(vars(net.args)) if hasattr(net.args, "__dict__") else dict(net.args or {})
     args["imgsz"] = int(getattr(model, "imgsz", args.get("imgsz", 640)))
+    args["data"] = _data_yaml(model) or args.get("data")
     ckpt: dict[str, Any] = {"date": datetime.now(timezone.utc).isoformat(), "version": __version__,
                             "epoch": -1, "best_fitness": None, "model": net, "ema": None, "updates": None,
                             "optimizer": None, "train_args": args, "train_metrics": {}, "train_results": {}}

@@ -71,3 +71,19 @@ def test_ddkit_export_of_a_yolo_model_says_how_to_write_the_ultralytics_file(sta
     assert main(["export", str(stage), "-o", str(tmp_path / "m.pt")]) == 0
     out = capsys.readouterr().out
     assert f"for ultralytics.YOLO() use: ddkit-yolo-export {stage} OUT.pt" in out, out
+
+
+def test_the_exported_file_remembers_its_data_yaml_as_a_best_pt_does(stage, tmp_path):
+    """``train_args.data`` is the yaml of the yolo folder the model was trained on (``YOLO(file).val()`` then
+    validates there, not on coco8 by default); a model of other data (a COCO file) records none."""
+    import torch
+
+    from ddkit_ultralytics.export import export_ultralytics
+
+    out = export_ultralytics(stage, tmp_path / "best.pt")
+    assert torch.load(out, weights_only=False)["train_args"]["data"] == str(DATA / "coco8" / "coco8.yaml")
+    coco = ddkit.build("datasets", {"name": "coco", "annotations": str(DATA / "coco-val2017-mini" / "test_coco.json")})
+    model = ddkit.build("tasks", {"name": "detection"}).build_model(TINY, coco.info)
+    out = export_ultralytics(model, tmp_path / "coco.pt")
+    assert torch.load(out, weights_only=False)["train_args"]["data"] is None
+
