@@ -136,9 +136,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; SYNTHETIC shapes, 300 test images\n")
     print("| seed | ddkit AP | AP50 | AP75 | time s | Ultralytics AP | AP50 | AP75 | time s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    cells = lambda m, seconds: " | ".join([*(f"{100 * m[k]:.1f}" for k in ("AP", "AP50", "AP75")), f"{seconds:.0f}"])
     for seed, ours, ours_s, theirs, theirs_s in rows:
-        print(f"| {seed} | {100 * ours['AP']:.1f} | {100 * ours['AP50']:.1f} | {100 * ours['AP75']:.1f} | {ours_s:.0f} "
-              f"| {100 * theirs['AP']:.1f} | {100 * theirs['AP50']:.1f} | {100 * theirs['AP75']:.1f} | {theirs_s:.0f} |")
+        print(f"| {seed} | {cells(ours, ours_s)} | {cells(theirs, theirs_s)} |")
     if len(rows) > 1:
         mean = lambda side: statistics.mean(100 * r[side]["AP"] for r in rows)
         print(f"\nmean AP: ddkit {mean(1):.1f}, Ultralytics {mean(3):.1f}")

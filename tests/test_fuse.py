@@ -623,3 +623,14 @@ def test_gt_keypoints_boxes_only_inputs_and_unknown_keypoint_names(tmp_path, cap
     report = json.loads((tmp_path / "f.eval.json").read_text())
     assert report["keypoint_sigmas"] == [DEFAULT_SIGMA] * 17 and report["keypoint_metrics"][str(a)]["AP"] == 1.0
     assert "OKS sigmas unknown for these 17 keypoints" in caplog.text and "flip" not in caplog.text
+
+
+def test_the_ground_truths_keypoints_are_those_of_its_first_category_by_id_as_datasets_read_them():
+    """``fuse --gt`` takes the keypoint names (and so the sigmas) from the category a COCO dataset takes them from
+    (:attr:`CocoFile.keypoint_names`: the first by id), not the first in file order."""
+    from ddkit.commands.fuse import gt_keypoint_sigmas
+
+    gt = {"categories": [{"id": 2, "name": "b", "keypoints": ["x", "y", "z"]},
+                         {"id": 1, "name": "a", "keypoints": [f"k{i}" for i in range(5)]}]}
+    assert len(gt_keypoint_sigmas(gt, "gt.json")) == 5
+    assert gt_keypoint_sigmas({"categories": [{"id": 1, "name": "a"}]}, "gt.json") is None

@@ -144,15 +144,16 @@ KEYPOINT_TABLE_KEYS = ("AP", "AP50", "AP75", "APm", "APl", "AR@20")
 
 
 def gt_keypoint_sigmas(gt: dict, where: str) -> list[float] | None:
-    """OKS sigmas of the ground truth's keypoints: those of the first category defining ``keypoints`` (COCO
+    """OKS sigmas of the ground truth's keypoints: those of the first category (by id) defining ``keypoints`` (COCO
     ``categories[].keypoints``), resolved from their names as datasets do (COCO's 17 by name, else a default with
     a warning); None when no category defines keypoints."""
+    from ddkit.engine.coco_file import keypoint_category
     from ddkit.engine.keypoint_meta import resolve_keypoint_meta
 
-    names = next((c["keypoints"] for c in gt.get("categories", [])
-                  if isinstance(c, dict) and isinstance(c.get("keypoints"), list) and c["keypoints"]), None)
-    if names is None:
+    category = keypoint_category(gt.get("categories", []))
+    if category is None:
         return None
+    names = category["keypoints"]
     k = len(names)
     # scoring needs no flip pairs: the identity keeps resolve_keypoint_meta from warning about them
     return resolve_keypoint_meta(k, where, names=[str(n) for n in names], flip_indices=list(range(k))).sigmas

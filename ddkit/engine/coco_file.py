@@ -120,7 +120,13 @@ class CocoFile:
         return None if cat is None or not cat.get("skeleton") else [[a - 1, b - 1] for a, b in cat["skeleton"]]
 
     def _keypoint_category(self) -> dict[str, Any] | None:
-        return next((c for c in sorted(self.categories, key=lambda c: c["id"]) if c.get("keypoints")), None)
+        return keypoint_category(self.categories)
+
+
+def keypoint_category(categories: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first category (by id) that lists ``keypoints`` names, else ``None``."""
+    listing = [c for c in categories if isinstance(c, dict) and isinstance(c.get("keypoints"), list) and c["keypoints"]]
+    return min(listing, key=lambda c: c["id"], default=None)
 
 
 def load_json(path: Path) -> Any:

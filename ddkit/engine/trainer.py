@@ -69,8 +69,8 @@ def deferred_interrupt(ddp: bool = False, announce: bool = True) -> Iterator[Cal
     (:class:`StopAgreement`); a repeat of the request (:func:`_same_request`: the launcher's forwarded signal) does
     not stop at once, and the request is named by the largest of its signals (SIGTERM over SIGINT), as the ranks'
     agreement names it: two signals sent at once can run their handlers in either order (one nested in the other's),
-    so the first one handled is not the first one sent. Only ``announce`` (rank 0) prints the message. Off outside the main thread, where no signal handler
-    can be set. The previous handlers are restored on exit."""
+    so the first one handled is not the first one sent. Only ``announce`` (rank 0) prints the message. Off outside
+    the main thread, where no signal handler can be set. The previous handlers are restored on exit."""
     if threading.current_thread() is not threading.main_thread():
         yield lambda: None
         return
