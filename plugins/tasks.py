@@ -122,6 +122,7 @@ class ClassificationTask(_BaseTask):
     prediction_type = "probs"
     model_tasks = ("classification",)
     supports_translate = True  # whole-pixel shifts keep a digit's label
+    trains_on_unlabeled = True  # its loss can leave unlabeled items out (a KD transfer set)
     headline = "error %"
     higher_is_better = False
 
@@ -146,11 +147,19 @@ class ClassificationTask(_BaseTask):
         return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
     def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> TrainOutputs:
+        """The cross-entropy over the items with a label; the items of a KD transfer set's unlabeled part
+        (``target["unlabeled"]``) reach only the loss terms that read the teacher (0 where a batch has none)."""
         labels = batch["labels"]
-        if bool((labels < 0).any()):
+        known = labels >= 0
+        if bool(known.all()):
+            logits = model(batch["images"])
+            return TrainOutputs({"ce": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}, logits)
+        if any(not (k or t.get("unlabeled")) for t, k in zip(batch["targets"], known.tolist())):
             raise DataError("a training batch has samples without a 'label' (unlabeled data needs pseudo-labels)")
         logits = model(batch["images"])
-        return TrainOutputs({"ce": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}, logits)
+        ce = (F.cross_entropy(logits[known], labels[known], label_smoothing=self.label_smoothing) if bool(known.any())
+              else logits.sum() * 0.0)
+        return TrainOutputs({"ce": ce}, logits)
 
     def feature_forward(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return model(batch["images"])

@@ -89,6 +89,26 @@ class HiddenLabels(Dataset):
         return self._hide(get_target(self.ground_truth, i))
 
 
+class TransferOnly(Dataset):
+    """An unlabeled part as part of a KD transfer set (Hinton et al. 2015): its items, labels hidden, each target
+    marked ``unlabeled: True`` so that a task whose native loss can leave them out (``trains_on_unlabeled``) does,
+    and only the loss terms that read the teacher learn from them."""
+
+    def __init__(self, dataset: HiddenLabels):
+        self.dataset = dataset
+        self.info = get_info(dataset)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, target = self.dataset[i]
+        return image, {**target, "unlabeled": True}
+
+    def get_target(self, i: int) -> dict[str, Any]:
+        return {**get_target(self.dataset, i), "unlabeled": True}
+
+
 class ConcatDataset(Dataset):
     """Several datasets of one task back to back (labeled first); ``.info`` is the first one's."""
 

@@ -22,7 +22,9 @@ from ddkit.registry import Registry, _to_plain, check_keys, parse_section
 
 __all__ = ["RunConfig", "load_recipe", "validate_recipe", "with_defaults"]
 
-KD_VARIANT_KEYS = ("model", "train", "losses")
+KD_VARIANT_KEYS = ("model", "train", "losses", "transfer_set")
+# the data parts a KD variant may distil on (Hinton et al.'s transfer set): the labeled part, and the unlabeled one
+TRANSFER_PARTS = ("labeled", "unlabeled")
 
 
 @dataclass
@@ -91,6 +93,18 @@ def _kd(block: Any, where: str) -> None:
             raise ConfigError(f"{where}.variants: the name {name!r} has a '.'; use letters, digits and '_'")
         check_keys(variant or {}, KD_VARIANT_KEYS, f"{where}.variants.{name}")
         parse_train_config((variant or {}).get("train"), where=f"{where}.variants.{name}.train")
+        _transfer_set((variant or {}).get("transfer_set"), f"{where}.variants.{name}.transfer_set")
+
+
+def _transfer_set(parts: Any, where: str) -> None:
+    """``transfer_set``: the labeled part alone (the default), or with the unlabeled part (each once)."""
+    if parts is None:
+        return
+    ok = (isinstance(parts, list) and all(isinstance(p, str) and p in TRANSFER_PARTS for p in parts)
+          and "labeled" in parts and len(set(parts)) == len(parts))
+    if not ok:
+        raise ConfigError(f"{where}: {parts!r} is not a list of data parts with 'labeled' in it; the parts are "
+                          f"{', '.join(TRANSFER_PARTS)} (e.g. [labeled, unlabeled])")
 
 
 # section -> its check; ``task`` and ``data`` are strategy blocks / data blocks checked elsewhere

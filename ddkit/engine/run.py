@@ -46,7 +46,7 @@ from ddkit.engine.as_built import check_as_built
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.environment import save_environment
-from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, build_data, item_file,
+from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, TransferOnly, build_data, item_file,
                               label_overlap_warnings)
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
@@ -201,6 +201,7 @@ class Runner:
                               f"unlabeled images are made in memory (no files); use format: coco")
         self._check_ddp_batches()
         self._check_train_flips()
+        self._check_transfer_sets()
         self._check_loss_terms(self._build_models())
         self._warn_student_is_teacher()
 
@@ -234,6 +235,23 @@ class Runner:
             raise ConfigError(f"{self.source}: student.train.ratio {list(ratio)} never samples the pseudo-labels: "
                               f"the student would train on the labeled part alone; give them a share (e.g. [6, 4])")
         return not (files or item_file(self.splits.unlabeled, 0))
+
+    def _check_transfer_sets(self) -> None:
+        """A KD variant that distils on the unlabeled part too: that part exists, the task's native loss can leave
+        its items out (asked of the task: ``trains_on_unlabeled``), and a loss term reads the teacher on them."""
+        for variant in self.kd.get("variants") or {}:
+            if "unlabeled" not in self._transfer_parts(variant):
+                continue
+            where = f"{self.source}: kd.variants.{variant}.transfer_set"
+            if self.splits.unlabeled is None or not len(self.splits.unlabeled):
+                raise ConfigError(f"{where} names the unlabeled part, but the data has none; give "
+                                  f"data.split.unlabeled a fraction (or data.unlabeled a dataset)")
+            if not getattr(self.task, "trains_on_unlabeled", False):
+                raise ConfigError(f"{where}: the {self.task.name} task's loss cannot leave out images without labels "
+                                  f"(it would read them as having none); distil on [labeled]")
+            if not self._reads_teacher(self._kd_variant(variant)[1]):
+                raise ConfigError(f"{where}: no loss term of the variant reads the teacher, so the unlabeled images "
+                                  f"would teach nothing; add one (e.g. soft_target) or distil on [labeled]")
 
     def _check_readable(self, source: Any, field: str) -> None:
         """Unlabeled image files that cannot be read at all, found before the teacher trains: up to
@@ -880,10 +898,19 @@ class Runner:
         return (v.get("model") or s["model"], v.get("losses") or [{"name": "hard_label"}],
                 {**(s.get("train") or {}), **(v.get("train") or {})})
 
+    def _transfer_parts(self, variant: str) -> list[str]:
+        return list(((self.kd.get("variants") or {})[variant] or {}).get("transfer_set") or ["labeled"])
+
     def _kd(self, variant: str) -> dict[str, Any]:
+        """A KD variant trained on its transfer set: the labeled part, and the unlabeled part where it names it
+        (each image drawn as often as a labeled one unless ``train.ratio`` says otherwise)."""
         model, losses, train = self._kd_variant(variant)
-        return self._train(f"kd_{variant}", model, train, [self.splits.labeled], losses,
-                           teacher=self._teacher_for(losses, train))
+        sets = [self.splits.labeled]
+        if "unlabeled" in self._transfer_parts(variant):  # the student's own ratio is labeled : pseudo-labeled
+            sets.append(TransferOnly(self.splits.unlabeled))
+            own = (((self.kd.get("variants") or {})[variant] or {}).get("train") or {}).get("ratio")
+            train = {**train, "ratio": own or [len(s) for s in sets]}
+        return self._train(f"kd_{variant}", model, train, sets, losses, teacher=self._teacher_for(losses, train))
 
     def _tta(self, stage: str) -> dict[str, Any]:
         """Evaluate a stage's model on the test part with the multi-transform ensemble, beside one view."""

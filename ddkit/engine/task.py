@@ -110,6 +110,9 @@ class Task(Protocol):
       ``dataset.info`` (``nan`` where a class has no item), printed and saved by ``ddkit eval``;
     * ``chance_level(info) -> float``: the headline value of a model that learnt nothing; a teacher within 2 points
       of it is a warning atop the run's results.
+    * ``trains_on_unlabeled`` (attribute, default ``False``): :meth:`training_forward` leaves out of the native loss
+      the items whose target says ``unlabeled: True`` (a KD variant's ``transfer_set`` with the unlabeled part);
+      a detector's loss, which would read an image without boxes as background, does not.
     """
 
     name: str
