@@ -47,11 +47,20 @@ def run(recipe: str, seed: int, overrides: list[str]) -> dict:
     return result
 
 
+def recipe_split(key: str) -> list[float]:
+    """The recipe's ``data.split`` fractions ``[labeled, unlabeled, test]``."""
+    from ddkit.config import load_config
+
+    split = load_config(REPO / RECIPES[key]).data.split
+    return [float(split.get(k, 0.0)) for k in ("labeled", "unlabeled", "test")]
+
+
 def run_plain(key: str, seed: int) -> dict:
-    """The plain script's JSON line for ``seed``, kept in ``runs/plain_<script>/seed<k>.json`` (re-used if there and
-    it records the per-digit mistakes, which older versions of the scripts did not)."""
+    """The plain script's JSON line for ``seed``, kept in ``runs/plain_<script>/seed<k>.json`` (re-used if there, on
+    the recipe's split, with the per-digit mistakes, which older versions of the scripts did not record)."""
     saved = REPO / "runs" / f"{Path(PLAIN[key]).stem}" / f"seed{seed}.json"
-    if not saved.is_file() or "wrong" not in json.loads(saved.read_text()):
+    old = json.loads(saved.read_text()) if saved.is_file() else {}
+    if "wrong" not in old or old.get("split") != recipe_split(key):
         out = subprocess.run([sys.executable, PLAIN[key], "--seed", str(seed)], cwd=REPO, check=True,
                              capture_output=True, text=True).stdout
         saved.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +138,7 @@ def model_mistakes(res: dict, stages: dict[str, str], fractions: list[float], se
 def ddkit_mistakes(res: dict, seed: int) -> dict[str, torch.Tensor]:
     """Each ddkit model's mistakes on the test digits of ``seed``'s split."""
     stages = {"teacher": "teacher", "student": final_student(res), "full": "baseline_full"}
-    return model_mistakes(res, stages, [0.08, 0.72, 0.2], seed)
+    return model_mistakes(res, stages, recipe_split("dd"), seed)
 
 
 def cut_noise(alone: torch.Tensor, kd: torch.Tensor) -> float:
@@ -186,7 +195,7 @@ def kd_side_by_side(seeds: list[int], ours: list[dict], plain: list[dict]) -> st
     for seed, res, p in zip(seeds, ours, plain):
         kd = error_of(res, "kd_soft_target")
         alone = error_of(res, "kd_alone")
-        wrong = model_mistakes(res, {"alone": "kd_alone", "kd": "kd_soft_target"}, [0.8, 0.0, 0.2], seed)
+        wrong = model_mistakes(res, {"alone": "kd_alone", "kd": "kd_soft_target"}, recipe_split("kd"), seed)
         lines.append(f"| {seed} ddkit | {error_of(res, 'teacher'):.1f} | {alone:.1f} | {kd:.1f} | "
                      f"{100 * (alone - kd) / alone:.0f} ({cut_noise(wrong['alone'], wrong['kd']):.0f}) | "
                      f"{res['stage_seconds']['kd_soft_target']:.0f} |")

