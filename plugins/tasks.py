@@ -151,14 +151,16 @@ class ClassificationTask(_BaseTask):
         (``target["unlabeled"]``) reach only the loss terms that read the teacher (0 where a batch has none)."""
         labels = batch["labels"]
         known = labels >= 0
-        if bool(known.all()):
-            logits = model(batch["images"])
-            return TrainOutputs({"ce": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}, logits)
-        if any(not (k or t.get("unlabeled")) for t, k in zip(batch["targets"], known.tolist())):
+        every = bool(known.all())
+        if not every and any(not (k or t.get("unlabeled")) for t, k in zip(batch["targets"], known.tolist())):
             raise DataError("a training batch has samples without a 'label' (unlabeled data needs pseudo-labels)")
         logits = model(batch["images"])
-        ce = (F.cross_entropy(logits[known], labels[known], label_smoothing=self.label_smoothing) if bool(known.any())
-              else logits.sum() * 0.0)
+        if every:
+            ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        elif bool(known.any()):
+            ce = F.cross_entropy(logits[known], labels[known], label_smoothing=self.label_smoothing)
+        else:
+            ce = logits.sum() * 0.0
         return TrainOutputs({"ce": ce}, logits)
 
     def feature_forward(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:

@@ -894,21 +894,24 @@ class Runner:
 
     def _kd_variant(self, variant: str) -> tuple[Any, list[Any], dict[str, Any]]:
         """A KD variant's ``(model, loss terms, train block)``: the student's, updated by the variant's own."""
-        v, s = (self.kd.get("variants") or {})[variant] or {}, self._student_like()
+        v, s = self._variant_block(variant), self._student_like()
         return (v.get("model") or s["model"], v.get("losses") or [{"name": "hard_label"}],
                 {**(s.get("train") or {}), **(v.get("train") or {})})
 
+    def _variant_block(self, variant: str) -> dict[str, Any]:
+        return (self.kd.get("variants") or {})[variant] or {}
+
     def _transfer_parts(self, variant: str) -> list[str]:
-        return list(((self.kd.get("variants") or {})[variant] or {}).get("transfer_set") or ["labeled"])
+        return list(self._variant_block(variant).get("transfer_set") or ["labeled"])
 
     def _kd(self, variant: str) -> dict[str, Any]:
         """A KD variant trained on its transfer set: the labeled part, and the unlabeled part where it names it
-        (each image drawn as often as a labeled one unless ``train.ratio`` says otherwise)."""
+        (each image drawn equally often unless the variant's own ``train.ratio`` says otherwise)."""
         model, losses, train = self._kd_variant(variant)
         sets = [self.splits.labeled]
         if "unlabeled" in self._transfer_parts(variant):  # the student's own ratio is labeled : pseudo-labeled
             sets.append(TransferOnly(self.splits.unlabeled))
-            own = (((self.kd.get("variants") or {})[variant] or {}).get("train") or {}).get("ratio")
+            own = (self._variant_block(variant).get("train") or {}).get("ratio")
             train = {**train, "ratio": own or [len(s) for s in sets]}
         return self._train(f"kd_{variant}", model, train, sets, losses, teacher=self._teacher_for(losses, train))
 
