@@ -505,12 +505,13 @@ class ImageFolderParams:
 
 
 def _class_folders(base: Path) -> list[str]:
-    """The class names under ``base``: its sub-folders, sorted, hidden ones (``.ipynb_checkpoints``) left out."""
+    """The class names under ``base``: its sub-folders, sorted, hidden ones (``.ipynb_checkpoints``) left out; none
+    for a folder of images alone (unlabeled images)."""
     if not base.is_dir():
         raise DataError(f"root {base}: no such folder")
     classes = sorted(d.name for d in base.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise DataError(f"root {base}: no class sub-folders (one folder of images per class)")
+    if not classes and not any(f.suffix.lower() in IMAGE_EXTS and f.is_file() for f in base.iterdir()):
+        raise DataError(f"root {base}: no class sub-folders (one folder of images per class) and no images")
     return classes
 
 
@@ -547,6 +548,7 @@ def _first_size(files: list[Path], base: Path) -> list[int]:
 class ImageFolder(_TargetsDataset):
     """``root/<class name>/*.png``: one folder per class (hidden folders left out, an empty one refused), class
     ids ``0..C-1`` in sorted folder order; a recipe's test folder is matched to its train folder by class name.
+    ``root/*.png`` without sub-folders: unlabeled images (no ``label``, no categories), for a recipe's unlabeled part.
     Images are resized to ``image_size`` ``[H, W]`` (default: the first image's size, a warning when sizes differ)
     so that they batch, and made grey with ``grayscale``; both are declared as ``info.extra["image_shape"]`` and
     applied by ``adapt_image``. A recipe's test and unlabeled folders get the train folder's (:func:`_read_at`)."""
@@ -560,6 +562,9 @@ class ImageFolder(_TargetsDataset):
             for f in _class_images(base / name):
                 self.targets.append({"image_id": len(self.files), "label": cid})
                 self.files.append(f)
+        if not classes:  # a folder of images alone: unlabeled
+            self.files = _class_images(base)
+            self.targets = [{"image_id": i} for i in range(len(self.files))]
         self.grayscale = grayscale
         self._drop_unreadable(check_images, str(base))
         if not self.files:

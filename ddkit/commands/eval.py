@@ -212,7 +212,7 @@ def _no_items(spec: str, block: dict[str, Any]) -> str:
 def _dataset(args: argparse.Namespace, cfg: Any, source: str | None, shape: Any = None) -> tuple[Any, str]:
     """The items to evaluate: ``--data``, else the recipe's split; a fixed-size model's images read at its input
     ``shape`` ``[C, H, W]``, once (an image folder is not first resized to its first image's size)."""
-    from ddkit.engine.data import build_at_shape, build_data, fit_shape
+    from ddkit.engine.data import build_at_shape, build_data, check_labeled, fit_shape
     from ddkit.engine.evaluate import dataset_block
     from ddkit.plugin_manager import get_registry
 
@@ -221,6 +221,7 @@ def _dataset(args: argparse.Namespace, cfg: Any, source: str | None, shape: Any 
         dataset, _ = build_at_shape(get_registry(), block, shape, "--data", whose="the model's")
         if len(dataset) == 0:  # a table of zeros would read as a measured result
             raise ConfigError(_no_items(args.data, block))
+        check_labeled(dataset, f"--data {args.data}")
         return dataset, json.dumps(block)
     if cfg is None:
         raise ConfigError(f"{args.target}: a checkpoint alone has no data; pass --data (a COCO .json, a YOLO "

@@ -92,11 +92,12 @@ class HiddenLabels(Dataset):
 class TransferOnly(Dataset):
     """An unlabeled part as part of a KD transfer set (Hinton et al. 2015): its items, labels hidden, each target
     marked ``unlabeled: True`` so that a task whose native loss can leave them out (``trains_on_unlabeled``) does,
-    and only the loss terms that read the teacher learn from them."""
+    and only the loss terms that read the teacher learn from them. ``info``: the training part's (a folder of images
+    alone names no classes)."""
 
-    def __init__(self, dataset: HiddenLabels):
+    def __init__(self, dataset: HiddenLabels, info: DatasetInfo):
         self.dataset = dataset
-        self.info = get_info(dataset)
+        self.info = info
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -233,6 +234,18 @@ def _used_ids(dataset: Any) -> set[int]:
 def has_instance_labels(dataset: Any) -> bool:
     """Whether the dataset's targets carry instance class ids (``labels``: detection, keypoints)."""
     return len(dataset) > 0 and "labels" in get_target(dataset, 0)
+
+
+def has_labels(dataset: Any) -> bool:
+    """Whether the dataset's targets carry labels: a class label, or instances (``labels``, even none)."""
+    return is_classification(dataset) or has_instance_labels(dataset)
+
+
+def check_labeled(dataset: Any, where: str) -> None:
+    """A part that trains or scores needs labels (:func:`has_labels`)."""
+    if len(dataset) and not has_labels(dataset):
+        raise ConfigError(f"{where} ({_source(dataset)}): its images have no labels (a folder without class "
+                          f"sub-folders?); give it labeled data, or make it the unlabeled part (data.unlabeled)")
 
 
 def _source(dataset: Any) -> str:
@@ -416,17 +429,21 @@ def build_data(data_cfg: Mapping[str, Any], registry: Any = None, where: str = "
         p = parse_section(SplitParams, cfg.get("split") or {}, f"{where}.split")  # before reading any data
         dataset = build_dataset(registry, cfg["dataset"], f"{where}.dataset")
         _check_not_empty(dataset, f"{where}.dataset")
+        check_labeled(dataset, f"{where}.dataset")
         splits = split_dataset(dataset, p.labeled, p.unlabeled, p.test, p.seed, p.stratify)
         splits.warnings += skipped_warning(dataset, f"{where}.dataset")
         return splits
     blocks = _part_blocks(cfg, where)
     parts = {"train": build_dataset(registry, blocks["train"], f"{where}.train.dataset")}
     _check_not_empty(parts["train"], f"{where}.train.dataset")
+    check_labeled(parts["train"], f"{where}.train.dataset")
     info, notes = get_info(parts["train"]), skipped_warning(parts["train"], f"{where}.train.dataset")
     for key in ("unlabeled", "test"):  # read as the train images are: the model's input shape, its class ids
         if key in blocks:
             part, note = build_at_shape(registry, blocks[key], image_shape(parts["train"]), f"{where}.{key}.dataset")
             _check_not_empty(part, f"{where}.{key}.dataset")
+            if key == "test":
+                check_labeled(part, f"{where}.test.dataset")
             notes += skipped_warning(part, f"{where}.{key}.dataset")  # before a class view takes the train info
             train_src = f"{where}.train.dataset ({_source(parts['train'])})"
             match_keypoints(part, info, f"{where}.{key}.dataset", train_src)

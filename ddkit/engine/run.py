@@ -46,7 +46,7 @@ from ddkit.engine.as_built import check_as_built
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.environment import save_environment
-from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, TransferOnly, build_data, item_file,
+from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, TransferOnly, build_data, has_labels, item_file,
                               label_overlap_warnings)
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
@@ -202,6 +202,7 @@ class Runner:
         self._check_ddp_batches()
         self._check_train_flips()
         self._check_transfer_sets()
+        self._check_upper_bound()
         self._check_loss_terms(self._build_models())
         self._warn_student_is_teacher()
 
@@ -252,6 +253,15 @@ class Runner:
             if not self._reads_teacher(self._kd_variant(variant)[1]):
                 raise ConfigError(f"{where}: no loss term of the variant reads the teacher, so the unlabeled images "
                                   f"would teach nothing; add one (e.g. soft_target) or distil on [labeled]")
+
+    def _check_upper_bound(self) -> None:
+        """``baselines.fully_labeled`` trains on the unlabeled part's hidden labels: a part without any (a folder of
+        images alone) is refused now, not after the teacher and the students trained."""
+        truth = getattr(self.splits.unlabeled, "ground_truth", None)
+        if self.baselines.get("fully_labeled") and (truth is None or not has_labels(truth)):
+            raise ConfigError(f"{self.source}: baselines.fully_labeled trains on the unlabeled part's hidden labels, "
+                              f"but {'it has none' if truth is not None else 'the data has no unlabeled part'}; "
+                              f"set it to false")
 
     def _check_readable(self, source: Any, field: str) -> None:
         """Unlabeled image files that cannot be read at all, found before the teacher trains: up to
@@ -883,8 +893,6 @@ class Runner:
 
     def _baseline_full(self) -> dict[str, Any]:
         """The upper bound: the unlabeled part with its true labels, as many iterations as the student."""
-        if self.splits.unlabeled is None:
-            raise ConfigError(f"{self.source}: baselines.fully_labeled needs an unlabeled part with hidden labels")
         s = self._student_like()
         tcfg = parse_train_config(s.get("train"))
         full = ConcatDataset([self.splits.labeled, self.splits.unlabeled.ground_truth])
@@ -910,7 +918,7 @@ class Runner:
         model, losses, train = self._kd_variant(variant)
         sets = [self.splits.labeled]
         if "unlabeled" in self._transfer_parts(variant):  # the student's own ratio is labeled : pseudo-labeled
-            sets.append(TransferOnly(self.splits.unlabeled))
+            sets.append(TransferOnly(self.splits.unlabeled, self.splits.info))
             own = (self._variant_block(variant).get("train") or {}).get("ratio")
             train = {**train, "ratio": own or [len(s) for s in sets]}
         return self._train(f"kd_{variant}", model, train, sets, losses, teacher=self._teacher_for(losses, train))
