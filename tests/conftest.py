@@ -45,3 +45,20 @@ def with_example_plugin(example_plugin_path, monkeypatch):
     yield example_plugin_path
     for name in [m for m in sys.modules if m.startswith("ddkit_example_plugin")]:
         del sys.modules[name]
+
+
+@pytest.fixture
+def train_calls(monkeypatch) -> dict[str, tuple[list, dict]]:
+    """What ``ddkit run`` gives each stage's training, filled as the stages run: ``{stage folder name: (train sets,
+    train block)}``; the training itself runs as it would."""
+    from ddkit.engine import run as run_module
+
+    seen: dict[str, tuple[list, dict]] = {}
+    real = run_module.train_model
+
+    def recording(task, model, train_sets, cfg_train, run_dir, **kw):
+        seen[Path(run_dir).name] = (list(train_sets), dict(cfg_train))
+        return real(task, model, train_sets, cfg_train, run_dir, **kw)
+
+    monkeypatch.setattr(run_module, "train_model", recording)
+    return seen

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from ddkit import ConfigError, DataError
 from ddkit.config import load_config
-from ddkit.engine import run as run_module
 from ddkit.engine.data import TransferOnly
 from ddkit.engine.run import Runner, run_recipe
 from ddkit.plugin_manager import get_registry
@@ -83,39 +82,23 @@ def test_an_item_without_a_label_outside_a_transfer_set_is_still_refused(task):
         task.training_forward(model, _batch(task, [3, -1, -1], [False, True, False]))
 
 
-def test_a_transfer_variant_trains_on_both_parts_each_item_equally_often(recipe, monkeypatch):
+def test_a_transfer_variant_trains_on_both_parts_each_item_equally_often(recipe, train_calls):
     """The variant gets the labeled part and the unlabeled one (marked), mixed by their sizes (not the student's
     labeled : pseudo ratio); the labeled-only variants get the labeled part alone. The run finishes."""
-    seen: dict[str, tuple[list, dict]] = {}
-    real = run_module.train_model
-
-    def recording(task, model, train_sets, cfg_train, run_dir, **kw):
-        seen[Path(run_dir).name] = (list(train_sets), dict(cfg_train))
-        return real(task, model, train_sets, cfg_train, run_dir, **kw)
-
-    monkeypatch.setattr(run_module, "train_model", recording)
     summary = run_recipe(load_config(recipe), source=str(recipe), progress=False)
-    sets, train = seen["kd_transfer"]
+    sets, train = train_calls["kd_transfer"]
     assert len(sets) == 2 and isinstance(sets[1], TransferOnly)
     assert all(sets[1].get_target(i).get("unlabeled") and "label" not in sets[1].get_target(i)
                for i in range(len(sets[1])))
     assert train["ratio"] == [len(sets[0]), len(sets[1])] and len(sets[1]) > 4 * len(sets[0])
-    assert [len(seen[v][0]) for v in ("kd_alone", "kd_labeled")] == [1, 1]
+    assert [len(train_calls[v][0]) for v in ("kd_alone", "kd_labeled")] == [1, 1]
     assert {r["stage"] for r in summary["rows"]} >= {"kd_alone", "kd_labeled", "kd_transfer"}
 
 
-def test_a_transfer_variant_takes_its_own_ratio(recipe, monkeypatch):
-    seen = {}
-    real = run_module.train_model
-
-    def recording(task, model, train_sets, cfg_train, run_dir, **kw):
-        seen[Path(run_dir).name] = dict(cfg_train)
-        return real(task, model, train_sets, cfg_train, run_dir, **kw)
-
-    monkeypatch.setattr(run_module, "train_model", recording)
+def test_a_transfer_variant_takes_its_own_ratio(recipe, train_calls):
     run_recipe(load_config(recipe, ["kd.variants.transfer.train.ratio=[1, 1]", "kd.variants.alone=null",
                                     "kd.variants.labeled=null"]), source=str(recipe), progress=False)
-    assert seen["kd_transfer"]["ratio"] == [1, 1]
+    assert train_calls["kd_transfer"][1]["ratio"] == [1, 1]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,7 +11,6 @@ from PIL import Image
 
 from ddkit import ConfigError
 from ddkit.config import load_config
-from ddkit.engine import run as run_module
 from ddkit.engine.run import Runner, run_recipe
 from ddkit.plugin_manager import get_registry
 
@@ -77,17 +76,9 @@ def test_a_folder_of_images_alone_reads_as_unlabeled_images(folders):
     assert "label" not in target and tuple(image.shape) == (3, 16, 16)
 
 
-def test_a_kd_transfer_set_distils_on_a_folder_of_unlabeled_images(recipe, monkeypatch):
-    seen = {}
-    real = run_module.train_model
-
-    def recording(task, model, train_sets, cfg_train, run_dir, **kw):
-        seen[Path(run_dir).name] = list(train_sets)
-        return real(task, model, train_sets, cfg_train, run_dir, **kw)
-
-    monkeypatch.setattr(run_module, "train_model", recording)
+def test_a_kd_transfer_set_distils_on_a_folder_of_unlabeled_images(recipe, train_calls):
     summary = run_recipe(load_config(recipe), source=str(recipe), progress=False)
-    labeled, unlabeled = seen["kd_transfer"]
+    labeled, unlabeled = train_calls["kd_transfer"][0]
     assert len(labeled) == 12 and len(unlabeled) == 12
     assert tuple(unlabeled[0][0].shape) == (3, 12, 12)  # read at the train images' size, the model's input
     assert {r["stage"] for r in summary["rows"]} >= {"teacher", "kd_alone", "kd_transfer"}
