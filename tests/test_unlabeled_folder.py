@@ -115,3 +115,31 @@ def test_data_distillation_labels_a_folder_of_unlabeled_images(recipe):
     assert {r["stage"] for r in summary["rows"]} >= {"teacher", "student"}
     selected = json.loads((Path(summary["run_dir"]) / "label" / "summary.json").read_text())
     assert selected["pseudo_labels"] > 0
+
+
+def test_an_upper_bound_on_a_coco_file_without_one_annotation_is_refused(tmp_path):
+    """Its images have ``labels`` (none each): the fully labeled baseline would train on all of them as background."""
+    mini = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-val2017-mini"
+    coco = json.loads((mini / "test_coco.json").read_text())
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({**coco, "annotations": []}))
+    coco8 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco8"
+    recipe = tmp_path / "det.yaml"
+    recipe.write_text(f"""
+run: {{name: det, out_dir: "{tmp_path / 'out'}", seed: 0, device: cpu}}
+task: {{name: detection}}
+data:
+  train: {{dataset: {{name: yolo, root: "{coco8}", split: train}}}}
+  unlabeled: {{dataset: {{name: coco, annotations: "{bare}", images: "{mini}"}}}}
+  test: {{dataset: {{name: yolo, root: "{coco8}", split: val}}}}
+teacher: {{model: {{name: fasterrcnn, backbone: mobilenet_v3_large}}, train: {{iterations: 1, batch_size: 2}}}}
+student: {{model: {{name: fasterrcnn, backbone: mobilenet_v3_large}}, train: {{iterations: 1, batch_size: 2}}}}
+baselines: {{fully_labeled: true}}
+""")
+    with pytest.raises(ConfigError, match=r"baselines.fully_labeled trains on the unlabeled part's hidden labels, but "
+                                          r"it has none"):
+        Runner(load_config(recipe))
+    assert not (tmp_path / "out").exists()
+    # with one annotation left it is an upper bound again: the check passes (the models are then built)
+    bare.write_text(json.dumps({**coco, "annotations": coco["annotations"][:1]}))
+    Runner(load_config(recipe))

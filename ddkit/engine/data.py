@@ -241,6 +241,13 @@ def has_labels(dataset: Any) -> bool:
     return is_classification(dataset) or has_instance_labels(dataset)
 
 
+def labeled_anywhere(dataset: Any) -> bool:
+    """Whether some item is labeled: a class label, or at least one instance (stops at the first)."""
+    if not has_labels(dataset):
+        return False
+    return not has_instance_labels(dataset) or any(len(get_target(dataset, i)["labels"]) for i in range(len(dataset)))
+
+
 def check_labeled(dataset: Any, where: str) -> None:
     """A part that trains or scores needs labels (:func:`has_labels`)."""
     if len(dataset) and not has_labels(dataset):

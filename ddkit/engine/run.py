@@ -46,8 +46,8 @@ from ddkit.engine.as_built import check_as_built
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.environment import save_environment
-from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, TransferOnly, build_data, has_labels, item_file,
-                              label_overlap_warnings)
+from ddkit.engine.data import (ConcatDataset, HiddenLabels, Splits, TransferOnly, build_data, item_file,
+                              label_overlap_warnings, labeled_anywhere)
 from ddkit.engine.label import (LABEL_STAGE_KEYS, ShardedLabels, check_label_section, label_dataset, label_stage,
                                make_source, parse_label_config, select_stage)
 from ddkit.engine.keypoint_meta import SIGMAS_DEFAULT, check_train_flip
@@ -256,9 +256,10 @@ class Runner:
 
     def _check_upper_bound(self) -> None:
         """``baselines.fully_labeled`` trains on the unlabeled part's hidden labels: a part without any (a folder of
-        images alone) is refused now, not after the teacher and the students trained."""
+        images alone, a COCO file without one annotation) is refused now, not after the teacher and the students
+        trained (it would train on every image as background)."""
         truth = getattr(self.splits.unlabeled, "ground_truth", None)
-        if self.baselines.get("fully_labeled") and (truth is None or not has_labels(truth)):
+        if self.baselines.get("fully_labeled") and (truth is None or not labeled_anywhere(truth)):
             raise ConfigError(f"{self.source}: baselines.fully_labeled trains on the unlabeled part's hidden labels, "
                               f"but {'it has none' if truth is not None else 'the data has no unlabeled part'}; "
                               f"set it to false")
