@@ -513,6 +513,10 @@ def test_images_file_problems_name_the_file(tmp_path, capsys):
     noh = copy.deepcopy(coco)
     del noh["images"][1]["height"]
     assert f"{tmp_path / 'noh.json'}:images[1]: needs integer id" in err_of(a, _write(tmp_path, "noh.json", noh))
+    huge = copy.deepcopy(coco)  # an int no float holds (found by the property test): one line, not OverflowError
+    huge["images"][1]["height"] = 10 ** 400
+    assert "images[1]: needs integer id (int64), height and width in 1..2147483647 pixels" in err_of(
+        a, _write(tmp_path, "huge.json", huge))
     dup = copy.deepcopy(coco)
     dup["images"].append({**dup["images"][0], "height": 100, "width": 100})
     err = err_of(a, _write(tmp_path, "dup.json", dup))

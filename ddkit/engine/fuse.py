@@ -82,6 +82,10 @@ def problems_error(problems: Sequence[Problem], what: str = "bad predictions",
 
 
 # ------------------------------------------------------------------------------------------------ loading
+# the largest image side an image header can state (PNG's 2^31 - 1); beyond it a size is not a real image's
+MAX_SIDE = 2 ** 31 - 1
+
+
 def image_sizes(coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
                 source: str = "images") -> dict[int, tuple[int, int]]:
     """``{image_id: (height, width)}`` from a COCO dict or its ``images`` list."""
@@ -96,10 +100,12 @@ def image_sizes(coco_images: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     for i, img in enumerate(images):
         try:
             iid, h, w = img["id"], img["height"], img["width"]
-            if not all(_is_int(v) for v in (iid, h, w)) or h <= 0 or w <= 0:
+            if not all(_is_int(v) for v in (iid, h, w)) or not (0 < h <= MAX_SIDE and 0 < w <= MAX_SIDE) \
+                    or abs(iid) >= 2 ** 63:
                 raise TypeError
         except (TypeError, KeyError):
-            problems.append(Problem(f"{source}:images", i, "needs integer id, height > 0 and width > 0", img))
+            problems.append(Problem(f"{source}:images", i, f"needs integer id (int64), height and width in "
+                                                           f"1..{MAX_SIDE} pixels", img))
             continue
         if int(iid) in first:
             problems.append(Problem(f"{source}:images", i, f"image id {iid} again (first at images[{first[iid]}]); "
