@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from ddkit.engine.coco_file import read_coco_file
 from ddkit.engine.fuse import fuse_results
 from ddkit.errors import DDKitError
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# CI (``CI`` set, as ``.ci/run`` runs) draws the same cases every run, so a landing is not decided by chance; a
+# developer's run draws new ones, which is how this file finds bugs (session 26: fuse's 10^400 image height)
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                    derandomize=bool(os.environ.get("CI")))
 
 scalars = (st.none() | st.booleans() | st.integers(-3, 3) | st.integers() | st.floats() | st.text(max_size=4)
            | st.just(10 ** 400))
