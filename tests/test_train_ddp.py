@@ -73,6 +73,12 @@ student:
   model: {{name: mlp, hidden: [16]}}
   train: {{iterations: 20, batch_size: 16, lr: 0.1, ratio: [6, 4], log_every: 10}}
 baselines: {{labeled_only: true, fully_labeled: true}}
+kd:  # a KD transfer set under DDP: each rank's batch mixes labeled and unlabeled digits
+  variants:
+    transfer:
+      transfer_set: [labeled, unlabeled]
+      losses: [{{name: hard_label, weight: 0.1}}, {{name: soft_target, weight: 0.9}}]
+      train: {{teacher_cache: true}}
 """
 
 
@@ -94,7 +100,7 @@ def test_torchrun_two_gloo_processes_run_a_recipe(tmp_path):
     run_dir = tmp_path / "two"
     assert sorted(p.name for p in run_dir.glob("results.*")) == ["results.json", "results.md"]
     assert out.stdout.count("| model |") == 1 and out.stdout.count("[ddkit run] teacher: running") == 1
-    for stage in ("teacher", "student", "baseline_full"):
+    for stage in ("teacher", "student", "baseline_full", "kd_transfer"):
         starts = [line for line in (run_dir / stage / "train.log").read_text().splitlines() if " training " in line]
         assert len(starts) == 1 and "2 process(es)" in starts[0], (stage, starts)
     assert len(list((run_dir / "label" / "shards").glob("shard-*.pt"))) == 2
