@@ -17,6 +17,7 @@ test mistakes the teacher makes too (``overlap``).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -47,8 +48,9 @@ def run(recipe: str, seed: int, overrides: list[str]) -> dict:
     return result
 
 
+@functools.cache
 def recipe_split(key: str) -> list[float]:
-    """The recipe's ``data.split`` fractions ``[labeled, unlabeled, test]``."""
+    """The recipe's ``data.split`` fractions ``[labeled, unlabeled, test]`` (read once)."""
     from ddkit.config import load_config
 
     split = load_config(REPO / RECIPES[key]).data.split

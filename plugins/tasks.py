@@ -151,13 +151,13 @@ class ClassificationTask(_BaseTask):
         (``target["unlabeled"]``) reach only the loss terms that read the teacher (0 where a batch has none)."""
         labels = batch["labels"]
         known = labels >= 0
-        every = bool(known.all())
-        if not every and any(not (k or t.get("unlabeled")) for t, k in zip(batch["targets"], known.tolist())):
+        flags = None if bool(known.all()) else known.tolist()  # one host sync where every item has its label
+        if flags is not None and any(not (k or t.get("unlabeled")) for t, k in zip(batch["targets"], flags)):
             raise DataError("a training batch has samples without a 'label' (unlabeled data needs pseudo-labels)")
         logits = model(batch["images"])
-        if every:
+        if flags is None:
             ce = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        elif bool(known.any()):
+        elif any(flags):
             ce = F.cross_entropy(logits[known], labels[known], label_smoothing=self.label_smoothing)
         else:
             ce = logits.sum() * 0.0

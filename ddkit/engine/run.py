@@ -244,7 +244,7 @@ class Runner:
             if "unlabeled" not in self._transfer_parts(variant):
                 continue
             where = f"{self.source}: kd.variants.{variant}.transfer_set"
-            if self.splits.unlabeled is None or not len(self.splits.unlabeled):
+            if self.splits.unlabeled is None:  # an unlabeled part that is there is never empty (build_data)
                 raise ConfigError(f"{where} names the unlabeled part, but the data has none; give "
                                   f"data.split.unlabeled a fraction (or data.unlabeled a dataset)")
             if not getattr(self.task, "trains_on_unlabeled", False):
