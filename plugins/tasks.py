@@ -215,10 +215,13 @@ class ClassificationTask(_BaseTask):
 @dataclass
 class DetectionParams:
     min_box_size: float = 1.0
+    transfer_score: float = 0.5  # a KD transfer set's unlabeled images: the teacher's detections kept as boxes
 
     def __post_init__(self) -> None:
         if self.min_box_size < 0:
             raise ValueError(f"min_box_size must be >= 0, got {self.min_box_size}")
+        if not 0.0 <= self.transfer_score <= 1.0:
+            raise ValueError(f"transfer_score must be in [0, 1], got {self.transfer_score}")
 
 
 def _groups(images: Sequence[Tensor], by_size: bool) -> list[tuple[tuple[int, int] | None, list[int]]]:
@@ -277,9 +280,9 @@ class DetectionTask(_BaseTask):
     prediction_type = "instances"
     model_tasks = ("detection",)
 
-    def __init__(self, min_box_size: float = 1.0):
-        super().__init__(min_box_size=min_box_size)
-        self.min_box_size = min_box_size
+    def __init__(self, min_box_size: float = 1.0, transfer_score: float = 0.5):
+        super().__init__(min_box_size=min_box_size, transfer_score=transfer_score)
+        self.min_box_size, self.transfer_score = min_box_size, transfer_score
 
     def collate(self, samples: Sequence[tuple[Tensor, dict[str, Any]]]) -> dict[str, Any]:
         return {"images": [s[0] for s in samples], "targets": [t for _, t in samples], "index": self._index(samples)}
@@ -306,6 +309,23 @@ class DetectionTask(_BaseTask):
                 m["keypoints"] = t["keypoints"][keep].float()
             out.append(m)
         return out
+
+    def teacher_targets(self, teacher: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+        """The items of a KD transfer set's unlabeled part (``target["unlabeled"]``) take the teacher's detections
+        scoring at least ``transfer_score`` as their boxes: the hard labels that Chen et al. 2017 read from the
+        ground truth, read from the teacher where there is none, so the detector's own loss (and its sampling of
+        RoIs and anchors, which KD terms reuse) treats them as labeled. The batch's other items are left as they
+        are; an image where the teacher finds nothing trains as background."""
+        marked = [i for i, t in enumerate(batch["targets"]) if t.get("unlabeled")]
+        if not marked:
+            return batch
+        preds = self.predict(teacher, [batch["images"][i] for i in marked])
+        targets = list(batch["targets"])
+        for i, p in zip(marked, preds):
+            keep = p.scores >= self.transfer_score
+            device = batch["images"][i].device
+            targets[i] = {**targets[i], "boxes": p.boxes[keep].to(device), "labels": p.labels[keep].to(device)}
+        return {**batch, "targets": targets}
 
     def training_forward(self, model: nn.Module, batch: dict[str, Any]) -> TrainOutputs:
         targets = self._model_targets(model, batch["targets"])
@@ -452,6 +472,7 @@ class KeypointTask(DetectionTask):
     name = "keypoints"
     model_tasks = ("keypoints",)
     has_keypoints = True
+    teacher_targets = None  # a transfer set's keypoints from the teacher: not built (refused up front)
 
     def check_info(self, info: DatasetInfo) -> None:
         super().check_info(info)

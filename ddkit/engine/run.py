@@ -238,8 +238,9 @@ class Runner:
         return not (files or item_file(self.splits.unlabeled, 0))
 
     def _check_transfer_sets(self) -> None:
-        """A KD variant that distils on the unlabeled part too: that part exists, the task's native loss can leave
-        its items out (asked of the task: ``trains_on_unlabeled``), and a loss term reads the teacher on them."""
+        """A KD variant that distils on the unlabeled part too: that part exists, and the task either leaves its
+        items out of the native loss (``trains_on_unlabeled``) while a loss term reads the teacher on them, or
+        labels them with the teacher (``teacher_targets``); both asked of the task plugin."""
         for variant in self.kd.get("variants") or {}:
             if "unlabeled" not in self._transfer_parts(variant):
                 continue
@@ -247,6 +248,8 @@ class Runner:
             if self.splits.unlabeled is None:  # an unlabeled part that is there is never empty (build_data)
                 raise ConfigError(f"{where} names the unlabeled part, but the data has none; give "
                                   f"data.split.unlabeled a fraction (or data.unlabeled a dataset)")
+            if self._teacher_labels_transfer():
+                continue
             if not getattr(self.task, "trains_on_unlabeled", False):
                 raise ConfigError(f"{where}: the {self.task.name} task's loss cannot leave out images without labels "
                                   f"(it would read them as having none); distil on [labeled]")
@@ -531,7 +534,7 @@ class Runner:
             # one variant's own block: adding or changing another variant does not redo this one
             stages.append(Stage(f"kd_{variant}", base + ("teacher", "student", f"kd.variants.{variant}"),
                                 lambda v=variant: self._kd(v), ONE_TEACHER, trains=True,
-                                reads=self._teacher_read(*self._kd_variant(variant)[1:])))
+                                reads=("teacher",) if self._kd_reads_teacher(variant) else ()))
         if self.evaluate_cfg.get("tta"):
             for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
                 if st == "baseline_labeled" and self._baseline_is_teacher():
@@ -913,6 +916,17 @@ class Runner:
     def _transfer_parts(self, variant: str) -> list[str]:
         return list(self._variant_block(variant).get("transfer_set") or ["labeled"])
 
+    def _teacher_labels_transfer(self) -> bool:
+        """Whether the task gives a transfer set's unlabeled items targets read from the teacher."""
+        return callable(getattr(self.task, "teacher_targets", None))
+
+    def _kd_reads_teacher(self, variant: str) -> bool:
+        """Whether a KD variant's student uses the teacher's model: its terms or init do, or the teacher labels the
+        unlabeled part of its transfer set."""
+        _, losses, train = self._kd_variant(variant)
+        labels = self._teacher_labels_transfer() and "unlabeled" in self._transfer_parts(variant)
+        return labels or self._uses_teacher(losses, train)
+
     def _kd(self, variant: str) -> dict[str, Any]:
         """A KD variant trained on its transfer set: the labeled part, and the unlabeled part where it names it
         (each image drawn equally often unless the variant's own ``train.ratio`` says otherwise)."""
@@ -922,7 +936,8 @@ class Runner:
             sets.append(TransferOnly(self.splits.unlabeled, self.splits.info))
             own = (self._variant_block(variant).get("train") or {}).get("ratio")
             train = {**train, "ratio": own or [len(s) for s in sets]}
-        return self._train(f"kd_{variant}", model, train, sets, losses, teacher=self._teacher_for(losses, train))
+        teacher = self._model_path("teacher") if self._kd_reads_teacher(variant) else None
+        return self._train(f"kd_{variant}", model, train, sets, losses, teacher=teacher)
 
     def _tta(self, stage: str) -> dict[str, Any]:
         """Evaluate a stage's model on the test part with the multi-transform ensemble, beside one view."""

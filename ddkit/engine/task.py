@@ -112,7 +112,9 @@ class Task(Protocol):
       of it is a warning atop the run's results.
     * ``trains_on_unlabeled`` (attribute, default ``False``): :meth:`training_forward` leaves out of the native loss
       the items whose target says ``unlabeled: True`` (a KD variant's ``transfer_set`` with the unlabeled part);
-      a detector's loss, which would read an image without boxes as background, does not.
+      a detector's loss, which would read an image without boxes as background, does not;
+    * ``teacher_targets(teacher, batch) -> batch``: instead, gives those items targets read from the teacher (a
+      detector: its confident detections) before :meth:`training_forward`, so that they train as labeled.
     """
 
     name: str
