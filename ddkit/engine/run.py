@@ -502,7 +502,8 @@ class Runner:
 
     def _kd_baseline_variant(self) -> str | None:
         """The KD variant the others are measured against: ``kd.baseline`` when the recipe names one, else the one
-        variant whose loss terms read no teacher (the student alone), else none."""
+        variant that uses no teacher (no loss term reads it and no transfer set's unlabeled images need its boxes:
+        the student alone), else none."""
         variants = self.kd.get("variants") or {}
         named = self.kd.get("baseline")
         if named is not None:
@@ -510,8 +511,8 @@ class Runner:
                 raise ConfigError(f"{self.source}: kd.baseline {named!r} is not a kd variant; variants: "
                                   f"{', '.join(variants) or 'none'}")
             return named
-        alone = [v for v, block in variants.items()
-                 if not self._reads_teacher((block or {}).get("losses") or [{"name": "hard_label"}])]
+        alone = [v for v, block in variants.items() if "unlabeled" not in self._transfer_parts(v)
+                 and not self._reads_teacher((block or {}).get("losses") or [{"name": "hard_label"}])]
         return alone[0] if len(alone) == 1 else None
 
     # ---------------------------------------------------------------------------------------------- the plan
