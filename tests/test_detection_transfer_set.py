@@ -123,3 +123,37 @@ def test_a_task_that_cannot_label_with_the_teacher_refuses_the_transfer_set(reci
                                           r"out images without labels"):
         Runner(load_config(recipe, [f"run.out_dir={out}"]))
     assert not out.exists()
+
+
+def _transfer_sets(num_classes: int = 3):
+    from ddkit.engine.data import HiddenLabels
+
+    ds = build("datasets", {"name": "synthetic_shapes", "num_images": 6, "image_size": 64,
+                            "num_classes": num_classes})
+    return [ds, TransferOnly(HiddenLabels(ds), ds.info)]
+
+
+def test_a_transfer_set_without_a_teacher_is_refused_before_training(tmp_path):
+    from ddkit.engine.train import train_model
+
+    task, student, _, _ = toy_detection()
+    with pytest.raises(ConfigError, match="the transfer set's unlabeled images take the teacher's boxes; give a "
+                                          "teacher checkpoint"):
+        train_model(task, student, _transfer_sets(), {"iterations": 1, "batch_size": 2}, tmp_path / "run",
+                    progress=False)
+
+
+def test_a_teacher_of_other_classes_is_refused_for_a_transfer_set(tmp_path):
+    """Its boxes would carry category ids the student does not have: refused before the first step, not at it."""
+    from ddkit.engine.task import attach_model_info
+    from ddkit.engine.train import train_model
+    from ddkit.testing.losses import TINY_FASTERRCNN
+
+    task, student, _, _ = toy_detection()
+    other = build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64, "num_classes": 2})
+    teacher = attach_model_info(task.build_model(TINY_FASTERRCNN, other.info), TINY_FASTERRCNN, other.info,
+                                {"name": "detection"})
+    with pytest.raises(ConfigError, match=r"the training data \(the transfer set's boxes\): its categories \(3\) are "
+                                          r"not the model's \(2, the teacher\)"):
+        train_model(task, student, _transfer_sets(), {"iterations": 1, "batch_size": 2}, tmp_path / "run",
+                    teacher=teacher, progress=False)

@@ -51,7 +51,7 @@ from ddkit.engine.as_built import check_as_built
 from ddkit.engine.augment import Augment, mix_seed, shift_image
 from ddkit.engine.classes import check_classes, data_where
 from ddkit.engine.checkpoint import LAST, load_checkpoint, load_model, resolve_checkpoint
-from ddkit.engine.data import ConcatDataset, get_info
+from ddkit.engine.data import ConcatDataset, TransferOnly, get_info
 from ddkit.engine.ddp import DDP
 from ddkit.engine.evaluate import check_same_classes
 from ddkit.engine.ema import EMAHook
@@ -204,15 +204,25 @@ def _optimizer(cfg: TrainConfig, params: list[torch.Tensor], total: int) -> tupl
 
 
 def _check_teacher_classes(teacher: nn.Module | None, terms: Sequence[Any], names: Sequence[str],
-                           info: DatasetInfo) -> None:
-    """Terms that read the teacher's predictions need a teacher of the data's classes, ids and names (a 10-class
-    teacher on 5-class data crashed mid-training; the same count under other names trained silently mismatched).
-    A hint reads features only, so any teacher may serve it."""
+                           info: DatasetInfo, labels_transfer: bool = False) -> None:
+    """Terms that read the teacher's predictions, and a transfer set whose unlabeled images take the teacher's
+    boxes (``labels_transfer``), need a teacher of the data's classes, ids and names (a 10-class teacher on 5-class
+    data crashed mid-training; the same count under other names trained silently mismatched). A hint reads features
+    only, so any teacher may serve it."""
     reading = [names[i] for i, t in enumerate(terms) if getattr(t, "teacher_outputs", "none") in ("logits", "model")]
-    if teacher is None or not reading or not hasattr(unwrap_model(teacher), "ddkit_info"):
+    if labels_transfer and teacher is None:
+        raise ConfigError("the transfer set's unlabeled images take the teacher's boxes; give a teacher checkpoint")
+    if teacher is None or not (reading or labels_transfer) or not hasattr(unwrap_model(teacher), "ddkit_info"):
         return  # a plain module (the Python API): its classes are unknown
-    check_same_classes(model_info(teacher)[1], info, "the teacher", f"the training data (loss terms {reading})",
+    what = f"loss terms {reading}" if reading else "the transfer set's boxes"
+    check_same_classes(model_info(teacher)[1], info, "the teacher", f"the training data ({what})",
                        fix="give a teacher trained on these classes")
+
+
+def _labels_transfer(task: Task, data: "_Data") -> bool:
+    """Whether the training data holds a transfer set's unlabeled items that the task labels with the teacher."""
+    parts = getattr(data.concat, "datasets", [data.concat])
+    return callable(getattr(task, "teacher_targets", None)) and any(isinstance(d, TransferOnly) for d in parts)
 
 
 def _needs_teacher(terms: Sequence[Any]) -> list[int]:
@@ -343,7 +353,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
         raise ConfigError(f"the loss terms {needing} need a teacher; give a teacher checkpoint")
     if cfg.init == "teacher" and teacher is None:
         raise ConfigError("train.init: teacher needs a teacher")
-    _check_teacher_classes(teacher, terms, names, get_info(data.concat))
+    _check_teacher_classes(teacher, terms, names, get_info(data.concat), _labels_transfer(task, data))
     check_cache_config(cfg, teacher, terms)
     student = model.to(dev)
     if cfg.init == "teacher" and not resume:  # a resumed run may also start fresh: init again after the resume
