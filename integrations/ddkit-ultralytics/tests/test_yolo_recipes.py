@@ -141,3 +141,29 @@ def test_the_yolo_kd_recipe_runs_end_to_end(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "kd_cwd" / "metrics.jsonl").read_text().splitlines()]
     assert {"hint", "hint_1", "hint_2"} <= set(next(r["losses"] for r in rows if "losses" in r))
     assert '"yolo_kd"' in (tmp_path / "kd_yolo_kd_ld" / "metrics.jsonl").read_text()
+
+
+def test_a_yolo_student_distils_on_a_transfer_set_of_the_teachers_boxes(tmp_path, monkeypatch):
+    """The detection task labels the unlabeled images with the YOLO teacher's detections (``teacher_targets``, its
+    own input pipeline) and the YOLO student's loss trains on them beside ``yolo_kd``."""
+    from ddkit_plugins import tasks
+
+    boxes: list[int] = []
+    real = tasks.DetectionTask.teacher_targets
+
+    def counting(self, teacher, batch):
+        out = real(self, teacher, batch)
+        boxes.extend(len(t["boxes"]) for t in out["targets"] if t.get("unlabeled"))
+        return out
+
+    monkeypatch.setattr(tasks.DetectionTask, "teacher_targets", counting)
+    cfg = load_config(REPO / "configs" / "synthetic_det_kd_yolo.yaml",
+                      [f"run.out_dir={tmp_path}", "run.device=cpu", "data.dataset.num_images=12",
+                       "data.dataset.image_size=64", "teacher.model.imgsz=64", "teacher.model.width=0.125",
+                       "student.model.imgsz=64", f"teacher.train={TINY_TRAIN}", "task.transfer_score=0.0",
+                       "data.split.labeled=0.25", "data.split.unlabeled=0.5", "data.split.test=0.25",
+                       "kd.variants.yolo_kd_ld=null", "kd.variants.cwd=null",
+                       "kd.variants.yolo_kd.transfer_set=[labeled, unlabeled]"])
+    summary = run_recipe(cfg, progress=False)
+    assert set(summary["kd_ap_gain"]) == {"kd_yolo_kd"}
+    assert boxes and sum(boxes) > 0  # the unlabeled images trained on the teacher's boxes
