@@ -77,7 +77,7 @@ def test_an_image_where_the_teacher_finds_nothing_trains_as_background():
 
 @pytest.mark.parametrize("score", [-0.1, 1.5])
 def test_a_transfer_score_outside_0_1_is_refused(score):
-    with pytest.raises(Exception, match="transfer_score must be in"):
+    with pytest.raises(ConfigError, match=r"task .detection.: transfer_score must be in \[0, 1\]"):
         build("tasks", {"name": "detection", "transfer_score": score})
 
 
