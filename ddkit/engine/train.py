@@ -210,8 +210,6 @@ def _check_teacher_classes(teacher: nn.Module | None, terms: Sequence[Any], name
     data crashed mid-training; the same count under other names trained silently mismatched). A hint reads features
     only, so any teacher may serve it."""
     reading = [names[i] for i, t in enumerate(terms) if getattr(t, "teacher_outputs", "none") in ("logits", "model")]
-    if labels_transfer and teacher is None:
-        raise ConfigError("the transfer set's unlabeled images take the teacher's boxes; give a teacher checkpoint")
     if teacher is None or not (reading or labels_transfer) or not hasattr(unwrap_model(teacher), "ddkit_info"):
         return  # a plain module (the Python API): its classes are unknown
     what = f"loss terms {reading}" if reading else "the transfer set's boxes"
@@ -219,10 +217,12 @@ def _check_teacher_classes(teacher: nn.Module | None, terms: Sequence[Any], name
                        fix="give a teacher trained on these classes")
 
 
-def _labels_transfer(task: Task, data: "_Data") -> bool:
-    """Whether the training data holds a transfer set's unlabeled items that the task labels with the teacher."""
-    parts = getattr(data.concat, "datasets", [data.concat])
-    return callable(getattr(task, "teacher_targets", None)) and any(isinstance(d, TransferOnly) for d in parts)
+def _transfer_labeller(task: Task, data: "_Data") -> Callable[[nn.Module, Any], Any] | None:
+    """The task's ``teacher_targets`` (asked of the task plugin) where the training data holds a transfer set's
+    unlabeled items for it to label, else None."""
+    label = getattr(task, "teacher_targets", None)
+    holds = any(isinstance(d, TransferOnly) for d in data.concat.datasets)
+    return label if callable(label) and holds else None
 
 
 def _needs_teacher(terms: Sequence[Any]) -> list[int]:
@@ -353,7 +353,10 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
         raise ConfigError(f"the loss terms {needing} need a teacher; give a teacher checkpoint")
     if cfg.init == "teacher" and teacher is None:
         raise ConfigError("train.init: teacher needs a teacher")
-    _check_teacher_classes(teacher, terms, names, get_info(data.concat), _labels_transfer(task, data))
+    labeller = _transfer_labeller(task, data)
+    if labeller is not None and teacher is None:
+        raise ConfigError("the transfer set's unlabeled images take the teacher's boxes; give a teacher checkpoint")
+    _check_teacher_classes(teacher, terms, names, get_info(data.concat), labeller is not None)
     check_cache_config(cfg, teacher, terms)
     student = model.to(dev)
     if cfg.init == "teacher" and not resume:  # a resumed run may also start fresh: init again after the resume
@@ -366,7 +369,7 @@ def _build_trainer(task: Task, model: nn.Module, data: _Data, cfg: TrainConfig, 
     params = [p for p in student.parameters() if p.requires_grad] + list(extras.parameters())
     optimizer, scheduler = _optimizer(cfg, params, data.total)
     parts = StepParts(task, student, terms, names, extras, optimizer, scheduler, data.sampler, Amp(dev, cfg.amp),
-                      DDP(world, dev), teacher, TeacherOutputs(teacher, terms), augment)
+                      DDP(world, dev), teacher, TeacherOutputs(teacher, terms), augment, labeller)
     inputs = {"data": dataset_fingerprint(data.concat),
               "teacher": teacher_sha or (state_sha256(teacher) if teacher is not None else None)}
     recipe = recipe_record(cfg, losses, student, seed)

@@ -161,6 +161,8 @@ class StepParts:
     teacher: nn.Module | None
     teacher_outputs: TeacherOutputs
     augment: Augment
+    # the task's ``teacher_targets`` where the data holds a transfer set's unlabeled items to label, else None
+    teacher_targets: Callable[[nn.Module, Any], Any] | None = None
 
 
 class Trainer:
@@ -178,8 +180,6 @@ class Trainer:
                                                                for t in parts.terms))
         stage_iters = {i: round(getattr(t, "stage_fraction", 0.0) * total) for i, t in enumerate(parts.terms)}
         self._stage_iters = {i: n for i, n in stage_iters.items() if n > 0}
-        label = getattr(parts.task, "teacher_targets", None)  # asked of the task plugin: any task's
-        self._teacher_targets = label if callable(label) and parts.teacher is not None else None
         self.check_every_step = device.type != "cuda"  # on GPU the log step checks (no host sync per iteration)
         self.hooks: list[HookBase] = []
         self.register_hooks(hooks)
@@ -251,8 +251,8 @@ class Trainer:
         _reseed(mix_seed(self.seed, self.rank, it), dev)
         samples = p.augment(next(self._data), it)
         batch = p.task.to_device(p.task.collate(samples), dev)
-        if self._teacher_targets is not None:  # a transfer set's unlabeled items, labeled by the teacher
-            batch = self._teacher_targets(p.teacher, batch)
+        if p.teacher_targets is not None:  # a transfer set's unlabeled items, labeled by the teacher
+            batch = p.teacher_targets(p.teacher, batch)
         active = self.active_terms(it)
         with p.amp.autocast():
             out: TrainOutputs = p.task.training_forward(self.train_module, batch)
