@@ -10,11 +10,13 @@
   seen in a dry forward pass and trained with the student); optional two-stage schedule (``stage_fraction``);
   ``distance: pearson`` compares the features standardised per channel (Cao et al. 2022, PKD), ``channel_kl`` each
   channel's distribution over positions (CWD), ``attention`` where the maps are active (AT, no adapter);
-  ``imitate: objects`` only the cells under a detector's ground-truth boxes (:mod:`ddkit_plugins.feature_masks`).
+  ``imitate: objects`` only the cells under a detector's ground-truth boxes (:mod:`ddkit_plugins.feature_masks`);
+  ``adapter: mlp`` a non-linear projector instead of the linear adapter (Chen et al. 2022).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -126,6 +128,7 @@ class HintParams:
     stage_fraction: float = 0.0
     imitate: Literal["all", "objects"] = "all"
     temperature: float = 1.0
+    adapter: Literal["linear", "mlp"] = "linear"
 
     def __post_init__(self) -> None:
         _check_weight(self.weight)
@@ -134,6 +137,8 @@ class HintParams:
         if self.distance in WHOLE_MAP_DISTANCES and self.imitate != "all":
             raise ValueError(f"distance: {self.distance} compares whole maps (a distribution over positions); "
                              "use imitate: all")
+        if self.distance == "attention" and self.adapter != "linear":
+            raise ValueError("distance: attention compares channel means and needs no adapter; leave out adapter")
         if not 0.0 <= self.stage_fraction < 1.0:
             raise ValueError(f"stage_fraction must be in [0, 1), got {self.stage_fraction}")
 
@@ -166,6 +171,11 @@ class Hint:
     ``imitate: objects`` (torchvision detectors) imitates only the cells under ground-truth boxes, averaged over
     them (:mod:`ddkit_plugins.feature_masks`; Wang et al. 2019's fine-grained imitation with FGD's box masks).
 
+    ``adapter: mlp`` puts a non-linear projector (1x1 conv or linear, ReLU, 1x1 conv or linear) where FitNets puts
+    one linear layer: Chen et al. 2022 (*Improved Feature Distillation via Projector Ensemble*; one projector here,
+    not their ensemble) find that a projector lets the student keep its own features for its task, where a linear
+    adapter ties every student channel to the teacher's.
+
     Features are module outputs named by path (``model.get_submodule``), e.g. ``features.3`` or
     ``backbone.body.layer3``, captured by forward hooks. The adaptation layer is created from the shapes of a dry
     forward pass: a 1x1 conv for ``[B, C, H, W]`` maps, a linear layer for ``[B, C]`` or ``[B, N, C]`` features.
@@ -180,10 +190,11 @@ class Hint:
     teacher_outputs = "features"
 
     def __init__(self, teacher_layer: str, student_layer: str, distance: str = "l2", weight: float = 1.0,
-                 stage_fraction: float = 0.0, imitate: str = "all", temperature: float = 1.0):
+                 stage_fraction: float = 0.0, imitate: str = "all", temperature: float = 1.0,
+                 adapter: str = "linear"):
         self.teacher_layer, self.student_layer = teacher_layer, student_layer
         self.distance, self.weight, self.stage_fraction, self.imitate = distance, weight, stage_fraction, imitate
-        self.temperature = temperature
+        self.temperature, self.adapter_kind = temperature, adapter
         self.adapter: nn.Module | None = None
         self._hooks: list[Any] = []
         self._boxes: GroundTruthBoxes | None = None
@@ -229,19 +240,19 @@ class Hint:
         return (diff * mask).sum() / (mask.sum() * t.shape[1]).clamp(min=1.0)
 
     @staticmethod
-    def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size) -> nn.Module:
-        """A 1x1 conv (maps) or linear layer (vectors, tokens) from the student's channels to the teacher's."""
+    def make_adapter(student_shape: torch.Size, teacher_shape: torch.Size, kind: str = "linear") -> nn.Module:
+        """A 1x1 conv (maps) or linear layer (vectors, tokens) from the student's channels to the teacher's; for
+        ``kind="mlp"`` two of them with a ReLU between (the hidden width the teacher's)."""
         if len(student_shape) != len(teacher_shape):
             raise ConfigError(f"hint: student feature {tuple(student_shape)} and teacher feature "
                               f"{tuple(teacher_shape)} have different ranks; pick layers of the same kind")
         cs, ct = int(student_shape[1] if len(student_shape) != 3 else student_shape[-1]), \
             int(teacher_shape[1] if len(teacher_shape) != 3 else teacher_shape[-1])
-        if len(student_shape) == 4:
-            return nn.Conv2d(cs, ct, kernel_size=1)
-        if len(student_shape) in (2, 3):
-            return nn.Linear(cs, ct)
-        raise ConfigError(f"hint: features of rank {len(student_shape)} are not supported (use [B, C, H, W], "
-                          "[B, C] or [B, N, C])")
+        if len(student_shape) not in (2, 3, 4):
+            raise ConfigError(f"hint: features of rank {len(student_shape)} are not supported (use [B, C, H, W], "
+                              "[B, C] or [B, N, C])")
+        layer = partial(nn.Conv2d, kernel_size=1) if len(student_shape) == 4 else nn.Linear
+        return nn.Sequential(layer(cs, ct), nn.ReLU(), layer(ct, ct)) if kind == "mlp" else layer(cs, ct)
 
     def check_models(self, student: nn.Module, teacher: nn.Module | None) -> None:
         """Before anything trains: both layers exist (the error names the closest module paths)."""
@@ -275,7 +286,7 @@ class Hint:
                               f"{tuple(t_shape)}")
         if self.distance == "attention":  # compares channel means: nothing to adapt
             return None
-        self.adapter = self.make_adapter(s_shape, t_shape).to(ctx.device)
+        self.adapter = self.make_adapter(s_shape, t_shape, self.adapter_kind).to(ctx.device)
         return self.adapter
 
     def compute(self, ctx: LossContext) -> Tensor:
@@ -297,7 +308,8 @@ def ddkit_losses():
     yield LossSpec(name="hint", factory=Hint, params=HintParams,
                    summary="FitNets hint: L2, L1, Pearson (PKD), channel-wise KL (CWD) or attention transfer (AT) "
                            "between a teacher feature and an adapted student feature",
-                   examples=({"teacher_layer": "1", "student_layer": "1"},))
+                   examples=({"teacher_layer": "1", "student_layer": "1"},
+                             {"teacher_layer": "1", "student_layer": "1", "adapter": "mlp"}))
     yield LossSpec(name="detector_kd", factory=DetectorKD, params=DetectorKDParams,
                    summary="Chen et al. 2017 two-stage detector KD, RoI head and RPN: weighted soft targets, bounded "
                            "regression",

@@ -165,6 +165,34 @@ def test_attention_hint_matches_a_per_image_reference(channels):
                                "distance": "attention", "imitate": "objects"})
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (6, 3), (2, 5, 3)])
+def test_an_mlp_adapter_matches_a_cell_by_cell_reference(shape):
+    """``adapter: mlp``: linear -> ReLU -> linear on each cell's (or token's) channels, then the L2 hint."""
+    hint = ddkit.build("losses", {"name": "hint", "teacher_layer": "t", "student_layer": "s", "adapter": "mlp"})
+    g = torch.Generator().manual_seed(len(shape))
+    teacher_shape = (*shape[:-1], 4) if len(shape) == 3 else (shape[0], 4, *shape[2:])
+    s, t = torch.randn(shape, generator=g), torch.randn(teacher_shape, generator=g)
+    hint.adapter = hint.make_adapter(s.shape, t.shape, "mlp")
+    w1, b1, w2, b2 = (torch.randn(4, 3, generator=g), torch.randn(4, generator=g), torch.randn(4, 4, generator=g),
+                      torch.randn(4, generator=g))
+    with torch.no_grad():
+        first, last = hint.adapter[0], hint.adapter[2]
+        first.weight.copy_(w1.view_as(first.weight)), first.bias.copy_(b1)
+        last.weight.copy_(w2.view_as(last.weight)), last.bias.copy_(b2)
+    channels_last_s = s.movedim(1, -1) if len(shape) != 3 else s
+    channels_last_t = t.movedim(1, -1) if len(shape) != 3 else t
+    total, cells = 0.0, 0
+    for v, target in zip(channels_last_s.reshape(-1, 3).tolist(), channels_last_t.reshape(-1, 4).tolist()):
+        hidden = [max(0.0, sum(w1[j, i].item() * v[i] for i in range(3)) + b1[j].item()) for j in range(4)]
+        out = [sum(w2[k, j].item() * hidden[j] for j in range(4)) + b2[k].item() for k in range(4)]
+        total += sum((o - u) ** 2 for o, u in zip(out, target))
+        cells += 4
+    assert hint(s, t).item() == pytest.approx(total / cells, rel=1e-5)
+    with pytest.raises(ValueError, match="needs no adapter"):
+        ddkit.build("losses", {"name": "hint", "teacher_layer": "t", "student_layer": "s", "distance": "attention",
+                               "adapter": "mlp"})
+
+
 def test_hint_adapters_for_vectors_tokens_and_resized_maps():
     assert isinstance(ddkit.build("losses", {"name": "hint", "teacher_layer": "a", "student_layer": "b"})
                       .make_adapter(torch.Size([4, 8]), torch.Size([4, 12])), nn.Linear)
@@ -175,6 +203,18 @@ def test_hint_adapters_for_vectors_tokens_and_resized_maps():
     assert hint(torch.randn(1, 4, 8, 8), torch.randn(1, 6, 4, 4)).ndim == 0  # resized to the teacher's 4x4
     with pytest.raises(ConfigError, match="ranks"):
         hint.make_adapter(torch.Size([1, 4, 8, 8]), torch.Size([1, 6]))
+
+
+def test_the_hint_trains_the_adapter_the_recipe_names():
+    from ddkit.testing.losses import toy_classification
+    from ddkit.engine.losses import SetupContext
+
+    task, student, teacher, batch = toy_classification()
+    for kind, expected in (("linear", nn.Linear), ("mlp", nn.Sequential)):
+        hint = ddkit.build("losses", {"name": "hint", "teacher_layer": "1", "student_layer": "1", "adapter": kind})
+        adapter = hint.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
+        assert isinstance(adapter, expected) and adapter is hint.adapter
+        hint.close()
 
 
 def test_hint_names_a_missing_module():
