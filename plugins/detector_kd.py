@@ -12,11 +12,15 @@ NeurIPS 2017, on both stages of the detector:
   (``regression_weight: 0``): on the first synthetic benchmark either target at 0.5 turned the soft terms' gain
   over a 300-iteration student into a loss; imitation gained about 1 AP on the harder one with a stronger teacher
   (README, "Knowledge distillation for detectors").
+* with ``mimic_weight > 0``, Li, Jin, Yan 2017 (*Mimicking Very Efficient Network for Object Detection*)'s feature
+  mimic: the squared distance between the student's RoI-pooled features, through a 1x1 adapter to the teacher's
+  width, and the teacher's pooled on the same sampled RoIs (:func:`roi_mimic`): a hint on the regions the heads
+  read, where FitNets' hint on the neck imitates every cell. Off by default.
 
 The terms are pure functions (:func:`weighted_soft_ce`, :func:`bounded_regression`, :func:`imitation_regression`,
-:func:`detector_kd_terms`, :func:`rpn_kd_terms`); :class:`DetectorKD` reads the student's sampled RoIs / anchors,
-labels and targets by wrapping ``roi_heads.select_training_samples``, ``rpn.compute_loss`` and
-``rpn.fg_bg_sampler`` on the student instance, and runs the teacher's heads on the same RoIs and anchors.
+:func:`detector_kd_terms`, :func:`rpn_kd_terms`, :func:`roi_mimic`); :class:`DetectorKD` reads the student's
+sampled RoIs / anchors, labels and targets by wrapping ``roi_heads.select_training_samples``, ``rpn.compute_loss``
+and ``rpn.fg_bg_sampler`` on the student instance, and runs the teacher's heads on the same RoIs and anchors.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ class DetectorKDParams:
     regression_target: Literal["ground_truth", "teacher"] = "ground_truth"
     margin: float = 0.0
     rpn: bool = True
+    mimic_weight: float = 0.0
     weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -48,7 +53,7 @@ class DetectorKDParams:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.mu <= 1.0:
             raise ValueError(f"mu must be in [0, 1], got {self.mu}")
-        for key in ("background_weight", "regression_weight", "margin", "weight"):
+        for key in ("background_weight", "regression_weight", "margin", "mimic_weight", "weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
 
@@ -99,6 +104,15 @@ def regression_term(student: Tensor, teacher: Tensor, targets: Tensor, normalize
     if target == "teacher":
         return imitation_regression(student, teacher, normalizer, loss)
     return bounded_regression(student, teacher, targets, margin, normalizer, loss)
+
+
+def roi_mimic(student_pooled: Tensor, teacher_pooled: Tensor) -> Tensor:
+    """``[R, C, h, w], [R, C, h, w] -> scalar``: ``mean_r ||u_s - u_t||^2 / m`` over the ``R`` RoIs' pooled features
+    of ``m = C h w`` values each (the student's already adapted to the teacher's ``C``): Li et al. 2017's mimic loss
+    without its factor 1/2; 0 for no RoIs."""
+    if len(student_pooled) == 0:
+        return student_pooled.sum() * 0
+    return (student_pooled.float() - teacher_pooled.detach().float()).square().mean()
 
 
 def detector_kd_terms(student_logits: Tensor, teacher_logits: Tensor, student_deltas: Tensor, teacher_deltas: Tensor,
@@ -227,18 +241,20 @@ class DetectorKD:
 
     def __init__(self, temperature: float = 1.0, background_weight: float = 1.5, mu: float = 0.5,
                  regression_weight: float = 0.0, regression_loss: str = "l2",
-                 regression_target: str = "ground_truth", margin: float = 0.0, rpn: bool = True, weight: float = 1.0):
+                 regression_target: str = "ground_truth", margin: float = 0.0, rpn: bool = True,
+                 mimic_weight: float = 0.0, weight: float = 1.0):
         self.temperature, self.background_weight, self.mu = temperature, background_weight, mu
         self.regression_weight, self.regression_loss = regression_weight, regression_loss
         self.regression_target = regression_target
-        self.margin, self.rpn, self.weight = margin, rpn, weight
+        self.margin, self.rpn, self.mimic_weight, self.weight = margin, rpn, mimic_weight, weight
+        self.adapter: nn.Module | None = None
         self._patches = _Patches()
         self._hooks: list = []
         self._teacher_backbone: TeacherBackbone | None = None
         self._seen: dict[str, Any] = {}
 
     # ------------------------------------------------------------------------------------------------- setup
-    def setup(self, ctx: SetupContext) -> None:
+    def setup(self, ctx: SetupContext) -> nn.Module | None:
         student, teacher = paired_detectors(ctx, "detector_kd", "roi_heads.box_predictor",
                                             "two-stage detectors (fasterrcnn, keypointrcnn)", "one-stage: dense_kd",
                                             lambda m: m.roi_heads.box_predictor.cls_score.out_features - 1)
@@ -251,7 +267,11 @@ class DetectorKD:
             self._record(student.rpn, "compute_loss", "anchors")  # args: (objectness, deltas, labels, targets)
             self._record(student.rpn, "fg_bg_sampler", "sampled")
         self._teacher_backbone = TeacherBackbone(teacher)
-        return None
+        if not self.mimic_weight:
+            return None
+        self._hooks.append(heads.box_roi_pool.register_forward_hook(self._keep_pooled))
+        self.adapter = nn.Conv2d(student.backbone.out_channels, teacher.backbone.out_channels, 1).to(ctx.device)
+        return self.adapter
 
     def _record(self, obj: Any, name: str, key: str) -> None:
         """Wrap the callable ``obj.name`` (a method, or a callable attribute such as the RPN's sampler) so that each
@@ -269,6 +289,10 @@ class DetectorKD:
         if module.training:
             self._seen["sizes"] = list(args[2])
 
+    def _keep_pooled(self, module: nn.Module, args: Any, out: Tensor) -> None:
+        if module.training:
+            self._seen["pooled"] = out
+
     def _keep_predictions(self, module: nn.Module, args: Any, out: Any) -> None:
         if module.training:
             self._seen["predicted"] = out
@@ -281,8 +305,9 @@ class DetectorKD:
         teacher = unwrap_model(ctx.teacher)
         t_images, feats = self._teacher_backbone(list(ctx.batch["images"]))
         hard, keep = ctx.student_out.losses, 1.0 - self.mu
-        soft, regression = self._roi_terms(teacher, t_images, feats, seen, ctx)
-        total = keep * (soft - hard["loss_classifier"].float()) + self.regression_weight * regression
+        soft, regression, mimic = self._roi_terms(teacher, t_images, feats, seen, ctx)
+        total = keep * (soft - hard["loss_classifier"].float()) + self.regression_weight * regression \
+            + self.mimic_weight * mimic
         if self.rpn:
             rpn_soft, rpn_regression = self._rpn_terms(teacher, feats, seen, ctx)
             total = total + keep * (rpn_soft - hard["loss_objectness"].float()) \
@@ -290,15 +315,20 @@ class DetectorKD:
         return total
 
     def _roi_terms(self, teacher: nn.Module, t_images: Any, feats: dict[str, Tensor], seen: dict[str, Any],
-                   ctx: LossContext) -> tuple[Tensor, Tensor]:
+                   ctx: LossContext) -> tuple[Tensor, Tensor, Tensor]:
+        """``(soft, regression, mimic)`` on the student's sampled RoIs (``mimic`` 0 without an adapter)."""
         _, (proposals, _, labels, targets) = seen["rois"]
         scaled = []
         for p, (sh, sw), (th, tw) in zip(proposals, seen.get("sizes") or [], t_images.image_sizes):
             scaled.append(p.detach() * p.new_tensor([tw / sw, th / sh, tw / sw, th / sh]))
         heads = teacher.roi_heads
         with torch.no_grad():
-            t_logits, t_deltas = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, scaled,
-                                                                                       t_images.image_sizes)))
+            t_pooled = heads.box_roi_pool(feats, scaled, t_images.image_sizes)
+            t_logits, t_deltas = heads.box_predictor(heads.box_head(t_pooled))
+        mimic = t_logits.new_zeros(())
+        if self.adapter is not None:
+            mimic = roi_mimic(self.adapter(seen["pooled"]), t_pooled)
+            ctx.logs["detector_kd/mimic"] = mimic.detach()
         s_logits, s_deltas = seen["predicted"]
         labels, targets = torch.cat(labels), torch.cat(targets)
         soft, regression = detector_kd_terms(s_logits, t_logits, s_deltas, t_deltas, labels, targets,
@@ -308,7 +338,7 @@ class DetectorKD:
         ctx.logs["detector_kd/soft"], ctx.logs["detector_kd/regression"] = soft.detach(), regression.detach()
         if fg.any():  # how often the teacher is right on the student's foreground RoIs
             ctx.logs["detector_kd/teacher_fg_acc"] = (t_logits[fg].argmax(-1) == labels[fg]).float().mean()
-        return soft, regression
+        return soft, regression, mimic
 
     def _rpn_terms(self, teacher: nn.Module, feats: dict[str, Tensor], seen: dict[str, Any],
                    ctx: LossContext) -> tuple[Tensor, Tensor]:
@@ -338,4 +368,4 @@ class DetectorKD:
         if self._teacher_backbone is not None:
             self._teacher_backbone.remove()
             self._teacher_backbone = None
-        self._seen = {}
+        self._seen, self.adapter = {}, None

@@ -15,7 +15,7 @@ from ddkit.engine.task import SetupContext, LossContext
 from ddkit.engine.train import train_model
 from ddkit.errors import ConfigError
 from ddkit.testing.losses import TINY_FASTERRCNN as CFG, toy_detection
-from ddkit_plugins.detector_kd import detector_kd_terms, rpn_kd_terms
+from ddkit_plugins.detector_kd import detector_kd_terms, roi_mimic, rpn_kd_terms
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (conftest)
 
@@ -143,7 +143,8 @@ def test_an_identical_teacher_gives_zero_and_close_restores_the_student():
     assert not teacher.backbone._forward_hooks
 
 
-def test_trains_a_student_with_the_detector_losses(tmp_path):
+@pytest.mark.parametrize("mimic_weight", [0.0, 0.5])
+def test_trains_a_student_with_the_detector_losses(tmp_path, mimic_weight):
     task = ddkit.build("tasks", "detection")
     ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 6, "image_size": 64})
     torch.manual_seed(0)
@@ -151,13 +152,15 @@ def test_trains_a_student_with_the_detector_losses(tmp_path):
     student = task.build_model(CFG, ds.info)
     before = copy.deepcopy(student.state_dict())
     res = train_model(task, student, ds, {"iterations": 3, "batch_size": 2, "log_every": 1}, tmp_path,
-                      teacher=teacher, losses=[{"name": "hard_label"}, {"name": "detector_kd", "rpn": False}],
+                      teacher=teacher, losses=[{"name": "hard_label"},
+                                               {"name": "detector_kd", "rpn": False, "mimic_weight": mimic_weight}],
                       progress=False)
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
     assert res["finished"] and len(logs) == 3
     for r in logs:
         assert {"detector_kd", "detector_kd/soft", "detector_kd/regression"} <= set(r["losses"])
         assert all(math.isfinite(v) for v in r["losses"].values()) and r["losses"]["detector_kd/soft"] > 0
+        assert ("detector_kd/mimic" in r["losses"]) == bool(mimic_weight)
     assert any(not torch.equal(v, student.state_dict()[k].cpu()) for k, v in before.items())
     assert "select_training_samples" not in student.roi_heads.__dict__  # the trainer closed the term
 
@@ -262,3 +265,61 @@ def test_mu_blends_hard_and_soft_classification_as_the_paper():
     assert values[1.0] == pytest.approx(bounded, abs=1e-5)
     for mu in (0.5, 0.0):
         assert values[mu] == pytest.approx(bounded + (1 - mu) * (soft - hard), rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roi_mimic_matches_a_slow_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    r, c, h, w = (int(v) for v in torch.randint(1, 6, (4,), generator=g))
+    s = torch.randn(r, c, h, w, generator=g, requires_grad=True)
+    t = torch.randn(r, c, h, w, generator=g, requires_grad=True)
+    expected = sum(float(((s[i] - t[i]) ** 2).sum().detach()) / (c * h * w) for i in range(r)) / r
+    value = roi_mimic(s, t)
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
+    value.backward()
+    assert s.grad.abs().sum() > 0 and t.grad is None
+    assert float(roi_mimic(s[:0], t[:0])) == 0.0
+
+
+def test_the_mimic_term_imitates_the_teachers_features_on_the_students_rois():
+    """A 64-channel student, a 256-channel teacher at another input size: the term's mimic is the adapted student
+    features against the teacher's pooled on the student's sampled RoIs (scaled), computed here by hand, and it
+    adds mimic_weight times that; the adapter and the student get gradients, the teacher none."""
+    task = ddkit.build("tasks", "detection")
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
+    torch.manual_seed(0)
+    student = task.build_model(CFG, ds.info)
+    teacher = task.build_model({**CFG, "backbone": "resnet18", "min_size": 96, "max_size": 96}, ds.info).eval()
+    batch = task.collate([(*ds[i][:1], {**ds[i][1], "_index": i}) for i in range(2)])
+    term = ddkit.build("losses", {"name": "detector_kd", "mimic_weight": 2.0, "rpn": False})  # other anchors
+    adapter = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
+    assert isinstance(adapter, torch.nn.Conv2d) and (adapter.in_channels, adapter.out_channels) == (64, 256)
+    seen = {}
+    hook = student.roi_heads.box_roi_pool.register_forward_hook(
+        lambda m, args, out: seen.update(proposals=args[1], sizes=args[2], pooled=out))
+    student.train()
+    out = task.training_forward(student, batch)
+    hook.remove()
+    ctx = LossContext(task, student, teacher, batch, out, 0, 10)
+    value = term.compute(ctx)
+    with torch.no_grad():
+        t_images, _ = teacher.transform(list(batch["images"]))
+        feats = teacher.backbone(t_images.tensors)
+        scaled = [p * p.new_tensor([tw / sw, th / sh, tw / sw, th / sh])
+                  for p, (sh, sw), (th, tw) in zip(seen["proposals"], seen["sizes"], t_images.image_sizes)]
+        t_pooled = teacher.roi_heads.box_roi_pool(feats, scaled, t_images.image_sizes)
+        s_pooled = adapter(seen["pooled"])
+    assert len(t_pooled) == sum(len(p) for p in seen["proposals"]) > 0
+    expected = float(((s_pooled - t_pooled) ** 2).mean())
+    assert float(ctx.logs["detector_kd/mimic"]) == pytest.approx(expected, rel=1e-4)
+    keep, logs = 1 - term.mu, {k: float(v) for k, v in ctx.logs.items()}
+    hard = float(out.losses["loss_classifier"].detach())
+    assert float(value.detach()) == pytest.approx(keep * (logs["detector_kd/soft"] - hard) + 2.0 * expected,
+                                                  rel=1e-4)
+    value.backward()
+    assert adapter.weight.grad.abs().sum() > 0
+    assert seen["pooled"].requires_grad  # the student's features are imitated, not a detached copy
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.backbone.parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+    term.close()
+    assert not student.roi_heads.box_roi_pool._forward_hooks and term.adapter is None
