@@ -178,7 +178,7 @@ def test_refuses_one_stage_detectors_and_other_categories():
 
 
 def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
-    """configs/synthetic_det_kd.yaml at tiny settings: every variant trains (three on the transfer set) and the AP
+    """configs/synthetic_det_kd.yaml at tiny settings: every variant trains (four on the transfer set) and the AP
     gains are reported."""
     from ddkit.config import load_config
     from ddkit.engine.run import run_recipe
@@ -189,11 +189,12 @@ def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
                        "student.train.batch_size=2"])
     summary = run_recipe(cfg, progress=False)
     rows = {r["stage"]: r for r in summary["rows"]}
-    variants = ("kd_detector_kd", "kd_detector_kd_cwd", "kd_teacher_boxes")
+    variants = ("kd_detector_kd", "kd_detector_kd_cwd", "kd_detector_kd_mimic", "kd_teacher_boxes")
     assert set(rows) == {"teacher", "kd_alone", *variants}
     assert summary["kd_ap_gain"] == {s: round(rows[s]["AP"] - rows["kd_alone"]["AP"], 2) for s in variants}
     logs = (tmp_path / "kd_detector_kd_cwd" / "metrics.jsonl").read_text()
     assert '"detector_kd/regression"' in logs and '"hint"' in logs
+    assert '"detector_kd/mimic"' in (tmp_path / "kd_detector_kd_mimic" / "metrics.jsonl").read_text()
 
 
 def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss, target):
