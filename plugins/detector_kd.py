@@ -261,7 +261,7 @@ class DetectorKD:
         self.close()
         self._record(student.roi_heads, "select_training_samples", "rois")  # (proposals, idxs, labels, targets)
         heads = student.roi_heads
-        self._hooks = [heads.box_roi_pool.register_forward_pre_hook(self._keep_sizes),
+        self._hooks = [heads.box_roi_pool.register_forward_hook(self._keep_pooling),
                        heads.box_predictor.register_forward_hook(self._keep_predictions)]
         if self.rpn:
             self._record(student.rpn, "compute_loss", "anchors")  # args: (objectness, deltas, labels, targets)
@@ -269,7 +269,6 @@ class DetectorKD:
         self._teacher_backbone = TeacherBackbone(teacher)
         if not self.mimic_weight:
             return None
-        self._hooks.append(heads.box_roi_pool.register_forward_hook(self._keep_pooled))
         self.adapter = nn.Conv2d(student.backbone.out_channels, teacher.backbone.out_channels, 1).to(ctx.device)
         return self.adapter
 
@@ -285,13 +284,10 @@ class DetectorKD:
 
         self._patches.set(obj, name, wrapper)
 
-    def _keep_sizes(self, module: nn.Module, args: Any) -> None:
+    def _keep_pooling(self, module: nn.Module, args: Any, out: Tensor) -> None:
+        """The image sizes the student's RoIs refer to, and its pooled features (for the mimic)."""
         if module.training:
-            self._seen["sizes"] = list(args[2])
-
-    def _keep_pooled(self, module: nn.Module, args: Any, out: Tensor) -> None:
-        if module.training:
-            self._seen["pooled"] = out
+            self._seen["sizes"], self._seen["pooled"] = list(args[2]), out
 
     def _keep_predictions(self, module: nn.Module, args: Any, out: Any) -> None:
         if module.training:
