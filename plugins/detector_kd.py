@@ -15,7 +15,9 @@ NeurIPS 2017, on both stages of the detector:
 * with ``mimic_weight > 0``, Li, Jin, Yan 2017 (*Mimicking Very Efficient Network for Object Detection*)'s feature
   mimic: the squared distance between the student's RoI-pooled features, through a 1x1 adapter to the teacher's
   width, and the teacher's pooled on the same sampled RoIs (:func:`roi_mimic`): a hint on the regions the heads
-  read, where FitNets' hint on the neck imitates every cell. Off by default.
+  read, where FitNets' hint on the neck imitates every cell. Off by default. ``mimic_until < 1`` keeps it for that
+  fraction of the iterations only (a first stage that speeds the student's start, after which the teacher's soft
+  terms and boxes train it alone).
 
 The terms are pure functions (:func:`weighted_soft_ce`, :func:`bounded_regression`, :func:`imitation_regression`,
 :func:`detector_kd_terms`, :func:`rpn_kd_terms`, :func:`roi_mimic`); :class:`DetectorKD` reads the student's
@@ -46,6 +48,7 @@ class DetectorKDParams:
     margin: float = 0.0
     rpn: bool = True
     mimic_weight: float = 0.0
+    mimic_until: float = 1.0
     weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -56,6 +59,8 @@ class DetectorKDParams:
         for key in ("background_weight", "regression_weight", "margin", "mimic_weight", "weight"):
             if getattr(self, key) < 0:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if not 0.0 < self.mimic_until <= 1.0:
+            raise ValueError(f"mimic_until must be in (0, 1] (a fraction of the iterations), got {self.mimic_until}")
 
 
 def weighted_soft_ce(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
@@ -242,11 +247,12 @@ class DetectorKD:
     def __init__(self, temperature: float = 1.0, background_weight: float = 1.5, mu: float = 0.5,
                  regression_weight: float = 0.0, regression_loss: str = "l2",
                  regression_target: str = "ground_truth", margin: float = 0.0, rpn: bool = True,
-                 mimic_weight: float = 0.0, weight: float = 1.0):
+                 mimic_weight: float = 0.0, mimic_until: float = 1.0, weight: float = 1.0):
         self.temperature, self.background_weight, self.mu = temperature, background_weight, mu
         self.regression_weight, self.regression_loss = regression_weight, regression_loss
         self.regression_target = regression_target
         self.margin, self.rpn, self.mimic_weight, self.weight = margin, rpn, mimic_weight, weight
+        self.mimic_until = mimic_until
         self.adapter: nn.Module | None = None
         self._patches = _Patches()
         self._hooks: list = []
@@ -312,7 +318,8 @@ class DetectorKD:
 
     def _roi_terms(self, teacher: nn.Module, t_images: Any, feats: dict[str, Tensor], seen: dict[str, Any],
                    ctx: LossContext) -> tuple[Tensor, Tensor, Tensor]:
-        """``(soft, regression, mimic)`` on the student's sampled RoIs (``mimic`` 0 without an adapter)."""
+        """``(soft, regression, mimic)`` on the student's sampled RoIs (``mimic`` 0 without an adapter and from
+        ``mimic_until`` of the iterations on)."""
         _, (proposals, _, labels, targets) = seen["rois"]
         scaled = []
         for p, (sh, sw), (th, tw) in zip(proposals, seen.get("sizes") or [], t_images.image_sizes):
@@ -322,7 +329,7 @@ class DetectorKD:
             t_pooled = heads.box_roi_pool(feats, scaled, t_images.image_sizes)
             t_logits, t_deltas = heads.box_predictor(heads.box_head(t_pooled))
         mimic = t_logits.new_zeros(())
-        if self.adapter is not None:
+        if self.adapter is not None and ctx.iteration < self.mimic_until * ctx.total_iterations:
             mimic = roi_mimic(self.adapter(seen["pooled"]), t_pooled)
             ctx.logs["detector_kd/mimic"] = mimic.detach()
         s_logits, s_deltas = seen["predicted"]

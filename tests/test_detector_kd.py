@@ -324,3 +324,33 @@ def test_the_mimic_term_imitates_the_teachers_features_on_the_students_rois():
     assert all(p.grad is None for p in teacher.parameters())
     term.close()
     assert not student.roi_heads.box_roi_pool._forward_hooks and term.adapter is None
+
+
+def test_mimic_until_stops_the_mimic_after_its_fraction_of_the_iterations():
+    """mimic_until 0.5 of 10 iterations: the mimic is in the term at iteration 4 and out of it (the term exactly
+    the soft part, the adapter without gradient) from iteration 5."""
+    task = ddkit.build("tasks", "detection")
+    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
+    torch.manual_seed(0)
+    student = task.build_model(CFG, ds.info)
+    teacher = task.build_model({**CFG, "backbone": "resnet18"}, ds.info).eval()
+    batch = task.collate([(*ds[i][:1], {**ds[i][1], "_index": i}) for i in range(2)])
+    term = ddkit.build("losses", {"name": "detector_kd", "mimic_weight": 2.0, "mimic_until": 0.5, "rpn": False})
+    adapter = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
+    student.train()
+    for it in (4, 5):
+        out = task.training_forward(student, batch)
+        ctx = LossContext(task, student, teacher, batch, out, it, 10)
+        value = term.compute(ctx)
+        soft_part = (1 - term.mu) * (float(ctx.logs["detector_kd/soft"]) - float(out.losses["loss_classifier"]))
+        adapter.zero_grad(set_to_none=True)
+        value.backward()
+        if it == 4:
+            assert float(ctx.logs["detector_kd/mimic"]) > 0 and adapter.weight.grad.abs().sum() > 0
+            assert float(value) == pytest.approx(soft_part + 2.0 * float(ctx.logs["detector_kd/mimic"]), rel=1e-4)
+        else:
+            assert "detector_kd/mimic" not in ctx.logs and adapter.weight.grad is None
+            assert float(value) == pytest.approx(soft_part, rel=1e-5)
+    term.close()
+    with pytest.raises(ConfigError, match="mimic_until must be in"):
+        ddkit.build("losses", {"name": "detector_kd", "mimic_weight": 1.0, "mimic_until": 0.0})
