@@ -282,16 +282,23 @@ def test_roi_mimic_matches_a_slow_reference(seed):
     assert float(roi_mimic(s[:0], t[:0])) == 0.0
 
 
-def test_the_mimic_term_imitates_the_teachers_features_on_the_students_rois():
-    """A 64-channel student, a 256-channel teacher at another input size: the term's mimic is the adapted student
-    features against the teacher's pooled on the student's sampled RoIs (scaled), computed here by hand, and it
-    adds mimic_weight times that; the adapter and the student get gradients, the teacher none."""
+def _mimic_models(teacher_size: int | None = None):
+    """The detection task, a tiny student, a ResNet-18 teacher (at another input size if given) and a batch of 2."""
     task = ddkit.build("tasks", "detection")
     ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
     torch.manual_seed(0)
     student = task.build_model(CFG, ds.info)
-    teacher = task.build_model({**CFG, "backbone": "resnet18", "min_size": 96, "max_size": 96}, ds.info).eval()
+    sizes = {"min_size": teacher_size, "max_size": teacher_size} if teacher_size else {}
+    teacher = task.build_model({**CFG, "backbone": "resnet18", **sizes}, ds.info).eval()
     batch = task.collate([(*ds[i][:1], {**ds[i][1], "_index": i}) for i in range(2)])
+    return task, student, teacher, batch
+
+
+def test_the_mimic_term_imitates_the_teachers_features_on_the_students_rois():
+    """A 64-channel student, a 256-channel teacher at another input size: the term's mimic is the adapted student
+    features against the teacher's pooled on the student's sampled RoIs (scaled), computed here by hand, and it
+    adds mimic_weight times that; the adapter and the student get gradients, the teacher none."""
+    task, student, teacher, batch = _mimic_models(teacher_size=96)
     term = ddkit.build("losses", {"name": "detector_kd", "mimic_weight": 2.0, "rpn": False})  # other anchors
     adapter = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
     assert isinstance(adapter, torch.nn.Conv2d) and (adapter.in_channels, adapter.out_channels) == (64, 256)
@@ -329,12 +336,7 @@ def test_the_mimic_term_imitates_the_teachers_features_on_the_students_rois():
 def test_mimic_until_stops_the_mimic_after_its_fraction_of_the_iterations():
     """mimic_until 0.5 of 10 iterations: the mimic is in the term at iteration 4 and out of it (the term exactly
     the soft part, the adapter without gradient) from iteration 5."""
-    task = ddkit.build("tasks", "detection")
-    ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 2, "image_size": 64})
-    torch.manual_seed(0)
-    student = task.build_model(CFG, ds.info)
-    teacher = task.build_model({**CFG, "backbone": "resnet18"}, ds.info).eval()
-    batch = task.collate([(*ds[i][:1], {**ds[i][1], "_index": i}) for i in range(2)])
+    task, student, teacher, batch = _mimic_models()
     term = ddkit.build("losses", {"name": "detector_kd", "mimic_weight": 2.0, "mimic_until": 0.5, "rpn": False})
     adapter = term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
     student.train()
