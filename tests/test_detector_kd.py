@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchvision.ops import MultiScaleRoIAlign
 
 import ddkit
 from ddkit.engine.task import SetupContext, LossContext
@@ -117,18 +118,19 @@ def test_soft_term_gradient_flows_to_the_student_only():
     assert s.grad.abs().sum() > 0 and d.grad.abs().sum() > 0 and t.grad is None
 
 
-def _setup(student, teacher, batch, task):
-    term = ddkit.build("losses", {"name": "detector_kd"})
+def _setup(student, teacher, batch, task, **params):
+    term = ddkit.build("losses", {"name": "detector_kd", **params})
     term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
     return term
 
 
 def test_an_identical_teacher_gives_zero_and_close_restores_the_student():
-    """Every distillation term is 0; what is left is the (1 - mu) share of the hard losses the term takes out."""
+    """Every term of Chen et al. is 0; what is left is the (1 - mu) share of the hard losses the term takes out. The
+    mimic is off here: its adapter starts random, so an identical teacher does not zero it."""
     task, student, _, batch = toy_detection()
     teacher = copy.deepcopy(student).eval()
     sampler = student.rpn.fg_bg_sampler
-    term = _setup(student, teacher, batch, task)
+    term = _setup(student, teacher, batch, task, mimic_weight=0.0)
     student.train()
     out = task.training_forward(student, batch)
     ctx = LossContext(task, student, teacher, batch, out, 0, 10)
@@ -143,7 +145,7 @@ def test_an_identical_teacher_gives_zero_and_close_restores_the_student():
     assert not teacher.backbone._forward_hooks
 
 
-@pytest.mark.parametrize("mimic_weight", [0.0, 0.5])
+@pytest.mark.parametrize("mimic_weight", [0.0, None])  # None: the default, the mimic at 0.5
 def test_trains_a_student_with_the_detector_losses(tmp_path, mimic_weight):
     task = ddkit.build("tasks", "detection")
     ds = ddkit.build("datasets", {"name": "synthetic_shapes", "num_images": 6, "image_size": 64})
@@ -152,15 +154,15 @@ def test_trains_a_student_with_the_detector_losses(tmp_path, mimic_weight):
     student = task.build_model(CFG, ds.info)
     before = copy.deepcopy(student.state_dict())
     res = train_model(task, student, ds, {"iterations": 3, "batch_size": 2, "log_every": 1}, tmp_path,
-                      teacher=teacher, losses=[{"name": "hard_label"},
-                                               {"name": "detector_kd", "rpn": False, "mimic_weight": mimic_weight}],
+                      teacher=teacher, losses=[{"name": "hard_label"}, {"name": "detector_kd", "rpn": False,
+                                               **({} if mimic_weight is None else {"mimic_weight": mimic_weight})}],
                       progress=False)
     logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
     assert res["finished"] and len(logs) == 3
     for r in logs:
         assert {"detector_kd", "detector_kd/soft", "detector_kd/regression"} <= set(r["losses"])
         assert all(math.isfinite(v) for v in r["losses"].values()) and r["losses"]["detector_kd/soft"] > 0
-        assert ("detector_kd/mimic" in r["losses"]) == bool(mimic_weight)
+        assert ("detector_kd/mimic" in r["losses"]) == (mimic_weight != 0.0)
     assert any(not torch.equal(v, student.state_dict()[k].cpu()) for k, v in before.items())
     assert "select_training_samples" not in student.roi_heads.__dict__  # the trainer closed the term
 
@@ -175,6 +177,10 @@ def test_refuses_one_stage_detectors_and_other_categories():
     n = len(ds.info.categories)  # classes as the user counts them, without Faster R-CNN's background slot
     with pytest.raises(ConfigError, match=f"predicts {n} classes and the teacher 2; they must share the dataset's "):
         _setup(student, task.build_model(CFG, other.info), batch, task)
+    teacher.roi_heads.box_roi_pool = MultiScaleRoIAlign(["0", "1", "2", "3"], 5, 2)
+    with pytest.raises(ConfigError, match=r"the student pools \(7, 7\) and the teacher \(5, 5\).*mimic_weight: 0"):
+        _setup(student, teacher, batch, task)
+    _setup(student, teacher, batch, task, mimic_weight=0.0).close()  # without the mimic the pooling may differ
 
 
 def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
@@ -189,12 +195,14 @@ def test_the_detector_kd_recipe_runs_end_to_end(tmp_path):
                        "student.train.batch_size=2"])
     summary = run_recipe(cfg, progress=False)
     rows = {r["stage"]: r for r in summary["rows"]}
-    variants = ("kd_detector_kd", "kd_detector_kd_cwd", "kd_detector_kd_mimic", "kd_teacher_boxes")
+    variants = ("kd_detector_kd", "kd_detector_kd_soft", "kd_detector_kd_hint", "kd_teacher_boxes")
     assert set(rows) == {"teacher", "kd_alone", *variants}
     assert summary["kd_ap_gain"] == {s: round(rows[s]["AP"] - rows["kd_alone"]["AP"], 2) for s in variants}
-    logs = (tmp_path / "kd_detector_kd_cwd" / "metrics.jsonl").read_text()
-    assert '"detector_kd/regression"' in logs and '"hint"' in logs
-    assert '"detector_kd/mimic"' in (tmp_path / "kd_detector_kd_mimic" / "metrics.jsonl").read_text()
+    logs = {v: (tmp_path / v / "metrics.jsonl").read_text() for v in variants}
+    assert '"detector_kd/mimic"' in logs["kd_detector_kd"]  # the default
+    assert '"detector_kd/soft"' in logs["kd_detector_kd_soft"]
+    assert '"detector_kd/mimic"' not in logs["kd_detector_kd_soft"]
+    assert '"detector_kd/mimic"' in logs["kd_detector_kd_hint"] and '"hint"' in logs["kd_detector_kd_hint"]
 
 
 def reference_rpn_terms(s_obj, t_obj, s_deltas, t_deltas, labels, targets, T, bg, margin, loss, target):
@@ -251,7 +259,7 @@ def test_mu_blends_hard_and_soft_classification_as_the_paper():
     task, student, teacher, batch = toy_detection()
     values, logs = {}, {}
     for mu in (1.0, 0.5, 0.0):
-        term = ddkit.build("losses", {"name": "detector_kd", "mu": mu, "regression_weight": 0.5})
+        term = ddkit.build("losses", {"name": "detector_kd", "mu": mu, "regression_weight": 0.5, "mimic_weight": 0})
         term.setup(SetupContext(task, student, teacher, batch, torch.device("cpu"), 10))
         student.train()
         torch.manual_seed(1)  # the same anchor and RoI samples each time
