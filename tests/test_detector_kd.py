@@ -364,3 +364,23 @@ def test_mimic_until_stops_the_mimic_after_its_fraction_of_the_iterations():
     term.close()
     with pytest.raises(ConfigError, match="mimic_until must be in"):
         ddkit.build("losses", {"name": "detector_kd", "mimic_weight": 1.0, "mimic_until": 0.0})
+
+
+def test_distils_a_keypoint_rcnn_student_at_the_defaults(tmp_path):
+    """Keypoint R-CNN is a two-stage detector too: its box head and RPN distil, the mimic on by default."""
+    task = ddkit.build("tasks", "keypoints")
+    ds = ddkit.build("datasets", {"name": "synthetic_figures", "num_images": 4, "image_size": 64, "min_height": 20,
+                                  "max_height": 40})
+    torch.manual_seed(0)
+    model = {"name": "keypointrcnn", "backbone": "tiny", "min_size": 64, "max_size": 64, "keypoint_head": [8]}
+    teacher = task.build_model({**model, "backbone": "resnet18"}, ds.info)
+    student = task.build_model(model, ds.info)
+    before = copy.deepcopy(student.state_dict())
+    res = train_model(task, student, ds, {"iterations": 2, "batch_size": 2, "log_every": 1}, tmp_path,
+                      teacher=teacher, losses=[{"name": "hard_label"}, {"name": "detector_kd"}], progress=False)
+    logs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"losses"' in line]
+    assert res["finished"] and len(logs) == 2
+    for r in logs:
+        assert {"detector_kd/soft", "detector_kd/rpn_soft", "detector_kd/mimic"} <= set(r["losses"])
+        assert all(math.isfinite(v) for v in r["losses"].values())
+    assert any(not torch.equal(v, student.state_dict()[k].cpu()) for k, v in before.items())
