@@ -5,10 +5,12 @@
     python benchmarks/detector_kd_results.py --parallel 2       # the seeds after 0 side by side, one thread each
     python benchmarks/detector_kd_results.py --teacher runs/det_kd_hard_teacher/teacher/model.pt \
         --recipe configs/synthetic_det_kd_hard.yaml          # every seed taught by a teacher trained beforehand
+    python benchmarks/detector_kd_results.py --set student.train.iterations=300 --out runs/det_kd_300
+                                                             # another schedule, in its own run folders
 
-Seed 0 trains the teacher (``ddkit run`` into ``runs/<recipe>/seed0``) unless ``--teacher`` names one; every other
-seed is taught by that teacher (``teacher.checkpoint``) on the same split, so the seeds vary the students'
-initialisation and batches, not the teacher. Finished stages are skipped on a re-run (``ddkit run``'s stage
+Seed 0 trains the teacher (``ddkit run`` into ``runs/<recipe>/seed0``, or ``<--out>/seed0``) unless ``--teacher``
+names one; every other seed is taught by that teacher (``teacher.checkpoint``) on the same split, so the seeds vary
+the students' initialisation and batches, not the teacher. Finished stages are skipped on a re-run (``ddkit run``'s stage
 markers), so an interrupted table resumes.
 """
 from __future__ import annotations
@@ -25,9 +27,16 @@ from distillation_results import mean_sd  # benchmarks/ is the script's folder, 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def command(recipe: str, seed: int, extra: list[str], teacher_path: str | None = None) -> list[str]:
-    """``ddkit run`` of one seed; taught by ``teacher_path``, else by seed 0's teacher (seed 0 trains it)."""
-    out = REPO / "runs" / Path(recipe).stem / f"seed{seed}"
+def run_root(recipe: str, out: str | None = None) -> Path:
+    """The folder holding a table's ``seed<K>`` run folders: ``out``, else ``runs/<recipe's stem>``."""
+    return (REPO / out) if out else REPO / "runs" / Path(recipe).stem
+
+
+def command(recipe: str, seed: int, extra: list[str], teacher_path: str | None = None,
+            out_root: str | None = None) -> list[str]:
+    """``ddkit run`` of one seed into ``<run_root>/seed<seed>``; taught by ``teacher_path``, else by seed 0's teacher
+    (seed 0 trains it)."""
+    out = run_root(recipe, out_root) / f"seed{seed}"
     if teacher_path is None and seed != 0:
         teacher_path = str(out.parent / "seed0" / "teacher" / "model.pt")
     teacher = [f"teacher.checkpoint={teacher_path}"] if teacher_path else []
@@ -36,11 +45,11 @@ def command(recipe: str, seed: int, extra: list[str], teacher_path: str | None =
 
 
 def run_seeds(recipe: str, seeds: list[int], extra: list[str], parallel: int,
-              teacher_path: str | None = None) -> list[dict]:
+              teacher_path: str | None = None, out_root: str | None = None) -> list[dict]:
     """Seed ``seeds[0]`` first (it may train the teacher), then the others, ``parallel`` at a time."""
     def start(seed: int, threads: int | None) -> subprocess.Popen:
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        return subprocess.Popen(command(recipe, seed, extra, teacher_path), cwd=REPO, env=env,
+        return subprocess.Popen(command(recipe, seed, extra, teacher_path, out_root), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL)
 
     def wait(procs: list[subprocess.Popen]) -> None:
@@ -52,7 +61,8 @@ def run_seeds(recipe: str, seeds: list[int], extra: list[str], parallel: int,
     rest = seeds[1:]
     for i in range(0, len(rest), parallel):
         wait([start(s, 1 if parallel > 1 else None) for s in rest[i:i + parallel]])
-    return [json.loads((REPO / "runs" / Path(recipe).stem / f"seed{s}" / "results.json").read_text()) for s in seeds]
+    root = run_root(recipe, out_root)
+    return [json.loads((root / f"seed{s}" / "results.json").read_text()) for s in seeds]
 
 
 def table(seeds: list[int], results: list[dict]) -> str:
@@ -81,9 +91,10 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=1, help="seeds after the first run this many at a time")
     ap.add_argument("--set", nargs="*", default=[], help="recipe overrides for every seed, e.g. kd.variants...")
     ap.add_argument("--teacher", help="a trained teacher's model.pt for every seed (seed 0 then trains none)")
+    ap.add_argument("--out", help="the folder of the seeds' run folders (default runs/<recipe's name>)")
     args = ap.parse_args()
     teacher = str(Path(args.teacher).resolve()) if args.teacher else None
-    results = run_seeds(args.recipe, args.seeds, args.set, max(1, args.parallel), teacher)
+    results = run_seeds(args.recipe, args.seeds, args.set, max(1, args.parallel), teacher, args.out)
     print(f"{args.recipe}: box AP (COCO AP@[.5:.95], %) on the test part; one teacher ({teacher or 'seed 0'}), the "
           f"students' seeds {args.seeds}\n")
     print(table(args.seeds, results))

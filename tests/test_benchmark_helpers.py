@@ -26,6 +26,13 @@ def test_detector_kd_seed_0_trains_the_teacher_that_the_other_seeds_load():
     assert _teacher_of(command("configs/r.yaml", 2, [])) == str(seed0)
 
 
+def test_detector_kd_out_option_moves_every_seed_and_the_teacher_seed_0_trains():
+    root = Path(__file__).resolve().parents[1] / "runs" / "det_kd_300"
+    cmd = command("configs/r.yaml", 1, ["x=1"], out_root="runs/det_kd_300")
+    assert f"run.out_dir={root / 'seed1'}" in cmd and cmd.index("x=1") > cmd.index(f"run.out_dir={root / 'seed1'}")
+    assert _teacher_of(cmd) == str(root / "seed0" / "teacher" / "model.pt")
+
+
 def test_detector_kd_teacher_option_teaches_every_seed_seed_0_included():
     for seed in (0, 1, 3):
         assert _teacher_of(command("configs/r.yaml", seed, ["x=1"], "/t/model.pt")) == "/t/model.pt"
