@@ -10,8 +10,8 @@
 
 Seed 0 trains the teacher (``ddkit run`` into ``runs/<recipe>/seed0``, or ``<--out>/seed0``) unless ``--teacher``
 names one; every other seed is taught by that teacher (``teacher.checkpoint``) on the same split, so the seeds vary
-the students' initialisation and batches, not the teacher. Finished stages are skipped on a re-run (``ddkit run``'s stage
-markers), so an interrupted table resumes.
+the students' initialisation and batches, not the teacher. Finished stages are skipped on a re-run (``ddkit run``'s
+stage markers), so an interrupted table resumes.
 """
 from __future__ import annotations
 
