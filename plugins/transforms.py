@@ -324,8 +324,7 @@ class ColorJitter(_View):
     (``1`` = unchanged, the torchvision ``adjust_*`` formulas), applied in that order. Geometry is untouched, so every
     inverse is the identity."""
 
-    def __init__(self, brightness: float = 1.0, contrast: float = 1.0, saturation: float = 1.0,
-                 name: str | None = None):
+    def __init__(self, brightness: float, contrast: float, saturation: float, name: str | None = None):
         for key, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0 or not math.isfinite(v):
                 raise ValueError(f"color_jitter: {key} must be a finite number >= 0, got {v!r}")
@@ -364,7 +363,7 @@ class BrightnessParams:
 
 def make_brightness(factors: Sequence[float] = (0.8, 1.2)) -> list[ColorJitter]:
     BrightnessParams(list(factors))
-    return [ColorJitter(brightness=f, name=f"brightness{_fmt(f)}") for f in factors]
+    return [ColorJitter(f, 1.0, 1.0, name=f"brightness{_fmt(f)}") for f in factors]
 
 
 @dataclass

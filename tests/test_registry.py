@@ -1,6 +1,8 @@
 """The plugin system: discovery through entry points, blocking, clashes, and the registry's errors."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -279,3 +281,37 @@ def test_a_corrupt_file_is_not_called_a_file_of_python_objects(tmp_path):
     (tmp_path / "objects.pt").write_bytes(pickle.dumps(Entry, protocol=2))
     with pytest.raises(DataError, match="it holds Python objects"):
         load_checkpoint(tmp_path / "objects.pt", registry=Registry())
+
+
+def _stated_default(field):
+    """A params field's default, sequences as tuples (a recipe's list and a signature's tuple are one default)."""
+    if field.default is not dataclasses.MISSING:
+        value = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        value = field.default_factory()
+    else:
+        return dataclasses.MISSING
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _registered_with_params():
+    entries = registry_from_plugin_manager(make_plugin_manager()).entries()
+    return [pytest.param(e.spec, id=f"{e.spec.kind}:{e.spec.name}") for e in entries if e.spec.params is not None]
+
+
+@pytest.mark.parametrize("spec", _registered_with_params())
+def test_a_factorys_defaults_are_its_params_defaults(spec):
+    """Where a strategy's factory states a default for a parameter its params dataclass also declares, the two agree:
+    the recipe (validated through the dataclass) and direct construction get the same strategy, and a changed
+    default cannot land in one place only. ``None`` for an empty container is the usual mutable-default guard."""
+    signature = inspect.signature(spec.factory)
+    for field in dataclasses.fields(spec.params):
+        parameter = signature.parameters.get(field.name)
+        default = _stated_default(field)
+        if not field.init or parameter is None or parameter.default is inspect.Parameter.empty \
+                or default is dataclasses.MISSING:
+            continue
+        stated = tuple(parameter.default) if isinstance(parameter.default, list) else parameter.default
+        if stated is None and default in ({}, (), set()):
+            continue
+        assert stated == default, f"{spec.name}.{field.name}: the factory says {stated!r}, the params {default!r}"
