@@ -206,6 +206,30 @@ def _validate_node(node: Any, registry: Registry, source: str, path: str) -> Non
             _validate_node(value, registry, source, f"{path}[{i}]")
 
 
+def with_strategy_defaults(section: Any, registry: Registry) -> Any:
+    """A plain recipe value (dicts, lists, scalars) with every strategy block written out in full: its name and all
+    of its parameters, the plugin's defaults included. A run stage's marker hashes this beside the recipe's own
+    text, so a default that changed in a new version of a plugin redoes the stages it decides."""
+    if isinstance(section, list):
+        return [with_strategy_defaults(v, registry) for v in section]
+    if not isinstance(section, dict):
+        return section
+    out = {}
+    for key, value in section.items():
+        kind = STRATEGY_SLOTS.get(str(key))
+        if kind is None or value is None:
+            out[key] = with_strategy_defaults(value, registry)
+        else:
+            blocks = [_in_full(kind, b, registry) for b in (value if isinstance(value, list) else [value])]
+            out[key] = blocks if isinstance(value, list) else blocks[0]
+    return out
+
+
+def _in_full(kind: str, block: Any, registry: Registry) -> dict[str, Any]:
+    entry, params = registry.params(kind, block)
+    return {"name": entry.spec.name, **params}
+
+
 def _check_list_slot(key: str, value: Any, kind: str, where: str) -> None:
     """A plural slot (``losses``, ``transforms``) holds a list of blocks, and ``losses`` at least one."""
     if key not in LIST_SLOTS:

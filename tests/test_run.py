@@ -166,6 +166,44 @@ def test_changed_inputs_redo_only_the_stages_that_read_them(first_run, recipe, c
     assert "student: done earlier" in printed and "label: done earlier" in printed
 
 
+def test_a_plugins_changed_default_redoes_the_stages_it_decides(first_run, recipe, tmp_path, capsys):
+    """A new version of a plugin whose default changed (here ``soft_target``'s ``weight``, which the recipe does not
+    state) redoes the stages that use it and no other; a marker written before markers held the strategies'
+    defaults is judged on the recipe's text alone, as it was then."""
+    import dataclasses
+    import shutil
+
+    from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
+    from ddkit.registry import Registry
+
+    out = tmp_path / "out"
+    shutil.copytree(first_run["run_dir"], out)
+    cfg = load_config(recipe, [f"run.out_dir={out}"])
+    run_recipe(cfg, source=str(recipe), progress=False)  # whatever earlier tests changed in the folder, settled
+    entries = registry_from_plugin_manager(make_plugin_manager()).entries()
+    soft = next(e for e in entries if e.spec.kind == "losses" and e.spec.name == "soft_target")
+
+    @dataclasses.dataclass
+    class LighterSoftTarget(soft.spec.params):
+        weight: float = 0.5
+
+    upgraded = Registry(dataclasses.replace(e, spec=dataclasses.replace(e.spec, params=LighterSoftTarget))
+                        if e is soft else e for e in entries)
+    capsys.readouterr()
+    run_recipe(cfg, source=str(recipe), progress=False, registry=upgraded)
+    printed = capsys.readouterr().out
+    assert "kd_soft: running" in printed
+    for stage in ("teacher", "label", "student", "baseline_full", "kd_alone"):
+        assert f"{stage}: done earlier" in printed, stage
+    marker = out / "kd_soft" / "stage.json"
+    record = read_marker(marker)
+    assert set(record) >= {"inputs", "defaults"}
+    del record["defaults"]  # as an older ddkit wrote it
+    marker.write_text(json.dumps(record))
+    run_recipe(cfg, source=str(recipe), progress=False)
+    assert "kd_soft: done earlier" in capsys.readouterr().out
+
+
 def test_a_trained_teacher_is_used_as_it_is(first_run, recipe, tmp_path, capsys):
     """``teacher.checkpoint``: no teacher training, the file is evaluated for the table and teaches the rest."""
     teacher = Path(first_run["run_dir"]) / "teacher" / "model.pt"

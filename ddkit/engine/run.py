@@ -13,8 +13,9 @@ Stages, each a folder of ``<run.out_dir>`` with a ``stage.json`` marker written 
     kd_<variant>            knowledge distillation variants of the student     (``kd.variants``)
     tta_<stage>             multi-transform evaluation of a model on the test part (``evaluate.tta``)
 
-A stage whose marker exists and whose inputs (the recipe sections it reads and the data files, hashed: those of
-the data parts and, for the stages from ``label`` on, the label source's images) are unchanged is skipped;
+A stage whose marker exists and whose inputs (the recipe sections it reads, the same with every strategy's defaults
+written out, and the data files, hashed: those of the data parts and, for the stages from ``label`` on, the label
+source's images) are unchanged is skipped;
 ``force`` redoes a stage and every stage after it. Before any stage runs, the finished stages that will be redone
 are removed, with the results files. A marker also records a digest of the stage's output and those of the earlier
 stages' outputs it read (``reads``): when an earlier stage ran again and its output changed (new pseudo-labels, a
@@ -41,7 +42,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ddkit.config import save_config
+from ddkit.config import save_config, with_strategy_defaults
 from ddkit.engine.as_built import check_as_built
 from ddkit.engine.checkpoint import load_model
 from ddkit.engine.evaluate import check_same_classes
@@ -582,13 +583,16 @@ class Runner:
             self._run_stage(i, stage, keys[i])
         return self._write_results() if self.is_main else self.summarize()
 
-    def _key(self, stage: Stage) -> str:
-        """A stage's inputs digest: the recipe sections it reads and the data files (a changed file re-runs it),
-        with the label source's images for the stages that read them."""
+    def _key(self, stage: Stage) -> dict[str, str]:
+        """A stage's digests: ``inputs``, the recipe sections it reads and the data files (a changed file re-runs
+        it), with the label source's images for the stages that read them; ``defaults``, the strategies of those
+        sections with every parameter written out (a plugin's changed default re-runs it)."""
         files = {"data files": self.data_key}
         if stage.unlabeled and self.label_files_key is not None:
             files["label files"] = self.label_files_key
-        return _digest({**self._inputs(stage), **files})
+        sections = self._inputs(stage)
+        return {"inputs": _digest({**sections, **files}),
+                "defaults": _digest(with_strategy_defaults(sections, self.registry))}
 
     def _read_digests(self, stage: Stage) -> dict[str, str | None]:
         """The output digests of the earlier stages a stage reads, as they are now."""
@@ -617,7 +621,7 @@ class Runner:
             return file_sha256(path)[:16]
         return _digest({k: v for k, v in result.items() if k not in TIMINGS})
 
-    def _run_stage(self, index: int, stage: Stage, key: str) -> None:
+    def _run_stage(self, index: int, stage: Stage, key: dict[str, str]) -> None:
         """Run one stage (every rank, or rank 0 alone for a ``writer_only`` one) and record its result: rank 0
         writes the marker, the other ranks then read the result from it, so every rank holds the same results."""
         folder, marker = self.out / stage.name, self.out / stage.name / "stage.json"
@@ -645,7 +649,7 @@ class Runner:
         if self.is_main:
             self._save_recipe()  # a stage that wrote nothing of its own (a teacher given by teacher.checkpoint)
             result["seconds"] = round(time.perf_counter() - t0, 2)
-            atomic_write_json(marker, {"stage": stage.name, "inputs": key, "result": result,
+            atomic_write_json(marker, {"stage": stage.name, **key, "result": result,
                                        "run_dir": str(self.out.resolve()), "outputs": self._output_sizes(result),
                                        "digest": self._output_digest(stage, result),
                                        "reads": self._read_digests(stage)})
@@ -674,7 +678,7 @@ class Runner:
     def _forced(self, index: int) -> bool:
         return self.force_from is not None and index >= self.force_from
 
-    def _remove_stale(self, keys: Sequence[str]) -> None:
+    def _remove_stale(self, keys: Sequence[dict[str, str]]) -> None:
         """Before any stage runs, remove every finished stage whose inputs changed (or that is forced), and the
         results that describe them: an interrupted run then leaves no stale model for ``export`` / ``predict`` to
         find, nor a table of stages that no longer exist in this form."""
@@ -688,13 +692,19 @@ class Runner:
                 marker.unlink()
                 self._say(f"{stage.name}: its stage.json could not be read (truncated?); the stage runs again")
                 continue
-            if self._forced(i) or record.get("inputs") != keys[i] or self._lost_output(record):
+            if self._forced(i) or self._inputs_changed(record, keys[i]) or self._lost_output(record):
                 stale.append(stage.name)
                 shutil.rmtree(marker.parent)
         if stale:
             print(f"[ddkit run] {', '.join(stale)}: inputs changed, forced or an output file deleted or changed; "
                   f"their old outputs were removed")
             self._remove_results()
+
+    @staticmethod
+    def _inputs_changed(record: Mapping[str, Any], key: Mapping[str, str]) -> bool:
+        """A marker's digests differ from the stage's now (one written before markers held ``defaults`` is judged
+        on its ``inputs`` alone)."""
+        return record.get("inputs") != key["inputs"] or record.get("defaults", key["defaults"]) != key["defaults"]
 
     def _remove_results(self) -> None:
         """The results files describe stages that are being redone: removed until the run rewrites them."""
