@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import ddkit.commands
-from ddkit.errors import DDKitError, Interrupted, StageError
+from ddkit.errors import ConfigError, DDKitError, Interrupted, PluginError, StageError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +123,7 @@ def _main(argv: Sequence[str] | None) -> int:
         with sigterm_as_interrupt():
             return int(args._run(args) or 0)
     except DDKitError as err:
-        print(f"ddkit {args.command}: error: {err}", file=sys.stderr)
+        _say_error(args.command, err)
         return 1 if isinstance(err, StageError) else 2
     except BrokenPipeError:  # `ddkit plugins | head`: the reader left; not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -143,6 +143,16 @@ def _main(argv: Sequence[str] | None) -> int:
         return 128 + signum
     finally:
         os.environ.pop(NO_PROGRESS_ENV, None)
+
+
+def _say_error(command: str, err: DDKitError) -> None:
+    """The one-line error. Under torchrun a recipe's or a plugin's error is every rank's alike: rank 0 says it once;
+    another rank says its own failure (a stage's) with its rank."""
+    rank = os.environ.get("RANK", "0")
+    if rank == "0":
+        print(f"ddkit {command}: error: {err}", file=sys.stderr)
+    elif not isinstance(err, (ConfigError, PluginError)):
+        print(f"ddkit {command} [rank {rank}]: error: {err}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -12,8 +13,9 @@ import yaml
 from omegaconf import OmegaConf
 
 from ddkit import ConfigError, get_registry
-from ddkit.cli import main
+from ddkit.cli import _say_error, main
 from ddkit.config import load_config, save_config, validate_config
+from ddkit.errors import StageError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,6 +97,22 @@ def test_cli_user_errors_are_one_line_without_traceback(tmp_path, text, override
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ddkit config: error:") and word in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("rank, says", [("0", True), ("1", False)])
+def test_under_torchrun_a_recipe_error_is_said_once_by_rank_0(tmp_path, rank, says):
+    """Every rank validates the same recipe: one line from rank 0, not one per process."""
+    path = _write(tmp_path / "r.yaml", "label:\n  aggregator: {name: wfb}\n")
+    proc = subprocess.run([sys.executable, "-m", "ddkit", "config", "show", str(path)], capture_output=True,
+                          text=True, env={**os.environ, "RANK": rank})
+    assert proc.returncode == 2 and ("Unknown aggregator 'wfb'" in proc.stderr) == says, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_another_ranks_own_failure_is_said_with_its_rank(capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    _say_error("run", StageError("stage student: out of memory"))
+    assert capsys.readouterr().err == "ddkit run [rank 3]: error: stage student: out of memory\n"
 
 
 def test_cli_version_and_help():
