@@ -164,6 +164,21 @@ def test_changed_inputs_redo_only_the_stages_that_read_them(first_run, recipe, c
     printed = capsys.readouterr().out
     assert "kd_soft: running" in printed and "kd_alone: done earlier" in printed  # each reads its own variant
     assert "student: done earlier" in printed and "label: done earlier" in printed
+    # a TTA row reads its own model and the views: the new kd_soft model's row is redone, no other
+    assert "tta_kd_soft: running" in printed
+    for stage in ("tta_teacher", "tta_student", "tta_baseline_full", "tta_kd_alone"):
+        assert f"{stage}: done earlier" in printed, stage
+
+
+def test_a_tta_row_is_redone_when_its_views_change_not_the_selection(first_run, recipe, capsys):
+    run_recipe(load_config(recipe), source=str(recipe), progress=False)  # whatever earlier tests changed, settled
+    capsys.readouterr()
+    run_recipe(load_config(recipe, ["label.selector.keep=0.5"]), source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert "select: running" in printed and "tta_teacher: done earlier" in printed
+    run_recipe(load_config(recipe, ["label.transforms.1.shifts=[[2, 0]]"]), source=str(recipe), progress=False)
+    printed = capsys.readouterr().out
+    assert "tta_teacher: running" in printed and "tta_kd_alone: running" in printed
 
 
 def test_a_plugins_changed_default_redoes_the_stages_it_decides(first_run, recipe, tmp_path, capsys):

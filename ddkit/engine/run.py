@@ -11,7 +11,8 @@ Stages, each a folder of ``<run.out_dir>`` with a ``stage.json`` marker written 
     baseline_labeled        the student's model on the labeled part alone      (``baselines.labeled_only``)
     baseline_full           ... on labeled + unlabeled with its true labels    (``baselines.fully_labeled``)
     kd_<variant>            knowledge distillation variants of the student     (``kd.variants``)
-    tta_<stage>             multi-transform evaluation of a model on the test part (``evaluate.tta``)
+    tta_<stage>             multi-transform evaluation of a model on the test part (``evaluate.tta``; the views and
+                            aggregator of ``evaluate`` / ``label``; its model through ``reads``)
 
 A stage whose marker exists and whose inputs (the recipe sections it reads, the same with every strategy's defaults
 written out, and the data files, hashed: those of the data parts and, for the stages from ``label`` on, the label
@@ -93,6 +94,9 @@ TIMINGS = ("seconds", "train_time_s")
 
 # how many unlabeled image files are opened before the teacher trains, to find a folder none of which reads
 READ_CHECK = 16
+
+# the label keys a TTA stage evaluates with (its views and their ensemble); the selection is its own (keep all)
+TTA_LABEL_KEYS = ("transforms", "aggregator", "batch_size", "keypoints")
 
 # what one teacher's training reads: the number of teachers (``teacher.ensemble``) matters only to the labelling
 ONE_TEACHER = ("teacher.ensemble",)
@@ -538,11 +542,14 @@ class Runner:
                                 lambda v=variant: self._kd(v), ONE_TEACHER, trains=True,
                                 reads=("teacher",) if self._kd_reads_teacher(variant) else ()))
         if self.evaluate_cfg.get("tta"):
+            others = tuple(f"label.{k}" for k in (self.label_cfg or {}) if k not in TTA_LABEL_KEYS)
             for st in [s.name for s in stages if not s.name.startswith(("label", "select"))]:
                 if st == "baseline_labeled" and self._baseline_is_teacher():
                     continue  # the same model as the teacher's: its TTA row is the teacher's
-                stages.append(Stage(f"tta_{st}", base + ("teacher", "student", "label", "kd", "evaluate"),
-                                    lambda s=st: self._tta(s), ONE_TEACHER, reads=(st,)))
+                # its model is what it reads (``reads``): the recipe's other sections, a KD variant's included, do
+                # not decide it, only the views and aggregator it evaluates with
+                stages.append(Stage(f"tta_{st}", base + ("label", "evaluate"), lambda s=st: self._tta(s),
+                                    ignore=others, reads=(st,)))
         return stages
 
     def _round_stages(self, base: tuple[str, ...], r: int) -> list[Stage]:
@@ -970,8 +977,7 @@ class Runner:
                 label[key] = self.evaluate_cfg[key]
         if not label.get("transforms"):
             raise ConfigError(f"{self.source}: evaluate.tta needs evaluate.transforms (or label.transforms)")
-        keep = {"transforms", "aggregator", "batch_size", "keypoints"}
-        label = {k: v for k, v in label.items() if k in keep}
+        label = {k: v for k, v in label.items() if k in TTA_LABEL_KEYS}
         label.update(selector={"name": "score_threshold", "threshold": 0.0}, quality=True)
         return label
 
