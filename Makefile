@@ -22,9 +22,14 @@ $(STAMP): pyproject.toml integrations/ddkit-ultralytics/pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/ddkit run configs/mnist_dd.yaml
 
+# the tests in TEST_WORKERS processes (pytest-xdist; a test file's tests stay in one process, in order), each with
+# one thread: this machine's 2 cores. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
-	YOLO_OFFLINE=1 $(PY) -m pytest -q integrations/ddkit-ultralytics/tests
+	$(PYTEST)
+	YOLO_OFFLINE=1 $(PYTEST) integrations/ddkit-ultralytics/tests
 
 # the peers the benchmarks' tables compare with (ensemble_boxes, torchdistill), installed once; torch stays pinned
 $(BENCH_STAMP): $(STAMP)

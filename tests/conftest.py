@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,12 @@ def one_thread():
 def example_plugin_path(tmp_path_factory) -> Path:
     """The test plugin package installed (with real entry-point metadata) into a folder of its own."""
     target = tmp_path_factory.mktemp("example_plugin")
-    build = tmp_path_factory.mktemp("example_plugin_src")
+    # a copy: setuptools builds in the source folder, which the test workers (pytest -n) would share
+    source = tmp_path_factory.mktemp("example_plugin_src") / "plugin_pkg"
+    shutil.copytree(REPO / "tests" / "plugin_pkg", source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--disable-pip-version-check", "--target", str(target), str(REPO / "tests" / "plugin_pkg")],
-                   check=True, cwd=build, capture_output=True)
+                    "--disable-pip-version-check", "--target", str(target), str(source)],
+                   check=True, cwd=source.parent, capture_output=True)
     return target
 
 
