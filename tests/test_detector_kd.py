@@ -352,12 +352,14 @@ def test_mimic_until_stops_the_mimic_after_its_fraction_of_the_iterations():
         out = task.training_forward(student, batch)
         ctx = LossContext(task, student, teacher, batch, out, it, 10)
         value = term.compute(ctx)
-        soft_part = (1 - term.mu) * (float(ctx.logs["detector_kd/soft"]) - float(out.losses["loss_classifier"].detach()))
+        hard = float(out.losses["loss_classifier"].detach())
+        soft_part = (1 - term.mu) * (float(ctx.logs["detector_kd/soft"]) - hard)
         adapter.zero_grad(set_to_none=True)
         value.backward()
         if it == 4:
             assert float(ctx.logs["detector_kd/mimic"]) > 0 and adapter.weight.grad.abs().sum() > 0
-            assert float(value.detach()) == pytest.approx(soft_part + 2.0 * float(ctx.logs["detector_kd/mimic"]), rel=1e-4)
+            mimic = float(ctx.logs["detector_kd/mimic"])
+            assert float(value.detach()) == pytest.approx(soft_part + 2.0 * mimic, rel=1e-4)
         else:
             assert "detector_kd/mimic" not in ctx.logs and adapter.weight.grad is None
             assert float(value.detach()) == pytest.approx(soft_part, rel=1e-5)
