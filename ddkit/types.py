@@ -11,7 +11,7 @@ from typing import Any, Callable, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-KINDS: tuple[str, ...] = ("transforms", "aggregators", "selectors", "losses", "tasks", "datasets", "models")
+from ddkit.strategy_kinds import KINDS  # noqa: F401  (re-exported: the registry and plugins read it here)
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,28 @@ def test_cli_version_and_help():
     assert out.returncode == 0 and "plugins" in out.stdout and "config" in out.stdout
 
 
+def test_help_and_version_do_not_import_torch():
+    """Every command's parser is built for ``--help`` and ``--version``: no command module, and not ``import ddkit``,
+    imports torch at module level (torch and torchvision took 5-7 s of ``ddkit --help`` on 2 cores)."""
+    code = ("import sys, ddkit.cli; ddkit.cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'numpy', 'ultralytics'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_packages_names_load_on_first_use():
+    import ddkit
+    import ddkit.hookspecs
+    import ddkit.plugin_manager
+    import ddkit.types
+
+    assert (ddkit.hookimpl, ddkit.build, ddkit.get_registry, ddkit.Instances, ddkit.DatasetInfo) == (
+        ddkit.hookspecs.hookimpl, ddkit.plugin_manager.build, ddkit.plugin_manager.get_registry,
+        ddkit.types.Instances, ddkit.types.DatasetInfo)
+    with pytest.raises(AttributeError, match="no attribute 'Instance'"):
+        ddkit.Instance
+
+
 def test_cli_plugins_lists_every_kind_with_provider(capsys):
     assert main(["plugins"]) == 0
     out = capsys.readouterr().out

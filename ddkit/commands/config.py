@@ -3,9 +3,6 @@ from __future__ import annotations
 
 import argparse
 
-from ddkit.config import to_yaml
-from ddkit import plugin_manager
-
 HELP = "show a recipe resolved with its defaults and overrides, after validation"
 
 
@@ -19,6 +16,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddkit import plugin_manager
+    from ddkit.config import to_yaml
     from ddkit.engine.recipe import load_recipe, with_defaults
 
     registry = plugin_manager.get_registry()  # looked up per call: a test may swap the registry

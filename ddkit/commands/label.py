@@ -13,11 +13,6 @@ import json
 import logging
 import os
 
-from ddkit.engine.recipe import load_recipe
-from ddkit.engine.label import quality_table, run_label
-from ddkit.engine.run_lock import run_lock
-from ddkit.engine.shards import parse_shard_arg
-
 HELP = "pseudo-label unlabeled images with a teacher: multi-transform inference, aggregation, selection"
 ON_INTERRUPT = "re-run the same command to resume: the shards written are kept"
 
@@ -45,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.label import quality_table, run_label
+    from ddkit.engine.recipe import load_recipe
+    from ddkit.engine.run_lock import run_lock
+    from ddkit.engine.shards import parse_shard_arg
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_recipe(args.recipe, args.overrides)
     worker = parse_shard_arg(args.shard) if args.shard else None

@@ -8,8 +8,7 @@ import json
 import sys
 from typing import TextIO
 
-from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
-from ddkit.types import KINDS
+from ddkit.strategy_kinds import KINDS
 
 HELP = "list every registered strategy by kind, with the package that provides it"
 
@@ -20,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddkit.plugin_manager import make_plugin_manager, registry_from_plugin_manager
+
     broken: dict[str, str] = {}
     registry = registry_from_plugin_manager(make_plugin_manager(broken=broken), broken=broken)
     kinds = [args.kind] if args.kind else list(KINDS)

@@ -20,8 +20,6 @@ import json
 import logging
 import os
 
-from ddkit.engine.recipe import load_recipe
-
 HELP = "train a teacher or a student (KD losses, pseudo-labels) from a recipe; resumable, DDP with torchrun"
 
 
@@ -46,6 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ddkit.engine.recipe import load_recipe
     from ddkit.engine.run_lock import run_lock
     from ddkit.engine.train import run_train
     from ddkit.runtime import torchrun_group
