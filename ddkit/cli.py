@@ -1,7 +1,9 @@
 """The ``ddkit`` command. Each subcommand is one module in :mod:`ddkit.commands` that defines
 ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``, and optionally ``ON_INTERRUPT`` (what to
 do after Ctrl-C or SIGTERM, when re-running does more than start again: a line, or a function of the parsed
-arguments that gives it, as the advice depends on the options given); modules are discovered, not listed.
+arguments that gives it, as the advice depends on the options given); modules are discovered, not listed. A
+command module imports the engine inside ``run``, not at its top: ``ddkit --help`` builds every command's parser
+and stays instant only while that imports no torch (tests/test_config_cli.py checks).
 ``args.command_line`` is the command as typed (``ddkit train R ...``), for the run folder's lock to name."""
 from __future__ import annotations
 
