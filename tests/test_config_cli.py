@@ -131,7 +131,9 @@ def test_help_and_version_do_not_import_torch():
     assert out.stdout.strip() == "[]"
 
 
-def test_the_packages_names_load_on_first_use():
+def test_the_packages_lazy_names_are_their_modules_objects():
+    """What ``import ddkit`` loads on first use (``ddkit.Instances`` ...) is the defining module's object; that it
+    loads lazily at all is the test above."""
     import ddkit
     import ddkit.hookspecs
     import ddkit.plugin_manager
